@@ -1,0 +1,203 @@
+//! Map keys, values and constants shared by the kernel programs and user space.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that its layout is the
+//! same in the BPF object and in the agent. Addresses are stored as 16 bytes in
+//! network byte order, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one map
+//! serves both families; ports are stored in network byte order, as the kernel
+//! hands them to `sock_addr` programs.
+//!
+//! A change to any layout here must bump [`MAP_LAYOUT_VERSION`] and the suffix of
+//! the map names, so a new agent never reads a pinned map of the old layout.
+#![no_std]
+#![warn(missing_docs)]
+
+/// Version of the map layouts below; part of every pinned map name.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Pinned map names. The kernel limits names to 15 bytes.
+pub mod map_names {
+    /// Frontends: [`ServiceKey`](crate::ServiceKey) -> [`ServiceValue`](crate::ServiceValue).
+    pub const SERVICES: &str = "LB_SVC_V1";
+    /// Backend slots: [`SlotKey`](crate::SlotKey) -> backend id.
+    pub const BACKEND_SLOTS: &str = "LB_SLOT_V1";
+    /// Backends by id: `u32` -> [`Backend`](crate::Backend).
+    pub const BACKENDS: &str = "LB_BE_V1";
+    /// Reverse NAT by service id: `u32` -> [`RevNat`](crate::RevNat).
+    pub const REV_NAT: &str = "LB_REVNAT_V1";
+    /// Per-socket reverse translation: [`SockRevNatKey`](crate::SockRevNatKey) -> [`RevNat`](crate::RevNat).
+    pub const SOCK_REV_NAT: &str = "LB_SKNAT_V1";
+    /// Human-readable service names for `lbctl`: `u32` -> [`ServiceName`](crate::ServiceName).
+    pub const SERVICE_NAMES: &str = "LB_SVCNAME_V1";
+}
+
+/// Capacity of the frontend map.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend map.
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Capacity of the backend slot map. Sized for every service at 8 backends on
+/// average plus a second generation of the largest services during a swap.
+pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+/// Capacity of the per-socket reverse translation LRU.
+pub const MAX_SOCK_REV_NAT: u32 = 262_144;
+/// Longest service name kept for display, in bytes.
+pub const SERVICE_NAME_LEN: usize = 128;
+
+/// `IPPROTO_TCP`.
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const PROTO_UDP: u8 = 17;
+
+/// Frontend scope: reachable by every client.
+pub const SCOPE_EXTERNAL: u8 = 0;
+
+/// An IPv6 address, or an IPv4-mapped one, as four words whose memory layout is
+/// the address in network byte order (as the kernel's `user_ip6` is laid out).
+pub type Addr = [u32; 4];
+
+/// Builds the IPv4-mapped [`Addr`] of an IPv4 address given as the kernel's
+/// `user_ip4` word (network byte order in memory).
+#[inline(always)]
+pub const fn v4_mapped(ip4_be_word: u32) -> Addr {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be_word]
+}
+
+/// Whether an [`Addr`] is IPv4-mapped, and so its last word is the IPv4 address.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// Key of a frontend: one (address, port, protocol) a Service answers on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend address.
+    pub addr: Addr,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Which clients this frontend applies to (see `SCOPE_*`).
+    pub scope: u8,
+}
+
+/// A frontend's current backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable id of the ServicePort; keys [`map_names::REV_NAT`].
+    pub service_id: u32,
+    /// Generation of backend slots in use. A change writes a new generation and
+    /// then flips this field, so a reader never sees a half-written set.
+    pub slot_generation: u32,
+    /// Number of slots `0..backend_count` in that generation; 0 means "reject".
+    pub backend_count: u32,
+    /// Option bits; none defined yet, kept so options do not change the layout.
+    pub flags: u32,
+}
+
+/// Key of a backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// The [`ServiceValue::slot_generation`] this slot belongs to.
+    pub generation: u32,
+    /// Slot index, `0..backend_count`.
+    pub slot: u32,
+}
+
+/// A backend endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Backend address.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Option bits; none defined yet, kept so options do not change the layout.
+    pub flags: u8,
+}
+
+/// Where replies of a translated flow must appear to come from: the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNat {
+    /// Frontend address.
+    pub addr: Addr,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub pad: u16,
+    /// Service id of the frontend.
+    pub service_id: u32,
+}
+
+/// Key of the per-socket reverse translation: which backend a socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// Backend address the socket was steered to.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub pad: [u8; 6],
+}
+
+/// A NUL-padded UTF-8 name (`namespace/name:port`) for display.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// The bytes, NUL-padded.
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type below is repr(C), Copy, has no padding bytes left
+    // implicit and is valid for any bit pattern.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<RevNat>(), 24);
+        assert_eq!(size_of::<SockRevNatKey>(), 32);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let word = u32::from_ne_bytes([10, 96, 0, 1]);
+        let addr = v4_mapped(word);
+        assert!(is_v4_mapped(&addr));
+        assert_eq!(addr[3], word);
+        assert!(!is_v4_mapped(&[0, 0, 0, 1]));
+    }
+}

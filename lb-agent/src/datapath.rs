@@ -1,0 +1,310 @@
+//! The thin shell around the kernel: loads the programs, pins maps and links in
+//! bpffs, attaches to a cgroup, executes plans and dumps the maps.
+
+use std::{
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, MapError},
+    programs::{
+        links::{CgroupAttachMode, FdLink, LinkError},
+        CgroupSockAddr, ProgramError,
+    },
+    pin::PinError,
+    Ebpf, EbpfError, EbpfLoader, Pod,
+};
+use lb_common::{map_names, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
+
+use crate::plan::{Dump, Op, Plan};
+
+/// The socket-level programs, built by `build.rs`.
+static SOCKET_LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
+
+/// Programs of the socket object, attached to the cgroup.
+const SOCKET_PROGRAMS: [&str; 2] = ["connect4", "getpeername4"];
+
+/// Map pins this version owns; other `LB_*` pins in the directory belong to
+/// older layouts and are removed once this version's programs are attached.
+const MAP_PINS: [&str; 6] = [
+    map_names::SERVICES,
+    map_names::BACKEND_SLOTS,
+    map_names::BACKENDS,
+    map_names::REV_NAT,
+    map_names::SOCK_REV_NAT,
+    map_names::SERVICE_NAMES,
+];
+
+/// Errors of the kernel shell.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The BPF object could not be loaded (verifier, missing kernel feature...).
+    #[error("loading the BPF object: {0}")]
+    Load(#[from] EbpfError),
+    /// A directory under bpffs could not be prepared.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The pin directory is not on a bpffs mount.
+    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs(PathBuf),
+    /// A map the object should define is missing, or has another layout.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// The underlying error.
+        source: MapError,
+    },
+    /// A map expected in the pin directory is not there (is the agent running?).
+    #[error("map {0} is not pinned; is lb-agent running with this --bpffs-dir?")]
+    NotPinned(PathBuf),
+    /// A program is missing from the object.
+    #[error("program {0} is missing from the BPF object")]
+    MissingProgram(&'static str),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// The underlying error.
+        source: ProgramError,
+    },
+    /// A program's link cannot be taken over for pinning.
+    #[error("link of program {name}: {source}")]
+    Link {
+        /// Program name.
+        name: &'static str,
+        /// The underlying error.
+        source: LinkError,
+    },
+    /// A link could not be pinned.
+    #[error("pinning {path}: {source}")]
+    Pin {
+        /// Pin path.
+        path: PathBuf,
+        /// The underlying error.
+        source: PinError,
+    },
+}
+
+/// A map write that failed while executing a plan.
+#[derive(Debug, thiserror::Error)]
+#[error("{op:?}: {source}")]
+pub struct WriteError {
+    /// The operation.
+    pub op: Op,
+    /// The underlying error.
+    pub source: MapError,
+}
+
+/// The agent's maps.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+fn typed<K: Pod, V: Pod>(name: &'static str, map: Map) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn pinned(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotPinned(path));
+    }
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir` by a running (or past) agent.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self {
+            services: typed(map_names::SERVICES, pinned(dir, map_names::SERVICES)?)?,
+            slots: typed(map_names::BACKEND_SLOTS, pinned(dir, map_names::BACKEND_SLOTS)?)?,
+            backends: typed(map_names::BACKENDS, pinned(dir, map_names::BACKENDS)?)?,
+            rev_nat: typed(map_names::REV_NAT, pinned(dir, map_names::REV_NAT)?)?,
+            names: typed(map_names::SERVICE_NAMES, pinned(dir, map_names::SERVICE_NAMES)?)?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            })
+        };
+        Ok(Self {
+            services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
+            slots: typed(map_names::BACKEND_SLOTS, take(map_names::BACKEND_SLOTS)?)?,
+            backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
+            rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
+            names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
+        })
+    }
+
+    /// Reads every entry of every map.
+    pub fn dump(&self) -> Result<Dump, DatapathError> {
+        fn all<K: Pod, V: Pod>(
+            name: &'static str,
+            map: &HashMap<MapData, K, V>,
+        ) -> Result<Vec<(K, V)>, DatapathError> {
+            map.iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| DatapathError::Map { name, source })
+        }
+        Ok(Dump {
+            services: all(map_names::SERVICES, &self.services)?,
+            slots: all(map_names::BACKEND_SLOTS, &self.slots)?,
+            backends: all(map_names::BACKENDS, &self.backends)?,
+            rev_nat: all(map_names::REV_NAT, &self.rev_nat)?,
+            names: all(map_names::SERVICE_NAMES, &self.names)?,
+        })
+    }
+
+    /// Executes a plan group by group. A failed write skips the rest of its
+    /// group, leaving that frontend as it was; other groups still run.
+    pub fn execute(&mut self, plan: &Plan) -> Vec<WriteError> {
+        let mut errors = Vec::new();
+        for group in &plan.groups {
+            for op in &group.ops {
+                if let Err(source) = self.write(op) {
+                    errors.push(WriteError {
+                        op: op.clone(),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        errors
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        match op {
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::PutSlot(k, id) => self.slots.insert(k, id, 0),
+            Op::PutRevNat(id, r) => self.rev_nat.insert(id, r, 0),
+            Op::PutName(id, n) => self.names.insert(id, n, 0),
+            Op::PutService(k, v) => self.services.insert(k, v, 0),
+            Op::DeleteSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::DeleteService(k) => ignore_missing(self.services.remove(k)),
+            Op::DeleteRevNat(id) => ignore_missing(self.rev_nat.remove(id)),
+            Op::DeleteName(id) => ignore_missing(self.names.remove(id)),
+            Op::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+        }
+    }
+}
+
+/// Deleting what is already gone is success: the goal state is reached.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// The loaded socket-level datapath: programs plus their pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// The maps, for reconciliation.
+    pub maps: Maps,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs, creating the maps or reusing the ones pinned in
+    /// `pin_dir` by a previous agent, so an upgrade keeps every entry.
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DatapathError::Io { path, source }
+        };
+        fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
+        if !crate::mounts::is_on_fs(pin_dir, "bpf").map_err(io_err(Path::new("/proc/self/mountinfo")))? {
+            return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(SOCKET_LB_OBJECT)?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Attaches every program to `cgroup` and pins the links, replacing links a
+    /// previous agent pinned. The new programs attach before the old links go
+    /// away, so no connection is ever left untranslated; while both are
+    /// attached the second sees an already translated address and passes it.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let cgroup_file = fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let program_err = |source| DatapathError::Program { name, source };
+            program.load().map_err(program_err)?;
+            let link_id = program
+                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .map_err(program_err)?;
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(program_err)?
+                .try_into()
+                .map_err(|source| DatapathError::Link { name, source })?;
+            let final_path = self.pin_dir.join("links").join(name);
+            let staging = final_path.with_extension("new");
+            let _ = fs::remove_file(&staging);
+            let pinned = link.pin(&staging).map_err(|source| DatapathError::Pin {
+                path: staging.clone(),
+                source,
+            })?;
+            fs::rename(&staging, &final_path).map_err(|source| DatapathError::Io {
+                path: final_path.clone(),
+                source,
+            })?;
+            // The pin now holds the link; our fd may go.
+            drop(pinned);
+        }
+        self.remove_stale_pins();
+        Ok(())
+    }
+
+    /// Removes map pins of older layouts (`LB_*` names this version does not use).
+    fn remove_stale_pins(&self) {
+        let Ok(entries) = fs::read_dir(&self.pin_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("LB_") && !MAP_PINS.contains(&name.as_ref()) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => log::info!("removed map pin {name} of an older layout"),
+                    Err(err) => log::warn!("cannot remove stale pin {name}: {err}"),
+                }
+            }
+        }
+    }
+}

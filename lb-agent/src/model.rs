@@ -1,0 +1,669 @@
+//! Desired state: which frontends exist and which backends each one should use,
+//! compiled from Kubernetes Service and EndpointSlice objects.
+//!
+//! Sans-IO: no kernel, network or clock. Every source of intent (a YAML
+//! directory, the Kubernetes API) hands its objects to [`compile`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL};
+
+use crate::addr::{addr_from_ip, port_to_be};
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are headless for proxies.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// A Kubernetes object together with where it came from, for error reports.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    /// Where the object was read: a file path, or `api` for the API server.
+    pub origin: String,
+    /// The object.
+    pub object: T,
+}
+
+/// Every object a source currently holds.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Service objects.
+    pub services: Vec<Sourced<Service>>,
+    /// EndpointSlice objects.
+    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+}
+
+/// An object, or part of one, that cannot be programmed; the rest still is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectError {
+    /// Where the object was read.
+    pub origin: String,
+    /// `Kind namespace/name`, or the document index when the object has no name.
+    pub object: String,
+    /// Path of the offending field, e.g. `spec.ports[0].port`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: field {}: {}",
+            self.origin, self.object, self.field, self.reason
+        )
+    }
+}
+
+/// One frontend to program: a (VIP, port, protocol) and its chosen backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// Display name, `namespace/name:port-name` (or `namespace/name` for an unnamed port).
+    pub name: String,
+    /// Backends in a stable order, without duplicates.
+    pub backends: Vec<Backend>,
+}
+
+/// The frontends that should be in the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// Frontends by key.
+    pub frontends: BTreeMap<ServiceKey, Frontend>,
+}
+
+/// Result of [`compile`]: the desired state plus everything that was skipped.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    /// What to program.
+    pub desired: DesiredState,
+    /// Objects or fields that were skipped, with reasons.
+    pub errors: Vec<ObjectError>,
+}
+
+/// A ServicePort that passed validation.
+struct PortSpec {
+    name: Option<String>,
+    port: u16,
+    proto: u8,
+}
+
+/// A validated endpoint address with its conditions.
+struct EndpointSpec {
+    ip: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    ports: Vec<EndpointPortSpec>,
+}
+
+#[derive(Clone)]
+struct EndpointPortSpec {
+    name: Option<String>,
+    port: u16,
+    proto: u8,
+}
+
+/// Compiles objects into the desired state. Invalid objects or fields are
+/// reported in [`Compiled::errors`] and skipped; they never affect other objects.
+pub fn compile(objects: &Objects) -> Compiled {
+    let mut errors = Vec::new();
+    let endpoints = collect_endpoints(&objects.endpoint_slices, &mut errors);
+    let mut frontends = BTreeMap::new();
+    let mut seen_services = BTreeSet::new();
+    for sourced in &objects.services {
+        let svc = &sourced.object;
+        let report = Reporter::new(&sourced.origin, "Service", &svc.metadata);
+        let Some(id) = report.require_identity(&mut errors) else {
+            continue;
+        };
+        if !seen_services.insert(id.clone()) {
+            errors.push(report.error("metadata.name", "duplicate Service; the first one is used"));
+            continue;
+        }
+        if !is_proxied(svc) {
+            continue;
+        }
+        let Some(ips) = cluster_ips(svc, &report, &mut errors) else {
+            continue;
+        };
+        let ports = service_ports(svc, &report, &mut errors);
+        let service_endpoints = endpoints.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        for ip in &ips {
+            for port in &ports {
+                let key = ServiceKey {
+                    addr: addr_from_ip(*ip),
+                    port: port_to_be(port.port),
+                    proto: port.proto,
+                    scope: SCOPE_EXTERNAL,
+                };
+                let name = match &port.name {
+                    Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
+                    None => format!("{}/{}", id.0, id.1),
+                };
+                let backends = select_backends(service_endpoints, ip, port);
+                frontends.insert(key, Frontend { name, backends });
+            }
+        }
+    }
+    Compiled {
+        desired: DesiredState { frontends },
+        errors,
+    }
+}
+
+/// Whether kube-proxy would program this Service at all.
+fn is_proxied(svc: &Service) -> bool {
+    let labels = svc.metadata.labels.as_ref();
+    let has_label = |label: &str| labels.is_some_and(|l| l.contains_key(label));
+    if has_label(SERVICE_PROXY_NAME_LABEL) || has_label(HEADLESS_LABEL) {
+        return false;
+    }
+    let Some(spec) = &svc.spec else {
+        return false;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return false;
+    }
+    !matches!(spec.cluster_ip.as_deref(), None | Some("") | Some("None"))
+}
+
+/// The Service's cluster IPs, or `None` (with an error) when they are unusable.
+fn cluster_ips(
+    svc: &Service,
+    report: &Reporter<'_>,
+    errors: &mut Vec<ObjectError>,
+) -> Option<Vec<IpAddr>> {
+    let spec = svc.spec.as_ref()?;
+    let (field, raw): (&str, Vec<&String>) = match &spec.cluster_ips {
+        Some(list) if !list.is_empty() => ("spec.clusterIPs", list.iter().collect()),
+        _ => ("spec.clusterIP", spec.cluster_ip.iter().collect()),
+    };
+    let mut ips = Vec::with_capacity(raw.len());
+    for (i, text) in raw.iter().enumerate() {
+        let path = if field == "spec.clusterIPs" {
+            format!("{field}[{i}]")
+        } else {
+            field.to_string()
+        };
+        match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => {
+                errors.push(report.error(&path, format!("{text:?} is not a usable address")));
+                return None;
+            }
+            Ok(ip) => ips.push(ip),
+            Err(_) => {
+                errors.push(report.error(&path, format!("{text:?} is not an IP address")));
+                return None;
+            }
+        }
+    }
+    Some(ips)
+}
+
+fn service_ports(
+    svc: &Service,
+    report: &Reporter<'_>,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<PortSpec> {
+    let Some(ports) = svc.spec.as_ref().and_then(|s| s.ports.as_ref()) else {
+        return Vec::new();
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, sp) in ports.iter().enumerate() {
+        let Some(port) = valid_port(sp.port) else {
+            errors.push(report.error(
+                &format!("spec.ports[{i}].port"),
+                format!("{} is not a port number (1-65535)", sp.port),
+            ));
+            continue;
+        };
+        let proto = match parse_protocol(sp.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(reason) => {
+                errors.push(report.error(&format!("spec.ports[{i}].protocol"), reason));
+                continue;
+            }
+        };
+        if !seen.insert((port, proto)) {
+            errors.push(report.error(
+                &format!("spec.ports[{i}]"),
+                format!("port {port} with this protocol is listed twice"),
+            ));
+            continue;
+        }
+        out.push(PortSpec {
+            name: sp.name.clone().filter(|n| !n.is_empty()),
+            port,
+            proto,
+        });
+    }
+    out
+}
+
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// Maps a Kubernetes protocol name to an IP protocol number.
+fn parse_protocol(protocol: Option<&str>) -> Result<u8, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(PROTO_TCP),
+        "UDP" => Ok(PROTO_UDP),
+        "SCTP" => Err("SCTP is not supported by this load balancer; the port is not proxied".into()),
+        other => Err(format!("unknown protocol {other:?}")),
+    }
+}
+
+/// `(namespace, name)` of a Service.
+type ServiceId = (String, String);
+
+/// Validated endpoints of every Service, keyed by `(namespace, service name)`.
+fn collect_endpoints(
+    slices: &[Sourced<EndpointSlice>],
+    errors: &mut Vec<ObjectError>,
+) -> BTreeMap<ServiceId, Vec<EndpointSpec>> {
+    let mut by_service: BTreeMap<ServiceId, Vec<EndpointSpec>> = BTreeMap::new();
+    for sourced in slices {
+        let slice = &sourced.object;
+        let report = Reporter::new(&sourced.origin, "EndpointSlice", &slice.metadata);
+        let Some((namespace, _)) = report.require_identity(errors) else {
+            continue;
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            errors.push(report.error(
+                &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "missing: the slice cannot be tied to a Service",
+            ));
+            continue;
+        };
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            errors.push(report.error(
+                "addressType",
+                format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type),
+            ));
+            continue;
+        }
+        let Some(ports) = slice_ports(slice, &report, errors) else {
+            continue;
+        };
+        let entry = by_service.entry((namespace, service.clone())).or_default();
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            // kube-proxy treats an unset condition as "ready", an unset serving
+            // as equal to ready and an unset terminating as false.
+            let ready = conditions.ready.unwrap_or(true);
+            let serving = conditions.serving.unwrap_or(ready);
+            let terminating = conditions.terminating.unwrap_or(false);
+            // The API allows exactly one address per endpoint; consumers use the first.
+            let Some(text) = endpoint.addresses.first() else {
+                errors.push(report.error(&format!("endpoints[{i}].addresses"), "empty"));
+                continue;
+            };
+            let ip = match text.parse::<IpAddr>() {
+                Ok(ip) if ip.is_ipv4() == (slice.address_type == "IPv4") => ip,
+                _ => {
+                    errors.push(report.error(
+                        &format!("endpoints[{i}].addresses[0]"),
+                        format!("{text:?} is not an {} address", slice.address_type),
+                    ));
+                    continue;
+                }
+            };
+            entry.push(EndpointSpec {
+                ip,
+                ready,
+                serving,
+                terminating,
+                ports: ports.clone(),
+            });
+        }
+    }
+    by_service
+}
+
+fn slice_ports(
+    slice: &EndpointSlice,
+    report: &Reporter<'_>,
+    errors: &mut Vec<ObjectError>,
+) -> Option<Vec<EndpointPortSpec>> {
+    let mut out = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(number) = p.port else {
+            continue;
+        };
+        let Some(port) = valid_port(number) else {
+            errors.push(report.error(
+                &format!("ports[{i}].port"),
+                format!("{number} is not a port number (1-65535)"),
+            ));
+            return None;
+        };
+        let proto = match parse_protocol(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(reason) => {
+                errors.push(report.error(&format!("ports[{i}].protocol"), reason));
+                continue;
+            }
+        };
+        out.push(EndpointPortSpec {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port,
+            proto,
+        });
+    }
+    Some(out)
+}
+
+/// kube-proxy's choice: ready endpoints; when none is ready, the ones that are
+/// still serving while terminating, so connections drain instead of failing.
+fn select_backends(endpoints: &[EndpointSpec], frontend_ip: &IpAddr, port: &PortSpec) -> Vec<Backend> {
+    let candidates = || {
+        endpoints.iter().filter_map(move |ep| {
+            if ep.ip.is_ipv4() != frontend_ip.is_ipv4() {
+                return None;
+            }
+            let target = ep
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.proto == port.proto)?;
+            Some((ep, target.port))
+        })
+    };
+    let ready: BTreeSet<Backend> = candidates()
+        .filter(|(ep, _)| ep.ready)
+        .map(|(ep, target)| backend(ep.ip, target, port.proto))
+        .collect();
+    let chosen = if ready.is_empty() {
+        candidates()
+            .filter(|(ep, _)| ep.serving && ep.terminating)
+            .map(|(ep, target)| backend(ep.ip, target, port.proto))
+            .collect()
+    } else {
+        ready
+    };
+    chosen.into_iter().collect()
+}
+
+fn backend(ip: IpAddr, port: u16, proto: u8) -> Backend {
+    Backend {
+        addr: addr_from_ip(ip),
+        port: port_to_be(port),
+        proto,
+        flags: 0,
+    }
+}
+
+/// Builds [`ObjectError`]s for one object.
+struct Reporter<'a> {
+    origin: &'a str,
+    object: String,
+    identity: Option<ServiceId>,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(
+        origin: &'a str,
+        kind: &str,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Self {
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        let identity = meta.name.clone().map(|name| (namespace.clone(), name));
+        let object = match &identity {
+            Some((ns, name)) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} (unnamed)"),
+        };
+        Self {
+            origin,
+            object,
+            identity,
+        }
+    }
+
+    fn error(&self, field: &str, reason: impl Into<String>) -> ObjectError {
+        ObjectError {
+            origin: self.origin.to_string(),
+            object: self.object.clone(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn require_identity(&self, errors: &mut Vec<ObjectError>) -> Option<ServiceId> {
+        if self.identity.is_none() {
+            errors.push(self.error("metadata.name", "missing"));
+        }
+        self.identity.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::yaml::parse_documents;
+
+    fn compile_yaml(text: &str) -> Compiled {
+        let parsed = parse_documents("test.yaml", text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        compile(&parsed.objects)
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+- addresses: [10.0.0.2]
+- addresses: [10.0.0.3]
+  conditions: {ready: false, serving: true, terminating: true}
+"#;
+
+    fn key(ip: &str, port: u16, proto: u8) -> ServiceKey {
+        ServiceKey {
+            addr: addr_from_ip(ip.parse().unwrap()),
+            port: port_to_be(port),
+            proto,
+            scope: SCOPE_EXTERNAL,
+        }
+    }
+
+    fn ips(frontend: &Frontend) -> Vec<(IpAddr, u16)> {
+        frontend
+            .backends
+            .iter()
+            .map(|b| (crate::addr::ip_from_addr(&b.addr), u16::from_be(b.port)))
+            .collect()
+    }
+
+    #[test]
+    fn each_service_port_is_a_frontend_with_its_own_target_port() {
+        let compiled = compile_yaml(WEB);
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert_eq!(http.name, "default/web:http");
+        assert_eq!(
+            ips(http),
+            vec![
+                ("10.0.0.1".parse().unwrap(), 8080),
+                ("10.0.0.2".parse().unwrap(), 8080)
+            ]
+        );
+        let dns = &compiled.desired.frontends[&key("10.96.0.10", 53, PROTO_UDP)];
+        assert_eq!(ips(dns).len(), 2);
+        assert!(ips(dns).iter().all(|(_, port)| *port == 5353));
+    }
+
+    #[test]
+    fn terminating_serving_endpoints_are_used_only_when_none_is_ready() {
+        let text = WEB.replace(
+            "conditions: {ready: true}",
+            "conditions: {ready: false}",
+        )
+        .replace("- addresses: [10.0.0.2]\n", "- addresses: [10.0.0.2]\n  conditions: {ready: false, serving: false, terminating: true}\n");
+        let compiled = compile_yaml(&text);
+        let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert_eq!(ips(http), vec![("10.0.0.3".parse().unwrap(), 8080)]);
+    }
+
+    #[test]
+    fn service_without_endpoints_is_a_frontend_with_no_backends() {
+        let text = WEB.split("---").next().unwrap();
+        let compiled = compile_yaml(text);
+        let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert!(http.backends.is_empty());
+    }
+
+    #[test]
+    fn headless_external_name_and_foreign_proxy_services_are_skipped() {
+        for variant in [
+            WEB.replace("clusterIP: 10.96.0.10", "clusterIP: None"),
+            WEB.replace("clusterIP: 10.96.0.10", "type: ExternalName\n  externalName: example.com"),
+            WEB.replace(
+                "metadata: {name: web, namespace: default}",
+                "metadata: {name: web, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
+            ),
+            WEB.replace(
+                "metadata: {name: web, namespace: default}",
+                "metadata: {name: web, namespace: default, labels: {service.kubernetes.io/headless: ''}}",
+            ),
+        ] {
+            let compiled = compile_yaml(&variant);
+            assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+            assert!(compiled.desired.frontends.is_empty(), "{variant}");
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_reported_with_their_path_and_skipped() {
+        let text = format!(
+            "{WEB}---\n{}",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: default}
+spec:
+  clusterIP: 10.96.0.300
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zero, namespace: default}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{port: 0}, {port: 81, protocol: SCTP}, {port: 82}]
+"#
+        );
+        let compiled = compile_yaml(&text);
+        let fields: Vec<_> = compiled
+            .errors
+            .iter()
+            .map(|e| (e.object.as_str(), e.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("Service default/broken", "spec.clusterIP"),
+                ("Service default/zero", "spec.ports[0].port"),
+                ("Service default/zero", "spec.ports[1].protocol"),
+            ]
+        );
+        assert!(compiled.errors[2].reason.contains("SCTP"));
+        assert!(compiled.desired.frontends.contains_key(&key("10.96.0.10", 80, PROTO_TCP)));
+        assert!(compiled.desired.frontends.contains_key(&key("10.96.0.11", 82, PROTO_TCP)));
+        assert_eq!(compiled.desired.frontends.len(), 3);
+    }
+
+    #[test]
+    fn endpoint_ports_are_matched_by_name_per_slice() {
+        // Named targetPorts resolve per endpoint: the controller puts endpoints with
+        // different numbers for the same name into different slices.
+        let text = format!(
+            "{WEB}---\n{}",
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-def
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9090, protocol: TCP}]
+endpoints: [{addresses: [10.0.0.9]}]
+"#
+        );
+        let compiled = compile_yaml(&text);
+        let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert!(ips(http).contains(&("10.0.0.9".parse().unwrap(), 9090)));
+        assert!(ips(http).contains(&("10.0.0.1".parse().unwrap(), 8080)));
+    }
+
+    #[test]
+    fn dual_stack_service_matches_endpoints_by_family() {
+        let text = WEB
+            .replace(
+                "clusterIP: 10.96.0.10",
+                "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']",
+            )
+            + r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: ['fd00::1']}]
+"#;
+        let compiled = compile_yaml(&text);
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        let v6 = &compiled.desired.frontends[&key("fd00::10", 80, PROTO_TCP)];
+        assert_eq!(ips(v6), vec![("fd00::1".parse().unwrap(), 8080)]);
+        let v4 = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert_eq!(ips(v4).len(), 2);
+    }
+
+    #[test]
+    fn slice_without_service_label_is_reported() {
+        let text = WEB.replace("  labels: {kubernetes.io/service-name: web}\n", "");
+        let compiled = compile_yaml(&text);
+        assert_eq!(compiled.errors.len(), 1);
+        assert_eq!(compiled.errors[0].object, "EndpointSlice default/web-abc");
+        let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert!(http.backends.is_empty());
+    }
+}

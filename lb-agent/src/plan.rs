@@ -1,0 +1,621 @@
+//! The difference between what the maps hold and what should be there, as an
+//! ordered list of map writes that never shows a reader a half-written service.
+//!
+//! Sans-IO: [`plan`] takes the applied state (adopted from a map dump at start,
+//! then kept in memory) and the desired state, and returns the operations plus
+//! the applied state they lead to. The shell in `datapath` executes them.
+//!
+//! Order within a frontend is make-before-break: new backends, then the slots of
+//! a new generation, then one write that flips the frontend to it, then the
+//! deletion of the old generation. Unused backends are deleted last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
+
+use crate::model::DesiredState;
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or replace a backend.
+    PutBackend(u32, Backend),
+    /// Insert a backend slot.
+    PutSlot(SlotKey, u32),
+    /// Insert or replace a frontend's reverse translation.
+    PutRevNat(u32, RevNat),
+    /// Insert or replace a frontend's display name.
+    PutName(u32, ServiceName),
+    /// Insert or replace a frontend: the atomic flip.
+    PutService(ServiceKey, ServiceValue),
+    /// Delete a backend slot.
+    DeleteSlot(SlotKey),
+    /// Delete a frontend.
+    DeleteService(ServiceKey),
+    /// Delete a reverse translation.
+    DeleteRevNat(u32),
+    /// Delete a display name.
+    DeleteName(u32),
+    /// Delete a backend.
+    DeleteBackend(u32),
+}
+
+/// Operations that belong together: if one fails, the rest of the group is
+/// skipped so the frontend keeps its previous, complete state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The frontend this group changes; `None` for the final cleanup.
+    pub frontend: Option<ServiceKey>,
+    /// The writes, in order.
+    pub ops: Vec<Op>,
+}
+
+/// Map capacities the plan must respect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frontends.
+    pub services: usize,
+    /// Backends.
+    pub backends: usize,
+    /// Backend slots, including a second generation during a swap.
+    pub slots: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: lb_common::MAX_SERVICES as usize,
+            backends: lb_common::MAX_BACKENDS as usize,
+            slots: lb_common::MAX_BACKEND_SLOTS as usize,
+        }
+    }
+}
+
+/// A frontend that could not be programmed because a map would overflow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {map} map full ({needed} entries needed, capacity {capacity}); the frontend keeps its previous state")]
+pub struct CapacityError {
+    /// Display name of the frontend.
+    pub name: String,
+    /// Which map.
+    pub map: &'static str,
+    /// Entries it would have needed.
+    pub needed: usize,
+    /// The map's capacity.
+    pub capacity: usize,
+}
+
+/// What [`plan`] returns.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Groups in execution order.
+    pub groups: Vec<Group>,
+    /// The applied state once every group has been executed.
+    pub next: Applied,
+    /// Frontends left as they were because of capacity.
+    pub errors: Vec<CapacityError>,
+}
+
+impl Plan {
+    /// Whether executing the plan would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().all(|g| g.ops.is_empty())
+    }
+
+    /// Number of map writes.
+    pub fn op_count(&self) -> usize {
+        self.groups.iter().map(|g| g.ops.len()).sum()
+    }
+}
+
+/// A frontend as it is in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedFrontend {
+    /// Id keying reverse translation and names.
+    pub service_id: u32,
+    /// Slot generation in use.
+    pub generation: u32,
+    /// Backends in slot order.
+    pub backends: Vec<Backend>,
+    /// Display name.
+    pub name: String,
+    /// False when slots or backends were missing in a dump: rewrite it.
+    pub complete: bool,
+}
+
+/// The state of the maps as the agent last wrote (or read) them.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    /// Frontends by key.
+    pub frontends: BTreeMap<ServiceKey, AppliedFrontend>,
+    /// Backend ids by backend.
+    pub backends: BTreeMap<Backend, u32>,
+    slot_count: usize,
+    next_id: u32,
+    wrapped: bool,
+    /// Deletions owed for entries found in a dump that nothing references.
+    orphans: Vec<Op>,
+}
+
+/// The entries of every map, as read from the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct Dump {
+    /// Frontends.
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    /// Backend slots.
+    pub slots: Vec<(SlotKey, u32)>,
+    /// Backends by id.
+    pub backends: Vec<(u32, Backend)>,
+    /// Reverse translations by service id.
+    pub rev_nat: Vec<(u32, RevNat)>,
+    /// Display names by service id.
+    pub names: Vec<(u32, ServiceName)>,
+}
+
+impl Applied {
+    /// Adopts what the maps hold, e.g. after an agent restart. Entries nothing
+    /// refers to are remembered and deleted by the next plan.
+    pub fn adopt(dump: &Dump) -> Self {
+        let backends_by_id: BTreeMap<u32, Backend> = dump.backends.iter().copied().collect();
+        let slots: BTreeMap<SlotKey, u32> = dump
+            .slots
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect::<BTreeMap<_, _>>();
+        let names: BTreeMap<u32, String> = dump
+            .names
+            .iter()
+            .map(|(id, name)| (*id, name_to_string(name)))
+            .collect();
+        let mut applied = Applied::default();
+        let mut used_generations = BTreeSet::new();
+        let mut used_ids = BTreeSet::new();
+        for (key, value) in &dump.services {
+            let mut complete = true;
+            let mut backends = Vec::with_capacity(value.backend_count as usize);
+            for slot in 0..value.backend_count {
+                let backend = slots
+                    .get(&SlotKey {
+                        generation: value.slot_generation,
+                        slot,
+                    })
+                    .and_then(|id| backends_by_id.get(id));
+                match backend {
+                    Some(b) => backends.push(*b),
+                    None => complete = false,
+                }
+            }
+            used_generations.insert(value.slot_generation);
+            used_ids.insert(value.service_id);
+            applied.slot_count += value.backend_count as usize;
+            applied.frontends.insert(
+                *key,
+                AppliedFrontend {
+                    service_id: value.service_id,
+                    generation: value.slot_generation,
+                    backends,
+                    name: names.get(&value.service_id).cloned().unwrap_or_default(),
+                    complete,
+                },
+            );
+        }
+        for key in slots.keys() {
+            if !used_generations.contains(&key.generation) {
+                applied.orphans.push(Op::DeleteSlot(*key));
+            }
+        }
+        for (id, _) in &dump.rev_nat {
+            if !used_ids.contains(id) {
+                applied.orphans.push(Op::DeleteRevNat(*id));
+            }
+        }
+        for (id, _) in &dump.names {
+            if !used_ids.contains(id) {
+                applied.orphans.push(Op::DeleteName(*id));
+            }
+        }
+        for (id, backend) in &backends_by_id {
+            if applied.backends.insert(*backend, *id).is_some() {
+                applied.orphans.push(Op::DeleteBackend(*id));
+            }
+        }
+        let max_id = [
+            used_generations.iter().max(),
+            used_ids.iter().max(),
+            backends_by_id.keys().max(),
+            slots.keys().map(|k| &k.generation).max(),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or(0);
+        applied.next_id = max_id.wrapping_add(1);
+        applied.wrapped = applied.next_id == 0;
+        applied
+    }
+
+    /// Allocates a fresh id, never 0. Service ids, backend ids and generations
+    /// share one counter, so an id is unique across kinds. Once the 32-bit
+    /// counter has wrapped, ids still in use are skipped.
+    fn allocate_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = id.wrapping_add(1);
+            if self.next_id == 0 {
+                self.wrapped = true;
+            }
+            if id != 0 && !(self.wrapped && self.in_use(id)) {
+                return id;
+            }
+        }
+    }
+
+    fn in_use(&self, id: u32) -> bool {
+        self.frontends
+            .values()
+            .any(|f| f.service_id == id || f.generation == id)
+            || self.backends.values().any(|b| *b == id)
+    }
+
+    /// Number of slots in use.
+    pub fn slot_count(&self) -> usize {
+        self.slot_count
+    }
+}
+
+/// Computes the operations that turn `applied` into `desired`.
+pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> Plan {
+    let mut next = applied.clone();
+    let orphans = std::mem::take(&mut next.orphans);
+    let mut groups = Vec::new();
+    let mut errors = Vec::new();
+
+    // Removals first: they free capacity for what follows.
+    let removed: Vec<ServiceKey> = next
+        .frontends
+        .keys()
+        .filter(|k| !desired.frontends.contains_key(k))
+        .copied()
+        .collect();
+    for key in removed {
+        let old = next.frontends.remove(&key).expect("listed above");
+        let mut ops = vec![Op::DeleteService(key)];
+        ops.extend(slot_keys(old.generation, old.backends.len()).map(Op::DeleteSlot));
+        ops.push(Op::DeleteRevNat(old.service_id));
+        ops.push(Op::DeleteName(old.service_id));
+        next.slot_count -= old.backends.len();
+        groups.push(Group {
+            frontend: Some(key),
+            ops,
+        });
+    }
+
+    for (key, frontend) in &desired.frontends {
+        let current = next.frontends.get(key).cloned();
+        if let Some(cur) = &current {
+            if cur.complete && cur.backends == frontend.backends {
+                if cur.name != frontend.name {
+                    groups.push(Group {
+                        frontend: Some(*key),
+                        ops: vec![Op::PutName(cur.service_id, name_from_str(&frontend.name))],
+                    });
+                    next.frontends.get_mut(key).expect("present").name = frontend.name.clone();
+                }
+                continue;
+            }
+        }
+
+        // Capacity: both generations exist between the flip and the cleanup.
+        let new_backends: BTreeSet<Backend> = frontend
+            .backends
+            .iter()
+            .filter(|b| !next.backends.contains_key(b))
+            .copied()
+            .collect();
+        let checks = [
+            (
+                "service",
+                next.frontends.len() + usize::from(current.is_none()),
+                capacity.services,
+            ),
+            (
+                "backend",
+                next.backends.len() + new_backends.len(),
+                capacity.backends,
+            ),
+            (
+                "backend slot",
+                next.slot_count + frontend.backends.len(),
+                capacity.slots,
+            ),
+        ];
+        if let Some((map, needed, cap)) = checks.into_iter().find(|(_, n, c)| n > c) {
+            errors.push(CapacityError {
+                name: frontend.name.clone(),
+                map,
+                needed,
+                capacity: cap,
+            });
+            continue;
+        }
+
+        let mut ops = Vec::new();
+        for backend in &new_backends {
+            let id = next.allocate_id();
+            next.backends.insert(*backend, id);
+            ops.push(Op::PutBackend(id, *backend));
+        }
+        let generation = next.allocate_id();
+        for (slot, backend) in frontend.backends.iter().enumerate() {
+            ops.push(Op::PutSlot(
+                SlotKey {
+                    generation,
+                    slot: slot as u32,
+                },
+                next.backends[backend],
+            ));
+        }
+        let service_id = match &current {
+            Some(cur) => cur.service_id,
+            None => {
+                let id = next.allocate_id();
+                ops.push(Op::PutRevNat(
+                    id,
+                    RevNat {
+                        addr: key.addr,
+                        port: key.port,
+                        pad: 0,
+                        service_id: id,
+                    },
+                ));
+                id
+            }
+        };
+        if current.as_ref().is_none_or(|c| c.name != frontend.name) {
+            ops.push(Op::PutName(service_id, name_from_str(&frontend.name)));
+        }
+        ops.push(Op::PutService(
+            *key,
+            ServiceValue {
+                service_id,
+                slot_generation: generation,
+                backend_count: frontend.backends.len() as u32,
+                flags: 0,
+            },
+        ));
+        next.slot_count += frontend.backends.len();
+        if let Some(cur) = &current {
+            ops.extend(slot_keys(cur.generation, cur.backends.len()).map(Op::DeleteSlot));
+            next.slot_count -= cur.backends.len();
+        }
+        next.frontends.insert(
+            *key,
+            AppliedFrontend {
+                service_id,
+                generation,
+                backends: frontend.backends.clone(),
+                name: frontend.name.clone(),
+                complete: true,
+            },
+        );
+        groups.push(Group {
+            frontend: Some(*key),
+            ops,
+        });
+    }
+
+    let mut cleanup = orphans;
+    let referenced: BTreeSet<&Backend> = next
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter())
+        .collect();
+    let unused: Vec<(Backend, u32)> = next
+        .backends
+        .iter()
+        .filter(|(b, _)| !referenced.contains(b))
+        .map(|(b, id)| (*b, *id))
+        .collect();
+    for (backend, id) in unused {
+        next.backends.remove(&backend);
+        cleanup.push(Op::DeleteBackend(id));
+    }
+    if !cleanup.is_empty() {
+        groups.push(Group {
+            frontend: None,
+            ops: cleanup,
+        });
+    }
+    Plan {
+        groups,
+        next,
+        errors,
+    }
+}
+
+fn slot_keys(generation: u32, count: usize) -> impl Iterator<Item = SlotKey> {
+    (0..count as u32).map(move |slot| SlotKey { generation, slot })
+}
+
+/// Encodes a display name, truncated to the map's value size on a char boundary.
+pub fn name_from_str(name: &str) -> ServiceName {
+    let mut bytes = [0u8; lb_common::SERVICE_NAME_LEN];
+    let mut end = name.len().min(bytes.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+    ServiceName { bytes }
+}
+
+/// Decodes a display name.
+pub fn name_to_string(name: &ServiceName) -> String {
+    let end = name.bytes.iter().position(|b| *b == 0).unwrap_or(name.bytes.len());
+    String::from_utf8_lossy(&name.bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        addr::{addr_from_ip, port_to_be},
+        model::Frontend,
+    };
+    use lb_common::{PROTO_TCP, SCOPE_EXTERNAL};
+
+    fn key(last: u8) -> ServiceKey {
+        ServiceKey {
+            addr: addr_from_ip(format!("10.96.0.{last}").parse().unwrap()),
+            port: port_to_be(80),
+            proto: PROTO_TCP,
+            scope: SCOPE_EXTERNAL,
+        }
+    }
+
+    fn backend(last: u8) -> Backend {
+        Backend {
+            addr: addr_from_ip(format!("10.0.0.{last}").parse().unwrap()),
+            port: port_to_be(8080),
+            proto: PROTO_TCP,
+            flags: 0,
+        }
+    }
+
+    fn desired(entries: &[(u8, &[u8])]) -> DesiredState {
+        DesiredState {
+            frontends: entries
+                .iter()
+                .map(|(k, bs)| {
+                    (
+                        key(*k),
+                        Frontend {
+                            name: format!("default/svc{k}"),
+                            backends: bs.iter().map(|b| backend(*b)).collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// A fake map store that executes plans, to check the plan against a dump.
+    #[derive(Default)]
+    struct FakeMaps {
+        dump: Dump,
+    }
+
+    impl FakeMaps {
+        fn execute(&mut self, plan: &Plan) {
+            fn put<K: PartialEq + Copy, V: Copy>(v: &mut Vec<(K, V)>, k: K, val: V) {
+                v.retain(|(x, _)| *x != k);
+                v.push((k, val));
+            }
+            fn del<K: PartialEq, V>(v: &mut Vec<(K, V)>, k: &K) {
+                v.retain(|(x, _)| x != k);
+            }
+            for op in plan.groups.iter().flat_map(|g| &g.ops) {
+                let d = &mut self.dump;
+                match op {
+                    Op::PutBackend(id, b) => put(&mut d.backends, *id, *b),
+                    Op::PutSlot(k, id) => put(&mut d.slots, *k, *id),
+                    Op::PutRevNat(id, r) => put(&mut d.rev_nat, *id, *r),
+                    Op::PutName(id, n) => put(&mut d.names, *id, *n),
+                    Op::PutService(k, v) => {
+                        // The flip must only point at slots and backends that exist.
+                        for slot in 0..v.backend_count {
+                            let sk = SlotKey {
+                                generation: v.slot_generation,
+                                slot,
+                            };
+                            let (_, id) = d.slots.iter().find(|(k, _)| *k == sk).expect("slot written before flip");
+                            assert!(d.backends.iter().any(|(b, _)| b == id), "backend written before flip");
+                        }
+                        put(&mut d.services, *k, *v)
+                    }
+                    Op::DeleteSlot(k) => del(&mut d.slots, k),
+                    Op::DeleteService(k) => del(&mut d.services, k),
+                    Op::DeleteRevNat(id) => del(&mut d.rev_nat, id),
+                    Op::DeleteName(id) => del(&mut d.names, id),
+                    Op::DeleteBackend(id) => del(&mut d.backends, id),
+                }
+            }
+        }
+    }
+
+    fn step(maps: &mut FakeMaps, applied: &Applied, d: &DesiredState) -> Applied {
+        let plan = plan(applied, d, &Capacity::default());
+        assert!(plan.errors.is_empty());
+        maps.execute(&plan);
+        // What we think is applied must equal what a fresh adoption sees.
+        let adopted = Applied::adopt(&maps.dump);
+        assert_eq!(adopted.frontends, plan.next.frontends);
+        assert_eq!(adopted.backends, plan.next.backends);
+        assert!(adopted.orphans.is_empty(), "{:?}", adopted.orphans);
+        plan.next
+    }
+
+    #[test]
+    fn add_change_and_remove_leave_maps_exactly_as_desired() {
+        let mut maps = FakeMaps::default();
+        let a = step(&mut maps, &Applied::default(), &desired(&[(1, &[1, 2, 3]), (2, &[3])]));
+        let b = step(&mut maps, &a, &desired(&[(1, &[1, 3, 4]), (2, &[3])]));
+        assert_eq!(b.frontends[&key(1)].service_id, a.frontends[&key(1)].service_id);
+        assert_ne!(b.frontends[&key(1)].generation, a.frontends[&key(1)].generation);
+        let c = step(&mut maps, &b, &desired(&[(2, &[])]));
+        assert_eq!(maps.dump.backends.len(), 0);
+        assert_eq!(maps.dump.slots.len(), 0);
+        assert_eq!(maps.dump.services.len(), 1);
+        assert_eq!(c.slot_count(), 0);
+    }
+
+    #[test]
+    fn unchanged_state_plans_nothing() {
+        let mut maps = FakeMaps::default();
+        let d = desired(&[(1, &[1, 2]), (2, &[2, 3])]);
+        let a = step(&mut maps, &Applied::default(), &d);
+        assert!(plan(&a, &d, &Capacity::default()).is_empty());
+        // Also after a restart that adopts the maps.
+        let adopted = Applied::adopt(&maps.dump);
+        assert!(plan(&adopted, &d, &Capacity::default()).is_empty());
+    }
+
+    #[test]
+    fn adoption_deletes_orphans_and_repairs_incomplete_frontends() {
+        let mut maps = FakeMaps::default();
+        let d = desired(&[(1, &[1, 2])]);
+        step(&mut maps, &Applied::default(), &d);
+        maps.dump.slots.push((SlotKey { generation: 999, slot: 0 }, 1));
+        maps.dump.rev_nat.push((555, maps.dump.rev_nat[0].1));
+        maps.dump.slots.retain(|(k, _)| k.slot != 1 || k.generation == 999);
+        let adopted = Applied::adopt(&maps.dump);
+        assert!(!adopted.frontends[&key(1)].complete);
+        step(&mut maps, &adopted, &d);
+        assert_eq!(maps.dump.slots.len(), 2);
+        assert_eq!(maps.dump.rev_nat.len(), 1);
+    }
+
+    #[test]
+    fn capacity_errors_keep_the_previous_state() {
+        let mut maps = FakeMaps::default();
+        let a = step(&mut maps, &Applied::default(), &desired(&[(1, &[1])]));
+        let cap = Capacity {
+            services: 10,
+            backends: 3,
+            slots: 10,
+        };
+        let p = plan(&a, &desired(&[(1, &[1, 2, 3, 4]), (2, &[1])]), &cap);
+        assert_eq!(p.errors.len(), 1);
+        assert_eq!(p.errors[0].map, "backend");
+        assert_eq!(p.next.frontends[&key(1)].backends, vec![backend(1)]);
+        assert!(p.next.frontends.contains_key(&key(2)));
+    }
+
+    #[test]
+    fn names_are_truncated_on_char_boundaries() {
+        let long = "é".repeat(100);
+        let name = name_to_string(&name_from_str(&long));
+        assert!(name.len() <= lb_common::SERVICE_NAME_LEN);
+        assert!(long.starts_with(&name));
+    }
+}

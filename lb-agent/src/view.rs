@@ -1,0 +1,126 @@
+//! What `lbctl service list` shows: the frontends and backends in the maps.
+
+use std::fmt::Write as _;
+
+use lb_common::{PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    addr::{ip_from_addr, port_from_be},
+    plan::{Applied, Dump},
+};
+
+/// Formats `addr:port` with brackets for IPv6.
+pub fn endpoint(addr: &lb_common::Addr, port_be: u16) -> String {
+    std::net::SocketAddr::new(ip_from_addr(addr), port_from_be(port_be)).to_string()
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders the services of a map dump as an aligned table, one line per backend.
+pub fn service_table(dump: &Dump) -> String {
+    let applied = Applied::adopt(dump);
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut frontends: Vec<_> = applied.frontends.iter().collect();
+    frontends.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
+    for (key, frontend) in frontends {
+        let first = [
+            frontend.service_id.to_string(),
+            frontend.name.clone(),
+            format!("{}/{}", endpoint(&key.addr, key.port), protocol_name(key.proto)),
+        ];
+        let mut backends = frontend.backends.iter().map(|b| endpoint(&b.addr, b.port));
+        let first_backend = backends.next().unwrap_or_else(|| "(none: connections are refused)".into());
+        let [id, name, fe] = first;
+        rows.push([id, name, fe, first_backend]);
+        for backend in backends {
+            rows.push([String::new(), String::new(), String::new(), backend]);
+        }
+        if !frontend.complete {
+            rows.push([String::new(), String::new(), String::new(), "(incomplete: being repaired)".into()]);
+        }
+    }
+    render(["ID", "SERVICE", "FRONTEND", "BACKENDS"], &rows)
+}
+
+fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        addr::{addr_from_ip, port_to_be},
+        model::{DesiredState, Frontend},
+        plan::{plan, Capacity},
+    };
+    use lb_common::{Backend, ServiceKey, SCOPE_EXTERNAL};
+
+    #[test]
+    fn table_lists_each_backend_under_its_frontend() {
+        let key = ServiceKey {
+            addr: addr_from_ip("10.96.0.10".parse().unwrap()),
+            port: port_to_be(80),
+            proto: PROTO_TCP,
+            scope: SCOPE_EXTERNAL,
+        };
+        let backends = ["10.0.0.1", "fd00::2"]
+            .iter()
+            .map(|ip| Backend {
+                addr: addr_from_ip(ip.parse().unwrap()),
+                port: port_to_be(8080),
+                proto: PROTO_TCP,
+                flags: 0,
+            })
+            .collect();
+        let desired = DesiredState {
+            frontends: [(key, Frontend { name: "default/web:http".into(), backends })].into(),
+        };
+        let p = plan(&Default::default(), &desired, &Capacity::default());
+        let mut dump = Dump::default();
+        for op in p.groups.iter().flat_map(|g| &g.ops) {
+            match op {
+                crate::plan::Op::PutBackend(id, b) => dump.backends.push((*id, *b)),
+                crate::plan::Op::PutSlot(k, id) => dump.slots.push((*k, *id)),
+                crate::plan::Op::PutName(id, n) => dump.names.push((*id, *n)),
+                crate::plan::Op::PutService(k, v) => dump.services.push((*k, *v)),
+                _ => {}
+            }
+        }
+        let table = service_table(&dump);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("ID"));
+        assert!(lines[1].contains("default/web:http") && lines[1].contains("10.96.0.10:80/TCP") && lines[1].ends_with("10.0.0.1:8080"));
+        assert!(lines[2].trim() == "[fd00::2]:8080");
+    }
+}

@@ -1,0 +1,30 @@
+//! The maps the socket programs read, pinned by name so the agent, `lbctl` and a
+//! restarted agent all see the same kernel objects.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use lb_common::{
+    Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey, SockRevNatKey, MAX_BACKENDS,
+    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SOCK_REV_NAT,
+};
+
+#[map(name = "LB_SVC_V1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "LB_SLOT_V1")]
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+
+#[map(name = "LB_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "LB_REVNAT_V1")]
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "LB_SKNAT_V1")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat> =
+    LruHashMap::pinned(MAX_SOCK_REV_NAT, 0);
+
+#[map(name = "LB_SVCNAME_V1")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);
