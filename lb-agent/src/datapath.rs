@@ -265,8 +265,11 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
             let program_err = |source| DatapathError::Program { name, source };
             program.load().map_err(program_err)?;
+            // With bpf_link (kernel >= 5.7) the kernel rejects attach flags and
+            // always attaches in multi mode, so "Single" here still coexists
+            // with other programs on the cgroup.
             let link_id = program
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(program_err)?;
             let link: FdLink = program
                 .take_link(link_id)
@@ -274,7 +277,8 @@ impl Datapath {
                 .try_into()
                 .map_err(|source| DatapathError::Link { name, source })?;
             let final_path = self.pin_dir.join("links").join(name);
-            let staging = final_path.with_extension("new");
+            // bpffs rejects names with dots.
+            let staging = self.pin_dir.join("links").join(format!("{name}_staging"));
             let _ = fs::remove_file(&staging);
             let pinned = link.pin(&staging).map_err(|source| DatapathError::Pin {
                 path: staging.clone(),

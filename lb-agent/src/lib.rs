@@ -14,3 +14,4 @@ pub mod plan;
 pub mod view;
 pub mod yaml;
 pub mod reconcile;
+pub mod maglev;

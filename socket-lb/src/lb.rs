@@ -23,13 +23,24 @@ pub enum Lookup {
 /// Looks up `key` and picks one of its backends uniformly at random.
 #[inline(always)]
 pub fn select(key: &ServiceKey) -> Lookup {
-    // SAFETY: the value is copied out at once; a concurrent update by the agent
-    // replaces whole entries, and a torn read only yields another valid generation.
+    // The agent flips a frontend to a new slot generation before deleting the
+    // old one; a reader caught between its two lookups retries once and then
+    // sees the new generation.
+    match select_once(key) {
+        Some(lookup) => lookup,
+        None => select_once(key).unwrap_or(Lookup::NoBackends),
+    }
+}
+
+/// One attempt; `None` when a slot or backend vanished under a concurrent update.
+#[inline(always)]
+fn select_once(key: &ServiceKey) -> Option<Lookup> {
+    // SAFETY: the value is copied out at once; the agent replaces whole entries.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
-        return Lookup::NotAService;
+        return Some(Lookup::NotAService);
     };
     if service.backend_count == 0 {
-        return Lookup::NoBackends;
+        return Some(Lookup::NoBackends);
     }
     // SAFETY: a BPF helper without arguments or side effects on memory.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -38,15 +49,11 @@ pub fn select(key: &ServiceKey) -> Lookup {
         slot: random % service.backend_count,
     };
     // SAFETY: as above, values are copied out immediately.
-    let Some(backend_id) = (unsafe { BACKEND_SLOTS.get(&slot) }).copied() else {
-        return Lookup::NoBackends;
-    };
+    let backend_id = (unsafe { BACKEND_SLOTS.get(&slot) }).copied()?;
     // SAFETY: as above.
-    match unsafe { BACKENDS.get(&backend_id) } {
-        Some(backend) => Lookup::Backend {
-            service_id: service.service_id,
-            backend: *backend,
-        },
-        None => Lookup::NoBackends,
-    }
+    let backend = (unsafe { BACKENDS.get(&backend_id) }).copied()?;
+    Some(Lookup::Backend {
+        service_id: service.service_id,
+        backend,
+    })
 }

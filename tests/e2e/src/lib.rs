@@ -1,1 +1,7 @@
+//! The lab and helpers shared by the end-to-end tests, the demo and the
+//! datapath benchmarks.
 
+pub mod agent;
+pub mod lab;
+pub mod manifests;
+pub mod probe;

@@ -1,0 +1,155 @@
+//! Running the project's binaries against a lab node.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{Lab, Node};
+
+/// Paths of the workspace binaries (built by `cargo build` before the tests).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// The node agent.
+    pub agent: PathBuf,
+    /// The CLI.
+    pub lbctl: PathBuf,
+    /// The in-pod test program.
+    pub labpod: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries next to the running executable (`target/<profile>/`,
+    /// or its parent when running from `deps/`).
+    pub fn locate() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let find = |name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if !path.exists() {
+                bail!("{} is missing; run `cargo build` first", path.display());
+            }
+            Ok(path)
+        };
+        Ok(Self {
+            agent: find("lb-agent")?,
+            lbctl: find("lbctl")?,
+            labpod: find("labpod")?,
+        })
+    }
+}
+
+/// An agent started for one node; killed on drop.
+pub struct Agent {
+    child: Child,
+    /// Its log file (stderr).
+    pub log: PathBuf,
+    /// The manifest directory it watches.
+    pub manifests: PathBuf,
+    bpffs: PathBuf,
+    lbctl: PathBuf,
+}
+
+impl Agent {
+    /// Starts lb-agent for `node`, watching a fresh manifest directory, and
+    /// waits until its programs are attached.
+    pub fn start(lab: &Lab, bins: &Binaries, node: &Node) -> Result<Self> {
+        let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
+        fs::create_dir_all(&manifests)?;
+        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
+        let child = Command::new(&bins.agent)
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting lb-agent")?;
+        let agent = Self {
+            child,
+            log,
+            manifests,
+            bpffs: node.bpffs.clone(),
+            lbctl: bins.lbctl.clone(),
+        };
+        agent.wait_for_log("ready:", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Kills the agent at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent log never showed {needle:?}:\n{}", self.log_text())
+    }
+
+    /// Writes a manifest file atomically (write then rename), as a tool should.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        let staging = self.manifests.join(format!(".{name}.tmp"));
+        fs::write(&staging, text)?;
+        fs::rename(&staging, self.manifests.join(name))?;
+        Ok(())
+    }
+
+    /// `lbctl service list` for this node.
+    pub fn service_list(&self) -> Result<String> {
+        lbctl(&self.lbctl, &self.bpffs, &["service", "list"])
+    }
+
+    /// Waits until `lbctl service list` satisfies `check`.
+    pub fn wait_for_services(&self, timeout: Duration, check: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let table = self.service_list()?;
+            if check(&table) {
+                return Ok(table);
+            }
+            if Instant::now() > deadline {
+                bail!("services never reached the expected state:\n{table}\nagent log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs lbctl against a bpffs directory.
+pub fn lbctl(lbctl: &Path, bpffs: &Path, args: &[&str]) -> Result<String> {
+    let output = Command::new(lbctl).arg("--bpffs-dir").arg(bpffs).args(args).output()?;
+    if !output.status.success() {
+        bail!("lbctl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

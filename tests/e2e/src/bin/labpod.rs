@@ -1,0 +1,234 @@
+//! labpod: the program that runs inside lab pods. It serves TCP, UDP and HTTP
+//! answering with its name and the source address it sees, and it acts as a
+//! client that reports, per connection, which backend answered and what
+//! `getpeername()` returned.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lb_e2e::probe::Attempt;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve on the given ports until killed; prints "ready" once listening.
+    Serve {
+        /// Name reported to clients.
+        #[arg(long)]
+        name: String,
+        /// Address to bind (IPv6 `::` also accepts IPv4).
+        #[arg(long, default_value = "::")]
+        bind: String,
+        /// TCP ports: each connection gets "NAME SOURCE\n", then the server waits for EOF.
+        #[arg(long)]
+        tcp: Vec<u16>,
+        /// UDP ports: each datagram gets "NAME SOURCE\n" back.
+        #[arg(long)]
+        udp: Vec<u16>,
+        /// HTTP ports: every request gets 200 with body "NAME SOURCE\n".
+        #[arg(long)]
+        http: Vec<u16>,
+    },
+    /// Connect COUNT times and print one JSON line per attempt.
+    Connect {
+        /// Target address:port.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Number of connections (TCP) or datagrams (UDP).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Per-attempt timeout in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Serve {
+            name,
+            bind,
+            tcp,
+            udp,
+            http,
+        } => serve(&name, &bind, &tcp, &udp, &http),
+        Command::Connect {
+            target,
+            count,
+            proto,
+            timeout_ms,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            for _ in 0..count {
+                let attempt = match proto.as_str() {
+                    "tcp" => tcp_attempt(target, timeout),
+                    "udp" => udp_attempt(target, timeout),
+                    other => anyhow::bail!("unknown protocol {other}"),
+                };
+                writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(name: &str, bind: &str, tcp: &[u16], udp: &[u16], http: &[u16]) -> Result<()> {
+    let mut handles = Vec::new();
+    for &port in tcp.iter().chain(http) {
+        let listener = TcpListener::bind((bind, port)).with_context(|| format!("tcp {port}"))?;
+        let name = name.to_string();
+        let is_http = http.contains(&port);
+        handles.push(thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = if is_http {
+                        answer_http(&name, stream)
+                    } else {
+                        answer_tcp(&name, stream)
+                    };
+                });
+            }
+        }));
+    }
+    for &port in udp {
+        let socket = UdpSocket::bind((bind, port)).with_context(|| format!("udp {port}"))?;
+        let name = name.to_string();
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{name} {}\n", canonical(from)).as_bytes(), from);
+            }
+        }));
+    }
+    println!("ready");
+    for handle in handles {
+        let _ = handle.join();
+    }
+    Ok(())
+}
+
+/// IPv4 clients of a dual-stack socket appear as `::ffff:a.b.c.d`; report them as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+fn answer_tcp(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
+    let peer = canonical(stream.peer_addr()?);
+    stream.write_all(format!("{name} {peer}\n").as_bytes())?;
+    // Let the client close first so TIME_WAIT stays on its side.
+    let mut sink = [0u8; 64];
+    while stream.read(&mut sink)? > 0 {}
+    Ok(())
+}
+
+fn answer_http(name: &str, stream: TcpStream) -> std::io::Result<()> {
+    let peer = canonical(stream.peer_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    // Read the request head.
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let body = format!("{name} {peer}\n");
+    let mut stream = stream;
+    stream.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn failure(err: &std::io::Error) -> Attempt {
+    Attempt {
+        ok: false,
+        backend: None,
+        seen_source: None,
+        peer: None,
+        local: None,
+        error: Some(err.to_string()),
+        errno: err.raw_os_error(),
+    }
+}
+
+fn parse_answer(line: &str) -> (Option<String>, Option<String>) {
+    let mut parts = line.split_whitespace();
+    (parts.next().map(str::to_owned), parts.next().map(str::to_owned))
+}
+
+fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Attempt {
+    let run = || -> std::io::Result<Attempt> {
+        let stream = TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        let (backend, seen_source) = parse_answer(&line);
+        Ok(Attempt {
+            ok: backend.is_some(),
+            backend,
+            seen_source,
+            peer: Some(peer.to_string()),
+            local: Some(local.to_string()),
+            error: None,
+            errno: None,
+        })
+    };
+    run().unwrap_or_else(|err| failure(&err))
+}
+
+fn udp_attempt(target: SocketAddr, timeout: Duration) -> Attempt {
+    let run = || -> std::io::Result<Attempt> {
+        let bind: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send(b"ping")?;
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf)?;
+        let (backend, seen_source) = parse_answer(&String::from_utf8_lossy(&buf[..n]));
+        Ok(Attempt {
+            ok: backend.is_some(),
+            backend,
+            seen_source,
+            peer: Some(socket.peer_addr()?.to_string()),
+            local: Some(socket.local_addr()?.to_string()),
+            error: None,
+            errno: None,
+        })
+    };
+    run().unwrap_or_else(|err| failure(&err))
+}

@@ -1,0 +1,448 @@
+//! The lab: nodes and pods as network namespaces on one kernel.
+//!
+//! - A "fabric" namespace holds a bridge that every node's uplink joins.
+//! - A node is a namespace with an uplink on the fabric, IP forwarding on, and
+//!   a cgroup of its own where its pods' processes run.
+//! - A pod is a namespace joined to its node by a veth pair: the pod has a /32
+//!   address and a default route via a link-local gateway, the node has a /32
+//!   route to the pod (routed pod networking, like Calico or Cilium native
+//!   routing).
+//!
+//! Every resource is named after the lab id (`<pid>-<n>`), so labs in parallel
+//! never collide; dropping the lab removes everything, and [`Lab::new`] first
+//! removes what labs of dead processes left behind.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Prefix of every lab resource name.
+const PREFIX: &str = "lbt";
+/// Gateway address every pod routes through; the node side of each pod veth holds it.
+const POD_GATEWAY: &str = "169.254.1.1";
+const POD_GATEWAY6: &str = "fe80::1";
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// A node of the lab.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Short name, e.g. `node1`.
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Address on the fabric.
+    pub ip: String,
+    /// cgroup v2 directory of the node: its pods' processes run below it and
+    /// its socket-level programs attach to it.
+    pub cgroup: PathBuf,
+    /// bpffs directory for this node's agent.
+    pub bpffs: PathBuf,
+    index: u8,
+}
+
+/// A pod of the lab.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Short name, e.g. `web-1`.
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// IPv4 address.
+    pub ip: String,
+    /// IPv6 address.
+    pub ip6: String,
+    /// cgroup of the pod (below its node's).
+    pub cgroup: PathBuf,
+}
+
+/// A lab; everything it created is removed on drop.
+pub struct Lab {
+    id: String,
+    fabric: String,
+    cgroup_dir: PathBuf,
+    bpffs_dir: PathBuf,
+    work_dir: PathBuf,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    pods_per_node: BTreeMap<u8, u8>,
+    children: Mutex<Vec<Child>>,
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<Output> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// Runs a batch of `ip` commands in one namespace.
+fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning ip")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(commands.join("\n").as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "ip -n {netns} batch failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr).trim(),
+            commands.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Writes a sysctl inside a namespace.
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])?;
+    Ok(())
+}
+
+fn cgroup_root() -> Result<PathBuf> {
+    lb_agent::mounts::cgroup2_root()?.context("no cgroup v2 mount")
+}
+
+/// Makes sure bpffs is mounted at /sys/fs/bpf.
+pub fn ensure_bpffs() -> Result<()> {
+    if !lb_agent::mounts::is_on_fs(Path::new("/sys/fs/bpf"), "bpf")? {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid a lab resource name was made by, if it is a lab name.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?
+        .strip_prefix('-')?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Kills every process of a cgroup tree and removes it, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    // Killed processes take a moment to leave the cgroup.
+    for _ in 0..100 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn delete_netns(name: &str) {
+    if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) with a pid read from the kernel; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+}
+
+/// Removes what labs of processes that no longer exist left behind.
+fn clean_stale() -> Result<()> {
+    let output = run("ip", &["netns", "list"])?;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if owner_pid(name).is_some_and(|pid| !pid_alive(pid)) {
+            delete_netns(name);
+        }
+    }
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    for base in [cgroup_root()?.join(PREFIX), PathBuf::from("/sys/fs/bpf").join(PREFIX)] {
+        let Ok(entries) = fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = format!("{PREFIX}-{}", entry.file_name().to_string_lossy());
+            if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+                if base.starts_with("/sys/fs/bpf") {
+                    let _ = fs::remove_dir_all(entry.path());
+                } else {
+                    remove_cgroup_tree(&entry.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Creates an empty lab (the fabric), after cleaning up crashed runs.
+    pub fn new() -> Result<Self> {
+        ensure_bpffs()?;
+        clean_stale()?;
+        let id = format!("{}-{}", std::process::id(), NEXT_LAB.fetch_add(1, Ordering::SeqCst));
+        let fabric = format!("{PREFIX}-{id}-fabric");
+        let cgroup_dir = cgroup_root()?.join(PREFIX).join(&id);
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(PREFIX).join(&id);
+        let work_dir = std::env::temp_dir().join(format!("{PREFIX}-{id}"));
+        let lab = Self {
+            id,
+            fabric: fabric.clone(),
+            cgroup_dir,
+            bpffs_dir,
+            work_dir,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            pods_per_node: BTreeMap::new(),
+            children: Mutex::new(Vec::new()),
+        };
+        run("ip", &["netns", "add", &fabric])?;
+        ip_batch(
+            &fabric,
+            &[
+                "link add br0 type bridge".into(),
+                "link set br0 up".into(),
+                "link set lo up".into(),
+            ],
+        )?;
+        fs::create_dir_all(&lab.cgroup_dir)?;
+        fs::create_dir_all(&lab.work_dir)?;
+        Ok(lab)
+    }
+
+    /// A scratch directory (manifests, logs) removed with the lab.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// The lab's unique id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Adds a node with address 192.168.100.N on the fabric.
+    pub fn add_node(&mut self, name: &str) -> Result<Node> {
+        let index = u8::try_from(self.nodes.len() + 1).context("too many nodes")?;
+        let netns = format!("{PREFIX}-{}-{name}", self.id);
+        let ip = format!("192.168.100.{index}");
+        run("ip", &["netns", "add", &netns])?;
+        let uplink = format!("n{index}");
+        ip_batch(
+            &self.fabric,
+            &[
+                format!("link add {uplink} type veth peer name eth0 netns {netns}"),
+                format!("link set {uplink} master br0 up"),
+            ],
+        )?;
+        ip_batch(
+            &netns,
+            &[
+                "link set lo up".into(),
+                "link set eth0 up".into(),
+                format!("addr add {ip}/24 dev eth0"),
+                format!("addr add fd00:100::{index}/64 dev eth0 nodad"),
+            ],
+        )?;
+        sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+        sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+        let cgroup = self.cgroup_dir.join(name);
+        fs::create_dir_all(&cgroup)?;
+        let bpffs = self.bpffs_dir.join(name);
+        let node = Node {
+            name: name.into(),
+            netns,
+            ip,
+            cgroup,
+            bpffs,
+            index,
+        };
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Adds a pod on `node` with addresses 10.244.<node>.<n> and fd00:244:<node>::<n>.
+    pub fn add_pod(&mut self, node: &Node, name: &str) -> Result<Pod> {
+        let count = self.pods_per_node.entry(node.index).or_insert(1);
+        *count += 1;
+        let n = *count;
+        let netns = format!("{PREFIX}-{}-{}-{name}", self.id, node.name);
+        let ip = format!("10.244.{}.{n}", node.index);
+        let ip6 = format!("fd00:244:{}::{n}", node.index);
+        let host_if = format!("p{n}");
+        run("ip", &["netns", "add", &netns])?;
+        ip_batch(
+            &node.netns,
+            &[
+                format!("link add {host_if} type veth peer name eth0 netns {netns}"),
+                format!("link set {host_if} up"),
+                format!("addr add {POD_GATEWAY}/32 dev {host_if}"),
+                format!("addr add {POD_GATEWAY6}/64 dev {host_if} nodad"),
+                format!("route add {ip}/32 dev {host_if}"),
+                format!("route add {ip6}/128 dev {host_if}"),
+            ],
+        )?;
+        ip_batch(
+            &netns,
+            &[
+                "link set lo up".into(),
+                "link set eth0 up".into(),
+                format!("addr add {ip}/32 dev eth0"),
+                format!("addr add {ip6}/128 dev eth0 nodad"),
+                format!("route add {POD_GATEWAY} dev eth0 scope link"),
+                format!("route add default via {POD_GATEWAY} dev eth0"),
+                format!("route add ::/0 via {POD_GATEWAY6} dev eth0"),
+            ],
+        )?;
+        let cgroup = node.cgroup.join(name);
+        fs::create_dir_all(&cgroup)?;
+        let pod = Pod {
+            name: name.into(),
+            netns,
+            ip,
+            ip6,
+            cgroup,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// A command that runs inside the pod's network namespace and cgroup.
+    pub fn pod_command(&self, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let netns = fs::File::open(format!("/var/run/netns/{}", pod.netns))
+            .with_context(|| format!("netns of {}", pod.name))?;
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(pod.cgroup.join("cgroup.procs"))
+            .with_context(|| format!("cgroup of {}", pod.name))?;
+        let mut command = Command::new(program);
+        // SAFETY: between fork and exec the closure only makes raw syscalls
+        // (write, setns) on descriptors opened before the fork, which stay valid
+        // because the closure owns them; no allocation, no locks.
+        unsafe {
+            command.pre_exec(move || {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
+    /// Starts a long-running program in a pod and waits until it prints "ready".
+    /// The lab kills it on drop.
+    pub fn spawn_server(&self, pod: &Pod, program: &Path, args: &[&str]) -> Result<()> {
+        let mut child = self
+            .pod_command(pod, program)?
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} in {}", program.display(), pod.name))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("{} in {} did not start: {line:?}", program.display(), pod.name);
+        }
+        self.children.lock().expect("not poisoned").push(child);
+        Ok(())
+    }
+
+    /// Runs a program in a pod to completion and returns its output.
+    pub fn run_in_pod(&self, pod: &Pod, program: &Path, args: &[&str]) -> Result<Output> {
+        let output = self.pod_command(pod, program)?.args(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "{} {} in {}: {}",
+                program.display(),
+                args.join(" "),
+                pod.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(output)
+    }
+
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in self.children.get_mut().expect("not poisoned").iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            delete_netns(&pod.netns);
+        }
+        for node in &self.nodes {
+            delete_netns(&node.netns);
+        }
+        delete_netns(&self.fabric);
+        remove_cgroup_tree(&self.cgroup_dir);
+        let _ = fs::remove_dir_all(&self.bpffs_dir);
+        let _ = fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_names_carry_their_owner_pid() {
+        assert_eq!(owner_pid("lbt-1234-0-fabric"), Some(1234));
+        assert_eq!(owner_pid("lbt-77-3-node1-web-1"), Some(77));
+        assert_eq!(owner_pid("other-1234"), None);
+        assert_eq!(owner_pid("lbtx-1"), None);
+    }
+}

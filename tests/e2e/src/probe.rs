@@ -1,0 +1,43 @@
+//! What the in-pod client reports per attempt, and helpers to read it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One client attempt (a TCP connection or a UDP request/response).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attempt {
+    /// Whether a backend answered.
+    pub ok: bool,
+    /// Name of the backend that answered.
+    pub backend: Option<String>,
+    /// The source address the backend saw.
+    pub seen_source: Option<String>,
+    /// What getpeername() returned on the client socket.
+    pub peer: Option<String>,
+    /// The client socket's own address.
+    pub local: Option<String>,
+    /// The failure, if any.
+    pub error: Option<String>,
+    /// errno of the failure, when there is one.
+    pub errno: Option<i32>,
+}
+
+/// Parses the JSON lines printed by `labpod connect`.
+pub fn parse_attempts(stdout: &[u8]) -> anyhow::Result<Vec<Attempt>> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|line| Ok(serde_json::from_str(line)?))
+        .collect()
+}
+
+/// Successful attempts per backend name.
+pub fn per_backend(attempts: &[Attempt]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for attempt in attempts {
+        if let Some(backend) = &attempt.backend {
+            *counts.entry(backend.clone()).or_default() += 1;
+        }
+    }
+    counts
+}

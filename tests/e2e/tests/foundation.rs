@@ -1,0 +1,218 @@
+//! The first vertical slice: Services written as Kubernetes YAML reach pods
+//! through socket-level VIP translation, in the lab, on the real kernel.
+//! Needs root (network namespaces, cgroups, BPF); `make test` runs as root.
+
+use std::{thread, time::Duration};
+
+use anyhow::Result;
+use lb_e2e::{
+    agent::{Agent, Binaries},
+    lab::{Lab, Node, Pod},
+    manifests::{endpoint_slice, service},
+    probe::{parse_attempts, per_backend, Attempt},
+};
+
+const VIP: &str = "10.96.0.10";
+
+/// Fields drop in order: the agent stops before the lab is torn down.
+struct Setup {
+    agent: Agent,
+    bins: Binaries,
+    node: Node,
+    backends: Vec<Pod>,
+    client: Pod,
+    lab: Lab,
+}
+
+/// One node, `n` server pods (`web-1`..) and a client pod, with the agent running.
+fn setup(n: usize) -> Result<Setup> {
+    assert!(
+        is_root(),
+        "the end-to-end tests need root (network namespaces, cgroups, BPF)"
+    );
+    let bins = Binaries::locate()?;
+    let mut lab = Lab::new()?;
+    let node = lab.add_node("node1")?;
+    let mut backends = Vec::new();
+    for i in 1..=n {
+        let pod = lab.add_pod(&node, &format!("web-{i}"))?;
+        lab.spawn_server(
+            &pod,
+            &bins.labpod,
+            &["serve", "--name", &pod.name, "--tcp", "8080", "--udp", "8080"],
+        )?;
+        backends.push(pod);
+    }
+    let client = lab.add_pod(&node, "client")?;
+    let agent = Agent::start(&lab, &bins, &node)?;
+    Ok(Setup {
+        agent,
+        bins,
+        node,
+        backends,
+        client,
+        lab,
+    })
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+impl Setup {
+    fn ips(&self, pods: &[&Pod]) -> Vec<String> {
+        pods.iter().map(|p| p.ip.clone()).collect()
+    }
+
+    fn publish_web(&self, endpoints: &[&Pod]) -> Result<()> {
+        let ips = self.ips(endpoints);
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        self.agent.write_manifest(
+            "web.yaml",
+            &format!(
+                "{}---\n{}",
+                service("web", VIP, &[("http", 80, "TCP", "8080")]),
+                endpoint_slice("web", "web-abc12", ("http", 8080, "TCP"), &ips)
+            ),
+        )
+    }
+
+    fn wait_for_backends(&self, endpoints: &[&Pod]) -> Result<String> {
+        let ips = self.ips(endpoints);
+        self.agent.wait_for_services(Duration::from_secs(10), |table| {
+            let web_lines: Vec<&str> = table.lines().skip(1).collect();
+            web_lines.len() == ips.len()
+                && ips.iter().all(|ip| table.contains(&format!("{ip}:8080")))
+        })
+    }
+
+    fn connect(&self, target: &str, count: u32) -> Result<Vec<Attempt>> {
+        let output = self.lab.run_in_pod(
+            &self.client,
+            &self.bins.labpod,
+            &["connect", "--target", target, "--count", &count.to_string()],
+        )?;
+        parse_attempts(&output.stdout)
+    }
+}
+
+/// Upstream: test/e2e/network/service.go "should serve a basic endpoint from pods"
+/// and "should be able to up and down services" (spread over endpoints).
+#[test]
+fn clusterip_reaches_every_backend_with_addresses_preserved() -> Result<()> {
+    let s = setup(3)?;
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    s.publish_web(&all)?;
+    let table = s.wait_for_backends(&all)?;
+    assert!(table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
+
+    let attempts = s.connect(&format!("{VIP}:80"), 300)?;
+    let failures: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(failures.is_empty(), "failed connections: {failures:?}");
+    let counts = per_backend(&attempts);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (backend, count) in &counts {
+        let share = *count as f64 / 300.0;
+        assert!((0.20..=0.47).contains(&share), "{backend} got {share:.2} of connections: {counts:?}");
+    }
+    for attempt in &attempts {
+        assert_eq!(attempt.peer.as_deref(), Some("10.96.0.10:80"), "getpeername must show the VIP");
+        let seen = attempt.seen_source.as_deref().unwrap_or_default();
+        assert!(seen.starts_with(&format!("{}:", s.client.ip)), "server saw {seen}, not the client pod");
+    }
+    Ok(())
+}
+
+/// Upstream: test/e2e/network/service.go "should be able to update service type"
+/// family: endpoint updates reach the proxy; here a removed backend gets no new
+/// connections one second after the EndpointSlice file changes, and an added
+/// one does.
+#[test]
+fn endpoint_changes_apply_within_a_second() -> Result<()> {
+    let s = setup(3)?;
+    let (b1, b2, b3) = (&s.backends[0], &s.backends[1], &s.backends[2]);
+    s.publish_web(&[b1, b2])?;
+    s.wait_for_backends(&[b1, b2])?;
+    let before = per_backend(&s.connect(&format!("{VIP}:80"), 60)?);
+    assert!(before.contains_key("web-1") && before.contains_key("web-2"), "{before:?}");
+
+    s.publish_web(&[b2, b3])?;
+    thread::sleep(Duration::from_secs(1));
+    let attempts = s.connect(&format!("{VIP}:80"), 100)?;
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    let after = per_backend(&attempts);
+    assert!(!after.contains_key("web-1"), "removed backend still chosen: {after:?}");
+    assert!(after.contains_key("web-3"), "added backend never chosen: {after:?}");
+    assert!(after.contains_key("web-2"), "{after:?}");
+    Ok(())
+}
+
+/// Upstream: test/e2e/network/service.go "should be rejected when no endpoints
+/// exist": the connection is refused at once, never left to time out.
+#[test]
+fn service_without_endpoints_refuses_at_once() -> Result<()> {
+    let s = setup(1)?;
+    s.publish_web(&[])?;
+    s.agent.wait_for_services(Duration::from_secs(10), |t| t.contains("connections are refused"))?;
+    let started = std::time::Instant::now();
+    let attempts = s.connect(&format!("{VIP}:80"), 5)?;
+    assert!(started.elapsed() < Duration::from_secs(1), "refusal must not wait for a timeout");
+    for attempt in attempts {
+        assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
+    }
+    Ok(())
+}
+
+/// An invalid object next to valid ones is reported with file, object and
+/// field, and the valid services keep working.
+#[test]
+fn invalid_objects_are_reported_and_skipped() -> Result<()> {
+    let s = setup(2)?;
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    s.publish_web(&all)?;
+    s.wait_for_backends(&all)?;
+    s.agent.write_manifest(
+        "broken.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            service("bad-ip", "10.96.0.300", &[("http", 80, "TCP", "8080")]),
+            service("zero-port", "10.96.0.12", &[("http", 0, "TCP", "8080")]),
+            "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: default\nspec:\n  clusterIP: 10.96.0.13\n  ports: [{port: 80}]\n",
+        ),
+    )?;
+    for needle in [
+        "broken.yaml: Service default/bad-ip: field spec.clusterIP",
+        "broken.yaml: Service default/zero-port: field spec.ports[0].port",
+        "broken.yaml: Service (unnamed): field metadata.name",
+    ] {
+        s.agent.wait_for_log(needle, Duration::from_secs(5))?;
+    }
+    let table = s.agent.service_list()?;
+    assert!(!table.contains("bad-ip") && !table.contains("10.96.0.13"), "{table}");
+    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    Ok(())
+}
+
+/// The datapath survives the agent: with the agent killed, pinned programs
+/// and maps keep translating; a restarted agent adopts them.
+#[test]
+fn translation_survives_agent_restart() -> Result<()> {
+    let mut s = setup(2)?;
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    s.publish_web(&all)?;
+    s.wait_for_backends(&all)?;
+    s.agent.kill();
+    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+
+    // The restarted agent reads the same manifests and finds nothing to write.
+    s.agent = Agent::start(&s.lab, &s.bins, &s.node)?;
+    s.agent
+        .wait_for_log("reconciled 1 frontends with 0 map writes", Duration::from_secs(5))?;
+    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    Ok(())
+}
