@@ -10,6 +10,9 @@ fn main() -> anyhow::Result<()> {
     let datapath = root.join("ebpf/datapath");
     let common = root.join("ebpf/common");
     println!("cargo:rerun-if-changed={}", common.display());
+    // The Makefile picks the machine's nightly or a pinned one (scripts/ebpf-toolchain.sh).
+    println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     aya_build::build_ebpf(
         [
             aya_build::Package {
@@ -23,6 +26,6 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
         ],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(&toolchain),
     )
 }

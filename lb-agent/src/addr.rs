@@ -11,7 +11,9 @@ pub fn addr_from_ip(ip: IpAddr) -> Addr {
         IpAddr::V6(v6) => v6,
     };
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// The std form of a datapath address; IPv4-mapped addresses become IPv4.
@@ -47,7 +49,10 @@ mod tests {
         let addr = addr_from_ip(v4);
         assert!(lb_common::is_v4_mapped(&addr));
         assert_eq!(addr[3], u32::from_ne_bytes([10, 96, 0, 1]));
-        assert_eq!(addr, lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 1])));
+        assert_eq!(
+            addr,
+            lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 1]))
+        );
         assert_eq!(ip_from_addr(&addr), v4);
         let v6: IpAddr = "fd00::1:2".parse().unwrap();
         assert_eq!(ip_from_addr(&addr_from_ip(v6)), v6);

@@ -2,18 +2,17 @@
 //! bpffs, attaches to a cgroup, executes plans and dumps the maps.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{HashMap, Map, MapData, MapError},
+    pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
         CgroupSockAddr, ProgramError,
     },
-    pin::PinError,
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{map_names, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
@@ -21,7 +20,8 @@ use lb_common::{map_names, Backend, RevNat, ServiceKey, ServiceName, ServiceValu
 use crate::plan::{Dump, Op, Plan};
 
 /// The socket-level programs, built by `build.rs`.
-static SOCKET_LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
+static SOCKET_LB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
 
 /// Programs of the socket object, attached to the cgroup.
 const SOCKET_PROGRAMS: [&str; 2] = ["connect4", "getpeername4"];
@@ -113,7 +113,10 @@ pub struct Maps {
     names: HashMap<MapData, u32, ServiceName>,
 }
 
-fn typed<K: Pod, V: Pod>(name: &'static str, map: Map) -> Result<HashMap<MapData, K, V>, DatapathError> {
+fn typed<K: Pod, V: Pod>(
+    name: &'static str,
+    map: Map,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -131,10 +134,16 @@ impl Maps {
     pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
             services: typed(map_names::SERVICES, pinned(dir, map_names::SERVICES)?)?,
-            slots: typed(map_names::BACKEND_SLOTS, pinned(dir, map_names::BACKEND_SLOTS)?)?,
+            slots: typed(
+                map_names::BACKEND_SLOTS,
+                pinned(dir, map_names::BACKEND_SLOTS)?,
+            )?,
             backends: typed(map_names::BACKENDS, pinned(dir, map_names::BACKENDS)?)?,
             rev_nat: typed(map_names::REV_NAT, pinned(dir, map_names::REV_NAT)?)?,
-            names: typed(map_names::SERVICE_NAMES, pinned(dir, map_names::SERVICE_NAMES)?)?,
+            names: typed(
+                map_names::SERVICE_NAMES,
+                pinned(dir, map_names::SERVICE_NAMES)?,
+            )?,
         })
     }
 
@@ -233,7 +242,9 @@ impl Datapath {
             move |source| DatapathError::Io { path, source }
         };
         fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
-        if !crate::mounts::is_on_fs(pin_dir, "bpf").map_err(io_err(Path::new("/proc/self/mountinfo")))? {
+        if !crate::mounts::is_on_fs(pin_dir, "bpf")
+            .map_err(io_err(Path::new("/proc/self/mountinfo")))?
+        {
             return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
         }
         let mut ebpf = EbpfLoader::new()

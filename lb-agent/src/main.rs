@@ -8,14 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use lb_agent::{
-    datapath::Datapath,
-    model,
-    mounts,
-    plan::Capacity,
-    reconcile::Reconciler,
-    yaml,
-};
+use lb_agent::{datapath::Datapath, model, mounts, plan::Capacity, reconcile::Reconciler, yaml};
 
 /// Socket-level Service load balancer: programs eBPF maps from Kubernetes
 /// Service and EndpointSlice objects so that connect() to a ClusterIP reaches a
@@ -46,8 +39,12 @@ fn main() -> Result<()> {
         None => mounts::cgroup2_root()?.context("no cgroup v2 mount found; pass --cgroup")?,
     };
 
-    let mut datapath = Datapath::load(&args.bpffs_dir)
-        .with_context(|| format!("loading the datapath with pins in {}", args.bpffs_dir.display()))?;
+    let mut datapath = Datapath::load(&args.bpffs_dir).with_context(|| {
+        format!(
+            "loading the datapath with pins in {}",
+            args.bpffs_dir.display()
+        )
+    })?;
     let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default())?;
     let mut last_seen: Option<yaml::Fingerprint> = None;
     let mut attached = false;
@@ -60,7 +57,10 @@ fn main() -> Result<()> {
             Ok(_) => {}
             // Keep serving the last state: a vanished directory is not an
             // instruction to delete every service.
-            Err(err) => log::error!("reading {}: {err}; keeping the current state", args.manifests.display()),
+            Err(err) => log::error!(
+                "reading {}: {err}; keeping the current state",
+                args.manifests.display()
+            ),
         }
         if !attached {
             datapath
@@ -79,7 +79,10 @@ fn sync(args: &Args, datapath: &mut Datapath, reconciler: &mut Reconciler) {
     let parsed = match yaml::read_dir(&args.manifests) {
         Ok(parsed) => parsed,
         Err(err) => {
-            log::error!("reading {}: {err}; keeping the current state", args.manifests.display());
+            log::error!(
+                "reading {}: {err}; keeping the current state",
+                args.manifests.display()
+            );
             return;
         }
     };

@@ -258,7 +258,9 @@ fn parse_protocol(protocol: Option<&str>) -> Result<u8, String> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(PROTO_TCP),
         "UDP" => Ok(PROTO_UDP),
-        "SCTP" => Err("SCTP is not supported by this load balancer; the port is not proxied".into()),
+        "SCTP" => {
+            Err("SCTP is not supported by this load balancer; the port is not proxied".into())
+        }
         other => Err(format!("unknown protocol {other:?}")),
     }
 }
@@ -373,7 +375,11 @@ fn slice_ports(
 
 /// kube-proxy's choice: ready endpoints; when none is ready, the ones that are
 /// still serving while terminating, so connections drain instead of failing.
-fn select_backends(endpoints: &[EndpointSpec], frontend_ip: &IpAddr, port: &PortSpec) -> Vec<Backend> {
+fn select_backends(
+    endpoints: &[EndpointSpec],
+    frontend_ip: &IpAddr,
+    port: &PortSpec,
+) -> Vec<Backend> {
     let candidates = || {
         endpoints.iter().filter_map(move |ep| {
             if ep.ip.is_ipv4() != frontend_ip.is_ipv4() {
@@ -602,8 +608,14 @@ spec:
             ]
         );
         assert!(compiled.errors[2].reason.contains("SCTP"));
-        assert!(compiled.desired.frontends.contains_key(&key("10.96.0.10", 80, PROTO_TCP)));
-        assert!(compiled.desired.frontends.contains_key(&key("10.96.0.11", 82, PROTO_TCP)));
+        assert!(compiled
+            .desired
+            .frontends
+            .contains_key(&key("10.96.0.10", 80, PROTO_TCP)));
+        assert!(compiled
+            .desired
+            .frontends
+            .contains_key(&key("10.96.0.11", 82, PROTO_TCP)));
         assert_eq!(compiled.desired.frontends.len(), 3);
     }
 
@@ -633,12 +645,10 @@ endpoints: [{addresses: [10.0.0.9]}]
 
     #[test]
     fn dual_stack_service_matches_endpoints_by_family() {
-        let text = WEB
-            .replace(
-                "clusterIP: 10.96.0.10",
-                "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']",
-            )
-            + r#"---
+        let text = WEB.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']",
+        ) + r#"---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:

@@ -3,8 +3,7 @@
 //! and bpffs may be missing.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +12,10 @@ fn mounts(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
     mountinfo.lines().filter_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
         let separator = fields.iter().position(|f| *f == "-")?;
-        Some((PathBuf::from(unescape(fields.get(4)?)), *fields.get(separator + 1)?))
+        Some((
+            PathBuf::from(unescape(fields.get(4)?)),
+            *fields.get(separator + 1)?,
+        ))
     })
 }
 
@@ -87,7 +89,10 @@ mod tests {
         );
         assert_eq!(
             mount_points(MOUNTINFO, "bpf"),
-            vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/mnt/with space")]
+            vec![
+                PathBuf::from("/sys/fs/bpf"),
+                PathBuf::from("/mnt/with space")
+            ]
         );
     }
 }

@@ -451,7 +451,11 @@ pub fn name_from_str(name: &str) -> ServiceName {
 
 /// Decodes a display name.
 pub fn name_to_string(name: &ServiceName) -> String {
-    let end = name.bytes.iter().position(|b| *b == 0).unwrap_or(name.bytes.len());
+    let end = name
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(name.bytes.len());
     String::from_utf8_lossy(&name.bytes[..end]).into_owned()
 }
 
@@ -528,8 +532,15 @@ mod tests {
                                 generation: v.slot_generation,
                                 slot,
                             };
-                            let (_, id) = d.slots.iter().find(|(k, _)| *k == sk).expect("slot written before flip");
-                            assert!(d.backends.iter().any(|(b, _)| b == id), "backend written before flip");
+                            let (_, id) = d
+                                .slots
+                                .iter()
+                                .find(|(k, _)| *k == sk)
+                                .expect("slot written before flip");
+                            assert!(
+                                d.backends.iter().any(|(b, _)| b == id),
+                                "backend written before flip"
+                            );
                         }
                         put(&mut d.services, *k, *v)
                     }
@@ -558,10 +569,20 @@ mod tests {
     #[test]
     fn add_change_and_remove_leave_maps_exactly_as_desired() {
         let mut maps = FakeMaps::default();
-        let a = step(&mut maps, &Applied::default(), &desired(&[(1, &[1, 2, 3]), (2, &[3])]));
+        let a = step(
+            &mut maps,
+            &Applied::default(),
+            &desired(&[(1, &[1, 2, 3]), (2, &[3])]),
+        );
         let b = step(&mut maps, &a, &desired(&[(1, &[1, 3, 4]), (2, &[3])]));
-        assert_eq!(b.frontends[&key(1)].service_id, a.frontends[&key(1)].service_id);
-        assert_ne!(b.frontends[&key(1)].generation, a.frontends[&key(1)].generation);
+        assert_eq!(
+            b.frontends[&key(1)].service_id,
+            a.frontends[&key(1)].service_id
+        );
+        assert_ne!(
+            b.frontends[&key(1)].generation,
+            a.frontends[&key(1)].generation
+        );
         let c = step(&mut maps, &b, &desired(&[(2, &[])]));
         assert_eq!(maps.dump.backends.len(), 0);
         assert_eq!(maps.dump.slots.len(), 0);
@@ -585,9 +606,17 @@ mod tests {
         let mut maps = FakeMaps::default();
         let d = desired(&[(1, &[1, 2])]);
         step(&mut maps, &Applied::default(), &d);
-        maps.dump.slots.push((SlotKey { generation: 999, slot: 0 }, 1));
+        maps.dump.slots.push((
+            SlotKey {
+                generation: 999,
+                slot: 0,
+            },
+            1,
+        ));
         maps.dump.rev_nat.push((555, maps.dump.rev_nat[0].1));
-        maps.dump.slots.retain(|(k, _)| k.slot != 1 || k.generation == 999);
+        maps.dump
+            .slots
+            .retain(|(k, _)| k.slot != 1 || k.generation == 999);
         let adopted = Applied::adopt(&maps.dump);
         assert!(!adopted.frontends[&key(1)].complete);
         step(&mut maps, &adopted, &d);

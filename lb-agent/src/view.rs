@@ -32,17 +32,28 @@ pub fn service_table(dump: &Dump) -> String {
         let first = [
             frontend.service_id.to_string(),
             frontend.name.clone(),
-            format!("{}/{}", endpoint(&key.addr, key.port), protocol_name(key.proto)),
+            format!(
+                "{}/{}",
+                endpoint(&key.addr, key.port),
+                protocol_name(key.proto)
+            ),
         ];
         let mut backends = frontend.backends.iter().map(|b| endpoint(&b.addr, b.port));
-        let first_backend = backends.next().unwrap_or_else(|| "(none: connections are refused)".into());
+        let first_backend = backends
+            .next()
+            .unwrap_or_else(|| "(none: connections are refused)".into());
         let [id, name, fe] = first;
         rows.push([id, name, fe, first_backend]);
         for backend in backends {
             rows.push([String::new(), String::new(), String::new(), backend]);
         }
         if !frontend.complete {
-            rows.push([String::new(), String::new(), String::new(), "(incomplete: being repaired)".into()]);
+            rows.push([
+                String::new(),
+                String::new(),
+                String::new(),
+                "(incomplete: being repaired)".into(),
+            ]);
         }
     }
     render(["ID", "SERVICE", "FRONTEND", "BACKENDS"], &rows)
@@ -103,7 +114,14 @@ mod tests {
             })
             .collect();
         let desired = DesiredState {
-            frontends: [(key, Frontend { name: "default/web:http".into(), backends })].into(),
+            frontends: [(
+                key,
+                Frontend {
+                    name: "default/web:http".into(),
+                    backends,
+                },
+            )]
+            .into(),
         };
         let p = plan(&Default::default(), &desired, &Capacity::default());
         let mut dump = Dump::default();
@@ -120,7 +138,11 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         assert!(lines[0].starts_with("ID"));
-        assert!(lines[1].contains("default/web:http") && lines[1].contains("10.96.0.10:80/TCP") && lines[1].ends_with("10.0.0.1:8080"));
+        assert!(
+            lines[1].contains("default/web:http")
+                && lines[1].contains("10.96.0.10:80/TCP")
+                && lines[1].ends_with("10.0.0.1:8080")
+        );
         assert!(lines[2].trim() == "[fd00::2]:8080");
     }
 }

@@ -39,7 +39,9 @@ pub fn parse_documents(origin: &str, text: &str) -> Parsed {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
             Err(err) => {
-                parsed.errors.push(document_error(origin, index, "", err.to_string()));
+                parsed
+                    .errors
+                    .push(document_error(origin, index, "", err.to_string()));
                 // A syntax error leaves the stream in an unknown place.
                 break;
             }
@@ -50,7 +52,10 @@ pub fn parse_documents(origin: &str, text: &str) -> Parsed {
 }
 
 fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mut Parsed) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .map(str::to_owned);
     match kind.as_deref() {
         Some("Service") => {
             if let Some(object) = typed::<Service>(origin, index, "Service", value, parsed) {
@@ -124,7 +129,11 @@ fn document_error(origin: &str, index: usize, field: &str, reason: String) -> Ob
     ObjectError {
         origin: origin.to_string(),
         object: format!("document {index}"),
-        field: if field.is_empty() { ".".into() } else { field.into() },
+        field: if field.is_empty() {
+            ".".into()
+        } else {
+            field.into()
+        },
         reason,
     }
 }
@@ -168,9 +177,11 @@ pub fn read_dir(dir: &Path) -> std::io::Result<Parsed> {
         let origin = path.display().to_string();
         match fs::read_to_string(&path) {
             Ok(text) => parsed.merge(parse_documents(&origin, &text)),
-            Err(err) => parsed
-                .errors
-                .push(document_error(&origin, 0, "", format!("unreadable: {err}"))),
+            Err(err) => {
+                parsed
+                    .errors
+                    .push(document_error(&origin, 0, "", format!("unreadable: {err}")))
+            }
         }
     }
     Ok(parsed)

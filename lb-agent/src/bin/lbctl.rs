@@ -12,7 +12,12 @@ use lb_agent::{datapath::Maps, view};
 #[command(version)]
 struct Args {
     /// bpffs directory where lb-agent pins its maps.
-    #[arg(long, env = "LB_BPFFS_DIR", default_value = "/sys/fs/bpf/lb", global = true)]
+    #[arg(
+        long,
+        env = "LB_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/lb",
+        global = true
+    )]
     bpffs_dir: PathBuf,
     #[command(subcommand)]
     command: Command,

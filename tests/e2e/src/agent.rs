@@ -27,7 +27,10 @@ impl Binaries {
     /// or its parent when running from `deps/`).
     pub fn locate() -> Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+        let mut dir = exe
+            .parent()
+            .context("executable has no directory")?
+            .to_path_buf();
         if dir.ends_with("deps") {
             dir.pop();
         }
@@ -124,7 +127,11 @@ impl Agent {
     }
 
     /// Waits until `lbctl service list` satisfies `check`.
-    pub fn wait_for_services(&self, timeout: Duration, check: impl Fn(&str) -> bool) -> Result<String> {
+    pub fn wait_for_services(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let table = self.service_list()?;
@@ -132,7 +139,10 @@ impl Agent {
                 return Ok(table);
             }
             if Instant::now() > deadline {
-                bail!("services never reached the expected state:\n{table}\nagent log:\n{}", self.log_text());
+                bail!(
+                    "services never reached the expected state:\n{table}\nagent log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -141,9 +151,17 @@ impl Agent {
 
 /// Runs lbctl against a bpffs directory.
 pub fn lbctl(lbctl: &Path, bpffs: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new(lbctl).arg("--bpffs-dir").arg(bpffs).args(args).output()?;
+    let output = Command::new(lbctl)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .args(args)
+        .output()?;
     if !output.status.success() {
-        bail!("lbctl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "lbctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?)
 }

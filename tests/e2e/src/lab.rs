@@ -123,7 +123,17 @@ fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
 
 /// Writes a sysctl inside a namespace.
 fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
+    )?;
     Ok(())
 }
 
@@ -201,7 +211,10 @@ fn clean_stale() -> Result<()> {
             }
         }
     }
-    for base in [cgroup_root()?.join(PREFIX), PathBuf::from("/sys/fs/bpf").join(PREFIX)] {
+    for base in [
+        cgroup_root()?.join(PREFIX),
+        PathBuf::from("/sys/fs/bpf").join(PREFIX),
+    ] {
         let Ok(entries) = fs::read_dir(&base) else {
             continue;
         };
@@ -224,7 +237,11 @@ impl Lab {
     pub fn new() -> Result<Self> {
         ensure_bpffs()?;
         clean_stale()?;
-        let id = format!("{}-{}", std::process::id(), NEXT_LAB.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::SeqCst)
+        );
         let fabric = format!("{PREFIX}-{id}-fabric");
         let cgroup_dir = cgroup_root()?.join(PREFIX).join(&id);
         let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(PREFIX).join(&id);
@@ -392,7 +409,11 @@ impl Lab {
         BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            bail!("{} in {} did not start: {line:?}", program.display(), pod.name);
+            bail!(
+                "{} in {} did not start: {line:?}",
+                program.display(),
+                pod.name
+            );
         }
         self.children.lock().expect("not poisoned").push(child);
         Ok(())
@@ -412,7 +433,6 @@ impl Lab {
         }
         Ok(output)
     }
-
 }
 
 impl Drop for Lab {

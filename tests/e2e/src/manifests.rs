@@ -26,7 +26,10 @@ pub fn endpoint_slice(service: &str, slice: &str, port: (&str, u16, &str), ips: 
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: {port_name}\n  port: {number}\n  protocol: {protocol}\nendpoints:\n"
     );
     for ip in ips {
-        let _ = writeln!(text, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true");
+        let _ = writeln!(
+            text,
+            "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true"
+        );
     }
     text
 }

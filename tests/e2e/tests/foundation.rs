@@ -39,7 +39,9 @@ fn setup(n: usize) -> Result<Setup> {
         lab.spawn_server(
             &pod,
             &bins.labpod,
-            &["serve", "--name", &pod.name, "--tcp", "8080", "--udp", "8080"],
+            &[
+                "serve", "--name", &pod.name, "--tcp", "8080", "--udp", "8080",
+            ],
         )?;
         backends.push(pod);
     }
@@ -81,11 +83,12 @@ impl Setup {
 
     fn wait_for_backends(&self, endpoints: &[&Pod]) -> Result<String> {
         let ips = self.ips(endpoints);
-        self.agent.wait_for_services(Duration::from_secs(10), |table| {
-            let web_lines: Vec<&str> = table.lines().skip(1).collect();
-            web_lines.len() == ips.len()
-                && ips.iter().all(|ip| table.contains(&format!("{ip}:8080")))
-        })
+        self.agent
+            .wait_for_services(Duration::from_secs(10), |table| {
+                let web_lines: Vec<&str> = table.lines().skip(1).collect();
+                web_lines.len() == ips.len()
+                    && ips.iter().all(|ip| table.contains(&format!("{ip}:8080")))
+            })
     }
 
     fn connect(&self, target: &str, count: u32) -> Result<Vec<Attempt>> {
@@ -106,7 +109,10 @@ fn clusterip_reaches_every_backend_with_addresses_preserved() -> Result<()> {
     let all: Vec<&Pod> = s.backends.iter().collect();
     s.publish_web(&all)?;
     let table = s.wait_for_backends(&all)?;
-    assert!(table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
+    assert!(
+        table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"),
+        "{table}"
+    );
 
     let attempts = s.connect(&format!("{VIP}:80"), 300)?;
     let failures: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
@@ -115,12 +121,22 @@ fn clusterip_reaches_every_backend_with_addresses_preserved() -> Result<()> {
     assert_eq!(counts.len(), 3, "{counts:?}");
     for (backend, count) in &counts {
         let share = *count as f64 / 300.0;
-        assert!((0.20..=0.47).contains(&share), "{backend} got {share:.2} of connections: {counts:?}");
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{backend} got {share:.2} of connections: {counts:?}"
+        );
     }
     for attempt in &attempts {
-        assert_eq!(attempt.peer.as_deref(), Some("10.96.0.10:80"), "getpeername must show the VIP");
+        assert_eq!(
+            attempt.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "getpeername must show the VIP"
+        );
         let seen = attempt.seen_source.as_deref().unwrap_or_default();
-        assert!(seen.starts_with(&format!("{}:", s.client.ip)), "server saw {seen}, not the client pod");
+        assert!(
+            seen.starts_with(&format!("{}:", s.client.ip)),
+            "server saw {seen}, not the client pod"
+        );
     }
     Ok(())
 }
@@ -136,15 +152,24 @@ fn endpoint_changes_apply_within_a_second() -> Result<()> {
     s.publish_web(&[b1, b2])?;
     s.wait_for_backends(&[b1, b2])?;
     let before = per_backend(&s.connect(&format!("{VIP}:80"), 60)?);
-    assert!(before.contains_key("web-1") && before.contains_key("web-2"), "{before:?}");
+    assert!(
+        before.contains_key("web-1") && before.contains_key("web-2"),
+        "{before:?}"
+    );
 
     s.publish_web(&[b2, b3])?;
     thread::sleep(Duration::from_secs(1));
     let attempts = s.connect(&format!("{VIP}:80"), 100)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     let after = per_backend(&attempts);
-    assert!(!after.contains_key("web-1"), "removed backend still chosen: {after:?}");
-    assert!(after.contains_key("web-3"), "added backend never chosen: {after:?}");
+    assert!(
+        !after.contains_key("web-1"),
+        "removed backend still chosen: {after:?}"
+    );
+    assert!(
+        after.contains_key("web-3"),
+        "added backend never chosen: {after:?}"
+    );
     assert!(after.contains_key("web-2"), "{after:?}");
     Ok(())
 }
@@ -155,10 +180,15 @@ fn endpoint_changes_apply_within_a_second() -> Result<()> {
 fn service_without_endpoints_refuses_at_once() -> Result<()> {
     let s = setup(1)?;
     s.publish_web(&[])?;
-    s.agent.wait_for_services(Duration::from_secs(10), |t| t.contains("connections are refused"))?;
+    s.agent.wait_for_services(Duration::from_secs(10), |t| {
+        t.contains("connections are refused")
+    })?;
     let started = std::time::Instant::now();
     let attempts = s.connect(&format!("{VIP}:80"), 5)?;
-    assert!(started.elapsed() < Duration::from_secs(1), "refusal must not wait for a timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refusal must not wait for a timeout"
+    );
     for attempt in attempts {
         assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
     }
@@ -190,7 +220,10 @@ fn invalid_objects_are_reported_and_skipped() -> Result<()> {
         s.agent.wait_for_log(needle, Duration::from_secs(5))?;
     }
     let table = s.agent.service_list()?;
-    assert!(!table.contains("bad-ip") && !table.contains("10.96.0.13"), "{table}");
+    assert!(
+        !table.contains("bad-ip") && !table.contains("10.96.0.13"),
+        "{table}"
+    );
     let attempts = s.connect(&format!("{VIP}:80"), 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())
@@ -210,8 +243,10 @@ fn translation_survives_agent_restart() -> Result<()> {
 
     // The restarted agent reads the same manifests and finds nothing to write.
     s.agent = Agent::start(&s.lab, &s.bins, &s.node)?;
-    s.agent
-        .wait_for_log("reconciled 1 frontends with 0 map writes", Duration::from_secs(5))?;
+    s.agent.wait_for_log(
+        "reconciled 1 frontends with 0 map writes",
+        Duration::from_secs(5),
+    )?;
     let attempts = s.connect(&format!("{VIP}:80"), 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())

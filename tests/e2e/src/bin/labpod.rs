@@ -54,6 +54,9 @@ enum Command {
         /// Per-attempt timeout in milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Send an HTTP GET and read the answer from the response body (TCP only).
+        #[arg(long)]
+        http: bool,
     },
 }
 
@@ -71,13 +74,14 @@ fn main() -> Result<()> {
             count,
             proto,
             timeout_ms,
+            http,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             for _ in 0..count {
                 let attempt = match proto.as_str() {
-                    "tcp" => tcp_attempt(target, timeout),
+                    "tcp" => tcp_attempt(target, timeout, http),
                     "udp" => udp_attempt(target, timeout),
                     other => anyhow::bail!("unknown protocol {other}"),
                 };
@@ -181,18 +185,38 @@ fn failure(err: &std::io::Error) -> Attempt {
 
 fn parse_answer(line: &str) -> (Option<String>, Option<String>) {
     let mut parts = line.split_whitespace();
-    (parts.next().map(str::to_owned), parts.next().map(str::to_owned))
+    (
+        parts.next().map(str::to_owned),
+        parts.next().map(str::to_owned),
+    )
 }
 
-fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Attempt {
+fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
     let run = || -> std::io::Result<Attempt> {
-        let stream = TcpStream::connect_timeout(&target, timeout)?;
+        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         let peer = stream.peer_addr()?;
         let local = stream.local_addr()?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        let (backend, seen_source) = parse_answer(&line);
+        let mut answer = String::new();
+        if http {
+            stream.write_all(
+                format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )?;
+            stream.read_to_string(&mut answer)?;
+            if !answer.starts_with("HTTP/1.1 200") {
+                return Err(std::io::Error::other(format!(
+                    "unexpected response {answer:?}"
+                )));
+            }
+            answer = answer
+                .rsplit("\r\n\r\n")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        } else {
+            BufReader::new(&stream).read_line(&mut answer)?;
+        }
+        let (backend, seen_source) = parse_answer(&answer);
         Ok(Attempt {
             ok: backend.is_some(),
             backend,

@@ -1,0 +1,32 @@
+# Everything runs as root on Debian 12: the lab uses network namespaces,
+# cgroups and BPF.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+export LB_EBPF_TOOLCHAIN ?= $(shell scripts/ebpf-toolchain.sh)
+
+.PHONY: all bootstrap build test unit-test e2e-test demo bench lint fmt clean
+
+all: build
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+build: bootstrap
+	cargo build
+
+## Unit tests, then the end-to-end tests in the lab (real kernel, real sockets).
+test: build
+	cargo test --no-fail-fast
+
+demo: build
+	cargo run --quiet -p lb-e2e --bin lb-demo -- --examples examples
+
+lint: bootstrap
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean

@@ -1,0 +1,885 @@
+//! TCP_CRR / TCP_RR load generator and its server.
+//!
+//! * **CRR** (connect, request, response, close): every transaction opens a
+//!   new TCP connection, writes `size` bytes, reads `size` bytes back and
+//!   closes. Every transaction therefore pays the service lookup (socket-level
+//!   translation, iptables/nftables DNAT, ...), which is what the datapath
+//!   benchmark is about.
+//! * **RR** (request, response): one connection per client thread is kept open
+//!   and carries back-to-back transactions.
+//!
+//! The server answers each `size`-byte request with `size` bytes and then
+//! waits for the client to close first, so that TIME_WAIT lands on the client
+//! and not on the server (a server-side TIME_WAIT pile-up skews results).
+//!
+//! The client sets nothing special on its sockets beyond `TCP_NODELAY` and the
+//! optional send/receive timeouts; it closes normally. Because every CRR
+//! transaction burns a client port that then sits in TIME_WAIT, **the driver
+//! must prepare the client's network namespace**:
+//!
+//! ```text
+//! sysctl -w net.ipv4.ip_local_port_range="1024 65535"
+//! sysctl -w net.ipv4.tcp_tw_reuse=1
+//! ```
+//!
+//! (and flush or size conntrack between runs when a netfilter candidate is
+//! measured). Without this a run of a few seconds at tens of thousands of
+//! connections per second exhausts the ephemeral ports and shows up as
+//! `connect_errors` (EADDRNOTAVAIL).
+//!
+//! Latencies are kept in a fixed-size log-linear [`Histogram`] per thread
+//! (about 58 KiB each, relative error below 0.8 %), so memory does not grow
+//! with the run length.
+
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Default request and response size in bytes (the DESIGN's 1-byte CRR).
+pub const DEFAULT_SIZE: usize = 1;
+
+/// Default client socket timeout (connect, send and receive).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Listen backlog of the server socket.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Stack size of server threads: they only hold a small buffer.
+const SERVER_THREAD_STACK: usize = 256 * 1024;
+
+// ---------------------------------------------------------------------------
+// Histogram
+// ---------------------------------------------------------------------------
+
+/// Number of mantissa bits kept per power of two: 2^7 = 128 sub-buckets, so a
+/// recorded value is known to within 1/128 (0.78 %).
+const PRECISION_BITS: u32 = 7;
+const SUB_BUCKETS: u64 = 1 << PRECISION_BITS;
+const BUCKET_COUNT: usize = (64 - PRECISION_BITS as usize + 1) * SUB_BUCKETS as usize;
+
+/// Fixed-size log-linear latency histogram (HDR-like) over `u64` values,
+/// used with nanoseconds.
+///
+/// Values below 128 are counted exactly; above that each power of two is
+/// split into 128 equal buckets. Memory is constant (7,424 counters) whatever
+/// the number of samples, and two histograms merge by adding counters.
+#[derive(Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    sum: u128,
+    min: u64,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Histogram")
+            .field("total", &self.total)
+            .field("min", &self.min())
+            .field("max", &self.max())
+            .finish()
+    }
+}
+
+fn bucket_index(v: u64) -> usize {
+    if v < SUB_BUCKETS {
+        return v as usize;
+    }
+    let msb = 63 - v.leading_zeros();
+    let shift = msb - PRECISION_BITS;
+    let top = v >> shift; // in [SUB_BUCKETS, 2 * SUB_BUCKETS)
+    ((u64::from(shift) + 1) * SUB_BUCKETS + (top - SUB_BUCKETS)) as usize
+}
+
+/// Lowest value and width of bucket `idx`.
+fn bucket_bounds(idx: usize) -> (u64, u64) {
+    let idx = idx as u64;
+    if idx < SUB_BUCKETS {
+        return (idx, 1);
+    }
+    let shift = idx / SUB_BUCKETS - 1;
+    let top = SUB_BUCKETS + idx % SUB_BUCKETS;
+    (top << shift, 1 << shift)
+}
+
+impl Histogram {
+    /// An empty histogram.
+    pub fn new() -> Self {
+        Histogram {
+            counts: vec![0; BUCKET_COUNT],
+            total: 0,
+            sum: 0,
+            min: u64::MAX,
+            max: 0,
+        }
+    }
+
+    /// Records one value.
+    pub fn record(&mut self, v: u64) {
+        self.counts[bucket_index(v)] += 1;
+        self.total += 1;
+        self.sum += u128::from(v);
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+    }
+
+    /// Adds every sample of `other` to `self`.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += *b;
+        }
+        self.total += other.total;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// Number of recorded samples.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Smallest recorded value (0 when empty).
+    pub fn min(&self) -> u64 {
+        if self.total == 0 {
+            0
+        } else {
+            self.min
+        }
+    }
+
+    /// Largest recorded value (0 when empty).
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Exact arithmetic mean of the recorded values (0 when empty).
+    pub fn mean(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.total as f64
+        }
+    }
+
+    /// The `q`-quantile (`q` in [0, 1]): the value at rank `ceil(q * n)`,
+    /// reported as the middle of its bucket and clamped to [min, max].
+    /// Returns 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let q = q.clamp(0.0, 1.0);
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0u64;
+        for (idx, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let (low, width) = bucket_bounds(idx);
+                let mid = low + (width - 1) / 2;
+                return mid.clamp(self.min, self.max);
+            }
+        }
+        self.max
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration and report
+// ---------------------------------------------------------------------------
+
+/// Transaction pattern of the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Connect, request, response, close; a new connection per transaction.
+    Crr,
+    /// Request, response on one kept-open connection per thread.
+    Rr,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Crr => "crr",
+            Mode::Rr => "rr",
+        })
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "crr" => Ok(Mode::Crr),
+            "rr" => Ok(Mode::Rr),
+            other => Err(format!("unknown mode {other:?} (expected crr or rr)")),
+        }
+    }
+}
+
+/// What the client does.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Address to connect to (a service VIP or a pod IP).
+    pub target: SocketAddr,
+    /// Number of client threads, each running transactions back to back.
+    pub threads: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Request and response size in bytes (at least 1).
+    pub size: usize,
+    /// CRR or RR.
+    pub mode: Mode,
+    /// Connect/send/receive timeout set on each client socket
+    /// (`SO_SNDTIMEO`, which also bounds a blocking connect, and
+    /// `SO_RCVTIMEO`); `None` leaves the sockets fully blocking.
+    pub timeout: Option<Duration>,
+}
+
+impl ClientConfig {
+    /// A CRR configuration with the defaults (1 byte, 5 s socket timeout).
+    pub fn new(target: SocketAddr, threads: usize, duration: Duration) -> Self {
+        ClientConfig {
+            target,
+            threads,
+            duration,
+            size: DEFAULT_SIZE,
+            mode: Mode::Crr,
+            timeout: Some(DEFAULT_TIMEOUT),
+        }
+    }
+}
+
+/// Result of one client run. Latencies are per transaction, in microseconds;
+/// for CRR a transaction includes the connect and, for RR, it is one
+/// request/response exchange.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Transaction pattern.
+    pub mode: Mode,
+    /// Address the client connected to.
+    pub target: String,
+    /// Client threads.
+    pub threads: usize,
+    /// Request and response size in bytes.
+    pub size: usize,
+    /// Measured wall time of the run, seconds.
+    pub duration_s: f64,
+    /// Completed transactions.
+    pub transactions: u64,
+    /// Transactions per second (connections per second in CRR mode).
+    pub tps: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 90th percentile latency, µs.
+    pub p90_us: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+    /// Mean latency, µs.
+    pub mean_us: f64,
+    /// Smallest latency, µs.
+    pub min_us: f64,
+    /// Largest latency, µs.
+    pub max_us: f64,
+    /// Failed transactions (`connect_errors + io_errors`).
+    pub errors: u64,
+    /// Failed connects (refused, timed out, no free local port, ...).
+    pub connect_errors: u64,
+    /// Failed writes or reads, including short responses and timeouts.
+    pub io_errors: u64,
+}
+
+impl Report {
+    /// One JSON object on one line, for drivers.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("report serializes")
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} threads={} size={} duration={:.2}s transactions={} tps={:.0} \
+             p50={:.1}us p90={:.1}us p99={:.1}us mean={:.1}us max={:.1}us errors={} \
+             (connect={} io={})",
+            self.mode,
+            self.target,
+            self.threads,
+            self.size,
+            self.duration_s,
+            self.transactions,
+            self.tps,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.mean_us,
+            self.max_us,
+            self.errors,
+            self.connect_errors,
+            self.io_errors
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------
+
+struct ThreadResult {
+    hist: Histogram,
+    connect_errors: u64,
+    io_errors: u64,
+    end: Instant,
+}
+
+fn connect(target: SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(t) = timeout {
+        // SO_SNDTIMEO also bounds a blocking connect() on Linux.
+        socket.set_write_timeout(Some(t))?;
+        socket.set_read_timeout(Some(t))?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(&target.into())?;
+    Ok(socket.into())
+}
+
+fn exchange(stream: &mut TcpStream, request: &[u8], response: &mut [u8]) -> io::Result<()> {
+    stream.write_all(request)?;
+    stream.read_exact(response)
+}
+
+fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
+    let request = vec![b'q'; cfg.size];
+    let mut response = vec![0u8; cfg.size];
+    let mut hist = Histogram::new();
+    let mut connect_errors = 0u64;
+    let mut io_errors = 0u64;
+    let mut rr_conn: Option<TcpStream> = None;
+
+    start.wait();
+    let mut last = Instant::now();
+    let deadline = last + cfg.duration;
+    while last < deadline {
+        let ok = match cfg.mode {
+            Mode::Crr => match connect(cfg.target, cfg.timeout) {
+                Ok(mut stream) => {
+                    // Dropping the stream closes it: the client closes first.
+                    let r = exchange(&mut stream, &request, &mut response);
+                    if r.is_err() {
+                        io_errors += 1;
+                    }
+                    r.is_ok()
+                }
+                Err(_) => {
+                    connect_errors += 1;
+                    false
+                }
+            },
+            Mode::Rr => {
+                if rr_conn.is_none() {
+                    match connect(cfg.target, cfg.timeout) {
+                        Ok(s) => rr_conn = Some(s),
+                        Err(_) => connect_errors += 1,
+                    }
+                    // Connection setup is not part of an RR transaction.
+                    last = Instant::now();
+                }
+                match rr_conn.as_mut() {
+                    Some(stream) => {
+                        let r = exchange(stream, &request, &mut response);
+                        if r.is_err() {
+                            io_errors += 1;
+                            rr_conn = None;
+                        }
+                        r.is_ok()
+                    }
+                    None => false,
+                }
+            }
+        };
+        let now = Instant::now();
+        if ok {
+            hist.record(now.duration_since(last).as_nanos() as u64);
+        }
+        last = now;
+    }
+    ThreadResult {
+        hist,
+        connect_errors,
+        io_errors,
+        end: last,
+    }
+}
+
+/// Runs the client for `cfg.duration` over `cfg.threads` threads and returns
+/// the merged report.
+pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
+    if cfg.threads == 0 {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "threads must be at least 1"));
+    }
+    if cfg.size == 0 {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "size must be at least 1 byte"));
+    }
+    let barrier = Arc::new(Barrier::new(cfg.threads + 1));
+    let mut handles = Vec::with_capacity(cfg.threads);
+    for i in 0..cfg.threads {
+        let cfg = cfg.clone();
+        let barrier = Arc::clone(&barrier);
+        let h = thread::Builder::new()
+            .name(format!("crr-client-{i}"))
+            .spawn(move || client_thread(&cfg, &barrier))?;
+        handles.push(h);
+    }
+    barrier.wait();
+    let start = Instant::now();
+
+    let mut hist = Histogram::new();
+    let mut connect_errors = 0;
+    let mut io_errors = 0;
+    let mut end = start;
+    for h in handles {
+        let r = h
+            .join()
+            .map_err(|_| io::Error::other("client thread panicked"))?;
+        hist.merge(&r.hist);
+        connect_errors += r.connect_errors;
+        io_errors += r.io_errors;
+        end = end.max(r.end);
+    }
+    let elapsed = end.saturating_duration_since(start).as_secs_f64();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let transactions = hist.len();
+    Ok(Report {
+        mode: cfg.mode,
+        target: cfg.target.to_string(),
+        threads: cfg.threads,
+        size: cfg.size,
+        duration_s: elapsed,
+        transactions,
+        tps: if elapsed > 0.0 {
+            transactions as f64 / elapsed
+        } else {
+            0.0
+        },
+        p50_us: us(hist.quantile(0.50)),
+        p90_us: us(hist.quantile(0.90)),
+        p99_us: us(hist.quantile(0.99)),
+        mean_us: hist.mean() / 1000.0,
+        min_us: us(hist.min()),
+        max_us: us(hist.max()),
+        errors: connect_errors + io_errors,
+        connect_errors,
+        io_errors,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------
+
+/// How the server behaves.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Request and response size in bytes (at least 1); must match the client.
+    pub size: usize,
+    /// Threads blocked in `accept()` on the shared listener. Each serves one
+    /// CRR connection at a time (including the wait for the client's close),
+    /// so it should be at least the number of client threads.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        ServerConfig {
+            size: DEFAULT_SIZE,
+            workers: (4 * cores).max(8),
+        }
+    }
+}
+
+/// Counters of a running server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Request/response exchanges served.
+    pub transactions: AtomicU64,
+    /// Connections that kept sending after their first exchange and were
+    /// handed to a dedicated thread (RR clients).
+    pub kept_open: AtomicU64,
+    /// Connections that ended with an error (reset, short request, ...).
+    pub errors: AtomicU64,
+}
+
+/// A running CRR/RR server: a pool of worker threads accepting on one
+/// listening socket.
+///
+/// For each connection a worker reads `size` bytes, writes `size` bytes and
+/// then reads again: end-of-file means the client closed (CRR), so the
+/// worker closes its side and goes back to `accept()`; more data means an RR
+/// client, and the connection moves to a thread of its own that keeps
+/// answering until end-of-file.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port) and starts the workers.
+    pub fn bind(addr: SocketAddr, cfg: ServerConfig) -> io::Result<Server> {
+        if cfg.size == 0 {
+            return Err(io::Error::new(ErrorKind::InvalidInput, "size must be at least 1 byte"));
+        }
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener: TcpListener = socket.into();
+        let local = listener.local_addr()?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ServerStats::default());
+        let mut workers = Vec::with_capacity(cfg.workers.max(1));
+        for i in 0..cfg.workers.max(1) {
+            let listener = listener.try_clone()?;
+            let stop = Arc::clone(&stop);
+            let stats = Arc::clone(&stats);
+            let size = cfg.size;
+            let h = thread::Builder::new()
+                .name(format!("crr-server-{i}"))
+                .stack_size(SERVER_THREAD_STACK)
+                .spawn(move || accept_loop(&listener, size, &stop, &stats))?;
+            workers.push(h);
+        }
+        Ok(Server {
+            addr: local,
+            stop,
+            stats,
+            workers,
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Blocks forever (until the process is killed); for the CLI.
+    pub fn wait(self) {
+        for h in self.workers {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops accepting and joins the accept workers. Connections already
+    /// handed to RR threads finish when their clients close.
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake every worker blocked in accept() with a throwaway connection.
+        let wake = match self.addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), a.port())
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), a.port())
+            }
+            a => a,
+        };
+        for _ in 0..self.workers.len() {
+            let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        }
+        for h in self.workers {
+            let _ = h.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, size: usize, stop: &AtomicBool, stats: &Arc<ServerStats>) {
+    let response = vec![b'r'; size];
+    let mut buf = vec![0u8; size];
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                // Out of descriptors or memory: back off instead of spinning.
+                if e.kind() != ErrorKind::Interrupted && e.kind() != ErrorKind::ConnectionAborted {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if serve_first(stream, &mut buf, &response, stats).is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes after the first `filled` already there.
+/// `Ok(false)` on a clean end-of-file before any byte of this request.
+fn read_request(stream: &mut TcpStream, buf: &mut [u8], mut filled: usize) -> io::Result<bool> {
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Serves the first exchange of a connection on the accepting thread, then
+/// either sees the client's close or hands the connection to an RR thread.
+fn serve_first(
+    mut stream: TcpStream,
+    buf: &mut [u8],
+    response: &[u8],
+    stats: &Arc<ServerStats>,
+) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    if !read_request(&mut stream, buf, 0)? {
+        return Ok(());
+    }
+    stream.write_all(response)?;
+    stats.transactions.fetch_add(1, Ordering::Relaxed);
+    // Wait for the client to close first (CRR) or send its next request (RR).
+    let n = loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    if n == 0 {
+        return Ok(()); // Client closed: close our side; TIME_WAIT is theirs.
+    }
+    stats.kept_open.fetch_add(1, Ordering::Relaxed);
+    let mut first = buf.to_vec();
+    let response = response.to_vec();
+    let stats = Arc::clone(stats);
+    let spawned = thread::Builder::new()
+        .name("crr-server-rr".into())
+        .stack_size(SERVER_THREAD_STACK)
+        .spawn(move || {
+            if serve_rr(stream, &mut first, n, &response, &stats).is_err() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    spawned.map(|_| ())
+}
+
+fn serve_rr(
+    mut stream: TcpStream,
+    buf: &mut [u8],
+    mut filled: usize,
+    response: &[u8],
+    stats: &ServerStats,
+) -> io::Result<()> {
+    loop {
+        if !read_request(&mut stream, buf, filled)? {
+            return Ok(());
+        }
+        filled = 0;
+        stream.write_all(response)?;
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_small_values_are_exact() {
+        let mut h = Histogram::new();
+        for v in 0..128 {
+            h.record(v);
+        }
+        assert_eq!(h.len(), 128);
+        assert_eq!(h.min(), 0);
+        assert_eq!(h.max(), 127);
+        assert_eq!(h.quantile(0.5), 63);
+        assert_eq!(h.quantile(1.0), 127);
+        assert_eq!(h.quantile(0.0), 0);
+    }
+
+    #[test]
+    fn histogram_bucket_index_roundtrips() {
+        for v in [0u64, 1, 127, 128, 255, 256, 1000, 123_456, 1 << 40, u64::MAX] {
+            let idx = bucket_index(v);
+            assert!(idx < BUCKET_COUNT, "{v} -> {idx}");
+            let (low, width) = bucket_bounds(idx);
+            assert!(low <= v && v - low < width, "{v} in [{low}, +{width})");
+            if v >= SUB_BUCKETS {
+                // Relative resolution is 1/128.
+                assert!(width <= low / SUB_BUCKETS + 1);
+            }
+        }
+        // Buckets are contiguous and increasing.
+        let mut next = 0u64;
+        for idx in 0..BUCKET_COUNT - 1 {
+            let (low, width) = bucket_bounds(idx);
+            assert_eq!(low, next, "bucket {idx}");
+            next = low + width;
+        }
+    }
+
+    #[test]
+    fn histogram_quantiles_are_within_resolution() {
+        let mut h = Histogram::new();
+        // 1..=100_000 ns uniformly: p50 ~ 50_000, p99 ~ 99_000.
+        for v in 1..=100_000u64 {
+            h.record(v);
+        }
+        let within = |got: u64, want: f64| ((got as f64 - want) / want).abs() < 0.01;
+        assert!(within(h.quantile(0.5), 50_000.0), "{}", h.quantile(0.5));
+        assert!(within(h.quantile(0.99), 99_000.0), "{}", h.quantile(0.99));
+        assert!((h.mean() - 50_000.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn histogram_merge_adds_samples() {
+        let mut a = Histogram::new();
+        let mut b = Histogram::new();
+        a.record(10);
+        b.record(1_000_000);
+        b.record(20);
+        a.merge(&b);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.min(), 10);
+        assert_eq!(a.max(), 1_000_000);
+        assert_eq!(a.quantile(0.5), 20);
+        assert!(Histogram::new().is_empty());
+        assert_eq!(Histogram::new().quantile(0.99), 0);
+    }
+
+    #[test]
+    fn mode_parses_and_prints() {
+        assert_eq!("CRR".parse::<Mode>().unwrap(), Mode::Crr);
+        assert_eq!("rr".parse::<Mode>().unwrap(), Mode::Rr);
+        assert!("stream".parse::<Mode>().is_err());
+        assert_eq!(Mode::Rr.to_string(), "rr");
+    }
+
+    fn loopback_server(size: usize) -> Server {
+        let cfg = ServerConfig {
+            size,
+            ..ServerConfig::default()
+        };
+        Server::bind("127.0.0.1:0".parse().unwrap(), cfg).expect("bind loopback")
+    }
+
+    fn run(server: &Server, mode: Mode, size: usize, threads: usize, secs: f64) -> Report {
+        let cfg = ClientConfig {
+            size,
+            mode,
+            ..ClientConfig::new(server.local_addr(), threads, Duration::from_secs_f64(secs))
+        };
+        run_client(&cfg).expect("client runs")
+    }
+
+    #[test]
+    fn crr_on_loopback() {
+        let server = loopback_server(1);
+        let report = run(&server, Mode::Crr, 1, 2, 1.0);
+        eprintln!("{report}");
+        assert!(report.transactions > 0, "{report}");
+        assert_eq!(report.errors, 0, "{report}");
+        assert!(report.p50_us > 0.0 && report.p99_us >= report.p50_us, "{report}");
+        assert!(server.stats().accepted.load(Ordering::Relaxed) >= report.transactions);
+        // The JSON line parses back and carries the fields a driver reads.
+        let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(v["mode"], "crr");
+        assert_eq!(v["transactions"].as_u64(), Some(report.transactions));
+        assert_eq!(v["errors"].as_u64(), Some(0));
+        assert!(v["p99_us"].is_number() && v["tps"].is_number());
+        server.shutdown();
+    }
+
+    #[test]
+    fn rr_on_loopback() {
+        let server = loopback_server(1);
+        let report = run(&server, Mode::Rr, 1, 2, 0.5);
+        eprintln!("{report}");
+        assert!(report.transactions > 0, "{report}");
+        assert_eq!(report.errors, 0, "{report}");
+        // One connection per client thread, kept open.
+        assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 2);
+        assert_eq!(server.stats().kept_open.load(Ordering::Relaxed), 2);
+        server.shutdown();
+    }
+
+    #[test]
+    fn larger_messages_on_loopback() {
+        let size = 64 * 1024;
+        let server = loopback_server(size);
+        for mode in [Mode::Crr, Mode::Rr] {
+            let report = run(&server, mode, size, 2, 0.3);
+            assert!(report.transactions > 0, "{report}");
+            assert_eq!(report.errors, 0, "{report}");
+        }
+        server.shutdown();
+    }
+
+    #[test]
+    fn refused_connections_count_as_errors() {
+        // Bind then drop a listener so the port is (very likely) closed.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let cfg = ClientConfig::new(addr, 1, Duration::from_millis(50));
+        let report = run_client(&cfg).unwrap();
+        assert_eq!(report.transactions, 0);
+        assert!(report.connect_errors > 0);
+        assert_eq!(report.errors, report.connect_errors + report.io_errors);
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut cfg = ClientConfig::new(addr, 0, Duration::from_millis(1));
+        assert!(run_client(&cfg).is_err());
+        cfg.threads = 1;
+        cfg.size = 0;
+        assert!(run_client(&cfg).is_err());
+    }
+}
