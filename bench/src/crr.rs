@@ -356,7 +356,11 @@ struct ThreadResult {
 }
 
 fn connect(target: SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     if let Some(t) = timeout {
         // SO_SNDTIMEO also bounds a blocking connect() on Linux.
         socket.set_write_timeout(Some(t))?;
@@ -439,10 +443,16 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
 /// the merged report.
 pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
     if cfg.threads == 0 {
-        return Err(io::Error::new(ErrorKind::InvalidInput, "threads must be at least 1"));
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "threads must be at least 1",
+        ));
     }
     if cfg.size == 0 {
-        return Err(io::Error::new(ErrorKind::InvalidInput, "size must be at least 1 byte"));
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "size must be at least 1 byte",
+        ));
     }
     let barrier = Arc::new(Barrier::new(cfg.threads + 1));
     let mut handles = Vec::with_capacity(cfg.threads);
@@ -555,7 +565,10 @@ impl Server {
     /// Binds `addr` (port 0 picks a free port) and starts the workers.
     pub fn bind(addr: SocketAddr, cfg: ServerConfig) -> io::Result<Server> {
         if cfg.size == 0 {
-            return Err(io::Error::new(ErrorKind::InvalidInput, "size must be at least 1 byte"));
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "size must be at least 1 byte",
+            ));
         }
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
@@ -743,7 +756,18 @@ mod tests {
 
     #[test]
     fn histogram_bucket_index_roundtrips() {
-        for v in [0u64, 1, 127, 128, 255, 256, 1000, 123_456, 1 << 40, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            1000,
+            123_456,
+            1 << 40,
+            u64::MAX,
+        ] {
             let idx = bucket_index(v);
             assert!(idx < BUCKET_COUNT, "{v} -> {idx}");
             let (low, width) = bucket_bounds(idx);
@@ -823,7 +847,10 @@ mod tests {
         eprintln!("{report}");
         assert!(report.transactions > 0, "{report}");
         assert_eq!(report.errors, 0, "{report}");
-        assert!(report.p50_us > 0.0 && report.p99_us >= report.p50_us, "{report}");
+        assert!(
+            report.p50_us > 0.0 && report.p99_us >= report.p50_us,
+            "{report}"
+        );
         assert!(server.stats().accepted.load(Ordering::Relaxed) >= report.transactions);
         // The JSON line parses back and carries the fields a driver reads.
         let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();

@@ -1,3 +1,4 @@
 //! Benchmark support code.
 
 pub mod crr;
+pub mod kubeproxy;

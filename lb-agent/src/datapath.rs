@@ -11,11 +11,14 @@ use aya::{
     pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
-        CgroupSockAddr, ProgramError,
+        CgroupSock, CgroupSockAddr, ProgramError,
     },
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
-use lb_common::{map_names, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
+use lb_common::{
+    map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
+    SlotKey,
+};
 
 use crate::plan::{Dump, Op, Plan};
 
@@ -23,18 +26,31 @@ use crate::plan::{Dump, Op, Plan};
 static SOCKET_LB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
 
-/// Programs of the socket object, attached to the cgroup.
-const SOCKET_PROGRAMS: [&str; 2] = ["connect4", "getpeername4"];
+/// `cgroup/sock_addr` programs of the socket object.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
+/// `cgroup/sock` programs of the socket object.
+const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 6] = [
+const MAP_PINS: [&str; 8] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
     map_names::REV_NAT,
     map_names::SOCK_REV_NAT,
     map_names::SERVICE_NAMES,
+    map_names::AFFINITY,
+    map_names::ROUND_ROBIN,
 ];
 
 /// Errors of the kernel shell.
@@ -111,6 +127,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     names: HashMap<MapData, u32, ServiceName>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn typed<K: Pod, V: Pod>(
@@ -144,6 +161,7 @@ impl Maps {
                 map_names::SERVICE_NAMES,
                 pinned(dir, map_names::SERVICE_NAMES)?,
             )?,
+            affinity: typed(map_names::AFFINITY, pinned(dir, map_names::AFFINITY)?)?,
         })
     }
 
@@ -160,6 +178,7 @@ impl Maps {
             backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
             rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
             names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
+            affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
         })
     }
 
@@ -198,6 +217,32 @@ impl Maps {
             }
         }
         errors
+    }
+
+    /// Deletes the session affinity entries `keep` rejects, e.g. ones whose
+    /// backend left the service. Returns how many were deleted.
+    pub fn prune_affinity(
+        &mut self,
+        keep: impl Fn(&AffinityKey, &AffinityValue) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let err = |source| DatapathError::Map {
+            name: map_names::AFFINITY,
+            source,
+        };
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(|entry| match entry {
+                Ok((k, v)) if !keep(&k, &v) => Some(Ok(k)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        for key in &stale {
+            ignore_missing(self.affinity.remove(key)).map_err(err)?;
+        }
+        Ok(stale.len())
     }
 
     fn write(&mut self, op: &Op) -> Result<(), MapError> {
@@ -267,42 +312,62 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        for name in SOCKET_PROGRAMS {
+        // With bpf_link (kernel >= 5.7) the kernel rejects attach flags and
+        // always attaches in multi mode, so "Single" here still coexists with
+        // other programs on the cgroup.
+        let mode = CgroupAttachMode::Single;
+        for name in SOCK_ADDR_PROGRAMS {
+            let program_err = |source| DatapathError::Program { name, source };
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let program_err = |source| DatapathError::Program { name, source };
-            program.load().map_err(program_err)?;
-            // With bpf_link (kernel >= 5.7) the kernel rejects attach flags and
-            // always attaches in multi mode, so "Single" here still coexists
-            // with other programs on the cgroup.
-            let link_id = program
-                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(program_err)?;
-            let link: FdLink = program
-                .take_link(link_id)
-                .map_err(program_err)?
+            program.load().map_err(program_err)?;
+            let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
+            let link = program.take_link(link_id).map_err(program_err)?;
+            self.pin_link(name, link.try_into())?;
+        }
+        for name in SOCK_PROGRAMS {
+            let program_err = |source| DatapathError::Program { name, source };
+            let program: &mut CgroupSock = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
-                .map_err(|source| DatapathError::Link { name, source })?;
-            let final_path = self.pin_dir.join("links").join(name);
-            // bpffs rejects names with dots.
-            let staging = self.pin_dir.join("links").join(format!("{name}_staging"));
-            let _ = fs::remove_file(&staging);
-            let pinned = link.pin(&staging).map_err(|source| DatapathError::Pin {
-                path: staging.clone(),
-                source,
-            })?;
-            fs::rename(&staging, &final_path).map_err(|source| DatapathError::Io {
-                path: final_path.clone(),
-                source,
-            })?;
-            // The pin now holds the link; our fd may go.
-            drop(pinned);
+                .map_err(program_err)?;
+            program.load().map_err(program_err)?;
+            let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
+            let link = program.take_link(link_id).map_err(program_err)?;
+            self.pin_link(name, link.try_into())?;
         }
         self.remove_stale_pins();
+        Ok(())
+    }
+
+    /// Pins a program's new link in place of the previous agent's: the pin is
+    /// staged and renamed over the old one, whose link then detaches.
+    fn pin_link(
+        &self,
+        name: &'static str,
+        link: Result<FdLink, LinkError>,
+    ) -> Result<(), DatapathError> {
+        let link = link.map_err(|source| DatapathError::Link { name, source })?;
+        let final_path = self.pin_dir.join("links").join(name);
+        // bpffs rejects names with dots.
+        let staging = self.pin_dir.join("links").join(format!("{name}_staging"));
+        let _ = fs::remove_file(&staging);
+        let pinned = link.pin(&staging).map_err(|source| DatapathError::Pin {
+            path: staging.clone(),
+            source,
+        })?;
+        fs::rename(&staging, &final_path).map_err(|source| DatapathError::Io {
+            path: final_path.clone(),
+            source,
+        })?;
+        // The pin now holds the link; our descriptor may go.
+        drop(pinned);
         Ok(())
     }
 

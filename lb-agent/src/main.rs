@@ -26,6 +26,10 @@ struct Args {
     /// bpffs directory for pinned maps and links; must be on a bpf mount.
     #[arg(long, env = "LB_BPFFS_DIR", default_value = "/sys/fs/bpf/lb")]
     bpffs_dir: PathBuf,
+    /// This node's name: endpoints with this `nodeName` are local (internal
+    /// traffic policy Local), and its Node object's zone label selects topology hints.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -86,7 +90,10 @@ fn sync(args: &Args, datapath: &mut Datapath, reconciler: &mut Reconciler) {
             return;
         }
     };
-    let compiled = model::compile(&parsed.objects);
+    let node = model::NodeContext {
+        name: args.node_name.clone(),
+    };
+    let compiled = model::compile(&parsed.objects, &node);
     for error in parsed.errors.iter().chain(&compiled.errors) {
         log::error!("skipped: {error}");
     }

@@ -10,8 +10,14 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use lb_common::{
+    Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+};
 
 use crate::addr::{addr_from_ip, port_to_be};
 
@@ -21,6 +27,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are headless for proxies.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Node label naming the node's zone, for topology hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// A Kubernetes object together with where it came from, for error reports.
 #[derive(Clone, Debug)]
@@ -38,6 +48,15 @@ pub struct Objects {
     pub services: Vec<Sourced<Service>>,
     /// EndpointSlice objects.
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    /// Node objects (for this node's zone).
+    pub nodes: Vec<Sourced<Node>>,
+}
+
+/// Which node the agent programs: endpoints on it are "local".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name, as in `Endpoint.nodeName`.
+    pub name: Option<String>,
 }
 
 /// An object, or part of one, that cannot be programmed; the rest still is.
@@ -70,6 +89,10 @@ pub struct Frontend {
     pub name: String,
     /// Backends in a stable order, without duplicates.
     pub backends: Vec<Backend>,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+    /// ClientIP affinity timeout in seconds (with [`SERVICE_FLAG_AFFINITY`]).
+    pub affinity_timeout_s: u32,
 }
 
 /// The frontends that should be in the datapath.
@@ -101,7 +124,15 @@ struct EndpointSpec {
     ready: bool,
     serving: bool,
     terminating: bool,
+    node_name: Option<String>,
+    zone_hints: BTreeSet<String>,
     ports: Vec<EndpointPortSpec>,
+}
+
+/// The Service-level choices that shape endpoint selection.
+struct Policy {
+    internal_local: bool,
+    affinity_timeout_s: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -111,10 +142,16 @@ struct EndpointPortSpec {
     proto: u8,
 }
 
-/// Compiles objects into the desired state. Invalid objects or fields are
-/// reported in [`Compiled::errors`] and skipped; they never affect other objects.
-pub fn compile(objects: &Objects) -> Compiled {
+/// Compiles objects into the desired state for `node`. Invalid objects or
+/// fields are reported in [`Compiled::errors`] and skipped; they never affect
+/// other objects.
+pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
     let mut errors = Vec::new();
+    let zone = node_zone(objects, node);
+    let locality = Locality {
+        node: node.name.as_deref(),
+        zone: zone.as_deref(),
+    };
     let endpoints = collect_endpoints(&objects.endpoint_slices, &mut errors);
     let mut frontends = BTreeMap::new();
     let mut seen_services = BTreeSet::new();
@@ -135,6 +172,7 @@ pub fn compile(objects: &Objects) -> Compiled {
             continue;
         };
         let ports = service_ports(svc, &report, &mut errors);
+        let policy = service_policy(svc, &report, &mut errors);
         let service_endpoints = endpoints.get(&id).map(Vec::as_slice).unwrap_or(&[]);
         for ip in &ips {
             for port in &ports {
@@ -148,14 +186,80 @@ pub fn compile(objects: &Objects) -> Compiled {
                     Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
                     None => format!("{}/{}", id.0, id.1),
                 };
-                let backends = select_backends(service_endpoints, ip, port);
-                frontends.insert(key, Frontend { name, backends });
+                let backends = select_backends(service_endpoints, ip, port, &policy, &locality);
+                let mut flags = 0;
+                if policy.affinity_timeout_s.is_some() {
+                    flags |= SERVICE_FLAG_AFFINITY;
+                }
+                if policy.internal_local && backends.is_empty() {
+                    flags |= SERVICE_FLAG_NO_LOCAL_BACKENDS;
+                }
+                frontends.insert(
+                    key,
+                    Frontend {
+                        name,
+                        backends,
+                        flags,
+                        affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
+                    },
+                );
             }
         }
     }
     Compiled {
         desired: DesiredState { frontends },
         errors,
+    }
+}
+
+/// This node's zone, from its Node object's label.
+fn node_zone(objects: &Objects, node: &NodeContext) -> Option<String> {
+    let name = node.name.as_deref()?;
+    objects
+        .nodes
+        .iter()
+        .find(|n| n.object.metadata.name.as_deref() == Some(name))?
+        .object
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
+/// Where this agent runs, for Local traffic policies and topology hints.
+struct Locality<'a> {
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
+}
+
+fn service_policy(svc: &Service, report: &Reporter<'_>, errors: &mut Vec<ObjectError>) -> Policy {
+    let spec = svc.spec.as_ref();
+    let internal_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let affinity_timeout_s = match spec.and_then(|s| s.session_affinity.as_deref()) {
+        Some("ClientIP") => {
+            let configured = spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match configured {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=86_400).contains(&t) => Some(t as u32),
+                Some(t) => {
+                    errors.push(report.error(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is outside 1-86400; using the default {DEFAULT_AFFINITY_TIMEOUT_S}"),
+                    ));
+                    Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                }
+            }
+        }
+        _ => None,
+    };
+    Policy {
+        internal_local,
+        affinity_timeout_s,
     }
 }
 
@@ -328,11 +432,19 @@ fn collect_endpoints(
                     continue;
                 }
             };
+            let zone_hints = endpoint
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default();
             entry.push(EndpointSpec {
                 ip,
                 ready,
                 serving,
                 terminating,
+                node_name: endpoint.node_name.clone(),
+                zone_hints,
                 ports: ports.clone(),
             });
         }
@@ -373,38 +485,68 @@ fn slice_ports(
     Some(out)
 }
 
-/// kube-proxy's choice: ready endpoints; when none is ready, the ones that are
-/// still serving while terminating, so connections drain instead of failing.
+/// kube-proxy's choice (pkg/proxy/topology.go): ready endpoints, narrowed to
+/// this node's under a Local internal traffic policy, or to this zone's when
+/// topology hints apply; when none is ready, the ones still serving while
+/// terminating, so connections drain instead of failing.
 fn select_backends(
     endpoints: &[EndpointSpec],
     frontend_ip: &IpAddr,
     port: &PortSpec,
+    policy: &Policy,
+    locality: &Locality<'_>,
 ) -> Vec<Backend> {
-    let candidates = || {
-        endpoints.iter().filter_map(move |ep| {
-            if ep.ip.is_ipv4() != frontend_ip.is_ipv4() {
-                return None;
-            }
+    let candidates: Vec<(&EndpointSpec, u16)> = endpoints
+        .iter()
+        .filter(|ep| ep.ip.is_ipv4() == frontend_ip.is_ipv4())
+        .filter(|ep| !policy.internal_local || is_local(ep, locality))
+        .filter_map(|ep| {
             let target = ep
                 .ports
                 .iter()
                 .find(|p| p.name == port.name && p.proto == port.proto)?;
             Some((ep, target.port))
         })
-    };
-    let ready: BTreeSet<Backend> = candidates()
-        .filter(|(ep, _)| ep.ready)
-        .map(|(ep, target)| backend(ep.ip, target, port.proto))
         .collect();
-    let chosen = if ready.is_empty() {
-        candidates()
-            .filter(|(ep, _)| ep.serving && ep.terminating)
-            .map(|(ep, target)| backend(ep.ip, target, port.proto))
+    let use_topology = !policy.internal_local && can_use_topology(&candidates, locality);
+    let pick = |keep: &dyn Fn(&EndpointSpec) -> bool| -> BTreeSet<Backend> {
+        candidates
+            .iter()
+            .filter(|(ep, _)| keep(ep))
+            .map(|(ep, target)| backend(ep.ip, *target, port.proto))
             .collect()
-    } else {
-        ready
     };
+    let mut chosen = pick(&|ep| {
+        ep.ready && (!use_topology || locality.zone.is_some_and(|z| ep.zone_hints.contains(z)))
+    });
+    if chosen.is_empty() {
+        chosen = pick(&|ep| ep.serving && ep.terminating);
+    }
     chosen.into_iter().collect()
+}
+
+fn is_local(ep: &EndpointSpec, locality: &Locality<'_>) -> bool {
+    locality.node.is_some() && ep.node_name.as_deref() == locality.node
+}
+
+/// Hints are used only when every ready endpoint has zone hints and at least
+/// one is hinted for this node's zone; otherwise all endpoints are used.
+fn can_use_topology(candidates: &[(&EndpointSpec, u16)], locality: &Locality<'_>) -> bool {
+    let Some(zone) = locality.zone else {
+        return false;
+    };
+    let mut ready = candidates.iter().filter(|(ep, _)| ep.ready).peekable();
+    if ready.peek().is_none() {
+        return false;
+    }
+    let mut matches_zone = false;
+    for (ep, _) in ready {
+        if ep.zone_hints.is_empty() {
+            return false;
+        }
+        matches_zone |= ep.zone_hints.contains(zone);
+    }
+    matches_zone
 }
 
 fn backend(ip: IpAddr, port: u16, proto: u8) -> Backend {
@@ -465,9 +607,18 @@ mod tests {
     use crate::yaml::parse_documents;
 
     fn compile_yaml(text: &str) -> Compiled {
+        compile_on(text, None)
+    }
+
+    fn compile_on(text: &str, node: Option<&str>) -> Compiled {
         let parsed = parse_documents("test.yaml", text);
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-        compile(&parsed.objects)
+        compile(
+            &parsed.objects,
+            &NodeContext {
+                name: node.map(str::to_owned),
+            },
+        )
     }
 
     const WEB: &str = r#"
@@ -675,5 +826,96 @@ endpoints: [{addresses: ['fd00::1']}]
         assert_eq!(compiled.errors[0].object, "EndpointSlice default/web-abc");
         let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
         assert!(http.backends.is_empty());
+    }
+
+    const ZONED: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {topology.kubernetes.io/zone: zone-a}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.0.0.1]
+  nodeName: node1
+  hints: {forZones: [{name: zone-a}]}
+- addresses: [10.0.0.2]
+  nodeName: node2
+  hints: {forZones: [{name: zone-b}]}
+- addresses: [10.0.0.3]
+  nodeName: node3
+  hints: {forZones: [{name: zone-a}]}
+"#;
+
+    fn http_ips(compiled: &Compiled) -> Vec<IpAddr> {
+        ips(&compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)])
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect()
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn topology_hints_apply_when_every_ready_endpoint_has_one_for_some_zone() {
+        assert_eq!(
+            http_ips(&compile_on(ZONED, Some("node1"))),
+            vec![ip("10.0.0.1"), ip("10.0.0.3")]
+        );
+        // Without knowing its zone the node uses every endpoint.
+        assert_eq!(http_ips(&compile_on(ZONED, None)).len(), 3);
+        // One ready endpoint without hints disables hints for the service.
+        let partial = ZONED.replace("  hints: {forZones: [{name: zone-b}]}\n", "");
+        assert_eq!(http_ips(&compile_on(&partial, Some("node1"))).len(), 3);
+        // No endpoint hinted for this zone: every endpoint.
+        let elsewhere = ZONED.replace("zone-a}]}", "zone-c}]}");
+        assert_eq!(http_ips(&compile_on(&elsewhere, Some("node1"))).len(), 3);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+        let local = ZONED.replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n",
+        );
+        let on_node2 = compile_on(&local, Some("node2"));
+        assert_eq!(http_ips(&on_node2), vec![ip("10.0.0.2")]);
+        let on_node9 = compile_on(&local, Some("node9"));
+        let fe = &on_node9.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+        assert!(fe.backends.is_empty());
+        assert_eq!(fe.flags, SERVICE_FLAG_NO_LOCAL_BACKENDS);
+    }
+
+    #[test]
+    fn client_ip_affinity_defaults_to_three_hours() {
+        let sticky = WEB.replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n",
+        );
+        let fe = compile_yaml(&sticky).desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)].clone();
+        assert_eq!(
+            (fe.flags, fe.affinity_timeout_s),
+            (SERVICE_FLAG_AFFINITY, 10_800)
+        );
+        let custom = sticky.replace(
+            "  sessionAffinity: ClientIP\n",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n",
+        );
+        let fe = compile_yaml(&custom).desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)].clone();
+        assert_eq!(fe.affinity_timeout_s, 5);
+        let none = compile_yaml(WEB).desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)].clone();
+        assert_eq!(none.flags, 0);
     }
 }

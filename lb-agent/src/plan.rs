@@ -119,8 +119,24 @@ pub struct AppliedFrontend {
     pub backends: Vec<Backend>,
     /// Display name.
     pub name: String,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+    /// Session affinity timeout in seconds.
+    pub affinity_timeout_s: u32,
     /// False when slots or backends were missing in a dump: rewrite it.
     pub complete: bool,
+}
+
+impl AppliedFrontend {
+    fn value(&self) -> ServiceValue {
+        ServiceValue {
+            service_id: self.service_id,
+            slot_generation: self.generation,
+            backend_count: self.backends.len() as u32,
+            flags: self.flags,
+            affinity_timeout_s: self.affinity_timeout_s,
+        }
+    }
 }
 
 /// The state of the maps as the agent last wrote (or read) them.
@@ -195,6 +211,8 @@ impl Applied {
                     generation: value.slot_generation,
                     backends,
                     name: names.get(&value.service_id).cloned().unwrap_or_default(),
+                    flags: value.flags,
+                    affinity_timeout_s: value.affinity_timeout_s,
                     complete,
                 },
             );
@@ -295,12 +313,24 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
         let current = next.frontends.get(key).cloned();
         if let Some(cur) = &current {
             if cur.complete && cur.backends == frontend.backends {
+                let mut ops = Vec::new();
+                let entry = next.frontends.get_mut(key).expect("present");
                 if cur.name != frontend.name {
+                    ops.push(Op::PutName(cur.service_id, name_from_str(&frontend.name)));
+                    entry.name = frontend.name.clone();
+                }
+                if (cur.flags, cur.affinity_timeout_s)
+                    != (frontend.flags, frontend.affinity_timeout_s)
+                {
+                    entry.flags = frontend.flags;
+                    entry.affinity_timeout_s = frontend.affinity_timeout_s;
+                    ops.push(Op::PutService(*key, entry.value()));
+                }
+                if !ops.is_empty() {
                     groups.push(Group {
                         frontend: Some(*key),
-                        ops: vec![Op::PutName(cur.service_id, name_from_str(&frontend.name))],
+                        ops,
                     });
-                    next.frontends.get_mut(key).expect("present").name = frontend.name.clone();
                 }
                 continue;
             }
@@ -375,30 +405,22 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
         if current.as_ref().is_none_or(|c| c.name != frontend.name) {
             ops.push(Op::PutName(service_id, name_from_str(&frontend.name)));
         }
-        ops.push(Op::PutService(
-            *key,
-            ServiceValue {
-                service_id,
-                slot_generation: generation,
-                backend_count: frontend.backends.len() as u32,
-                flags: 0,
-            },
-        ));
+        let applied = AppliedFrontend {
+            service_id,
+            generation,
+            backends: frontend.backends.clone(),
+            name: frontend.name.clone(),
+            flags: frontend.flags,
+            affinity_timeout_s: frontend.affinity_timeout_s,
+            complete: true,
+        };
+        ops.push(Op::PutService(*key, applied.value()));
         next.slot_count += frontend.backends.len();
         if let Some(cur) = &current {
             ops.extend(slot_keys(cur.generation, cur.backends.len()).map(Op::DeleteSlot));
             next.slot_count -= cur.backends.len();
         }
-        next.frontends.insert(
-            *key,
-            AppliedFrontend {
-                service_id,
-                generation,
-                backends: frontend.backends.clone(),
-                name: frontend.name.clone(),
-                complete: true,
-            },
-        );
+        next.frontends.insert(*key, applied);
         groups.push(Group {
             frontend: Some(*key),
             ops,
@@ -496,6 +518,8 @@ mod tests {
                         Frontend {
                             name: format!("default/svc{k}"),
                             backends: bs.iter().map(|b| backend(*b)).collect(),
+                            flags: 0,
+                            affinity_timeout_s: 0,
                         },
                     )
                 })
@@ -638,6 +662,23 @@ mod tests {
         assert_eq!(p.errors[0].map, "backend");
         assert_eq!(p.next.frontends[&key(1)].backends, vec![backend(1)]);
         assert!(p.next.frontends.contains_key(&key(2)));
+    }
+
+    #[test]
+    fn turning_affinity_on_rewrites_only_the_frontend_entry() {
+        let mut maps = FakeMaps::default();
+        let d = desired(&[(1, &[1, 2])]);
+        let a = step(&mut maps, &Applied::default(), &d);
+        let mut with_affinity = d.clone();
+        let fe = with_affinity.frontends.get_mut(&key(1)).unwrap();
+        fe.flags = lb_common::SERVICE_FLAG_AFFINITY;
+        fe.affinity_timeout_s = 30;
+        let p = plan(&a, &with_affinity, &Capacity::default());
+        assert_eq!(p.op_count(), 1);
+        assert!(
+            matches!(p.groups[0].ops[0], Op::PutService(_, v) if v.affinity_timeout_s == 30 && v.slot_generation == a.frontends[&key(1)].generation)
+        );
+        step(&mut maps, &a, &with_affinity);
     }
 
     #[test]

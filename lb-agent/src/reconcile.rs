@@ -1,9 +1,13 @@
 //! Applies desired states to the maps, keeping the applied state in step.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::SERVICE_FLAG_AFFINITY;
+
 use crate::{
     datapath::{DatapathError, Maps},
     model::DesiredState,
-    plan::{plan, Applied, Capacity},
+    plan::{plan, Applied, Capacity, Plan},
 };
 
 /// What one reconciliation did.
@@ -38,6 +42,7 @@ impl Reconciler {
         let plan = plan(&self.applied, desired, &self.capacity);
         let mut errors: Vec<String> = plan.errors.iter().map(ToString::to_string).collect();
         let writes = plan.op_count();
+        let affinity_touched = touches_affinity(&self.applied, &plan);
         let write_errors = maps.execute(&plan);
         if write_errors.is_empty() {
             self.applied = plan.next;
@@ -48,10 +53,52 @@ impl Reconciler {
                 Err(err) => errors.push(format!("re-reading maps after a failed write: {err}")),
             }
         }
+        if affinity_touched {
+            let valid = affine_backends(&self.applied);
+            let pruned = maps.prune_affinity(|key, value| {
+                valid
+                    .get(&key.service_id)
+                    .is_some_and(|ids| ids.contains(&value.backend_id))
+            });
+            if let Err(err) = pruned {
+                errors.push(format!("pruning session affinity: {err}"));
+            }
+        }
         Outcome {
             writes,
             frontends: self.applied.frontends.len(),
             errors,
         }
     }
+}
+
+/// Whether the plan changes a frontend that has or had session affinity.
+fn touches_affinity(applied: &Applied, plan: &Plan) -> bool {
+    let affine = |state: &Applied, key| {
+        state
+            .frontends
+            .get(key)
+            .is_some_and(|f| f.flags & SERVICE_FLAG_AFFINITY != 0)
+    };
+    plan.groups
+        .iter()
+        .filter_map(|g| g.frontend.as_ref())
+        .any(|key| affine(applied, key) || affine(&plan.next, key))
+}
+
+/// For each frontend with affinity, the backend ids a client may stay on.
+fn affine_backends(applied: &Applied) -> BTreeMap<u32, BTreeSet<u32>> {
+    applied
+        .frontends
+        .values()
+        .filter(|f| f.flags & SERVICE_FLAG_AFFINITY != 0)
+        .map(|f| {
+            let ids = f
+                .backends
+                .iter()
+                .filter_map(|b| applied.backends.get(b).copied())
+                .collect();
+            (f.service_id, ids)
+        })
+        .collect()
 }

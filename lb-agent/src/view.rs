@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_NO_LOCAL_BACKENDS};
 
 use crate::{
     addr::{ip_from_addr, port_from_be},
@@ -39,10 +39,17 @@ pub fn service_table(dump: &Dump) -> String {
             ),
         ];
         let mut backends = frontend.backends.iter().map(|b| endpoint(&b.addr, b.port));
-        let first_backend = backends
-            .next()
-            .unwrap_or_else(|| "(none: connections are refused)".into());
-        let [id, name, fe] = first;
+        let first_backend = backends.next().unwrap_or_else(|| {
+            if frontend.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
+                "(none on this node: traffic policy Local)".into()
+            } else {
+                "(none: connections are refused)".into()
+            }
+        });
+        let [id, mut name, fe] = first;
+        if frontend.flags & SERVICE_FLAG_AFFINITY != 0 {
+            name = format!("{name} (affinity {}s)", frontend.affinity_timeout_s);
+        }
         rows.push([id, name, fe, first_backend]);
         for backend in backends {
             rows.push([String::new(), String::new(), String::new(), backend]);
@@ -119,6 +126,8 @@ mod tests {
                 Frontend {
                     name: "default/web:http".into(),
                     backends,
+                    flags: 0,
+                    affinity_timeout_s: 0,
                 },
             )]
             .into(),

@@ -7,7 +7,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 use crate::model::{ObjectError, Objects, Sourced};
@@ -27,6 +30,7 @@ impl Parsed {
         self.objects
             .endpoint_slices
             .extend(other.objects.endpoint_slices);
+        self.objects.nodes.extend(other.objects.nodes);
         self.errors.extend(other.errors);
     }
 }
@@ -70,6 +74,14 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
                 typed::<EndpointSlice>(origin, index, "EndpointSlice", value, parsed)
             {
                 parsed.objects.endpoint_slices.push(Sourced {
+                    origin: origin.to_string(),
+                    object,
+                });
+            }
+        }
+        Some("Node") => {
+            if let Some(object) = typed::<Node>(origin, index, "Node", value, parsed) {
+                parsed.objects.nodes.push(Sourced {
                     origin: origin.to_string(),
                     object,
                 });

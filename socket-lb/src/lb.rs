@@ -1,16 +1,22 @@
 //! Service lookup and backend selection, shared by every hook and both families.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{Backend, ServiceKey, SlotKey};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, SlotKey, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+};
 
-use crate::maps::{BACKENDS, BACKEND_SLOTS, SERVICES};
+use crate::maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, ROUND_ROBIN, SERVICES};
 
 /// What a destination address turned out to be.
 pub enum Lookup {
     /// Not a frontend: leave the socket alone.
     NotAService,
-    /// A frontend without usable backends: the caller must refuse the connection.
+    /// A frontend without any endpoint: refuse, as kube-proxy's REJECT does.
     NoBackends,
+    /// A frontend whose endpoints are all on other nodes while its traffic
+    /// policy is Local: kube-proxy drops such traffic.
+    NoLocalBackends,
     /// A frontend and the backend picked for this connection.
     Backend {
         /// Service id of the frontend, for reverse translation.
@@ -20,40 +26,105 @@ pub enum Lookup {
     },
 }
 
-/// Looks up `key` and picks one of its backends uniformly at random.
+/// Looks up `key` and picks a backend for a connection of `client` (its
+/// network namespace cookie): the affine backend when session affinity holds,
+/// otherwise the next one in per-CPU round-robin order.
 #[inline(always)]
-pub fn select(key: &ServiceKey) -> Lookup {
+pub fn select(key: &ServiceKey, client: u64) -> Lookup {
     // The agent flips a frontend to a new slot generation before deleting the
-    // old one; a reader caught between its two lookups retries once and then
-    // sees the new generation.
-    match select_once(key) {
+    // old one; a reader caught between its lookups retries once and then sees
+    // the new generation.
+    match select_once(key, client) {
         Some(lookup) => lookup,
-        None => select_once(key).unwrap_or(Lookup::NoBackends),
+        None => select_once(key, client).unwrap_or(Lookup::NoBackends),
     }
 }
 
 /// One attempt; `None` when a slot or backend vanished under a concurrent update.
 #[inline(always)]
-fn select_once(key: &ServiceKey) -> Option<Lookup> {
+fn select_once(key: &ServiceKey, client: u64) -> Option<Lookup> {
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Some(Lookup::NotAService);
     };
     if service.backend_count == 0 {
+        if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
+            return Some(Lookup::NoLocalBackends);
+        }
         return Some(Lookup::NoBackends);
     }
-    // SAFETY: a BPF helper without arguments or side effects on memory.
-    let random = unsafe { bpf_get_prandom_u32() };
+    let affinity = AffinityKey {
+        client,
+        service_id: service.service_id,
+        pad: 0,
+    };
+    // SAFETY: a BPF helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if service.flags & SERVICE_FLAG_AFFINITY != 0 {
+        if let Some(backend) = affine_backend(&affinity, &service, now) {
+            return Some(backend);
+        }
+    }
     let slot = SlotKey {
         generation: service.slot_generation,
-        slot: random % service.backend_count,
+        slot: next_position(service.service_id) % service.backend_count,
     };
-    // SAFETY: as above, values are copied out immediately.
+    // SAFETY: values are copied out immediately.
     let backend_id = (unsafe { BACKEND_SLOTS.get(&slot) }).copied()?;
     // SAFETY: as above.
     let backend = (unsafe { BACKENDS.get(&backend_id) }).copied()?;
+    if service.flags & SERVICE_FLAG_AFFINITY != 0 {
+        let value = AffinityValue {
+            backend_id,
+            pad: 0,
+            last_used_ns: now,
+        };
+        // A full LRU evicts its oldest entry: that client just loses affinity.
+        let _ = AFFINITY.insert(&affinity, &value, 0);
+    }
     Some(Lookup::Backend {
         service_id: service.service_id,
         backend,
     })
+}
+
+/// The backend this client used within the affinity timeout, refreshed.
+/// The agent deletes entries whose backend left the service.
+#[inline(always)]
+fn affine_backend(key: &AffinityKey, service: &ServiceValue, now: u64) -> Option<Lookup> {
+    let entry = AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful lookup; entries are plain data
+    // and a concurrent update of the same client only races on a timestamp.
+    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
+    if now.wrapping_sub(last_used) > timeout_ns {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = (unsafe { BACKENDS.get(&backend_id) }).copied()?;
+    // SAFETY: as above; kube-proxy's `recent` match also refreshes on every use.
+    unsafe { (*entry).last_used_ns = now };
+    Some(Lookup::Backend {
+        service_id: service.service_id,
+        backend,
+    })
+}
+
+/// This CPU's next round-robin position for a service, starting at a random
+/// point so CPUs and agents restarts do not all begin on the same backend.
+#[inline(always)]
+fn next_position(service_id: u32) -> u32 {
+    if let Some(position) = ROUND_ROBIN.get_ptr_mut(&service_id) {
+        // SAFETY: per-CPU value of a successful lookup; BPF programs do not
+        // migrate between CPUs while they run.
+        unsafe {
+            let current = *position;
+            *position = current.wrapping_add(1);
+            return current;
+        }
+    }
+    // SAFETY: a BPF helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let _ = ROUND_ROBIN.insert(&service_id, &start.wrapping_add(1), 0);
+    start
 }

@@ -1,13 +1,14 @@
 //! The maps the socket programs read, pinned by name so the agent, `lbctl` and a
-//! restarted agent all see the same kernel objects.
+//! restarted agent all see the same kernel objects. Names must match
+//! `lb_common::map_names` (the agent fails loudly if one is missing).
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
 };
 use lb_common::{
-    Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey, SockRevNatKey, MAX_BACKENDS,
-    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SOCK_REV_NAT,
+    AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
+    SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SOCK_REV_NAT,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -28,3 +29,9 @@ pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat> =
 
 #[map(name = "LB_SVCNAME_V1")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "LB_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "LB_RR_V1")]
+pub static ROUND_ROBIN: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::pinned(MAX_SERVICES, 0);

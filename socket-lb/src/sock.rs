@@ -1,13 +1,19 @@
-//! The hooks: translation on `connect`, reverse translation on `getpeername`.
+//! The hooks: translation on `connect` and `sendmsg`, reverse translation on
+//! `getpeername` and `recvmsg`, and cleanup on socket release. Each comes in an
+//! IPv4 and an IPv6 flavour sharing one implementation; IPv4 addresses are
+//! IPv4-mapped in the maps, so an IPv6 socket connecting to `::ffff:VIP`
+//! finds the IPv4 service.
+
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
-use lb_common::{v4_mapped, RevNat, ServiceKey, SockRevNatKey, SCOPE_EXTERNAL};
+use lb_common::{is_v4_mapped, v4_mapped, Addr, RevNat, ServiceKey, SockRevNatKey, SCOPE_EXTERNAL};
 
 use crate::{
     lb::{select, Lookup},
@@ -19,81 +25,209 @@ const ALLOW: i32 = 1;
 /// Fail the system call with the error set by `bpf_set_retval` (EPERM by default).
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+const AF_INET: u32 = 2;
 
-fn sock_addr(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
-    ctx.sock_addr
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
 }
 
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the context pointer is the one the kernel passed to this program.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+/// The user-supplied address of the system call, as (address, port).
+#[inline(always)]
+fn user_addr(sa: *const bpf_sock_addr, family: Family) -> (Addr, u16) {
+    // SAFETY: `sa` is the kernel's context; user_ip4/user_ip6/user_port are
+    // readable by every sock_addr hook, with 4-byte loads as done here.
+    unsafe {
+        let addr = match family {
+            Family::V4 => v4_mapped((*sa).user_ip4),
+            Family::V6 => [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+        };
+        (addr, (*sa).user_port as u16)
+    }
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn connect4(ctx: SockAddrContext) -> i32 {
-    let sa = sock_addr(&ctx);
-    // SAFETY: `sa` is the kernel's context; these fields are readable in connect4.
-    let (ip4, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+/// Replaces the user-supplied address. Returns false when an IPv4 hook would
+/// have to carry an IPv6 address.
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: &Addr, port: u16) -> bool {
+    // SAFETY: the address fields are writable in connect, sendmsg, getpeername
+    // and recvmsg hooks, with 4-byte stores as done here.
+    unsafe {
+        match family {
+            Family::V4 => {
+                if !is_v4_mapped(addr) {
+                    return false;
+                }
+                (*sa).user_ip4 = addr[3];
+            }
+            Family::V6 => {
+                (*sa).user_ip6[0] = addr[0];
+                (*sa).user_ip6[1] = addr[1];
+                (*sa).user_ip6[2] = addr[2];
+                (*sa).user_ip6[3] = addr[3];
+            }
+        }
+        (*sa).user_port = port as u32;
+    }
+    true
+}
+
+#[inline(always)]
+fn fail_with(errno: i32) -> i32 {
+    // SAFETY: helper available to cgroup programs; sets the syscall's error.
+    unsafe { bpf_set_retval(-errno) };
+    REJECT
+}
+
+/// connect/sendmsg: steer a frontend address to a backend.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = ctx.sock_addr;
+    let (addr, port) = user_addr(sa, family);
+    // SAFETY: `protocol` is readable in every sock_addr hook.
+    let proto = unsafe { (*sa).protocol } as u8;
     let key = ServiceKey {
-        addr: v4_mapped(ip4),
-        port: port as u16,
-        proto: proto as u8,
+        addr,
+        port,
+        proto,
         scope: SCOPE_EXTERNAL,
     };
-    match select(&key) {
+    // SAFETY: the context is the one the kernel passed to this program.
+    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    match select(&key, client) {
         Lookup::NotAService => ALLOW,
-        Lookup::NoBackends => {
-            // SAFETY: helper available to cgroup programs; sets the syscall's error.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            REJECT
-        }
+        Lookup::NoBackends => fail_with(ECONNREFUSED),
+        Lookup::NoLocalBackends => fail_with(EHOSTUNREACH),
         Lookup::Backend {
             service_id,
             backend,
         } => {
             let rev_key = SockRevNatKey {
-                cookie: socket_cookie(&ctx),
+                // SAFETY: as above.
+                cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
                 addr: backend.addr,
                 port: backend.port,
                 pad: [0; 6],
             };
             let rev = RevNat {
-                addr: key.addr,
-                port: key.port,
+                addr,
+                port,
                 pad: 0,
                 service_id,
             };
-            // A full LRU evicts the oldest entry; only getpeername of that old
-            // socket would then show the backend, so the connect goes ahead.
+            // A full LRU evicts its oldest entry; only that old socket would
+            // then see the backend address in getpeername/recvmsg.
             let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
-            // SAFETY: user_ip4/user_port are writable in connect4.
-            unsafe {
-                (*sa).user_ip4 = backend.addr[3];
-                (*sa).user_port = backend.port as u32;
+            if set_user_addr(sa, family, &backend.addr, backend.port) {
+                ALLOW
+            } else {
+                fail_with(ECONNREFUSED)
             }
-            ALLOW
         }
     }
 }
 
-#[cgroup_sock_addr(getpeername4)]
-pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    let sa = sock_addr(&ctx);
-    // SAFETY: readable in getpeername4.
-    let (ip4, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+/// getpeername/recvmsg: show the frontend instead of the backend.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = ctx.sock_addr;
+    let (addr, port) = user_addr(sa, family);
     let key = SockRevNatKey {
-        cookie: socket_cookie(&ctx),
-        addr: v4_mapped(ip4),
-        port: port as u16,
+        // SAFETY: the context is the one the kernel passed to this program.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr,
+        port,
         pad: [0; 6],
     };
-    // SAFETY: the value is copied before use.
+    // SAFETY: copied out at once.
     if let Some(rev) = unsafe { SOCK_REV_NAT.get(&key) }.copied() {
-        // SAFETY: user_ip4/user_port are writable in getpeername4.
-        unsafe {
-            (*sa).user_ip4 = rev.addr[3];
-            (*sa).user_port = rev.port as u32;
-        }
+        set_user_addr(sa, family, &rev.addr, rev.port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V6)
+}
+
+/// Frees the reverse translation of a connected socket when it closes.
+/// Unconnected UDP sockets have no single peer; their entries age out of the LRU.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let sk: *const bpf_sock = ctx.sock;
+    // SAFETY: `sk` is the kernel's context and these fields are readable in
+    // sock_release. Every field is loaded unconditionally with a volatile
+    // read: loads under a branch get merged into one load through a computed
+    // context pointer, which the verifier rejects.
+    let (port, addr) = unsafe {
+        let port = read_volatile(&(*sk).dst_port);
+        let family = read_volatile(&(*sk).family);
+        let ip4 = read_volatile(&(*sk).dst_ip4);
+        let ip6 = [
+            read_volatile(&(*sk).dst_ip6[0]),
+            read_volatile(&(*sk).dst_ip6[1]),
+            read_volatile(&(*sk).dst_ip6[2]),
+            read_volatile(&(*sk).dst_ip6[3]),
+        ];
+        let addr = if family == AF_INET {
+            v4_mapped(ip4)
+        } else {
+            ip6
+        };
+        (port, addr)
+    };
+    if port != 0 {
+        let key = SockRevNatKey {
+            // SAFETY: the context is the one the kernel passed to this program.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            addr,
+            port,
+            pad: [0; 6],
+        };
+        let _ = SOCK_REV_NAT.remove(&key);
     }
     ALLOW
 }

@@ -25,7 +25,11 @@ use clap::{Parser, Subcommand};
 use lb_bench::crr::{self, ClientConfig, Mode, Server, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "crr", about = "TCP connect/request/response load tool", version)]
+#[command(
+    name = "crr",
+    about = "TCP connect/request/response load tool",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -28,6 +28,10 @@ pub mod map_names {
     pub const SOCK_REV_NAT: &str = "LB_SKNAT_V1";
     /// Human-readable service names for `lbctl`: `u32` -> [`ServiceName`](crate::ServiceName).
     pub const SERVICE_NAMES: &str = "LB_SVCNAME_V1";
+    /// Session affinity: [`AffinityKey`](crate::AffinityKey) -> [`AffinityValue`](crate::AffinityValue).
+    pub const AFFINITY: &str = "LB_AFF_V1";
+    /// Per-CPU round-robin position per service id.
+    pub const ROUND_ROBIN: &str = "LB_RR_V1";
 }
 
 /// Capacity of the frontend map.
@@ -39,6 +43,8 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 /// Capacity of the per-socket reverse translation LRU.
 pub const MAX_SOCK_REV_NAT: u32 = 262_144;
+/// Capacity of the session affinity LRU.
+pub const MAX_AFFINITY: u32 = 131_072;
 /// Longest service name kept for display, in bytes.
 pub const SERVICE_NAME_LEN: usize = 128;
 
@@ -49,6 +55,12 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Frontend scope: reachable by every client.
 pub const SCOPE_EXTERNAL: u8 = 0;
+
+/// [`ServiceValue::flags`]: ClientIP session affinity.
+pub const SERVICE_FLAG_AFFINITY: u32 = 1 << 0;
+/// [`ServiceValue::flags`]: no usable backend on this node under a Local
+/// traffic policy; kube-proxy drops such traffic instead of rejecting it.
+pub const SERVICE_FLAG_NO_LOCAL_BACKENDS: u32 = 1 << 1;
 
 /// An IPv6 address, or an IPv4-mapped one, as four words whose memory layout is
 /// the address in network byte order (as the kernel's `user_ip6` is laid out).
@@ -92,8 +104,10 @@ pub struct ServiceValue {
     pub slot_generation: u32,
     /// Number of slots `0..backend_count` in that generation; 0 means "reject".
     pub backend_count: u32,
-    /// Option bits; none defined yet, kept so options do not change the layout.
+    /// `SERVICE_FLAG_*` bits.
     pub flags: u32,
+    /// Session affinity timeout in seconds, with [`SERVICE_FLAG_AFFINITY`].
+    pub affinity_timeout_s: u32,
 }
 
 /// Key of a backend slot.
@@ -148,6 +162,31 @@ pub struct SockRevNatKey {
     pub pad: [u8; 6],
 }
 
+/// Key of a session affinity entry: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client: its network namespace cookie. Each pod has its own network
+    /// namespace, hence its own address, so this is kube-proxy's "ClientIP".
+    pub client: u64,
+    /// Service id of the frontend.
+    pub service_id: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// Which backend a client was last sent to, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// The backend.
+    pub backend_id: u32,
+    /// Explicit padding.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of the last connection.
+    pub last_used_ns: u64,
+}
+
 /// A NUL-padded UTF-8 name (`namespace/name:port`) for display.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +214,10 @@ mod user {
     unsafe impl aya::Pod for SockRevNatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceName {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -185,7 +228,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<RevNat>(), 24);
