@@ -64,6 +64,11 @@ impl Agent {
     /// Starts lb-agent for `node`, watching a fresh manifest directory, and
     /// waits until its programs are attached.
     pub fn start(lab: &Lab, bins: &Binaries, node: &Node) -> Result<Self> {
+        Self::start_with(lab, bins, node, &[])
+    }
+
+    /// [`Agent::start`] with extra command-line arguments.
+    pub fn start_with(lab: &Lab, bins: &Binaries, node: &Node, extra: &[&str]) -> Result<Self> {
         let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
         fs::create_dir_all(&manifests)?;
         let log = lab.work_dir().join(format!("{}-agent.log", node.name));
@@ -74,6 +79,7 @@ impl Agent {
             .arg(&node.cgroup)
             .arg("--bpffs-dir")
             .arg(&node.bpffs)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)

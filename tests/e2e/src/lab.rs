@@ -52,6 +52,42 @@ pub struct Node {
     index: u8,
 }
 
+/// Somewhere a process can run: a network namespace plus a cgroup.
+pub trait Place {
+    /// Display name.
+    fn name(&self) -> &str;
+    /// Network namespace name.
+    fn netns(&self) -> &str;
+    /// cgroup v2 directory for the process.
+    fn cgroup(&self) -> PathBuf;
+}
+
+impl Place for Pod {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn netns(&self) -> &str {
+        &self.netns
+    }
+    fn cgroup(&self) -> PathBuf {
+        self.cgroup.clone()
+    }
+}
+
+/// A node's own processes (host network namespace) run in its `host` cgroup,
+/// below the node cgroup, so the node's programs apply to them too.
+impl Place for Node {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn netns(&self) -> &str {
+        &self.netns
+    }
+    fn cgroup(&self) -> PathBuf {
+        self.cgroup.join("host")
+    }
+}
+
 /// A pod of the lab.
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -307,7 +343,7 @@ impl Lab {
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
         sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
         let cgroup = self.cgroup_dir.join(name);
-        fs::create_dir_all(&cgroup)?;
+        fs::create_dir_all(cgroup.join("host"))?;
         let bpffs = self.bpffs_dir.join(name);
         let node = Node {
             name: name.into(),
@@ -367,14 +403,18 @@ impl Lab {
         Ok(pod)
     }
 
-    /// A command that runs inside the pod's network namespace and cgroup.
-    pub fn pod_command(&self, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let netns = fs::File::open(format!("/var/run/netns/{}", pod.netns))
-            .with_context(|| format!("netns of {}", pod.name))?;
+    /// A command that runs inside a place's network namespace and cgroup.
+    pub fn command_in(
+        &self,
+        place: &dyn Place,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
+        let netns = fs::File::open(format!("/var/run/netns/{}", place.netns()))
+            .with_context(|| format!("netns of {}", place.name()))?;
         let procs = fs::OpenOptions::new()
             .write(true)
-            .open(pod.cgroup.join("cgroup.procs"))
-            .with_context(|| format!("cgroup of {}", pod.name))?;
+            .open(place.cgroup().join("cgroup.procs"))
+            .with_context(|| format!("cgroup of {}", place.name()))?;
         let mut command = Command::new(program);
         // SAFETY: between fork and exec the closure only makes raw syscalls
         // (write, setns) on descriptors opened before the fork, which stay valid
@@ -394,16 +434,16 @@ impl Lab {
         Ok(command)
     }
 
-    /// Starts a long-running program in a pod and waits until it prints "ready".
-    /// The lab kills it on drop.
-    pub fn spawn_server(&self, pod: &Pod, program: &Path, args: &[&str]) -> Result<()> {
+    /// Starts a long-running program in a place and waits until it prints
+    /// "ready". The lab kills it on drop.
+    pub fn spawn_server(&self, place: &dyn Place, program: &Path, args: &[&str]) -> Result<()> {
         let mut child = self
-            .pod_command(pod, program)?
+            .command_in(place, program)?
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {} in {}", program.display(), pod.name))?;
+            .with_context(|| format!("starting {} in {}", program.display(), place.name()))?;
         let stdout = child.stdout.take().expect("piped");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -412,22 +452,22 @@ impl Lab {
             bail!(
                 "{} in {} did not start: {line:?}",
                 program.display(),
-                pod.name
+                place.name()
             );
         }
         self.children.lock().expect("not poisoned").push(child);
         Ok(())
     }
 
-    /// Runs a program in a pod to completion and returns its output.
-    pub fn run_in_pod(&self, pod: &Pod, program: &Path, args: &[&str]) -> Result<Output> {
-        let output = self.pod_command(pod, program)?.args(args).output()?;
+    /// Runs a program in a place to completion and returns its output.
+    pub fn run_in(&self, place: &dyn Place, program: &Path, args: &[&str]) -> Result<Output> {
+        let output = self.command_in(place, program)?.args(args).output()?;
         if !output.status.success() {
             bail!(
                 "{} {} in {}: {}",
                 program.display(),
                 args.join(" "),
-                pod.name,
+                place.name(),
                 String::from_utf8_lossy(&output.stderr)
             );
         }

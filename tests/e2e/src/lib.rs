@@ -5,3 +5,4 @@ pub mod agent;
 pub mod lab;
 pub mod manifests;
 pub mod probe;
+pub mod scenario;

@@ -20,16 +20,102 @@ pub fn service(name: &str, cluster_ip: &str, ports: &[PortSpec<'_>]) -> String {
 }
 
 /// An EndpointSlice of `service` with ready endpoints on one port.
-pub fn endpoint_slice(service: &str, slice: &str, port: (&str, u16, &str), ips: &[&str]) -> String {
-    let (port_name, number, protocol) = port;
+pub fn endpoint_slice(service: &str, name: &str, port: (&str, u16, &str), ips: &[&str]) -> String {
+    let endpoints: Vec<Endpoint<'_>> = ips.iter().map(|ip| Endpoint::ready(ip)).collect();
+    slice(service, name, &[port], &endpoints)
+}
+
+/// One endpoint of an EndpointSlice, with its conditions and topology.
+#[derive(Clone, Debug)]
+pub struct Endpoint<'a> {
+    /// Address.
+    pub ip: &'a str,
+    /// `conditions.ready`.
+    pub ready: bool,
+    /// `conditions.serving`.
+    pub serving: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
+    /// `nodeName`.
+    pub node: Option<&'a str>,
+    /// `hints.forZones[0].name`.
+    pub zone_hint: Option<&'a str>,
+}
+
+impl<'a> Endpoint<'a> {
+    /// A ready endpoint.
+    pub fn ready(ip: &'a str) -> Self {
+        Self {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: None,
+            zone_hint: None,
+        }
+    }
+
+    /// An endpoint whose pod is shutting down but still serving.
+    pub fn terminating(ip: &'a str) -> Self {
+        Self {
+            ready: false,
+            terminating: true,
+            ..Self::ready(ip)
+        }
+    }
+
+    /// The same endpoint on a named node.
+    pub fn on(self, node: &'a str) -> Self {
+        Self {
+            node: Some(node),
+            ..self
+        }
+    }
+
+    /// The same endpoint with a zone hint.
+    pub fn hinted(self, zone: &'a str) -> Self {
+        Self {
+            zone_hint: Some(zone),
+            ..self
+        }
+    }
+}
+
+/// An EndpointSlice with any ports and endpoints; the address type follows
+/// the first endpoint's family.
+pub fn slice(
+    service: &str,
+    slice: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[Endpoint<'_>],
+) -> String {
+    let address_type = if endpoints.first().is_some_and(|e| e.ip.contains(':')) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     let mut text = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: {port_name}\n  port: {number}\n  protocol: {protocol}\nendpoints:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}\nports:\n"
     );
-    for ip in ips {
+    for (name, port, protocol) in ports {
         let _ = writeln!(
             text,
-            "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true"
+            "- name: {name}\n  port: {port}\n  protocol: {protocol}"
         );
+    }
+    text.push_str("endpoints:\n");
+    for ep in endpoints {
+        let _ = writeln!(
+            text,
+            "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}",
+            ep.ip, ep.ready, ep.serving, ep.terminating
+        );
+        if let Some(node) = ep.node {
+            let _ = writeln!(text, "  nodeName: {node}");
+        }
+        if let Some(zone) = ep.zone_hint {
+            let _ = writeln!(text, "  hints: {{forZones: [{{name: {zone}}}]}}");
+        }
     }
     text
 }

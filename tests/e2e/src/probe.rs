@@ -13,6 +13,8 @@ pub struct Attempt {
     pub backend: Option<String>,
     /// The source address the backend saw.
     pub seen_source: Option<String>,
+    /// The backend's own address:port that answered.
+    pub served_on: Option<String>,
     /// What getpeername() returned on the client socket.
     pub peer: Option<String>,
     /// The client socket's own address.

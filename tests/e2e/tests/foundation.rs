@@ -6,99 +6,38 @@ use std::{thread, time::Duration};
 
 use anyhow::Result;
 use lb_e2e::{
-    agent::{Agent, Binaries},
-    lab::{Lab, Node, Pod},
+    agent::Agent,
+    lab::Pod,
     manifests::{endpoint_slice, service},
-    probe::{parse_attempts, per_backend, Attempt},
+    probe::{per_backend, Attempt},
+    scenario::Scenario,
 };
 
 const VIP: &str = "10.96.0.10";
 
-/// Fields drop in order: the agent stops before the lab is torn down.
-struct Setup {
-    agent: Agent,
-    bins: Binaries,
-    node: Node,
-    backends: Vec<Pod>,
-    client: Pod,
-    lab: Lab,
+fn setup(servers: usize) -> Result<Scenario> {
+    Scenario::new(servers, &[])
 }
 
-/// One node, `n` server pods (`web-1`..) and a client pod, with the agent running.
-fn setup(n: usize) -> Result<Setup> {
-    assert!(
-        is_root(),
-        "the end-to-end tests need root (network namespaces, cgroups, BPF)"
-    );
-    let bins = Binaries::locate()?;
-    let mut lab = Lab::new()?;
-    let node = lab.add_node("node1")?;
-    let mut backends = Vec::new();
-    for i in 1..=n {
-        let pod = lab.add_pod(&node, &format!("web-{i}"))?;
-        lab.spawn_server(
-            &pod,
-            &bins.labpod,
-            &[
-                "serve", "--name", &pod.name, "--tcp", "8080", "--udp", "8080",
-            ],
-        )?;
-        backends.push(pod);
-    }
-    let client = lab.add_pod(&node, "client")?;
-    let agent = Agent::start(&lab, &bins, &node)?;
-    Ok(Setup {
-        agent,
-        bins,
-        node,
-        backends,
-        client,
-        lab,
-    })
+/// Publishes Service `web` (VIP:80 -> 8080) with `endpoints` as its slice.
+fn publish_web(s: &Scenario, endpoints: &[&Pod]) -> Result<String> {
+    let ips: Vec<&str> = endpoints.iter().map(|p| p.ip.as_str()).collect();
+    s.apply(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", VIP, &[("http", 80, "TCP", "8080")]),
+            endpoint_slice("web", "web-abc12", ("http", 8080, "TCP"), &ips)
+        ),
+        |table| {
+            table.lines().count() == ips.len().max(1) + 1
+                && ips.iter().all(|ip| table.contains(&format!("{ip}:8080")))
+        },
+    )
 }
 
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
-}
-
-impl Setup {
-    fn ips(&self, pods: &[&Pod]) -> Vec<String> {
-        pods.iter().map(|p| p.ip.clone()).collect()
-    }
-
-    fn publish_web(&self, endpoints: &[&Pod]) -> Result<()> {
-        let ips = self.ips(endpoints);
-        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
-        self.agent.write_manifest(
-            "web.yaml",
-            &format!(
-                "{}---\n{}",
-                service("web", VIP, &[("http", 80, "TCP", "8080")]),
-                endpoint_slice("web", "web-abc12", ("http", 8080, "TCP"), &ips)
-            ),
-        )
-    }
-
-    fn wait_for_backends(&self, endpoints: &[&Pod]) -> Result<String> {
-        let ips = self.ips(endpoints);
-        self.agent
-            .wait_for_services(Duration::from_secs(10), |table| {
-                let web_lines: Vec<&str> = table.lines().skip(1).collect();
-                web_lines.len() == ips.len()
-                    && ips.iter().all(|ip| table.contains(&format!("{ip}:8080")))
-            })
-    }
-
-    fn connect(&self, target: &str, count: u32) -> Result<Vec<Attempt>> {
-        let output = self.lab.run_in_pod(
-            &self.client,
-            &self.bins.labpod,
-            &["connect", "--target", target, "--count", &count.to_string()],
-        )?;
-        parse_attempts(&output.stdout)
-    }
+fn connect(s: &Scenario, count: u32) -> Result<Vec<Attempt>> {
+    s.connect(&format!("{VIP}:80"), count, &[])
 }
 
 /// Upstream: test/e2e/network/service.go "should serve a basic endpoint from pods"
@@ -106,15 +45,14 @@ impl Setup {
 #[test]
 fn clusterip_reaches_every_backend_with_addresses_preserved() -> Result<()> {
     let s = setup(3)?;
-    let all: Vec<&Pod> = s.backends.iter().collect();
-    s.publish_web(&all)?;
-    let table = s.wait_for_backends(&all)?;
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    let table = publish_web(&s, &all)?;
     assert!(
         table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"),
         "{table}"
     );
 
-    let attempts = s.connect(&format!("{VIP}:80"), 300)?;
+    let attempts = connect(&s, 300)?;
     let failures: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
     assert!(failures.is_empty(), "failed connections: {failures:?}");
     let counts = per_backend(&attempts);
@@ -148,18 +86,24 @@ fn clusterip_reaches_every_backend_with_addresses_preserved() -> Result<()> {
 #[test]
 fn endpoint_changes_apply_within_a_second() -> Result<()> {
     let s = setup(3)?;
-    let (b1, b2, b3) = (&s.backends[0], &s.backends[1], &s.backends[2]);
-    s.publish_web(&[b1, b2])?;
-    s.wait_for_backends(&[b1, b2])?;
-    let before = per_backend(&s.connect(&format!("{VIP}:80"), 60)?);
+    let (b1, b2, b3) = (&s.servers[0], &s.servers[1], &s.servers[2]);
+    publish_web(&s, &[b1, b2])?;
+    let before = per_backend(&connect(&s, 60)?);
     assert!(
         before.contains_key("web-1") && before.contains_key("web-2"),
         "{before:?}"
     );
 
-    s.publish_web(&[b2, b3])?;
+    s.agent.write_manifest(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", VIP, &[("http", 80, "TCP", "8080")]),
+            endpoint_slice("web", "web-abc12", ("http", 8080, "TCP"), &[&b2.ip, &b3.ip])
+        ),
+    )?;
     thread::sleep(Duration::from_secs(1));
-    let attempts = s.connect(&format!("{VIP}:80"), 100)?;
+    let attempts = connect(&s, 100)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     let after = per_backend(&attempts);
     assert!(
@@ -179,12 +123,10 @@ fn endpoint_changes_apply_within_a_second() -> Result<()> {
 #[test]
 fn service_without_endpoints_refuses_at_once() -> Result<()> {
     let s = setup(1)?;
-    s.publish_web(&[])?;
-    s.agent.wait_for_services(Duration::from_secs(10), |t| {
-        t.contains("connections are refused")
-    })?;
+    let table = publish_web(&s, &[])?;
+    assert!(table.contains("connections are refused"), "{table}");
     let started = std::time::Instant::now();
-    let attempts = s.connect(&format!("{VIP}:80"), 5)?;
+    let attempts = connect(&s, 5)?;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "refusal must not wait for a timeout"
@@ -200,9 +142,8 @@ fn service_without_endpoints_refuses_at_once() -> Result<()> {
 #[test]
 fn invalid_objects_are_reported_and_skipped() -> Result<()> {
     let s = setup(2)?;
-    let all: Vec<&Pod> = s.backends.iter().collect();
-    s.publish_web(&all)?;
-    s.wait_for_backends(&all)?;
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    publish_web(&s, &all)?;
     s.agent.write_manifest(
         "broken.yaml",
         &format!(
@@ -224,7 +165,7 @@ fn invalid_objects_are_reported_and_skipped() -> Result<()> {
         !table.contains("bad-ip") && !table.contains("10.96.0.13"),
         "{table}"
     );
-    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    let attempts = connect(&s, 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())
 }
@@ -234,11 +175,10 @@ fn invalid_objects_are_reported_and_skipped() -> Result<()> {
 #[test]
 fn translation_survives_agent_restart() -> Result<()> {
     let mut s = setup(2)?;
-    let all: Vec<&Pod> = s.backends.iter().collect();
-    s.publish_web(&all)?;
-    s.wait_for_backends(&all)?;
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    publish_web(&s, &all)?;
     s.agent.kill();
-    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    let attempts = connect(&s, 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
 
     // The restarted agent reads the same manifests and finds nothing to write.
@@ -247,7 +187,7 @@ fn translation_survives_agent_restart() -> Result<()> {
         "reconciled 1 frontends with 0 map writes",
         Duration::from_secs(5),
     )?;
-    let attempts = s.connect(&format!("{VIP}:80"), 20)?;
+    let attempts = connect(&s, 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())
 }

@@ -57,6 +57,17 @@ enum Command {
         /// Send an HTTP GET and read the answer from the response body (TCP only).
         #[arg(long)]
         http: bool,
+        /// UDP without connect(): sendto() each datagram and report the reply's
+        /// source address as the peer.
+        #[arg(long)]
+        unconnected: bool,
+        /// Keep one socket for every attempt (connected UDP): shows whether a
+        /// long-lived socket stays pinned to a backend.
+        #[arg(long)]
+        reuse_socket: bool,
+        /// Pause between attempts, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
 }
 
@@ -75,17 +86,30 @@ fn main() -> Result<()> {
             proto,
             timeout_ms,
             http,
+            unconnected,
+            reuse_socket,
+            interval_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
-            for _ in 0..count {
+            let mut udp = UdpClient::new(target, timeout, unconnected);
+            for i in 0..count {
+                if i > 0 && interval_ms > 0 {
+                    thread::sleep(Duration::from_millis(interval_ms));
+                }
                 let attempt = match proto.as_str() {
                     "tcp" => tcp_attempt(target, timeout, http),
-                    "udp" => udp_attempt(target, timeout),
+                    "udp" => {
+                        if !reuse_socket {
+                            udp = UdpClient::new(target, timeout, unconnected);
+                        }
+                        udp.attempt()
+                    }
                     other => anyhow::bail!("unknown protocol {other}"),
                 };
                 writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
+                out.flush()?;
             }
             Ok(())
         }
@@ -116,8 +140,10 @@ fn serve(name: &str, bind: &str, tcp: &[u16], udp: &[u16], http: &[u16]) -> Resu
         let name = name.to_string();
         handles.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
+            let local = socket.local_addr().map(canonical).ok();
             while let Ok((_, from)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{name} {}\n", canonical(from)).as_bytes(), from);
+                let answer = format!("{name} {} {}\n", canonical(from), describe(local));
+                let _ = socket.send_to(answer.as_bytes(), from);
             }
         }));
     }
@@ -139,9 +165,14 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+fn describe(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "?".into(), |a| a.to_string())
+}
+
 fn answer_tcp(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
     let peer = canonical(stream.peer_addr()?);
-    stream.write_all(format!("{name} {peer}\n").as_bytes())?;
+    let local = canonical(stream.local_addr()?);
+    stream.write_all(format!("{name} {peer} {local}\n").as_bytes())?;
     // Let the client close first so TIME_WAIT stays on its side.
     let mut sink = [0u8; 64];
     while stream.read(&mut sink)? > 0 {}
@@ -150,6 +181,7 @@ fn answer_tcp(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
 
 fn answer_http(name: &str, stream: TcpStream) -> std::io::Result<()> {
     let peer = canonical(stream.peer_addr()?);
+    let local = canonical(stream.local_addr()?);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     // Read the request head.
@@ -159,7 +191,7 @@ fn answer_http(name: &str, stream: TcpStream) -> std::io::Result<()> {
             break;
         }
     }
-    let body = format!("{name} {peer}\n");
+    let body = format!("{name} {peer} {local}\n");
     let mut stream = stream;
     stream.write_all(
         format!(
@@ -176,6 +208,7 @@ fn failure(err: &std::io::Error) -> Attempt {
         ok: false,
         backend: None,
         seen_source: None,
+        served_on: None,
         peer: None,
         local: None,
         error: Some(err.to_string()),
@@ -183,12 +216,10 @@ fn failure(err: &std::io::Error) -> Attempt {
     }
 }
 
-fn parse_answer(line: &str) -> (Option<String>, Option<String>) {
-    let mut parts = line.split_whitespace();
-    (
-        parts.next().map(str::to_owned),
-        parts.next().map(str::to_owned),
-    )
+/// "NAME SOURCE SERVED_ON" as the servers write it.
+fn parse_answer(line: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let mut parts = line.split_whitespace().map(str::to_owned);
+    (parts.next(), parts.next(), parts.next())
 }
 
 fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
@@ -216,11 +247,12 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
         } else {
             BufReader::new(&stream).read_line(&mut answer)?;
         }
-        let (backend, seen_source) = parse_answer(&answer);
+        let (backend, seen_source, served_on) = parse_answer(&answer);
         Ok(Attempt {
             ok: backend.is_some(),
             backend,
             seen_source,
+            served_on,
             peer: Some(peer.to_string()),
             local: Some(local.to_string()),
             error: None,
@@ -230,29 +262,69 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
     run().unwrap_or_else(|err| failure(&err))
 }
 
-fn udp_attempt(target: SocketAddr, timeout: Duration) -> Attempt {
-    let run = || -> std::io::Result<Attempt> {
-        let bind: SocketAddr = if target.is_ipv4() {
-            "0.0.0.0:0".parse().expect("literal")
-        } else {
-            "[::]:0".parse().expect("literal")
+/// A UDP client socket, connected or not.
+struct UdpClient {
+    target: SocketAddr,
+    timeout: Duration,
+    unconnected: bool,
+    socket: std::io::Result<UdpSocket>,
+}
+
+impl UdpClient {
+    fn new(target: SocketAddr, timeout: Duration, unconnected: bool) -> Self {
+        let open = || -> std::io::Result<UdpSocket> {
+            let bind: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let socket = UdpSocket::bind(bind)?;
+            socket.set_read_timeout(Some(timeout))?;
+            if !unconnected {
+                socket.connect(target)?;
+            }
+            Ok(socket)
         };
-        let socket = UdpSocket::bind(bind)?;
-        socket.connect(target)?;
-        socket.set_read_timeout(Some(timeout))?;
-        socket.send(b"ping")?;
-        let mut buf = [0u8; 512];
-        let n = socket.recv(&mut buf)?;
-        let (backend, seen_source) = parse_answer(&String::from_utf8_lossy(&buf[..n]));
-        Ok(Attempt {
-            ok: backend.is_some(),
-            backend,
-            seen_source,
-            peer: Some(socket.peer_addr()?.to_string()),
-            local: Some(socket.local_addr()?.to_string()),
-            error: None,
-            errno: None,
-        })
-    };
-    run().unwrap_or_else(|err| failure(&err))
+        Self {
+            target,
+            timeout,
+            unconnected,
+            socket: open(),
+        }
+    }
+
+    fn attempt(&self) -> Attempt {
+        let run = || -> std::io::Result<Attempt> {
+            let socket = self.socket.as_ref().map_err(clone_error)?;
+            socket.set_read_timeout(Some(self.timeout))?;
+            let mut buf = [0u8; 512];
+            let (n, peer) = if self.unconnected {
+                socket.send_to(b"ping", self.target)?;
+                socket.recv_from(&mut buf)?
+            } else {
+                socket.send(b"ping")?;
+                (socket.recv(&mut buf)?, socket.peer_addr()?)
+            };
+            let (backend, seen_source, served_on) =
+                parse_answer(&String::from_utf8_lossy(&buf[..n]));
+            Ok(Attempt {
+                ok: backend.is_some(),
+                backend,
+                seen_source,
+                served_on,
+                peer: Some(peer.to_string()),
+                local: Some(socket.local_addr()?.to_string()),
+                error: None,
+                errno: None,
+            })
+        };
+        run().unwrap_or_else(|err| failure(&err))
+    }
+}
+
+fn clone_error(err: &std::io::Error) -> std::io::Error {
+    match err.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(err.kind(), err.to_string()),
+    }
 }

@@ -68,7 +68,7 @@ fn main() -> Result<()> {
         "== {} requests from {} to http://{}/",
         args.requests, client.name, args.target
     );
-    let output = lab.run_in_pod(
+    let output = lab.run_in(
         &client,
         &bins.labpod,
         &[

@@ -1,0 +1,108 @@
+//! A ready-made lab for scenario tests: one node running the agent, server
+//! pods and a client pod.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::{
+    agent::{Agent, Binaries},
+    lab::{Lab, Node, Place, Pod},
+    probe::{parse_attempts, Attempt},
+};
+
+/// Ports every server pod listens on: TCP 8080 and 9090, UDP 8080.
+pub const SERVER_ARGS: [&str; 6] = ["--tcp", "8080", "--tcp", "9090", "--udp", "8080"];
+
+/// Fields drop in order: the agent stops before the lab is torn down.
+pub struct Scenario {
+    /// The node's agent.
+    pub agent: Agent,
+    /// The workspace binaries.
+    pub bins: Binaries,
+    /// The node.
+    pub node: Node,
+    /// Server pods `web-1`..`web-N`.
+    pub servers: Vec<Pod>,
+    /// The client pod.
+    pub client: Pod,
+    /// The lab itself.
+    pub lab: Lab,
+}
+
+/// Whether this process runs as root; the scenarios need it and say so.
+pub fn require_root() {
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX);
+    assert_eq!(
+        uid, 0,
+        "the end-to-end tests need root (network namespaces, cgroups, BPF)"
+    );
+}
+
+impl Scenario {
+    /// One node (`node1`), `servers` server pods and a client pod, with the
+    /// agent started with `agent_args`.
+    pub fn new(servers: usize, agent_args: &[&str]) -> Result<Self> {
+        require_root();
+        let bins = Binaries::locate()?;
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("node1")?;
+        let mut pods = Vec::new();
+        for i in 1..=servers {
+            let pod = lab.add_pod(&node, &format!("web-{i}"))?;
+            let mut args = vec!["serve", "--name", &pod.name];
+            args.extend(SERVER_ARGS);
+            lab.spawn_server(&pod, &bins.labpod, &args)?;
+            pods.push(pod);
+        }
+        let client = lab.add_pod(&node, "client")?;
+        let agent = Agent::start_with(&lab, &bins, &node, agent_args)?;
+        Ok(Self {
+            agent,
+            bins,
+            node,
+            servers: pods,
+            client,
+            lab,
+        })
+    }
+
+    /// Runs `labpod connect --target TARGET ARGS...` from `from`.
+    pub fn connect_from(
+        &self,
+        from: &dyn Place,
+        target: &str,
+        args: &[&str],
+    ) -> Result<Vec<Attempt>> {
+        let mut all = vec!["connect", "--target", target];
+        all.extend(args);
+        let output = self.lab.run_in(from, &self.bins.labpod, &all)?;
+        parse_attempts(&output.stdout)
+    }
+
+    /// Runs `labpod connect` from the client pod, `count` times.
+    pub fn connect(&self, target: &str, count: u32, args: &[&str]) -> Result<Vec<Attempt>> {
+        let count = count.to_string();
+        let mut all = vec!["--count", count.as_str()];
+        all.extend(args);
+        self.connect_from(&self.client, target, &all)
+    }
+
+    /// Writes manifests and waits until `lbctl service list` satisfies `check`.
+    pub fn apply(&self, file: &str, text: &str, check: impl Fn(&str) -> bool) -> Result<String> {
+        self.agent.write_manifest(file, text)?;
+        self.agent.wait_for_services(Duration::from_secs(10), check)
+    }
+
+    /// The IPv4 address of server `web-i` (1-based).
+    pub fn ip(&self, i: usize) -> &str {
+        &self.servers[i - 1].ip
+    }
+
+    /// The IPv6 address of server `web-i` (1-based).
+    pub fn ip6(&self, i: usize) -> &str {
+        &self.servers[i - 1].ip6
+    }
+}

@@ -1,0 +1,536 @@
+//! kube-proxy parity of the socket-level path, one test per behaviour, with
+//! real TCP, UDP and IPv6 sockets in the lab. Each test names the upstream
+//! Kubernetes e2e test it corresponds to (test/e2e/network/...); the mapping
+//! is also tabulated in docs/parity.md.
+
+use std::{collections::BTreeSet, thread, time::Duration};
+
+use anyhow::Result;
+use lb_e2e::{
+    manifests::{service, slice, Endpoint},
+    probe::{per_backend, Attempt},
+    scenario::Scenario,
+};
+
+const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+
+fn all_ok(attempts: &[Attempt]) {
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(failed.is_empty(), "failed attempts: {failed:?}");
+}
+
+fn backends(attempts: &[Attempt]) -> BTreeSet<String> {
+    per_backend(attempts).into_keys().collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// Service `web` with the given ports and extra spec lines, plus one slice.
+fn web(ports: &[(&str, u16, &str, &str)], spec_extra: &str, slice_text: &str) -> String {
+    let svc = service("web", VIP, ports).replace(
+        "  type: ClusterIP\n",
+        &format!("  type: ClusterIP\n{spec_extra}"),
+    );
+    format!("{svc}---\n{slice_text}")
+}
+
+/// Upstream: network/dual_stack.go "should be able to reach pod on ipv4 and
+/// ipv6 ip" and "should create service with ipv6 cluster ip"; IPv4-mapped
+/// addresses on IPv6 sockets are how dual-stack applications reach IPv4 VIPs.
+#[test]
+fn dual_stack_service_translates_ipv4_ipv6_and_mapped_addresses() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let svc = service("web", VIP, &[("http", 80, "TCP", "8080")]).replace(
+        "  clusterIP: 10.96.0.10\n",
+        &format!(
+            "  clusterIP: {VIP}\n  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
+        ),
+    );
+    let v4 = slice(
+        "web",
+        "web-v4",
+        &[("http", 8080, "TCP")],
+        &[Endpoint::ready(s.ip(1)), Endpoint::ready(s.ip(2))],
+    );
+    let v6 = slice(
+        "web",
+        "web-v6",
+        &[("http", 8080, "TCP")],
+        &[Endpoint::ready(s.ip6(1)), Endpoint::ready(s.ip6(2))],
+    );
+    s.apply("web.yaml", &format!("{svc}---\n{v4}---\n{v6}"), |t| {
+        t.contains(&format!("[{VIP6}]:80/TCP")) && t.contains(&format!("[{}]:8080", s.ip6(2)))
+    })?;
+
+    let over_v6 = s.connect(&format!("[{VIP6}]:80"), 20, &[])?;
+    all_ok(&over_v6);
+    assert_eq!(backends(&over_v6), set(&["web-1", "web-2"]));
+    for a in &over_v6 {
+        assert_eq!(a.peer.as_deref(), Some("[fd00:96::10]:80"));
+        let seen = a.seen_source.as_deref().unwrap_or_default();
+        assert!(seen.starts_with(&format!("[{}]:", s.client.ip6)), "{seen}");
+    }
+
+    let mapped = s.connect(&format!("[::ffff:{VIP}]:80"), 10, &[])?;
+    all_ok(&mapped);
+    for a in &mapped {
+        assert_eq!(a.peer.as_deref(), Some("[::ffff:10.96.0.10]:80"));
+        let seen = a.seen_source.as_deref().unwrap_or_default();
+        assert!(seen.starts_with(&format!("{}:", s.client.ip)), "{seen}");
+    }
+
+    let over_v4 = s.connect(&format!("{VIP}:80"), 10, &[])?;
+    all_ok(&over_v4);
+    assert!(over_v4
+        .iter()
+        .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")));
+    Ok(())
+}
+
+/// Upstream: network/service.go "should serve endpoints on same port and
+/// different protocols" and conntrack.go "should be able to preserve UDP
+/// traffic when server pod cycles for a ClusterIP service": TCP and UDP on the
+/// same port, connected and unconnected UDP, replies showing the VIP.
+#[test]
+fn same_port_on_tcp_and_udp_with_connected_and_unconnected_sockets() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let eps = [Endpoint::ready(s.ip(1)), Endpoint::ready(s.ip(2))];
+    let text = format!(
+        "{}---\n{}",
+        service(
+            "web",
+            VIP,
+            &[("tcp", 80, "TCP", "8080"), ("udp", 80, "UDP", "8080")]
+        ),
+        slice(
+            "web",
+            "web-1",
+            &[("tcp", 8080, "TCP"), ("udp", 8080, "UDP")],
+            &eps
+        )
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains("80/UDP") && t.contains("80/TCP")
+    })?;
+
+    let tcp = s.connect(&format!("{VIP}:80"), 10, &[])?;
+    all_ok(&tcp);
+    let connected = s.connect(&format!("{VIP}:80"), 20, &["--proto", "udp"])?;
+    all_ok(&connected);
+    assert_eq!(backends(&connected), set(&["web-1", "web-2"]));
+    assert!(connected
+        .iter()
+        .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")));
+    let unconnected = s.connect(
+        &format!("{VIP}:80"),
+        20,
+        &["--proto", "udp", "--unconnected", "--reuse-socket"],
+    )?;
+    all_ok(&unconnected);
+    assert_eq!(backends(&unconnected), set(&["web-1", "web-2"]));
+    // recvmsg shows the VIP as the source of every reply.
+    assert!(
+        unconnected
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")),
+        "{unconnected:?}"
+    );
+    for a in &unconnected {
+        let seen = a.seen_source.as_deref().unwrap_or_default();
+        assert!(seen.starts_with(&format!("{}:", s.client.ip)), "{seen}");
+    }
+    Ok(())
+}
+
+/// Upstream: network/service.go "should serve multiport endpoints from pods
+/// [Conformance]": each ServicePort independent, and a named targetPort
+/// resolved per endpoint from the EndpointSlice port of that name.
+#[test]
+fn multiple_ports_and_named_target_ports_resolve_per_endpoint() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    // web-1 serves "http" on 8080, web-2 on 9090 (one slice per port number,
+    // as the EndpointSlice controller writes them); "admin" is 9090 on both.
+    let slice_1 = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP"), ("admin", 9090, "TCP")],
+        &[Endpoint::ready(s.ip(1))],
+    );
+    let slice_2 = slice(
+        "web",
+        "web-b",
+        &[("http", 9090, "TCP"), ("admin", 9090, "TCP")],
+        &[Endpoint::ready(s.ip(2))],
+    );
+    let text = format!(
+        "{}---\n{slice_1}---\n{slice_2}",
+        service(
+            "web",
+            VIP,
+            &[("http", 80, "TCP", "http"), ("admin", 81, "TCP", "admin")]
+        ),
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains("10.96.0.10:81/TCP") && t.contains(&format!("{}:9090", s.ip(2)))
+    })?;
+    let http = s.connect(&format!("{VIP}:80"), 30, &[])?;
+    all_ok(&http);
+    assert_eq!(backends(&http), set(&["web-1", "web-2"]));
+    for a in &http {
+        let expected_port = if a.backend.as_deref() == Some("web-1") {
+            ":8080"
+        } else {
+            ":9090"
+        };
+        assert!(
+            a.served_on
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with(expected_port),
+            "{a:?}"
+        );
+    }
+    let admin = s.connect(&format!("{VIP}:81"), 10, &[])?;
+    all_ok(&admin);
+    assert!(admin.iter().all(|a| a
+        .served_on
+        .as_deref()
+        .unwrap_or_default()
+        .ends_with(":9090")));
+    Ok(())
+}
+
+/// Upstream: network/service.go "should allow creating a basic SCTP service
+/// with pod and endpoints": we refuse SCTP ports loudly instead.
+#[test]
+fn sctp_ports_are_refused_with_a_clear_message() -> Result<()> {
+    let s = Scenario::new(1, &[])?;
+    let text = web(
+        &[("http", 80, "TCP", "8080"), ("sctp", 90, "SCTP", "9090")],
+        "",
+        &slice(
+            "web",
+            "web-a",
+            &[("http", 8080, "TCP")],
+            &[Endpoint::ready(s.ip(1))],
+        ),
+    );
+    s.apply("web.yaml", &text, |t| t.contains("10.96.0.10:80/TCP"))?;
+    s.agent.wait_for_log(
+        "Service default/web: field spec.ports[1].protocol: SCTP is not supported",
+        Duration::from_secs(5),
+    )?;
+    assert!(!s.agent.service_list()?.contains(":90/"));
+    all_ok(&s.connect(&format!("{VIP}:80"), 3, &[])?);
+    Ok(())
+}
+
+/// Upstream: network/service.go "should be rejected when no endpoints exist"
+/// (UDP flavour): connect() and sendto() fail at once.
+#[test]
+fn udp_to_a_service_without_endpoints_fails_at_once() -> Result<()> {
+    let s = Scenario::new(1, &[])?;
+    let text = web(
+        &[("dns", 53, "UDP", "8080")],
+        "",
+        &slice("web", "web-a", &[("dns", 8080, "UDP")], &[]),
+    );
+    s.apply("web.yaml", &text, |t| t.contains("connections are refused"))?;
+    for mode in [
+        &["--proto", "udp"][..],
+        &["--proto", "udp", "--unconnected"][..],
+    ] {
+        let attempts = s.connect(&format!("{VIP}:53"), 3, mode)?;
+        for a in attempts {
+            assert_eq!(a.errno, Some(libc::ECONNREFUSED), "{mode:?}: {a:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Upstream: network/service.go "should have session affinity work for
+/// service with type clusterIP [Conformance]", "should have session affinity
+/// timeout work for service with type clusterIP" and "should be able to
+/// switch session affinity for service with type clusterIP [Conformance]".
+#[test]
+fn client_ip_affinity_holds_until_timeout_and_can_be_switched() -> Result<()> {
+    let s = Scenario::new(3, &[])?;
+    let eps: Vec<Endpoint> = (1..=3).map(|i| Endpoint::ready(s.ip(i))).collect();
+    let endpoints = slice("web", "web-a", &[("http", 8080, "TCP")], &eps);
+    let ports = [("http", 80, "TCP", "8080")];
+    let sticky = web(
+        &ports,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 1\n",
+        &endpoints,
+    );
+    s.apply("web.yaml", &sticky, |t| t.contains("(affinity 1s)"))?;
+    let mut chosen = BTreeSet::new();
+    for _ in 0..3 {
+        let round = s.connect(&format!("{VIP}:80"), 15, &[])?;
+        all_ok(&round);
+        let used = backends(&round);
+        assert_eq!(
+            used.len(),
+            1,
+            "affinity must hold within the timeout: {used:?}"
+        );
+        chosen.extend(used);
+        thread::sleep(Duration::from_millis(1300));
+    }
+    assert!(
+        chosen.len() >= 2,
+        "after the timeout a client is balanced again: {chosen:?}"
+    );
+
+    // Switching affinity off spreads the same client again, and on pins it.
+    s.apply("web.yaml", &web(&ports, "", &endpoints), |t| {
+        !t.contains("affinity")
+    })?;
+    let spread = s.connect(&format!("{VIP}:80"), 30, &[])?;
+    assert_eq!(backends(&spread).len(), 3);
+    let default_timeout = web(&ports, "  sessionAffinity: ClientIP\n", &endpoints);
+    s.apply("web.yaml", &default_timeout, |t| {
+        t.contains("(affinity 10800s)")
+    })?;
+    let pinned = s.connect(&format!("{VIP}:80"), 30, &[])?;
+    assert_eq!(backends(&pinned).len(), 1);
+    Ok(())
+}
+
+/// Upstream: network/service.go "should fallback to terminating endpoints
+/// when there are no ready endpoints with internalTrafficPolicy=Cluster" and
+/// "should be able to connect to terminating and unready endpoints if
+/// PublishNotReadyAddresses is true" (the EndpointSlice controller marks such
+/// endpoints ready, which is what the agent reads).
+#[test]
+fn endpoint_conditions_choose_ready_then_terminating_endpoints() -> Result<()> {
+    let s = Scenario::new(3, &[])?;
+    let unready = Endpoint {
+        ready: false,
+        serving: false,
+        ..Endpoint::ready(s.ip(3))
+    };
+    let ports = [("http", 80, "TCP", "8080")];
+    let mixed = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP")],
+        &[
+            Endpoint::ready(s.ip(1)),
+            Endpoint::terminating(s.ip(2)),
+            unready.clone(),
+        ],
+    );
+    s.apply("web.yaml", &web(&ports, "", &mixed), |t| {
+        t.contains(&format!("{}:8080", s.ip(1)))
+    })?;
+    let ready_only = s.connect(&format!("{VIP}:80"), 20, &[])?;
+    all_ok(&ready_only);
+    assert_eq!(backends(&ready_only), set(&["web-1"]));
+
+    let draining = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP")],
+        &[Endpoint::terminating(s.ip(2)), unready],
+    );
+    s.apply("web.yaml", &web(&ports, "", &draining), |t| {
+        t.contains(&format!("{}:8080", s.ip(2)))
+    })?;
+    let fallback = s.connect(&format!("{VIP}:80"), 20, &[])?;
+    all_ok(&fallback);
+    assert_eq!(backends(&fallback), set(&["web-2"]));
+    Ok(())
+}
+
+/// Upstream: network/service.go "should implement service.kubernetes.io/service-proxy-name"
+/// and "should implement service.kubernetes.io/headless"; headless and
+/// ExternalName Services have no VIP to proxy.
+#[test]
+fn unproxied_services_are_left_alone() -> Result<()> {
+    let s = Scenario::new(1, &[])?;
+    let eps = [Endpoint::ready(s.ip(1))];
+    let labelled = |name: &str, vip: &str, label: &str| {
+        format!(
+            "{}---\n{}",
+            service(name, vip, &[("http", 80, "TCP", "8080")]).replace(
+                "  namespace: default\n",
+                &format!("  namespace: default\n  labels:\n    {label}\n"),
+            ),
+            slice(name, &format!("{name}-a"), &[("http", 8080, "TCP")], &eps)
+        )
+    };
+    let text = [
+        labelled("other-proxy", "10.96.0.21", "service.kubernetes.io/service-proxy-name: someone-else"),
+        labelled("headless-label", "10.96.0.22", "service.kubernetes.io/headless: \"\""),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: headless, namespace: default}\nspec: {clusterIP: None, ports: [{port: 80}]}\n".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: external, namespace: default}\nspec: {type: ExternalName, externalName: example.com}\n".into(),
+        web(&[("http", 80, "TCP", "8080")], "", &slice("web", "web-a", &[("http", 8080, "TCP")], &eps)),
+    ]
+    .join("---\n");
+    let table = s.apply("all.yaml", &text, |t| t.contains("default/web:http"))?;
+    assert_eq!(table.lines().count(), 2, "only web is proxied:\n{table}");
+    for vip in ["10.96.0.21", "10.96.0.22"] {
+        let attempts = s.connect(&format!("{vip}:80"), 1, &["--timeout-ms", "300"])?;
+        assert!(
+            !attempts[0].ok,
+            "{vip} must not be translated: {attempts:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Upstream: network/service.go "should respect internalTrafficPolicy=Local
+/// Pod to Pod": only this node's endpoints; with none, the traffic fails
+/// (kube-proxy drops it; a socket cannot drop a SYN, so connect() fails with
+/// EHOSTUNREACH at once, distinct from the ECONNREFUSED of "no endpoints").
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> {
+    let s = Scenario::new(2, &["--node-name", "node1"])?;
+    let ports = [("http", 80, "TCP", "8080")];
+    let local = "  internalTrafficPolicy: Local\n";
+    let spread = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP")],
+        &[
+            Endpoint::ready(s.ip(1)).on("node1"),
+            Endpoint::ready(s.ip(2)).on("node2"),
+        ],
+    );
+    s.apply("web.yaml", &web(&ports, local, &spread), |t| {
+        t.contains(&format!("{}:8080", s.ip(1)))
+    })?;
+    let attempts = s.connect(&format!("{VIP}:80"), 20, &[])?;
+    all_ok(&attempts);
+    assert_eq!(backends(&attempts), set(&["web-1"]));
+
+    let remote_only = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP")],
+        &[Endpoint::ready(s.ip(2)).on("node2")],
+    );
+    s.apply("web.yaml", &web(&ports, local, &remote_only), |t| {
+        t.contains("none on this node")
+    })?;
+    let attempts = s.connect(&format!("{VIP}:80"), 3, &[])?;
+    for a in attempts {
+        assert_eq!(a.errno, Some(libc::EHOSTUNREACH), "{a:?}");
+    }
+    Ok(())
+}
+
+/// Upstream: network/topology_hints.go "should distribute endpoints evenly"
+/// (kube-proxy side): hints are used when every ready endpoint has one and
+/// one matches this node's zone.
+#[test]
+fn topology_hints_keep_traffic_in_this_zone() -> Result<()> {
+    let s = Scenario::new(3, &["--node-name", "node1"])?;
+    let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels:\n    topology.kubernetes.io/zone: zone-a\n";
+    let hinted = slice(
+        "web",
+        "web-a",
+        &[("http", 8080, "TCP")],
+        &[
+            Endpoint::ready(s.ip(1)).hinted("zone-a"),
+            Endpoint::ready(s.ip(2)).hinted("zone-a"),
+            Endpoint::ready(s.ip(3)).hinted("zone-b"),
+        ],
+    );
+    let text = format!(
+        "{node}---\n{}",
+        web(&[("http", 80, "TCP", "8080")], "", &hinted)
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains(&format!("{}:8080", s.ip(2)))
+    })?;
+    let attempts = s.connect(&format!("{VIP}:80"), 30, &[])?;
+    all_ok(&attempts);
+    assert_eq!(backends(&attempts), set(&["web-1", "web-2"]));
+    Ok(())
+}
+
+/// No single upstream test: kube-proxy's statistic probabilities give an even
+/// spread, checked in its unit tests. Over 3,000 connections to 5 backends
+/// each backend gets its fair share within +/-10%.
+#[test]
+fn connections_spread_evenly_over_five_backends() -> Result<()> {
+    let s = Scenario::new(5, &[])?;
+    let eps: Vec<Endpoint> = (1..=5).map(|i| Endpoint::ready(s.ip(i))).collect();
+    let text = web(
+        &[("http", 80, "TCP", "8080")],
+        "",
+        &slice("web", "web-a", &[("http", 8080, "TCP")], &eps),
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains(&format!("{}:8080", s.ip(5)))
+    })?;
+    let attempts = s.connect(&format!("{VIP}:80"), 3000, &[])?;
+    all_ok(&attempts);
+    let counts = per_backend(&attempts);
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    for (backend, count) in &counts {
+        assert!(
+            (540..=660).contains(count),
+            "{backend}: {count} of 3000 (fair share 600): {counts:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Upstream: network/service.go "should allow pods to hairpin back to
+/// themselves through services".
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() -> Result<()> {
+    let s = Scenario::new(1, &[])?;
+    let text = web(
+        &[("http", 80, "TCP", "8080")],
+        "",
+        &slice(
+            "web",
+            "web-a",
+            &[("http", 8080, "TCP")],
+            &[Endpoint::ready(s.ip(1))],
+        ),
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains(&format!("{}:8080", s.ip(1)))
+    })?;
+    let attempts = s.connect_from(&s.servers[0], &format!("{VIP}:80"), &["--count", "5"])?;
+    all_ok(&attempts);
+    for a in attempts {
+        assert_eq!(a.backend.as_deref(), Some("web-1"));
+        let seen = a.seen_source.unwrap_or_default();
+        assert!(seen.starts_with(&format!("{}:", s.ip(1))), "{seen}");
+        assert_eq!(a.peer.as_deref(), Some("10.96.0.10:80"));
+    }
+    Ok(())
+}
+
+/// Upstream: network/networking.go "Granular Checks: Services should function
+/// for node-Service: http": processes in the node's own network namespace
+/// are translated too.
+#[test]
+fn host_network_processes_are_translated() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let eps = [Endpoint::ready(s.ip(1)), Endpoint::ready(s.ip(2))];
+    let text = web(
+        &[("http", 80, "TCP", "8080")],
+        "",
+        &slice("web", "web-a", &[("http", 8080, "TCP")], &eps),
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains(&format!("{}:8080", s.ip(2)))
+    })?;
+    let attempts = s.connect_from(&s.node, &format!("{VIP}:80"), &["--count", "20"])?;
+    all_ok(&attempts);
+    assert_eq!(backends(&attempts), set(&["web-1", "web-2"]));
+    assert!(attempts
+        .iter()
+        .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")));
+    Ok(())
+}
