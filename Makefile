@@ -21,6 +21,11 @@ test: build
 demo: build
 	cargo run --quiet -p lb-e2e --bin lb-demo -- --examples examples
 
+## Datapath benchmarks against direct, kube-proxy iptables and nftables (writes bench/results/).
+bench: bootstrap
+	cargo build --release
+	cargo run --release -p lb-bench --bin lb-bench -- --out bench/results
+
 lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings

@@ -2,6 +2,7 @@
 //! bpffs, attaches to a cgroup, executes plans and dumps the maps.
 
 use std::{
+    collections::BTreeSet,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -17,7 +18,7 @@ use aya::{
 };
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
-    SlotKey,
+    SlotKey, SockRevNatKey,
 };
 
 use crate::plan::{Dump, Op, Plan};
@@ -128,6 +129,7 @@ pub struct Maps {
     rev_nat: HashMap<MapData, u32, RevNat>,
     names: HashMap<MapData, u32, ServiceName>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    sock_rev_nat: HashMap<MapData, SockRevNatKey, RevNat>,
 }
 
 fn typed<K: Pod, V: Pod>(
@@ -162,6 +164,10 @@ impl Maps {
                 pinned(dir, map_names::SERVICE_NAMES)?,
             )?,
             affinity: typed(map_names::AFFINITY, pinned(dir, map_names::AFFINITY)?)?,
+            sock_rev_nat: typed(
+                map_names::SOCK_REV_NAT,
+                pinned(dir, map_names::SOCK_REV_NAT)?,
+            )?,
         })
     }
 
@@ -179,6 +185,7 @@ impl Maps {
             rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
             names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
+            sock_rev_nat: typed(map_names::SOCK_REV_NAT, take(map_names::SOCK_REV_NAT)?)?,
         })
     }
 
@@ -243,6 +250,30 @@ impl Maps {
             ignore_missing(self.affinity.remove(key)).map_err(err)?;
         }
         Ok(stale.len())
+    }
+
+    /// Cookies of the sockets the datapath steered from frontend `service_id`
+    /// to a backend of `targets`, as `(service_id, backend)` pairs.
+    pub fn cookies_steered_to(
+        &self,
+        targets: &BTreeSet<(u32, Backend)>,
+    ) -> Result<BTreeSet<u64>, DatapathError> {
+        let mut cookies = BTreeSet::new();
+        for entry in self.sock_rev_nat.iter() {
+            let (key, rev) = entry.map_err(|source| DatapathError::Map {
+                name: map_names::SOCK_REV_NAT,
+                source,
+            })?;
+            let hit = targets.iter().any(|(service_id, backend)| {
+                *service_id == rev.service_id
+                    && backend.addr == key.addr
+                    && backend.port == key.port
+            });
+            if hit {
+                cookies.insert(key.cookie);
+            }
+        }
+        Ok(cookies)
     }
 
     fn write(&mut self, op: &Op) -> Result<(), MapError> {

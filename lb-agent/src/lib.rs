@@ -8,10 +8,12 @@
 
 pub mod addr;
 pub mod datapath;
+pub mod maglev;
 pub mod model;
 pub mod mounts;
 pub mod plan;
+pub mod reconcile;
+pub mod sockdiag;
+pub mod terminate;
 pub mod view;
 pub mod yaml;
-pub mod reconcile;
-pub mod maglev;

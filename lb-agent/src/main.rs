@@ -101,6 +101,12 @@ fn sync(args: &Args, datapath: &mut Datapath, reconciler: &mut Reconciler) {
     for error in &outcome.errors {
         log::error!("{error}");
     }
+    if outcome.terminated_sockets > 0 {
+        log::info!(
+            "terminated {} connected UDP sockets of removed backends",
+            outcome.terminated_sockets
+        );
+    }
     log::info!(
         "reconciled {} frontends with {} map writes in {:?}",
         outcome.frontends,

@@ -2,12 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::SERVICE_FLAG_AFFINITY;
+use lb_common::{Backend, PROTO_UDP, SERVICE_FLAG_AFFINITY};
 
 use crate::{
     datapath::{DatapathError, Maps},
     model::DesiredState,
     plan::{plan, Applied, Capacity, Plan},
+    terminate::destroy_udp_sockets,
 };
 
 /// What one reconciliation did.
@@ -17,6 +18,8 @@ pub struct Outcome {
     pub writes: usize,
     /// Frontends in the maps afterwards.
     pub frontends: usize,
+    /// Connected UDP sockets terminated because their backend left.
+    pub terminated_sockets: usize,
     /// Problems: capacity errors and failed writes, as text for logs.
     pub errors: Vec<String>,
 }
@@ -43,6 +46,7 @@ impl Reconciler {
         let mut errors: Vec<String> = plan.errors.iter().map(ToString::to_string).collect();
         let writes = plan.op_count();
         let affinity_touched = touches_affinity(&self.applied, &plan);
+        let removed_udp = removed_udp_backends(&self.applied, &plan);
         let write_errors = maps.execute(&plan);
         if write_errors.is_empty() {
             self.applied = plan.next;
@@ -64,12 +68,50 @@ impl Reconciler {
                 errors.push(format!("pruning session affinity: {err}"));
             }
         }
+        let mut terminated_sockets = 0;
+        if !removed_udp.is_empty() {
+            match maps
+                .cookies_steered_to(&removed_udp)
+                .map_err(|e| e.to_string())
+                .and_then(|cookies| destroy_udp_sockets(&cookies).map_err(|e| e.to_string()))
+            {
+                Ok(count) => terminated_sockets = count,
+                Err(err) => errors.push(format!(
+                    "terminating UDP sockets of removed backends: {err}"
+                )),
+            }
+        }
         Outcome {
             writes,
             frontends: self.applied.frontends.len(),
+            terminated_sockets,
             errors,
         }
     }
+}
+
+/// `(service id, backend)` pairs of UDP frontends whose backend the plan removes.
+fn removed_udp_backends(applied: &Applied, plan: &Plan) -> BTreeSet<(u32, Backend)> {
+    let mut removed = BTreeSet::new();
+    for key in plan.groups.iter().filter_map(|g| g.frontend.as_ref()) {
+        let Some(old) = applied
+            .frontends
+            .get(key)
+            .filter(|_| key.proto == PROTO_UDP)
+        else {
+            continue;
+        };
+        let kept: BTreeSet<&Backend> = plan
+            .next
+            .frontends
+            .get(key)
+            .map(|f| f.backends.iter().collect())
+            .unwrap_or_default();
+        for backend in old.backends.iter().filter(|b| !kept.contains(b)) {
+            removed.insert((old.service_id, *backend));
+        }
+    }
+    removed
 }
 
 /// Whether the plan changes a frontend that has or had session affinity.

@@ -23,6 +23,8 @@ pub struct Attempt {
     pub error: Option<String>,
     /// errno of the failure, when there is one.
     pub errno: Option<i32>,
+    /// Milliseconds since the client started (wall clock), when the attempt began.
+    pub at_ms: u64,
 }
 
 /// Parses the JSON lines printed by `labpod connect`.

@@ -534,3 +534,77 @@ fn host_network_processes_are_translated() -> Result<()> {
         .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")));
     Ok(())
 }
+
+/// Upstream: network/conntrack.go "should be able to preserve UDP traffic when
+/// server pod cycles for a ClusterIP service" (the stale-UDP-flow problem,
+/// which kube-proxy solves by clearing conntrack). A client keeping one
+/// connected UDP socket must not stay pinned to a removed backend: the agent
+/// destroys the sockets steered to it and the client reconnects.
+#[test]
+fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let ports = [("dns", 53, "UDP", "8080")];
+    let only = |i: usize| {
+        web(
+            &ports,
+            "",
+            &slice(
+                "web",
+                "web-a",
+                &[("dns", 8080, "UDP")],
+                &[Endpoint::ready(s.ip(i))],
+            ),
+        )
+    };
+    s.apply("web.yaml", &only(1), |t| {
+        t.contains(&format!("{}:8080", s.ip(1)))
+    })?;
+
+    let client = s
+        .lab
+        .command_in(&s.client, &s.bins.labpod)?
+        .args([
+            "connect",
+            "--target",
+            &format!("{VIP}:53"),
+            "--proto",
+            "udp",
+        ])
+        .args([
+            "--reuse-socket",
+            "--count",
+            "40",
+            "--interval-ms",
+            "100",
+            "--timeout-ms",
+            "300",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    thread::sleep(Duration::from_millis(1200));
+    s.agent.write_manifest("web.yaml", &only(2))?;
+    let changed_ms = started.elapsed().as_millis() as u64;
+    let output = client.wait_with_output()?;
+    let attempts = lb_e2e::probe::parse_attempts(&output.stdout)?;
+
+    let before: Vec<&Attempt> = attempts.iter().filter(|a| a.at_ms < changed_ms).collect();
+    assert!(
+        before.iter().any(|a| a.backend.as_deref() == Some("web-1")),
+        "{attempts:?}"
+    );
+    let settled: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.at_ms > changed_ms + 1000)
+        .collect();
+    assert!(!settled.is_empty());
+    assert!(
+        settled
+            .iter()
+            .all(|a| a.backend.as_deref() == Some("web-2")),
+        "the long-lived socket stayed pinned: {settled:?}"
+    );
+    s.agent
+        .wait_for_log("terminated 1 connected UDP sockets", Duration::from_secs(2))?;
+    Ok(())
+}

@@ -61,8 +61,9 @@ enum Command {
         /// source address as the peer.
         #[arg(long)]
         unconnected: bool,
-        /// Keep one socket for every attempt (connected UDP): shows whether a
-        /// long-lived socket stays pinned to a backend.
+        /// Keep one socket for every attempt (connected UDP), opening a new one
+        /// only after an error, as a resilient DNS client does: shows whether
+        /// a long-lived socket stays pinned to a backend.
         #[arg(long)]
         reuse_socket: bool,
         /// Pause between attempts, in milliseconds.
@@ -93,21 +94,26 @@ fn main() -> Result<()> {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
+            let started = std::time::Instant::now();
             let mut udp = UdpClient::new(target, timeout, unconnected);
+            let mut last_failed = false;
             for i in 0..count {
                 if i > 0 && interval_ms > 0 {
                     thread::sleep(Duration::from_millis(interval_ms));
                 }
-                let attempt = match proto.as_str() {
+                let at_ms = started.elapsed().as_millis() as u64;
+                let mut attempt = match proto.as_str() {
                     "tcp" => tcp_attempt(target, timeout, http),
                     "udp" => {
-                        if !reuse_socket {
+                        if i > 0 && (!reuse_socket || last_failed) {
                             udp = UdpClient::new(target, timeout, unconnected);
                         }
                         udp.attempt()
                     }
                     other => anyhow::bail!("unknown protocol {other}"),
                 };
+                last_failed = !attempt.ok;
+                attempt.at_ms = at_ms;
                 writeln!(out, "{}", serde_json::to_string(&attempt)?)?;
                 out.flush()?;
             }
@@ -213,6 +219,7 @@ fn failure(err: &std::io::Error) -> Attempt {
         local: None,
         error: Some(err.to_string()),
         errno: err.raw_os_error(),
+        at_ms: 0,
     }
 }
 
@@ -257,6 +264,7 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
             local: Some(local.to_string()),
             error: None,
             errno: None,
+            at_ms: 0,
         })
     };
     run().unwrap_or_else(|err| failure(&err))
@@ -316,6 +324,7 @@ impl UdpClient {
                 local: Some(socket.local_addr()?.to_string()),
                 error: None,
                 errno: None,
+                at_ms: 0,
             })
         };
         run().unwrap_or_else(|err| failure(&err))
