@@ -1,19 +1,29 @@
 //! lb-agent: compiles Kubernetes Services and EndpointSlices into the eBPF maps
 //! of the socket-level load balancer.
 //!
-//! The deciding parts ([`model`], [`plan`], [`view`]) are sans-IO and unit
-//! tested without a kernel; [`datapath`] and [`yaml`] are the thin I/O shells.
+//! The deciding parts ([`model`], [`plan`], [`maglev`], [`view`],
+//! [`sockdiag`], [`config`]) are sans-IO and unit tested without a kernel; the
+//! I/O shells are thin: [`datapath`] (maps and programs), [`yaml`], [`k8s`] and
+//! [`source`] (intent), [`terminate`] (sockets), [`http`], [`health`],
+//! [`metrics`], and [`daemon`] (the main loop).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod config;
+pub mod daemon;
 pub mod datapath;
+pub mod health;
+pub mod http;
+pub mod k8s;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod plan;
 pub mod reconcile;
 pub mod sockdiag;
+pub mod source;
 pub mod terminate;
 pub mod view;
 pub mod yaml;

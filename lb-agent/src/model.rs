@@ -8,11 +8,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use lb_common::{
     Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
@@ -33,12 +35,22 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// A Kubernetes object together with where it came from, for error reports.
-#[derive(Clone, Debug)]
+/// Shared (`Arc`) so snapshots of large clusters are cheap to take.
+#[derive(Debug)]
 pub struct Sourced<T> {
     /// Where the object was read: a file path, or `api` for the API server.
-    pub origin: String,
+    pub origin: Arc<str>,
     /// The object.
-    pub object: T,
+    pub object: Arc<T>,
+}
+
+impl<T> Clone for Sourced<T> {
+    fn clone(&self) -> Self {
+        Self {
+            origin: self.origin.clone(),
+            object: self.object.clone(),
+        }
+    }
 }
 
 /// Every object a source currently holds.
@@ -50,6 +62,12 @@ pub struct Objects {
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     /// Node objects (for this node's zone).
     pub nodes: Vec<Sourced<Node>>,
+    /// Pods, for label-based security identities.
+    pub pods: Vec<Sourced<Pod>>,
+    /// Namespaces, for namespace selectors of policies.
+    pub namespaces: Vec<Sourced<Namespace>>,
+    /// NetworkPolicies.
+    pub network_policies: Vec<Sourced<NetworkPolicy>>,
 }
 
 /// Which node the agent programs: endpoints on it are "local".
@@ -95,11 +113,25 @@ pub struct Frontend {
     pub affinity_timeout_s: u32,
 }
 
+/// What a healthCheckNodePort answers for one Service
+/// (externalTrafficPolicy Local): whether this node has endpoints for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealth {
+    /// Service namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
 /// The frontends that should be in the datapath.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Frontends by key.
     pub frontends: BTreeMap<ServiceKey, Frontend>,
+    /// healthCheckNodePort servers by port.
+    pub health_checks: BTreeMap<u16, ServiceHealth>,
 }
 
 /// Result of [`compile`]: the desired state plus everything that was skipped.
@@ -154,6 +186,7 @@ pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
     };
     let endpoints = collect_endpoints(&objects.endpoint_slices, &mut errors);
     let mut frontends = BTreeMap::new();
+    let mut health_checks = BTreeMap::new();
     let mut seen_services = BTreeSet::new();
     for sourced in &objects.services {
         let svc = &sourced.object;
@@ -174,6 +207,21 @@ pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
         let ports = service_ports(svc, &report, &mut errors);
         let policy = service_policy(svc, &report, &mut errors);
         let service_endpoints = endpoints.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        if let Some(port) = health_check_port(svc, &report, &mut errors) {
+            let local: BTreeSet<IpAddr> = service_endpoints
+                .iter()
+                .filter(|ep| ep.ready && is_local(ep, &locality))
+                .map(|ep| ep.ip)
+                .collect();
+            health_checks.insert(
+                port,
+                ServiceHealth {
+                    namespace: id.0.clone(),
+                    name: id.1.clone(),
+                    local_endpoints: local.len(),
+                },
+            );
+        }
         for ip in &ips {
             for port in &ports {
                 let key = ServiceKey {
@@ -207,7 +255,10 @@ pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
         }
     }
     Compiled {
-        desired: DesiredState { frontends },
+        desired: DesiredState {
+            frontends,
+            health_checks,
+        },
         errors,
     }
 }
@@ -261,6 +312,29 @@ fn service_policy(svc: &Service, report: &Reporter<'_>, errors: &mut Vec<ObjectE
         internal_local,
         affinity_timeout_s,
     }
+}
+
+/// The healthCheckNodePort of a LoadBalancer Service with externalTrafficPolicy Local.
+fn health_check_port(
+    svc: &Service,
+    report: &Reporter<'_>,
+    errors: &mut Vec<ObjectError>,
+) -> Option<u16> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let port = spec.health_check_node_port?;
+    let valid = valid_port(port);
+    if valid.is_none() {
+        errors.push(report.error(
+            "spec.healthCheckNodePort",
+            format!("{port} is not a port number (1-65535)"),
+        ));
+    }
+    valid
 }
 
 /// Whether kube-proxy would program this Service at all.
@@ -896,6 +970,25 @@ endpoints:
         let fe = &on_node9.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
         assert!(fe.backends.is_empty());
         assert_eq!(fe.flags, SERVICE_FLAG_NO_LOCAL_BACKENDS);
+    }
+
+    #[test]
+    fn health_check_node_ports_count_local_ready_endpoints() {
+        let lb = ZONED.replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+        );
+        let on_node1 = compile_on(&lb, Some("node1"));
+        let health = &on_node1.desired.health_checks[&32000];
+        assert_eq!((health.name.as_str(), health.local_endpoints), ("web", 1));
+        assert_eq!(
+            compile_on(&lb, Some("node9")).desired.health_checks[&32000].local_endpoints,
+            0
+        );
+        assert!(compile_on(ZONED, Some("node1"))
+            .desired
+            .health_checks
+            .is_empty());
     }
 
     #[test]

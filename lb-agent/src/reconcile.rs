@@ -39,6 +39,16 @@ impl Reconciler {
         })
     }
 
+    /// What the maps hold, as last written or read.
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// The capacities plans respect.
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
     /// Moves the maps to `desired`. On a failed write the applied state is
     /// re-read from the kernel, so the next call repairs whatever is left.
     pub fn reconcile(&mut self, maps: &mut Maps, desired: &DesiredState) -> Outcome {

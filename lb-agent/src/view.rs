@@ -131,6 +131,7 @@ mod tests {
                 },
             )]
             .into(),
+            ..Default::default()
         };
         let p = plan(&Default::default(), &desired, &Capacity::default());
         let mut dump = Dump::default();

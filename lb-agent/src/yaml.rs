@@ -63,28 +63,19 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
     match kind.as_deref() {
         Some("Service") => {
             if let Some(object) = typed::<Service>(origin, index, "Service", value, parsed) {
-                parsed.objects.services.push(Sourced {
-                    origin: origin.to_string(),
-                    object,
-                });
+                parsed.objects.services.push(sourced(origin, object));
             }
         }
         Some("EndpointSlice") => {
             if let Some(object) =
                 typed::<EndpointSlice>(origin, index, "EndpointSlice", value, parsed)
             {
-                parsed.objects.endpoint_slices.push(Sourced {
-                    origin: origin.to_string(),
-                    object,
-                });
+                parsed.objects.endpoint_slices.push(sourced(origin, object));
             }
         }
         Some("Node") => {
             if let Some(object) = typed::<Node>(origin, index, "Node", value, parsed) {
-                parsed.objects.nodes.push(Sourced {
-                    origin: origin.to_string(),
-                    object,
-                });
+                parsed.objects.nodes.push(sourced(origin, object));
             }
         }
         Some("List") => {
@@ -98,6 +89,13 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
         None => parsed
             .errors
             .push(document_error(origin, index, "kind", "missing".into())),
+    }
+}
+
+fn sourced<T>(origin: &str, object: T) -> Sourced<T> {
+    Sourced {
+        origin: origin.into(),
+        object: object.into(),
     }
 }
 

@@ -61,8 +61,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts lb-agent for `node`, watching a fresh manifest directory, and
-    /// waits until its programs are attached.
+    /// Starts lb-agent for `node` in the node's network namespace (as a
+    /// hostNetwork DaemonSet pod runs), watching a fresh manifest directory,
+    /// and waits until its programs are attached.
     pub fn start(lab: &Lab, bins: &Binaries, node: &Node) -> Result<Self> {
         Self::start_with(lab, bins, node, &[])
     }
@@ -72,7 +73,8 @@ impl Agent {
         let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
         fs::create_dir_all(&manifests)?;
         let log = lab.work_dir().join(format!("{}-agent.log", node.name));
-        let child = Command::new(&bins.agent)
+        let child = lab
+            .command_in(node, &bins.agent)?
             .arg("--manifests")
             .arg(&manifests)
             .arg("--cgroup")

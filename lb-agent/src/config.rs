@@ -1,0 +1,204 @@
+//! Agent settings: command-line flags over a YAML config file over defaults.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Default address of the Prometheus metrics endpoint (kube-proxy's port).
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10249";
+/// Default address of `/healthz` (kube-proxy's port).
+pub const DEFAULT_HEALTHZ_ADDRESS: &str = "0.0.0.0:10256";
+/// Default bpffs directory.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
+
+/// Socket-level Service load balancer for Kubernetes: programs eBPF maps from
+/// Service and EndpointSlice objects so that connect() to a ClusterIP reaches
+/// a backend directly. Intent comes from the Kubernetes API (in-cluster, or
+/// --kubeconfig) or, with --manifests, from a directory of YAML.
+///
+/// Every flag can also be set in the --config file (YAML, the camelCase key
+/// shown in brackets); a flag given on the command line wins.
+#[derive(Parser, Debug, Default)]
+#[command(version, about, long_about)]
+pub struct Args {
+    /// YAML config file with any of the settings below.
+    #[arg(long, env = "LB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// [nodeName] This node's name: endpoints with this nodeName are local
+    /// (internalTrafficPolicy Local), its Node object's zone label selects topology hints.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// [manifests] Read Services, EndpointSlices and Nodes from this directory
+    /// of Kubernetes YAML instead of the API server (multi-document files and
+    /// `kind: List` accepted; re-read when a file changes).
+    #[arg(long, env = "LB_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// [kubeconfig] kubeconfig for the API server; default: in-cluster
+    /// service account, then $KUBECONFIG, then ~/.kube/config.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// [cgroup] cgroup v2 directory whose processes get translated; default:
+    /// the cgroup v2 mount (the whole node).
+    #[arg(long, env = "LB_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// [bpffsDir] bpffs directory for pinned maps and links [default: /sys/fs/bpf/lb].
+    #[arg(long, env = "LB_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// [metricsAddress] Prometheus metrics address [default: 0.0.0.0:10249].
+    #[arg(long)]
+    pub metrics_address: Option<SocketAddr>,
+    /// [healthzAddress] /healthz address [default: 0.0.0.0:10256].
+    #[arg(long)]
+    pub healthz_address: Option<SocketAddr>,
+    /// [debounceMs] Quiet time after a change before reconciling, in
+    /// milliseconds; also the manifest directory's poll period [default: 100].
+    #[arg(long)]
+    pub debounce_ms: Option<u64>,
+}
+
+/// The config file's content: the same settings as [`Args`].
+#[derive(Deserialize, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Args::node_name`].
+    pub node_name: Option<String>,
+    /// See [`Args::manifests`].
+    pub manifests: Option<PathBuf>,
+    /// See [`Args::kubeconfig`].
+    pub kubeconfig: Option<PathBuf>,
+    /// See [`Args::cgroup`].
+    pub cgroup: Option<PathBuf>,
+    /// See [`Args::bpffs_dir`].
+    pub bpffs_dir: Option<PathBuf>,
+    /// See [`Args::metrics_address`].
+    pub metrics_address: Option<SocketAddr>,
+    /// See [`Args::healthz_address`].
+    pub healthz_address: Option<SocketAddr>,
+    /// See [`Args::debounce_ms`].
+    pub debounce_ms: Option<u64>,
+}
+
+/// Where intent comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A directory of YAML.
+    Manifests(PathBuf),
+    /// The Kubernetes API, with an optional kubeconfig path.
+    Kubernetes(Option<PathBuf>),
+}
+
+/// Resolved settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// The source of intent.
+    pub source: SourceKind,
+    /// cgroup to attach to; `None` means the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory.
+    pub bpffs_dir: PathBuf,
+    /// Metrics address.
+    pub metrics_address: SocketAddr,
+    /// `/healthz` address.
+    pub healthz_address: SocketAddr,
+    /// Debounce and poll period in milliseconds.
+    pub debounce_ms: u64,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for the settings.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error, with its location.
+        source: serde_yaml::Error,
+    },
+}
+
+/// Reads the config file named by `args`, if any.
+pub fn load_file(args: &Args) -> Result<FileConfig, ConfigError> {
+    let Some(path) = &args.config else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Flags win over the file, the file over defaults.
+pub fn resolve(args: Args, file: FileConfig) -> Settings {
+    let manifests = args.manifests.or(file.manifests);
+    let source = match manifests {
+        Some(dir) => SourceKind::Manifests(dir),
+        None => SourceKind::Kubernetes(args.kubeconfig.or(file.kubeconfig)),
+    };
+    Settings {
+        node_name: args.node_name.or(file.node_name),
+        source,
+        cgroup: args.cgroup.or(file.cgroup),
+        bpffs_dir: args
+            .bpffs_dir
+            .or(file.bpffs_dir)
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+        metrics_address: args
+            .metrics_address
+            .or(file.metrics_address)
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.parse().expect("valid default")),
+        healthz_address: args
+            .healthz_address
+            .or(file.healthz_address)
+            .unwrap_or_else(|| DEFAULT_HEALTHZ_ADDRESS.parse().expect("valid default")),
+        debounce_ms: args.debounce_ms.or(file.debounce_ms).unwrap_or(100),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileConfig = serde_yaml::from_str(
+            "nodeName: from-file\nbpffsDir: /sys/fs/bpf/x\nmetricsAddress: 127.0.0.1:9000\nmanifests: /etc/lb\n",
+        )
+        .unwrap();
+        let args = Args::parse_from(["lb-agent", "--node-name", "from-flag"]);
+        let settings = resolve(args, file);
+        assert_eq!(settings.node_name.as_deref(), Some("from-flag"));
+        assert_eq!(settings.bpffs_dir, PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(settings.metrics_address, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(settings.healthz_address, "0.0.0.0:10256".parse().unwrap());
+        assert_eq!(settings.source, SourceKind::Manifests("/etc/lb".into()));
+    }
+
+    #[test]
+    fn without_manifests_the_source_is_the_api_server() {
+        let settings = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        assert_eq!(settings.source, SourceKind::Kubernetes(None));
+        assert_eq!(settings.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = serde_yaml::from_str::<FileConfig>("nodename: x\n").unwrap_err();
+        assert!(err.to_string().contains("nodename"), "{err}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The Kubernetes API source: watches with reflector stores, and a snapshot
+//! of every store published after a quiet period (debounce), never a single
+//! event. Watches restart with backoff; while the API is unreachable nothing
+//! is published, so the datapath keeps serving the last known state.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    NamespaceResourceScope,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use crate::{
+    metrics::Metrics,
+    model::{Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
+    source::{Latest, Snapshot},
+};
+
+/// kube-proxy watches Services and EndpointSlices with this selector: objects
+/// of other proxies, and headless ones, are not its business.
+fn proxied_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config or kubeconfig")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Starts watching in a thread of its own; snapshots go to `out`.
+pub fn watch(
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+    debounce: Duration,
+    out: Arc<Latest>,
+    metrics: Metrics,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("k8s-source")
+        .build()?;
+    let client = runtime.block_on(client(kubeconfig))?;
+    std::thread::Builder::new()
+        .name("k8s-source".into())
+        .spawn(move || runtime.block_on(run(client, node_name, debounce, out, metrics)))?;
+    Ok(())
+}
+
+/// Drives one watch into a store, counting restarts, waking `changed` on every event.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    resource: &'static str,
+    changed: Arc<Notify>,
+    metrics: Metrics,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    tokio::spawn(drive(stream, resource, changed, metrics));
+    reader
+}
+
+async fn drive<S, E>(stream: S, resource: &'static str, changed: Arc<Notify>, metrics: Metrics)
+where
+    S: Stream<Item = Result<E, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => changed.notify_one(),
+            Err(err) => {
+                metrics.watch_restarts.with_label_values(&[resource]).inc();
+                log::warn!("watch of {resource}: {err}; retrying with backoff, datapath unchanged");
+            }
+        }
+    }
+}
+
+fn namespaced<K>(client: &Client) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    Api::all(client.clone())
+}
+
+fn sourced<K>(store: &Store<K>) -> Vec<Sourced<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let origin: Arc<str> = Arc::from(format!("api:{}", K::kind(&())));
+    store
+        .state()
+        .into_iter()
+        .map(|object| Sourced {
+            origin: origin.clone(),
+            object,
+        })
+        .collect()
+}
+
+async fn run(
+    client: Client,
+    node_name: Option<String>,
+    debounce: Duration,
+    out: Arc<Latest>,
+    metrics: Metrics,
+) {
+    let changed = Arc::new(Notify::new());
+    let proxied = watcher::Config::default().labels(&proxied_selector());
+    let services = spawn_reflector(
+        namespaced::<Service>(&client),
+        proxied.clone(),
+        "services",
+        changed.clone(),
+        metrics.clone(),
+    );
+    let slices = spawn_reflector(
+        namespaced::<EndpointSlice>(&client),
+        proxied,
+        "endpointslices",
+        changed.clone(),
+        metrics.clone(),
+    );
+    let node_config = match &node_name {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let nodes = spawn_reflector(
+        Api::<Node>::all(client.clone()),
+        node_config,
+        "nodes",
+        changed.clone(),
+        metrics.clone(),
+    );
+    let pods = spawn_reflector(
+        namespaced::<Pod>(&client),
+        watcher::Config::default(),
+        "pods",
+        changed.clone(),
+        metrics.clone(),
+    );
+    let namespaces = spawn_reflector(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        "namespaces",
+        changed.clone(),
+        metrics.clone(),
+    );
+    let policies = spawn_reflector(
+        namespaced::<NetworkPolicy>(&client),
+        watcher::Config::default(),
+        "networkpolicies",
+        changed.clone(),
+        metrics.clone(),
+    );
+
+    // An empty store before its first list would read as "delete everything".
+    let ready = futures::try_join!(
+        services.wait_until_ready(),
+        slices.wait_until_ready(),
+        nodes.wait_until_ready(),
+        pods.wait_until_ready(),
+        namespaces.wait_until_ready(),
+        policies.wait_until_ready(),
+    );
+    if ready.is_err() {
+        log::error!("a Kubernetes watch ended before its first list; no state published");
+        return;
+    }
+    log::info!("initial lists received from the API server");
+    loop {
+        out.publish(Snapshot {
+            objects: Objects {
+                services: sourced(&services),
+                endpoint_slices: sourced(&slices),
+                nodes: sourced(&nodes),
+                pods: sourced(&pods),
+                namespaces: sourced(&namespaces),
+                network_policies: sourced(&policies),
+            },
+            errors: Vec::new(),
+        });
+        changed.notified().await;
+        // Let a burst of events settle into one snapshot.
+        tokio::time::sleep(debounce).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selector_skips_what_kube_proxy_skips() {
+        assert_eq!(
+            proxied_selector(),
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+        );
+    }
+}

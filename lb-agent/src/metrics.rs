@@ -1,0 +1,168 @@
+//! Prometheus metrics: what is programmed, how full each map is, how
+//! reconciliation and the API watches are doing.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::plan::{Applied, Capacity};
+
+/// Every metric the agent exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Frontends programmed.
+    pub frontends: IntGauge,
+    /// Distinct backends programmed.
+    pub backends: IntGauge,
+    /// Entries per map.
+    pub map_entries: IntGaugeVec,
+    /// Capacity per map.
+    pub map_capacity: IntGaugeVec,
+    /// Reconciliations run.
+    pub reconciles: IntCounter,
+    /// Reconciliations that hit an error (capacity, failed write).
+    pub reconcile_errors: IntCounter,
+    /// Time from snapshot to programmed maps.
+    pub reconcile_seconds: Histogram,
+    /// Objects (or fields) skipped as invalid in the latest snapshot.
+    pub invalid_objects: IntGauge,
+    /// API watch restarts per resource.
+    pub watch_restarts: IntCounterVec,
+    /// Connected UDP sockets terminated because their backend left.
+    pub udp_sockets_terminated: IntCounter,
+    /// Unix time of the last successful reconciliation.
+    pub last_sync_seconds: IntGauge,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+impl Metrics {
+    /// Creates and registers every metric (plus process metrics).
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("valid"));
+        let counter =
+            |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid"));
+        Self {
+            frontends: gauge(
+                "lb_frontends",
+                "Service frontends (VIP, port, protocol) programmed",
+            ),
+            backends: gauge("lb_backends", "Distinct backends programmed"),
+            map_entries: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("lb_map_entries", "Entries in a BPF map"),
+                    &["map"],
+                )
+                .expect("valid"),
+            ),
+            map_capacity: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("lb_map_capacity", "Capacity of a BPF map"),
+                    &["map"],
+                )
+                .expect("valid"),
+            ),
+            reconciles: counter("lb_reconciles_total", "Reconciliations run"),
+            reconcile_errors: counter("lb_reconcile_errors_total", "Reconciliations with an error"),
+            reconcile_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lb_reconcile_duration_seconds",
+                        "From snapshot to programmed maps",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18).expect("valid")),
+                )
+                .expect("valid"),
+            ),
+            invalid_objects: gauge("lb_invalid_objects", "Objects or fields skipped as invalid"),
+            watch_restarts: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "lb_watch_restarts_total",
+                        "Kubernetes API watch errors and restarts",
+                    ),
+                    &["resource"],
+                )
+                .expect("valid"),
+            ),
+            udp_sockets_terminated: counter(
+                "lb_udp_sockets_terminated_total",
+                "Connected UDP sockets destroyed because their backend left",
+            ),
+            last_sync_seconds: gauge(
+                "lb_last_sync_timestamp_seconds",
+                "Unix time of the last successful reconciliation",
+            ),
+            registry,
+        }
+    }
+
+    /// Records the programmed state and map occupancy.
+    pub fn observe_state(&self, applied: &Applied, capacity: &Capacity) {
+        self.frontends.set(applied.frontends.len() as i64);
+        self.backends.set(applied.backends.len() as i64);
+        for (map, entries, cap) in [
+            ("services", applied.frontends.len(), capacity.services),
+            ("backends", applied.backends.len(), capacity.backends),
+            ("backend_slots", applied.slot_count(), capacity.slots),
+        ] {
+            self.map_entries
+                .with_label_values(&[map])
+                .set(entries as i64);
+            self.map_capacity.with_label_values(&[map]).set(cap as i64);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_state_and_capacity() {
+        let metrics = Metrics::new();
+        metrics.observe_state(&Applied::default(), &Capacity::default());
+        metrics
+            .watch_restarts
+            .with_label_values(&["services"])
+            .inc();
+        let text = metrics.render();
+        assert!(
+            text.contains("lb_map_capacity{map=\"services\"} 65536"),
+            "{text}"
+        );
+        assert!(text.contains("lb_frontends 0"));
+        assert!(text.contains("lb_watch_restarts_total{resource=\"services\"} 1"));
+    }
+}

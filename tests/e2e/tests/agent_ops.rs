@@ -1,0 +1,212 @@
+//! Operating the agent: health endpoints, metrics, and restarts under load.
+
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use lb_e2e::{
+    agent::Agent,
+    manifests::{service, slice, Endpoint},
+    probe::{parse_attempts, Attempt},
+    scenario::Scenario,
+};
+
+const VIP: &str = "10.96.0.10";
+
+/// `curl` from inside a network namespace: (status, body).
+fn http_get(netns: &str, url: &str) -> Result<(u16, String)> {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8(output.stdout)?;
+    let Some((body, status)) = text.rsplit_once('\n') else {
+        bail!("no answer from {url}: {text:?}");
+    };
+    Ok((status.parse()?, body.to_string()))
+}
+
+fn web_yaml(name: &str, vip: &str, extra_spec: &str, eps: &[Endpoint<'_>]) -> String {
+    let svc = service(name, vip, &[("http", 80, "TCP", "8080")]).replace(
+        "  type: ClusterIP\n",
+        &format!("  type: ClusterIP\n{extra_spec}"),
+    );
+    format!(
+        "{svc}---\n{}",
+        slice(name, &format!("{name}-a"), &[("http", 8080, "TCP")], eps)
+    )
+}
+
+/// `/healthz` on port 10256 answers like kube-proxy's, and `/metrics` on
+/// 10249 shows what is programmed and how full the maps are.
+#[test]
+fn healthz_and_metrics_describe_the_agent() -> Result<()> {
+    let s = Scenario::new(1, &["--node-name", "node1"])?;
+    let node_url = |port: u16, path: &str| format!("http://{}:{port}{path}", s.node.ip);
+    s.apply(
+        "web.yaml",
+        &web_yaml("web", VIP, "", &[Endpoint::ready(s.ip(1))]),
+        |t| t.contains("default/web:http"),
+    )?;
+    let (status, body) = http_get(&s.client.netns, &node_url(10256, "/healthz"))?;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(
+        json["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{body}"
+    );
+    assert!(json["currentTime"].is_string(), "{body}");
+
+    s.agent.write_manifest(
+        "broken.yaml",
+        &service("bad", "10.96.0.300", &[("http", 80, "TCP", "80")]),
+    )?;
+    s.agent
+        .wait_for_log("Service default/bad", Duration::from_secs(5))?;
+    let (status, metrics) = http_get(&s.client.netns, &node_url(10249, "/metrics"))?;
+    assert_eq!(status, 200);
+    for needle in [
+        "lb_frontends 1",
+        "lb_backends 1",
+        "lb_map_entries{map=\"services\"} 1",
+        "lb_map_capacity{map=\"services\"} 65536",
+        "lb_map_capacity{map=\"backend_slots\"} 524288",
+        "lb_invalid_objects 1",
+        "lb_reconcile_duration_seconds_count",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    let reconciles = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_reconciles_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(reconciles >= 2, "{metrics}");
+    Ok(())
+}
+
+/// Upstream: network/loadbalancer.go "should only target nodes with endpoints"
+/// (kube-proxy side): a healthCheckNodePort answers 200 with kube-proxy's JSON
+/// while this node has a ready endpoint of the Service, 503 when it has none.
+#[test]
+fn health_check_node_port_reports_local_endpoints() -> Result<()> {
+    let s = Scenario::new(1, &["--node-name", "node1"])?;
+    let lb = "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n";
+    let as_lb = |eps: &[Endpoint<'_>]| {
+        web_yaml("web", VIP, lb, eps).replace("type: ClusterIP", "type: LoadBalancer")
+    };
+    s.apply(
+        "web.yaml",
+        &as_lb(&[Endpoint::ready(s.ip(1)).on("node1")]),
+        |t| t.contains("default/web:http"),
+    )?;
+    let url = format!("http://{}:32100/", s.node.ip);
+    let (status, body) = http_get(&s.client.netns, &url)?;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(json["service"]["namespace"], "default");
+    assert_eq!(json["service"]["name"], "web");
+    assert_eq!(json["localEndpoints"], 1);
+    assert_eq!(json["serviceProxyHealthy"], true);
+
+    s.agent
+        .write_manifest("web.yaml", &as_lb(&[Endpoint::ready(s.ip(1)).on("node2")]))?;
+    let mut last = (0, String::new());
+    for _ in 0..50 {
+        last = http_get(&s.client.netns, &url)?;
+        if last.0 == 503 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(last.0, 503, "{}", last.1);
+    assert!(last.1.contains("\"localEndpoints\":0"), "{}", last.1);
+    Ok(())
+}
+
+/// SIGKILL of the agent under a connection load fails no connection; the
+/// restarted agent adopts the pinned state, removes what was deleted while it
+/// was down, adds what was created, and leaves unchanged entries alone.
+#[test]
+fn sigkill_under_load_fails_no_connection_and_restart_reconciles() -> Result<()> {
+    let mut s = Scenario::new(2, &[])?;
+    let (ip1, ip2) = (s.ip(1).to_owned(), s.ip(2).to_owned());
+    let eps = [Endpoint::ready(&ip1), Endpoint::ready(&ip2)];
+    s.apply("web.yaml", &web_yaml("web", VIP, "", &eps), |t| {
+        t.contains("default/web:http")
+    })?;
+    s.apply("old.yaml", &web_yaml("old", "10.96.0.20", "", &eps), |t| {
+        t.contains("default/old:http")
+    })?;
+    let id_of = |table: &str, name: &str| -> Option<String> {
+        table
+            .lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+    };
+    let before = s.agent.service_list()?;
+
+    let load = s
+        .lab
+        .command_in(&s.client, &s.bins.labpod)?
+        .args([
+            "connect",
+            "--target",
+            &format!("{VIP}:80"),
+            "--count",
+            "1500",
+            "--interval-ms",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    thread::sleep(Duration::from_millis(500));
+    s.agent.kill();
+    std::fs::remove_file(s.agent.manifests.join("old.yaml"))?;
+    s.agent
+        .write_manifest("new.yaml", &web_yaml("new", "10.96.0.30", "", &eps))?;
+    thread::sleep(Duration::from_millis(500));
+    s.agent = Agent::start(&s.lab, &s.bins, &s.node)?;
+    let after = s.agent.wait_for_services(Duration::from_secs(10), |t| {
+        t.contains("default/new:http") && !t.contains("default/old:http")
+    })?;
+    let attempts: Vec<Attempt> = parse_attempts(&load.wait_with_output()?.stdout)?;
+    assert_eq!(attempts.len(), 1500);
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed connections: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert_eq!(
+        id_of(&before, "default/web:http"),
+        id_of(&after, "default/web:http")
+    );
+    // Deleting `old` is 5 writes (frontend, 2 slots, reverse NAT, name) and
+    // adding `new` 5 more (2 slots, reverse NAT, name, frontend; the backends
+    // are shared): `web` is not touched.
+    s.agent.wait_for_log(
+        "reconciled 2 frontends with 10 map writes",
+        Duration::from_secs(5),
+    )?;
+    let connected = s.connect("10.96.0.30:80", 5, &[])?;
+    assert!(connected.iter().all(|a| a.ok), "{connected:?}");
+    Ok(())
+}
