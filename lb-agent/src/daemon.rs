@@ -16,9 +16,9 @@ use crate::{
     http::{Handler, Response, Server},
     k8s,
     metrics::Metrics,
-    model::{self, NodeContext},
+    model::{Compiler, NodeContext},
     mounts,
-    plan::Capacity,
+    plan::{Capacity, Scope},
     reconcile::Reconciler,
     source::{self, Latest, Snapshot},
 };
@@ -80,9 +80,9 @@ pub fn run(settings: Settings) -> Result<()> {
         )?,
     }
 
-    let node = NodeContext {
+    let mut compiler = Compiler::new(NodeContext {
         name: settings.node_name.clone(),
-    };
+    });
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
     loop {
@@ -91,7 +91,7 @@ pub fn run(settings: Settings) -> Result<()> {
         };
         sync(
             &snapshot,
-            &node,
+            &mut compiler,
             &mut datapath,
             &mut reconciler,
             &metrics,
@@ -110,7 +110,7 @@ pub fn run(settings: Settings) -> Result<()> {
 
 fn sync(
     snapshot: &Snapshot,
-    node: &NodeContext,
+    compiler: &mut Compiler,
     datapath: &mut Datapath,
     reconciler: &mut Reconciler,
     metrics: &Metrics,
@@ -118,16 +118,17 @@ fn sync(
     health_checks: &mut HealthCheckServers,
 ) {
     let started = Instant::now();
-    let compiled = model::compile(&snapshot.objects, node);
-    for error in snapshot.errors.iter().chain(&compiled.errors) {
+    let update = compiler.update(&snapshot.objects);
+    for error in snapshot.errors.iter().chain(&update.errors) {
         log::error!("skipped: {error}");
     }
     metrics
         .invalid_objects
-        .set((snapshot.errors.len() + compiled.errors.len()) as i64);
-    let outcome = reconciler.reconcile(&mut datapath.maps, &compiled.desired);
+        .set((snapshot.errors.len() + update.errors.len()) as i64);
+    let desired = compiler.desired();
+    let outcome = reconciler.reconcile(&mut datapath.maps, desired, Scope::Only(&update.changed));
     let mut errors = outcome.errors;
-    errors.extend(health_checks.update(&compiled.desired.health_checks));
+    errors.extend(health_checks.update(&desired.health_checks));
     for error in &errors {
         log::error!("{error}");
     }

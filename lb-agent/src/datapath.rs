@@ -410,7 +410,9 @@ impl Datapath {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with("LB_") && !MAP_PINS.contains(&name.as_ref()) {
+            let current = MAP_PINS.contains(&name.as_ref())
+                || crate::tcpath::MAP_PINS.contains(&name.as_ref());
+            if name.starts_with("LB_") && !current {
                 match fs::remove_file(entry.path()) {
                     Ok(()) => log::info!("removed map pin {name} of an older layout"),
                     Err(err) => log::warn!("cannot remove stale pin {name}: {err}"),

@@ -24,6 +24,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod sockdiag;
 pub mod source;
+pub mod tcpath;
 pub mod terminate;
 pub mod view;
 pub mod yaml;

@@ -5,7 +5,7 @@
 //! directory, the Kubernetes API) hands its objects to [`compile`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -174,93 +174,325 @@ struct EndpointPortSpec {
     proto: u8,
 }
 
-/// Compiles objects into the desired state for `node`. Invalid objects or
-/// fields are reported in [`Compiled::errors`] and skipped; they never affect
-/// other objects.
+/// Compiles objects into the desired state for `node`, from scratch.
+/// Invalid objects or fields are reported in [`Compiled::errors`] and skipped;
+/// they never affect other objects.
 pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
-    let mut errors = Vec::new();
-    let zone = node_zone(objects, node);
-    let locality = Locality {
-        node: node.name.as_deref(),
-        zone: zone.as_deref(),
-    };
-    let endpoints = collect_endpoints(&objects.endpoint_slices, &mut errors);
-    let mut frontends = BTreeMap::new();
-    let mut health_checks = BTreeMap::new();
-    let mut seen_services = BTreeSet::new();
-    for sourced in &objects.services {
-        let svc = &sourced.object;
-        let report = Reporter::new(&sourced.origin, "Service", &svc.metadata);
-        let Some(id) = report.require_identity(&mut errors) else {
-            continue;
-        };
-        if !seen_services.insert(id.clone()) {
-            errors.push(report.error("metadata.name", "duplicate Service; the first one is used"));
-            continue;
-        }
-        if !is_proxied(svc) {
-            continue;
-        }
-        let Some(ips) = cluster_ips(svc, &report, &mut errors) else {
-            continue;
-        };
-        let ports = service_ports(svc, &report, &mut errors);
-        let policy = service_policy(svc, &report, &mut errors);
-        let service_endpoints = endpoints.get(&id).map(Vec::as_slice).unwrap_or(&[]);
-        if let Some(port) = health_check_port(svc, &report, &mut errors) {
-            let local: BTreeSet<IpAddr> = service_endpoints
+    let mut compiler = Compiler::new(node.clone());
+    let update = compiler.update(objects);
+    Compiled {
+        desired: compiler.desired,
+        errors: update.errors,
+    }
+}
+
+/// What compiling one Service produced.
+#[derive(Default)]
+struct ServiceOutput {
+    frontends: Vec<(ServiceKey, Frontend)>,
+    health: Option<(u16, ServiceHealth)>,
+    errors: Vec<ObjectError>,
+}
+
+/// A compiled Service and the exact objects it was compiled from.
+struct Cached {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    output: ServiceOutput,
+}
+
+impl Cached {
+    fn compiled_from(&self, service: &Arc<Service>, slices: &[&Sourced<EndpointSlice>]) -> bool {
+        Arc::ptr_eq(&self.service, service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
                 .iter()
-                .filter(|ep| ep.ready && is_local(ep, &locality))
-                .map(|ep| ep.ip)
-                .collect();
-            health_checks.insert(
-                port,
-                ServiceHealth {
-                    namespace: id.0.clone(),
-                    name: id.1.clone(),
-                    local_endpoints: local.len(),
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
+    }
+}
+
+/// What one [`Compiler::update`] changed.
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    /// Frontends added, changed or removed.
+    pub changed: BTreeSet<ServiceKey>,
+    /// Every invalid object or field in the current objects.
+    pub errors: Vec<ObjectError>,
+}
+
+/// Compiles snapshots incrementally: a Service is recompiled only when it,
+/// one of its EndpointSlices or the node's zone changed. Sources that keep
+/// unchanged objects in the same `Arc` across snapshots (the API source does)
+/// make a single change cost one Service, not the whole cluster.
+pub struct Compiler {
+    node: NodeContext,
+    zone: Option<String>,
+    cache: HashMap<ServiceId, Cached>,
+    /// Cached Services by the address of the object they were compiled from.
+    by_object: HashMap<usize, ServiceId>,
+    owners: HashMap<ServiceKey, ServiceId>,
+    desired: DesiredState,
+}
+
+impl Compiler {
+    /// A compiler for `node` with nothing compiled yet.
+    pub fn new(node: NodeContext) -> Self {
+        Self {
+            node,
+            zone: None,
+            cache: HashMap::new(),
+            by_object: HashMap::new(),
+            owners: HashMap::new(),
+            desired: DesiredState::default(),
+        }
+    }
+
+    /// The desired state as of the last update.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Brings the desired state up to date with `objects`.
+    pub fn update(&mut self, objects: &Objects) -> Update {
+        let mut update = Update::default();
+        let zone = node_zone(objects, &self.node);
+        if zone != self.zone {
+            self.zone = zone;
+            let everything: Vec<ServiceId> = self.cache.keys().cloned().collect();
+            for id in everything {
+                self.forget(&id, &mut update.changed);
+            }
+        }
+        // Borrowed keys and pointer identity keep an unchanged snapshot free of
+        // allocations: only changed Services cost more than a lookup.
+        let mut slices: HashMap<(&str, &str), Vec<&Sourced<EndpointSlice>>> = HashMap::new();
+        for sourced in &objects.endpoint_slices {
+            match borrowed_slice_service(&sourced.object) {
+                Some(id) => slices.entry(id).or_default().push(sourced),
+                None => {
+                    slice_service(sourced, &mut update.errors);
+                }
+            }
+        }
+        for list in slices.values_mut() {
+            list.sort_by_key(|s| Arc::as_ptr(&s.object));
+        }
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(objects.services.len());
+        for sourced in &objects.services {
+            let meta = &sourced.object.metadata;
+            let Some(name) = meta.name.as_deref() else {
+                Reporter::new(&sourced.origin, "Service", meta)
+                    .require_identity(&mut update.errors);
+                continue;
+            };
+            let borrowed = (meta.namespace.as_deref().unwrap_or("default"), name);
+            if !seen.insert(borrowed) {
+                let report = Reporter::new(&sourced.origin, "Service", meta);
+                update.errors.push(
+                    report.error("metadata.name", "duplicate Service; the first one is used"),
+                );
+                continue;
+            }
+            let own_slices = slices.get(&borrowed).map(Vec::as_slice).unwrap_or(&[]);
+            let unchanged = self
+                .by_object
+                .get(&(Arc::as_ptr(&sourced.object) as usize))
+                .and_then(|id| self.cache.get(id))
+                .is_some_and(|c| c.compiled_from(&sourced.object, own_slices));
+            if unchanged {
+                continue;
+            }
+            let id: ServiceId = (borrowed.0.to_owned(), borrowed.1.to_owned());
+            self.forget(&id, &mut update.changed);
+            let locality = Locality {
+                node: self.node.name.as_deref(),
+                zone: self.zone.as_deref(),
+            };
+            let mut output = compile_service(sourced, &id, own_slices, &locality);
+            self.install(&id, &mut output, &mut update.changed);
+            // The cache holds the Arc, so its address cannot be reused by
+            // another object while it identifies this one.
+            self.by_object
+                .insert(Arc::as_ptr(&sourced.object) as usize, id.clone());
+            self.cache.insert(
+                id,
+                Cached {
+                    service: sourced.object.clone(),
+                    slices: own_slices.iter().map(|s| s.object.clone()).collect(),
+                    output,
                 },
             );
         }
-        for ip in &ips {
-            for port in &ports {
-                let key = ServiceKey {
-                    addr: addr_from_ip(*ip),
-                    port: port_to_be(port.port),
-                    proto: port.proto,
-                    scope: SCOPE_EXTERNAL,
-                };
-                let name = match &port.name {
-                    Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
-                    None => format!("{}/{}", id.0, id.1),
-                };
-                let backends = select_backends(service_endpoints, ip, port, &policy, &locality);
-                let mut flags = 0;
-                if policy.affinity_timeout_s.is_some() {
-                    flags |= SERVICE_FLAG_AFFINITY;
-                }
-                if policy.internal_local && backends.is_empty() {
-                    flags |= SERVICE_FLAG_NO_LOCAL_BACKENDS;
-                }
-                frontends.insert(
-                    key,
-                    Frontend {
-                        name,
-                        backends,
-                        flags,
-                        affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
-                    },
-                );
+        let gone: Vec<ServiceId> = self
+            .cache
+            .keys()
+            .filter(|id| !seen.contains(&(id.0.as_str(), id.1.as_str())))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.forget(&id, &mut update.changed);
+        }
+        update.errors.extend(
+            self.cache
+                .values()
+                .flat_map(|c| c.output.errors.iter().cloned()),
+        );
+        update.errors.sort_by(|a, b| {
+            (&a.origin, &a.object, &a.field).cmp(&(&b.origin, &b.object, &b.field))
+        });
+        update
+    }
+
+    /// Removes a Service's contribution to the desired state.
+    fn forget(&mut self, id: &ServiceId, changed: &mut BTreeSet<ServiceKey>) {
+        let Some(cached) = self.cache.remove(id) else {
+            return;
+        };
+        self.by_object
+            .remove(&(Arc::as_ptr(&cached.service) as usize));
+        for (key, _) in &cached.output.frontends {
+            if self.owners.get(key) == Some(id) {
+                self.owners.remove(key);
+                self.desired.frontends.remove(key);
+                changed.insert(*key);
+            }
+        }
+        if let Some((port, _)) = &cached.output.health {
+            let owned = self
+                .desired
+                .health_checks
+                .get(port)
+                .is_some_and(|h| h.namespace == id.0 && h.name == id.1);
+            if owned {
+                self.desired.health_checks.remove(port);
             }
         }
     }
-    Compiled {
-        desired: DesiredState {
-            frontends,
-            health_checks,
-        },
-        errors,
+
+    /// Adds a freshly compiled Service; frontends or health ports another
+    /// Service already owns are reported and left to their owner.
+    fn install(
+        &mut self,
+        id: &ServiceId,
+        output: &mut ServiceOutput,
+        changed: &mut BTreeSet<ServiceKey>,
+    ) {
+        let mut conflicts = Vec::new();
+        output.frontends.retain(|(key, frontend)| {
+            if let Some(owner) = self.owners.get(key).filter(|o| *o != id) {
+                conflicts.push(format!(
+                    "frontend of {} is already used by {}/{}",
+                    frontend.name, owner.0, owner.1
+                ));
+                return false;
+            }
+            true
+        });
+        for (key, frontend) in &output.frontends {
+            self.owners.insert(*key, id.clone());
+            self.desired.frontends.insert(*key, frontend.clone());
+            changed.insert(*key);
+        }
+        if let Some((port, health)) = &output.health {
+            match self.desired.health_checks.get(port) {
+                Some(other)
+                    if (other.namespace.as_str(), other.name.as_str())
+                        != (id.0.as_str(), id.1.as_str()) =>
+                {
+                    conflicts.push(format!(
+                        "healthCheckNodePort {port} is already used by {}/{}",
+                        other.namespace, other.name
+                    ));
+                    output.health = None;
+                }
+                _ => {
+                    self.desired.health_checks.insert(*port, health.clone());
+                }
+            }
+        }
+        for reason in conflicts {
+            output.errors.push(ObjectError {
+                origin: String::new(),
+                object: format!("Service {}/{}", id.0, id.1),
+                field: "spec".into(),
+                reason,
+            });
+        }
     }
+}
+
+/// Compiles one Service with its EndpointSlices.
+fn compile_service(
+    sourced: &Sourced<Service>,
+    id: &ServiceId,
+    slices: &[&Sourced<EndpointSlice>],
+    locality: &Locality<'_>,
+) -> ServiceOutput {
+    let svc = &sourced.object;
+    let report = Reporter::new(&sourced.origin, "Service", &svc.metadata);
+    let mut output = ServiceOutput::default();
+    let errors = &mut output.errors;
+    let endpoints: Vec<EndpointSpec> = slices
+        .iter()
+        .flat_map(|slice| slice_endpoints(slice, errors))
+        .collect();
+    if !is_proxied(svc) {
+        return output;
+    }
+    let Some(ips) = cluster_ips(svc, &report, errors) else {
+        return output;
+    };
+    let ports = service_ports(svc, &report, errors);
+    let policy = service_policy(svc, &report, errors);
+    if let Some(port) = health_check_port(svc, &report, errors) {
+        let local: BTreeSet<IpAddr> = endpoints
+            .iter()
+            .filter(|ep| ep.ready && is_local(ep, locality))
+            .map(|ep| ep.ip)
+            .collect();
+        output.health = Some((
+            port,
+            ServiceHealth {
+                namespace: id.0.clone(),
+                name: id.1.clone(),
+                local_endpoints: local.len(),
+            },
+        ));
+    }
+    for ip in &ips {
+        for port in &ports {
+            let key = ServiceKey {
+                addr: addr_from_ip(*ip),
+                port: port_to_be(port.port),
+                proto: port.proto,
+                scope: SCOPE_EXTERNAL,
+            };
+            let name = match &port.name {
+                Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
+                None => format!("{}/{}", id.0, id.1),
+            };
+            let backends = select_backends(&endpoints, ip, port, &policy, locality);
+            let mut flags = 0;
+            if policy.affinity_timeout_s.is_some() {
+                flags |= SERVICE_FLAG_AFFINITY;
+            }
+            if policy.internal_local && backends.is_empty() {
+                flags |= SERVICE_FLAG_NO_LOCAL_BACKENDS;
+            }
+            output.frontends.push((
+                key,
+                Frontend {
+                    name,
+                    backends,
+                    flags,
+                    affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
+                },
+            ));
+        }
+    }
+    output
 }
 
 /// This node's zone, from its Node object's label.
@@ -446,84 +678,99 @@ fn parse_protocol(protocol: Option<&str>) -> Result<u8, String> {
 /// `(namespace, name)` of a Service.
 type ServiceId = (String, String);
 
-/// Validated endpoints of every Service, keyed by `(namespace, service name)`.
-fn collect_endpoints(
-    slices: &[Sourced<EndpointSlice>],
+/// `(namespace, service)` of a slice, borrowed; `None` when it has no name or label.
+fn borrowed_slice_service(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    slice.metadata.name.as_ref()?;
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        service,
+    ))
+}
+
+/// The Service a slice belongs to, or an error when it names none.
+fn slice_service(
+    sourced: &Sourced<EndpointSlice>,
     errors: &mut Vec<ObjectError>,
-) -> BTreeMap<ServiceId, Vec<EndpointSpec>> {
-    let mut by_service: BTreeMap<ServiceId, Vec<EndpointSpec>> = BTreeMap::new();
-    for sourced in slices {
-        let slice = &sourced.object;
-        let report = Reporter::new(&sourced.origin, "EndpointSlice", &slice.metadata);
-        let Some((namespace, _)) = report.require_identity(errors) else {
-            continue;
-        };
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            errors.push(report.error(
-                &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
-                "missing: the slice cannot be tied to a Service",
-            ));
-            continue;
-        };
-        if slice.address_type == "FQDN" {
-            continue;
-        }
-        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
-            errors.push(report.error(
-                "addressType",
-                format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type),
-            ));
-            continue;
-        }
-        let Some(ports) = slice_ports(slice, &report, errors) else {
-            continue;
-        };
-        let entry = by_service.entry((namespace, service.clone())).or_default();
-        for (i, endpoint) in slice.endpoints.iter().enumerate() {
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            // kube-proxy treats an unset condition as "ready", an unset serving
-            // as equal to ready and an unset terminating as false.
-            let ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(ready);
-            let terminating = conditions.terminating.unwrap_or(false);
-            // The API allows exactly one address per endpoint; consumers use the first.
-            let Some(text) = endpoint.addresses.first() else {
-                errors.push(report.error(&format!("endpoints[{i}].addresses"), "empty"));
-                continue;
-            };
-            let ip = match text.parse::<IpAddr>() {
-                Ok(ip) if ip.is_ipv4() == (slice.address_type == "IPv4") => ip,
-                _ => {
-                    errors.push(report.error(
-                        &format!("endpoints[{i}].addresses[0]"),
-                        format!("{text:?} is not an {} address", slice.address_type),
-                    ));
-                    continue;
-                }
-            };
-            let zone_hints = endpoint
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default();
-            entry.push(EndpointSpec {
-                ip,
-                ready,
-                serving,
-                terminating,
-                node_name: endpoint.node_name.clone(),
-                zone_hints,
-                ports: ports.clone(),
-            });
-        }
+) -> Option<ServiceId> {
+    let slice = &sourced.object;
+    let report = Reporter::new(&sourced.origin, "EndpointSlice", &slice.metadata);
+    let (namespace, _) = report.require_identity(errors)?;
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+    else {
+        errors.push(report.error(
+            &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+            "missing: the slice cannot be tied to a Service",
+        ));
+        return None;
+    };
+    Some((namespace, service.clone()))
+}
+
+/// The validated endpoints of one slice; invalid ones are reported and skipped.
+fn slice_endpoints(
+    sourced: &Sourced<EndpointSlice>,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<EndpointSpec> {
+    let slice = &sourced.object;
+    let report = Reporter::new(&sourced.origin, "EndpointSlice", &slice.metadata);
+    if slice.address_type == "FQDN" {
+        return Vec::new();
     }
-    by_service
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        errors.push(report.error(
+            "addressType",
+            format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type),
+        ));
+        return Vec::new();
+    }
+    let Some(ports) = slice_ports(slice, &report, errors) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(slice.endpoints.len());
+    for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        let conditions = endpoint.conditions.clone().unwrap_or_default();
+        // kube-proxy treats an unset condition as "ready", an unset serving
+        // as equal to ready and an unset terminating as false.
+        let ready = conditions.ready.unwrap_or(true);
+        let serving = conditions.serving.unwrap_or(ready);
+        let terminating = conditions.terminating.unwrap_or(false);
+        // The API allows exactly one address per endpoint; consumers use the first.
+        let Some(text) = endpoint.addresses.first() else {
+            errors.push(report.error(&format!("endpoints[{i}].addresses"), "empty"));
+            continue;
+        };
+        let ip = match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv4() == (slice.address_type == "IPv4") => ip,
+            _ => {
+                errors.push(report.error(
+                    &format!("endpoints[{i}].addresses[0]"),
+                    format!("{text:?} is not an {} address", slice.address_type),
+                ));
+                continue;
+            }
+        };
+        let zone_hints = endpoint
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default();
+        out.push(EndpointSpec {
+            ip,
+            ready,
+            serving,
+            terminating,
+            node_name: endpoint.node_name.clone(),
+            zone_hints,
+            ports: ports.clone(),
+        });
+    }
+    out
 }
 
 fn slice_ports(
@@ -970,6 +1217,33 @@ endpoints:
         let fe = &on_node9.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
         assert!(fe.backends.is_empty());
         assert_eq!(fe.flags, SERVICE_FLAG_NO_LOCAL_BACKENDS);
+    }
+
+    #[test]
+    fn unchanged_objects_are_not_recompiled_and_changes_are_reported() {
+        let parsed = parse_documents("test.yaml", ZONED);
+        let mut objects = parsed.objects;
+        let mut compiler = Compiler::new(NodeContext::default());
+        let first = compiler.update(&objects);
+        assert_eq!(first.changed.len(), 1);
+        assert!(compiler.update(&objects).changed.is_empty());
+        // A new EndpointSlice object (as the API source delivers an update).
+        let mut slice = (*objects.endpoint_slices[0].object).clone();
+        slice.endpoints.truncate(1);
+        objects.endpoint_slices[0].object = Arc::new(slice);
+        let update = compiler.update(&objects);
+        assert_eq!(update.changed.len(), 1);
+        assert_eq!(http_ips_of(compiler.desired()), vec![ip("10.0.0.1")]);
+        objects.services.clear();
+        assert_eq!(compiler.update(&objects).changed.len(), 1);
+        assert!(compiler.desired().frontends.is_empty());
+    }
+
+    fn http_ips_of(desired: &DesiredState) -> Vec<IpAddr> {
+        ips(&desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)])
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect()
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! a new generation, then one write that flips the frontend to it, then the
 //! deletion of the old generation. Unused backends are deleted last.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
 
@@ -85,15 +85,25 @@ pub struct CapacityError {
     pub capacity: usize,
 }
 
-/// What [`plan`] returns.
+/// What [`plan`] returns; the applied state it was given already describes
+/// the maps as they will be once every group has been executed.
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// Groups in execution order.
     pub groups: Vec<Group>,
-    /// The applied state once every group has been executed.
-    pub next: Applied,
     /// Frontends left as they were because of capacity.
     pub errors: Vec<CapacityError>,
+    /// The previous state of every frontend the plan removes or changes.
+    pub replaced: Vec<(ServiceKey, AppliedFrontend)>,
+}
+
+/// Which frontends a plan considers.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every frontend, applied or desired.
+    All,
+    /// Only these (e.g. the ones an incremental compile reported changed).
+    Only(&'a BTreeSet<ServiceKey>),
 }
 
 impl Plan {
@@ -117,6 +127,9 @@ pub struct AppliedFrontend {
     pub generation: u32,
     /// Backends in slot order.
     pub backends: Vec<Backend>,
+    /// Slots the frontend occupies: `backends.len()` unless a dump found
+    /// some of them missing.
+    pub slots: usize,
     /// Display name.
     pub name: String,
     /// `SERVICE_FLAG_*` bits.
@@ -146,6 +159,8 @@ pub struct Applied {
     pub frontends: BTreeMap<ServiceKey, AppliedFrontend>,
     /// Backend ids by backend.
     pub backends: BTreeMap<Backend, u32>,
+    /// How many frontends use each backend.
+    refs: HashMap<Backend, usize>,
     slot_count: usize,
     next_id: u32,
     wrapped: bool,
@@ -210,6 +225,7 @@ impl Applied {
                     service_id: value.service_id,
                     generation: value.slot_generation,
                     backends,
+                    slots: value.backend_count as usize,
                     name: names.get(&value.service_id).cloned().unwrap_or_default(),
                     flags: value.flags,
                     affinity_timeout_s: value.affinity_timeout_s,
@@ -232,9 +248,17 @@ impl Applied {
                 applied.orphans.push(Op::DeleteName(*id));
             }
         }
+        for frontend in applied.frontends.values() {
+            for backend in &frontend.backends {
+                *applied.refs.entry(*backend).or_default() += 1;
+            }
+        }
         for (id, backend) in &backends_by_id {
-            if applied.backends.insert(*backend, *id).is_some() {
+            let referenced = applied.refs.contains_key(backend);
+            if !referenced || applied.backends.contains_key(backend) {
                 applied.orphans.push(Op::DeleteBackend(*id));
+            } else {
+                applied.backends.insert(*backend, *id);
             }
         }
         let max_id = [
@@ -280,41 +304,95 @@ impl Applied {
     pub fn slot_count(&self) -> usize {
         self.slot_count
     }
+
+    /// Records a frontend, counting its slots and backend references.
+    fn insert_frontend(&mut self, key: ServiceKey, frontend: AppliedFrontend) {
+        if let Some(old) = self.frontends.remove(&key) {
+            self.forget_refs(&old);
+        }
+        self.slot_count += frontend.slots;
+        for backend in &frontend.backends {
+            *self.refs.entry(*backend).or_default() += 1;
+        }
+        self.frontends.insert(key, frontend);
+    }
+
+    /// Forgets a frontend, returning it.
+    fn remove_frontend(&mut self, key: &ServiceKey) -> Option<AppliedFrontend> {
+        let old = self.frontends.remove(key)?;
+        self.forget_refs(&old);
+        Some(old)
+    }
+
+    fn forget_refs(&mut self, frontend: &AppliedFrontend) {
+        self.slot_count -= frontend.slots;
+        for backend in &frontend.backends {
+            if let Some(count) = self.refs.get_mut(backend) {
+                *count -= 1;
+                if *count == 0 {
+                    self.refs.remove(backend);
+                }
+            }
+        }
+    }
 }
 
-/// Computes the operations that turn `applied` into `desired`.
-pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> Plan {
-    let mut next = applied.clone();
-    let orphans = std::mem::take(&mut next.orphans);
+/// Computes the operations that turn the maps described by `applied` into
+/// `desired` (for the frontends in `scope`), and updates `applied` to what
+/// the maps will hold once they have run.
+pub fn plan(
+    applied: &mut Applied,
+    desired: &DesiredState,
+    capacity: &Capacity,
+    scope: Scope<'_>,
+) -> Plan {
     let mut groups = Vec::new();
     let mut errors = Vec::new();
+    let mut replaced = Vec::new();
+    let mut cleanup = std::mem::take(&mut applied.orphans);
+    // Backends whose last user may be going away.
+    let mut touched: BTreeSet<Backend> = BTreeSet::new();
 
+    let candidates: Vec<ServiceKey> = match scope {
+        Scope::All => applied
+            .frontends
+            .keys()
+            .chain(desired.frontends.keys())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        Scope::Only(keys) => keys.iter().copied().collect(),
+    };
     // Removals first: they free capacity for what follows.
-    let removed: Vec<ServiceKey> = next
-        .frontends
-        .keys()
+    for key in candidates
+        .iter()
         .filter(|k| !desired.frontends.contains_key(k))
-        .copied()
-        .collect();
-    for key in removed {
-        let old = next.frontends.remove(&key).expect("listed above");
-        let mut ops = vec![Op::DeleteService(key)];
-        ops.extend(slot_keys(old.generation, old.backends.len()).map(Op::DeleteSlot));
+    {
+        let Some(old) = applied.remove_frontend(key) else {
+            continue;
+        };
+        let mut ops = vec![Op::DeleteService(*key)];
+        ops.extend(slot_keys(old.generation, old.slots).map(Op::DeleteSlot));
         ops.push(Op::DeleteRevNat(old.service_id));
         ops.push(Op::DeleteName(old.service_id));
-        next.slot_count -= old.backends.len();
+        touched.extend(old.backends.iter().copied());
+        replaced.push((*key, old));
         groups.push(Group {
-            frontend: Some(key),
+            frontend: Some(*key),
             ops,
         });
     }
 
-    for (key, frontend) in &desired.frontends {
-        let current = next.frontends.get(key).cloned();
+    for key in &candidates {
+        let Some(frontend) = desired.frontends.get(key) else {
+            continue;
+        };
+        let current = applied.frontends.get(key).cloned();
         if let Some(cur) = &current {
             if cur.complete && cur.backends == frontend.backends {
                 let mut ops = Vec::new();
-                let entry = next.frontends.get_mut(key).expect("present");
+                let entry = applied.frontends.get_mut(key).expect("present");
                 if cur.name != frontend.name {
                     ops.push(Op::PutName(cur.service_id, name_from_str(&frontend.name)));
                     entry.name = frontend.name.clone();
@@ -327,6 +405,7 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
                     ops.push(Op::PutService(*key, entry.value()));
                 }
                 if !ops.is_empty() {
+                    replaced.push((*key, cur.clone()));
                     groups.push(Group {
                         frontend: Some(*key),
                         ops,
@@ -340,23 +419,23 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
         let new_backends: BTreeSet<Backend> = frontend
             .backends
             .iter()
-            .filter(|b| !next.backends.contains_key(b))
+            .filter(|b| !applied.backends.contains_key(b))
             .copied()
             .collect();
         let checks = [
             (
                 "service",
-                next.frontends.len() + usize::from(current.is_none()),
+                applied.frontends.len() + usize::from(current.is_none()),
                 capacity.services,
             ),
             (
                 "backend",
-                next.backends.len() + new_backends.len(),
+                applied.backends.len() + new_backends.len(),
                 capacity.backends,
             ),
             (
                 "backend slot",
-                next.slot_count + frontend.backends.len(),
+                applied.slot_count + frontend.backends.len(),
                 capacity.slots,
             ),
         ];
@@ -372,24 +451,24 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
 
         let mut ops = Vec::new();
         for backend in &new_backends {
-            let id = next.allocate_id();
-            next.backends.insert(*backend, id);
+            let id = applied.allocate_id();
+            applied.backends.insert(*backend, id);
             ops.push(Op::PutBackend(id, *backend));
         }
-        let generation = next.allocate_id();
+        let generation = applied.allocate_id();
         for (slot, backend) in frontend.backends.iter().enumerate() {
             ops.push(Op::PutSlot(
                 SlotKey {
                     generation,
                     slot: slot as u32,
                 },
-                next.backends[backend],
+                applied.backends[backend],
             ));
         }
         let service_id = match &current {
             Some(cur) => cur.service_id,
             None => {
-                let id = next.allocate_id();
+                let id = applied.allocate_id();
                 ops.push(Op::PutRevNat(
                     id,
                     RevNat {
@@ -405,43 +484,35 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
         if current.as_ref().is_none_or(|c| c.name != frontend.name) {
             ops.push(Op::PutName(service_id, name_from_str(&frontend.name)));
         }
-        let applied = AppliedFrontend {
+        let entry = AppliedFrontend {
             service_id,
             generation,
             backends: frontend.backends.clone(),
+            slots: frontend.backends.len(),
             name: frontend.name.clone(),
             flags: frontend.flags,
             affinity_timeout_s: frontend.affinity_timeout_s,
             complete: true,
         };
-        ops.push(Op::PutService(*key, applied.value()));
-        next.slot_count += frontend.backends.len();
-        if let Some(cur) = &current {
-            ops.extend(slot_keys(cur.generation, cur.backends.len()).map(Op::DeleteSlot));
-            next.slot_count -= cur.backends.len();
+        ops.push(Op::PutService(*key, entry.value()));
+        if let Some(cur) = current {
+            ops.extend(slot_keys(cur.generation, cur.slots).map(Op::DeleteSlot));
+            touched.extend(cur.backends.iter().copied());
+            replaced.push((*key, cur));
         }
-        next.frontends.insert(*key, applied);
+        applied.insert_frontend(*key, entry);
         groups.push(Group {
             frontend: Some(*key),
             ops,
         });
     }
 
-    let mut cleanup = orphans;
-    let referenced: BTreeSet<&Backend> = next
-        .frontends
-        .values()
-        .flat_map(|f| f.backends.iter())
-        .collect();
-    let unused: Vec<(Backend, u32)> = next
-        .backends
-        .iter()
-        .filter(|(b, _)| !referenced.contains(b))
-        .map(|(b, id)| (*b, *id))
-        .collect();
-    for (backend, id) in unused {
-        next.backends.remove(&backend);
-        cleanup.push(Op::DeleteBackend(id));
+    for backend in touched {
+        if !applied.refs.contains_key(&backend) {
+            if let Some(id) = applied.backends.remove(&backend) {
+                cleanup.push(Op::DeleteBackend(id));
+            }
+        }
     }
     if !cleanup.is_empty() {
         groups.push(Group {
@@ -451,8 +522,8 @@ pub fn plan(applied: &Applied, desired: &DesiredState, capacity: &Capacity) -> P
     }
     Plan {
         groups,
-        next,
         errors,
+        replaced,
     }
 }
 
@@ -580,15 +651,24 @@ mod tests {
     }
 
     fn step(maps: &mut FakeMaps, applied: &Applied, d: &DesiredState) -> Applied {
-        let plan = plan(applied, d, &Capacity::default());
+        let mut next = applied.clone();
+        let plan = plan(&mut next, d, &Capacity::default(), Scope::All);
         assert!(plan.errors.is_empty());
         maps.execute(&plan);
         // What we think is applied must equal what a fresh adoption sees.
         let adopted = Applied::adopt(&maps.dump);
-        assert_eq!(adopted.frontends, plan.next.frontends);
-        assert_eq!(adopted.backends, plan.next.backends);
+        assert_eq!(adopted.frontends, next.frontends);
+        assert_eq!(adopted.backends, next.backends);
+        assert_eq!(adopted.refs, next.refs);
+        assert_eq!(adopted.slot_count, next.slot_count);
         assert!(adopted.orphans.is_empty(), "{:?}", adopted.orphans);
-        plan.next
+        next
+    }
+
+    fn plan_all(applied: &Applied, d: &DesiredState, capacity: &Capacity) -> (Plan, Applied) {
+        let mut next = applied.clone();
+        let p = plan(&mut next, d, capacity, Scope::All);
+        (p, next)
     }
 
     #[test]
@@ -620,10 +700,10 @@ mod tests {
         let mut maps = FakeMaps::default();
         let d = desired(&[(1, &[1, 2]), (2, &[2, 3])]);
         let a = step(&mut maps, &Applied::default(), &d);
-        assert!(plan(&a, &d, &Capacity::default()).is_empty());
+        assert!(plan_all(&a, &d, &Capacity::default()).0.is_empty());
         // Also after a restart that adopts the maps.
         let adopted = Applied::adopt(&maps.dump);
-        assert!(plan(&adopted, &d, &Capacity::default()).is_empty());
+        assert!(plan_all(&adopted, &d, &Capacity::default()).0.is_empty());
     }
 
     #[test]
@@ -658,11 +738,11 @@ mod tests {
             backends: 3,
             slots: 10,
         };
-        let p = plan(&a, &desired(&[(1, &[1, 2, 3, 4]), (2, &[1])]), &cap);
+        let (p, next) = plan_all(&a, &desired(&[(1, &[1, 2, 3, 4]), (2, &[1])]), &cap);
         assert_eq!(p.errors.len(), 1);
         assert_eq!(p.errors[0].map, "backend");
-        assert_eq!(p.next.frontends[&key(1)].backends, vec![backend(1)]);
-        assert!(p.next.frontends.contains_key(&key(2)));
+        assert_eq!(next.frontends[&key(1)].backends, vec![backend(1)]);
+        assert!(next.frontends.contains_key(&key(2)));
     }
 
     #[test]
@@ -674,12 +754,33 @@ mod tests {
         let fe = with_affinity.frontends.get_mut(&key(1)).unwrap();
         fe.flags = lb_common::SERVICE_FLAG_AFFINITY;
         fe.affinity_timeout_s = 30;
-        let p = plan(&a, &with_affinity, &Capacity::default());
+        let (p, _) = plan_all(&a, &with_affinity, &Capacity::default());
         assert_eq!(p.op_count(), 1);
         assert!(
             matches!(p.groups[0].ops[0], Op::PutService(_, v) if v.affinity_timeout_s == 30 && v.slot_generation == a.frontends[&key(1)].generation)
         );
         step(&mut maps, &a, &with_affinity);
+    }
+
+    #[test]
+    fn a_scoped_plan_touches_only_the_listed_frontends() {
+        let mut maps = FakeMaps::default();
+        let a = step(
+            &mut maps,
+            &Applied::default(),
+            &desired(&[(1, &[1, 2]), (2, &[2, 3])]),
+        );
+        // Frontend 1 changes and 2 disappears, but only 1 is in scope.
+        let d = desired(&[(1, &[1])]);
+        let mut next = a.clone();
+        let only: BTreeSet<ServiceKey> = [key(1)].into();
+        let p = plan(&mut next, &d, &Capacity::default(), Scope::Only(&only));
+        maps.execute(&p);
+        assert!(next.frontends.contains_key(&key(2)));
+        assert_eq!(next.frontends[&key(1)].backends, vec![backend(1)]);
+        // Backend 2 is still used by frontend 2; nothing else is unused.
+        assert!(next.backends.contains_key(&backend(2)));
+        assert_eq!(Applied::adopt(&maps.dump).frontends, next.frontends);
     }
 
     #[test]

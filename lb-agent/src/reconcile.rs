@@ -7,7 +7,7 @@ use lb_common::{Backend, PROTO_UDP, SERVICE_FLAG_AFFINITY};
 use crate::{
     datapath::{DatapathError, Maps},
     model::DesiredState,
-    plan::{plan, Applied, Capacity, Plan},
+    plan::{plan, Applied, Capacity, Plan, Scope},
     terminate::destroy_udp_sockets,
 };
 
@@ -28,6 +28,9 @@ pub struct Outcome {
 pub struct Reconciler {
     applied: Applied,
     capacity: Capacity,
+    /// Set after adoption or a failed write: the next plan must look at every
+    /// frontend, not only the ones the compiler reports changed.
+    needs_full: bool,
 }
 
 impl Reconciler {
@@ -36,6 +39,7 @@ impl Reconciler {
         Ok(Self {
             applied: Applied::adopt(&maps.dump()?),
             capacity,
+            needs_full: true,
         })
     }
 
@@ -49,18 +53,25 @@ impl Reconciler {
         &self.capacity
     }
 
-    /// Moves the maps to `desired`. On a failed write the applied state is
-    /// re-read from the kernel, so the next call repairs whatever is left.
-    pub fn reconcile(&mut self, maps: &mut Maps, desired: &DesiredState) -> Outcome {
-        let plan = plan(&self.applied, desired, &self.capacity);
+    /// Moves the maps to `desired` for the frontends in `scope`. On a failed
+    /// write the applied state is re-read from the kernel, so the next call
+    /// repairs whatever is left.
+    pub fn reconcile(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+        scope: Scope<'_>,
+    ) -> Outcome {
+        let scope = if self.needs_full { Scope::All } else { scope };
+        self.needs_full = false;
+        let plan = plan(&mut self.applied, desired, &self.capacity, scope);
         let mut errors: Vec<String> = plan.errors.iter().map(ToString::to_string).collect();
         let writes = plan.op_count();
         let affinity_touched = touches_affinity(&self.applied, &plan);
         let removed_udp = removed_udp_backends(&self.applied, &plan);
         let write_errors = maps.execute(&plan);
-        if write_errors.is_empty() {
-            self.applied = plan.next;
-        } else {
+        if !write_errors.is_empty() {
+            self.needs_full = true;
             errors.extend(write_errors.iter().map(ToString::to_string));
             match maps.dump() {
                 Ok(dump) => self.applied = Applied::adopt(&dump),
@@ -103,16 +114,8 @@ impl Reconciler {
 /// `(service id, backend)` pairs of UDP frontends whose backend the plan removes.
 fn removed_udp_backends(applied: &Applied, plan: &Plan) -> BTreeSet<(u32, Backend)> {
     let mut removed = BTreeSet::new();
-    for key in plan.groups.iter().filter_map(|g| g.frontend.as_ref()) {
-        let Some(old) = applied
-            .frontends
-            .get(key)
-            .filter(|_| key.proto == PROTO_UDP)
-        else {
-            continue;
-        };
-        let kept: BTreeSet<&Backend> = plan
-            .next
+    for (key, old) in plan.replaced.iter().filter(|(k, _)| k.proto == PROTO_UDP) {
+        let kept: BTreeSet<&Backend> = applied
             .frontends
             .get(key)
             .map(|f| f.backends.iter().collect())
@@ -124,18 +127,16 @@ fn removed_udp_backends(applied: &Applied, plan: &Plan) -> BTreeSet<(u32, Backen
     removed
 }
 
-/// Whether the plan changes a frontend that has or had session affinity.
+/// Whether the plan changes a frontend that has or had session affinity;
+/// `applied` is the state after the plan.
 fn touches_affinity(applied: &Applied, plan: &Plan) -> bool {
-    let affine = |state: &Applied, key| {
-        state
-            .frontends
-            .get(key)
-            .is_some_and(|f| f.flags & SERVICE_FLAG_AFFINITY != 0)
-    };
-    plan.groups
-        .iter()
-        .filter_map(|g| g.frontend.as_ref())
-        .any(|key| affine(applied, key) || affine(&plan.next, key))
+    plan.replaced.iter().any(|(key, old)| {
+        old.flags & SERVICE_FLAG_AFFINITY != 0
+            || applied
+                .frontends
+                .get(key)
+                .is_some_and(|f| f.flags & SERVICE_FLAG_AFFINITY != 0)
+    })
 }
 
 /// For each frontend with affinity, the backend ids a client may stay on.

@@ -99,7 +99,7 @@ mod tests {
     use crate::{
         addr::{addr_from_ip, port_to_be},
         model::{DesiredState, Frontend},
-        plan::{plan, Capacity},
+        plan::{plan, Capacity, Scope},
     };
     use lb_common::{Backend, ServiceKey, SCOPE_EXTERNAL};
 
@@ -133,7 +133,12 @@ mod tests {
             .into(),
             ..Default::default()
         };
-        let p = plan(&Default::default(), &desired, &Capacity::default());
+        let p = plan(
+            &mut Default::default(),
+            &desired,
+            &Capacity::default(),
+            Scope::All,
+        );
         let mut dump = Dump::default();
         for op in p.groups.iter().flat_map(|g| &g.ops) {
             match op {

@@ -11,6 +11,8 @@
 #![no_std]
 #![warn(missing_docs)]
 
+pub mod tc;
+
 /// Version of the map layouts below; part of every pinned map name.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 

@@ -1,7 +1,267 @@
-//! tc programs for per-packet service translation (NodePort, ExternalIPs,
-//! LoadBalancer IPs). Not built out yet: see the project issues.
+//! tc programs for per-packet service translation of traffic entering the
+//! node: NodePort, ExternalIPs and LoadBalancer IPs (frontends of scope
+//! `SCOPE_TC_EXTERNAL`).
+//!
+//! - `lb_ingress` (node uplink, ingress): conntrack first; a new flow to a
+//!   frontend gets a backend from the frontend's Maglev table, is DNATed to
+//!   it and, under externalTrafficPolicy Cluster with a backend on another
+//!   node, SNATed to the node address; replies of SNATed flows coming back
+//!   from remote backends are translated back to the frontend and client.
+//! - `lb_egress` (node uplink, egress): replies of local backends are
+//!   translated back so they come from the frontend.
+//!
+//! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
+//! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`reject`],
+//! [`fib`] forwarding, [`maps`].
 #![no_std]
 #![no_main]
+// Map keys are passed by reference on purpose: a by-value key is one more
+// copy on the 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
+mod conntrack;
+mod fib;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::{
+    is_v4_mapped,
+    tc::{
+        flow_hash, CtKey, CtValue, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST,
+        CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES,
+        SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND,
+        STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
+        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REJECT, STAT_REPLY,
+        TC_CONFIG_FIB_REDIRECT,
+    },
+    Addr, PROTO_TCP, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+};
+
+use crate::{
+    conntrack::{initial_state, lookup, next_state, touch},
+    maps::{count, CONFIG, CONNTRACK},
+    nat::rewrite,
+    parse::{addr_eq, parse, Packet},
+};
+
+/// Ports tried for the SNAT of one new flow before giving up.
+const SNAT_ATTEMPTS: u32 = 4;
+
+/// Where a program runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// Uplink ingress: frontends and replies from remote backends.
+    Ingress,
+    /// Uplink egress: replies from local backends.
+    Egress,
+}
+
+#[classifier]
+pub fn lb_ingress(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::Ingress)
+}
+
+#[classifier]
+pub fn lb_egress(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::Egress)
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(pkt) = parse(ctx) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(entry) = lookup(&pkt, now) {
+        return translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now);
+    }
+    if hook == Hook::Egress {
+        return TC_ACT_OK;
+    }
+    // New flows and known ones take separate calls so that their stack
+    // frames are not added up against the 512-byte limit.
+    match new_flow(&pkt, now) {
+        NewFlow::Created => match lookup(&pkt, now) {
+            Some(entry) => translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now),
+            None => drop(STAT_CT_INSERT_FAILED),
+        },
+        NewFlow::Reject => reject::reject(TcContext::new(ctx.skb.skb), &pkt),
+        NewFlow::Verdict(verdict) => verdict,
+    }
+}
+
+/// Rewrites a packet of a known flow and sends it on.
+#[inline(never)]
+fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let value = unsafe { *entry };
+    let state = next_state(value.state, pkt.tuple.proto, pkt.tcp_flags);
+    let Ok(rewritten) = rewrite(&ctx, pkt, &value) else {
+        return TC_ACT_SHOT;
+    };
+    touch(entry, state, &rewritten, now);
+    count(if value.flags & CT_FLAG_REPLY != 0 {
+        STAT_REPLY
+    } else {
+        STAT_FORWARD
+    });
+    // A packet whose source became a node address (SNAT, or a reply now
+    // coming from a NodePort) would be dropped by the stack as a martian:
+    // it must be forwarded here.
+    let fib = value.flags & CT_FLAG_REWRITE_SRC != 0
+        || CONFIG
+            .get(0)
+            .is_some_and(|config| config.flags & TC_CONFIG_FIB_REDIRECT != 0);
+    if hook == Hook::Ingress && fib {
+        return fib::forward(&ctx, &rewritten, pkt.v4);
+    }
+    TC_ACT_OK
+}
+
+/// The outcome of [`new_flow`].
+enum NewFlow {
+    /// Conntrack entries were created: translate as a known flow.
+    Created,
+    /// The frontend has no endpoints: reject.
+    Reject,
+    /// Not for a frontend, or dropped: this verdict.
+    Verdict(i32),
+}
+
+/// Drops the packet, counting why.
+#[inline(always)]
+fn drop(reason: u32) -> i32 {
+    count(reason);
+    TC_ACT_SHOT
+}
+
+/// First packet of a flow (or of a flow whose entry expired or whose backend
+/// left): frontend lookup, checks, Maglev, conntrack entries, translation.
+#[inline(never)]
+fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
+    let (key, service) = lb::frontend(pkt);
+    let Some(service) = service else {
+        return NewFlow::Verdict(TC_ACT_OK);
+    };
+    if service.backend_count == 0 {
+        if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
+            return NewFlow::Verdict(drop(STAT_DROP_NO_LOCAL));
+        }
+        if pkt.tuple.proto != PROTO_TCP {
+            return NewFlow::Verdict(drop(STAT_DROP_NO_ENDPOINTS));
+        }
+        count(STAT_REJECT);
+        return NewFlow::Reject;
+    }
+    if service.flags & SERVICE_FLAG_SOURCE_RANGES != 0
+        && !lb::source_allowed(service.service_id, &pkt.tuple.saddr)
+    {
+        return NewFlow::Verdict(drop(STAT_DROP_SOURCE_RANGE));
+    }
+    // A one-entry array: index 0 always exists.
+    let Some(config) = CONFIG.get(0) else {
+        return NewFlow::Verdict(TC_ACT_OK);
+    };
+    let t = &pkt.tuple;
+    let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
+    let Some((backend_id, backend)) = lb::select(&key, &service, hash) else {
+        return NewFlow::Verdict(drop(STAT_DROP_NO_BACKEND));
+    };
+    if is_v4_mapped(&backend.addr) != pkt.v4 {
+        return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR));
+    }
+    let snat =
+        service.flags & SERVICE_FLAG_EXTERNAL_LOCAL == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    let state = initial_state(t.proto, pkt.tcp_flags);
+    let mut forward = CtValue {
+        new_saddr: t.saddr,
+        new_daddr: backend.addr,
+        new_sport: t.sport,
+        new_dport: backend.port,
+        flags: CT_FLAG_REWRITE_DST,
+        state,
+        pad: 0,
+        service_id: service.service_id,
+        backend_id,
+        last_seen_ns: now,
+    };
+    let mut reply = CtValue {
+        new_saddr: t.daddr,
+        new_daddr: t.saddr,
+        new_sport: t.dport,
+        new_dport: t.sport,
+        flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REPLY,
+        state,
+        pad: 0,
+        service_id: service.service_id,
+        backend_id,
+        last_seen_ns: now,
+    };
+    let mut reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: t.saddr,
+        sport: backend.port,
+        dport: t.sport,
+        proto: t.proto,
+        pad: [0; 3],
+    };
+    if snat {
+        let node: &Addr = if pkt.v4 {
+            &config.snat_v4
+        } else {
+            &config.snat_v6
+        };
+        if addr_eq(node, &[0; 4]) {
+            return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR));
+        }
+        forward.flags |= CT_FLAG_REWRITE_SRC;
+        forward.new_saddr = *node;
+        reply.flags |= CT_FLAG_REWRITE_DST;
+        reply_key.daddr = *node;
+        let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
+            return NewFlow::Verdict(drop(STAT_DROP_SNAT_PORTS));
+        };
+        forward.new_sport = port;
+    } else if CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
+        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED));
+    }
+    if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
+        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED));
+    }
+    count(STAT_NEW_FLOW);
+    NewFlow::Created
+}
+
+/// Finds a free SNAT port for a flow and inserts its reply entry with it
+/// (`reply_key.dport` is set to the port). The first port tried derives from
+/// the flow hash, the next ones are random. Returns the port, network order.
+#[inline(always)]
+fn claim_snat_port(reply_key: &mut CtKey, reply: &CtValue, hash: u32) -> Option<u16> {
+    let mut seed = hash;
+    for _ in 0..SNAT_ATTEMPTS {
+        let port = (SNAT_PORT_MIN + (seed % SNAT_PORT_COUNT as u32) as u16).to_be();
+        reply_key.dport = port;
+        if CONNTRACK
+            .insert(&*reply_key, reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Some(port);
+        }
+        // SAFETY: a helper without arguments.
+        seed = unsafe { bpf_get_prandom_u32() };
+    }
+    None
+}
 
 #[cfg(not(test))]
 #[panic_handler]

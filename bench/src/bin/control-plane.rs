@@ -1,0 +1,171 @@
+//! Control-plane scale benchmark: 10,000 Services with 10 endpoints each, from
+//! the moment the lists are in memory to fully programmed maps (cold start),
+//! then single EndpointSlice changes to map update latency, and the resident
+//! memory. Real kernel maps (root, bpffs); no programs are attached.
+//!
+//! `cargo run --release -p lb-bench --bin control-plane -- [--services N] [--endpoints N] [--changes N]`
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lb_agent::{
+    datapath::Datapath,
+    model::{Compiler, NodeContext, Objects},
+    plan::{Capacity, Scope},
+    reconcile::Reconciler,
+    yaml::parse_documents,
+};
+
+#[derive(Parser)]
+struct Args {
+    /// Services.
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Endpoints per Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Single-endpoint changes to time.
+    #[arg(long, default_value_t = 300)]
+    changes: usize,
+    /// Markdown output file (also printed).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn manifests(services: usize, endpoints: usize) -> String {
+    let mut text = String::with_capacity(services * 900);
+    for i in 0..services {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        let _ = write!(
+            text,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: 10.96.{hi}.{lo}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-abc, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for e in 0..endpoints {
+            let _ = writeln!(text, "- addresses: [\"10.{}.{}.{}\"]", 100 + e, hi, lo);
+        }
+        text.push_str("---\n");
+    }
+    text
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
+    let result = run(&args, &pin_dir);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let report = result?;
+    print!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
+
+fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
+    let parse_started = Instant::now();
+    let parsed = parse_documents("bench", &manifests(args.services, args.endpoints));
+    anyhow::ensure!(parsed.errors.is_empty(), "{:?}", parsed.errors.first());
+    let mut objects: Objects = parsed.objects;
+    let parse_time = parse_started.elapsed();
+
+    let mut datapath = Datapath::load(pin_dir).context("needs root and bpffs")?;
+    let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default())?;
+    let mut compiler = Compiler::new(NodeContext::default());
+
+    let cold_started = Instant::now();
+    compiler.update(&objects);
+    let compile_time = cold_started.elapsed();
+    let outcome = reconciler.reconcile(&mut datapath.maps, compiler.desired(), Scope::All);
+    let cold = cold_started.elapsed();
+    anyhow::ensure!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+    anyhow::ensure!(
+        outcome.frontends == args.services,
+        "programmed {}",
+        outcome.frontends
+    );
+
+    let mut latencies = Vec::with_capacity(args.changes);
+    let mut compile_latencies = Vec::with_capacity(args.changes);
+    for change in 0..args.changes {
+        let index = change * 7919 % args.services;
+        let slice = &mut objects.endpoint_slices[index];
+        let mut updated = (*slice.object).clone();
+        let endpoint = &mut updated.endpoints[0];
+        endpoint.addresses[0] = format!("10.99.{}.{}", change / 250 % 250, change % 250 + 1);
+        slice.object = Arc::new(updated);
+        let started = Instant::now();
+        let update = compiler.update(&objects);
+        compile_latencies.push(started.elapsed());
+        let outcome = reconciler.reconcile(
+            &mut datapath.maps,
+            compiler.desired(),
+            Scope::Only(&update.changed),
+        );
+        latencies.push(started.elapsed());
+        anyhow::ensure!(
+            outcome.errors.is_empty() && outcome.writes > 0,
+            "{outcome:?}"
+        );
+    }
+    latencies.sort();
+    compile_latencies.sort();
+    let entries = args.services * args.endpoints;
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## Control plane: {} Services x {} endpoints\n",
+        args.services, args.endpoints
+    );
+    let _ = writeln!(report, "| measure | value | target |");
+    let _ = writeln!(report, "|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| parse manifests (not counted) | {parse_time:.2?} | |"
+    );
+    let _ = writeln!(report, "| cold start: compile | {compile_time:.2?} | |");
+    let _ = writeln!(report, "| cold start: lists to programmed maps ({entries} endpoints, {} map writes) | {cold:.2?} | < 2 s |", outcome.writes);
+    let _ = writeln!(
+        report,
+        "| one endpoint change, p50 ({} changes) | {:.2?} | |",
+        args.changes,
+        percentile(&latencies, 0.5)
+    );
+    let _ = writeln!(
+        report,
+        "| one endpoint change, p99 | {:.2?} | < 5 ms |",
+        percentile(&latencies, 0.99)
+    );
+    let _ = writeln!(
+        report,
+        "| of which compiling the snapshot, p50 / p99 | {:.2?} / {:.2?} | |",
+        percentile(&compile_latencies, 0.5),
+        percentile(&compile_latencies, 0.99)
+    );
+    let _ = writeln!(
+        report,
+        "| resident memory after | {:.0} MiB | < 150 MB |",
+        rss_mib()
+    );
+    Ok(report)
+}

@@ -1,0 +1,377 @@
+//! Map keys, values and constants of the tc datapath (NodePort, ExternalIPs
+//! and LoadBalancer IPs, translated per packet on node uplinks).
+//!
+//! The tc programs share the frontend and backend maps of the socket path
+//! ([`SERVICES`](crate::map_names::SERVICES), [`BACKENDS`](crate::map_names::BACKENDS))
+//! and add their own:
+//!
+//! - **Frontends.** An external frontend is a [`ServiceKey`](crate::ServiceKey)
+//!   with `scope` [`SCOPE_TC_EXTERNAL`]: a NodePort on each node address (and
+//!   each address of a configured list), an ExternalIP or a LoadBalancer
+//!   ingress IP, with the Service port (nodePort for NodePorts). The socket
+//!   programs only look up `SCOPE_EXTERNAL` keys, so these entries never
+//!   affect them, and the tc programs only look up `SCOPE_TC_EXTERNAL` keys.
+//!   In such an entry's [`ServiceValue`](crate::ServiceValue):
+//!   `slot_generation` is the generation of its Maglev table in
+//!   [`map_names::MAGLEV`]; `backend_count` is the number of distinct backends
+//!   in that table (0: no endpoints); `flags` may carry
+//!   [`SERVICE_FLAG_NO_LOCAL_BACKENDS`](crate::SERVICE_FLAG_NO_LOCAL_BACKENDS)
+//!   (drop instead of reject), [`SERVICE_FLAG_EXTERNAL_LOCAL`] and
+//!   [`SERVICE_FLAG_SOURCE_RANGES`]; `affinity_timeout_s` is not used.
+//! - **Maglev tables** ([`map_names::MAGLEV`]): `(generation, index)` ->
+//!   backend id, for `index` in `0..M`, plus the table size `M` itself at
+//!   index [`MAGLEV_SIZE_INDEX`]. Make before break: the agent writes a
+//!   complete table under a fresh generation (size entry included), flips the
+//!   frontend's `slot_generation`, then deletes the old generation. A reader
+//!   that loses a race with the delete retries once on the new generation.
+//! - **Conntrack** ([`map_names::CONNTRACK`]): an LRU of [`CtKey`] ->
+//!   [`CtValue`], two entries per translated flow: one keyed by the tuple of
+//!   the client's packets as they arrive, one keyed by the tuple of the
+//!   backend's replies as they arrive. Each says how to rewrite the packets
+//!   it matches. Entries carry a last-seen timestamp and expire by
+//!   [`CtValue::expired`]; the agent garbage-collects expired ones.
+//! - **Source ranges** ([`map_names::SOURCE_RANGES`]): an LPM trie of
+//!   [`SourceRangeKey`] -> `u32` (1), consulted for new flows to frontends
+//!   flagged [`SERVICE_FLAG_SOURCE_RANGES`].
+//! - **Configuration** ([`map_names::CONFIG`]): an array of one [`TcConfig`].
+//! - **Counters** ([`map_names::STATS`]): a per-CPU array of `u64`, indexed by
+//!   the `STAT_*` constants.
+//!
+//! Timestamps are `bpf_ktime_get_boot_ns` (`CLOCK_BOOTTIME`).
+
+use crate::Addr;
+
+/// Pinned map names of the tc datapath. The kernel limits names to 15 bytes.
+pub mod map_names {
+    /// Maglev tables: [`MaglevKey`](super::MaglevKey) -> backend id (`u32`).
+    pub const MAGLEV: &str = "LB_MAGLEV_V1";
+    /// Conntrack: [`CtKey`](super::CtKey) -> [`CtValue`](super::CtValue).
+    pub const CONNTRACK: &str = "LB_CT_V1";
+    /// loadBalancerSourceRanges: LPM trie of [`SourceRangeKey`](super::SourceRangeKey) -> `u32`.
+    pub const SOURCE_RANGES: &str = "LB_SRCRANGE_V1";
+    /// Node configuration: array of one [`TcConfig`](super::TcConfig).
+    pub const CONFIG: &str = "LB_TCCFG_V1";
+    /// Counters: per-CPU array of `u64` indexed by `STAT_*`.
+    pub const STATS: &str = "LB_TCSTAT_V1";
+}
+
+/// [`ServiceKey::scope`](crate::ServiceKey::scope) of a frontend served by the
+/// tc programs for traffic entering the node: NodePort (keyed by each node
+/// address and the nodePort), ExternalIPs and LoadBalancer ingress IPs.
+pub const SCOPE_TC_EXTERNAL: u8 = 1;
+
+/// [`ServiceValue::flags`](crate::ServiceValue::flags): externalTrafficPolicy
+/// Local. The Maglev table holds only this node's backends and the client
+/// address is preserved (no SNAT).
+pub const SERVICE_FLAG_EXTERNAL_LOCAL: u32 = 1 << 16;
+/// [`ServiceValue::flags`](crate::ServiceValue::flags): loadBalancerSourceRanges
+/// apply; new flows from sources outside [`map_names::SOURCE_RANGES`] for this
+/// service id are dropped.
+pub const SERVICE_FLAG_SOURCE_RANGES: u32 = 1 << 17;
+
+/// [`Backend::flags`](crate::Backend::flags): the backend runs on this node.
+/// Under externalTrafficPolicy Cluster, flows to backends without this flag
+/// are SNATed to the node address so replies come back through this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 7;
+
+/// The [`MaglevKey::index`] whose value is the table size `M`.
+pub const MAGLEV_SIZE_INDEX: u32 = u32::MAX;
+
+/// Capacity of the Maglev map (entries, all tables and generations together).
+/// Allocated on demand (`BPF_F_NO_PREALLOC`): 64 services at the default
+/// M = 16381 during a swap of all of them, or many more with smaller tables.
+pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 21;
+/// Capacity of the conntrack LRU (two entries per flow).
+pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Capacity of the source range trie.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Number of counters in [`map_names::STATS`].
+pub const STATS_LEN: u32 = 12;
+
+/// Counter: packets of a known flow rewritten towards a backend.
+pub const STAT_FORWARD: u32 = 0;
+/// Counter: reply packets rewritten back to the frontend.
+pub const STAT_REPLY: u32 = 1;
+/// Counter: new flows that got a backend.
+pub const STAT_NEW_FLOW: u32 = 2;
+/// Counter: TCP packets to a frontend without endpoints, answered by a RST
+/// (dropped instead when the RST cannot be built, e.g. IPv4 options).
+pub const STAT_REJECT: u32 = 3;
+/// Counter: UDP packets to a frontend without endpoints, dropped.
+pub const STAT_DROP_NO_ENDPOINTS: u32 = 4;
+/// Counter: dropped under externalTrafficPolicy Local without local endpoints.
+pub const STAT_DROP_NO_LOCAL: u32 = 5;
+/// Counter: dropped by loadBalancerSourceRanges.
+pub const STAT_DROP_SOURCE_RANGE: u32 = 6;
+/// Counter: dropped because the Maglev table or backend vanished twice.
+pub const STAT_DROP_NO_BACKEND: u32 = 7;
+/// Counter: dropped because no SNAT port was free.
+pub const STAT_DROP_SNAT_PORTS: u32 = 8;
+/// Counter: dropped because SNAT was needed and no node address is configured
+/// for the family, or the backend's family differs from the packet's.
+pub const STAT_DROP_SNAT_ADDR: u32 = 9;
+/// Counter: conntrack inserts that failed.
+pub const STAT_CT_INSERT_FAILED: u32 = 10;
+/// Counter: packets redirected after a FIB lookup.
+pub const STAT_FIB_REDIRECT: u32 = 11;
+
+/// TCP conntrack lifetime after a SYN until the handshake completes.
+pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
+/// TCP conntrack lifetime of an established connection (Cilium's default).
+pub const CT_TCP_ESTABLISHED_TIMEOUT_S: u64 = 21_600;
+/// TCP conntrack lifetime after a FIN or RST.
+pub const CT_TCP_CLOSING_TIMEOUT_S: u64 = 10;
+/// UDP conntrack lifetime since the last packet of either direction.
+pub const CT_UDP_TIMEOUT_S: u64 = 60;
+
+/// First port used for SNAT: above Linux's default ephemeral range
+/// (32768-60999), so the node's own sockets do not collide.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Number of ports used for SNAT from [`SNAT_PORT_MIN`] (up to 65535).
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+
+/// [`CtValue::flags`]: rewrite the source to `new_saddr:new_sport`.
+pub const CT_FLAG_REWRITE_SRC: u8 = 1 << 0;
+/// [`CtValue::flags`]: rewrite the destination to `new_daddr:new_dport`.
+pub const CT_FLAG_REWRITE_DST: u8 = 1 << 1;
+/// [`CtValue::flags`]: the entry matches replies of a backend (else: packets
+/// of a client).
+pub const CT_FLAG_REPLY: u8 = 1 << 2;
+
+/// [`CtValue::state`]: TCP handshake in progress (also the state after the
+/// first packet of a TCP flow that was not a plain ACK).
+pub const CT_STATE_NEW: u8 = 0;
+/// [`CtValue::state`]: TCP established, or any UDP flow.
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// [`CtValue::state`]: TCP FIN or RST seen.
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// [`TcConfig::flags`]: forward every translated packet on ingress with
+/// `bpf_fib_lookup` and `bpf_redirect` (or `bpf_redirect_neigh`) instead of
+/// handing it to the stack. Packets whose source was rewritten (SNAT, replies
+/// now from a node address) are always forwarded this way: the stack would
+/// drop them as martians.
+pub const TC_CONFIG_FIB_REDIRECT: u32 = 1 << 0;
+
+/// Key of a Maglev table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    /// The table generation: [`ServiceValue::slot_generation`](crate::ServiceValue::slot_generation)
+    /// of the `SCOPE_TC_EXTERNAL` frontends using it.
+    pub generation: u32,
+    /// Slot `0..M`, or [`MAGLEV_SIZE_INDEX`] for the size entry.
+    pub index: u32,
+}
+
+/// Conntrack key: a packet's tuple as the tc program sees it arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source address.
+    pub saddr: Addr,
+    /// Destination address.
+    pub daddr: Addr,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding.
+    pub pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The tuple of packets flowing the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Conntrack value: how to rewrite the packets matching the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// New source address, with [`CT_FLAG_REWRITE_SRC`].
+    pub new_saddr: Addr,
+    /// New destination address, with [`CT_FLAG_REWRITE_DST`].
+    pub new_daddr: Addr,
+    /// New source port (network byte order), with [`CT_FLAG_REWRITE_SRC`].
+    pub new_sport: u16,
+    /// New destination port (network byte order), with [`CT_FLAG_REWRITE_DST`].
+    pub new_dport: u16,
+    /// `CT_FLAG_*` bits.
+    pub flags: u8,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// Explicit padding.
+    pub pad: u16,
+    /// Service id of the frontend.
+    pub service_id: u32,
+    /// Backend id chosen for the flow (checked against the backend map on
+    /// every client packet, so a deleted backend's flows are re-balanced).
+    pub backend_id: u32,
+    /// `bpf_ktime_get_boot_ns` of the last packet in either direction.
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    /// How long the entry lives after its last packet, in nanoseconds.
+    #[inline(always)]
+    pub const fn lifetime_ns(&self, proto: u8) -> u64 {
+        let seconds = if proto != crate::PROTO_TCP {
+            CT_UDP_TIMEOUT_S
+        } else if self.state == CT_STATE_ESTABLISHED {
+            CT_TCP_ESTABLISHED_TIMEOUT_S
+        } else if self.state == CT_STATE_CLOSING {
+            CT_TCP_CLOSING_TIMEOUT_S
+        } else {
+            CT_TCP_SYN_TIMEOUT_S
+        };
+        seconds * 1_000_000_000
+    }
+
+    /// Whether the entry has expired at `now_ns` (`CLOCK_BOOTTIME`). An entry
+    /// seen "in the future" (a concurrent refresh) has not.
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
+        now_ns > self.last_seen_ns && now_ns - self.last_seen_ns > self.lifetime_ns(proto)
+    }
+}
+
+/// Key data of the source range trie; the LPM key's prefix length counts
+/// from the first bit of `service_id`: `32 + 96 + n` for an IPv4 `/n`
+/// (IPv4-mapped), `32 + n` for an IPv6 `/n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// Service id, **big-endian** so the trie matches it bit by bit first.
+    pub service_id_be: u32,
+    /// Source address (prefix), network byte order.
+    pub addr: Addr,
+}
+
+/// Node-wide settings of the tc programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcConfig {
+    /// Seed of [`flow_hash`]; must be identical on every node.
+    pub maglev_seed: u64,
+    /// SNAT address for IPv4 flows (IPv4-mapped); all zero: none.
+    pub snat_v4: Addr,
+    /// SNAT address for IPv6 flows; all zero: none.
+    pub snat_v6: Addr,
+    /// `TC_CONFIG_*` bits.
+    pub flags: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// The hash a new flow is placed with: `table[flow_hash(..) % M]`. Covers the
+/// source address, both ports and the protocol but not the destination
+/// address, so a flow reaching any node address (or any node) lands on the
+/// same slot. Ports are the 16-bit values as loaded from the packet (network
+/// byte order in memory). Stable across versions, like the Maglev table
+/// builder: changing it moves flows between backends.
+#[inline(always)]
+pub const fn flow_hash(seed: u64, saddr: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let words = [
+        saddr[0],
+        saddr[1],
+        saddr[2],
+        saddr[3],
+        ((sport as u32) << 16) | dport as u32,
+        proto as u32,
+    ];
+    let mut h = seed ^ 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < words.len() {
+        h = (h ^ words[i] as u64).wrapping_mul(PRIME);
+        i += 1;
+    }
+    // MurmurHash3 fmix64.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h ^ (h >> 32)) as u32
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type below is repr(C), Copy, has no padding bytes left
+    // implicit and is valid for any bit pattern.
+    unsafe impl aya::Pod for MaglevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TcConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<MaglevKey>(), 8);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<SourceRangeKey>(), 20);
+        assert_eq!(size_of::<TcConfig>(), 48);
+    }
+
+    #[test]
+    fn flow_hash_ignores_nothing_but_the_destination() {
+        let a = crate::v4_mapped(u32::from_ne_bytes([192, 0, 2, 1]));
+        let h = flow_hash(7, &a, 1000, 80, crate::PROTO_TCP);
+        assert_eq!(h, flow_hash(7, &a, 1000, 80, crate::PROTO_TCP));
+        assert_ne!(h, flow_hash(8, &a, 1000, 80, crate::PROTO_TCP));
+        assert_ne!(h, flow_hash(7, &a, 1001, 80, crate::PROTO_TCP));
+        assert_ne!(h, flow_hash(7, &a, 1000, 81, crate::PROTO_TCP));
+        assert_ne!(h, flow_hash(7, &a, 1000, 80, crate::PROTO_UDP));
+    }
+
+    #[test]
+    fn conntrack_expiry() {
+        let mut v = CtValue {
+            new_saddr: [0; 4],
+            new_daddr: [0; 4],
+            new_sport: 0,
+            new_dport: 0,
+            flags: 0,
+            state: CT_STATE_NEW,
+            pad: 0,
+            service_id: 0,
+            backend_id: 0,
+            last_seen_ns: 1_000,
+        };
+        let s = 1_000_000_000;
+        assert!(!v.expired(crate::PROTO_TCP, 1_000 + 60 * s));
+        assert!(v.expired(crate::PROTO_TCP, 1_001 + 60 * s));
+        assert!(!v.expired(crate::PROTO_TCP, 0));
+        v.state = CT_STATE_ESTABLISHED;
+        assert!(!v.expired(crate::PROTO_TCP, 1_001 + 60 * s));
+        v.state = CT_STATE_CLOSING;
+        assert!(v.expired(crate::PROTO_TCP, 1_001 + 10 * s));
+        assert!(v.expired(crate::PROTO_UDP, 1_001 + 60 * s));
+    }
+}

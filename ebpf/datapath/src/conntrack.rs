@@ -1,0 +1,79 @@
+//! Conntrack: two LRU entries per translated flow (client side and backend
+//! side), each saying how to rewrite the packets it matches. Both are
+//! refreshed by the packets of either direction, so they age together.
+
+use lb_common::{
+    tc::{CtKey, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
+    PROTO_TCP,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK},
+    parse::{addr_eq, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// The state after a packet with `tcp_flags` (0 for UDP) in state `state`.
+#[inline(always)]
+pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
+    if proto != PROTO_TCP {
+        CT_STATE_ESTABLISHED
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 || state == CT_STATE_CLOSING {
+        CT_STATE_CLOSING
+    } else if tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
+        CT_STATE_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// The state of a new flow's entries after its first packet.
+#[inline(always)]
+pub fn initial_state(proto: u8, tcp_flags: u8) -> u8 {
+    next_state(CT_STATE_NEW, proto, tcp_flags)
+}
+
+/// The entry for this packet's tuple, if it still applies: not expired, not
+/// a closed TCP connection whose tuple a new SYN reuses, and, for a client
+/// entry, its backend still present with the same address and port (a
+/// deleted backend's flows pick a new one).
+#[inline(always)]
+pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
+    let entry = CONNTRACK.get_ptr_mut(&pkt.tuple)?;
+    // SAFETY: a pointer from a successful lookup; the value is plain data,
+    // copied out at once.
+    let value = unsafe { *entry };
+    if value.expired(pkt.tuple.proto, now) {
+        return None;
+    }
+    let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if value.state == CT_STATE_CLOSING && syn_only {
+        return None;
+    }
+    if value.flags & CT_FLAG_REPLY == 0 {
+        // SAFETY: copied out at once.
+        let backend = unsafe { BACKENDS.get(value.backend_id) }.copied()?;
+        if !addr_eq(&backend.addr, &value.new_daddr) || backend.port != value.new_dport {
+            return None;
+        }
+    }
+    Some(entry)
+}
+
+/// Records a packet on an entry and on its partner, the entry of the other
+/// direction, whose key is the rewritten tuple reversed.
+#[inline(always)]
+pub fn touch(entry: *mut CtValue, state: u8, rewritten: &CtKey, now: u64) {
+    // SAFETY: a pointer from a successful lookup; concurrent packets of the
+    // same flow only race on the timestamp and state, both plain stores.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*entry).state = state;
+    }
+    if let Some(partner) = CONNTRACK.get_ptr_mut(&rewritten.reversed()) {
+        // SAFETY: as above.
+        unsafe {
+            (*partner).last_seen_ns = now;
+            (*partner).state = state;
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Forwarding of translated packets: a FIB lookup on the rewritten tuple,
+//! then a redirect to the egress interface with the next hop's MAC address,
+//! so the packet skips the stack's routing. Without a neighbour entry yet,
+//! `bpf_redirect_neigh` resolves it. Anything else the FIB does not forward
+//! (local delivery, no route, forwarding disabled) goes to the stack.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+    EbpfContext,
+};
+use lb_common::tc::{CtKey, STAT_FIB_REDIRECT};
+
+use crate::{
+    maps::count,
+    parse::{ETH_LEN, ETH_SRC_OFF},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Redirects the packet towards `tuple.daddr`, or lets the stack route it.
+/// Returns the tc verdict.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool) -> i32 {
+    // SAFETY: a plain C struct for which all zeroes is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = if v4 { AF_INET } else { AF_INET6 };
+    params.l4_protocol = tuple.proto;
+    params.sport = tuple.sport;
+    params.dport = tuple.dport;
+    params.__bindgen_anon_1.tot_len = (ctx.len() as usize).saturating_sub(ETH_LEN) as u16;
+    // SAFETY: the context is the kernel's; `ifindex` is readable by tc programs.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if v4 {
+        params.__bindgen_anon_3.ipv4_src = tuple.saddr[3];
+        params.__bindgen_anon_4.ipv4_dst = tuple.daddr[3];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = tuple.saddr;
+        params.__bindgen_anon_4.ipv6_dst = tuple.daddr;
+    }
+    // SAFETY: a helper available to tc programs, given the context and a
+    // stack buffer of the size passed.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let verdict = if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if ctx.store(0, &params.dmac, 0).is_err()
+            || ctx.store(ETH_SRC_OFF, &params.smac, 0).is_err()
+        {
+            return TC_ACT_OK;
+        }
+        // SAFETY: a helper available to tc programs.
+        unsafe { bpf_redirect(params.ifindex, 0) }
+    } else if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The lookup left the egress interface and the next hop in `params`.
+        let mut next_hop = if v4 {
+            bpf_redir_neigh {
+                nh_family: AF_INET as u32,
+                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                    // SAFETY: the IPv4 member of a union the lookup filled
+                    // for an IPv4 query.
+                    ipv4_nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
+                },
+            }
+        } else {
+            bpf_redir_neigh {
+                nh_family: AF_INET6 as u32,
+                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                    // SAFETY: the IPv6 member, for an IPv6 query.
+                    ipv6_nh: unsafe { params.__bindgen_anon_4.ipv6_dst },
+                },
+            }
+        };
+        // SAFETY: a helper available to tc programs (kernel >= 5.10), given
+        // a stack buffer of the size passed.
+        unsafe {
+            bpf_redirect_neigh(
+                params.ifindex,
+                &mut next_hop,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        }
+    } else {
+        return TC_ACT_OK;
+    };
+    if verdict == TC_ACT_REDIRECT as i64 {
+        count(STAT_FIB_REDIRECT);
+    }
+    verdict as i32
+}

@@ -1,0 +1,186 @@
+//! Rejection of connections to frontends without endpoints: the TCP SYN (or
+//! any TCP segment) is turned into a RST sent back out of the interface it
+//! came in on, as kube-proxy's REJECT does. UDP is dropped: answering with
+//! ICMP port unreachable needs the packet to grow and is not done yet.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use lb_common::PROTO_TCP;
+
+use crate::parse::{
+    Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
+};
+
+/// Length of a TCP header without options.
+const TCP_LEN: usize = 20;
+const TTL: u8 = 64;
+
+/// Adds the 16-bit words of `value` (in memory order) to a ones' complement
+/// sum. Summing native-endian words and storing the folded result natively
+/// gives the right bytes on the wire whatever the host's byte order.
+#[inline(always)]
+fn sum_words<T>(sum: u32, value: &T) -> u32 {
+    // SAFETY: `T` is one of the repr(C) headers above: no padding, an even
+    // size, at least 2-byte aligned; read as a slice of u16 for its lifetime.
+    let words = unsafe {
+        core::slice::from_raw_parts(
+            (value as *const T).cast::<u16>(),
+            core::mem::size_of::<T>() / 2,
+        )
+    };
+    let mut sum = sum;
+    for word in words {
+        sum += *word as u32;
+    }
+    sum
+}
+
+/// Folds a ones' complement sum and complements it: the checksum field.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The RST answering `tcp` whose payload is `payload` bytes long (RFC 9293
+/// 3.10.7.1): from the addressed port to the sender, with the sequence
+/// number it acknowledged, or acknowledging all it sent.
+#[inline(always)]
+fn rst_for(tcp: &TcpHdr, payload: u32) -> TcpHdr {
+    let (seq, ack_seq, flags) = if tcp.flags & TCP_ACK != 0 {
+        (tcp.ack_seq, 0, TCP_RST)
+    } else {
+        let mut len = payload;
+        if tcp.flags & TCP_SYN != 0 {
+            len += 1;
+        }
+        if tcp.flags & TCP_FIN != 0 {
+            len += 1;
+        }
+        let ack = u32::from_be(tcp.seq).wrapping_add(len);
+        (0, ack.to_be(), TCP_RST | TCP_ACK)
+    };
+    TcpHdr {
+        sport: tcp.dport,
+        dport: tcp.sport,
+        seq,
+        ack_seq,
+        doff: ((TCP_LEN / 4) as u8) << 4,
+        flags,
+        window: 0,
+        check: 0,
+        urg_ptr: 0,
+    }
+}
+
+/// Answers a TCP packet with a RST out of its ingress interface, or drops
+/// anything else. Returns the tc verdict.
+#[inline(never)]
+pub fn reject(ctx: TcContext, pkt: &Packet) -> i32 {
+    if pkt.tuple.proto != PROTO_TCP || pkt.tcp_flags & TCP_RST != 0 {
+        return TC_ACT_SHOT;
+    }
+    let built = if pkt.v4 {
+        build_v4(&ctx)
+    } else {
+        build_v6(&ctx)
+    };
+    if built.is_none() {
+        return TC_ACT_SHOT;
+    }
+    // Swap the MAC addresses.
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return TC_ACT_SHOT;
+    };
+    let swapped = [
+        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
+        macs[4], macs[5],
+    ];
+    if ctx.store(0, &swapped, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: the context is the kernel's; `ifindex` is readable by tc programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a helper available to tc programs; redirects to the egress of
+    // the interface the packet arrived on.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) };
+    if verdict == TC_ACT_REDIRECT as i64 {
+        verdict as i32
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Trims the packet to `len` bytes.
+#[inline(always)]
+fn truncate(ctx: &TcContext, len: usize) -> Option<()> {
+    // SAFETY: a helper available to tc programs; invalidates packet
+    // pointers, of which there are none (headers are read by copy).
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    (ret == 0).then_some(())
+}
+
+/// Rewrites an IPv4 TCP packet into the RST answering it (not yet swapped at L2).
+#[inline(always)]
+fn build_v4(ctx: &TcContext) -> Option<()> {
+    let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
+    // Options would shift the TCP header: not answered.
+    if ip.version_ihl != 0x45 {
+        return None;
+    }
+    let tcp: TcpHdr = ctx.load(ETH_LEN + IPV4_LEN).ok()?;
+    let header_len = IPV4_LEN as u32 + ((tcp.doff >> 4) as u32) * 4;
+    let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub(header_len);
+    let mut rst = rst_for(&tcp, payload);
+    let mut reply = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((IPV4_LEN + TCP_LEN) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: TTL,
+        proto: PROTO_TCP,
+        check: 0,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    reply.check = fold(sum_words(0, &reply));
+    let pseudo = [
+        reply.saddr,
+        reply.daddr,
+        (((PROTO_TCP as u32) << 16) | TCP_LEN as u32).to_be(),
+    ];
+    rst.check = fold(sum_words(sum_words(0, &pseudo), &rst));
+    truncate(ctx, ETH_LEN + IPV4_LEN + TCP_LEN)?;
+    ctx.store(ETH_LEN, &reply, 0).ok()?;
+    ctx.store(ETH_LEN + IPV4_LEN, &rst, 0).ok()
+}
+
+/// Rewrites an IPv6 TCP packet into the RST answering it (not yet swapped at L2).
+#[inline(always)]
+fn build_v6(ctx: &TcContext) -> Option<()> {
+    let ip: Ipv6Hdr = ctx.load(ETH_LEN).ok()?;
+    let tcp: TcpHdr = ctx.load(ETH_LEN + IPV6_LEN).ok()?;
+    let header_len = ((tcp.doff >> 4) as u32) * 4;
+    let payload = (u16::from_be(ip.payload_len) as u32).saturating_sub(header_len);
+    let mut rst = rst_for(&tcp, payload);
+    let reply = Ipv6Hdr {
+        version_flow: (6u32 << 28).to_be(),
+        payload_len: (TCP_LEN as u16).to_be(),
+        next_header: PROTO_TCP,
+        hop_limit: TTL,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    let pseudo = [(TCP_LEN as u32).to_be(), (PROTO_TCP as u32).to_be()];
+    let sum = sum_words(sum_words(sum_words(0, &reply.saddr), &reply.daddr), &pseudo);
+    rst.check = fold(sum_words(sum, &rst));
+    truncate(ctx, ETH_LEN + IPV6_LEN + TCP_LEN)?;
+    ctx.store(ETH_LEN, &reply, 0).ok()?;
+    ctx.store(ETH_LEN + IPV6_LEN, &rst, 0).ok()
+}

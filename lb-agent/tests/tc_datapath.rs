@@ -1,0 +1,928 @@
+//! Packet-in/packet-out tests of the tc datapath with `BPF_PROG_TEST_RUN`:
+//! each test loads the programs with its own bpffs pin directory, writes
+//! frontends, backends and Maglev tables like the agent would, runs raw
+//! Ethernet frames through the programs and checks verdicts, rewritten
+//! headers and checksums. Needs root and bpffs at /sys/fs/bpf.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_agent::{
+    addr::{addr_from_ip, ip_from_addr},
+    maglev::{build_table, sorted_backends, MaglevBackend},
+    tcpath::{boottime_ns, TcDatapath, TcHook, TcOptions},
+};
+use lb_common::{
+    map_names,
+    tc::{
+        flow_hash, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, SCOPE_TC_EXTERNAL,
+        SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN,
+        STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
+        TC_CONFIG_FIB_REDIRECT,
+    },
+    Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+const SEED: u64 = 0x5eed;
+const TABLE_SIZE: usize = 251;
+
+const NODE4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const NODE_PORT: u16 = 30080;
+
+// ---------------------------------------------------------------------------
+// Frames
+
+/// Ones' complement sum of big-endian 16-bit words.
+fn sum16(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let mut pseudo = ip_bytes(src);
+    pseudo.extend(ip_bytes(dst));
+    match src {
+        IpAddr::V4(_) => pseudo.extend([0, proto, (len >> 8) as u8, len as u8]),
+        IpAddr::V6(_) => pseudo.extend([
+            (len >> 24) as u8,
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            0,
+            0,
+            0,
+            proto,
+        ]),
+    }
+    sum16(&pseudo)
+}
+
+/// A flow's packet: addresses, ports, protocol, TCP flags and payload.
+#[derive(Clone, Copy, Debug)]
+struct Pkt<'a> {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    flags: u8,
+    seq: u32,
+    payload: &'a [u8],
+}
+
+impl<'a> Pkt<'a> {
+    fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: PROTO_TCP,
+            flags,
+            seq: 1000,
+            payload: &[],
+        }
+    }
+
+    fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &'a [u8]) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: PROTO_UDP,
+            flags: 0,
+            seq: 0,
+            payload,
+        }
+    }
+
+    /// The Ethernet frame, with valid checksums.
+    fn frame(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.sport.to_be_bytes());
+        l4.extend(self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend(self.seq.to_be_bytes());
+            l4.extend(0u32.to_be_bytes());
+            l4.extend([5 << 4, self.flags]);
+            l4.extend(64240u16.to_be_bytes());
+            l4.extend([0, 0, 0, 0]);
+        } else {
+            l4.extend(((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend([0, 0]);
+        }
+        l4.extend(self.payload);
+        let csum_off = if self.proto == PROTO_TCP { 16 } else { 6 };
+        let csum = fold(pseudo_sum(self.src, self.dst, self.proto, l4.len()) + sum16(&l4));
+        l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                frame.extend([0x08, 0x00]);
+                let mut ip = vec![0x45, 0];
+                ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+                ip.extend([0, 1, 0x40, 0, 64, self.proto, 0, 0]);
+                ip.extend(src.octets());
+                ip.extend(dst.octets());
+                let csum = fold(sum16(&ip));
+                ip[10..12].copy_from_slice(&csum.to_be_bytes());
+                frame.extend(ip);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                frame.extend([0x86, 0xdd]);
+                frame.extend([0x60, 0, 0, 0]);
+                frame.extend((l4.len() as u16).to_be_bytes());
+                frame.extend([self.proto, 64]);
+                frame.extend(src.octets());
+                frame.extend(dst.octets());
+            }
+            _ => panic!("mixed families"),
+        }
+        frame.extend(l4);
+        frame
+    }
+}
+
+/// What a test reads back from a frame the program left.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    l4_csum: u16,
+}
+
+/// Parses a frame and checks its IPv4 header and L4 checksums.
+fn parse(frame: &[u8]) -> Parsed {
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, proto, l4) = match ethertype {
+        0x0800 => {
+            let ip = &frame[14..34];
+            assert_eq!(fold(sum16(ip)), 0, "bad IPv4 header checksum");
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+            (src, dst, ip[9], &frame[34..14 + total])
+        }
+        0x86dd => {
+            let ip = &frame[14..54];
+            let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+            (src, dst, ip[6], &frame[54..54 + len])
+        }
+        other => panic!("unexpected ethertype {other:#x}"),
+    };
+    let csum_off = if proto == PROTO_TCP { 16 } else { 6 };
+    let l4_csum = u16::from_be_bytes([l4[csum_off], l4[csum_off + 1]]);
+    if !(proto == PROTO_UDP && l4_csum == 0) {
+        assert_eq!(
+            fold(pseudo_sum(src, dst, proto, l4.len()) + sum16(l4)),
+            0,
+            "bad L4 checksum"
+        );
+    }
+    let word = |at: usize| u32::from_be_bytes(l4[at..at + 4].try_into().unwrap());
+    let tcp = proto == PROTO_TCP;
+    Parsed {
+        src,
+        dst,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        proto,
+        flags: if tcp { l4[13] } else { 0 },
+        seq: if tcp { word(4) } else { 0 },
+        ack: if tcp { word(8) } else { 0 },
+        l4_csum,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixture
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// One node's datapath in its own pin directory, removed on drop.
+struct Node {
+    tc: TcDatapath,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pinned_hash<K: aya::Pod, V: aya::Pod>(
+    dir: &std::path::Path,
+    name: &str,
+) -> HashMap<MapData, K, V> {
+    let data = MapData::from_pin(dir.join(name)).unwrap();
+    HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// A frontend as the agent would write it.
+#[derive(Clone, Copy)]
+struct Frontend {
+    ip: IpAddr,
+    port: u16,
+    proto: u8,
+    service_id: u32,
+    flags: u32,
+}
+
+impl Frontend {
+    fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: addr_from_ip(self.ip),
+            port: self.port.to_be(),
+            proto: self.proto,
+            scope: SCOPE_TC_EXTERNAL,
+        }
+    }
+}
+
+impl Node {
+    fn new() -> Self {
+        Self::with_options(&TcOptions {
+            conntrack_capacity: 4096,
+        })
+    }
+
+    fn with_options(options: &TcOptions) -> Self {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/lbtc-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let mut tc = TcDatapath::load(&dir, options).unwrap_or_else(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            panic!("load the tc programs: {e:?}")
+        });
+        tc.set_config(&TcConfig {
+            maglev_seed: SEED,
+            snat_v4: addr_from_ip(NODE4.into()),
+            snat_v6: addr_from_ip(NODE6.into()),
+            flags: 0,
+            pad: 0,
+        })
+        .unwrap();
+        Self {
+            tc,
+            services: pinned_hash(&dir, map_names::SERVICES),
+            backends: pinned_hash(&dir, map_names::BACKENDS),
+            dir,
+        }
+    }
+
+    fn add_backend(&mut self, id: u32, ip: IpAddr, port: u16, proto: u8, local: bool) {
+        let backend = Backend {
+            addr: addr_from_ip(ip),
+            port: port.to_be(),
+            proto,
+            flags: if local { BACKEND_FLAG_LOCAL } else { 0 },
+        };
+        self.backends.insert(id, backend, 0).unwrap();
+    }
+
+    /// The Maglev table of backend ids for `ids`, keyed by address and port
+    /// like the agent would (so every node builds the same one).
+    fn table(&self, ids: &[u32]) -> Vec<u32> {
+        let backends: Vec<MaglevBackend<Vec<u8>>> = ids
+            .iter()
+            .map(|id| {
+                let b = self.backends.get(id, 0).unwrap();
+                let mut key: Vec<u8> = b.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                key.extend(b.port.to_ne_bytes());
+                MaglevBackend::new(key, 1)
+            })
+            .collect();
+        let sorted: Vec<u32> = sorted_backends(&backends)
+            .iter()
+            .map(|s| ids[backends.iter().position(|b| b.key == s.key).unwrap()])
+            .collect();
+        build_table(&backends, TABLE_SIZE, SEED)
+            .unwrap()
+            .into_iter()
+            .map(|i| sorted[i as usize])
+            .collect()
+    }
+
+    /// Writes a Maglev table of `ids` under `generation` and points the
+    /// frontend at it, make before break.
+    fn set_frontend(&mut self, fe: &Frontend, generation: u32, ids: &[u32]) {
+        if !ids.is_empty() {
+            let table = self.table(ids);
+            self.tc.write_maglev_table(generation, &table).unwrap();
+        }
+        let value = ServiceValue {
+            service_id: fe.service_id,
+            slot_generation: generation,
+            backend_count: ids.len() as u32,
+            flags: fe.flags,
+            affinity_timeout_s: 0,
+        };
+        self.services.insert(fe.key(), value, 0).unwrap();
+    }
+
+    fn run(&mut self, hook: TcHook, pkt: &Pkt<'_>) -> (i32, Vec<u8>) {
+        self.tc.test_run(hook, &pkt.frame()).expect("test run")
+    }
+
+    fn ingress(&mut self, pkt: &Pkt<'_>) -> (i32, Parsed) {
+        let (verdict, out) = self.run(TcHook::Ingress, pkt);
+        (verdict, parse(&out))
+    }
+
+    fn egress(&mut self, pkt: &Pkt<'_>) -> (i32, Parsed) {
+        let (verdict, out) = self.run(TcHook::Egress, pkt);
+        (verdict, parse(&out))
+    }
+
+    fn stat(&self, index: u32) -> u64 {
+        self.tc.stats().unwrap()[index as usize]
+    }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn backend4(i: u8) -> IpAddr {
+    v4(10, 244, 1, i)
+}
+
+fn backend6(i: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, i))
+}
+
+fn nodeport(ip: IpAddr, proto: u8) -> Frontend {
+    Frontend {
+        ip,
+        port: NODE_PORT,
+        proto,
+        service_id: 7,
+        flags: 0,
+    }
+}
+
+/// A node with a TCP NodePort on NODE4 and three local backends (ids 1-3).
+fn node_with_local_backends() -> (Node, Frontend) {
+    let mut node = Node::new();
+    for i in 1..=3 {
+        node.add_backend(u32::from(i), backend4(i), 8080, PROTO_TCP, true);
+    }
+    let fe = nodeport(NODE4.into(), PROTO_TCP);
+    node.set_frontend(&fe, 1, &[1, 2, 3]);
+    (node, fe)
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn nodeport_tcp_syn_is_dnated_with_valid_checksums() {
+    let (mut node, fe) = node_with_local_backends();
+    let syn = Pkt::tcp(CLIENT4.into(), 40000, fe.ip, NODE_PORT, SYN);
+    let (verdict, out) = node.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert!((1..=3).any(|i| out.dst == backend4(i)), "{out:?}");
+    assert_eq!(out.dport, 8080);
+    // Local backend: the client address is preserved.
+    assert_eq!((out.src, out.sport), (syn.src, syn.sport));
+    assert_eq!((out.proto, out.flags, out.seq), (PROTO_TCP, SYN, 1000));
+    assert_eq!(node.stat(STAT_NEW_FLOW), 1);
+}
+
+#[test]
+fn new_flow_follows_the_maglev_table() {
+    let (mut node, fe) = node_with_local_backends();
+    let table = node.table(&[1, 2, 3]);
+    for sport in 40000..40032u16 {
+        let syn = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, SYN);
+        let (_, out) = node.ingress(&syn);
+        let hash = flow_hash(
+            SEED,
+            &addr_from_ip(syn.src),
+            sport.to_be(),
+            NODE_PORT.to_be(),
+            PROTO_TCP,
+        );
+        let id = table[hash as usize % TABLE_SIZE];
+        assert_eq!(out.dst, backend4(id as u8), "source port {sport}");
+    }
+}
+
+#[test]
+fn conntrack_keeps_a_flow_on_its_backend() {
+    let (mut node, fe) = node_with_local_backends();
+    let syn = Pkt::tcp(CLIENT4.into(), 41000, fe.ip, NODE_PORT, SYN);
+    let (_, first) = node.ingress(&syn);
+    let (_, again) = node.ingress(&syn);
+    assert_eq!(first.dst, again.dst);
+    assert_eq!(node.stat(STAT_NEW_FLOW), 1);
+    // Two entries: client side and backend side.
+    let entries = node.tc.conntrack_entries().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
+            .count(),
+        1
+    );
+
+    // A new table generation without this flow's backend but with two new
+    // ones: the established flow stays (conntrack before Maglev) as long as
+    // its backend exists.
+    node.add_backend(4, backend4(4), 8080, PROTO_TCP, true);
+    node.add_backend(5, backend4(5), 8080, PROTO_TCP, true);
+    let others: Vec<u32> = (1..=5u32)
+        .filter(|&i| backend4(i as u8) != first.dst)
+        .collect();
+    node.set_frontend(&fe, 2, &others);
+    node.tc.delete_maglev_table(1).unwrap();
+    let ack = Pkt::tcp(CLIENT4.into(), 41000, fe.ip, NODE_PORT, ACK);
+    let (verdict, kept) = node.ingress(&ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(kept.dst, first.dst);
+
+    // Once the backend is deleted, the flow moves to a backend of the table.
+    let gone = (1..=3u32)
+        .find(|&i| backend4(i as u8) == first.dst)
+        .unwrap();
+    node.backends.remove(&gone).unwrap();
+    let (verdict, moved) = node.ingress(&ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_ne!(moved.dst, first.dst);
+    assert!(others.iter().any(|&i| backend4(i as u8) == moved.dst));
+}
+
+#[test]
+fn same_flow_same_backend_on_every_node() {
+    let (mut a, fe) = node_with_local_backends();
+    // Another node: same backends under different ids, written in another
+    // order, and a different node address for the frontend.
+    let mut b = Node::new();
+    for i in (1..=3u8).rev() {
+        b.add_backend(100 + u32::from(i), backend4(i), 8080, PROTO_TCP, true);
+    }
+    let fe_b = Frontend {
+        ip: v4(192, 0, 2, 11),
+        service_id: 99,
+        ..nodeport(NODE4.into(), PROTO_TCP)
+    };
+    b.set_frontend(&fe_b, 5, &[103, 101, 102]);
+    let mut spread = std::collections::BTreeSet::new();
+    for sport in 42000..42040u16 {
+        let (_, on_a) = a.ingress(&Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, SYN));
+        let (_, on_b) = b.ingress(&Pkt::tcp(CLIENT4.into(), sport, fe_b.ip, NODE_PORT, SYN));
+        assert_eq!(on_a.dst, on_b.dst, "source port {sport}");
+        spread.insert(on_a.dst);
+    }
+    assert_eq!(spread.len(), 3, "flows should spread over all backends");
+}
+
+#[test]
+fn reply_of_a_local_backend_is_reverse_translated_on_egress() {
+    let (mut node, fe) = node_with_local_backends();
+    let syn = Pkt::tcp(CLIENT4.into(), 43000, fe.ip, NODE_PORT, SYN);
+    let (_, fwd) = node.ingress(&syn);
+    let syn_ack = Pkt {
+        seq: 5000,
+        ..Pkt::tcp(fwd.dst, 8080, CLIENT4.into(), 43000, SYN | ACK)
+    };
+    let (verdict, reply) = node.egress(&syn_ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((reply.src, reply.sport), (fe.ip, NODE_PORT));
+    assert_eq!((reply.dst, reply.dport), (IpAddr::from(CLIENT4), 43000));
+    assert_eq!((reply.flags, reply.seq), (SYN | ACK, 5000));
+    // Unrelated traffic leaving the node is untouched.
+    let other = Pkt::tcp(fwd.dst, 8080, v4(203, 0, 113, 1), 43000, ACK);
+    let (verdict, out) = node.run(TcHook::Egress, &other);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, other.frame());
+}
+
+#[test]
+fn remote_backend_is_snated_and_its_reply_restored() {
+    isolated(|| {
+        let mut node = Node::new();
+        node.add_backend(1, backend4(1), 8080, PROTO_TCP, false);
+        let fe = nodeport(NODE4.into(), PROTO_TCP);
+        node.set_frontend(&fe, 1, &[1]);
+        let syn = Pkt::tcp(CLIENT4.into(), 44000, fe.ip, NODE_PORT, SYN);
+        let (verdict, fwd) = node.ingress(&syn);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!((fwd.dst, fwd.dport), (backend4(1), 8080));
+        assert_eq!(fwd.src, IpAddr::from(NODE4));
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MIN + (SNAT_PORT_COUNT - 1)).contains(&fwd.sport));
+        // The backend's reply arrives on the uplink, addressed to the node.
+        let syn_ack = Pkt::tcp(backend4(1), 8080, NODE4.into(), fwd.sport, SYN | ACK);
+        let (verdict, reply) = node.ingress(&syn_ack);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!((reply.src, reply.sport), (fe.ip, NODE_PORT));
+        assert_eq!((reply.dst, reply.dport), (IpAddr::from(CLIENT4), 44000));
+
+        // A second client flow with the same source port gets its own SNAT port
+        // only if the first one is taken for this backend; either way replies
+        // map back to the right client.
+        let other_client = v4(198, 51, 100, 8);
+        let (_, fwd2) = node.ingress(&Pkt::tcp(other_client, 44000, fe.ip, NODE_PORT, SYN));
+        let (_, reply2) = node.ingress(&Pkt::tcp(backend4(1), 8080, NODE4.into(), fwd2.sport, ACK));
+        assert_eq!((reply2.dst, reply2.dport), (other_client, 44000));
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_preserves_the_client() {
+    let mut node = Node::new();
+    // Under Local the agent only puts local backends in the table; even one
+    // not flagged local is not SNATed.
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, false);
+    let fe = Frontend {
+        flags: SERVICE_FLAG_EXTERNAL_LOCAL,
+        ..nodeport(NODE4.into(), PROTO_TCP)
+    };
+    node.set_frontend(&fe, 1, &[1]);
+    let (verdict, fwd) = node.ingress(&Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, SYN));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((fwd.src, fwd.sport), (IpAddr::from(CLIENT4), 45000));
+
+    // No local backend: dropped, not rejected.
+    let empty = Frontend {
+        port: NODE_PORT + 1,
+        flags: SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_NO_LOCAL_BACKENDS,
+        ..nodeport(NODE4.into(), PROTO_TCP)
+    };
+    node.set_frontend(&empty, 2, &[]);
+    let syn = Pkt::tcp(CLIENT4.into(), 45001, empty.ip, NODE_PORT + 1, SYN);
+    let (verdict, _) = node.run(TcHook::Ingress, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.stat(STAT_DROP_NO_LOCAL), 1);
+}
+
+#[test]
+fn udp_nodeport_is_translated_both_ways() {
+    let mut node = Node::new();
+    for i in 1..=2 {
+        node.add_backend(u32::from(i), backend4(i), 5353, PROTO_UDP, true);
+    }
+    let fe = nodeport(NODE4.into(), PROTO_UDP);
+    node.set_frontend(&fe, 1, &[1, 2]);
+    let query = Pkt::udp(CLIENT4.into(), 50000, fe.ip, NODE_PORT, b"hello");
+    let (verdict, fwd) = node.ingress(&query);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert!(fwd.dst == backend4(1) || fwd.dst == backend4(2));
+    assert_eq!((fwd.dport, fwd.proto), (5353, PROTO_UDP));
+    assert_ne!(fwd.l4_csum, 0);
+    let answer = Pkt::udp(fwd.dst, 5353, CLIENT4.into(), 50000, b"world");
+    let (verdict, reply) = node.egress(&answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((reply.src, reply.sport), (fe.ip, NODE_PORT));
+
+    // A datagram without checksum keeps none.
+    let mut frame = Pkt::udp(CLIENT4.into(), 50001, fe.ip, NODE_PORT, b"x").frame();
+    frame[40..42].copy_from_slice(&[0, 0]);
+    let (verdict, out) = node.tc.test_run(TcHook::Ingress, &frame).unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(parse(&out).l4_csum, 0);
+}
+
+#[test]
+fn ipv6_nodeport_is_translated_both_ways() {
+    isolated(|| {
+        let mut node = Node::new();
+        for i in 1..=3 {
+            node.add_backend(u32::from(i), backend6(i), 8080, PROTO_TCP, true);
+        }
+        node.add_backend(4, backend6(4), 8080, PROTO_TCP, false);
+        let fe = nodeport(NODE6.into(), PROTO_TCP);
+        node.set_frontend(&fe, 1, &[1, 2, 3]);
+        let syn = Pkt::tcp(CLIENT6.into(), 46000, fe.ip, NODE_PORT, SYN);
+        let (verdict, fwd) = node.ingress(&syn);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert!((1..=3).any(|i| fwd.dst == backend6(i)), "{fwd:?}");
+        assert_eq!((fwd.src, fwd.dport), (IpAddr::from(CLIENT6), 8080));
+        let syn_ack = Pkt::tcp(fwd.dst, 8080, CLIENT6.into(), 46000, SYN | ACK);
+        let (_, reply) = node.egress(&syn_ack);
+        assert_eq!((reply.src, reply.sport), (fe.ip, NODE_PORT));
+
+        // A remote IPv6 backend is SNATed to the node's IPv6 address.
+        let remote = Frontend {
+            port: NODE_PORT + 1,
+            ..nodeport(NODE6.into(), PROTO_TCP)
+        };
+        node.set_frontend(&remote, 2, &[4]);
+        let syn = Pkt::tcp(CLIENT6.into(), 46001, remote.ip, NODE_PORT + 1, SYN);
+        let (_, fwd) = node.ingress(&syn);
+        assert_eq!((fwd.src, fwd.dst), (IpAddr::from(NODE6), backend6(4)));
+        let (_, reply) = node.ingress(&Pkt::tcp(backend6(4), 8080, NODE6.into(), fwd.sport, ACK));
+        assert_eq!((reply.src, reply.dst), (remote.ip, IpAddr::from(CLIENT6)));
+        assert_eq!((reply.sport, reply.dport), (NODE_PORT + 1, 46001));
+    });
+}
+
+#[test]
+fn no_endpoints_rejects_tcp_with_a_reset() {
+    let mut node = Node::new();
+    let fe4 = nodeport(NODE4.into(), PROTO_TCP);
+    let fe6 = nodeport(NODE6.into(), PROTO_TCP);
+    node.set_frontend(&fe4, 1, &[]);
+    node.set_frontend(&fe6, 1, &[]);
+    for (client, fe) in [(IpAddr::from(CLIENT4), &fe4), (IpAddr::from(CLIENT6), &fe6)] {
+        let syn = Pkt::tcp(client, 47000, fe.ip, NODE_PORT, SYN);
+        let (verdict, out) = node.run(TcHook::Ingress, &syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{client}");
+        // MAC addresses swapped.
+        assert_eq!(out[..6], syn.frame()[6..12]);
+        let rst = parse(&out);
+        assert_eq!((rst.src, rst.sport), (fe.ip, NODE_PORT));
+        assert_eq!((rst.dst, rst.dport), (client, 47000));
+        assert_eq!(rst.flags, RST | ACK);
+        assert_eq!((rst.seq, rst.ack), (0, syn.seq + 1));
+    }
+    assert_eq!(node.stat(STAT_REJECT), 2);
+    // A segment with ACK gets a RST with its acknowledgment as sequence.
+    let ack = Pkt::tcp(CLIENT4.into(), 47001, fe4.ip, NODE_PORT, ACK);
+    let (verdict, out) = node.run(TcHook::Ingress, &ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(parse(&out).flags, RST);
+    // Never a RST for a RST; UDP is dropped.
+    let rst = Pkt::tcp(CLIENT4.into(), 47002, fe4.ip, NODE_PORT, RST);
+    assert_eq!(node.run(TcHook::Ingress, &rst).0, TC_ACT_SHOT);
+    let udp_fe = nodeport(NODE4.into(), PROTO_UDP);
+    node.set_frontend(&udp_fe, 1, &[]);
+    let udp = Pkt::udp(CLIENT4.into(), 47003, udp_fe.ip, NODE_PORT, b"?");
+    assert_eq!(node.run(TcHook::Ingress, &udp).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn source_ranges_allow_listed_clients_only() {
+    let mut node = Node::new();
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
+    node.add_backend(2, backend6(1), 8080, PROTO_TCP, true);
+    let lb4 = Frontend {
+        ip: v4(203, 0, 113, 50),
+        port: 443,
+        proto: PROTO_TCP,
+        service_id: 12,
+        flags: SERVICE_FLAG_SOURCE_RANGES,
+    };
+    let lb6 = Frontend {
+        ip: "2001:db8:ffff::50".parse().unwrap(),
+        ..lb4
+    };
+    node.set_frontend(&lb4, 1, &[1]);
+    node.set_frontend(&lb6, 2, &[2]);
+    node.tc
+        .allow_source_range(12, v4(198, 51, 100, 0), 24)
+        .unwrap();
+    node.tc
+        .allow_source_range(12, "2001:db8:c::".parse().unwrap(), 48)
+        .unwrap();
+    // Another service's range does not apply.
+    node.tc
+        .allow_source_range(13, v4(203, 0, 113, 0), 24)
+        .unwrap();
+
+    let allowed = Pkt::tcp(CLIENT4.into(), 48000, lb4.ip, 443, SYN);
+    let (verdict, out) = node.ingress(&allowed);
+    assert_eq!((verdict, out.dst), (TC_ACT_OK, backend4(1)));
+    let allowed6 = Pkt::tcp(CLIENT6.into(), 48000, lb6.ip, 443, SYN);
+    let (verdict, out) = node.ingress(&allowed6);
+    assert_eq!((verdict, out.dst), (TC_ACT_OK, backend6(1)));
+
+    let denied = Pkt::tcp(v4(203, 0, 113, 9), 48001, lb4.ip, 443, SYN);
+    assert_eq!(node.run(TcHook::Ingress, &denied).0, TC_ACT_SHOT);
+    let denied6 = Pkt::tcp("2001:db8:d::1".parse().unwrap(), 48001, lb6.ip, 443, SYN);
+    assert_eq!(node.run(TcHook::Ingress, &denied6).0, TC_ACT_SHOT);
+    assert_eq!(node.stat(STAT_DROP_SOURCE_RANGE), 2);
+
+    node.tc
+        .remove_source_range(12, v4(198, 51, 100, 0), 24)
+        .unwrap();
+    let new_flow = Pkt::tcp(CLIENT4.into(), 48002, lb4.ip, 443, SYN);
+    assert_eq!(node.run(TcHook::Ingress, &new_flow).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn traffic_to_other_destinations_passes_untouched() {
+    let (mut node, fe) = node_with_local_backends();
+    for pkt in [
+        Pkt::tcp(CLIENT4.into(), 49000, fe.ip, 22, SYN),
+        Pkt::tcp(CLIENT4.into(), 49000, v4(192, 0, 2, 99), NODE_PORT, SYN),
+        Pkt::udp(CLIENT4.into(), 49000, fe.ip, NODE_PORT, b"not tcp"),
+    ] {
+        let frame = pkt.frame();
+        let (verdict, out) = node.tc.test_run(TcHook::Ingress, &frame).unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, frame);
+    }
+    assert!(node.tc.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn conntrack_gc_deletes_expired_entries() {
+    let (mut node, fe) = node_with_local_backends();
+    for sport in 0..5u16 {
+        node.ingress(&Pkt::tcp(
+            CLIENT4.into(),
+            50000 + sport,
+            fe.ip,
+            NODE_PORT,
+            SYN,
+        ));
+    }
+    // One flow completes its handshake: established, long timeout.
+    node.ingress(&Pkt::tcp(CLIENT4.into(), 50000, fe.ip, NODE_PORT, ACK));
+    let now = boottime_ns().unwrap();
+    let report = node.tc.conntrack_gc(now).unwrap();
+    assert_eq!(
+        (report.live, report.deleted, report.capacity),
+        (10, 0, 4096)
+    );
+    // 61 s later the half-open flows (SYN timeout 60 s) are gone.
+    let report = node.tc.conntrack_gc(now + 61_000_000_000).unwrap();
+    assert_eq!((report.live, report.deleted), (2, 8));
+    assert_eq!(node.tc.conntrack_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn full_conntrack_evicts_instead_of_failing() {
+    let mut node = Node::with_options(&TcOptions {
+        conntrack_capacity: 64,
+    });
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
+    let fe = nodeport(NODE4.into(), PROTO_TCP);
+    node.set_frontend(&fe, 1, &[1]);
+    for sport in 0..200u16 {
+        let (verdict, out) = node.ingress(&Pkt::tcp(
+            CLIENT4.into(),
+            1000 + sport,
+            fe.ip,
+            NODE_PORT,
+            SYN,
+        ));
+        assert_eq!((verdict, out.dst), (TC_ACT_OK, backend4(1)));
+    }
+    let report = node.tc.conntrack_gc(boottime_ns().unwrap()).unwrap();
+    assert!(report.live <= 64, "{report:?}");
+    assert_eq!(report.capacity, 64);
+}
+
+#[test]
+fn reloading_reuses_pinned_maps_and_adopts_state() {
+    let (mut node, fe) = node_with_local_backends();
+    let syn = Pkt::tcp(CLIENT4.into(), 51000, fe.ip, NODE_PORT, SYN);
+    let (_, first) = node.ingress(&syn);
+    // A second load (an agent upgrade) sees the same frontends and flows.
+    let mut again = TcDatapath::load(&node.dir, &TcOptions::default()).unwrap();
+    let (_, out) = again.test_run(TcHook::Ingress, &syn.frame()).unwrap();
+    assert_eq!(parse(&out).dst, first.dst);
+    assert_eq!(again.conntrack_entries().unwrap().len(), 2);
+    assert_eq!(ip_from_addr(&addr_from_ip(first.dst)), first.dst);
+}
+
+/// Runs `test` in a thread with a network namespace of its own:
+/// `BPF_PROG_TEST_RUN` runs packets in the caller's namespace, whose routes
+/// decide FIB lookups. A fresh one has no routes, so lookups fail and
+/// packets go to the stack (`TC_ACT_OK`) whatever the host's routes are.
+fn isolated(test: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        test();
+    })
+    .join()
+    .unwrap();
+}
+
+/// Runs `ip` with `args` in the calling thread's network namespace.
+fn ip(args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip {args}");
+}
+
+#[test]
+fn fib_lookup_redirects_to_the_next_hop() {
+    // BPF_PROG_TEST_RUN runs the packet in the caller's network namespace:
+    // give this thread its own, with a route and a neighbour for the backend.
+    isolated(|| {
+        ip("link set lo up");
+        ip("link add lbfib0 type veth peer name lbfib1");
+        ip("link set lbfib0 address 02:00:00:00:00:01");
+        ip("addr add 10.244.1.254/24 dev lbfib0");
+        ip("link set lbfib0 up");
+        ip("link set lbfib1 up");
+        ip("neigh replace 10.244.1.1 lladdr 02:00:00:00:00:aa dev lbfib0 nud permanent");
+        fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
+
+        let (mut node, fe) = node_with_local_backends();
+        node.tc
+            .set_config(&TcConfig {
+                maglev_seed: SEED,
+                snat_v4: addr_from_ip(NODE4.into()),
+                snat_v6: addr_from_ip(NODE6.into()),
+                flags: TC_CONFIG_FIB_REDIRECT,
+                pad: 0,
+            })
+            .unwrap();
+        // Only backend 1 has a neighbour: find flows Maglev sends there and
+        // elsewhere.
+        let table = node.table(&[1, 2, 3]);
+        let backend_of = |sport: u16| {
+            let hash = flow_hash(
+                SEED,
+                &addr_from_ip(CLIENT4.into()),
+                sport.to_be(),
+                NODE_PORT.to_be(),
+                PROTO_TCP,
+            );
+            table[hash as usize % TABLE_SIZE]
+        };
+        let sport = (52000..53000u16).find(|&p| backend_of(p) == 1).unwrap();
+        let other_sport = (52000..53000u16).find(|&p| backend_of(p) != 1).unwrap();
+        let syn = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, SYN);
+        let (verdict, out) = node.run(TcHook::Ingress, &syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out[..12], [2, 0, 0, 0, 0, 0xaa, 2, 0, 0, 0, 0, 1]);
+        assert_eq!(parse(&out).dst, backend4(1));
+        // Without a neighbour entry yet, bpf_redirect_neigh resolves it
+        // (the MAC addresses are filled in on transmit).
+        let other = Pkt::tcp(CLIENT4.into(), other_sport, fe.ip, NODE_PORT, SYN);
+        let (verdict, out) = node.run(TcHook::Ingress, &other);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out[..12], other.frame()[..12]);
+        assert_eq!(node.stat(STAT_FIB_REDIRECT), 2);
+    });
+}
+
+#[test]
+fn attach_pins_links_and_a_new_agent_adopts_them() {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    isolated(|| {
+        ip("link add lbatt0 type veth peer name lbatt1");
+        let attached = |kind| SchedClassifier::query_tcx("lbatt0", kind).unwrap().1.len();
+        let mut node = Node::new();
+        node.tc.attach("lbatt0").unwrap();
+        assert!(node.dir.join("links/tc_lbatt0_lb_ingress").exists());
+        assert!(node.dir.join("links/tc_lbatt0_lb_egress").exists());
+        assert_eq!(attached(TcAttachType::Ingress), 1);
+        assert_eq!(attached(TcAttachType::Egress), 1);
+        // A restarted agent updates the pinned links in place.
+        let mut again = TcDatapath::load(&node.dir, &TcOptions::default()).unwrap();
+        again.attach("lbatt0").unwrap();
+        drop(again);
+        assert_eq!(attached(TcAttachType::Ingress), 1);
+        assert_eq!(attached(TcAttachType::Egress), 1);
+        node.tc.detach("lbatt0").unwrap();
+        assert_eq!(attached(TcAttachType::Ingress), 0);
+        assert_eq!(attached(TcAttachType::Egress), 0);
+    });
+}
