@@ -1,4 +1,5 @@
 //! Benchmark support code.
 
 pub mod crr;
+pub mod driver;
 pub mod kubeproxy;
