@@ -5,7 +5,7 @@
 //! directory, the Kubernetes API) hands its objects to [`compile`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -20,6 +20,8 @@ use lb_common::{
     Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
+
+use rustc_hash::FxHashMap;
 
 use crate::addr::{addr_from_ip, port_to_be};
 
@@ -194,23 +196,34 @@ struct ServiceOutput {
     errors: Vec<ObjectError>,
 }
 
-/// A compiled Service and the exact objects it was compiled from.
+/// A compiled Service and the exact objects it was compiled from (held, so
+/// its address cannot be reused by another object while cached).
 struct Cached {
     service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
+    /// [`fingerprint_add`] over the Service's slices.
+    fingerprint: (u64, u32),
     output: ServiceOutput,
 }
 
-impl Cached {
-    fn compiled_from(&self, service: &Arc<Service>, slices: &[&Sourced<EndpointSlice>]) -> bool {
-        Arc::ptr_eq(&self.service, service)
-            && self.slices.len() == slices.len()
-            && self
-                .slices
-                .iter()
-                .zip(slices)
-                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
-    }
+/// A `namespace/name` the compiler has seen, as a Service or as the Service
+/// an EndpointSlice names.
+struct Entry {
+    id: ServiceId,
+    cached: Option<Cached>,
+    /// The last update whose snapshot held the Service object.
+    seen: u64,
+}
+
+/// An order-independent summary of a set of objects, by address: the sum of
+/// mixed addresses and the count. Unchanged objects keep their `Arc`, so an
+/// unchanged set has an unchanged fingerprint.
+fn fingerprint_add(acc: &mut (u64, u32), address: usize) {
+    // splitmix64 finaliser: spreads nearby addresses over all 64 bits.
+    let mut z = (address as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    acc.0 = acc.0.wrapping_add(z ^ (z >> 31));
+    acc.1 += 1;
 }
 
 /// What one [`Compiler::update`] changed.
@@ -225,14 +238,21 @@ pub struct Update {
 /// Compiles snapshots incrementally: a Service is recompiled only when it,
 /// one of its EndpointSlices or the node's zone changed. Sources that keep
 /// unchanged objects in the same `Arc` across snapshots (the API source does)
-/// make a single change cost one Service, not the whole cluster.
+/// make a single change cost one Service plus a pass over object addresses,
+/// not a recompilation of the cluster.
 pub struct Compiler {
     node: NodeContext,
     zone: Option<String>,
-    cache: HashMap<ServiceId, Cached>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    by_name: FxHashMap<String, u32>,
     /// Cached Services by the address of the object they were compiled from.
-    by_object: HashMap<usize, ServiceId>,
-    owners: HashMap<ServiceKey, ServiceId>,
+    by_object: FxHashMap<usize, u32>,
+    /// Which entry each EndpointSlice object (by address) of the last
+    /// snapshot belongs to; holding the object keeps its address unique.
+    slice_owner: FxHashMap<usize, (u32, Arc<EndpointSlice>)>,
+    owners: FxHashMap<ServiceKey, u32>,
+    update_count: u64,
     desired: DesiredState,
 }
 
@@ -242,9 +262,13 @@ impl Compiler {
         Self {
             node,
             zone: None,
-            cache: HashMap::new(),
-            by_object: HashMap::new(),
-            owners: HashMap::new(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            by_name: FxHashMap::default(),
+            by_object: FxHashMap::default(),
+            slice_owner: FxHashMap::default(),
+            owners: FxHashMap::default(),
+            update_count: 0,
             desired: DesiredState::default(),
         }
     }
@@ -254,89 +278,153 @@ impl Compiler {
         &self.desired
     }
 
+    fn entry_for(&mut self, namespace: &str, name: &str) -> u32 {
+        let key = format!("{namespace}/{name}");
+        if let Some(index) = self.by_name.get(&key) {
+            return *index;
+        }
+        let entry = Entry {
+            id: (namespace.to_owned(), name.to_owned()),
+            cached: None,
+            seen: 0,
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.entries[index as usize] = entry;
+                index
+            }
+            None => {
+                self.entries.push(entry);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        self.by_name.insert(key, index);
+        index
+    }
+
     /// Brings the desired state up to date with `objects`.
     pub fn update(&mut self, objects: &Objects) -> Update {
         let mut update = Update::default();
+        self.update_count += 1;
+        let now = self.update_count;
         let zone = node_zone(objects, &self.node);
-        if zone != self.zone {
-            self.zone = zone;
-            let everything: Vec<ServiceId> = self.cache.keys().cloned().collect();
-            for id in everything {
-                self.forget(&id, &mut update.changed);
-            }
-        }
-        // Borrowed keys and pointer identity keep an unchanged snapshot free of
-        // allocations: only changed Services cost more than a lookup.
-        let mut slices: HashMap<(&str, &str), Vec<&Sourced<EndpointSlice>>> = HashMap::new();
+        let zone_changed = zone != self.zone;
+        self.zone = zone;
+
+        // Slices: owners by address, strings only for objects not seen before.
+        let mut slice_owner =
+            FxHashMap::with_capacity_and_hasher(objects.endpoint_slices.len(), Default::default());
+        let mut fingerprints: FxHashMap<u32, (u64, u32)> = FxHashMap::default();
         for sourced in &objects.endpoint_slices {
-            match borrowed_slice_service(&sourced.object) {
-                Some(id) => slices.entry(id).or_default().push(sourced),
-                None => {
-                    slice_service(sourced, &mut update.errors);
-                }
-            }
-        }
-        for list in slices.values_mut() {
-            list.sort_by_key(|s| Arc::as_ptr(&s.object));
-        }
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(objects.services.len());
-        for sourced in &objects.services {
-            let meta = &sourced.object.metadata;
-            let Some(name) = meta.name.as_deref() else {
-                Reporter::new(&sourced.origin, "Service", meta)
-                    .require_identity(&mut update.errors);
-                continue;
+            let address = Arc::as_ptr(&sourced.object) as usize;
+            let owner = match self.slice_owner.get(&address) {
+                Some((owner, _)) => *owner,
+                None => match borrowed_slice_service(&sourced.object) {
+                    Some((namespace, service)) => self.entry_for(namespace, service),
+                    None => {
+                        slice_service(sourced, &mut update.errors);
+                        continue;
+                    }
+                },
             };
-            let borrowed = (meta.namespace.as_deref().unwrap_or("default"), name);
-            if !seen.insert(borrowed) {
-                let report = Reporter::new(&sourced.origin, "Service", meta);
+            slice_owner.insert(address, (owner, sourced.object.clone()));
+            fingerprint_add(fingerprints.entry(owner).or_default(), address);
+        }
+        self.slice_owner = slice_owner;
+
+        // Services: unchanged when the object and its slice set are the same.
+        let mut dirty: Vec<(u32, &Sourced<Service>)> = Vec::new();
+        for sourced in &objects.services {
+            let address = Arc::as_ptr(&sourced.object) as usize;
+            let index = match self.by_object.get(&address) {
+                Some(index) => *index,
+                None => {
+                    let meta = &sourced.object.metadata;
+                    let Some(name) = meta.name.as_deref() else {
+                        Reporter::new(&sourced.origin, "Service", meta)
+                            .require_identity(&mut update.errors);
+                        continue;
+                    };
+                    self.entry_for(meta.namespace.as_deref().unwrap_or("default"), name)
+                }
+            };
+            let entry = &mut self.entries[index as usize];
+            if entry.seen == now {
+                let report = Reporter::new(&sourced.origin, "Service", &sourced.object.metadata);
                 update.errors.push(
                     report.error("metadata.name", "duplicate Service; the first one is used"),
                 );
                 continue;
             }
-            let own_slices = slices.get(&borrowed).map(Vec::as_slice).unwrap_or(&[]);
-            let unchanged = self
-                .by_object
-                .get(&(Arc::as_ptr(&sourced.object) as usize))
-                .and_then(|id| self.cache.get(id))
-                .is_some_and(|c| c.compiled_from(&sourced.object, own_slices));
-            if unchanged {
-                continue;
+            entry.seen = now;
+            let slices = fingerprints.get(&index).copied().unwrap_or_default();
+            let unchanged = !zone_changed
+                && entry.cached.as_ref().is_some_and(|c| {
+                    Arc::ptr_eq(&c.service, &sourced.object) && c.fingerprint == slices
+                });
+            if !unchanged {
+                dirty.push((index, sourced));
             }
-            let id: ServiceId = (borrowed.0.to_owned(), borrowed.1.to_owned());
-            self.forget(&id, &mut update.changed);
-            let locality = Locality {
-                node: self.node.name.as_deref(),
-                zone: self.zone.as_deref(),
-            };
-            let mut output = compile_service(sourced, &id, own_slices, &locality);
-            self.install(&id, &mut output, &mut update.changed);
-            // The cache holds the Arc, so its address cannot be reused by
-            // another object while it identifies this one.
-            self.by_object
-                .insert(Arc::as_ptr(&sourced.object) as usize, id.clone());
-            self.cache.insert(
-                id,
-                Cached {
+        }
+
+        if !dirty.is_empty() {
+            let wanted: FxHashMap<u32, usize> = dirty
+                .iter()
+                .enumerate()
+                .map(|(i, (index, _))| (*index, i))
+                .collect();
+            let mut slices: Vec<Vec<&Sourced<EndpointSlice>>> = vec![Vec::new(); dirty.len()];
+            for sourced in &objects.endpoint_slices {
+                let address = Arc::as_ptr(&sourced.object) as usize;
+                if let Some(i) = self
+                    .slice_owner
+                    .get(&address)
+                    .and_then(|(owner, _)| wanted.get(owner))
+                {
+                    slices[*i].push(sourced);
+                }
+            }
+            for ((index, sourced), own_slices) in dirty.into_iter().zip(slices) {
+                self.forget(index, &mut update.changed);
+                let id = self.entries[index as usize].id.clone();
+                let locality = Locality {
+                    node: self.node.name.as_deref(),
+                    zone: self.zone.as_deref(),
+                };
+                let mut output = compile_service(sourced, &id, &own_slices, &locality);
+                self.install(index, &mut output, &mut update.changed);
+                self.by_object
+                    .insert(Arc::as_ptr(&sourced.object) as usize, index);
+                self.entries[index as usize].cached = Some(Cached {
                     service: sourced.object.clone(),
-                    slices: own_slices.iter().map(|s| s.object.clone()).collect(),
+                    fingerprint: fingerprints.get(&index).copied().unwrap_or_default(),
                     output,
-                },
-            );
+                });
+            }
         }
-        let gone: Vec<ServiceId> = self
-            .cache
-            .keys()
-            .filter(|id| !seen.contains(&(id.0.as_str(), id.1.as_str())))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.forget(&id, &mut update.changed);
+
+        // Services that left the snapshot; names nothing refers to any more.
+        for index in 0..self.entries.len() as u32 {
+            let entry = &self.entries[index as usize];
+            if entry.seen != now && entry.cached.is_some() {
+                self.forget(index, &mut update.changed);
+            }
+            let entry = &self.entries[index as usize];
+            let unused = entry.seen != now && !fingerprints.contains_key(&index);
+            if unused
+                && self
+                    .by_name
+                    .remove(&format!("{}/{}", entry.id.0, entry.id.1))
+                    .is_some()
+            {
+                self.free.push(index);
+            }
         }
+
         update.errors.extend(
-            self.cache
-                .values()
+            self.entries
+                .iter()
+                .filter_map(|e| e.cached.as_ref())
                 .flat_map(|c| c.output.errors.iter().cloned()),
         );
         update.errors.sort_by(|a, b| {
@@ -346,20 +434,21 @@ impl Compiler {
     }
 
     /// Removes a Service's contribution to the desired state.
-    fn forget(&mut self, id: &ServiceId, changed: &mut BTreeSet<ServiceKey>) {
-        let Some(cached) = self.cache.remove(id) else {
+    fn forget(&mut self, index: u32, changed: &mut BTreeSet<ServiceKey>) {
+        let Some(cached) = self.entries[index as usize].cached.take() else {
             return;
         };
         self.by_object
             .remove(&(Arc::as_ptr(&cached.service) as usize));
         for (key, _) in &cached.output.frontends {
-            if self.owners.get(key) == Some(id) {
+            if self.owners.get(key) == Some(&index) {
                 self.owners.remove(key);
                 self.desired.frontends.remove(key);
                 changed.insert(*key);
             }
         }
         if let Some((port, _)) = &cached.output.health {
+            let id = &self.entries[index as usize].id;
             let owned = self
                 .desired
                 .health_checks
@@ -375,23 +464,27 @@ impl Compiler {
     /// Service already owns are reported and left to their owner.
     fn install(
         &mut self,
-        id: &ServiceId,
+        index: u32,
         output: &mut ServiceOutput,
         changed: &mut BTreeSet<ServiceKey>,
     ) {
+        let id = self.entries[index as usize].id.clone();
         let mut conflicts = Vec::new();
         output.frontends.retain(|(key, frontend)| {
-            if let Some(owner) = self.owners.get(key).filter(|o| *o != id) {
-                conflicts.push(format!(
-                    "frontend of {} is already used by {}/{}",
-                    frontend.name, owner.0, owner.1
-                ));
-                return false;
+            match self.owners.get(key).filter(|o| **o != index) {
+                Some(owner) => {
+                    let other = &self.entries[*owner as usize].id;
+                    conflicts.push(format!(
+                        "frontend of {} is already used by {}/{}",
+                        frontend.name, other.0, other.1
+                    ));
+                    false
+                }
+                None => true,
             }
-            true
         });
         for (key, frontend) in &output.frontends {
-            self.owners.insert(*key, id.clone());
+            self.owners.insert(*key, index);
             self.desired.frontends.insert(*key, frontend.clone());
             changed.insert(*key);
         }
