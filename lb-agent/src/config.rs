@@ -1,9 +1,14 @@
 //! Agent settings: command-line flags over a YAML config file over defaults.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::Parser;
 use serde::Deserialize;
+
+use crate::plan::MaglevSettings;
 
 /// Default address of the Prometheus metrics endpoint (kube-proxy's port).
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10249";
@@ -55,6 +60,22 @@ pub struct Args {
     /// milliseconds; also the manifest directory's poll period [default: 100].
     #[arg(long)]
     pub debounce_ms: Option<u64>,
+    /// [tcInterfaces] Node interfaces (uplinks) where the tc programs serve
+    /// NodePorts, ExternalIPs and LoadBalancer IPs; none: the tc path is off.
+    #[arg(long, value_delimiter = ',')]
+    pub tc_interfaces: Vec<String>,
+    /// [nodePortAddresses] Addresses NodePorts answer on [default: the
+    /// addresses of the tc interfaces].
+    #[arg(long, value_delimiter = ',')]
+    pub node_port_addresses: Vec<IpAddr>,
+    /// [maglevTableSize] Maglev table size, a prime of 251, 509, 1021, 2039,
+    /// 4093, 8191, 16381, 32749, 65537 or 131071; identical on every node [default: 16381].
+    #[arg(long)]
+    pub maglev_table_size: Option<usize>,
+    /// [maglevSeed] Maglev seed; identical on every node so a flow reaches the
+    /// same backend through any node [default: built in].
+    #[arg(long)]
+    pub maglev_seed: Option<u64>,
 }
 
 /// The config file's content: the same settings as [`Args`].
@@ -77,6 +98,16 @@ pub struct FileConfig {
     pub healthz_address: Option<SocketAddr>,
     /// See [`Args::debounce_ms`].
     pub debounce_ms: Option<u64>,
+    /// See [`Args::tc_interfaces`].
+    #[serde(default)]
+    pub tc_interfaces: Vec<String>,
+    /// See [`Args::node_port_addresses`].
+    #[serde(default)]
+    pub node_port_addresses: Vec<IpAddr>,
+    /// See [`Args::maglev_table_size`].
+    pub maglev_table_size: Option<usize>,
+    /// See [`Args::maglev_seed`].
+    pub maglev_seed: Option<u64>,
 }
 
 /// Where intent comes from.
@@ -105,6 +136,12 @@ pub struct Settings {
     pub healthz_address: SocketAddr,
     /// Debounce and poll period in milliseconds.
     pub debounce_ms: u64,
+    /// tc interfaces; empty: tc path off.
+    pub tc_interfaces: Vec<String>,
+    /// Explicit NodePort addresses; empty: those of the tc interfaces.
+    pub node_port_addresses: Vec<IpAddr>,
+    /// Maglev settings.
+    pub maglev: MaglevSettings,
 }
 
 /// A config file that cannot be used.
@@ -167,6 +204,27 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
             .or(file.healthz_address)
             .unwrap_or_else(|| DEFAULT_HEALTHZ_ADDRESS.parse().expect("valid default")),
         debounce_ms: args.debounce_ms.or(file.debounce_ms).unwrap_or(100),
+        tc_interfaces: non_empty_or(args.tc_interfaces, file.tc_interfaces),
+        node_port_addresses: non_empty_or(args.node_port_addresses, file.node_port_addresses),
+        maglev: MaglevSettings {
+            size: args
+                .maglev_table_size
+                .or(file.maglev_table_size)
+                .unwrap_or(MaglevSettings::default().size),
+            seed: args
+                .maglev_seed
+                .or(file.maglev_seed)
+                .unwrap_or(MaglevSettings::default().seed),
+        },
+    }
+}
+
+/// A list flag given on the command line replaces the file's list.
+fn non_empty_or<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flag.is_empty() {
+        file
+    } else {
+        flag
     }
 }
 

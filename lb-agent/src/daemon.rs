@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use lb_common::tc::{TcConfig, TC_CONFIG_FIB_REDIRECT};
+
 use crate::{
+    addr::addr_from_ip,
     config::{Settings, SourceKind},
     datapath::Datapath,
     health::{HealthCheckServers, Healthz},
@@ -21,6 +24,7 @@ use crate::{
     plan::{Capacity, Scope},
     reconcile::Reconciler,
     source::{self, Latest, Snapshot},
+    tcpath::{boottime_ns, TcDatapath, TcOptions},
 };
 
 /// The address healthCheckNodePorts listen on: every address of the node,
@@ -59,7 +63,10 @@ pub fn run(settings: Settings) -> Result<()> {
             settings.bpffs_dir.display()
         )
     })?;
-    let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default())?;
+    crate::maglev::check_table_size(settings.maglev.size)
+        .context("maglevTableSize must be the same listed prime on every node")?;
+    let (mut tc, node_port_addresses) = load_tc_path(&settings)?;
+    let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default(), settings.maglev)?;
     metrics.observe_state(reconciler.applied(), reconciler.capacity());
     log::info!(
         "adopted {} frontends from {}",
@@ -82,41 +89,157 @@ pub fn run(settings: Settings) -> Result<()> {
 
     let mut compiler = Compiler::new(NodeContext {
         name: settings.node_name.clone(),
+        node_port_addresses,
     });
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
+    let mut last_gc = Instant::now();
     loop {
+        if let Some(tc) = tc
+            .as_mut()
+            .filter(|_| last_gc.elapsed() >= CONNTRACK_GC_PERIOD)
+        {
+            last_gc = Instant::now();
+            collect_conntrack(tc, &metrics);
+        }
         let Some(snapshot) = latest.take(Duration::from_secs(1)) else {
             continue;
+        };
+        let outputs = Outputs {
+            metrics: &metrics,
+            healthz: &healthz,
+            health_checks: &mut health_checks,
         };
         sync(
             &snapshot,
             &mut compiler,
+            tc.as_mut(),
             &mut datapath,
             &mut reconciler,
-            &metrics,
-            &healthz,
-            &mut health_checks,
+            outputs,
         );
         if !attached {
             datapath
                 .attach(&cgroup)
                 .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+            if let Some(tc) = tc.as_mut() {
+                for interface in &settings.tc_interfaces {
+                    tc.attach(interface)
+                        .with_context(|| format!("attaching tc programs to {interface}"))?;
+                }
+            }
             attached = true;
             log::info!("ready: programs attached to {}", cgroup.display());
         }
     }
 }
 
+/// How often expired conntrack entries of the tc path are collected.
+const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
+
+/// Loads the tc datapath when interfaces are configured, and returns it with
+/// the addresses NodePorts answer on.
+fn load_tc_path(settings: &Settings) -> Result<(Option<TcDatapath>, Vec<IpAddr>)> {
+    if settings.tc_interfaces.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let addresses = if settings.node_port_addresses.is_empty() {
+        interface_addresses(&settings.tc_interfaces)?
+    } else {
+        settings.node_port_addresses.clone()
+    };
+    anyhow::ensure!(
+        !addresses.is_empty(),
+        "no address on {:?} for NodePorts; set nodePortAddresses",
+        settings.tc_interfaces
+    );
+    let mut tc = TcDatapath::load(&settings.bpffs_dir, &TcOptions::default())
+        .context("loading the tc datapath")?;
+    let snat = |v4: bool| {
+        addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map_or([0; 4], |a| addr_from_ip(*a))
+    };
+    tc.set_config(&TcConfig {
+        maglev_seed: settings.maglev.seed,
+        snat_v4: snat(true),
+        snat_v6: snat(false),
+        flags: TC_CONFIG_FIB_REDIRECT,
+        pad: 0,
+    })?;
+    log::info!(
+        "tc path on {:?}; NodePorts on {addresses:?}",
+        settings.tc_interfaces
+    );
+    Ok((Some(tc), addresses))
+}
+
+/// Global unicast addresses of the named interfaces.
+fn interface_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
+        if !interfaces.contains(&ifaddr.interface_name) {
+            continue;
+        }
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
+        let ip: IpAddr = if let Some(v4) = address.as_sockaddr_in() {
+            v4.ip().into()
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            v6.ip().into()
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if !link_local && !ip.is_loopback() {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+fn collect_conntrack(tc: &mut TcDatapath, metrics: &Metrics) {
+    let collected = boottime_ns().and_then(|now| tc.conntrack_gc(now));
+    match collected {
+        Ok(occupancy) => {
+            metrics
+                .map_entries
+                .with_label_values(&["conntrack"])
+                .set(occupancy.live as i64);
+            metrics
+                .map_capacity
+                .with_label_values(&["conntrack"])
+                .set(i64::from(occupancy.capacity));
+        }
+        Err(err) => log::error!("conntrack garbage collection: {err}"),
+    }
+}
+
+/// What a reconciliation reports to.
+struct Outputs<'a> {
+    metrics: &'a Metrics,
+    healthz: &'a Healthz,
+    health_checks: &'a mut HealthCheckServers,
+}
+
 fn sync(
     snapshot: &Snapshot,
     compiler: &mut Compiler,
+    tc: Option<&mut TcDatapath>,
     datapath: &mut Datapath,
     reconciler: &mut Reconciler,
-    metrics: &Metrics,
-    healthz: &Healthz,
-    health_checks: &mut HealthCheckServers,
+    outputs: Outputs<'_>,
 ) {
+    let Outputs {
+        metrics,
+        healthz,
+        health_checks,
+    } = outputs;
     let started = Instant::now();
     let update = compiler.update(&snapshot.objects);
     for error in snapshot.errors.iter().chain(&update.errors) {
@@ -126,7 +249,12 @@ fn sync(
         .invalid_objects
         .set((snapshot.errors.len() + update.errors.len()) as i64);
     let desired = compiler.desired();
-    let outcome = reconciler.reconcile(&mut datapath.maps, desired, Scope::Only(&update.changed));
+    let outcome = reconciler.reconcile(
+        &mut datapath.maps,
+        tc,
+        desired,
+        Scope::Only(&update.changed),
+    );
     let mut errors = outcome.errors;
     errors.extend(health_checks.update(&desired.health_checks));
     for error in &errors {

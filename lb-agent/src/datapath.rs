@@ -21,7 +21,10 @@ use lb_common::{
     SlotKey, SockRevNatKey,
 };
 
-use crate::plan::{Dump, Op, Plan};
+use crate::{
+    plan::{Dump, Op, Plan},
+    tcpath::TcDatapath,
+};
 
 /// The socket-level programs, built by `build.rs`.
 static SOCKET_LB_OBJECT: &[u8] =
@@ -111,14 +114,38 @@ pub enum DatapathError {
     },
 }
 
+/// Why a map write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteFailure {
+    /// A socket-path map refused the write.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// A tc-path map refused the write.
+    #[error(transparent)]
+    Tc(#[from] crate::tcpath::TcPathError),
+    /// The plan holds tc-path writes but the tc datapath is not loaded.
+    #[error("the tc datapath is not enabled (set --tc-interfaces)")]
+    TcDisabled,
+}
+
 /// A map write that failed while executing a plan.
 #[derive(Debug, thiserror::Error)]
-#[error("{op:?}: {source}")]
+#[error("{}: {source}", describe(op))]
 pub struct WriteError {
     /// The operation.
     pub op: Op,
     /// The underlying error.
-    pub source: MapError,
+    pub source: WriteFailure,
+}
+
+/// An operation without its (possibly large) payload, for logs.
+fn describe(op: &Op) -> String {
+    match op {
+        Op::PutMaglevTable(generation, table) => {
+            format!("PutMaglevTable({generation}, {} entries)", table.len())
+        }
+        other => format!("{other:?}"),
+    }
 }
 
 /// The agent's maps.
@@ -210,11 +237,11 @@ impl Maps {
 
     /// Executes a plan group by group. A failed write skips the rest of its
     /// group, leaving that frontend as it was; other groups still run.
-    pub fn execute(&mut self, plan: &Plan) -> Vec<WriteError> {
+    pub fn execute(&mut self, plan: &Plan, mut tc: Option<&mut TcDatapath>) -> Vec<WriteError> {
         let mut errors = Vec::new();
         for group in &plan.groups {
             for op in &group.ops {
-                if let Err(source) = self.write(op) {
+                if let Err(source) = self.write(op, tc.as_deref_mut()) {
                     errors.push(WriteError {
                         op: op.clone(),
                         source,
@@ -276,20 +303,35 @@ impl Maps {
         Ok(cookies)
     }
 
-    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+    fn write(&mut self, op: &Op, tc: Option<&mut TcDatapath>) -> Result<(), WriteFailure> {
         match op {
-            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
-            Op::PutSlot(k, id) => self.slots.insert(k, id, 0),
-            Op::PutRevNat(id, r) => self.rev_nat.insert(id, r, 0),
-            Op::PutName(id, n) => self.names.insert(id, n, 0),
-            Op::PutService(k, v) => self.services.insert(k, v, 0),
-            Op::DeleteSlot(k) => ignore_missing(self.slots.remove(k)),
-            Op::DeleteService(k) => ignore_missing(self.services.remove(k)),
-            Op::DeleteRevNat(id) => ignore_missing(self.rev_nat.remove(id)),
-            Op::DeleteName(id) => ignore_missing(self.names.remove(id)),
-            Op::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
+            Op::PutSlot(k, id) => self.slots.insert(k, id, 0)?,
+            Op::PutRevNat(id, r) => self.rev_nat.insert(id, r, 0)?,
+            Op::PutName(id, n) => self.names.insert(id, n, 0)?,
+            Op::PutService(k, v) => self.services.insert(k, v, 0)?,
+            Op::DeleteSlot(k) => ignore_missing(self.slots.remove(k))?,
+            Op::DeleteService(k) => ignore_missing(self.services.remove(k))?,
+            Op::DeleteRevNat(id) => ignore_missing(self.rev_nat.remove(id))?,
+            Op::DeleteName(id) => ignore_missing(self.names.remove(id))?,
+            Op::DeleteBackend(id) => ignore_missing(self.backends.remove(id))?,
+            Op::PutMaglevTable(generation, table) => {
+                enabled(tc)?.write_maglev_table(*generation, table)?
+            }
+            Op::DeleteMaglevTable(generation) => enabled(tc)?.delete_maglev_table(*generation)?,
+            Op::PutSourceRange(id, addr, len) => {
+                enabled(tc)?.allow_source_range(*id, *addr, *len)?
+            }
+            Op::DeleteSourceRange(id, addr, len) => {
+                enabled(tc)?.remove_source_range(*id, *addr, *len)?
+            }
         }
+        Ok(())
     }
+}
+
+fn enabled(tc: Option<&mut TcDatapath>) -> Result<&mut TcDatapath, WriteFailure> {
+    tc.ok_or(WriteFailure::TcDisabled)
 }
 
 /// Deleting what is already gone is success: the goal state is reached.

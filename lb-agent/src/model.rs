@@ -17,6 +17,10 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use lb_common::{
+    tc::{
+        BACKEND_FLAG_LOCAL, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
+        SERVICE_FLAG_SOURCE_RANGES,
+    },
     Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
@@ -77,6 +81,9 @@ pub struct Objects {
 pub struct NodeContext {
     /// This node's name, as in `Endpoint.nodeName`.
     pub name: Option<String>,
+    /// Addresses NodePorts answer on; empty when the tc path (NodePort,
+    /// ExternalIPs, LoadBalancer IPs) is disabled.
+    pub node_port_addresses: Vec<IpAddr>,
 }
 
 /// An object, or part of one, that cannot be programmed; the rest still is.
@@ -113,6 +120,8 @@ pub struct Frontend {
     pub flags: u32,
     /// ClientIP affinity timeout in seconds (with [`SERVICE_FLAG_AFFINITY`]).
     pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges of a LoadBalancer IP frontend: (prefix, length).
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 /// What a healthCheckNodePort answers for one Service
@@ -147,6 +156,8 @@ pub struct Compiled {
 
 /// A ServicePort that passed validation.
 struct PortSpec {
+    /// Position in `spec.ports`.
+    index: usize,
     name: Option<String>,
     port: u16,
     proto: u8,
@@ -390,6 +401,7 @@ impl Compiler {
                 let locality = Locality {
                     node: self.node.name.as_deref(),
                     zone: self.zone.as_deref(),
+                    node_port_addresses: &self.node.node_port_addresses,
                 };
                 let mut output = compile_service(sourced, &id, &own_slices, &locality);
                 self.install(index, &mut output, &mut update.changed);
@@ -566,7 +578,7 @@ fn compile_service(
                 Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
                 None => format!("{}/{}", id.0, id.1),
             };
-            let backends = select_backends(&endpoints, ip, port, &policy, locality);
+            let backends = select_backends(&endpoints, ip, port, policy.internal_local, locality);
             let mut flags = 0;
             if policy.affinity_timeout_s.is_some() {
                 flags |= SERVICE_FLAG_AFFINITY;
@@ -581,11 +593,173 @@ fn compile_service(
                     backends,
                     flags,
                     affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
+                    source_ranges: Vec::new(),
                 },
             ));
         }
     }
+    if !locality.node_port_addresses.is_empty() {
+        let families: BTreeSet<bool> = ips.iter().map(IpAddr::is_ipv4).collect();
+        external_frontends(
+            svc,
+            id,
+            &report,
+            &families,
+            &ports,
+            &endpoints,
+            locality,
+            &mut output,
+        );
+    }
     output
+}
+
+/// NodePort, ExternalIP and LoadBalancer IP frontends of a Service, served by
+/// the tc programs (scope [`SCOPE_TC_EXTERNAL`]).
+#[allow(clippy::too_many_arguments)]
+fn external_frontends(
+    svc: &Service,
+    id: &ServiceId,
+    report: &Reporter<'_>,
+    families: &BTreeSet<bool>,
+    ports: &[PortSpec],
+    endpoints: &[EndpointSpec],
+    locality: &Locality<'_>,
+    output: &mut ServiceOutput,
+) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let node_ports = matches!(kind, "NodePort" | "LoadBalancer");
+    // kube-proxy applies externalTrafficPolicy to NodePorts, LoadBalancer IPs
+    // and ExternalIPs alike.
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut addresses: Vec<(IpAddr, bool)> = Vec::new();
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        match text.parse::<IpAddr>() {
+            Ok(ip) => addresses.push((ip, false)),
+            Err(_) => output.errors.push(report.error(
+                &format!("spec.externalIPs[{i}]"),
+                format!("{text:?} is not an IP address"),
+            )),
+        }
+    }
+    if kind == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, entry) in ingress.into_iter().flatten().enumerate() {
+            // ipMode Proxy: the load balancer proxies and the node sees its address.
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(text) = &entry.ip else { continue };
+            match text.parse::<IpAddr>() {
+                Ok(ip) => addresses.push((ip, true)),
+                Err(_) => output.errors.push(report.error(
+                    &format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("{text:?} is not an IP address"),
+                )),
+            }
+        }
+    }
+    let mut ranges = Vec::new();
+    for (i, text) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match parse_cidr(text) {
+            Some(range) => ranges.push(range),
+            None => output.errors.push(report.error(
+                &format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{text:?} is not a CIDR"),
+            )),
+        }
+    }
+    for (i, port) in ports.iter().enumerate() {
+        let name = match &port.name {
+            Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
+            None => format!("{}/{}", id.0, id.1),
+        };
+        let mut frontend_for = |ip: IpAddr, number: u16, lb: bool| {
+            if !families.contains(&ip.is_ipv4()) {
+                return;
+            }
+            let backends = select_backends(endpoints, &ip, port, local, locality);
+            let source_ranges: Vec<(IpAddr, u8)> = if lb {
+                ranges
+                    .iter()
+                    .filter(|(r, _)| r.is_ipv4() == ip.is_ipv4())
+                    .copied()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut flags = 0;
+            if local {
+                flags |= SERVICE_FLAG_EXTERNAL_LOCAL;
+                if backends.is_empty() {
+                    flags |= SERVICE_FLAG_NO_LOCAL_BACKENDS;
+                }
+            }
+            if lb && !ranges.is_empty() {
+                flags |= SERVICE_FLAG_SOURCE_RANGES;
+            }
+            let key = ServiceKey {
+                addr: addr_from_ip(ip),
+                port: port_to_be(number),
+                proto: port.proto,
+                scope: SCOPE_TC_EXTERNAL,
+            };
+            output.frontends.push((
+                key,
+                Frontend {
+                    name: name.clone(),
+                    backends,
+                    flags,
+                    affinity_timeout_s: 0,
+                    source_ranges,
+                },
+            ));
+        };
+        if node_ports {
+            if let Some(number) = spec
+                .ports
+                .as_ref()
+                .and_then(|p| p.get(port.index))
+                .and_then(|p| p.node_port)
+            {
+                match valid_port(number) {
+                    Some(number) => {
+                        for address in locality.node_port_addresses {
+                            frontend_for(*address, number, false);
+                        }
+                    }
+                    None => output.errors.push(report.error(
+                        &format!("spec.ports[{i}].nodePort"),
+                        format!("{number} is not a port number (1-65535)"),
+                    )),
+                }
+            }
+        }
+        for (address, lb) in &addresses {
+            frontend_for(*address, port.port, *lb);
+        }
+    }
+}
+
+/// Parses `a.b.c.d/n` or `x::/n`.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = text.trim().split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
 }
 
 /// This node's zone, from its Node object's label.
@@ -608,6 +782,7 @@ fn node_zone(objects: &Objects, node: &NodeContext) -> Option<String> {
 struct Locality<'a> {
     node: Option<&'a str>,
     zone: Option<&'a str>,
+    node_port_addresses: &'a [IpAddr],
 }
 
 fn service_policy(svc: &Service, report: &Reporter<'_>, errors: &mut Vec<ObjectError>) -> Policy {
@@ -744,6 +919,7 @@ fn service_ports(
             continue;
         }
         out.push(PortSpec {
+            index: i,
             name: sp.name.clone().filter(|n| !n.is_empty()),
             port,
             proto,
@@ -907,13 +1083,13 @@ fn select_backends(
     endpoints: &[EndpointSpec],
     frontend_ip: &IpAddr,
     port: &PortSpec,
-    policy: &Policy,
+    local_only: bool,
     locality: &Locality<'_>,
 ) -> Vec<Backend> {
     let candidates: Vec<(&EndpointSpec, u16)> = endpoints
         .iter()
         .filter(|ep| ep.ip.is_ipv4() == frontend_ip.is_ipv4())
-        .filter(|ep| !policy.internal_local || is_local(ep, locality))
+        .filter(|ep| !local_only || is_local(ep, locality))
         .filter_map(|ep| {
             let target = ep
                 .ports
@@ -922,12 +1098,12 @@ fn select_backends(
             Some((ep, target.port))
         })
         .collect();
-    let use_topology = !policy.internal_local && can_use_topology(&candidates, locality);
+    let use_topology = !local_only && can_use_topology(&candidates, locality);
     let pick = |keep: &dyn Fn(&EndpointSpec) -> bool| -> BTreeSet<Backend> {
         candidates
             .iter()
             .filter(|(ep, _)| keep(ep))
-            .map(|(ep, target)| backend(ep.ip, *target, port.proto))
+            .map(|(ep, target)| backend(ep.ip, *target, port.proto, is_local(ep, locality)))
             .collect()
     };
     let mut chosen = pick(&|ep| {
@@ -963,12 +1139,12 @@ fn can_use_topology(candidates: &[(&EndpointSpec, u16)], locality: &Locality<'_>
     matches_zone
 }
 
-fn backend(ip: IpAddr, port: u16, proto: u8) -> Backend {
+fn backend(ip: IpAddr, port: u16, proto: u8, local: bool) -> Backend {
     Backend {
         addr: addr_from_ip(ip),
         port: port_to_be(port),
         proto,
-        flags: 0,
+        flags: if local { BACKEND_FLAG_LOCAL } else { 0 },
     }
 }
 
@@ -1031,6 +1207,7 @@ mod tests {
             &parsed.objects,
             &NodeContext {
                 name: node.map(str::to_owned),
+                node_port_addresses: Vec::new(),
             },
         )
     }
@@ -1356,6 +1533,44 @@ endpoints:
             .desired
             .health_checks
             .is_empty());
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ips_become_tc_frontends() {
+        let lb = ZONED.replace(
+            "  ports: [{name: http, port: 80}]\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.7]\n  loadBalancerSourceRanges: [10.1.0.0/16]\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: Proxy}]\n",
+        );
+        let parsed = parse_documents("test.yaml", &lb);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let node = NodeContext {
+            name: Some("node1".into()),
+            node_port_addresses: vec![ip("192.168.100.1"), ip("fd00:100::1")],
+        };
+        let compiled = compile(&parsed.objects, &node);
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        let tc = |addr: &str, port: u16| ServiceKey {
+            scope: SCOPE_TC_EXTERNAL,
+            ..key(addr, port, PROTO_TCP)
+        };
+        let frontends = &compiled.desired.frontends;
+        // ClusterIP, NodePort on the IPv4 node address only (IPv4 Service),
+        // the ExternalIP and the LoadBalancer IP without ipMode Proxy.
+        assert_eq!(frontends.len(), 4, "{:?}", frontends.keys());
+        let node_port = &frontends[&tc("192.168.100.1", 30080)];
+        assert_eq!(node_port.flags, SERVICE_FLAG_EXTERNAL_LOCAL);
+        assert_eq!(ips(node_port), vec![(ip("10.0.0.1"), 8080)]);
+        assert_eq!(node_port.backends[0].flags, BACKEND_FLAG_LOCAL);
+        assert!(node_port.source_ranges.is_empty());
+        assert!(frontends.contains_key(&tc("192.0.2.7", 80)));
+        let lb_ip = &frontends[&tc("198.51.100.1", 80)];
+        assert_eq!(
+            lb_ip.flags,
+            SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_SOURCE_RANGES
+        );
+        assert_eq!(lb_ip.source_ranges, vec![(ip("10.1.0.0"), 16)]);
+        // The ClusterIP is not Local: it uses the zone's endpoints (hints).
+        assert_eq!(ips(&frontends[&key("10.96.0.10", 80, PROTO_TCP)]).len(), 2);
     }
 
     #[test]

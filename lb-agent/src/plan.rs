@@ -11,7 +11,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use lb_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey};
+use std::net::IpAddr;
+
+use lb_common::{
+    tc::{MAX_MAGLEV_ENTRIES, SCOPE_TC_EXTERNAL},
+    Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
+};
+
+use crate::maglev::{self, MaglevBackend};
 
 use crate::model::DesiredState;
 
@@ -38,6 +45,14 @@ pub enum Op {
     DeleteName(u32),
     /// Delete a backend.
     DeleteBackend(u32),
+    /// Write a complete Maglev table (backend ids) under a fresh generation.
+    PutMaglevTable(u32, Vec<u32>),
+    /// Delete the Maglev table of a generation.
+    DeleteMaglevTable(u32),
+    /// Allow a source range for a service id (loadBalancerSourceRanges).
+    PutSourceRange(u32, IpAddr, u8),
+    /// Remove a source range of a service id.
+    DeleteSourceRange(u32, IpAddr, u8),
 }
 
 /// Operations that belong together: if one fails, the rest of the group is
@@ -59,7 +74,30 @@ pub struct Capacity {
     pub backends: usize,
     /// Backend slots, including a second generation during a swap.
     pub slots: usize,
+    /// Maglev table entries, including a second table during a swap.
+    pub maglev_entries: usize,
 }
+
+/// How the tc path's Maglev tables are built; identical on every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevSettings {
+    /// Table size M, one of [`maglev::TABLE_SIZES`].
+    pub size: usize,
+    /// Seed of the table permutations.
+    pub seed: u64,
+}
+
+impl Default for MaglevSettings {
+    fn default() -> Self {
+        Self {
+            size: maglev::DEFAULT_TABLE_SIZE,
+            seed: DEFAULT_MAGLEV_SEED,
+        }
+    }
+}
+
+/// The default Maglev seed ("lbmaglev").
+pub const DEFAULT_MAGLEV_SEED: u64 = 0x6c62_6d61_676c_6576;
 
 impl Default for Capacity {
     fn default() -> Self {
@@ -67,6 +105,7 @@ impl Default for Capacity {
             services: lb_common::MAX_SERVICES as usize,
             backends: lb_common::MAX_BACKENDS as usize,
             slots: lb_common::MAX_BACKEND_SLOTS as usize,
+            maglev_entries: MAX_MAGLEV_ENTRIES as usize,
         }
     }
 }
@@ -136,6 +175,8 @@ pub struct AppliedFrontend {
     pub flags: u32,
     /// Session affinity timeout in seconds.
     pub affinity_timeout_s: u32,
+    /// Source ranges written for it (tc frontends).
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// False when slots or backends were missing in a dump: rewrite it.
     pub complete: bool,
 }
@@ -162,6 +203,8 @@ pub struct Applied {
     /// How many frontends use each backend.
     refs: HashMap<Backend, usize>,
     slot_count: usize,
+    /// Maglev tables in use (each `size + 1` entries).
+    maglev_tables: usize,
     next_id: u32,
     wrapped: bool,
     /// Deletions owed for entries found in a dump that nothing references.
@@ -202,6 +245,30 @@ impl Applied {
         let mut used_generations = BTreeSet::new();
         let mut used_ids = BTreeSet::new();
         for (key, value) in &dump.services {
+            if key.scope == SCOPE_TC_EXTERNAL {
+                // Its table's backends are not in the dump: rewrite it. The
+                // same seed and backends give the same table, and conntrack
+                // keeps established flows meanwhile.
+                used_ids.insert(value.service_id);
+                used_generations.insert(value.slot_generation);
+                let has_table = value.backend_count > 0;
+                applied.maglev_tables += usize::from(has_table);
+                applied.frontends.insert(
+                    *key,
+                    AppliedFrontend {
+                        service_id: value.service_id,
+                        generation: value.slot_generation,
+                        backends: Vec::new(),
+                        slots: 0,
+                        name: names.get(&value.service_id).cloned().unwrap_or_default(),
+                        flags: value.flags,
+                        affinity_timeout_s: value.affinity_timeout_s,
+                        source_ranges: Vec::new(),
+                        complete: !has_table,
+                    },
+                );
+                continue;
+            }
             let mut complete = true;
             let mut backends = Vec::with_capacity(value.backend_count as usize);
             for slot in 0..value.backend_count {
@@ -229,6 +296,7 @@ impl Applied {
                     name: names.get(&value.service_id).cloned().unwrap_or_default(),
                     flags: value.flags,
                     affinity_timeout_s: value.affinity_timeout_s,
+                    source_ranges: Vec::new(),
                     complete,
                 },
             );
@@ -344,6 +412,7 @@ pub fn plan(
     applied: &mut Applied,
     desired: &DesiredState,
     capacity: &Capacity,
+    maglev: &MaglevSettings,
     scope: Scope<'_>,
 ) -> Plan {
     let mut groups = Vec::new();
@@ -373,7 +442,12 @@ pub fn plan(
             continue;
         };
         let mut ops = vec![Op::DeleteService(*key)];
-        ops.extend(slot_keys(old.generation, old.slots).map(Op::DeleteSlot));
+        ops.extend(retire_backend_set(applied, key, &old));
+        ops.extend(
+            old.source_ranges
+                .iter()
+                .map(|(addr, len)| Op::DeleteSourceRange(old.service_id, *addr, *len)),
+        );
         ops.push(Op::DeleteRevNat(old.service_id));
         ops.push(Op::DeleteName(old.service_id));
         touched.extend(old.backends.iter().copied());
@@ -396,6 +470,14 @@ pub fn plan(
                 if cur.name != frontend.name {
                     ops.push(Op::PutName(cur.service_id, name_from_str(&frontend.name)));
                     entry.name = frontend.name.clone();
+                }
+                if cur.source_ranges != frontend.source_ranges {
+                    ops.extend(range_changes(
+                        cur.service_id,
+                        &cur.source_ranges,
+                        &frontend.source_ranges,
+                    ));
+                    entry.source_ranges = frontend.source_ranges.clone();
                 }
                 if (cur.flags, cur.affinity_timeout_s)
                     != (frontend.flags, frontend.affinity_timeout_s)
@@ -422,7 +504,14 @@ pub fn plan(
             .filter(|b| !applied.backends.contains_key(b))
             .copied()
             .collect();
+        let external = key.scope == SCOPE_TC_EXTERNAL;
+        let new_table = external && !frontend.backends.is_empty();
         let checks = [
+            (
+                "Maglev table",
+                (applied.maglev_tables + usize::from(new_table)) * (maglev.size + 1),
+                capacity.maglev_entries,
+            ),
             (
                 "service",
                 applied.frontends.len() + usize::from(current.is_none()),
@@ -435,7 +524,7 @@ pub fn plan(
             ),
             (
                 "backend slot",
-                applied.slot_count + frontend.backends.len(),
+                applied.slot_count + if external { 0 } else { frontend.backends.len() },
                 capacity.slots,
             ),
         ];
@@ -455,16 +544,41 @@ pub fn plan(
             applied.backends.insert(*backend, id);
             ops.push(Op::PutBackend(id, *backend));
         }
-        let generation = applied.allocate_id();
-        for (slot, backend) in frontend.backends.iter().enumerate() {
-            ops.push(Op::PutSlot(
-                SlotKey {
-                    generation,
-                    slot: slot as u32,
-                },
-                applied.backends[backend],
-            ));
-        }
+        let generation = if external {
+            if new_table {
+                let generation = applied.allocate_id();
+                match maglev_table(&frontend.backends, &applied.backends, maglev) {
+                    Ok(table) => {
+                        applied.maglev_tables += 1;
+                        ops.push(Op::PutMaglevTable(generation, table));
+                    }
+                    Err(err) => {
+                        errors.push(CapacityError {
+                            name: format!("{}: {err}", frontend.name),
+                            map: "Maglev table",
+                            needed: frontend.backends.len(),
+                            capacity: maglev.size,
+                        });
+                        continue;
+                    }
+                }
+                generation
+            } else {
+                0
+            }
+        } else {
+            let generation = applied.allocate_id();
+            for (slot, backend) in frontend.backends.iter().enumerate() {
+                ops.push(Op::PutSlot(
+                    SlotKey {
+                        generation,
+                        slot: slot as u32,
+                    },
+                    applied.backends[backend],
+                ));
+            }
+            generation
+        };
         let service_id = match &current {
             Some(cur) => cur.service_id,
             None => {
@@ -484,19 +598,26 @@ pub fn plan(
         if current.as_ref().is_none_or(|c| c.name != frontend.name) {
             ops.push(Op::PutName(service_id, name_from_str(&frontend.name)));
         }
+        let old_ranges = current.as_ref().map_or(&[][..], |c| &c.source_ranges[..]);
+        ops.extend(range_changes(
+            service_id,
+            old_ranges,
+            &frontend.source_ranges,
+        ));
         let entry = AppliedFrontend {
             service_id,
             generation,
             backends: frontend.backends.clone(),
-            slots: frontend.backends.len(),
+            slots: if external { 0 } else { frontend.backends.len() },
             name: frontend.name.clone(),
             flags: frontend.flags,
             affinity_timeout_s: frontend.affinity_timeout_s,
+            source_ranges: frontend.source_ranges.clone(),
             complete: true,
         };
         ops.push(Op::PutService(*key, entry.value()));
         if let Some(cur) = current {
-            ops.extend(slot_keys(cur.generation, cur.slots).map(Op::DeleteSlot));
+            ops.extend(retire_backend_set(applied, key, &cur));
             touched.extend(cur.backends.iter().copied());
             replaced.push((*key, cur));
         }
@@ -525,6 +646,68 @@ pub fn plan(
         errors,
         replaced,
     }
+}
+
+/// Deletions of a replaced or removed frontend's backend set: its slots, or
+/// its Maglev table.
+fn retire_backend_set(applied: &mut Applied, key: &ServiceKey, old: &AppliedFrontend) -> Vec<Op> {
+    if key.scope != SCOPE_TC_EXTERNAL {
+        return slot_keys(old.generation, old.slots)
+            .map(Op::DeleteSlot)
+            .collect();
+    }
+    if old.generation == 0 {
+        return Vec::new();
+    }
+    applied.maglev_tables = applied.maglev_tables.saturating_sub(1);
+    vec![Op::DeleteMaglevTable(old.generation)]
+}
+
+/// Source range writes that turn `old` into `new` for a service id.
+fn range_changes(service_id: u32, old: &[(IpAddr, u8)], new: &[(IpAddr, u8)]) -> Vec<Op> {
+    let added = new
+        .iter()
+        .filter(|r| !old.contains(r))
+        .map(|(addr, len)| Op::PutSourceRange(service_id, *addr, *len));
+    let removed = old
+        .iter()
+        .filter(|r| !new.contains(r))
+        .map(|(addr, len)| Op::DeleteSourceRange(service_id, *addr, *len));
+    added.chain(removed).collect()
+}
+
+/// The Maglev table of a backend set, as backend ids. Backends are keyed by
+/// address and port, so every node builds the same table.
+fn maglev_table(
+    backends: &[Backend],
+    ids: &BTreeMap<Backend, u32>,
+    settings: &MaglevSettings,
+) -> Result<Vec<u32>, maglev::MaglevError> {
+    let keyed: Vec<MaglevBackend<[u8; 18]>> = backends
+        .iter()
+        .map(|b| {
+            let mut key = [0u8; 18];
+            for (i, word) in b.addr.iter().enumerate() {
+                key[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            key[16..].copy_from_slice(&b.port.to_ne_bytes());
+            MaglevBackend::new(key, 1)
+        })
+        .collect();
+    let by_key: BTreeMap<[u8; 18], u32> = keyed
+        .iter()
+        .zip(backends)
+        .map(|(k, b)| (k.key, ids[b]))
+        .collect();
+    let sorted: Vec<u32> = maglev::sorted_backends(&keyed)
+        .into_iter()
+        .map(|k| by_key[&k.key])
+        .collect();
+    let table = maglev::build_table(&keyed, settings.size, settings.seed)?;
+    Ok(table
+        .into_iter()
+        .map(|index| sorted[index as usize])
+        .collect())
 }
 
 fn slot_keys(generation: u32, count: usize) -> impl Iterator<Item = SlotKey> {
@@ -591,6 +774,7 @@ mod tests {
                             backends: bs.iter().map(|b| backend(*b)).collect(),
                             flags: 0,
                             affinity_timeout_s: 0,
+                            source_ranges: Vec::new(),
                         },
                     )
                 })
@@ -603,6 +787,8 @@ mod tests {
     #[derive(Default)]
     struct FakeMaps {
         dump: Dump,
+        tables: BTreeMap<u32, Vec<u32>>,
+        ranges: BTreeSet<(u32, IpAddr, u8)>,
     }
 
     impl FakeMaps {
@@ -621,6 +807,30 @@ mod tests {
                     Op::PutSlot(k, id) => put(&mut d.slots, *k, *id),
                     Op::PutRevNat(id, r) => put(&mut d.rev_nat, *id, *r),
                     Op::PutName(id, n) => put(&mut d.names, *id, *n),
+                    Op::PutMaglevTable(generation, table) => {
+                        assert!(table
+                            .iter()
+                            .all(|id| d.backends.iter().any(|(b, _)| b == id)));
+                        self.tables.insert(*generation, table.clone());
+                    }
+                    Op::DeleteMaglevTable(generation) => {
+                        self.tables.remove(generation);
+                    }
+                    Op::PutSourceRange(id, addr, len) => {
+                        self.ranges.insert((*id, *addr, *len));
+                    }
+                    Op::DeleteSourceRange(id, addr, len) => {
+                        self.ranges.remove(&(*id, *addr, *len));
+                    }
+                    Op::PutService(k, v) if k.scope == SCOPE_TC_EXTERNAL => {
+                        if v.backend_count > 0 {
+                            assert!(
+                                self.tables.contains_key(&v.slot_generation),
+                                "table written before flip"
+                            );
+                        }
+                        put(&mut d.services, *k, *v)
+                    }
                     Op::PutService(k, v) => {
                         // The flip must only point at slots and backends that exist.
                         for slot in 0..v.backend_count {
@@ -652,7 +862,13 @@ mod tests {
 
     fn step(maps: &mut FakeMaps, applied: &Applied, d: &DesiredState) -> Applied {
         let mut next = applied.clone();
-        let plan = plan(&mut next, d, &Capacity::default(), Scope::All);
+        let plan = plan(
+            &mut next,
+            d,
+            &Capacity::default(),
+            &MaglevSettings::default(),
+            Scope::All,
+        );
         assert!(plan.errors.is_empty());
         maps.execute(&plan);
         // What we think is applied must equal what a fresh adoption sees.
@@ -667,7 +883,13 @@ mod tests {
 
     fn plan_all(applied: &Applied, d: &DesiredState, capacity: &Capacity) -> (Plan, Applied) {
         let mut next = applied.clone();
-        let p = plan(&mut next, d, capacity, Scope::All);
+        let p = plan(
+            &mut next,
+            d,
+            capacity,
+            &MaglevSettings::default(),
+            Scope::All,
+        );
         (p, next)
     }
 
@@ -737,6 +959,7 @@ mod tests {
             services: 10,
             backends: 3,
             slots: 10,
+            maglev_entries: 0,
         };
         let (p, next) = plan_all(&a, &desired(&[(1, &[1, 2, 3, 4]), (2, &[1])]), &cap);
         assert_eq!(p.errors.len(), 1);
@@ -774,13 +997,112 @@ mod tests {
         let d = desired(&[(1, &[1])]);
         let mut next = a.clone();
         let only: BTreeSet<ServiceKey> = [key(1)].into();
-        let p = plan(&mut next, &d, &Capacity::default(), Scope::Only(&only));
+        let p = plan(
+            &mut next,
+            &d,
+            &Capacity::default(),
+            &MaglevSettings::default(),
+            Scope::Only(&only),
+        );
         maps.execute(&p);
         assert!(next.frontends.contains_key(&key(2)));
         assert_eq!(next.frontends[&key(1)].backends, vec![backend(1)]);
         // Backend 2 is still used by frontend 2; nothing else is unused.
         assert!(next.backends.contains_key(&backend(2)));
         assert_eq!(Applied::adopt(&maps.dump).frontends, next.frontends);
+    }
+
+    fn external(last: u8) -> ServiceKey {
+        ServiceKey {
+            scope: SCOPE_TC_EXTERNAL,
+            ..key(last)
+        }
+    }
+
+    #[test]
+    fn external_frontends_get_maglev_tables_made_before_broken() {
+        let mut maps = FakeMaps::default();
+        let backends: Vec<Backend> = (1..=3).map(backend).collect();
+        let mut d = DesiredState::default();
+        d.frontends.insert(
+            external(1),
+            Frontend {
+                name: "default/np".into(),
+                backends: backends.clone(),
+                flags: 0,
+                affinity_timeout_s: 0,
+                source_ranges: vec![("10.1.0.0".parse().unwrap(), 16)],
+            },
+        );
+        let mut applied = Applied::default();
+        let settings = MaglevSettings { size: 251, seed: 7 };
+        let p = plan(
+            &mut applied,
+            &d,
+            &Capacity::default(),
+            &settings,
+            Scope::All,
+        );
+        maps.execute(&p);
+        let generation = applied.frontends[&external(1)].generation;
+        let table = maps.tables[&generation].clone();
+        assert_eq!(table.len(), 251);
+        assert_eq!(table.iter().collect::<BTreeSet<_>>().len(), 3);
+        assert_eq!(maps.ranges.len(), 1);
+        // Another node with other ids and input order builds the same table
+        // in terms of backends.
+        let mut other = Applied {
+            next_id: 1000,
+            ..Default::default()
+        };
+        let mut reversed = d.clone();
+        reversed
+            .frontends
+            .get_mut(&external(1))
+            .unwrap()
+            .backends
+            .reverse();
+        let p2 = plan(
+            &mut other,
+            &reversed,
+            &Capacity::default(),
+            &settings,
+            Scope::All,
+        );
+        let Some(Op::PutMaglevTable(_, table2)) = p2.groups[0]
+            .ops
+            .iter()
+            .find(|o| matches!(o, Op::PutMaglevTable(..)))
+        else {
+            panic!("no table")
+        };
+        let by_id = |a: &Applied, id: u32| *a.backends.iter().find(|(_, i)| **i == id).unwrap().0;
+        assert!(table
+            .iter()
+            .zip(table2)
+            .all(|(a, b)| by_id(&applied, *a) == by_id(&other, *b)));
+        // Removing a backend writes a new table, flips, then deletes the old one.
+        d.frontends.get_mut(&external(1)).unwrap().backends.pop();
+        let p = plan(
+            &mut applied,
+            &d,
+            &Capacity::default(),
+            &settings,
+            Scope::All,
+        );
+        maps.execute(&p);
+        assert_eq!(maps.tables.len(), 1);
+        assert!(!maps.tables.contains_key(&generation));
+        d.frontends.clear();
+        let p = plan(
+            &mut applied,
+            &d,
+            &Capacity::default(),
+            &settings,
+            Scope::All,
+        );
+        maps.execute(&p);
+        assert!(maps.tables.is_empty() && maps.ranges.is_empty());
     }
 
     #[test]

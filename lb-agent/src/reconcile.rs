@@ -7,7 +7,8 @@ use lb_common::{Backend, PROTO_UDP, SERVICE_FLAG_AFFINITY};
 use crate::{
     datapath::{DatapathError, Maps},
     model::DesiredState,
-    plan::{plan, Applied, Capacity, Plan, Scope},
+    plan::{plan, Applied, Capacity, MaglevSettings, Plan, Scope},
+    tcpath::TcDatapath,
     terminate::destroy_udp_sockets,
 };
 
@@ -28,6 +29,7 @@ pub struct Outcome {
 pub struct Reconciler {
     applied: Applied,
     capacity: Capacity,
+    maglev: MaglevSettings,
     /// Set after adoption or a failed write: the next plan must look at every
     /// frontend, not only the ones the compiler reports changed.
     needs_full: bool,
@@ -35,10 +37,15 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// Adopts what the maps already hold (a previous agent's work).
-    pub fn adopt(maps: &Maps, capacity: Capacity) -> Result<Self, DatapathError> {
+    pub fn adopt(
+        maps: &Maps,
+        capacity: Capacity,
+        maglev: MaglevSettings,
+    ) -> Result<Self, DatapathError> {
         Ok(Self {
             applied: Applied::adopt(&maps.dump()?),
             capacity,
+            maglev,
             needs_full: true,
         })
     }
@@ -56,20 +63,28 @@ impl Reconciler {
     /// Moves the maps to `desired` for the frontends in `scope`. On a failed
     /// write the applied state is re-read from the kernel, so the next call
     /// repairs whatever is left.
+    /// `tc` is the tc datapath, when enabled, for Maglev tables and source ranges.
     pub fn reconcile(
         &mut self,
         maps: &mut Maps,
+        tc: Option<&mut TcDatapath>,
         desired: &DesiredState,
         scope: Scope<'_>,
     ) -> Outcome {
         let scope = if self.needs_full { Scope::All } else { scope };
         self.needs_full = false;
-        let plan = plan(&mut self.applied, desired, &self.capacity, scope);
+        let plan = plan(
+            &mut self.applied,
+            desired,
+            &self.capacity,
+            &self.maglev,
+            scope,
+        );
         let mut errors: Vec<String> = plan.errors.iter().map(ToString::to_string).collect();
         let writes = plan.op_count();
         let affinity_touched = touches_affinity(&self.applied, &plan);
         let removed_udp = removed_udp_backends(&self.applied, &plan);
-        let write_errors = maps.execute(&plan);
+        let write_errors = maps.execute(&plan, tc);
         if !write_errors.is_empty() {
             self.needs_full = true;
             errors.extend(write_errors.iter().map(ToString::to_string));

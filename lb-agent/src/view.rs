@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_NO_LOCAL_BACKENDS};
+use lb_common::{
+    tc::SCOPE_TC_EXTERNAL, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+};
 
 use crate::{
     addr::{ip_from_addr, port_from_be},
@@ -25,19 +28,37 @@ fn protocol_name(proto: u8) -> String {
 /// Renders the services of a map dump as an aligned table, one line per backend.
 pub fn service_table(dump: &Dump) -> String {
     let applied = Applied::adopt(dump);
+    let counts: std::collections::BTreeMap<_, _> = dump
+        .services
+        .iter()
+        .map(|(k, v)| (*k, v.backend_count))
+        .collect();
     let mut rows: Vec<[String; 4]> = Vec::new();
     let mut frontends: Vec<_> = applied.frontends.iter().collect();
     frontends.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
     for (key, frontend) in frontends {
+        let external = key.scope == SCOPE_TC_EXTERNAL;
         let first = [
             frontend.service_id.to_string(),
             frontend.name.clone(),
             format!(
-                "{}/{}",
+                "{}/{}{}",
                 endpoint(&key.addr, key.port),
-                protocol_name(key.proto)
+                protocol_name(key.proto),
+                if external { " (external)" } else { "" }
             ),
         ];
+        if external {
+            let [id, name, fe] = first;
+            let backends = counts.get(key).copied().unwrap_or(0);
+            rows.push([
+                id,
+                name,
+                fe,
+                format!("{backends} backends in a Maglev table"),
+            ]);
+            continue;
+        }
         let mut backends = frontend.backends.iter().map(|b| endpoint(&b.addr, b.port));
         let first_backend = backends.next().unwrap_or_else(|| {
             if frontend.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
@@ -99,7 +120,7 @@ mod tests {
     use crate::{
         addr::{addr_from_ip, port_to_be},
         model::{DesiredState, Frontend},
-        plan::{plan, Capacity, Scope},
+        plan::{plan, Capacity, MaglevSettings, Scope},
     };
     use lb_common::{Backend, ServiceKey, SCOPE_EXTERNAL};
 
@@ -128,6 +149,7 @@ mod tests {
                     backends,
                     flags: 0,
                     affinity_timeout_s: 0,
+                    source_ranges: Vec::new(),
                 },
             )]
             .into(),
@@ -137,6 +159,7 @@ mod tests {
             &mut Default::default(),
             &desired,
             &Capacity::default(),
+            &MaglevSettings::default(),
             Scope::All,
         );
         let mut dump = Dump::default();

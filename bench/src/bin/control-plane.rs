@@ -17,7 +17,7 @@ use clap::Parser;
 use lb_agent::{
     datapath::Datapath,
     model::{Compiler, NodeContext, Objects},
-    plan::{Capacity, Scope},
+    plan::{Capacity, MaglevSettings, Scope},
     reconcile::Reconciler,
     yaml::parse_documents,
 };
@@ -90,13 +90,17 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
     let parse_time = parse_started.elapsed();
 
     let mut datapath = Datapath::load(pin_dir).context("needs root and bpffs")?;
-    let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default())?;
+    let mut reconciler = Reconciler::adopt(
+        &datapath.maps,
+        Capacity::default(),
+        MaglevSettings::default(),
+    )?;
     let mut compiler = Compiler::new(NodeContext::default());
 
     let cold_started = Instant::now();
     compiler.update(&objects);
     let compile_time = cold_started.elapsed();
-    let outcome = reconciler.reconcile(&mut datapath.maps, compiler.desired(), Scope::All);
+    let outcome = reconciler.reconcile(&mut datapath.maps, None, compiler.desired(), Scope::All);
     let cold = cold_started.elapsed();
     anyhow::ensure!(outcome.errors.is_empty(), "{:?}", outcome.errors);
     anyhow::ensure!(
@@ -119,6 +123,7 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
         compile_latencies.push(started.elapsed());
         let outcome = reconciler.reconcile(
             &mut datapath.maps,
+            None,
             compiler.desired(),
             Scope::Only(&update.changed),
         );

@@ -342,6 +342,27 @@ impl Lab {
         )?;
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
         sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+        // Routed pod networking: every node reaches every other node's pod
+        // range through that node's fabric address.
+        for other in &self.nodes {
+            ip_batch(
+                &netns,
+                &[
+                    format!("route add 10.244.{}.0/24 via {}", other.index, other.ip),
+                    format!(
+                        "route add fd00:244:{}::/64 via fd00:100::{}",
+                        other.index, other.index
+                    ),
+                ],
+            )?;
+            ip_batch(
+                &other.netns,
+                &[
+                    format!("route add 10.244.{index}.0/24 via {ip}"),
+                    format!("route add fd00:244:{index}::/64 via fd00:100::{index}"),
+                ],
+            )?;
+        }
         let cgroup = self.cgroup_dir.join(name);
         fs::create_dir_all(cgroup.join("host"))?;
         let bpffs = self.bpffs_dir.join(name);
@@ -391,6 +412,45 @@ impl Lab {
             ],
         )?;
         let cgroup = node.cgroup.join(name);
+        fs::create_dir_all(&cgroup)?;
+        let pod = Pod {
+            name: name.into(),
+            netns,
+            ip,
+            ip6,
+            cgroup,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Adds a host outside the cluster on the fabric (192.168.100.200,
+    /// fd00:100::200): it reaches node addresses only, and no node's programs
+    /// apply to its sockets.
+    pub fn add_external_client(&mut self, name: &str) -> Result<Pod> {
+        let netns = format!("{PREFIX}-{}-{name}", self.id);
+        run("ip", &["netns", "add", &netns])?;
+        ip_batch(
+            &self.fabric,
+            &[
+                format!(
+                    "link add x{} type veth peer name eth0 netns {netns}",
+                    self.pods.len()
+                ),
+                format!("link set x{} master br0 up", self.pods.len()),
+            ],
+        )?;
+        let (ip, ip6) = ("192.168.100.200".to_string(), "fd00:100::200".to_string());
+        ip_batch(
+            &netns,
+            &[
+                "link set lo up".into(),
+                "link set eth0 up".into(),
+                format!("addr add {ip}/24 dev eth0"),
+                format!("addr add {ip6}/64 dev eth0 nodad"),
+            ],
+        )?;
+        let cgroup = self.cgroup_dir.join(name);
         fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.into(),

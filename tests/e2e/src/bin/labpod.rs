@@ -69,6 +69,9 @@ enum Command {
         /// Pause between attempts, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// UDP only: send from this local port (the same flow every time).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
     },
 }
 
@@ -90,12 +93,13 @@ fn main() -> Result<()> {
             unconnected,
             reuse_socket,
             interval_ms,
+            source_port,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let started = std::time::Instant::now();
-            let mut udp = UdpClient::new(target, timeout, unconnected);
+            let mut udp = UdpClient::new(target, timeout, unconnected, source_port);
             let mut last_failed = false;
             for i in 0..count {
                 if i > 0 && interval_ms > 0 {
@@ -106,7 +110,7 @@ fn main() -> Result<()> {
                     "tcp" => tcp_attempt(target, timeout, http),
                     "udp" => {
                         if i > 0 && (!reuse_socket || last_failed) {
-                            udp = UdpClient::new(target, timeout, unconnected);
+                            udp = UdpClient::new(target, timeout, unconnected, source_port);
                         }
                         udp.attempt()
                     }
@@ -279,12 +283,12 @@ struct UdpClient {
 }
 
 impl UdpClient {
-    fn new(target: SocketAddr, timeout: Duration, unconnected: bool) -> Self {
+    fn new(target: SocketAddr, timeout: Duration, unconnected: bool, source_port: u16) -> Self {
         let open = || -> std::io::Result<UdpSocket> {
             let bind: SocketAddr = if target.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
+                SocketAddr::from(([0, 0, 0, 0], source_port))
             } else {
-                "[::]:0".parse().expect("literal")
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, source_port))
             };
             let socket = UdpSocket::bind(bind)?;
             socket.set_read_timeout(Some(timeout))?;
