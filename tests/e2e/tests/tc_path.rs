@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::Result;
 use lb_e2e::{
     agent::{Agent, Binaries},
-    lab::{Lab, Pod},
+    lab::{run, Lab, Node, Pod},
     manifests::{service, slice, Endpoint},
     probe::{parse_attempts, per_backend, Attempt},
     scenario::require_root,
@@ -17,6 +17,7 @@ use lb_e2e::{
 struct TwoNodes {
     agents: Vec<Agent>,
     bins: Binaries,
+    nodes: Vec<Node>,
     web: Vec<Pod>,
     client: Pod,
     lab: Lab,
@@ -56,6 +57,7 @@ fn two_nodes() -> Result<TwoNodes> {
     Ok(TwoNodes {
         agents,
         bins,
+        nodes: nodes.to_vec(),
         web,
         client,
         lab,
@@ -92,17 +94,23 @@ impl TwoNodes {
                 &eps
             )
         );
-        for (agent, node_ip) in self.agents.iter().zip(NODE_IPS) {
-            agent.write_manifest("web.yaml", &text)?;
+        self.publish_text(&text, ":30080/UDP (external)")
+    }
+
+    /// Writes `text` to every agent and waits until each has reconciled it
+    /// and lists a frontend containing `needle`.
+    fn publish_text(&self, text: &str, needle: &str) -> Result<()> {
+        for agent in &self.agents {
             let before = agent.log_text().matches("reconciled").count();
-            agent.wait_for_services(Duration::from_secs(10), |t| {
-                t.contains(&format!("{node_ip}:30080/UDP (external)"))
-            })?;
-            // Wait for this write's reconciliation, not an earlier one.
+            agent.write_manifest("web.yaml", text)?;
+            agent.wait_for_services(Duration::from_secs(10), |t| t.contains(needle))?;
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while agent.log_text().matches("reconciled").count() <= before
-                && std::time::Instant::now() < deadline
-            {
+            while agent.log_text().matches("reconciled").count() <= before {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the agent never reconciled the new manifest:\n{}",
+                    agent.log_text()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -198,5 +206,138 @@ fn external_traffic_policy_local_preserves_the_client_and_drops_without_endpoint
     assert!(dropped.iter().all(|a| !a.ok), "{dropped:?}");
     let served = t.connect(&format!("{}:30080", NODE_IPS[0]), &["--count", "5"])?;
     all_ok(&served);
+    Ok(())
+}
+
+/// Upstream: network/service.go "should be able to preserve UDP traffic when
+/// server pod cycles" (TCP analogue): established connections keep their
+/// backend while other backends come and go, because conntrack is consulted
+/// before Maglev.
+#[test]
+fn established_connections_survive_other_backends_changing() -> Result<()> {
+    let mut t = two_nodes()?;
+    let node1 = t.nodes[0].clone();
+    let extra = t.lab.add_pod(&node1, "web-3")?;
+    t.lab.spawn_server(
+        &extra,
+        &t.bins.labpod,
+        &["serve", "--name", "web-3", "--tcp", "8080", "--udp", "8080"],
+    )?;
+    t.web.push(extra);
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let held: Vec<_> = (0..8)
+        .map(|i| {
+            let target = format!("{}:30080", NODE_IPS[i % 2]);
+            t.lab
+                .command_in(&t.client, &t.bins.labpod)?
+                .args([
+                    "connect",
+                    "--target",
+                    &target,
+                    "--hold-ms",
+                    "2500",
+                    "--timeout-ms",
+                    "5000",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(700));
+    t.publish("", &[(0, "node1"), (1, "node2"), (2, "node1")])?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    for child in held {
+        let attempts = parse_attempts(&child.wait_with_output()?.stdout)?;
+        all_ok(&attempts);
+        assert_ne!(attempts[0].backend.as_deref(), Some("web-3"));
+    }
+    Ok(())
+}
+
+/// Upstream: network/loadbalancer.go "should only allow access from service
+/// loadbalancer source ranges": a LoadBalancer IP answers listed sources only.
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
+    let t = two_nodes()?;
+    // The load balancer (here: a route) sends 192.168.100.50 to node1.
+    run(
+        "ip",
+        &[
+            "-n",
+            &t.client.netns,
+            "route",
+            "add",
+            "192.168.100.50/32",
+            "via",
+            NODE_IPS[0],
+        ],
+    )?;
+    let lb = |ranges: &str| {
+        let svc = service("web", "10.96.0.10", &[("tcp", 80, "TCP", "8080")])
+            .replace(
+                "  type: ClusterIP\n",
+                &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n"),
+            )
+            .replace(
+                "    targetPort: 8080\n",
+                "    targetPort: 8080\n    nodePort: 30081\n",
+            );
+        let eps = [
+            Endpoint::ready(&t.web[0].ip).on("node1"),
+            Endpoint::ready(&t.web[1].ip).on("node2"),
+        ];
+        format!(
+            "{svc}status:\n  loadBalancer:\n    ingress: [{{ip: 192.168.100.50}}]\n---\n{}",
+            slice("web", "web-a", &[("tcp", 8080, "TCP")], &eps)
+        )
+    };
+    t.publish_text(
+        &lb("192.168.100.200/32"),
+        "192.168.100.50:80/TCP (external)",
+    )?;
+    let allowed = t.connect("192.168.100.50:80", &["--count", "10"])?;
+    all_ok(&allowed);
+    t.publish_text(&lb("10.0.0.0/8"), "192.168.100.50:80/TCP (external)")?;
+    let blocked = t.connect(
+        "192.168.100.50:80",
+        &["--count", "2", "--timeout-ms", "500"],
+    )?;
+    assert!(blocked.iter().all(|a| !a.ok), "{blocked:?}");
+    Ok(())
+}
+
+/// Upstream: network/dual_stack.go "should function for service endpoints
+/// using hostNetwork" family: NodePort over IPv6, from outside, reaching
+/// backends on both nodes.
+#[test]
+fn node_port_works_over_ipv6() -> Result<()> {
+    let t = two_nodes()?;
+    let svc = service("web", "fd00:96::10", &[("tcp", 80, "TCP", "8080")])
+        .replace(
+            "  type: ClusterIP\n",
+            "  type: NodePort\n  ipFamilies: [IPv6]\n",
+        )
+        .replace(
+            "    targetPort: 8080\n",
+            "    targetPort: 8080\n    nodePort: 30082\n",
+        );
+    let eps = [
+        Endpoint::ready(&t.web[0].ip6).on("node1"),
+        Endpoint::ready(&t.web[1].ip6).on("node2"),
+    ];
+    let text = format!(
+        "{svc}---\n{}",
+        slice("web", "web-v6", &[("tcp", 8080, "TCP")], &eps)
+    );
+    t.publish_text(&text, ":30082/TCP (external)")?;
+    let attempts = t.connect("[fd00:100::1]:30082", &["--count", "30"])?;
+    all_ok(&attempts);
+    assert_eq!(
+        per_backend(&attempts).len(),
+        2,
+        "{:?}",
+        per_backend(&attempts)
+    );
     Ok(())
 }

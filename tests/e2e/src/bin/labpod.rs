@@ -69,6 +69,10 @@ enum Command {
         /// Pause between attempts, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// TCP only: keep each connection open this long after the answer,
+        /// then check that it still echoes (a long-lived connection).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
         /// UDP only: send from this local port (the same flow every time).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
@@ -94,6 +98,7 @@ fn main() -> Result<()> {
             reuse_socket,
             interval_ms,
             source_port,
+            hold_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
@@ -107,7 +112,7 @@ fn main() -> Result<()> {
                 }
                 let at_ms = started.elapsed().as_millis() as u64;
                 let mut attempt = match proto.as_str() {
-                    "tcp" => tcp_attempt(target, timeout, http),
+                    "tcp" => tcp_attempt(target, timeout, http, Duration::from_millis(hold_ms)),
                     "udp" => {
                         if i > 0 && (!reuse_socket || last_failed) {
                             udp = UdpClient::new(target, timeout, unconnected, source_port);
@@ -183,10 +188,16 @@ fn answer_tcp(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
     let peer = canonical(stream.peer_addr()?);
     let local = canonical(stream.local_addr()?);
     stream.write_all(format!("{name} {peer} {local}\n").as_bytes())?;
-    // Let the client close first so TIME_WAIT stays on its side.
-    let mut sink = [0u8; 64];
-    while stream.read(&mut sink)? > 0 {}
-    Ok(())
+    // Echo whatever follows, and let the client close first so TIME_WAIT
+    // stays on its side.
+    let mut buf = [0u8; 512];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
 }
 
 fn answer_http(name: &str, stream: TcpStream) -> std::io::Result<()> {
@@ -233,7 +244,7 @@ fn parse_answer(line: &str) -> (Option<String>, Option<String>, Option<String>) 
     (parts.next(), parts.next(), parts.next())
 }
 
-fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
+fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool, hold: Duration) -> Attempt {
     let run = || -> std::io::Result<Attempt> {
         let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
@@ -257,6 +268,17 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool) -> Attempt {
                 .to_string();
         } else {
             BufReader::new(&stream).read_line(&mut answer)?;
+            if !hold.is_zero() {
+                thread::sleep(hold);
+                stream.write_all(b"?")?;
+                let mut echo = [0u8; 1];
+                stream.read_exact(&mut echo)?;
+                if &echo != b"?" {
+                    return Err(std::io::Error::other(
+                        "the held connection answered garbage",
+                    ));
+                }
+            }
         }
         let (backend, seen_source, served_on) = parse_answer(&answer);
         Ok(Attempt {
