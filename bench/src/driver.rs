@@ -55,7 +55,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use lb_e2e::{
     agent::{Agent, Binaries},
-    lab::{Lab, Node, Pod},
+    lab::{sysctl, Lab, Node, Pod},
     manifests,
 };
 use serde::{Deserialize, Serialize};
@@ -389,22 +389,6 @@ fn run_with_input(command: &mut Command, what: &str, input: String) -> Result<()
         );
     }
     written.with_context(|| format!("writing to {what}"))?;
-    Ok(())
-}
-
-/// `ip netns exec NETNS sysctl -qw KEY=VALUE`.
-fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    lb_e2e::lab::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            netns,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
-        ],
-    )?;
     Ok(())
 }
 

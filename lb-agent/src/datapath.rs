@@ -335,7 +335,7 @@ fn enabled(tc: Option<&mut TcDatapath>) -> Result<&mut TcDatapath, WriteFailure>
 }
 
 /// Deleting what is already gone is success: the goal state is reached.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+pub(crate) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -389,32 +389,26 @@ impl Datapath {
         // always attaches in multi mode, so "Single" here still coexists with
         // other programs on the cgroup.
         let mode = CgroupAttachMode::Single;
-        for name in SOCK_ADDR_PROGRAMS {
-            let program_err = |source| DatapathError::Program { name, source };
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_err)?;
-            program.load().map_err(program_err)?;
-            let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
-            let link = program.take_link(link_id).map_err(program_err)?;
-            self.pin_link(name, link.try_into())?;
+        // The two program kinds share no trait in aya; the steps are the same.
+        macro_rules! attach_all {
+            ($kind:ty, $names:expr) => {
+                for name in $names {
+                    let program_err = |source| DatapathError::Program { name, source };
+                    let program: &mut $kind = self
+                        .ebpf
+                        .program_mut(name)
+                        .ok_or(DatapathError::MissingProgram(name))?
+                        .try_into()
+                        .map_err(program_err)?;
+                    program.load().map_err(program_err)?;
+                    let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
+                    let link = program.take_link(link_id).map_err(program_err)?;
+                    self.pin_link(name, link.try_into())?;
+                }
+            };
         }
-        for name in SOCK_PROGRAMS {
-            let program_err = |source| DatapathError::Program { name, source };
-            let program: &mut CgroupSock = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_err)?;
-            program.load().map_err(program_err)?;
-            let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
-            let link = program.take_link(link_id).map_err(program_err)?;
-            self.pin_link(name, link.try_into())?;
-        }
+        attach_all!(CgroupSockAddr, SOCK_ADDR_PROGRAMS);
+        attach_all!(CgroupSock, SOCK_PROGRAMS);
         self.remove_stale_pins();
         Ok(())
     }

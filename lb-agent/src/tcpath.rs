@@ -31,6 +31,7 @@ use lb_common::tc::{
 };
 
 use crate::addr::addr_from_ip;
+use crate::datapath::ignore_missing;
 
 /// The tc programs, built by `build.rs`.
 static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-datapath"));
@@ -196,15 +197,6 @@ fn take<T: TryFrom<Map, Error = MapError>>(
         source: MapError::InvalidName { name: name.into() },
     })?;
     T::try_from(map).map_err(map_err(name))
-}
-
-/// Deleting what is already gone is success.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
-    }
 }
 
 impl TcDatapath {

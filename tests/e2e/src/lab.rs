@@ -158,7 +158,7 @@ fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
 }
 
 /// Writes a sysctl inside a namespace.
-fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     run(
         "ip",
         &[
