@@ -68,6 +68,16 @@ pub struct Args {
     /// addresses of the tc interfaces].
     #[arg(long, value_delimiter = ',')]
     pub node_port_addresses: Vec<IpAddr>,
+    /// [socketLb] Translate Services at the socket layer (cgroup programs)
+    /// [default: true]. With false, ClusterIPs are translated per packet by
+    /// the tc programs on pod interfaces (see --pod-interfaces).
+    #[arg(long)]
+    pub socket_lb: Option<bool>,
+    /// [podInterfaces] Name prefixes of the node's pod interfaces (e.g. cali,
+    /// lxc, veth) where tc programs translate ClusterIP traffic when the
+    /// socket path is off.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_interfaces: Vec<String>,
     /// [maglevTableSize] Maglev table size, a prime of 251, 509, 1021, 2039,
     /// 4093, 8191, 16381, 32749, 65537 or 131071; identical on every node [default: 16381].
     #[arg(long)]
@@ -104,6 +114,11 @@ pub struct FileConfig {
     /// See [`Args::node_port_addresses`].
     #[serde(default)]
     pub node_port_addresses: Vec<IpAddr>,
+    /// See [`Args::socket_lb`].
+    pub socket_lb: Option<bool>,
+    /// See [`Args::pod_interfaces`].
+    #[serde(default)]
+    pub pod_interfaces: Vec<String>,
     /// See [`Args::maglev_table_size`].
     pub maglev_table_size: Option<usize>,
     /// See [`Args::maglev_seed`].
@@ -140,6 +155,10 @@ pub struct Settings {
     pub tc_interfaces: Vec<String>,
     /// Explicit NodePort addresses; empty: those of the tc interfaces.
     pub node_port_addresses: Vec<IpAddr>,
+    /// Whether the socket programs are attached.
+    pub socket_lb: bool,
+    /// Pod interface name prefixes for per-packet ClusterIP translation.
+    pub pod_interfaces: Vec<String>,
     /// Maglev settings.
     pub maglev: MaglevSettings,
 }
@@ -206,6 +225,8 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         debounce_ms: args.debounce_ms.or(file.debounce_ms).unwrap_or(100),
         tc_interfaces: non_empty_or(args.tc_interfaces, file.tc_interfaces),
         node_port_addresses: non_empty_or(args.node_port_addresses, file.node_port_addresses),
+        socket_lb: args.socket_lb.or(file.socket_lb).unwrap_or(true),
+        pod_interfaces: non_empty_or(args.pod_interfaces, file.pod_interfaces),
         maglev: MaglevSettings {
             size: args
                 .maglev_table_size

@@ -90,7 +90,9 @@ pub fn run(settings: Settings) -> Result<()> {
     let mut compiler = Compiler::new(NodeContext {
         name: settings.node_name.clone(),
         node_port_addresses,
+        per_packet_cluster_ips: !settings.socket_lb,
     });
+    let mut pod_interfaces = PodInterfaces::default();
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -101,6 +103,9 @@ pub fn run(settings: Settings) -> Result<()> {
         {
             last_gc = Instant::now();
             collect_conntrack(tc, &metrics);
+        }
+        if let Some(tc) = tc.as_mut().filter(|_| attached) {
+            pod_interfaces.attach_new(tc, &settings.pod_interfaces);
         }
         let Some(snapshot) = latest.take(Duration::from_secs(1)) else {
             continue;
@@ -119,9 +124,13 @@ pub fn run(settings: Settings) -> Result<()> {
             outputs,
         );
         if !attached {
-            datapath
-                .attach(&cgroup)
-                .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+            if settings.socket_lb {
+                datapath
+                    .attach(&cgroup)
+                    .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+            } else {
+                datapath.detach();
+            }
             if let Some(tc) = tc.as_mut() {
                 for interface in &settings.tc_interfaces {
                     tc.attach(interface)
@@ -140,16 +149,18 @@ const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
 /// Loads the tc datapath when interfaces are configured, and returns it with
 /// the addresses NodePorts answer on.
 fn load_tc_path(settings: &Settings) -> Result<(Option<TcDatapath>, Vec<IpAddr>)> {
-    if settings.tc_interfaces.is_empty() {
+    if settings.tc_interfaces.is_empty() && settings.socket_lb {
         return Ok((None, Vec::new()));
     }
-    let addresses = if settings.node_port_addresses.is_empty() {
+    let addresses = if settings.tc_interfaces.is_empty() {
+        Vec::new()
+    } else if settings.node_port_addresses.is_empty() {
         interface_addresses(&settings.tc_interfaces)?
     } else {
         settings.node_port_addresses.clone()
     };
     anyhow::ensure!(
-        !addresses.is_empty(),
+        settings.tc_interfaces.is_empty() || !addresses.is_empty(),
         "no address on {:?} for NodePorts; set nodePortAddresses",
         settings.tc_interfaces
     );
@@ -173,6 +184,42 @@ fn load_tc_path(settings: &Settings) -> Result<(Option<TcDatapath>, Vec<IpAddr>)
         settings.tc_interfaces
     );
     Ok((Some(tc), addresses))
+}
+
+/// Pod interfaces the tc programs are attached to.
+#[derive(Default)]
+struct PodInterfaces {
+    attached: std::collections::BTreeSet<String>,
+}
+
+impl PodInterfaces {
+    /// Attaches to interfaces whose name starts with one of `prefixes` and
+    /// that appeared since the last call; forgets the ones that went away.
+    fn attach_new(&mut self, tc: &mut TcDatapath, prefixes: &[String]) {
+        if prefixes.is_empty() {
+            return;
+        }
+        let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+            return;
+        };
+        let present: std::collections::BTreeSet<String> = addresses
+            .map(|a| a.interface_name)
+            .filter(|name| prefixes.iter().any(|p| name.starts_with(p.as_str())))
+            .collect();
+        self.attached.retain(|name| present.contains(name));
+        for name in present {
+            if self.attached.contains(&name) {
+                continue;
+            }
+            match tc.attach(&name) {
+                Ok(()) => {
+                    log::info!("tc programs attached to pod interface {name}");
+                    self.attached.insert(name);
+                }
+                Err(err) => log::error!("attaching tc programs to {name}: {err}"),
+            }
+        }
+    }
 }
 
 /// Global unicast addresses of the named interfaces.

@@ -438,6 +438,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Detaches the socket programs a previous agent attached (their pinned
+    /// links), for a node where the socket path is turned off.
+    pub fn detach(&self) {
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(&SOCK_PROGRAMS) {
+            let pin = self.pin_dir.join("links").join(name);
+            if fs::remove_file(&pin).is_ok() {
+                log::info!("detached socket program {name}");
+            }
+        }
+    }
+
     /// Removes map pins of older layouts (`LB_*` names this version does not use).
     fn remove_stale_pins(&self) {
         let Ok(entries) = fs::read_dir(&self.pin_dir) else {

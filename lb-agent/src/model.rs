@@ -18,8 +18,8 @@ use k8s_openapi::api::{
 };
 use lb_common::{
     tc::{
-        BACKEND_FLAG_LOCAL, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
-        SERVICE_FLAG_SOURCE_RANGES,
+        BACKEND_FLAG_LOCAL, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
+        SERVICE_FLAG_PRESERVE_SOURCE, SERVICE_FLAG_SOURCE_RANGES,
     },
     Backend, ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
@@ -84,6 +84,9 @@ pub struct NodeContext {
     /// Addresses NodePorts answer on; empty when the tc path (NodePort,
     /// ExternalIPs, LoadBalancer IPs) is disabled.
     pub node_port_addresses: Vec<IpAddr>,
+    /// Also serve ClusterIPs per packet (tc on pod interfaces), for pods
+    /// whose sockets are not translated.
+    pub per_packet_cluster_ips: bool,
 }
 
 /// An object, or part of one, that cannot be programmed; the rest still is.
@@ -402,6 +405,7 @@ impl Compiler {
                     node: self.node.name.as_deref(),
                     zone: self.zone.as_deref(),
                     node_port_addresses: &self.node.node_port_addresses,
+                    per_packet_cluster_ips: self.node.per_packet_cluster_ips,
                 };
                 let mut output = compile_service(sourced, &id, &own_slices, &locality);
                 self.install(index, &mut output, &mut update.changed);
@@ -586,16 +590,30 @@ fn compile_service(
             if policy.internal_local && backends.is_empty() {
                 flags |= SERVICE_FLAG_NO_LOCAL_BACKENDS;
             }
-            output.frontends.push((
-                key,
-                Frontend {
-                    name,
-                    backends,
-                    flags,
-                    affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
-                    source_ranges: Vec::new(),
-                },
-            ));
+            let frontend = Frontend {
+                name,
+                backends,
+                flags,
+                affinity_timeout_s: policy.affinity_timeout_s.unwrap_or(0),
+                source_ranges: Vec::new(),
+            };
+            if locality.per_packet_cluster_ips {
+                // The same choice, made per packet: no affinity on that path,
+                // and pods keep their own address whatever node the backend is on.
+                let per_packet = Frontend {
+                    flags: (frontend.flags & !SERVICE_FLAG_AFFINITY) | SERVICE_FLAG_PRESERVE_SOURCE,
+                    affinity_timeout_s: 0,
+                    ..frontend.clone()
+                };
+                output.frontends.push((
+                    ServiceKey {
+                        scope: SCOPE_TC_CLUSTER,
+                        ..key
+                    },
+                    per_packet,
+                ));
+            }
+            output.frontends.push((key, frontend));
         }
     }
     if !locality.node_port_addresses.is_empty() {
@@ -783,6 +801,7 @@ struct Locality<'a> {
     node: Option<&'a str>,
     zone: Option<&'a str>,
     node_port_addresses: &'a [IpAddr],
+    per_packet_cluster_ips: bool,
 }
 
 fn service_policy(svc: &Service, report: &Reporter<'_>, errors: &mut Vec<ObjectError>) -> Policy {
@@ -1208,6 +1227,7 @@ mod tests {
             &NodeContext {
                 name: node.map(str::to_owned),
                 node_port_addresses: Vec::new(),
+                per_packet_cluster_ips: false,
             },
         )
     }
@@ -1546,6 +1566,7 @@ endpoints:
         let node = NodeContext {
             name: Some("node1".into()),
             node_port_addresses: vec![ip("192.168.100.1"), ip("fd00:100::1")],
+            per_packet_cluster_ips: false,
         };
         let compiled = compile(&parsed.objects, &node);
         assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);

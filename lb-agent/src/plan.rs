@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use lb_common::{
-    tc::{MAX_MAGLEV_ENTRIES, SCOPE_TC_EXTERNAL},
+    tc::{uses_maglev, MAX_MAGLEV_ENTRIES},
     Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
 };
 
@@ -245,7 +245,7 @@ impl Applied {
         let mut used_generations = BTreeSet::new();
         let mut used_ids = BTreeSet::new();
         for (key, value) in &dump.services {
-            if key.scope == SCOPE_TC_EXTERNAL {
+            if uses_maglev(key.scope) {
                 // Its table's backends are not in the dump: rewrite it. The
                 // same seed and backends give the same table, and conntrack
                 // keeps established flows meanwhile.
@@ -504,7 +504,7 @@ pub fn plan(
             .filter(|b| !applied.backends.contains_key(b))
             .copied()
             .collect();
-        let external = key.scope == SCOPE_TC_EXTERNAL;
+        let external = uses_maglev(key.scope);
         let new_table = external && !frontend.backends.is_empty();
         let checks = [
             (
@@ -651,7 +651,7 @@ pub fn plan(
 /// Deletions of a replaced or removed frontend's backend set: its slots, or
 /// its Maglev table.
 fn retire_backend_set(applied: &mut Applied, key: &ServiceKey, old: &AppliedFrontend) -> Vec<Op> {
-    if key.scope != SCOPE_TC_EXTERNAL {
+    if !uses_maglev(key.scope) {
         return slot_keys(old.generation, old.slots)
             .map(Op::DeleteSlot)
             .collect();
@@ -822,7 +822,7 @@ mod tests {
                     Op::DeleteSourceRange(id, addr, len) => {
                         self.ranges.remove(&(*id, *addr, *len));
                     }
-                    Op::PutService(k, v) if k.scope == SCOPE_TC_EXTERNAL => {
+                    Op::PutService(k, v) if uses_maglev(k.scope) => {
                         if v.backend_count > 0 {
                             assert!(
                                 self.tables.contains_key(&v.slot_generation),
@@ -1014,7 +1014,7 @@ mod tests {
 
     fn external(last: u8) -> ServiceKey {
         ServiceKey {
-            scope: SCOPE_TC_EXTERNAL,
+            scope: lb_common::tc::SCOPE_TC_EXTERNAL,
             ..key(last)
         }
     }

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    tc::SCOPE_TC_EXTERNAL, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    tc::{uses_maglev, SCOPE_TC_CLUSTER},
+    PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 use crate::{
@@ -37,7 +37,12 @@ pub fn service_table(dump: &Dump) -> String {
     let mut frontends: Vec<_> = applied.frontends.iter().collect();
     frontends.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
     for (key, frontend) in frontends {
-        let external = key.scope == SCOPE_TC_EXTERNAL;
+        let external = uses_maglev(key.scope);
+        let path = if key.scope == SCOPE_TC_CLUSTER {
+            " (per packet)"
+        } else {
+            " (external)"
+        };
         let first = [
             frontend.service_id.to_string(),
             frontend.name.clone(),
@@ -45,7 +50,7 @@ pub fn service_table(dump: &Dump) -> String {
                 "{}/{}{}",
                 endpoint(&key.addr, key.port),
                 protocol_name(key.proto),
-                if external { " (external)" } else { "" }
+                if external { path } else { "" }
             ),
         ];
         if external {

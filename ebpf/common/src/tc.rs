@@ -60,6 +60,23 @@ pub mod map_names {
 /// address and the nodePort), ExternalIPs and LoadBalancer ingress IPs.
 pub const SCOPE_TC_EXTERNAL: u8 = 1;
 
+/// [`ServiceKey::scope`](crate::ServiceKey::scope) of a ClusterIP frontend
+/// translated per packet, for pods whose sockets are not translated (the
+/// agent's socket path is off). Looked up after [`SCOPE_TC_EXTERNAL`]; same
+/// value layout, with [`SERVICE_FLAG_PRESERVE_SOURCE`].
+pub const SCOPE_TC_CLUSTER: u8 = 2;
+
+/// [`ServiceValue::flags`](crate::ServiceValue::flags): never SNAT, whatever
+/// node the backend is on (ClusterIP traffic keeps the pod's address, as
+/// with kube-proxy on a routed pod network).
+pub const SERVICE_FLAG_PRESERVE_SOURCE: u32 = 1 << 18;
+
+/// Whether frontends of `scope` are served by Maglev tables (the tc path)
+/// rather than backend slots (the socket path).
+pub const fn uses_maglev(scope: u8) -> bool {
+    scope == SCOPE_TC_EXTERNAL || scope == SCOPE_TC_CLUSTER
+}
+
 /// [`ServiceValue::flags`](crate::ServiceValue::flags): externalTrafficPolicy
 /// Local. The Maglev table holds only this node's backends and the client
 /// address is preserved (no SNAT).

@@ -2,7 +2,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    tc::{MaglevKey, SourceRangeKey, MAGLEV_SIZE_INDEX, SCOPE_TC_EXTERNAL},
+    tc::{MaglevKey, SourceRangeKey, MAGLEV_SIZE_INDEX, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL},
     Addr, Backend, ServiceKey, ServiceValue,
 };
 
@@ -11,16 +11,22 @@ use crate::{
     parse::Packet,
 };
 
-/// The external frontend this packet is addressed to.
+/// The frontend this packet is addressed to: an external one (NodePort,
+/// ExternalIP, LoadBalancer IP), else a ClusterIP served per packet.
 #[inline(always)]
 pub fn frontend(pkt: &Packet) -> (ServiceKey, Option<ServiceValue>) {
-    let key = ServiceKey {
+    let mut key = ServiceKey {
         addr: pkt.tuple.daddr,
         port: pkt.tuple.dport,
         proto: pkt.tuple.proto,
         scope: SCOPE_TC_EXTERNAL,
     };
     // SAFETY: copied out at once; the agent replaces whole entries.
+    if let Some(value) = unsafe { SERVICES.get(&key) }.copied() {
+        return (key, Some(value));
+    }
+    key.scope = SCOPE_TC_CLUSTER;
+    // SAFETY: as above.
     let value = unsafe { SERVICES.get(&key) }.copied();
     (key, value)
 }

@@ -1,6 +1,8 @@
-//! tc programs for per-packet service translation of traffic entering the
-//! node: NodePort, ExternalIPs and LoadBalancer IPs (frontends of scope
-//! `SCOPE_TC_EXTERNAL`).
+//! tc programs for per-packet service translation: traffic entering the node
+//! for NodePorts, ExternalIPs and LoadBalancer IPs (frontends of scope
+//! `SCOPE_TC_EXTERNAL`), and, on pod interfaces, ClusterIP traffic of pods
+//! whose sockets are not translated (scope `SCOPE_TC_CLUSTER`). On a pod
+//! interface, ingress carries the pod's packets and egress the replies to it.
 //!
 //! - `lb_ingress` (node uplink, ingress): conntrack first; a new flow to a
 //!   frontend gets a backend from the frontend's Maglev table, is DNATed to
@@ -37,11 +39,11 @@ use lb_common::{
     is_v4_mapped,
     tc::{
         flow_hash, CtKey, CtValue, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST,
-        CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES,
-        SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND,
-        STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
-        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REJECT, STAT_REPLY,
-        TC_CONFIG_FIB_REDIRECT,
+        CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_PRESERVE_SOURCE,
+        SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED,
+        STAT_DROP_NO_BACKEND, STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR,
+        STAT_DROP_SNAT_PORTS, STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REJECT,
+        STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
     },
     Addr, PROTO_TCP, SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
@@ -180,8 +182,8 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     if is_v4_mapped(&backend.addr) != pkt.v4 {
         return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR));
     }
-    let snat =
-        service.flags & SERVICE_FLAG_EXTERNAL_LOCAL == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    let keeps_source = SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_PRESERVE_SOURCE;
+    let snat = service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
     let state = initial_state(t.proto, pkt.tcp_flags);
     let mut forward = CtValue {
         new_saddr: t.saddr,

@@ -341,3 +341,53 @@ fn node_port_works_over_ipv6() -> Result<()> {
     );
     Ok(())
 }
+
+/// Pods whose sockets are not translated (the agent's socket path turned
+/// off) reach ClusterIPs through the tc programs on their interfaces, with
+/// the same backends and the pod's own address preserved.
+#[test]
+fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> {
+    let s = lb_e2e::scenario::Scenario::new(
+        2,
+        &[
+            "--node-name",
+            "node1",
+            "--socket-lb",
+            "false",
+            "--pod-interfaces",
+            "p",
+        ],
+    )?;
+    assert!(
+        !s.node.bpffs.join("links/connect4").exists(),
+        "the socket programs must not be attached"
+    );
+    let eps = [
+        Endpoint::ready(s.ip(1)).on("node1"),
+        Endpoint::ready(s.ip(2)).on("node1"),
+    ];
+    let text = format!(
+        "{}---\n{}",
+        service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]),
+        slice("web", "web-a", &[("http", 8080, "TCP")], &eps)
+    );
+    s.apply("web.yaml", &text, |t| {
+        t.contains("10.96.0.10:80/TCP (per packet)")
+    })?;
+    // The pod interfaces are picked up within a second of the agent's loop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let attempts = s.connect("10.96.0.10:80", 30, &[])?;
+    all_ok(&attempts);
+    assert_eq!(
+        per_backend(&attempts).len(),
+        2,
+        "{:?}",
+        per_backend(&attempts)
+    );
+    for a in &attempts {
+        assert_eq!(a.peer.as_deref(), Some("10.96.0.10:80"));
+        let seen = a.seen_source.as_deref().unwrap_or_default();
+        assert!(seen.starts_with(&format!("{}:", s.client.ip)), "{seen}");
+    }
+    Ok(())
+}
