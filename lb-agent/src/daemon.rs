@@ -2,7 +2,9 @@
 //! maps, then publish health and metrics. Sources run on their own threads.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -22,6 +24,7 @@ use crate::{
     model::{Compiler, NodeContext},
     mounts,
     plan::{Capacity, Scope},
+    podcgroups,
     reconcile::Reconciler,
     source::{self, Latest, Snapshot},
     tcpath::{boottime_ns, TcDatapath, TcOptions},
@@ -93,6 +96,7 @@ pub fn run(settings: Settings) -> Result<()> {
         per_packet_cluster_ips: !settings.socket_lb,
     });
     let mut pod_interfaces = PodInterfaces::default();
+    let mut opt_out = OptOut::default();
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -107,6 +111,8 @@ pub fn run(settings: Settings) -> Result<()> {
         if let Some(tc) = tc.as_mut().filter(|_| attached) {
             pod_interfaces.attach_new(tc, &settings.pod_interfaces);
         }
+        // Containers of opted-out pods may start after their pod's snapshot.
+        opt_out.refresh(&cgroup, &mut datapath);
         let Some(snapshot) = latest.take(Duration::from_secs(1)) else {
             continue;
         };
@@ -114,6 +120,7 @@ pub fn run(settings: Settings) -> Result<()> {
             metrics: &metrics,
             healthz: &healthz,
             health_checks: &mut health_checks,
+            opt_out: &mut opt_out,
         };
         sync(
             &snapshot,
@@ -149,7 +156,13 @@ const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
 /// Loads the tc datapath when interfaces are configured, and returns it with
 /// the addresses NodePorts answer on.
 fn load_tc_path(settings: &Settings) -> Result<(Option<TcDatapath>, Vec<IpAddr>)> {
-    if settings.tc_interfaces.is_empty() && settings.socket_lb {
+    // Pod interfaces serve pods without socket translation: the whole node's
+    // (socketLb false) or annotated pods'.
+    if settings.tc_interfaces.is_empty() && settings.pod_interfaces.is_empty() {
+        anyhow::ensure!(
+            settings.socket_lb,
+            "with socketLb false, set podInterfaces so ClusterIPs are still served"
+        );
         return Ok((None, Vec::new()));
     }
     let addresses = if settings.tc_interfaces.is_empty() {
@@ -272,6 +285,31 @@ struct Outputs<'a> {
     metrics: &'a Metrics,
     healthz: &'a Healthz,
     health_checks: &'a mut HealthCheckServers,
+    opt_out: &'a mut OptOut,
+}
+
+/// Pods that opted out of socket translation, and their cgroups in the map.
+#[derive(Default)]
+struct OptOut {
+    pods: BTreeSet<String>,
+}
+
+impl OptOut {
+    /// Writes the cgroup ids of the opted-out pods into the map.
+    fn refresh(&self, cgroup_root: &Path, datapath: &mut Datapath) {
+        let ids = match podcgroups::cgroup_ids(cgroup_root, &self.pods) {
+            Ok(ids) => ids,
+            Err(err) => {
+                log::error!("finding cgroups of opted-out pods: {err}");
+                return;
+            }
+        };
+        match datapath.maps.set_opt_out(&ids) {
+            Ok(true) => log::info!("{} cgroups opted out of socket translation", ids.len()),
+            Ok(false) => {}
+            Err(err) => log::error!("{err}"),
+        }
+    }
 }
 
 fn sync(
@@ -286,6 +324,7 @@ fn sync(
         metrics,
         healthz,
         health_checks,
+        opt_out,
     } = outputs;
     let started = Instant::now();
     let update = compiler.update(&snapshot.objects);
@@ -295,6 +334,7 @@ fn sync(
     metrics
         .invalid_objects
         .set((snapshot.errors.len() + update.errors.len()) as i64);
+    opt_out.pods = update.opted_out_pods.clone();
     let desired = compiler.desired();
     let outcome = reconciler.reconcile(
         &mut datapath.maps,

@@ -46,7 +46,7 @@ const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 8] = [
+const MAP_PINS: [&str; 9] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
@@ -55,6 +55,7 @@ const MAP_PINS: [&str; 8] = [
     map_names::SERVICE_NAMES,
     map_names::AFFINITY,
     map_names::ROUND_ROBIN,
+    map_names::OPT_OUT,
 ];
 
 /// Errors of the kernel shell.
@@ -157,6 +158,7 @@ pub struct Maps {
     names: HashMap<MapData, u32, ServiceName>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, RevNat>,
+    opt_out: HashMap<MapData, u64, u32>,
 }
 
 fn typed<K: Pod, V: Pod>(
@@ -195,6 +197,7 @@ impl Maps {
                 map_names::SOCK_REV_NAT,
                 pinned(dir, map_names::SOCK_REV_NAT)?,
             )?,
+            opt_out: typed(map_names::OPT_OUT, pinned(dir, map_names::OPT_OUT)?)?,
         })
     }
 
@@ -213,6 +216,7 @@ impl Maps {
             names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
             sock_rev_nat: typed(map_names::SOCK_REV_NAT, take(map_names::SOCK_REV_NAT)?)?,
+            opt_out: typed(map_names::OPT_OUT, take(map_names::OPT_OUT)?)?,
         })
     }
 
@@ -277,6 +281,23 @@ impl Maps {
             ignore_missing(self.affinity.remove(key)).map_err(err)?;
         }
         Ok(stale.len())
+    }
+
+    /// Makes the set of cgroups whose sockets are not translated exactly
+    /// `wanted` (cgroup ids). Returns whether anything changed.
+    pub fn set_opt_out(&mut self, wanted: &BTreeSet<u64>) -> Result<bool, DatapathError> {
+        let err = |source| DatapathError::Map {
+            name: map_names::OPT_OUT,
+            source,
+        };
+        let present: BTreeSet<u64> = self.opt_out.keys().collect::<Result<_, _>>().map_err(err)?;
+        for id in wanted.difference(&present) {
+            self.opt_out.insert(id, 1, 0).map_err(err)?;
+        }
+        for id in present.difference(wanted) {
+            ignore_missing(self.opt_out.remove(id)).map_err(err)?;
+        }
+        Ok(&present != wanted)
     }
 
     /// Cookies of the sockets the datapath steered from frontend `service_id`

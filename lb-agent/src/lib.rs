@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod plan;
+pub mod podcgroups;
 pub mod reconcile;
 pub mod sockdiag;
 pub mod source;

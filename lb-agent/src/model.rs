@@ -35,6 +35,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are headless for proxies.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Pod annotation: `disabled` opts the pod out of socket-level translation;
+/// its ClusterIP traffic is then translated per packet by the tc programs.
+pub const SOCKET_LB_ANNOTATION: &str = "lb.dev/socket-lb";
 /// Node label naming the node's zone, for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -245,6 +248,8 @@ fn fingerprint_add(acc: &mut (u64, u32), address: usize) {
 pub struct Update {
     /// Frontends added, changed or removed.
     pub changed: BTreeSet<ServiceKey>,
+    /// UIDs of this node's pods that opted out of socket-level translation.
+    pub opted_out_pods: BTreeSet<String>,
     /// Every invalid object or field in the current objects.
     pub errors: Vec<ObjectError>,
 }
@@ -267,6 +272,8 @@ pub struct Compiler {
     slice_owner: FxHashMap<usize, (u32, Arc<EndpointSlice>)>,
     owners: FxHashMap<ServiceKey, u32>,
     update_count: u64,
+    /// Whether ClusterIPs are currently also served per packet.
+    per_packet: bool,
     desired: DesiredState,
 }
 
@@ -283,6 +290,7 @@ impl Compiler {
             slice_owner: FxHashMap::default(),
             owners: FxHashMap::default(),
             update_count: 0,
+            per_packet: false,
             desired: DesiredState::default(),
         }
     }
@@ -322,8 +330,13 @@ impl Compiler {
         self.update_count += 1;
         let now = self.update_count;
         let zone = node_zone(objects, &self.node);
-        let zone_changed = zone != self.zone;
+        update.opted_out_pods = opted_out_pods(objects, &self.node);
+        // Per-packet ClusterIP frontends exist when the socket path is off,
+        // or while a pod of this node opted out of it.
+        let per_packet = self.node.per_packet_cluster_ips || !update.opted_out_pods.is_empty();
+        let zone_changed = zone != self.zone || per_packet != self.per_packet;
         self.zone = zone;
+        self.per_packet = per_packet;
 
         // Slices: owners by address, strings only for objects not seen before.
         let mut slice_owner =
@@ -405,7 +418,7 @@ impl Compiler {
                     node: self.node.name.as_deref(),
                     zone: self.zone.as_deref(),
                     node_port_addresses: &self.node.node_port_addresses,
-                    per_packet_cluster_ips: self.node.per_packet_cluster_ips,
+                    per_packet_cluster_ips: self.per_packet,
                 };
                 let mut output = compile_service(sourced, &id, &own_slices, &locality);
                 self.install(index, &mut output, &mut update.changed);
@@ -778,6 +791,27 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let len: u8 = len.parse().ok()?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     (len <= max).then_some((addr, len))
+}
+
+/// UIDs of this node's pods annotated to opt out of socket-level translation.
+fn opted_out_pods(objects: &Objects, node: &NodeContext) -> BTreeSet<String> {
+    let Some(name) = node.name.as_deref() else {
+        return BTreeSet::new();
+    };
+    objects
+        .pods
+        .iter()
+        .map(|p| &p.object)
+        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name))
+        .filter(|pod| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
+                .is_some_and(|v| v == "disabled")
+        })
+        .filter_map(|pod| pod.metadata.uid.clone())
+        .collect()
 }
 
 /// This node's zone, from its Node object's label.

@@ -8,7 +8,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
@@ -31,6 +31,7 @@ impl Parsed {
             .endpoint_slices
             .extend(other.objects.endpoint_slices);
         self.objects.nodes.extend(other.objects.nodes);
+        self.objects.pods.extend(other.objects.pods);
         self.errors.extend(other.errors);
     }
 }
@@ -76,6 +77,11 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
         Some("Node") => {
             if let Some(object) = typed::<Node>(origin, index, "Node", value, parsed) {
                 parsed.objects.nodes.push(sourced(origin, object));
+            }
+        }
+        Some("Pod") => {
+            if let Some(object) = typed::<Pod>(origin, index, "Pod", value, parsed) {
+                parsed.objects.pods.push(sourced(origin, object));
             }
         }
         Some("List") => {

@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
-    SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SOCK_REV_NAT,
+    SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT, MAX_SERVICES,
+    MAX_SOCK_REV_NAT,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -35,3 +36,6 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 
 #[map(name = "LB_RR_V1")]
 pub static ROUND_ROBIN: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "LB_OPTOUT_V1")]
+pub static OPT_OUT: HashMap<u64, u32> = HashMap::pinned(MAX_OPT_OUT, 0);

@@ -8,7 +8,9 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval,
+    },
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
     EbpfContext,
@@ -17,7 +19,7 @@ use lb_common::{is_v4_mapped, v4_mapped, Addr, RevNat, ServiceKey, SockRevNatKey
 
 use crate::{
     lb::{select, Lookup},
-    maps::SOCK_REV_NAT,
+    maps::{OPT_OUT, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -86,9 +88,15 @@ fn fail_with(errno: i32) -> i32 {
     REJECT
 }
 
-/// connect/sendmsg: steer a frontend address to a backend.
+/// connect/sendmsg: steer a frontend address to a backend, unless the
+/// calling process's cgroup opted out (its traffic is translated per packet).
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
+    // SAFETY: a helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if OPT_OUT.get_ptr(&cgroup).is_some() {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     let (addr, port) = user_addr(sa, family);
     // SAFETY: `protocol` is readable in every sock_addr hook.

@@ -34,6 +34,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFF_V1";
     /// Per-CPU round-robin position per service id.
     pub const ROUND_ROBIN: &str = "LB_RR_V1";
+    /// cgroups whose sockets are not translated: cgroup id (`u64`) -> `u32` (1).
+    pub const OPT_OUT: &str = "LB_OPTOUT_V1";
 }
 
 /// Capacity of the frontend map.
@@ -45,6 +47,8 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 /// Capacity of the per-socket reverse translation LRU.
 pub const MAX_SOCK_REV_NAT: u32 = 262_144;
+/// Capacity of the opt-out cgroup map.
+pub const MAX_OPT_OUT: u32 = 65_536;
 /// Capacity of the session affinity LRU.
 pub const MAX_AFFINITY: u32 = 131_072;
 /// Longest service name kept for display, in bytes.

@@ -411,7 +411,9 @@ impl Lab {
                 format!("route add ::/0 via {POD_GATEWAY6} dev eth0"),
             ],
         )?;
-        let cgroup = node.cgroup.join(name);
+        // Named like the kubelet's pod cgroups (pod<uid>), with the pod name
+        // standing in for the UID.
+        let cgroup = node.cgroup.join(format!("pod{name}"));
         fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.into(),

@@ -391,3 +391,59 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
     }
     Ok(())
 }
+
+/// A pod annotated `lb.dev/socket-lb: disabled` is skipped by the socket
+/// programs and served per packet on its interface, while the node's other
+/// pods keep socket-level translation. Told apart by a Local Service without
+/// local endpoints: the socket path fails at once (EHOSTUNREACH), the packet
+/// path drops like kube-proxy.
+#[test]
+fn an_annotated_pod_opts_out_of_socket_translation() -> Result<()> {
+    let mut s =
+        lb_e2e::scenario::Scenario::new(2, &["--node-name", "node1", "--pod-interfaces", "p"])?;
+    let node = s.node.clone();
+    let other = s.lab.add_pod(&node, "other")?;
+    let eps = [
+        Endpoint::ready(s.ip(1)).on("node1"),
+        Endpoint::ready(s.ip(2)).on("node1"),
+    ];
+    let remote = [Endpoint::ready(s.ip(1)).on("node2")];
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n  uid: client\n  annotations:\n    lb.dev/socket-lb: disabled\nspec:\n  nodeName: node1\n  containers: [{name: c, image: none}]\n";
+    let text = [
+        service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]),
+        slice("web", "web-a", &[("http", 8080, "TCP")], &eps),
+        service("local", "10.96.0.11", &[("http", 80, "TCP", "8080")]).replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  internalTrafficPolicy: Local\n",
+        ),
+        slice("local", "local-a", &[("http", 8080, "TCP")], &remote),
+        pod.to_string(),
+    ]
+    .join("---\n");
+    s.apply("all.yaml", &text, |t| {
+        t.contains("10.96.0.10:80/TCP (per packet)")
+    })?;
+    s.agent.wait_for_log(
+        "1 cgroups opted out of socket translation",
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let served = s.connect("10.96.0.10:80", 20, &[])?;
+    all_ok(&served);
+    assert_eq!(per_backend(&served).len(), 2);
+    assert!(served
+        .iter()
+        .all(|a| a.peer.as_deref() == Some("10.96.0.10:80")));
+
+    let dropped = s.connect("10.96.0.11:80", 1, &["--timeout-ms", "500"])?;
+    assert!(!dropped[0].ok);
+    assert_ne!(
+        dropped[0].errno,
+        Some(libc::EHOSTUNREACH),
+        "the socket hook ran: {dropped:?}"
+    );
+    let refused = s.connect_from(&other, "10.96.0.11:80", &["--count", "1"])?;
+    assert_eq!(refused[0].errno, Some(libc::EHOSTUNREACH), "{refused:?}");
+    Ok(())
+}
