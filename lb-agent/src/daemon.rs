@@ -278,7 +278,34 @@ fn collect_conntrack(tc: &mut TcDatapath, metrics: &Metrics) {
         }
         Err(err) => log::error!("conntrack garbage collection: {err}"),
     }
+    match tc.stats() {
+        Ok(counters) => {
+            for (outcome, value) in TC_OUTCOMES.iter().zip(counters) {
+                metrics
+                    .tc_packets
+                    .with_label_values(&[outcome])
+                    .set(value as i64);
+            }
+        }
+        Err(err) => log::error!("reading tc counters: {err}"),
+    }
 }
+
+/// Labels of the tc counters, in `lb_common::tc::STAT_*` order.
+const TC_OUTCOMES: [&str; lb_common::tc::STATS_LEN as usize] = [
+    "forward",
+    "reply",
+    "new_flow",
+    "reject",
+    "drop_no_endpoints",
+    "drop_no_local_endpoints",
+    "drop_source_range",
+    "drop_no_backend",
+    "drop_snat_ports_exhausted",
+    "drop_no_snat_address",
+    "conntrack_insert_failed",
+    "fib_redirect",
+];
 
 /// What a reconciliation reports to.
 struct Outputs<'a> {

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub udp_sockets_terminated: IntCounter,
     /// Unix time of the last successful reconciliation.
     pub last_sync_seconds: IntGauge,
+    /// Packets the tc programs handled, by outcome (kernel counters).
+    pub tc_packets: IntGaugeVec,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -104,6 +106,17 @@ impl Metrics {
             udp_sockets_terminated: counter(
                 "lb_udp_sockets_terminated_total",
                 "Connected UDP sockets destroyed because their backend left",
+            ),
+            tc_packets: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "lb_tc_packets",
+                        "Packets handled by the tc programs since they were loaded, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
             ),
             last_sync_seconds: gauge(
                 "lb_last_sync_timestamp_seconds",
