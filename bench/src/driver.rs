@@ -91,6 +91,9 @@ pub enum CandidateKind {
     Direct,
     /// Our socket-level path: lb-agent's cgroup connect hooks.
     SocketLb,
+    /// Our tc path: socket translation off, ClusterIPs translated per packet
+    /// by the tc programs on the pod interfaces.
+    Tc,
     /// kube-proxy iptables mode (rules generated exactly, iptables-restore).
     Iptables,
     /// kube-proxy nftables mode (rules generated exactly, nft -f).
@@ -99,9 +102,10 @@ pub enum CandidateKind {
 
 impl CandidateKind {
     /// Every candidate, in table order.
-    pub const ALL: [CandidateKind; 4] = [
+    pub const ALL: [CandidateKind; 5] = [
         CandidateKind::Direct,
         CandidateKind::SocketLb,
+        CandidateKind::Tc,
         CandidateKind::Iptables,
         CandidateKind::Nftables,
     ];
@@ -111,6 +115,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Direct => "direct",
             CandidateKind::SocketLb => "socket-lb",
+            CandidateKind::Tc => "tc",
             CandidateKind::Iptables => "iptables",
             CandidateKind::Nftables => "nftables",
         }
@@ -122,6 +127,10 @@ impl CandidateKind {
             CandidateKind::Direct => "client to the server pod IP, no service layer (physical limit)",
             CandidateKind::SocketLb => {
                 "lb-agent's cgroup connect4 translation, client to the Service VIP"
+            }
+            CandidateKind::Tc => {
+                "lb-agent with socket translation off: tc programs on the pod interfaces \
+                 (Maglev, conntrack, DNAT), client to the Service VIP"
             }
             CandidateKind::Iptables => {
                 "kube-proxy iptables-mode rules (iptables-restore, measured service last in \
@@ -571,9 +580,15 @@ impl Candidate for Direct {
 }
 
 /// lb-agent attached to the node's cgroup.
+/// An lb-agent candidate: the socket path, or the tc path with the socket
+/// path off.
 struct SocketLb {
+    kind: CandidateKind,
     agent: Agent,
     stand: Stand,
+    /// Frontends the agent programs per Service port (the tc path adds a
+    /// per-packet frontend next to each ClusterIP one).
+    frontends_per_port: usize,
 }
 
 /// The agent's manifest poll and debounce period: it bounds the detection
@@ -606,7 +621,7 @@ impl SocketLb {
 
 impl Candidate for SocketLb {
     fn kind(&self) -> CandidateKind {
-        CandidateKind::SocketLb
+        self.kind
     }
     fn stand(&self) -> &Stand {
         &self.stand
@@ -614,7 +629,7 @@ impl Candidate for SocketLb {
     fn program(&mut self, _lab: &Lab, services: &ServiceSet) -> Result<Option<Duration>> {
         self.apply("", 0)?;
         let yaml = services.yaml();
-        let took = self.apply(&yaml, services.frontends())?;
+        let took = self.apply(&yaml, services.frontends() * self.frontends_per_port)?;
         let frontend = format!("{MEASURED_VIP}:{CRR_SERVICE_PORT}");
         let table = self.agent.service_list()?;
         ensure!(
@@ -707,7 +722,32 @@ fn build_candidate(
         CandidateKind::Direct => Box::new(Direct { stand }),
         CandidateKind::SocketLb => {
             let agent = Agent::start_with(lab, bins, &stand.node, &AGENT_DEBOUNCE)?;
-            Box::new(SocketLb { agent, stand })
+            Box::new(SocketLb {
+                kind,
+                agent,
+                stand,
+                frontends_per_port: 1,
+            })
+        }
+        CandidateKind::Tc => {
+            let mut args = AGENT_DEBOUNCE.to_vec();
+            // The smallest table keeps 10,000 per-packet Services within the
+            // Maglev map; the filler Services have 3 endpoints each.
+            args.extend([
+                "--socket-lb",
+                "false",
+                "--pod-interfaces",
+                "p",
+                "--maglev-table-size",
+                "251",
+            ]);
+            let agent = Agent::start_with(lab, bins, &stand.node, &args)?;
+            Box::new(SocketLb {
+                kind,
+                agent,
+                stand,
+                frontends_per_port: 2,
+            })
         }
         CandidateKind::Iptables => Box::new(Iptables { stand }),
         CandidateKind::Nftables => Box::new(Nftables { stand }),

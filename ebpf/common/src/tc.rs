@@ -95,9 +95,9 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1 << 7;
 pub const MAGLEV_SIZE_INDEX: u32 = u32::MAX;
 
 /// Capacity of the Maglev map (entries, all tables and generations together).
-/// Allocated on demand (`BPF_F_NO_PREALLOC`): 64 services at the default
-/// M = 16381 during a swap of all of them, or many more with smaller tables.
-pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 21;
+/// Allocated on demand (`BPF_F_NO_PREALLOC`): 256 tables at the default
+/// M = 16381, or 16,000 tables of M = 251.
+pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 22;
 /// Capacity of the conntrack LRU (two entries per flow).
 pub const MAX_CONNTRACK: u32 = 1 << 18;
 /// Capacity of the source range trie.
