@@ -6,7 +6,10 @@ set -euo pipefail
 log() { echo "bootstrap: $*" >&2; }
 
 # Debian packages the lab, the tests and the benchmarks use.
-packages=(iproute2 iptables nftables iperf3 procps curl ca-certificates build-essential pkg-config)
+# openssl: certificates of the e2e control plane; util-linux: setsid and flock
+# for its processes.
+packages=(iproute2 iptables nftables iperf3 procps curl ca-certificates build-essential pkg-config
+  openssl util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,3 +51,12 @@ if ! grep -qE '^[^ ]+ /sys/fs/bpf bpf ' /proc/mounts; then
   log "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
 fi
+
+# The e2e tests run a real kube-apiserver, kube-controller-manager and etcd,
+# built from their Go modules (tests/e2e/k8s) into one cached binary. A cold
+# build takes several minutes; afterwards this step only checks the cache key.
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+  export PATH="$PATH:/usr/local/go/bin"
+fi
+command -v go >/dev/null 2>&1 || { log "go (>= 1.24) is required to build the e2e control plane"; exit 1; }
+scripts/k8s-controlplane.sh build >/dev/null

@@ -98,6 +98,57 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Starts lb-agent for `node` with the Kubernetes API server of
+    /// `kubeconfig` as its source of intent, and waits until the first
+    /// snapshot from the API is reconciled and its programs are attached.
+    ///
+    /// The e2e control plane listens on 127.0.0.1 of the root network
+    /// namespace, so this agent runs there (not in the node's namespace);
+    /// what it programs still applies to the node's cgroup, where the node's
+    /// pods run. Metrics and `/healthz` listen on ephemeral ports of
+    /// 127.0.0.1 so that agents of parallel tests do not collide. `manifests`
+    /// is empty: this agent reads no manifest directory.
+    pub fn start_api(lab: &Lab, bins: &Binaries, node: &Node, kubeconfig: &Path) -> Result<Self> {
+        Self::start_api_with(lab, bins, node, kubeconfig, &[])
+    }
+
+    /// [`Agent::start_api`] with extra command-line arguments.
+    pub fn start_api_with(
+        lab: &Lab,
+        bins: &Binaries,
+        node: &Node,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
+        let child = Command::new(&bins.agent)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--node-name", &node.name])
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs)
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(["--healthz-address", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting lb-agent")?;
+        let agent = Self {
+            child,
+            log,
+            manifests: PathBuf::new(),
+            bpffs: node.bpffs.clone(),
+            lbctl: bins.lbctl.clone(),
+        };
+        agent.wait_for_log("ready:", Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
     /// Kills the agent at once (SIGKILL), as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -2,6 +2,8 @@
 //! datapath benchmarks.
 
 pub mod agent;
+pub mod controlplane;
+pub mod kubelet;
 pub mod lab;
 pub mod manifests;
 pub mod probe;
