@@ -19,6 +19,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         reflector::{self, Store},
+        utils::Backoff,
         watcher, WatchStreamExt,
     },
     Api, Client, Resource,
@@ -90,9 +91,46 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config).backoff(WatchBackoff::default()),
+    );
     tokio::spawn(drive(stream, resource, changed, metrics));
     reader
+}
+
+/// Delays between watch restarts: 0.2 s doubling to 5 s. kube-rs's default
+/// grows to 30 s, which would leave changes made right after an API server
+/// outage unapplied for that long.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const LONGEST: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::LONGEST);
+        Some(delay)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 async fn drive<S, E>(stream: S, resource: &'static str, changed: Arc<Notify>, metrics: Metrics)
@@ -224,6 +262,19 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_restarts_back_off_to_five_seconds_and_reset() {
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<u64> = backoff
+            .by_ref()
+            .take(7)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(200)));
+    }
 
     #[test]
     fn the_selector_skips_what_kube_proxy_skips() {
