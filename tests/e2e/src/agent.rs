@@ -72,30 +72,9 @@ impl Agent {
     pub fn start_with(lab: &Lab, bins: &Binaries, node: &Node, extra: &[&str]) -> Result<Self> {
         let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
         fs::create_dir_all(&manifests)?;
-        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
-        let child = lab
-            .command_in(node, &bins.agent)?
-            .arg("--manifests")
-            .arg(&manifests)
-            .arg("--cgroup")
-            .arg(&node.cgroup)
-            .arg("--bpffs-dir")
-            .arg(&node.bpffs)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting lb-agent")?;
-        let agent = Self {
-            child,
-            log,
-            manifests,
-            bpffs: node.bpffs.clone(),
-            lbctl: bins.lbctl.clone(),
-        };
-        agent.wait_for_log("ready:", Duration::from_secs(20))?;
-        Ok(agent)
+        let mut command = lab.command_in(node, &bins.agent)?;
+        command.arg("--manifests").arg(&manifests).args(extra);
+        Self::spawn(command, lab, bins, node, manifests, Duration::from_secs(20))
     }
 
     /// Starts lb-agent for `node` with the Kubernetes API server of
@@ -120,18 +99,40 @@ impl Agent {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Result<Self> {
-        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
-        let child = Command::new(&bins.agent)
+        let mut command = Command::new(&bins.agent);
+        command
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--node-name", &node.name])
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(["--healthz-address", "127.0.0.1:0"])
+            .args(extra);
+        Self::spawn(
+            command,
+            lab,
+            bins,
+            node,
+            PathBuf::new(),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Adds the node's cgroup and bpffs directory to `command`, starts it with
+    /// its log in the lab's work directory, and waits for "ready:".
+    fn spawn(
+        mut command: Command,
+        lab: &Lab,
+        bins: &Binaries,
+        node: &Node,
+        manifests: PathBuf,
+        ready_within: Duration,
+    ) -> Result<Self> {
+        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
+        let child = command
             .arg("--cgroup")
             .arg(&node.cgroup)
             .arg("--bpffs-dir")
             .arg(&node.bpffs)
-            .args(["--metrics-address", "127.0.0.1:0"])
-            .args(["--healthz-address", "127.0.0.1:0"])
-            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -141,11 +142,11 @@ impl Agent {
         let agent = Self {
             child,
             log,
-            manifests: PathBuf::new(),
+            manifests,
             bpffs: node.bpffs.clone(),
             lbctl: bins.lbctl.clone(),
         };
-        agent.wait_for_log("ready:", Duration::from_secs(30))?;
+        agent.wait_for_log("ready:", ready_within)?;
         Ok(agent)
     }
 
