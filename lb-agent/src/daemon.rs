@@ -319,11 +319,17 @@ struct Outputs<'a> {
 #[derive(Default)]
 struct OptOut {
     pods: BTreeSet<String>,
+    /// The map is known to be empty: nothing to walk or write while no pod
+    /// opts out.
+    cleared: bool,
 }
 
 impl OptOut {
     /// Writes the cgroup ids of the opted-out pods into the map.
-    fn refresh(&self, cgroup_root: &Path, datapath: &mut Datapath) {
+    fn refresh(&mut self, cgroup_root: &Path, datapath: &mut Datapath) {
+        if self.pods.is_empty() && self.cleared {
+            return;
+        }
         let ids = match podcgroups::cgroup_ids(cgroup_root, &self.pods) {
             Ok(ids) => ids,
             Err(err) => {
@@ -332,8 +338,12 @@ impl OptOut {
             }
         };
         match datapath.maps.set_opt_out(&ids) {
-            Ok(true) => log::info!("{} cgroups opted out of socket translation", ids.len()),
-            Ok(false) => {}
+            Ok(changed) => {
+                if changed {
+                    log::info!("{} cgroups opted out of socket translation", ids.len());
+                }
+                self.cleared = ids.is_empty();
+            }
             Err(err) => log::error!("{err}"),
         }
     }

@@ -72,9 +72,9 @@ pub enum DatapathError {
         /// The underlying error.
         source: io::Error,
     },
-    /// The pin directory is not on a bpffs mount.
-    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
-    NotBpffs(PathBuf),
+    /// The pin directory cannot be used.
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
     /// A map the object should define is missing, or has another layout.
     #[error("map {name}: {source}")]
     Map {
@@ -127,6 +127,38 @@ pub enum WriteFailure {
     /// The plan holds tc-path writes but the tc datapath is not loaded.
     #[error("the tc datapath is not enabled (set --tc-interfaces)")]
     TcDisabled,
+}
+
+/// Why a bpffs pin directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    /// The directory (or mountinfo) could not be read or created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The directory is not on a bpffs mount.
+    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs(PathBuf),
+}
+
+/// Creates `pin_dir` (and its `links/`) and checks it is on bpffs, where pins
+/// outlive the agent.
+pub(crate) fn prepare_pin_dir(pin_dir: &Path) -> Result<(), PinDirError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PinDirError::Io { path, source }
+    };
+    fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
+    if !crate::mounts::is_on_fs(pin_dir, "bpf")
+        .map_err(io_err(Path::new("/proc/self/mountinfo")))?
+    {
+        return Err(PinDirError::NotBpffs(pin_dir.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// A map write that failed while executing a plan.
@@ -376,16 +408,7 @@ impl Datapath {
     /// Loads the programs, creating the maps or reusing the ones pinned in
     /// `pin_dir` by a previous agent, so an upgrade keeps every entry.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| DatapathError::Io { path, source }
-        };
-        fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
-        if !crate::mounts::is_on_fs(pin_dir, "bpf")
-            .map_err(io_err(Path::new("/proc/self/mountinfo")))?
-        {
-            return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
-        }
+        prepare_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(SOCKET_LB_OBJECT)?;

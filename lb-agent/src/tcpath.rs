@@ -90,9 +90,9 @@ pub enum TcPathError {
         /// The underlying error.
         source: io::Error,
     },
-    /// The pin directory is not on a bpffs mount.
-    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
-    NotBpffs(PathBuf),
+    /// The pin directory cannot be used.
+    #[error(transparent)]
+    PinDir(#[from] crate::datapath::PinDirError),
     /// A map is missing from the object, has another layout, or an
     /// operation on it failed.
     #[error("map {name}: {source}")]
@@ -203,16 +203,7 @@ impl TcDatapath {
     /// Loads and verifies the tc programs, creating the maps or reusing the
     /// ones pinned in `pin_dir` (shared with the socket programs).
     pub fn load(pin_dir: &Path, options: &TcOptions) -> Result<Self, TcPathError> {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TcPathError::Io { path, source }
-        };
-        fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
-        if !crate::mounts::is_on_fs(pin_dir, "bpf")
-            .map_err(io_err(Path::new("/proc/self/mountinfo")))?
-        {
-            return Err(TcPathError::NotBpffs(pin_dir.to_path_buf()));
-        }
+        crate::datapath::prepare_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)

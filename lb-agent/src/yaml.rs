@@ -7,10 +7,6 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::Deserialize;
 
 use crate::model::{ObjectError, Objects, Sourced};
@@ -62,28 +58,12 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
         .and_then(|k| k.as_str())
         .map(str::to_owned);
     match kind.as_deref() {
-        Some("Service") => {
-            if let Some(object) = typed::<Service>(origin, index, "Service", value, parsed) {
-                parsed.objects.services.push(sourced(origin, object));
-            }
-        }
-        Some("EndpointSlice") => {
-            if let Some(object) =
-                typed::<EndpointSlice>(origin, index, "EndpointSlice", value, parsed)
-            {
-                parsed.objects.endpoint_slices.push(sourced(origin, object));
-            }
-        }
-        Some("Node") => {
-            if let Some(object) = typed::<Node>(origin, index, "Node", value, parsed) {
-                parsed.objects.nodes.push(sourced(origin, object));
-            }
-        }
-        Some("Pod") => {
-            if let Some(object) = typed::<Pod>(origin, index, "Pod", value, parsed) {
-                parsed.objects.pods.push(sourced(origin, object));
-            }
-        }
+        Some("Service") => add(origin, index, "Service", value, parsed, |o| &mut o.services),
+        Some("EndpointSlice") => add(origin, index, "EndpointSlice", value, parsed, |o| {
+            &mut o.endpoint_slices
+        }),
+        Some("Node") => add(origin, index, "Node", value, parsed, |o| &mut o.nodes),
+        Some("Pod") => add(origin, index, "Pod", value, parsed, |o| &mut o.pods),
         Some("List") => {
             let items = value.get("items").and_then(|i| i.as_sequence()).cloned();
             for item in items.unwrap_or_default() {
@@ -98,10 +78,20 @@ fn parse_value(origin: &str, index: usize, value: serde_yaml::Value, parsed: &mu
     }
 }
 
-fn sourced<T>(origin: &str, object: T) -> Sourced<T> {
-    Sourced {
-        origin: origin.into(),
-        object: object.into(),
+/// Deserializes a document of a kind the model uses into its list.
+fn add<T: serde::de::DeserializeOwned>(
+    origin: &str,
+    index: usize,
+    kind: &str,
+    value: serde_yaml::Value,
+    parsed: &mut Parsed,
+    list: fn(&mut Objects) -> &mut Vec<Sourced<T>>,
+) {
+    if let Some(object) = typed::<T>(origin, index, kind, value, parsed) {
+        list(&mut parsed.objects).push(Sourced {
+            origin: origin.into(),
+            object: object.into(),
+        });
     }
 }
 

@@ -399,21 +399,32 @@ impl Lab {
                 format!("route add {ip6}/128 dev {host_if}"),
             ],
         )?;
-        ip_batch(
-            &netns,
-            &[
-                "link set lo up".into(),
-                "link set eth0 up".into(),
-                format!("addr add {ip}/32 dev eth0"),
-                format!("addr add {ip6}/128 dev eth0 nodad"),
-                format!("route add {POD_GATEWAY} dev eth0 scope link"),
-                format!("route add default via {POD_GATEWAY} dev eth0"),
-                format!("route add ::/0 via {POD_GATEWAY6} dev eth0"),
-            ],
-        )?;
+        let addresses = [
+            format!("addr add {ip}/32 dev eth0"),
+            format!("addr add {ip6}/128 dev eth0 nodad"),
+            format!("route add {POD_GATEWAY} dev eth0 scope link"),
+            format!("route add default via {POD_GATEWAY} dev eth0"),
+            format!("route add ::/0 via {POD_GATEWAY6} dev eth0"),
+        ];
         // Named like the kubelet's pod cgroups (pod<uid>), with the pod name
         // standing in for the UID.
         let cgroup = node.cgroup.join(format!("pod{name}"));
+        self.finish_host(name, netns, (ip, ip6), &addresses, cgroup)
+    }
+
+    /// Brings up a host's `eth0` with `addresses` (ip commands), creates its
+    /// cgroup and records it.
+    fn finish_host(
+        &mut self,
+        name: &str,
+        netns: String,
+        (ip, ip6): (String, String),
+        addresses: &[String],
+        cgroup: PathBuf,
+    ) -> Result<Pod> {
+        let mut commands = vec!["link set lo up".to_string(), "link set eth0 up".to_string()];
+        commands.extend_from_slice(addresses);
+        ip_batch(&netns, &commands)?;
         fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.into(),
@@ -443,26 +454,12 @@ impl Lab {
             ],
         )?;
         let (ip, ip6) = ("192.168.100.200".to_string(), "fd00:100::200".to_string());
-        ip_batch(
-            &netns,
-            &[
-                "link set lo up".into(),
-                "link set eth0 up".into(),
-                format!("addr add {ip}/24 dev eth0"),
-                format!("addr add {ip6}/64 dev eth0 nodad"),
-            ],
-        )?;
+        let addresses = [
+            format!("addr add {ip}/24 dev eth0"),
+            format!("addr add {ip6}/64 dev eth0 nodad"),
+        ];
         let cgroup = self.cgroup_dir.join(name);
-        fs::create_dir_all(&cgroup)?;
-        let pod = Pod {
-            name: name.into(),
-            netns,
-            ip,
-            ip6,
-            cgroup,
-        };
-        self.pods.push(pod.clone());
-        Ok(pod)
+        self.finish_host(name, netns, (ip, ip6), &addresses, cgroup)
     }
 
     /// A command that runs inside a place's network namespace and cgroup.
