@@ -302,7 +302,8 @@ impl TcDatapath {
         Ok(())
     }
 
-    /// Detaches both programs from `interface` by removing their link pins.
+    /// Detaches both programs from `interface` by removing their link pins;
+    /// the kernel releases the links shortly after (when bpffs frees the pins).
     pub fn detach(&self, interface: &str) -> Result<(), TcPathError> {
         for hook in TcHook::ALL {
             let pin = self.link_pin(interface, hook);

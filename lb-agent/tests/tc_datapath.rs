@@ -922,6 +922,14 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
         assert_eq!(attached(TcAttachType::Ingress), 1);
         assert_eq!(attached(TcAttachType::Egress), 1);
         node.tc.detach("lbatt0").unwrap();
+        // Unpinning releases the links when bpffs frees the inodes, after an
+        // RCU grace period: wait for it, boundedly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while attached(TcAttachType::Ingress) + attached(TcAttachType::Egress) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(attached(TcAttachType::Ingress), 0);
         assert_eq!(attached(TcAttachType::Egress), 0);
     });
