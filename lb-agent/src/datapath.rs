@@ -295,24 +295,10 @@ impl Maps {
         &mut self,
         keep: impl Fn(&AffinityKey, &AffinityValue) -> bool,
     ) -> Result<usize, DatapathError> {
-        let err = |source| DatapathError::Map {
+        prune(&mut self.affinity, keep).map_err(|source| DatapathError::Map {
             name: map_names::AFFINITY,
             source,
-        };
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(|entry| match entry {
-                Ok((k, v)) if !keep(&k, &v) => Some(Ok(k)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
-        for key in &stale {
-            ignore_missing(self.affinity.remove(key)).map_err(err)?;
-        }
-        Ok(stale.len())
+        })
     }
 
     /// Makes the set of cgroups whose sockets are not translated exactly
@@ -388,6 +374,27 @@ fn enabled(tc: Option<&mut TcDatapath>) -> Result<&mut TcDatapath, WriteFailure>
 }
 
 /// Deleting what is already gone is success: the goal state is reached.
+/// Deletes the entries of `map` that `keep` rejects; returns how many.
+pub(crate) fn prune<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    keep: impl Fn(&K, &V) -> bool,
+) -> Result<usize, MapError> {
+    let stale: Vec<K> = map
+        .iter()
+        .filter_map(|entry| match entry {
+            Ok((k, v)) if !keep(&k, &v) => Some(Ok(k)),
+            Ok(_) => None,
+            // An entry evicted or deleted while iterating.
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()?;
+    for key in &stale {
+        ignore_missing(map.remove(key))?;
+    }
+    Ok(stale.len())
+}
+
 pub(crate) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),

@@ -611,11 +611,10 @@ fn compile_service(
                 source_ranges: Vec::new(),
             };
             if locality.per_packet_cluster_ips {
-                // The same choice, made per packet: no affinity on that path,
-                // and pods keep their own address whatever node the backend is on.
+                // The same choice, made per packet; pods keep their own
+                // address whatever node the backend is on.
                 let per_packet = Frontend {
-                    flags: (frontend.flags & !SERVICE_FLAG_AFFINITY) | SERVICE_FLAG_PRESERVE_SOURCE,
-                    affinity_timeout_s: 0,
+                    flags: frontend.flags | SERVICE_FLAG_PRESERVE_SOURCE,
                     ..frontend.clone()
                 };
                 output.frontends.push((
@@ -638,6 +637,7 @@ fn compile_service(
             &families,
             &ports,
             &endpoints,
+            policy.affinity_timeout_s,
             locality,
             &mut output,
         );
@@ -655,6 +655,7 @@ fn external_frontends(
     families: &BTreeSet<bool>,
     ports: &[PortSpec],
     endpoints: &[EndpointSpec],
+    affinity_timeout_s: Option<u32>,
     locality: &Locality<'_>,
     output: &mut ServiceOutput,
 ) {
@@ -741,6 +742,10 @@ fn external_frontends(
             if lb && !ranges.is_empty() {
                 flags |= SERVICE_FLAG_SOURCE_RANGES;
             }
+            // kube-proxy's ClientIP affinity holds for every way in.
+            if affinity_timeout_s.is_some() {
+                flags |= SERVICE_FLAG_AFFINITY;
+            }
             let key = ServiceKey {
                 addr: addr_from_ip(ip),
                 port: port_to_be(number),
@@ -753,7 +758,7 @@ fn external_frontends(
                     name: name.clone(),
                     backends,
                     flags,
-                    affinity_timeout_s: 0,
+                    affinity_timeout_s: affinity_timeout_s.unwrap_or(0),
                     source_ranges,
                 },
             ));
@@ -1647,5 +1652,46 @@ endpoints:
         assert_eq!(fe.affinity_timeout_s, 5);
         let none = compile_yaml(WEB).desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)].clone();
         assert_eq!(none.flags, 0);
+
+        // Every way in keeps the affinity: NodePorts and per-packet ClusterIPs.
+        let node_port = custom
+            .replace(
+                "  sessionAffinity: ClientIP\n",
+                "  type: NodePort\n  sessionAffinity: ClientIP\n",
+            )
+            .replace("targetPort: http}", "targetPort: http, nodePort: 30080}");
+        assert!(node_port.contains("nodePort: 30080"), "{node_port}");
+        let parsed = parse_documents("test.yaml", &node_port);
+        let node = NodeContext {
+            name: Some("node1".into()),
+            node_port_addresses: vec![ip("192.168.100.1")],
+            per_packet_cluster_ips: true,
+        };
+        let compiled = compile(&parsed.objects, &node);
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let sticky_frontends: Vec<_> = compiled
+            .desired
+            .frontends
+            .iter()
+            .filter(|(k, _)| k.scope != SCOPE_EXTERNAL)
+            .map(|(k, fe)| {
+                (
+                    k.scope,
+                    fe.flags & SERVICE_FLAG_AFFINITY,
+                    fe.affinity_timeout_s,
+                )
+            })
+            .collect();
+        // TCP and UDP per-packet ClusterIPs and the TCP NodePort.
+        assert_eq!(
+            sticky_frontends.len(),
+            3,
+            "{:?}",
+            compiled.desired.frontends.keys()
+        );
+        assert!(sticky_frontends
+            .iter()
+            .all(|&(_, flag, timeout)| flag == SERVICE_FLAG_AFFINITY && timeout == 5));
     }
 }

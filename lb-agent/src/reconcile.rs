@@ -67,7 +67,7 @@ impl Reconciler {
     pub fn reconcile(
         &mut self,
         maps: &mut Maps,
-        tc: Option<&mut TcDatapath>,
+        mut tc: Option<&mut TcDatapath>,
         desired: &DesiredState,
         scope: Scope<'_>,
     ) -> Outcome {
@@ -84,7 +84,7 @@ impl Reconciler {
         let writes = plan.op_count();
         let affinity_touched = touches_affinity(&self.applied, &plan);
         let removed_udp = removed_udp_backends(&self.applied, &plan);
-        let write_errors = maps.execute(&plan, tc);
+        let write_errors = maps.execute(&plan, tc.as_deref_mut());
         if !write_errors.is_empty() {
             self.needs_full = true;
             errors.extend(write_errors.iter().map(ToString::to_string));
@@ -95,13 +95,18 @@ impl Reconciler {
         }
         if affinity_touched {
             let valid = affine_backends(&self.applied);
-            let pruned = maps.prune_affinity(|key, value| {
+            let keep = |service_id: u32, backend_id: u32| {
                 valid
-                    .get(&key.service_id)
-                    .is_some_and(|ids| ids.contains(&value.backend_id))
-            });
-            if let Err(err) = pruned {
+                    .get(&service_id)
+                    .is_some_and(|ids| ids.contains(&backend_id))
+            };
+            if let Err(err) = maps.prune_affinity(|k, v| keep(k.service_id, v.backend_id)) {
                 errors.push(format!("pruning session affinity: {err}"));
+            }
+            if let Some(tc) = tc {
+                if let Err(err) = tc.prune_affinity(|k, v| keep(k.service_id, v.backend_id)) {
+                    errors.push(format!("pruning per-packet session affinity: {err}"));
+                }
             }
         }
         let mut terminated_sockets = 0;

@@ -25,25 +25,29 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
-use lb_common::tc::{
-    map_names, CtKey, CtValue, MaglevKey, SourceRangeKey, TcConfig, MAGLEV_SIZE_INDEX,
-    MAX_CONNTRACK, STATS_LEN,
+use lb_common::{
+    tc::{
+        map_names, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
+        MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
+    },
+    AffinityValue,
 };
 
 use crate::addr::addr_from_ip;
-use crate::datapath::ignore_missing;
+use crate::datapath::{ignore_missing, prune};
 
 /// The tc programs, built by `build.rs`.
 static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-datapath"));
 
 /// Map pins of the tc object besides the socket path's shared ones; the
 /// socket shell's stale-pin cleanup must keep them.
-pub const MAP_PINS: [&str; 5] = [
+pub const MAP_PINS: [&str; 6] = [
     map_names::MAGLEV,
     map_names::CONNTRACK,
     map_names::SOURCE_RANGES,
     map_names::CONFIG,
     map_names::STATS,
+    map_names::AFFINITY,
 ];
 
 /// A tc program of the object.
@@ -178,6 +182,7 @@ pub struct TcDatapath {
     maglev: HashMap<MapData, MaglevKey, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    affinity: HashMap<MapData, TcAffinityKey, AffinityValue>,
     config: Array<MapData, TcConfig>,
     stats: PerCpuArray<MapData, u64>,
     conntrack_capacity: u32,
@@ -229,6 +234,7 @@ impl TcDatapath {
             maglev: take(&mut ebpf, map_names::MAGLEV)?,
             conntrack,
             source_ranges: take(&mut ebpf, map_names::SOURCE_RANGES)?,
+            affinity: take(&mut ebpf, map_names::AFFINITY)?,
             config: take(&mut ebpf, map_names::CONFIG)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             ebpf,
@@ -420,6 +426,23 @@ impl TcDatapath {
     ) -> Result<(), TcPathError> {
         let key = Self::source_range_key(service_id, addr, prefix_len)?;
         ignore_missing(self.source_ranges.remove(&key)).map_err(map_err(map_names::SOURCE_RANGES))
+    }
+
+    /// Deletes the session affinity entries `keep` rejects, e.g. ones whose
+    /// backend left the service. Returns how many were deleted.
+    pub fn prune_affinity(
+        &mut self,
+        keep: impl Fn(&TcAffinityKey, &AffinityValue) -> bool,
+    ) -> Result<usize, TcPathError> {
+        prune(&mut self.affinity, keep).map_err(map_err(map_names::AFFINITY))
+    }
+
+    /// The session affinity entries, for tests and debugging.
+    pub fn affinity_entries(&self) -> Result<Vec<(TcAffinityKey, AffinityValue)>, TcPathError> {
+        self.affinity
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::AFFINITY))
     }
 
     /// Deletes the conntrack entries expired at `now_ns` (`CLOCK_BOOTTIME`,

@@ -25,7 +25,8 @@ use lb_common::{
         STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
         TC_CONFIG_FIB_REDIRECT,
     },
-    Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -271,6 +272,7 @@ struct Frontend {
     proto: u8,
     service_id: u32,
     flags: u32,
+    affinity_timeout_s: u32,
 }
 
 impl Frontend {
@@ -363,7 +365,7 @@ impl Node {
             slot_generation: generation,
             backend_count: ids.len() as u32,
             flags: fe.flags,
-            affinity_timeout_s: 0,
+            affinity_timeout_s: fe.affinity_timeout_s,
         };
         self.services.insert(fe.key(), value, 0).unwrap();
     }
@@ -406,6 +408,7 @@ fn nodeport(ip: IpAddr, proto: u8) -> Frontend {
         proto,
         service_id: 7,
         flags: 0,
+        affinity_timeout_s: 0,
     }
 }
 
@@ -454,6 +457,82 @@ fn new_flow_follows_the_maglev_table() {
         let id = table[hash as usize % TABLE_SIZE];
         assert_eq!(out.dst, backend4(id as u8), "source port {sport}");
     }
+}
+
+/// The backend Maglev gives a flow from `client`:`sport` to the NodePort.
+fn maglev_pick(table: &[u32], client: IpAddr, sport: u16) -> u32 {
+    let hash = flow_hash(
+        SEED,
+        &addr_from_ip(client),
+        sport.to_be(),
+        NODE_PORT.to_be(),
+        PROTO_TCP,
+    );
+    table[hash as usize % TABLE_SIZE]
+}
+
+/// sessionAffinity ClientIP on the packet path: every new flow of a client
+/// goes where its first flow went, whatever Maglev would pick; the binding
+/// ends when the agent prunes it (its backend left) or after the timeout.
+#[test]
+fn client_ip_affinity_keeps_new_flows_of_a_client_on_one_backend() {
+    let mut node = Node::new();
+    for i in 1..=3 {
+        node.add_backend(u32::from(i), backend4(i), 8080, PROTO_TCP, true);
+    }
+    let fe = Frontend {
+        flags: SERVICE_FLAG_AFFINITY,
+        affinity_timeout_s: 1,
+        ..nodeport(NODE4.into(), PROTO_TCP)
+    };
+    node.set_frontend(&fe, 1, &[1, 2, 3]);
+    let table = node.table(&[1, 2, 3]);
+    let client: IpAddr = CLIENT4.into();
+    let syn = |sport| Pkt::tcp(client, sport, fe.ip, NODE_PORT, SYN);
+
+    let (_, first) = node.ingress(&syn(40000));
+    let bound = (1..=3u8).find(|&i| backend4(i) == first.dst).unwrap();
+    // Source ports Maglev alone would send elsewhere still reach it.
+    let elsewhere: Vec<u16> = (40001..41000u16)
+        .filter(|&p| maglev_pick(&table, client, p) != u32::from(bound))
+        .take(20)
+        .collect();
+    assert_eq!(elsewhere.len(), 20);
+    for &sport in &elsewhere {
+        let (verdict, out) = node.ingress(&syn(sport));
+        assert_eq!((verdict, out.dst), (TC_ACT_OK, first.dst), "port {sport}");
+    }
+    let entries = node.tc.affinity_entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0.client, addr_from_ip(client));
+    assert_eq!(entries[0].0.service_id, fe.service_id);
+    assert_eq!(entries[0].1.backend_id, u32::from(bound));
+
+    // The backend leaves the service: the agent prunes the binding and the
+    // client's next flow is placed by the new table.
+    let rest: Vec<u32> = (1..=3).filter(|&i| i != u32::from(bound)).collect();
+    node.set_frontend(&fe, 2, &rest);
+    let pruned = node
+        .tc
+        .prune_affinity(|_, v| rest.contains(&v.backend_id))
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let (_, moved) = node.ingress(&syn(42000));
+    let rebound = node.tc.affinity_entries().unwrap()[0].1.backend_id;
+    assert_ne!(moved.dst, first.dst);
+    assert_eq!(moved.dst, backend4(rebound as u8));
+
+    // After the timeout without new flows, Maglev decides again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let table = node.table(&rest);
+    let sport = (43000..44000u16)
+        .find(|&p| maglev_pick(&table, client, p) != rebound)
+        .unwrap();
+    let (_, after) = node.ingress(&syn(sport));
+    assert_eq!(
+        after.dst,
+        backend4(maglev_pick(&table, client, sport) as u8)
+    );
 }
 
 #[test]
@@ -691,13 +770,9 @@ fn no_endpoints_rejects_tcp_with_a_reset() {
     let (verdict, out) = node.run(TcHook::Ingress, &ack);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(parse(&out).flags, RST);
-    // Never a RST for a RST; UDP is dropped.
+    // Never a RST for a RST.
     let rst = Pkt::tcp(CLIENT4.into(), 47002, fe4.ip, NODE_PORT, RST);
     assert_eq!(node.run(TcHook::Ingress, &rst).0, TC_ACT_SHOT);
-    let udp_fe = nodeport(NODE4.into(), PROTO_UDP);
-    node.set_frontend(&udp_fe, 1, &[]);
-    let udp = Pkt::udp(CLIENT4.into(), 47003, udp_fe.ip, NODE_PORT, b"?");
-    assert_eq!(node.run(TcHook::Ingress, &udp).0, TC_ACT_SHOT);
 }
 
 #[test]
@@ -711,6 +786,7 @@ fn source_ranges_allow_listed_clients_only() {
         proto: PROTO_TCP,
         service_id: 12,
         flags: SERVICE_FLAG_SOURCE_RANGES,
+        affinity_timeout_s: 0,
     };
     let lb6 = Frontend {
         ip: "2001:db8:ffff::50".parse().unwrap(),
@@ -933,4 +1009,154 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
         assert_eq!(attached(TcAttachType::Ingress), 0);
         assert_eq!(attached(TcAttachType::Egress), 0);
     });
+}
+
+// ---------------------------------------------------------------------------
+// ICMP port unreachable
+
+/// An ICMP or ICMPv6 error read back from a frame.
+#[derive(Debug)]
+struct IcmpError {
+    src: IpAddr,
+    dst: IpAddr,
+    /// TTL or hop limit.
+    ttl: u8,
+    kind: u8,
+    code: u8,
+    /// What follows the 8-byte ICMP header: the offending packet's start.
+    quote: Vec<u8>,
+}
+
+/// Parses a frame holding an ICMP or ICMPv6 error. Checks, from the bytes
+/// alone: the frame ends where the IP packet does, the IPv4 header checksum,
+/// the ICMP checksum (ICMPv6: over the pseudo-header too) and the unused
+/// field.
+fn parse_icmp(frame: &[u8]) -> IcmpError {
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, ttl, icmp) = match ethertype {
+        0x0800 => {
+            let ip = &frame[14..34];
+            assert_eq!((ip[0], ip[9]), (0x45, 1), "IPv4 without options, ICMP");
+            assert_eq!(fold(sum16(ip)), 0, "bad IPv4 header checksum");
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            assert_eq!(frame.len(), 14 + total, "frame length");
+            let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+            let icmp = &frame[34..];
+            assert_eq!(fold(sum16(icmp)), 0, "bad ICMP checksum");
+            (src, dst, ip[8], icmp)
+        }
+        0x86dd => {
+            let ip = &frame[14..54];
+            assert_eq!((ip[0] >> 4, ip[6]), (6, 58), "IPv6, ICMPv6");
+            let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            assert_eq!(frame.len(), 54 + len, "frame length");
+            let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+            let icmp = &frame[54..];
+            assert_eq!(
+                fold(pseudo_sum(src, dst, 58, icmp.len()) + sum16(icmp)),
+                0,
+                "bad ICMPv6 checksum"
+            );
+            (src, dst, ip[7], icmp)
+        }
+        other => panic!("unexpected ethertype {other:#x}"),
+    };
+    assert_eq!(icmp[4..8], [0; 4], "unused field");
+    IcmpError {
+        src,
+        dst,
+        ttl,
+        kind: icmp[0],
+        code: icmp[1],
+        quote: icmp[8..].to_vec(),
+    }
+}
+
+/// `frame` sent back the way it came: MAC and IP addresses swapped. The
+/// checksums stay valid: a ones' complement sum ignores the words' order.
+fn reflected(frame: &[u8]) -> Vec<u8> {
+    let mut back = frame.to_vec();
+    back[..6].copy_from_slice(&frame[6..12]);
+    back[6..12].copy_from_slice(&frame[..6]);
+    let (saddr, len) = if frame[12..14] == [0x08, 0x00] {
+        (26, 4)
+    } else {
+        (22, 16)
+    };
+    let daddr = saddr + len;
+    back[saddr..daddr].copy_from_slice(&frame[daddr..daddr + len]);
+    back[daddr..daddr + len].copy_from_slice(&frame[saddr..daddr]);
+    back
+}
+
+/// Sends a datagram from `client` to `fe`, a UDP frontend without
+/// endpoints, and checks the answer: redirected back out with MAC and IP
+/// addresses swapped, ICMP `kind`/`code`, TTL 64, valid checksums, the
+/// datagram's IP header and UDP header quoted as they arrived, no more than
+/// the IPv6 minimum MTU. The error itself, sent back to the frontend, is
+/// not answered.
+fn assert_port_unreachable(
+    node: &mut Node,
+    client: IpAddr,
+    fe: &Frontend,
+    payload: &[u8],
+    (kind, code): (u8, u8),
+) {
+    let query = Pkt::udp(client, 47100, fe.ip, NODE_PORT, payload);
+    let frame = query.frame();
+    let (verdict, out) = node.run(TcHook::Ingress, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{client}");
+    assert_eq!(out[..6], frame[6..12]);
+    assert_eq!(out[6..12], frame[..6]);
+    assert_eq!(out[12..14], frame[12..14]);
+    let icmp = parse_icmp(&out);
+    assert_eq!((icmp.src, icmp.dst), (fe.ip, client));
+    assert_eq!((icmp.kind, icmp.code, icmp.ttl), (kind, code, 64));
+    let ip_len = if client.is_ipv4() { 20 } else { 40 };
+    assert_eq!(icmp.quote, frame[14..14 + ip_len + 8]);
+    let udp = &icmp.quote[ip_len..];
+    assert_eq!(
+        udp[..4],
+        [47100u16.to_be_bytes(), NODE_PORT.to_be_bytes()].concat()
+    );
+    assert!(out.len() - 14 <= 1280, "{} bytes", out.len() - 14);
+
+    let back = reflected(&out);
+    let (verdict, passed) = node.tc.test_run(TcHook::Ingress, &back).unwrap();
+    assert_eq!((verdict, passed), (TC_ACT_OK, back));
+}
+
+#[test]
+fn no_endpoints_answers_udp_with_port_unreachable() {
+    let mut node = Node::new();
+    let fe = nodeport(NODE4.into(), PROTO_UDP);
+    node.set_frontend(&fe, 1, &[]);
+    assert_port_unreachable(&mut node, CLIENT4.into(), &fe, b"anyone?", (3, 3));
+    assert_eq!(node.stat(STAT_REJECT), 1);
+    // Sources that are not one host get no answer (RFC 1122 3.2.2).
+    for src in [v4(224, 0, 0, 251), v4(255, 255, 255, 255), v4(0, 0, 0, 0)] {
+        let query = Pkt::udp(src, 5353, fe.ip, NODE_PORT, b"?");
+        assert_eq!(node.run(TcHook::Ingress, &query).0, TC_ACT_SHOT, "{src}");
+    }
+    assert_eq!(node.stat(STAT_REJECT), 1);
+    assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 3);
+}
+
+#[test]
+fn ipv6_no_endpoints_answers_udp_with_port_unreachable() {
+    let mut node = Node::new();
+    let fe = nodeport(NODE6.into(), PROTO_UDP);
+    node.set_frontend(&fe, 1, &[]);
+    // A datagram as large as the minimum MTU: the error is trimmed.
+    let payload = [0xa5; 1280 - 40 - 8];
+    assert_port_unreachable(&mut node, CLIENT6.into(), &fe, &payload, (1, 4));
+    assert_eq!(node.stat(STAT_REJECT), 1);
+    for src in ["ff02::fb", "::"] {
+        let query = Pkt::udp(src.parse().unwrap(), 5353, fe.ip, NODE_PORT, b"?");
+        assert_eq!(node.run(TcHook::Ingress, &query).0, TC_ACT_SHOT, "{src}");
+    }
+    assert_eq!(node.stat(STAT_REJECT), 1);
+    assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 2);
 }

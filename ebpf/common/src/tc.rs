@@ -53,6 +53,10 @@ pub mod map_names {
     pub const CONFIG: &str = "LB_TCCFG_V1";
     /// Counters: per-CPU array of `u64` indexed by `STAT_*`.
     pub const STATS: &str = "LB_TCSTAT_V1";
+    /// Session affinity of per-packet flows: LRU of
+    /// [`TcAffinityKey`](super::TcAffinityKey) -> [`AffinityValue`](crate::AffinityValue)
+    /// (`last_used_ns` is `bpf_ktime_get_boot_ns` here).
+    pub const AFFINITY: &str = "LB_TCAFF_V1";
 }
 
 /// [`ServiceKey::scope`](crate::ServiceKey::scope) of a frontend served by the
@@ -111,10 +115,12 @@ pub const STAT_FORWARD: u32 = 0;
 pub const STAT_REPLY: u32 = 1;
 /// Counter: new flows that got a backend.
 pub const STAT_NEW_FLOW: u32 = 2;
-/// Counter: TCP packets to a frontend without endpoints, answered by a RST
-/// (dropped instead when the RST cannot be built, e.g. IPv4 options).
+/// Counter: packets to a frontend without endpoints answered like
+/// kube-proxy's REJECT: TCP by a RST, UDP by an ICMP port unreachable.
 pub const STAT_REJECT: u32 = 3;
-/// Counter: UDP packets to a frontend without endpoints, dropped.
+/// Counter: packets to a frontend without endpoints dropped unanswered: a
+/// TCP RST, a UDP datagram from a source that is not a single host, or a
+/// packet whose answer cannot be built (e.g. IPv4 options).
 pub const STAT_DROP_NO_ENDPOINTS: u32 = 4;
 /// Counter: dropped under externalTrafficPolicy Local without local endpoints.
 pub const STAT_DROP_NO_LOCAL: u32 = 5;
@@ -265,6 +271,18 @@ impl CtValue {
     }
 }
 
+/// Key of a session affinity entry of the tc path: one client address of one
+/// frontend, kube-proxy's `ClientIP` (the address the packet arrived with,
+/// before any SNAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcAffinityKey {
+    /// Client address (IPv4-mapped for IPv4), network byte order.
+    pub client: Addr,
+    /// Service id of the frontend.
+    pub service_id: u32,
+}
+
 /// Key data of the source range trie; the LPM key's prefix length counts
 /// from the first bit of `service_id`: `32 + 96 + n` for an IPv4 `/n`
 /// (IPv4-mapped), `32 + n` for an IPv6 `/n`.
@@ -340,6 +358,8 @@ mod user {
     unsafe impl aya::Pod for SourceRangeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TcConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TcAffinityKey {}
 }
 
 #[cfg(test)]
@@ -354,6 +374,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<SourceRangeKey>(), 20);
         assert_eq!(size_of::<TcConfig>(), 48);
+        assert_eq!(size_of::<TcAffinityKey>(), 20);
     }
 
     #[test]

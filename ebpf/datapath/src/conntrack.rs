@@ -59,10 +59,21 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
     Some(entry)
 }
 
-/// Records a packet on an entry and on its partner, the entry of the other
-/// direction, whose key is the rewritten tuple reversed.
+/// How stale an entry's timestamp may get before a packet refreshes it.
+/// Timeouts count in seconds; writing both entries on every packet would
+/// cost a second lookup and bounce their cache lines between the CPUs of
+/// the two directions.
+const REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Records a packet on an entry (`seen` is its value as looked up) and on
+/// its partner, the entry of the other direction, whose key is the
+/// rewritten tuple reversed: at once on a state change, else at most once
+/// per [`REFRESH_INTERVAL_NS`].
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, state: u8, rewritten: &CtKey, now: u64) {
+pub fn touch(entry: *mut CtValue, seen: &CtValue, state: u8, rewritten: &CtKey, now: u64) {
+    if state == seen.state && now.wrapping_sub(seen.last_seen_ns) < REFRESH_INTERVAL_NS {
+        return;
+    }
     // SAFETY: a pointer from a successful lookup; concurrent packets of the
     // same flow only race on the timestamp and state, both plain stores.
     unsafe {

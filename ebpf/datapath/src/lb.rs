@@ -1,13 +1,17 @@
-//! Frontend lookup, loadBalancerSourceRanges and Maglev backend selection.
+//! Frontend lookup, loadBalancerSourceRanges, session affinity and Maglev
+//! backend selection.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    tc::{MaglevKey, SourceRangeKey, MAGLEV_SIZE_INDEX, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL},
-    Addr, Backend, ServiceKey, ServiceValue,
+    tc::{
+        MaglevKey, SourceRangeKey, TcAffinityKey, MAGLEV_SIZE_INDEX, SCOPE_TC_CLUSTER,
+        SCOPE_TC_EXTERNAL,
+    },
+    Addr, AffinityValue, Backend, ServiceKey, ServiceValue, SERVICE_FLAG_AFFINITY,
 };
 
 use crate::{
-    maps::{BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
 
@@ -44,13 +48,65 @@ pub fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
+/// The backend of a new flow from `client`. Under session affinity (ClientIP)
+/// it is the backend this client got from the frontend within the timeout,
+/// as kube-proxy's `recent` match does, and every pick is remembered;
+/// otherwise, and for a client without a live entry, the Maglev pick.
+#[inline(always)]
+pub fn choose(
+    key: &ServiceKey,
+    service: &ServiceValue,
+    client: &Addr,
+    hash: u32,
+    now: u64,
+) -> Option<(u32, Backend)> {
+    if service.flags & SERVICE_FLAG_AFFINITY == 0 {
+        return select(key, service, hash);
+    }
+    let affinity = TcAffinityKey {
+        client: *client,
+        service_id: service.service_id,
+    };
+    if let Some(found) = affine_backend(&affinity, service, now) {
+        return Some(found);
+    }
+    let found = select(key, service, hash)?;
+    let value = AffinityValue {
+        backend_id: found.0,
+        pad: 0,
+        last_used_ns: now,
+    };
+    // A full LRU evicts its oldest entry: that client just loses affinity.
+    let _ = AFFINITY.insert(&affinity, &value, 0);
+    Some(found)
+}
+
+/// The backend `key`'s client used within the affinity timeout, refreshed.
+/// The agent deletes entries whose backend left the service.
+#[inline(always)]
+fn affine_backend(key: &TcAffinityKey, service: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
+    let entry = AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful lookup; entries are plain
+    // data and concurrent flows of one client only race on a timestamp.
+    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
+    if now.wrapping_sub(last_used) > timeout_ns {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = unsafe { BACKENDS.get(&backend_id) }.copied()?;
+    // SAFETY: as above; the timeout counts from the client's last new flow.
+    unsafe { (*entry).last_used_ns = now };
+    Some((backend_id, backend))
+}
+
 /// Picks the backend at `hash` in the frontend's current Maglev table.
 ///
 /// The agent flips a frontend to a new table generation before deleting the
 /// old one; a reader caught between its lookups re-reads the frontend once
 /// and then sees the new generation.
 #[inline(always)]
-pub fn select(key: &ServiceKey, service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
+fn select(key: &ServiceKey, service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
     if let Some(found) = select_once(service.slot_generation, hash) {
         return Some(found);
     }

@@ -41,11 +41,10 @@ use lb_common::{
         flow_hash, CtKey, CtValue, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST,
         CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_PRESERVE_SOURCE,
         SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED,
-        STAT_DROP_NO_BACKEND, STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR,
-        STAT_DROP_SNAT_PORTS, STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REJECT,
-        STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
+        STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
+        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
     },
-    Addr, PROTO_TCP, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    Addr, SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 use crate::{
@@ -111,7 +110,7 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
     let Ok(rewritten) = rewrite(&ctx, pkt, &value) else {
         return TC_ACT_SHOT;
     };
-    touch(entry, state, &rewritten, now);
+    touch(entry, &value, state, &rewritten, now);
     count(if value.flags & CT_FLAG_REPLY != 0 {
         STAT_REPLY
     } else {
@@ -159,10 +158,6 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
             return NewFlow::Verdict(drop(STAT_DROP_NO_LOCAL));
         }
-        if pkt.tuple.proto != PROTO_TCP {
-            return NewFlow::Verdict(drop(STAT_DROP_NO_ENDPOINTS));
-        }
-        count(STAT_REJECT);
         return NewFlow::Reject;
     }
     if service.flags & SERVICE_FLAG_SOURCE_RANGES != 0
@@ -176,7 +171,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     };
     let t = &pkt.tuple;
     let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
-    let Some((backend_id, backend)) = lb::select(&key, &service, hash) else {
+    let Some((backend_id, backend)) = lb::choose(&key, &service, &t.saddr, hash, now) else {
         return NewFlow::Verdict(drop(STAT_DROP_NO_BACKEND));
     };
     if is_v4_mapped(&backend.addr) != pkt.v4 {

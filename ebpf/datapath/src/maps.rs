@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     tc::{
-        CtKey, CtValue, MaglevKey, SourceRangeKey, TcConfig, MAX_CONNTRACK, MAX_MAGLEV_ENTRIES,
-        MAX_SOURCE_RANGES, STATS_LEN,
+        CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig, MAX_CONNTRACK,
+        MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
     },
-    Backend, ServiceKey, ServiceValue, MAX_BACKENDS, MAX_SERVICES,
+    AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
 
 /// Frontends (shared with the socket path; the tc programs only look up
@@ -31,6 +31,10 @@ pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(MAX_MAGLEV_ENTRIES,
 /// Conntrack: two entries per translated flow.
 #[map(name = "LB_CT_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// Session affinity: the backend each client address last got per frontend.
+#[map(name = "LB_TCAFF_V1")]
+pub static AFFINITY: LruHashMap<TcAffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 /// loadBalancerSourceRanges by service id.
 #[map(name = "LB_SRCRANGE_V1")]

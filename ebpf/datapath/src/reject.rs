@@ -1,31 +1,64 @@
-//! Rejection of connections to frontends without endpoints: the TCP SYN (or
-//! any TCP segment) is turned into a RST sent back out of the interface it
-//! came in on, as kube-proxy's REJECT does. UDP is dropped: answering with
-//! ICMP port unreachable needs the packet to grow and is not done yet.
+//! Rejection of traffic to frontends without endpoints, as kube-proxy's
+//! REJECT does: a TCP segment is turned into a RST, a UDP datagram into an
+//! ICMP (ICMPv6) port unreachable quoting its IP and UDP headers, sent back
+//! out of the interface it came in on. Only TCP and UDP get here (see
+//! [`parse`](crate::parse)), so an ICMP error is never answered by another.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::PROTO_TCP;
+use lb_common::{
+    tc::{STAT_DROP_NO_ENDPOINTS, STAT_REJECT},
+    Addr, PROTO_TCP,
+};
 
-use crate::parse::{
-    Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN,
+use crate::{
+    maps::count,
+    parse::{
+        addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_FIN,
+        TCP_RST, TCP_SYN,
+    },
 };
 
 /// Length of a TCP header without options.
 const TCP_LEN: usize = 20;
+/// Length of a UDP header, all of which an ICMP error quotes.
+const UDP_LEN: usize = 8;
+/// Length of an ICMP (ICMPv6) error header.
+const ICMP_LEN: usize = 8;
 const TTL: u8 = 64;
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// The header of an ICMP or ICMPv6 destination unreachable message.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHdr {
+    /// Message type.
+    kind: u8,
+    /// Message code.
+    code: u8,
+    /// Checksum.
+    check: u16,
+    /// Unused for destination unreachable: zero.
+    unused: u32,
+}
 
 /// Adds the 16-bit words of `value` (in memory order) to a ones' complement
 /// sum. Summing native-endian words and storing the folded result natively
 /// gives the right bytes on the wire whatever the host's byte order.
 #[inline(always)]
 fn sum_words<T>(sum: u32, value: &T) -> u32 {
-    // SAFETY: `T` is one of the repr(C) headers above: no padding, an even
-    // size, at least 2-byte aligned; read as a slice of u16 for its lifetime.
+    // SAFETY: `T` is one of the repr(C) headers here or in `parse`, or an
+    // array of u16 or u32: no padding, an even size, at least 2-byte
+    // aligned; read as a slice of u16 for its lifetime.
     let words = unsafe {
         core::slice::from_raw_parts(
             (value as *const T).cast::<u16>(),
@@ -78,17 +111,35 @@ fn rst_for(tcp: &TcpHdr, payload: u32) -> TcpHdr {
     }
 }
 
-/// Answers a TCP packet with a RST out of its ingress interface, or drops
-/// anything else. Returns the tc verdict.
+/// Answers a packet to a frontend without endpoints out of its ingress
+/// interface, or drops it if no answer is due or it cannot be built
+/// (counted apart). Returns the tc verdict.
 #[inline(never)]
 pub fn reject(ctx: TcContext, pkt: &Packet) -> i32 {
-    if pkt.tuple.proto != PROTO_TCP || pkt.tcp_flags & TCP_RST != 0 {
-        return TC_ACT_SHOT;
-    }
-    let built = if pkt.v4 {
-        build_v4(&ctx)
+    let verdict = answer(&ctx, pkt);
+    count(if verdict == TC_ACT_REDIRECT {
+        STAT_REJECT
     } else {
-        build_v6(&ctx)
+        STAT_DROP_NO_ENDPOINTS
+    });
+    verdict
+}
+
+/// Rewrites the packet into its answer and redirects it; the tc verdict.
+#[inline(always)]
+fn answer(ctx: &TcContext, pkt: &Packet) -> i32 {
+    let built = if pkt.tuple.proto == PROTO_TCP {
+        if pkt.tcp_flags & TCP_RST != 0 {
+            None
+        } else if pkt.v4 {
+            build_v4(ctx)
+        } else {
+            build_v6(ctx)
+        }
+    } else if pkt.v4 {
+        unreachable_v4(ctx)
+    } else {
+        unreachable_v6(ctx)
     };
     if built.is_none() {
         return TC_ACT_SHOT;
@@ -123,6 +174,30 @@ fn truncate(ctx: &TcContext, len: usize) -> Option<()> {
     // pointers, of which there are none (headers are read by copy).
     let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
     (ret == 0).then_some(())
+}
+
+/// Inserts `len` zero bytes between the Ethernet and the IP header: the
+/// packet's own headers become the quote of the ICMP error written before
+/// them. (`BPF_ADJ_ROOM_NET` would insert after the IP header instead.)
+#[inline(always)]
+fn grow(ctx: &TcContext, len: usize) -> Option<()> {
+    ctx.adjust_room(len as i32, BPF_ADJ_ROOM_MAC, 0).ok()
+}
+
+/// Whether an IPv4 source names a single host, the only kind an ICMP error
+/// may go to (RFC 1122 3.2.2): not 0/8, loopback, multicast, class E or
+/// broadcast.
+#[inline(always)]
+fn single_host_v4(saddr: u32) -> bool {
+    let first = u32::from_be(saddr) >> 24;
+    first != 0 && first != 127 && first < 224
+}
+
+/// Whether an IPv6 source names a single node (RFC 4443 2.4 (e.6)): not
+/// unspecified, not multicast.
+#[inline(always)]
+fn single_host_v6(saddr: &Addr) -> bool {
+    u32::from_be(saddr[0]) >> 24 != 0xff && !addr_eq(saddr, &[0; 4])
 }
 
 /// Rewrites an IPv4 TCP packet into the RST answering it (not yet swapped at L2).
@@ -183,4 +258,75 @@ fn build_v6(ctx: &TcContext) -> Option<()> {
     truncate(ctx, ETH_LEN + IPV6_LEN + TCP_LEN)?;
     ctx.store(ETH_LEN, &reply, 0).ok()?;
     ctx.store(ETH_LEN + IPV6_LEN, &rst, 0).ok()
+}
+
+/// Rewrites an IPv4 UDP datagram into the ICMP port unreachable answering it
+/// (not yet swapped at L2): a new IP and ICMP header followed by the quoted
+/// IP header and UDP header (RFC 792).
+#[inline(always)]
+fn unreachable_v4(ctx: &TcContext) -> Option<()> {
+    let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
+    // Options would lengthen the quote: not answered, like a RST.
+    if ip.version_ihl != 0x45 || !single_host_v4(ip.saddr) {
+        return None;
+    }
+    let udp: [u16; UDP_LEN / 2] = ctx.load(ETH_LEN + IPV4_LEN).ok()?;
+    let mut icmp = IcmpHdr {
+        kind: ICMP_DEST_UNREACH,
+        code: ICMP_PORT_UNREACH,
+        check: 0,
+        unused: 0,
+    };
+    icmp.check = fold(sum_words(sum_words(sum_words(0, &icmp), &ip), &udp));
+    let mut reply = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((IPV4_LEN + ICMP_LEN + IPV4_LEN + UDP_LEN) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: TTL,
+        proto: PROTO_ICMP,
+        check: 0,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    reply.check = fold(sum_words(0, &reply));
+    grow(ctx, IPV4_LEN + ICMP_LEN)?;
+    truncate(ctx, ETH_LEN + IPV4_LEN + ICMP_LEN + IPV4_LEN + UDP_LEN)?;
+    ctx.store(ETH_LEN, &reply, 0).ok()?;
+    ctx.store(ETH_LEN + IPV4_LEN, &icmp, 0).ok()
+}
+
+/// Rewrites an IPv6 UDP datagram into the ICMPv6 port unreachable answering
+/// it (not yet swapped at L2), quoting the IPv6 and UDP headers: far below
+/// the 1280 bytes an ICMPv6 error may take (RFC 4443 2.4 (c)).
+#[inline(always)]
+fn unreachable_v6(ctx: &TcContext) -> Option<()> {
+    const LEN: usize = ICMP_LEN + IPV6_LEN + UDP_LEN;
+    let ip: Ipv6Hdr = ctx.load(ETH_LEN).ok()?;
+    if !single_host_v6(&ip.saddr) {
+        return None;
+    }
+    let udp: [u16; UDP_LEN / 2] = ctx.load(ETH_LEN + IPV6_LEN).ok()?;
+    let reply = Ipv6Hdr {
+        version_flow: (6u32 << 28).to_be(),
+        payload_len: (LEN as u16).to_be(),
+        next_header: PROTO_ICMPV6,
+        hop_limit: TTL,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    let mut icmp = IcmpHdr {
+        kind: ICMPV6_DEST_UNREACH,
+        code: ICMPV6_PORT_UNREACH,
+        check: 0,
+        unused: 0,
+    };
+    let pseudo = [(LEN as u32).to_be(), (PROTO_ICMPV6 as u32).to_be()];
+    let sum = sum_words(sum_words(sum_words(0, &reply.saddr), &reply.daddr), &pseudo);
+    icmp.check = fold(sum_words(sum_words(sum_words(sum, &icmp), &ip), &udp));
+    grow(ctx, IPV6_LEN + ICMP_LEN)?;
+    truncate(ctx, ETH_LEN + IPV6_LEN + LEN)?;
+    ctx.store(ETH_LEN, &reply, 0).ok()?;
+    ctx.store(ETH_LEN + IPV6_LEN, &icmp, 0).ok()
 }

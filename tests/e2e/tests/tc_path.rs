@@ -447,3 +447,88 @@ fn an_annotated_pod_opts_out_of_socket_translation() -> Result<()> {
     assert_eq!(refused[0].errno, Some(libc::EHOSTUNREACH), "{refused:?}");
     Ok(())
 }
+
+/// Upstream: network/service.go "should have session affinity work for
+/// NodePort service" and "should have session affinity work for service with
+/// type clusterIP", on the packet path: every connection of a client lands
+/// on one backend (Maglev alone would spread its source ports), through a
+/// NodePort from outside and through a ClusterIP from a pod without socket
+/// translation; without affinity the same client is spread again.
+#[test]
+fn session_affinity_holds_on_the_packet_path() -> Result<()> {
+    let t = two_nodes()?;
+    let sticky = "  sessionAffinity: ClientIP\n";
+    t.publish(sticky, &[(0, "node1"), (1, "node2")])?;
+    for node_ip in NODE_IPS {
+        let tcp = t.connect(&format!("{node_ip}:30080"), &["--count", "30"])?;
+        all_ok(&tcp);
+        assert_eq!(per_backend(&tcp).len(), 1, "via {node_ip}");
+    }
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let spread = t.connect(&format!("{}:30080", NODE_IPS[0]), &["--count", "30"])?;
+    all_ok(&spread);
+    assert_eq!(per_backend(&spread).len(), 2);
+    drop(t);
+
+    let s = lb_e2e::scenario::Scenario::new(
+        3,
+        &[
+            "--node-name",
+            "node1",
+            "--socket-lb",
+            "false",
+            "--pod-interfaces",
+            "p",
+        ],
+    )?;
+    let eps: Vec<Endpoint> = (1..=3)
+        .map(|i| Endpoint::ready(s.ip(i)).on("node1"))
+        .collect();
+    let endpoints = slice("web", "web-a", &[("http", 8080, "TCP")], &eps);
+    let web = |extra: &str| {
+        let svc = service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]).replace(
+            "  type: ClusterIP\n",
+            &format!("  type: ClusterIP\n{extra}"),
+        );
+        format!("{svc}---\n{endpoints}")
+    };
+    s.apply("web.yaml", &web(sticky), |t| {
+        t.contains("(affinity 10800s)")
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let pinned = s.connect("10.96.0.10:80", 30, &[])?;
+    all_ok(&pinned);
+    assert_eq!(per_backend(&pinned).len(), 1, "{:?}", per_backend(&pinned));
+    s.apply("web.yaml", &web(""), |t| !t.contains("affinity"))?;
+    let spread = s.connect("10.96.0.10:80", 30, &[])?;
+    all_ok(&spread);
+    assert_eq!(per_backend(&spread).len(), 3, "{:?}", per_backend(&spread));
+    Ok(())
+}
+
+/// Upstream: network/service.go "should be rejected when no endpoints
+/// exist" through a NodePort: the external client is refused at once, over
+/// TCP by a reset and over UDP by an ICMP port unreachable, never left to
+/// time out.
+#[test]
+fn node_port_without_endpoints_refuses_tcp_and_udp() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish("", &[])?;
+    let target = format!("{}:30080", NODE_IPS[0]);
+    for proto in ["tcp", "udp"] {
+        let started = std::time::Instant::now();
+        let attempts = t.connect(&target, &["--proto", proto, "--timeout-ms", "3000"])?;
+        assert!(!attempts[0].ok, "{proto}: {attempts:?}");
+        assert_eq!(
+            attempts[0].errno,
+            Some(libc::ECONNREFUSED),
+            "{proto}: {attempts:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{proto}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
