@@ -27,7 +27,7 @@ use aya::{
 };
 use lb_common::{
     tc::{
-        map_names, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
+        map_names, CtGcState, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
         MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
     },
     AffinityValue,
@@ -79,6 +79,14 @@ impl TcHook {
         }
     }
 }
+
+/// The conntrack garbage collector, never attached: run with
+/// `BPF_PROG_TEST_RUN`.
+const GC_PROGRAM: &str = "lb_ct_gc";
+
+/// The frame the garbage collector runs on: the kernel wants at least an
+/// Ethernet header, the program ignores it.
+const GC_FRAME: [u8; 14] = [0; 14];
 
 /// Errors of the tc shell.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +191,7 @@ pub struct TcDatapath {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     affinity: HashMap<MapData, TcAffinityKey, AffinityValue>,
+    gc: Array<MapData, CtGcState>,
     config: Array<MapData, TcConfig>,
     stats: PerCpuArray<MapData, u64>,
     conntrack_capacity: u32,
@@ -213,8 +222,11 @@ impl TcDatapath {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)
             .load(TC_OBJECT)?;
-        for hook in TcHook::ALL {
-            let name = hook.program();
+        for name in TcHook::ALL
+            .map(TcHook::program)
+            .into_iter()
+            .chain([GC_PROGRAM])
+        {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(TcPathError::MissingProgram(name))?
@@ -235,6 +247,7 @@ impl TcDatapath {
             conntrack,
             source_ranges: take(&mut ebpf, map_names::SOURCE_RANGES)?,
             affinity: take(&mut ebpf, map_names::AFFINITY)?,
+            gc: take(&mut ebpf, map_names::CT_GC)?,
             config: take(&mut ebpf, map_names::CONFIG)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             ebpf,
@@ -244,7 +257,10 @@ impl TcDatapath {
     }
 
     fn program(&mut self, hook: TcHook) -> Result<&mut SchedClassifier, TcPathError> {
-        let name = hook.program();
+        self.program_named(hook.program())
+    }
+
+    fn program_named(&mut self, name: &'static str) -> Result<&mut SchedClassifier, TcPathError> {
         self.ebpf
             .program_mut(name)
             .ok_or(TcPathError::MissingProgram(name))?
@@ -446,26 +462,22 @@ impl TcDatapath {
     }
 
     /// Deletes the conntrack entries expired at `now_ns` (`CLOCK_BOOTTIME`,
-    /// see [`boottime_ns`]) and reports the occupancy, for a metric.
+    /// see [`boottime_ns`]) and reports the occupancy, for a metric. The
+    /// walk runs in the kernel (the `lb_ct_gc` program), so a full table
+    /// costs milliseconds, not a syscall pair per entry.
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<CtOccupancy, TcPathError> {
-        let err = map_err(map_names::CONNTRACK);
-        let mut live = 0;
-        let mut expired = Vec::new();
-        for entry in self.conntrack.iter() {
-            match entry {
-                Ok((key, value)) if value.expired(key.proto, now_ns) => expired.push(key),
-                Ok(_) => live += 1,
-                // An entry evicted or deleted while iterating.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(err(e)),
-            }
-        }
-        for key in &expired {
-            ignore_missing(self.conntrack.remove(key)).map_err(&err)?;
-        }
+        let request = CtGcState {
+            now_ns,
+            ..CtGcState::default()
+        };
+        self.gc
+            .set(0, request, 0)
+            .map_err(map_err(map_names::CT_GC))?;
+        self.run(GC_PROGRAM, &GC_FRAME)?;
+        let result = self.gc.get(&0, 0).map_err(map_err(map_names::CT_GC))?;
         Ok(CtOccupancy {
-            live,
-            deleted: expired.len(),
+            live: usize::try_from(result.live).unwrap_or(usize::MAX),
+            deleted: usize::try_from(result.deleted).unwrap_or(usize::MAX),
             capacity: self.conntrack_capacity,
         })
     }
@@ -494,10 +506,13 @@ impl TcDatapath {
     /// any network: returns the tc verdict and the frame as the program left
     /// it. For tests and debugging; map side effects are real.
     pub fn test_run(&mut self, hook: TcHook, frame: &[u8]) -> Result<(i32, Vec<u8>), TcPathError> {
-        let name = hook.program();
+        self.run(hook.program(), frame)
+    }
+
+    fn run(&mut self, name: &'static str, frame: &[u8]) -> Result<(i32, Vec<u8>), TcPathError> {
         let mut out = vec![0u8; frame.len() + 256];
         let result = self
-            .program(hook)?
+            .program_named(name)?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),

@@ -20,7 +20,7 @@ use lb_agent::{
 use lb_common::{
     map_names,
     tc::{
-        flow_hash, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, SCOPE_TC_EXTERNAL,
+        flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, SCOPE_TC_EXTERNAL,
         SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN,
         STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
         TC_CONFIG_FIB_REDIRECT,
@@ -1159,4 +1159,53 @@ fn ipv6_no_endpoints_answers_udp_with_port_unreachable() {
     }
     assert_eq!(node.stat(STAT_REJECT), 1);
     assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 2);
+}
+
+/// The collector walks the whole table in the kernel: with live and expired
+/// entries mixed, exactly the expired ones go.
+#[test]
+fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
+    let mut node = Node::with_options(&TcOptions {
+        conntrack_capacity: 65_536,
+    });
+    let mut conntrack: HashMap<MapData, CtKey, CtValue> =
+        pinned_hash(&node.dir, lb_common::tc::map_names::CONNTRACK);
+    let now = boottime_ns().unwrap();
+    let (live, expired) = (20_000u32, 40_000u32);
+    for i in 0..live + expired {
+        let key = CtKey {
+            saddr: addr_from_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))),
+            daddr: addr_from_ip(NODE4.into()),
+            sport: 1000u16.to_be(),
+            dport: NODE_PORT.to_be(),
+            proto: PROTO_UDP,
+            pad: [0; 3],
+        };
+        let value = CtValue {
+            new_saddr: key.saddr,
+            new_daddr: addr_from_ip(backend4(1)),
+            new_sport: key.sport,
+            new_dport: 8080u16.to_be(),
+            flags: 0,
+            state: 0,
+            pad: 0,
+            service_id: 7,
+            backend_id: 1,
+            // UDP entries live 60 s after their last packet.
+            last_seen_ns: if i < live { now } else { now - 61_000_000_000 },
+        };
+        conntrack.insert(key, value, 0).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let report = node.tc.conntrack_gc(now).unwrap();
+    eprintln!(
+        "in-kernel conntrack GC over {} entries: {:?}",
+        live + expired,
+        started.elapsed()
+    );
+    assert_eq!(
+        (report.live, report.deleted),
+        (live as usize, expired as usize)
+    );
+    assert_eq!(conntrack.keys().count(), live as usize);
 }

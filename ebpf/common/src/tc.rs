@@ -57,6 +57,9 @@ pub mod map_names {
     /// [`TcAffinityKey`](super::TcAffinityKey) -> [`AffinityValue`](crate::AffinityValue)
     /// (`last_used_ns` is `bpf_ktime_get_boot_ns` here).
     pub const AFFINITY: &str = "LB_TCAFF_V1";
+    /// Conntrack garbage collection request and result: array of one
+    /// [`CtGcState`](super::CtGcState). Not pinned: each loaded object has its own.
+    pub const CT_GC: &str = "LB_CTGC_V1";
 }
 
 /// [`ServiceKey::scope`](crate::ServiceKey::scope) of a frontend served by the
@@ -283,6 +286,19 @@ pub struct TcAffinityKey {
     pub service_id: u32,
 }
 
+/// One conntrack garbage collection run by the `lb_ct_gc` program: the agent
+/// writes `now_ns`, runs the program, and reads the counts back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtGcState {
+    /// Entries expired at this time (`CLOCK_BOOTTIME` ns) are deleted.
+    pub now_ns: u64,
+    /// Entries kept.
+    pub live: u64,
+    /// Entries deleted.
+    pub deleted: u64,
+}
+
 /// Key data of the source range trie; the LPM key's prefix length counts
 /// from the first bit of `service_id`: `32 + 96 + n` for an IPv4 `/n`
 /// (IPv4-mapped), `32 + n` for an IPv6 `/n`.
@@ -360,6 +376,8 @@ mod user {
     unsafe impl aya::Pod for TcConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TcAffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtGcState {}
 }
 
 #[cfg(test)]
@@ -375,6 +393,7 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 20);
         assert_eq!(size_of::<TcConfig>(), 48);
         assert_eq!(size_of::<TcAffinityKey>(), 20);
+        assert_eq!(size_of::<CtGcState>(), 24);
     }
 
     #[test]

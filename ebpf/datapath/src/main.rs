@@ -76,6 +76,14 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::Egress)
 }
 
+/// Conntrack garbage collection, never attached: the agent runs it with
+/// `BPF_PROG_TEST_RUN` on a dummy frame.
+#[classifier]
+pub fn lb_ct_gc(_ctx: TcContext) -> i32 {
+    conntrack::collect();
+    TC_ACT_OK
+}
+
 #[inline(always)]
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let Some(pkt) = parse(ctx) else {

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     tc::{
-        CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig, MAX_CONNTRACK,
-        MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
+        CtGcState, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
+        MAX_CONNTRACK, MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -31,6 +31,10 @@ pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(MAX_MAGLEV_ENTRIES,
 /// Conntrack: two entries per translated flow.
 #[map(name = "LB_CT_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// The conntrack garbage collector's request and result.
+#[map(name = "LB_CTGC_V1")]
+pub static CT_GC: Array<CtGcState> = Array::with_max_entries(1, 0);
 
 /// Session affinity: the backend each client address last got per frontend.
 #[map(name = "LB_TCAFF_V1")]
