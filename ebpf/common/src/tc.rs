@@ -60,6 +60,39 @@ pub mod map_names {
     /// Conntrack garbage collection request and result: array of one
     /// [`CtGcState`](super::CtGcState). Not pinned: each loaded object has its own.
     pub const CT_GC: &str = "LB_CTGC_V1";
+    /// Ports of fragmented datagrams: LRU of [`FragKey`](super::FragKey) ->
+    /// [`FragPorts`](super::FragPorts). Not pinned.
+    pub const FRAGMENTS: &str = "LB_FRAG_V1";
+}
+
+/// Capacity of the fragment map: datagrams whose fragments are in flight.
+pub const MAX_FRAGMENTS: u32 = 8_192;
+
+/// One fragmented datagram, as its IP headers name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address (IPv4-mapped for IPv4).
+    pub saddr: Addr,
+    /// Destination address.
+    pub daddr: Addr,
+    /// IPv4 identification or IPv6 fragment identification, host order.
+    pub id: u32,
+    /// The L4 protocol.
+    pub proto: u8,
+    /// Explicit padding.
+    pub pad: [u8; 3],
+}
+
+/// The ports of a fragmented datagram, from its first fragment, as loaded
+/// from the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragPorts {
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
 }
 
 /// [`ServiceKey::scope`](crate::ServiceKey::scope) of a frontend served by the
@@ -394,6 +427,7 @@ mod tests {
         assert_eq!(size_of::<TcConfig>(), 48);
         assert_eq!(size_of::<TcAffinityKey>(), 20);
         assert_eq!(size_of::<CtGcState>(), 24);
+        assert_eq!(size_of::<FragKey>(), 40);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     tc::{
-        CtGcState, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
-        MAX_CONNTRACK, MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
+        CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, SourceRangeKey, TcAffinityKey,
+        TcConfig, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -31,6 +31,12 @@ pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(MAX_MAGLEV_ENTRIES,
 /// Conntrack: two entries per translated flow.
 #[map(name = "LB_CT_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// The ports of fragmented datagrams, recorded from their first fragment so
+/// that the later ones, which carry no L4 header, find their flow.
+#[map(name = "LB_FRAG_V1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
 /// The conntrack garbage collector's request and result.
 #[map(name = "LB_CTGC_V1")]

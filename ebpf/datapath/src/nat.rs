@@ -51,15 +51,21 @@ fn set_addr(
 ) -> Result<(), RewriteFailed> {
     let csum = pkt.l4_csum_off();
     let flags = l4_flags(pkt) | BPF_F_PSEUDO_HDR as u64 | 4;
+    // A later fragment has no L4 checksum: the first fragment's update
+    // covers the whole datagram.
     if pkt.v4 {
         let off = if src { IPV4_SADDR_OFF } else { IPV4_DADDR_OFF };
         check(ctx.l3_csum_replace(IPV4_CSUM_OFF, old[3] as u64, new[3] as u64, 4))?;
-        check(ctx.l4_csum_replace(csum, old[3] as u64, new[3] as u64, flags))?;
+        if pkt.l4 {
+            check(ctx.l4_csum_replace(csum, old[3] as u64, new[3] as u64, flags))?;
+        }
         check(ctx.store(off, &new[3], 0))
     } else {
         let off = if src { IPV6_SADDR_OFF } else { IPV6_DADDR_OFF };
-        for i in 0..4 {
-            check(ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, flags))?;
+        if pkt.l4 {
+            for i in 0..4 {
+                check(ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, flags))?;
+            }
         }
         check(ctx.store(off, new, 0))
     }
@@ -74,6 +80,9 @@ fn set_port(
     old: u16,
     new: u16,
 ) -> Result<(), RewriteFailed> {
+    if !pkt.l4 {
+        return Ok(());
+    }
     let off = if src { pkt.l4_off } else { pkt.l4_off + 2 };
     let flags = l4_flags(pkt) | 2;
     check(ctx.l4_csum_replace(pkt.l4_csum_off(), old as u64, new as u64, flags))?;

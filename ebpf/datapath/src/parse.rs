@@ -1,4 +1,7 @@
-//! Header parsing: Ethernet, IPv4 or IPv6 (no extension headers), TCP or UDP.
+//! Header parsing: Ethernet, IPv4 or IPv6 (with up to
+//! [`MAX_IPV6_EXTENSIONS`] extension headers), TCP or UDP, fragments included:
+//! the first fragment of a datagram records its ports in [`FRAGMENTS`] and
+//! the later ones, which carry no L4 header, take them from there.
 //!
 //! Headers are copied out with `bpf_skb_load_bytes` (through
 //! [`TcContext::load`]) rather than read through packet pointers: every read
@@ -6,7 +9,12 @@
 //! with `bpf_skb_store_bytes`, and works on non-linear skbs.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{tc::CtKey, v4_mapped, Addr, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    tc::{CtKey, FragKey, FragPorts},
+    v4_mapped, Addr, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::maps::FRAGMENTS;
 
 /// Length of an Ethernet header.
 pub const ETH_LEN: usize = 14;
@@ -18,6 +26,20 @@ const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_LEN: usize = 40;
 /// Length of an IPv4 header without options.
 pub const IPV4_LEN: usize = 20;
+
+/// IPv6 extension headers walked before giving up on a packet.
+pub const MAX_IPV6_EXTENSIONS: usize = 4;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+/// Length of the IPv6 fragment header.
+const IPV6_FRAG_LEN: usize = 8;
+/// IPv4 flags and offset: more fragments, offset.
+const IPV4_MF_OFFSET: u16 = 0x3fff;
+const IPV4_OFFSET: u16 = 0x1fff;
+/// IPv6 fragment offset (the low 3 bits are flags).
+const IPV6_OFFSET: u16 = 0xfff8;
 
 /// TCP flag FIN.
 pub const TCP_FIN: u8 = 0x01;
@@ -72,6 +94,17 @@ pub struct Ipv6Hdr {
     pub daddr: Addr,
 }
 
+/// The IPv6 fragment header, fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6FragHdr {
+    next_header: u8,
+    reserved: u8,
+    /// Offset in 8-byte units (high 13 bits) and flags.
+    frag_off: u16,
+    id: u32,
+}
+
 /// The TCP header without options, fields in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -105,6 +138,8 @@ pub struct Packet {
     pub v4: bool,
     /// Offset of the TCP or UDP header.
     pub l4_off: usize,
+    /// Whether the packet carries the L4 header (not a later fragment).
+    pub l4: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
 }
@@ -121,59 +156,156 @@ impl Packet {
     }
 }
 
+/// Whether and how a packet is a fragment. Plain fields, always
+/// initialised: the verifier rejects reads of the undefined payload LLVM
+/// leaves in a `None`.
+#[derive(Clone, Copy)]
+struct Fragment {
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
+    kind: u8,
+    /// IPv4 identification or IPv6 fragment identification.
+    id: u32,
+}
+
+const NOT_FRAGMENT: u8 = 0;
+/// The fragment with the L4 header.
+const FIRST_FRAGMENT: u8 = 1;
+const LATER_FRAGMENT: u8 = 2;
+
+impl Fragment {
+    const NONE: Self = Self {
+        kind: NOT_FRAGMENT,
+        id: 0,
+    };
+
+    #[inline(always)]
+    fn new(id: u32, first: bool) -> Self {
+        Self {
+            kind: if first {
+                FIRST_FRAGMENT
+            } else {
+                LATER_FRAGMENT
+            },
+            id,
+        }
+    }
+}
+
 /// Parses the packet; `None` for anything the datapath does not translate
-/// (other protocols, IPv4 fragments, IPv6 extension headers, truncation).
-#[inline(always)]
+/// (other protocols, IPv4 options-only garbage, more than
+/// [`MAX_IPV6_EXTENSIONS`] IPv6 extension headers, a later fragment whose
+/// first fragment was not seen, truncation). Not inlined: its frame is
+/// not part of the deepest call chain's 512-byte stack budget.
+#[inline(never)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (v4, saddr, daddr, proto, l4_off) = if ethertype == ETH_P_IP {
+    let (v4, saddr, daddr, proto, l4_off, fragment) = if ethertype == ETH_P_IP {
         let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
         let ihl = (ip.version_ihl & 0x0f) as usize;
-        // More fragments, or not the first fragment: no L4 header to use.
-        if ip.version_ihl >> 4 != 4 || ihl < 5 || u16::from_be(ip.frag_off) & 0x3fff != 0 {
+        if ip.version_ihl >> 4 != 4 || ihl < 5 {
             return None;
         }
+        let frag_off = u16::from_be(ip.frag_off);
+        let fragment = if frag_off & IPV4_MF_OFFSET == 0 {
+            Fragment::NONE
+        } else {
+            Fragment::new(u32::from(u16::from_be(ip.id)), frag_off & IPV4_OFFSET == 0)
+        };
         (
             true,
             v4_mapped(ip.saddr),
             v4_mapped(ip.daddr),
             ip.proto,
             ETH_LEN + ihl * 4,
+            fragment,
         )
     } else if ethertype == ETH_P_IPV6 {
         let ip: Ipv6Hdr = ctx.load(ETH_LEN).ok()?;
-        (
-            false,
-            ip.saddr,
-            ip.daddr,
-            ip.next_header,
-            ETH_LEN + IPV6_LEN,
-        )
+        let (next, off, fragment) = ipv6_extensions(ctx, ip.next_header)?;
+        (false, ip.saddr, ip.daddr, next, off, fragment)
     } else {
         return None;
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
-    let tcp_flags = if proto == PROTO_TCP {
-        ctx.load::<u8>(l4_off + 13).ok()?
+    let mut tuple = CtKey {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto,
+        pad: [0; 3],
+    };
+    let frag_key = FragKey {
+        saddr,
+        daddr,
+        id: fragment.id,
+        proto,
+        pad: [0; 3],
+    };
+    let l4 = fragment.kind != LATER_FRAGMENT;
+    let tcp_flags = if l4 {
+        let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+        tuple.sport = ports[0];
+        tuple.dport = ports[1];
+        if fragment.kind == FIRST_FRAGMENT {
+            let ports = FragPorts {
+                sport: ports[0],
+                dport: ports[1],
+            };
+            // A full LRU evicts the oldest datagram: its later fragments
+            // then pass untranslated, as they would without this map.
+            let _ = FRAGMENTS.insert(&frag_key, &ports, 0);
+        }
+        if proto == PROTO_TCP {
+            ctx.load::<u8>(l4_off + 13).ok()?
+        } else {
+            0
+        }
     } else {
+        // SAFETY: copied out at once.
+        let ports = unsafe { FRAGMENTS.get(&frag_key) }.copied()?;
+        tuple.sport = ports.sport;
+        tuple.dport = ports.dport;
         0
     };
     Some(Packet {
-        tuple: CtKey {
-            saddr,
-            daddr,
-            sport: ports[0],
-            dport: ports[1],
-            proto,
-            pad: [0; 3],
-        },
+        tuple,
         v4,
         l4_off,
+        l4,
         tcp_flags,
     })
+}
+
+/// Walks the IPv6 extension headers after a fixed header whose next header
+/// is `next`: the L4 protocol, its offset and the fragment header's data.
+#[inline(always)]
+fn ipv6_extensions(ctx: &TcContext, mut next: u8) -> Option<(u8, usize, Fragment)> {
+    let mut off = ETH_LEN + IPV6_LEN;
+    let mut fragment = Fragment::NONE;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                let header: [u8; 2] = ctx.load(off).ok()?;
+                next = header[0];
+                off += (header[1] as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let header: Ipv6FragHdr = ctx.load(off).ok()?;
+                next = header.next_header;
+                off += IPV6_FRAG_LEN;
+                fragment = Fragment::new(
+                    u32::from_be(header.id),
+                    u16::from_be(header.frag_off) & IPV6_OFFSET == 0,
+                );
+            }
+            _ => return Some((next, off, fragment)),
+        }
+    }
+    // Still an extension header after the last one walked.
+    matches!(next, PROTO_TCP | PROTO_UDP).then_some((next, off, fragment))
 }
 
 /// Whether two addresses are equal. Compares word by word: LLVM turns `==`

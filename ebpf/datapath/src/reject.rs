@@ -128,6 +128,16 @@ pub fn reject(ctx: TcContext, pkt: &Packet) -> i32 {
 /// Rewrites the packet into its answer and redirects it; the tc verdict.
 #[inline(always)]
 fn answer(ctx: &TcContext, pkt: &Packet) -> i32 {
+    // The answers are built from headers at fixed offsets: fragments and
+    // IPv6 extension headers are not answered.
+    let plain = if pkt.v4 {
+        pkt.l4
+    } else {
+        pkt.l4_off == ETH_LEN + IPV6_LEN
+    };
+    if !plain {
+        return TC_ACT_SHOT;
+    }
     let built = if pkt.tuple.proto == PROTO_TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             None

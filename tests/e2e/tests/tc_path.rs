@@ -532,3 +532,21 @@ fn node_port_without_endpoints_refuses_tcp_and_udp() -> Result<()> {
     }
     Ok(())
 }
+
+/// UDP datagrams larger than the MTU reach a NodePort backend on the other
+/// node: the sender fragments them, the later fragments (no UDP header)
+/// follow the first one's translation, and the backend reassembles them.
+#[test]
+fn fragmented_udp_datagrams_reach_node_port_backends() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    for node_ip in NODE_IPS {
+        let udp = t.connect(
+            &format!("{node_ip}:30080"),
+            &["--proto", "udp", "--count", "10", "--udp-size", "4000"],
+        )?;
+        all_ok(&udp);
+        assert_eq!(per_backend(&udp).len(), 2, "via {node_ip}");
+    }
+    Ok(())
+}

@@ -76,6 +76,10 @@ enum Command {
         /// UDP only: send from this local port (the same flow every time).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
+        /// UDP only: datagram size in bytes; above the path MTU the datagram
+        /// leaves in fragments.
+        #[arg(long, default_value_t = 4)]
+        udp_size: usize,
     },
 }
 
@@ -99,12 +103,13 @@ fn main() -> Result<()> {
             interval_ms,
             source_port,
             hold_ms,
+            udp_size,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let started = std::time::Instant::now();
-            let mut udp = UdpClient::new(target, timeout, unconnected, source_port);
+            let mut udp = UdpClient::new(target, timeout, unconnected, source_port, udp_size);
             let mut last_failed = false;
             for i in 0..count {
                 if i > 0 && interval_ms > 0 {
@@ -115,7 +120,8 @@ fn main() -> Result<()> {
                     "tcp" => tcp_attempt(target, timeout, http, Duration::from_millis(hold_ms)),
                     "udp" => {
                         if i > 0 && (!reuse_socket || last_failed) {
-                            udp = UdpClient::new(target, timeout, unconnected, source_port);
+                            udp =
+                                UdpClient::new(target, timeout, unconnected, source_port, udp_size);
                         }
                         udp.attempt()
                     }
@@ -154,7 +160,8 @@ fn serve(name: &str, bind: &str, tcp: &[u16], udp: &[u16], http: &[u16]) -> Resu
         let socket = UdpSocket::bind((bind, port)).with_context(|| format!("udp {port}"))?;
         let name = name.to_string();
         handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            // Room for any datagram: fragmented ones are tested too.
+            let mut buf = vec![0u8; 65_536];
             let local = socket.local_addr().map(canonical).ok();
             while let Ok((_, from)) = socket.recv_from(&mut buf) {
                 let answer = format!("{name} {} {}\n", canonical(from), describe(local));
@@ -301,11 +308,18 @@ struct UdpClient {
     target: SocketAddr,
     timeout: Duration,
     unconnected: bool,
+    payload: Vec<u8>,
     socket: std::io::Result<UdpSocket>,
 }
 
 impl UdpClient {
-    fn new(target: SocketAddr, timeout: Duration, unconnected: bool, source_port: u16) -> Self {
+    fn new(
+        target: SocketAddr,
+        timeout: Duration,
+        unconnected: bool,
+        source_port: u16,
+        size: usize,
+    ) -> Self {
         let open = || -> std::io::Result<UdpSocket> {
             let bind: SocketAddr = if target.is_ipv4() {
                 SocketAddr::from(([0, 0, 0, 0], source_port))
@@ -323,6 +337,7 @@ impl UdpClient {
             target,
             timeout,
             unconnected,
+            payload: b"ping".iter().copied().cycle().take(size).collect(),
             socket: open(),
         }
     }
@@ -333,10 +348,10 @@ impl UdpClient {
             socket.set_read_timeout(Some(self.timeout))?;
             let mut buf = [0u8; 512];
             let (n, peer) = if self.unconnected {
-                socket.send_to(b"ping", self.target)?;
+                socket.send_to(&self.payload, self.target)?;
                 socket.recv_from(&mut buf)?
             } else {
-                socket.send(b"ping")?;
+                socket.send(&self.payload)?;
                 (socket.recv(&mut buf)?, socket.peer_addr()?)
             };
             let (backend, seen_source, served_on) =
