@@ -1361,3 +1361,51 @@ fn ipv6_extension_headers_are_walked() {
         "bad UDP checksum"
     );
 }
+
+/// An entry the LRU evicted under pressure while its partner lived on is put
+/// back by the first packet of the flow a second or more later: here the
+/// client's retransmitted SYN after the reply entry vanished, so the
+/// server's answer is translated again instead of leaving the connection
+/// stuck.
+#[test]
+fn an_evicted_partner_entry_is_restored() {
+    let (mut node, fe) = node_with_local_backends();
+    let mut conntrack: HashMap<MapData, CtKey, CtValue> =
+        pinned_hash(&node.dir, lb_common::tc::map_names::CONNTRACK);
+    let syn = Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, SYN);
+    let (_, forward) = node.ingress(&syn);
+    let reply_key = conntrack
+        .iter()
+        .map(Result::unwrap)
+        .find(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
+        .unwrap()
+        .0;
+    let reply_value = conntrack.get(&reply_key, 0).unwrap();
+    conntrack.remove(&reply_key).unwrap();
+
+    std::thread::sleep(std::time::Duration::from_millis(1050));
+    node.ingress(&syn);
+    let restored = conntrack.get(&reply_key, 0).unwrap();
+    assert_eq!(
+        (
+            restored.new_saddr,
+            restored.new_sport,
+            restored.new_daddr,
+            restored.new_dport,
+            restored.flags,
+            restored.backend_id
+        ),
+        (
+            reply_value.new_saddr,
+            reply_value.new_sport,
+            reply_value.new_daddr,
+            reply_value.new_dport,
+            reply_value.flags,
+            reply_value.backend_id
+        )
+    );
+    let answer = Pkt::tcp(forward.dst, 8080, CLIENT4.into(), 45000, SYN | ACK);
+    let (verdict, out) = node.egress(&answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((out.src, out.sport), (fe.ip, NODE_PORT));
+}

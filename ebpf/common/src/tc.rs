@@ -299,6 +299,47 @@ impl CtValue {
         seconds * 1_000_000_000
     }
 
+    /// The tuple a packet of `tuple` carries once this entry rewrote it.
+    #[inline(always)]
+    pub const fn apply(&self, tuple: &CtKey) -> CtKey {
+        let mut out = *tuple;
+        if self.flags & CT_FLAG_REWRITE_SRC != 0 {
+            out.saddr = self.new_saddr;
+            out.sport = self.new_sport;
+        }
+        if self.flags & CT_FLAG_REWRITE_DST != 0 {
+            out.daddr = self.new_daddr;
+            out.dport = self.new_dport;
+        }
+        out
+    }
+
+    /// The entry translating the other direction of this entry's flow, whose
+    /// packets of `tuple` it rewrites: keyed by `self.apply(tuple).reversed()`,
+    /// it rewrites back to `tuple.reversed()`.
+    #[inline(always)]
+    pub const fn partner(&self, tuple: &CtKey, now_ns: u64) -> CtValue {
+        let mut flags = (self.flags & CT_FLAG_REPLY) ^ CT_FLAG_REPLY;
+        if self.flags & CT_FLAG_REWRITE_DST != 0 {
+            flags |= CT_FLAG_REWRITE_SRC;
+        }
+        if self.flags & CT_FLAG_REWRITE_SRC != 0 {
+            flags |= CT_FLAG_REWRITE_DST;
+        }
+        CtValue {
+            new_saddr: tuple.daddr,
+            new_daddr: tuple.saddr,
+            new_sport: tuple.dport,
+            new_dport: tuple.sport,
+            flags,
+            state: self.state,
+            pad: 0,
+            service_id: self.service_id,
+            backend_id: self.backend_id,
+            last_seen_ns: now_ns,
+        }
+    }
+
     /// Whether the entry has expired at `now_ns` (`CLOCK_BOOTTIME`). An entry
     /// seen "in the future" (a concurrent refresh) has not.
     #[inline(always)]
@@ -439,6 +480,44 @@ mod tests {
         assert_ne!(h, flow_hash(7, &a, 1001, 80, crate::PROTO_TCP));
         assert_ne!(h, flow_hash(7, &a, 1000, 81, crate::PROTO_TCP));
         assert_ne!(h, flow_hash(7, &a, 1000, 80, crate::PROTO_UDP));
+    }
+
+    #[test]
+    fn partner_entries_translate_back() {
+        let a = |last: u8| crate::v4_mapped(u32::from_ne_bytes([10, 0, 0, last]));
+        let client = CtKey {
+            saddr: a(1),
+            daddr: a(2),
+            sport: 1000,
+            dport: 80,
+            proto: crate::PROTO_TCP,
+            pad: [0; 3],
+        };
+        // DNAT to a backend and SNAT to the node, as under ETP Cluster.
+        let forward = CtValue {
+            new_saddr: a(3),
+            new_daddr: a(4),
+            new_sport: 61000,
+            new_dport: 8080,
+            flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REWRITE_DST,
+            state: CT_STATE_ESTABLISHED,
+            pad: 0,
+            service_id: 7,
+            backend_id: 9,
+            last_seen_ns: 1,
+        };
+        let sent = forward.apply(&client);
+        assert_eq!((sent.saddr, sent.sport), (a(3), 61000));
+        assert_eq!((sent.daddr, sent.dport), (a(4), 8080));
+        let reply = forward.partner(&client, 5);
+        assert_eq!(reply.flags & CT_FLAG_REPLY, CT_FLAG_REPLY);
+        // The backend's answer comes back to the client from the frontend.
+        assert_eq!(reply.apply(&sent.reversed()), client.reversed());
+        // And the partner of the partner is the forward entry again.
+        let again = reply.partner(&sent.reversed(), 5);
+        assert_eq!(again.apply(&client), sent);
+        assert_eq!(again.flags, forward.flags);
+        assert_eq!((again.service_id, again.backend_id), (7, 9));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::bpf_for_each_map_elem;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem};
 use lb_common::{
     tc::{
         CtGcState, CtKey, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
@@ -41,8 +41,14 @@ pub fn initial_state(proto: u8, tcp_flags: u8) -> u8 {
 /// The entry for this packet's tuple, if it still applies: not expired, not
 /// a closed TCP connection whose tuple a new SYN reuses, and, for a client
 /// entry, its backend still present with the same address and port (a
-/// deleted backend's flows pick a new one).
-#[inline(always)]
+/// deleted backend's flows pick a new one). When the entry is due for a
+/// refresh (see [`touch`]) its partner is checked too: one the LRU evicted
+/// under pressure is put back, so that the other direction of a live flow
+/// (the SYN-ACK of a retransmitted SYN, say) is translated again.
+///
+/// A call of its own, returning a pointer: its frame is not added to the
+/// new-flow path's share of the 512-byte stack.
+#[inline(never)]
 pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(&pkt.tuple)?;
     // SAFETY: a pointer from a successful lookup; the value is plain data,
@@ -60,6 +66,14 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
         let backend = unsafe { BACKENDS.get(value.backend_id) }.copied()?;
         if !addr_eq(&backend.addr, &value.new_daddr) || backend.port != value.new_dport {
             return None;
+        }
+    }
+    if now.wrapping_sub(value.last_seen_ns) >= REFRESH_INTERVAL_NS {
+        let partner_key = value.apply(&pkt.tuple).reversed();
+        if CONNTRACK.get_ptr_mut(&partner_key).is_none() {
+            let partner = value.partner(&pkt.tuple, now);
+            // Never over another flow's entry (an SNAT port taken since).
+            let _ = CONNTRACK.insert(&partner_key, &partner, BPF_NOEXIST as u64);
         }
     }
     Some(entry)

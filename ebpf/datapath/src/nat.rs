@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    tc::{CtKey, CtValue, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC},
+    tc::{CtKey, CtValue},
     Addr, PROTO_UDP,
 };
 
@@ -92,26 +92,19 @@ fn set_port(
 /// Rewrites the packet as `value` says; returns the tuple it now carries.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, value: &CtValue) -> Result<CtKey, RewriteFailed> {
-    let mut tuple = pkt.tuple;
-    if value.flags & CT_FLAG_REWRITE_SRC != 0 {
-        if !addr_eq(&value.new_saddr, &tuple.saddr) {
-            set_addr(ctx, pkt, true, &tuple.saddr, &value.new_saddr)?;
-            tuple.saddr = value.new_saddr;
-        }
-        if value.new_sport != tuple.sport {
-            set_port(ctx, pkt, true, tuple.sport, value.new_sport)?;
-            tuple.sport = value.new_sport;
-        }
+    let from = &pkt.tuple;
+    let to = value.apply(from);
+    if !addr_eq(&to.saddr, &from.saddr) {
+        set_addr(ctx, pkt, true, &from.saddr, &to.saddr)?;
     }
-    if value.flags & CT_FLAG_REWRITE_DST != 0 {
-        if !addr_eq(&value.new_daddr, &tuple.daddr) {
-            set_addr(ctx, pkt, false, &tuple.daddr, &value.new_daddr)?;
-            tuple.daddr = value.new_daddr;
-        }
-        if value.new_dport != tuple.dport {
-            set_port(ctx, pkt, false, tuple.dport, value.new_dport)?;
-            tuple.dport = value.new_dport;
-        }
+    if to.sport != from.sport {
+        set_port(ctx, pkt, true, from.sport, to.sport)?;
     }
-    Ok(tuple)
+    if !addr_eq(&to.daddr, &from.daddr) {
+        set_addr(ctx, pkt, false, &from.daddr, &to.daddr)?;
+    }
+    if to.dport != from.dport {
+        set_port(ctx, pkt, false, from.dport, to.dport)?;
+    }
+    Ok(to)
 }
