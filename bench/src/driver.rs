@@ -130,7 +130,7 @@ impl CandidateKind {
             }
             CandidateKind::Tc => {
                 "lb-agent with socket translation off: tc programs on the pod interfaces \
-                 (Maglev, conntrack, DNAT), client to the Service VIP"
+                 (ingress) and the uplink (Maglev, conntrack, DNAT), client to the Service VIP"
             }
             CandidateKind::Iptables => {
                 "kube-proxy iptables-mode rules (iptables-restore, measured service last in \
@@ -734,12 +734,16 @@ fn build_candidate(
         CandidateKind::Tc => {
             let mut args = AGENT_DEBOUNCE.to_vec();
             // The smallest table keeps 10,000 per-packet Services within the
-            // Maglev map; the filler Services have 3 endpoints each.
+            // Maglev map; the filler Services have 3 endpoints each. The
+            // uplink is translated too, as on a node serving NodePorts, so
+            // pod interfaces carry only the ingress program.
             args.extend([
                 "--socket-lb",
                 "false",
                 "--pod-interfaces",
                 "p",
+                "--tc-interfaces",
+                "eth0",
                 "--maglev-table-size",
                 "251",
             ]);

@@ -27,7 +27,7 @@ use crate::{
     podcgroups,
     reconcile::Reconciler,
     source::{self, Latest, Snapshot},
-    tcpath::{boottime_ns, TcDatapath, TcOptions},
+    tcpath::{boottime_ns, TcDatapath, TcHook, TcOptions},
 };
 
 /// The address healthCheckNodePorts listen on: every address of the node,
@@ -96,6 +96,15 @@ pub fn run(settings: Settings) -> Result<()> {
         per_packet_cluster_ips: !settings.socket_lb,
     });
     let mut pod_interfaces = PodInterfaces::default();
+    // A pod's packets are translated as they leave it (ingress of its
+    // interface). Replies of remote backends need the egress hook only when
+    // no uplink program translates them as they enter the node; skipping it
+    // saves a conntrack lookup on every packet delivered to a pod.
+    let pod_hooks: &[TcHook] = if settings.tc_interfaces.is_empty() {
+        &TcHook::ALL
+    } else {
+        &[TcHook::Ingress]
+    };
     let mut opt_out = OptOut::default();
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
@@ -109,7 +118,7 @@ pub fn run(settings: Settings) -> Result<()> {
             collect_conntrack(tc, &metrics);
         }
         if let Some(tc) = tc.as_mut().filter(|_| attached) {
-            pod_interfaces.attach_new(tc, &settings.pod_interfaces);
+            pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);
         }
         // Containers of opted-out pods may start after their pod's snapshot.
         opt_out.refresh(&cgroup, &mut datapath);
@@ -140,7 +149,7 @@ pub fn run(settings: Settings) -> Result<()> {
             }
             if let Some(tc) = tc.as_mut() {
                 for interface in &settings.tc_interfaces {
-                    tc.attach(interface)
+                    tc.attach(interface, &TcHook::ALL)
                         .with_context(|| format!("attaching tc programs to {interface}"))?;
                 }
             }
@@ -206,9 +215,10 @@ struct PodInterfaces {
 }
 
 impl PodInterfaces {
-    /// Attaches to interfaces whose name starts with one of `prefixes` and
-    /// that appeared since the last call; forgets the ones that went away.
-    fn attach_new(&mut self, tc: &mut TcDatapath, prefixes: &[String]) {
+    /// Attaches `hooks` to interfaces whose name starts with one of
+    /// `prefixes` and that appeared since the last call; forgets the ones
+    /// that went away.
+    fn attach_new(&mut self, tc: &mut TcDatapath, prefixes: &[String], hooks: &[TcHook]) {
         if prefixes.is_empty() {
             return;
         }
@@ -224,7 +234,7 @@ impl PodInterfaces {
             if self.attached.contains(&name) {
                 continue;
             }
-            match tc.attach(&name) {
+            match tc.attach(&name, hooks) {
                 Ok(()) => {
                     log::info!("tc programs attached to pod interface {name}");
                     self.attached.insert(name);

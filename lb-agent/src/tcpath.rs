@@ -277,12 +277,17 @@ impl TcDatapath {
             .join(format!("tc_{interface}_{}", hook.program()))
     }
 
-    /// Attaches both programs to `interface` (ingress and egress) with tcx
-    /// links pinned in bpffs, so they outlive the agent. A link pinned by a
+    /// Attaches the programs of `hooks` to `interface` with tcx links pinned
+    /// in bpffs, so they outlive the agent, and detaches the other hook's
+    /// (left by an agent configured differently). A link pinned by a
     /// previous agent is updated in place to the new program: no packet
     /// passes untranslated during an upgrade.
-    pub fn attach(&mut self, interface: &str) -> Result<(), TcPathError> {
+    pub fn attach(&mut self, interface: &str, hooks: &[TcHook]) -> Result<(), TcPathError> {
         for hook in TcHook::ALL {
+            if !hooks.contains(&hook) {
+                self.detach_hook(interface, hook)?;
+                continue;
+            }
             let name = hook.program();
             let pin = self.link_pin(interface, hook);
             let link_err = |path: &Path| {
@@ -327,19 +332,20 @@ impl TcDatapath {
     /// Detaches both programs from `interface` by removing their link pins;
     /// the kernel releases the links shortly after (when bpffs frees the pins).
     pub fn detach(&self, interface: &str) -> Result<(), TcPathError> {
-        for hook in TcHook::ALL {
-            let pin = self.link_pin(interface, hook);
-            match fs::remove_file(&pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(TcPathError::Io {
-                        path: pin,
-                        source: e,
-                    })
-                }
-                _ => {}
-            }
+        TcHook::ALL
+            .iter()
+            .try_for_each(|&hook| self.detach_hook(interface, hook))
+    }
+
+    fn detach_hook(&self, interface: &str, hook: TcHook) -> Result<(), TcPathError> {
+        let pin = self.link_pin(interface, hook);
+        match fs::remove_file(&pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(TcPathError::Io {
+                path: pin,
+                source: e,
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Writes the node configuration.

@@ -986,26 +986,39 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
         ip("link add lbatt0 type veth peer name lbatt1");
         let attached = |kind| SchedClassifier::query_tcx("lbatt0", kind).unwrap().1.len();
         let mut node = Node::new();
-        node.tc.attach("lbatt0").unwrap();
+        node.tc.attach("lbatt0", &TcHook::ALL).unwrap();
         assert!(node.dir.join("links/tc_lbatt0_lb_ingress").exists());
         assert!(node.dir.join("links/tc_lbatt0_lb_egress").exists());
         assert_eq!(attached(TcAttachType::Ingress), 1);
         assert_eq!(attached(TcAttachType::Egress), 1);
+        // Unpinning releases a link when bpffs frees the inode, after an RCU
+        // grace period: wait for it, boundedly.
+        let settle = |ingress: usize, egress: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while (
+                attached(TcAttachType::Ingress),
+                attached(TcAttachType::Egress),
+            ) != (ingress, egress)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
         // A restarted agent updates the pinned links in place.
         let mut again = TcDatapath::load(&node.dir, &TcOptions::default()).unwrap();
-        again.attach("lbatt0").unwrap();
-        drop(again);
+        again.attach("lbatt0", &TcHook::ALL).unwrap();
         assert_eq!(attached(TcAttachType::Ingress), 1);
         assert_eq!(attached(TcAttachType::Egress), 1);
+        // One that only wants ingress (pod interfaces behind translated
+        // uplinks) drops the egress link.
+        again.attach("lbatt0", &[TcHook::Ingress]).unwrap();
+        drop(again);
+        assert!(!node.dir.join("links/tc_lbatt0_lb_egress").exists());
+        settle(1, 0);
+        assert_eq!(attached(TcAttachType::Ingress), 1);
+        assert_eq!(attached(TcAttachType::Egress), 0);
         node.tc.detach("lbatt0").unwrap();
-        // Unpinning releases the links when bpffs frees the inodes, after an
-        // RCU grace period: wait for it, boundedly.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while attached(TcAttachType::Ingress) + attached(TcAttachType::Egress) > 0
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        settle(0, 0);
         assert_eq!(attached(TcAttachType::Ingress), 0);
         assert_eq!(attached(TcAttachType::Egress), 0);
     });

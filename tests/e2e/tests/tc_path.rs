@@ -550,3 +550,81 @@ fn fragmented_udp_datagrams_reach_node_port_backends() -> Result<()> {
     }
     Ok(())
 }
+
+/// A pod without socket translation reaches a ClusterIP whose backend runs on
+/// another node. With the node's uplink translated, pod interfaces carry
+/// only the ingress program: the backend's replies are translated back as
+/// they enter the node.
+#[test]
+fn per_packet_cluster_ip_reaches_a_backend_on_another_node() -> Result<()> {
+    require_root();
+    let bins = Binaries::locate()?;
+    let mut lab = Lab::new()?;
+    let node1 = lab.add_node("node1")?;
+    let node2 = lab.add_node("node2")?;
+    let web = lab.add_pod(&node2, "web")?;
+    lab.spawn_server(
+        &web,
+        &bins.labpod,
+        &["serve", "--name", &web.name, "--tcp", "8080"],
+    )?;
+    let client = lab.add_pod(&node1, "client")?;
+    let agent = Agent::start_with(
+        &lab,
+        &bins,
+        &node1,
+        &[
+            "--node-name",
+            "node1",
+            "--socket-lb",
+            "false",
+            "--pod-interfaces",
+            "p",
+            "--tc-interfaces",
+            "eth0",
+        ],
+    )?;
+    let text = format!(
+        "{}---\n{}",
+        service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]),
+        slice(
+            "web",
+            "web-a",
+            &[("http", 8080, "TCP")],
+            &[Endpoint::ready(&web.ip).on("node2")]
+        )
+    );
+    agent.write_manifest("web.yaml", &text)?;
+    agent.wait_for_services(Duration::from_secs(10), |t| {
+        t.contains("10.96.0.10:80/TCP (per packet)")
+    })?;
+    agent.wait_for_log(
+        "tc programs attached to pod interface",
+        Duration::from_secs(5),
+    )?;
+    let links: Vec<String> = std::fs::read_dir(node1.bpffs.join("links"))?
+        .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    let pod_link = |hook: &str| {
+        links
+            .iter()
+            .any(|l| l.starts_with("tc_p") && l.ends_with(hook))
+    };
+    assert!(pod_link("lb_ingress"), "{links:?}");
+    assert!(
+        !pod_link("lb_egress"),
+        "pod interfaces need no egress program here: {links:?}"
+    );
+    let output = lab.run_in(
+        &client,
+        &bins.labpod,
+        &["connect", "--target", "10.96.0.10:80", "--count", "20"],
+    )?;
+    let attempts = parse_attempts(&output.stdout)?;
+    all_ok(&attempts);
+    for a in &attempts {
+        assert_eq!(a.peer.as_deref(), Some("10.96.0.10:80"));
+        assert_eq!(a.backend.as_deref(), Some(web.name.as_str()));
+    }
+    Ok(())
+}
