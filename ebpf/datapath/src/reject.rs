@@ -177,6 +177,40 @@ fn answer(ctx: &TcContext, pkt: &Packet) -> i32 {
     }
 }
 
+/// The IPv4 header of an answer to `ip`, carrying `payload` bytes of
+/// protocol `proto`, with its checksum.
+#[inline(always)]
+fn answer_v4(ip: &Ipv4Hdr, payload: usize, proto: u8) -> Ipv4Hdr {
+    let mut reply = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((IPV4_LEN + payload) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: TTL,
+        proto,
+        check: 0,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    reply.check = fold(sum_words(0, &reply));
+    reply
+}
+
+/// The IPv6 header of an answer to `ip`, carrying `payload` bytes of
+/// protocol `next_header`.
+#[inline(always)]
+fn answer_v6(ip: &Ipv6Hdr, payload: usize, next_header: u8) -> Ipv6Hdr {
+    Ipv6Hdr {
+        version_flow: (6u32 << 28).to_be(),
+        payload_len: (payload as u16).to_be(),
+        next_header,
+        hop_limit: TTL,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    }
+}
+
 /// Trims the packet to `len` bytes.
 #[inline(always)]
 fn truncate(ctx: &TcContext, len: usize) -> Option<()> {
@@ -222,19 +256,7 @@ fn build_v4(ctx: &TcContext) -> Option<()> {
     let header_len = IPV4_LEN as u32 + ((tcp.doff >> 4) as u32) * 4;
     let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub(header_len);
     let mut rst = rst_for(&tcp, payload);
-    let mut reply = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: ((IPV4_LEN + TCP_LEN) as u16).to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: TTL,
-        proto: PROTO_TCP,
-        check: 0,
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-    };
-    reply.check = fold(sum_words(0, &reply));
+    let reply = answer_v4(&ip, TCP_LEN, PROTO_TCP);
     let pseudo = [
         reply.saddr,
         reply.daddr,
@@ -254,14 +276,7 @@ fn build_v6(ctx: &TcContext) -> Option<()> {
     let header_len = ((tcp.doff >> 4) as u32) * 4;
     let payload = (u16::from_be(ip.payload_len) as u32).saturating_sub(header_len);
     let mut rst = rst_for(&tcp, payload);
-    let reply = Ipv6Hdr {
-        version_flow: (6u32 << 28).to_be(),
-        payload_len: (TCP_LEN as u16).to_be(),
-        next_header: PROTO_TCP,
-        hop_limit: TTL,
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-    };
+    let reply = answer_v6(&ip, TCP_LEN, PROTO_TCP);
     let pseudo = [(TCP_LEN as u32).to_be(), (PROTO_TCP as u32).to_be()];
     let sum = sum_words(sum_words(sum_words(0, &reply.saddr), &reply.daddr), &pseudo);
     rst.check = fold(sum_words(sum, &rst));
@@ -288,19 +303,7 @@ fn unreachable_v4(ctx: &TcContext) -> Option<()> {
         unused: 0,
     };
     icmp.check = fold(sum_words(sum_words(sum_words(0, &icmp), &ip), &udp));
-    let mut reply = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: ((IPV4_LEN + ICMP_LEN + IPV4_LEN + UDP_LEN) as u16).to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: TTL,
-        proto: PROTO_ICMP,
-        check: 0,
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-    };
-    reply.check = fold(sum_words(0, &reply));
+    let reply = answer_v4(&ip, ICMP_LEN + IPV4_LEN + UDP_LEN, PROTO_ICMP);
     grow(ctx, IPV4_LEN + ICMP_LEN)?;
     truncate(ctx, ETH_LEN + IPV4_LEN + ICMP_LEN + IPV4_LEN + UDP_LEN)?;
     ctx.store(ETH_LEN, &reply, 0).ok()?;
@@ -318,14 +321,7 @@ fn unreachable_v6(ctx: &TcContext) -> Option<()> {
         return None;
     }
     let udp: [u16; UDP_LEN / 2] = ctx.load(ETH_LEN + IPV6_LEN).ok()?;
-    let reply = Ipv6Hdr {
-        version_flow: (6u32 << 28).to_be(),
-        payload_len: (LEN as u16).to_be(),
-        next_header: PROTO_ICMPV6,
-        hop_limit: TTL,
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-    };
+    let reply = answer_v6(&ip, LEN, PROTO_ICMPV6);
     let mut icmp = IcmpHdr {
         kind: ICMPV6_DEST_UNREACH,
         code: ICMPV6_PORT_UNREACH,

@@ -25,6 +25,17 @@ struct TwoNodes {
 
 const NODE_IPS: [&str; 2] = ["192.168.100.1", "192.168.100.2"];
 
+/// Agent arguments of node1 with socket translation off and the tc programs
+/// on its pod interfaces.
+const PER_PACKET_NODE1: [&str; 6] = [
+    "--node-name",
+    "node1",
+    "--socket-lb",
+    "false",
+    "--pod-interfaces",
+    "p",
+];
+
 fn two_nodes() -> Result<TwoNodes> {
     require_root();
     let bins = Binaries::locate()?;
@@ -347,17 +358,7 @@ fn node_port_works_over_ipv6() -> Result<()> {
 /// the same backends and the pod's own address preserved.
 #[test]
 fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> {
-    let s = lb_e2e::scenario::Scenario::new(
-        2,
-        &[
-            "--node-name",
-            "node1",
-            "--socket-lb",
-            "false",
-            "--pod-interfaces",
-            "p",
-        ],
-    )?;
+    let s = lb_e2e::scenario::Scenario::new(2, &PER_PACKET_NODE1)?;
     assert!(
         !s.node.bpffs.join("links/connect4").exists(),
         "the socket programs must not be attached"
@@ -470,17 +471,7 @@ fn session_affinity_holds_on_the_packet_path() -> Result<()> {
     assert_eq!(per_backend(&spread).len(), 2);
     drop(t);
 
-    let s = lb_e2e::scenario::Scenario::new(
-        3,
-        &[
-            "--node-name",
-            "node1",
-            "--socket-lb",
-            "false",
-            "--pod-interfaces",
-            "p",
-        ],
-    )?;
+    let s = lb_e2e::scenario::Scenario::new(3, &PER_PACKET_NODE1)?;
     let eps: Vec<Endpoint> = (1..=3)
         .map(|i| Endpoint::ready(s.ip(i)).on("node1"))
         .collect();
@@ -569,21 +560,8 @@ fn per_packet_cluster_ip_reaches_a_backend_on_another_node() -> Result<()> {
         &["serve", "--name", &web.name, "--tcp", "8080"],
     )?;
     let client = lab.add_pod(&node1, "client")?;
-    let agent = Agent::start_with(
-        &lab,
-        &bins,
-        &node1,
-        &[
-            "--node-name",
-            "node1",
-            "--socket-lb",
-            "false",
-            "--pod-interfaces",
-            "p",
-            "--tc-interfaces",
-            "eth0",
-        ],
-    )?;
+    let args = [&PER_PACKET_NODE1[..], &["--tc-interfaces", "eth0"]].concat();
+    let agent = Agent::start_with(&lab, &bins, &node1, &args)?;
     let text = format!(
         "{}---\n{}",
         service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]),
