@@ -1422,3 +1422,30 @@ fn an_evicted_partner_entry_is_restored() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!((out.src, out.sport), (fe.ip, NODE_PORT));
 }
+
+/// Answers to a frontend without endpoints are rate-limited like the
+/// kernel's ICMP errors: a burst, then the rate; the rest is dropped and
+/// counted, so a flood is not reflected.
+#[test]
+fn answers_to_a_flood_are_rate_limited() {
+    let mut node = Node::new();
+    let fe = nodeport(NODE4.into(), PROTO_TCP);
+    node.set_frontend(&fe, 1, &[]);
+    let flood = 200u16;
+    let answered = (0..flood)
+        .filter(|&i| {
+            let syn = Pkt::tcp(CLIENT4.into(), 20000 + i, fe.ip, NODE_PORT, SYN);
+            node.run(TcHook::Ingress, &syn).0 == TC_ACT_REDIRECT
+        })
+        .count() as u64;
+    // The burst, plus what the rate refills while the test runs.
+    assert!(
+        (lb_common::tc::REJECT_BURST..lb_common::tc::REJECT_BURST + 40).contains(&answered),
+        "{answered} of {flood} answered"
+    );
+    assert_eq!(node.stat(STAT_REJECT), answered);
+    assert_eq!(
+        node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS),
+        u64::from(flood) - answered
+    );
+}

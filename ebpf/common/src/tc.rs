@@ -65,6 +65,47 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "LB_FRAG_V1";
 }
 
+/// Answers (RSTs and ICMP errors) to packets for frontends without endpoints,
+/// per second, after a burst of [`REJECT_BURST`]: the kernel's own
+/// `icmp_msgs_per_sec` and `icmp_msgs_burst` defaults, so that a flood to
+/// such a frontend, perhaps with a spoofed source, is not reflected as a
+/// flood of answers.
+pub const REJECT_RATE_PER_SEC: u64 = 1_000;
+/// Answers sent at once before [`REJECT_RATE_PER_SEC`] applies.
+pub const REJECT_BURST: u64 = 50;
+
+/// The token bucket of answers to packets for frontends without endpoints,
+/// in nanoseconds of credit (one answer costs `1e9 / REJECT_RATE_PER_SEC`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBudget {
+    /// Credit left, at most [`REJECT_BURST`] answers' worth.
+    pub credit_ns: u64,
+    /// `bpf_ktime_get_boot_ns` of the last refill.
+    pub last_ns: u64,
+}
+
+impl RejectBudget {
+    /// Credit of one answer.
+    pub const COST_NS: u64 = 1_000_000_000 / REJECT_RATE_PER_SEC;
+
+    /// Refills the bucket up to `now_ns` and takes one answer's credit if
+    /// there is enough; whether the answer may be sent.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64) -> bool {
+        let elapsed = now_ns.saturating_sub(self.last_ns);
+        self.last_ns = now_ns;
+        let full = REJECT_BURST * Self::COST_NS;
+        let credit = self.credit_ns.saturating_add(elapsed);
+        self.credit_ns = if credit > full { full } else { credit };
+        if self.credit_ns < Self::COST_NS {
+            return false;
+        }
+        self.credit_ns -= Self::COST_NS;
+        true
+    }
+}
+
 /// Capacity of the fragment map: datagrams whose fragments are in flight.
 pub const MAX_FRAGMENTS: u32 = 8_192;
 
@@ -155,8 +196,9 @@ pub const STAT_NEW_FLOW: u32 = 2;
 /// kube-proxy's REJECT: TCP by a RST, UDP by an ICMP port unreachable.
 pub const STAT_REJECT: u32 = 3;
 /// Counter: packets to a frontend without endpoints dropped unanswered: a
-/// TCP RST, a UDP datagram from a source that is not a single host, or a
-/// packet whose answer cannot be built (e.g. IPv4 options).
+/// TCP RST, a UDP datagram from a source that is not a single host, a
+/// packet whose answer cannot be built (e.g. IPv4 options), or one over the
+/// answer budget ([`RejectBudget`]).
 pub const STAT_DROP_NO_ENDPOINTS: u32 = 4;
 /// Counter: dropped under externalTrafficPolicy Local without local endpoints.
 pub const STAT_DROP_NO_LOCAL: u32 = 5;
@@ -518,6 +560,18 @@ mod tests {
         assert_eq!(again.apply(&client), sent);
         assert_eq!(again.flags, forward.flags);
         assert_eq!((again.service_id, again.backend_id), (7, 9));
+    }
+
+    #[test]
+    fn reject_budget_allows_a_burst_then_the_rate() {
+        let mut budget = RejectBudget::default();
+        let start = 10_000_000_000;
+        let answered = (0..100).filter(|_| budget.take(start)).count();
+        assert_eq!(answered as u64, REJECT_BURST);
+        // 10 ms later: 10 more at 1,000 per second.
+        let later = start + 10_000_000;
+        let answered = (0..100).filter(|_| budget.take(later)).count();
+        assert_eq!(answered, 10);
     }
 
     #[test]

@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     tc::{
-        CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, SourceRangeKey, TcAffinityKey,
-        TcConfig, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES, MAX_SOURCE_RANGES, STATS_LEN,
+        CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, RejectBudget, SourceRangeKey,
+        TcAffinityKey, TcConfig, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
+        MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -37,6 +38,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTR
 #[map(name = "LB_FRAG_V1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
+
+/// The budget of answers to packets for frontends without endpoints.
+#[map(name = "LB_RJBUDGET_V1")]
+pub static REJECT_BUDGET: Array<RejectBudget> = Array::with_max_entries(1, 0);
 
 /// The conntrack garbage collector's request and result.
 #[map(name = "LB_CTGC_V1")]

@@ -3,10 +3,12 @@
 //! ICMP (ICMPv6) port unreachable quoting its IP and UDP headers, sent back
 //! out of the interface it came in on. Only TCP and UDP get here (see
 //! [`parse`](crate::parse)), so an ICMP error is never answered by another.
+//! Answers are rate-limited node-wide (a token bucket with the kernel's ICMP
+//! defaults, `lb_common::tc::RejectBudget`).
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_ktime_get_boot_ns, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use lb_common::{
@@ -15,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::count,
+    maps::{count, REJECT_BUDGET},
     parse::{
         addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_FIN,
         TCP_RST, TCP_SYN,
@@ -116,13 +118,31 @@ fn rst_for(tcp: &TcpHdr, payload: u32) -> TcpHdr {
 /// (counted apart). Returns the tc verdict.
 #[inline(never)]
 pub fn reject(ctx: TcContext, pkt: &Packet) -> i32 {
-    let verdict = answer(&ctx, pkt);
+    let verdict = if within_budget() {
+        answer(&ctx, pkt)
+    } else {
+        TC_ACT_SHOT
+    };
     count(if verdict == TC_ACT_REDIRECT {
         STAT_REJECT
     } else {
         STAT_DROP_NO_ENDPOINTS
     });
     verdict
+}
+
+/// Whether the node-wide answer budget allows one more answer (and takes
+/// it). Concurrent CPUs race on the bucket; the limit is approximate.
+#[inline(always)]
+fn within_budget() -> bool {
+    let Some(budget) = REJECT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: a pointer from a successful lookup of a one-entry array,
+    // plain data for the duration of this program.
+    unsafe { (*budget).take(now) }
 }
 
 /// Rewrites the packet into its answer and redirects it; the tc verdict.
