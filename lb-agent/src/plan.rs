@@ -1036,14 +1036,16 @@ mod tests {
         );
         let mut applied = Applied::default();
         let settings = MaglevSettings { size: 251, seed: 7 };
-        let p = plan(
-            &mut applied,
-            &d,
-            &Capacity::default(),
-            &settings,
-            Scope::All,
-        );
-        maps.execute(&p);
+        let apply = |maps: &mut FakeMaps, applied: &mut Applied, d: &DesiredState| {
+            maps.execute(&plan(
+                applied,
+                d,
+                &Capacity::default(),
+                &settings,
+                Scope::All,
+            ));
+        };
+        apply(&mut maps, &mut applied, &d);
         let generation = applied.frontends[&external(1)].generation;
         let table = maps.tables[&generation].clone();
         assert_eq!(table.len(), 251);
@@ -1083,25 +1085,11 @@ mod tests {
             .all(|(a, b)| by_id(&applied, *a) == by_id(&other, *b)));
         // Removing a backend writes a new table, flips, then deletes the old one.
         d.frontends.get_mut(&external(1)).unwrap().backends.pop();
-        let p = plan(
-            &mut applied,
-            &d,
-            &Capacity::default(),
-            &settings,
-            Scope::All,
-        );
-        maps.execute(&p);
+        apply(&mut maps, &mut applied, &d);
         assert_eq!(maps.tables.len(), 1);
         assert!(!maps.tables.contains_key(&generation));
         d.frontends.clear();
-        let p = plan(
-            &mut applied,
-            &d,
-            &Capacity::default(),
-            &settings,
-            Scope::All,
-        );
-        maps.execute(&p);
+        apply(&mut maps, &mut applied, &d);
         assert!(maps.tables.is_empty() && maps.ranges.is_empty());
     }
 

@@ -23,7 +23,7 @@ use aya::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
     },
     sys::SyscallError,
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{
     tc::{
@@ -200,6 +200,14 @@ pub struct TcDatapath {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> TcPathError {
     move |source| TcPathError::Map { name, source }
+}
+
+/// Every entry of a hash map, for tests and debugging.
+fn entries<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, TcPathError> {
+    map.iter().collect::<Result<_, _>>().map_err(map_err(name))
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(
@@ -461,10 +469,7 @@ impl TcDatapath {
 
     /// The session affinity entries, for tests and debugging.
     pub fn affinity_entries(&self) -> Result<Vec<(TcAffinityKey, AffinityValue)>, TcPathError> {
-        self.affinity
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::AFFINITY))
+        entries(&self.affinity, map_names::AFFINITY)
     }
 
     /// Deletes the conntrack entries expired at `now_ns` (`CLOCK_BOOTTIME`,
@@ -490,10 +495,7 @@ impl TcDatapath {
 
     /// Every conntrack entry, for `lbctl` and tests.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, TcPathError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CONNTRACK))
+        entries(&self.conntrack, map_names::CONNTRACK)
     }
 
     /// The counters summed over CPUs, indexed by `lb_common::tc::STAT_*`.

@@ -447,14 +447,7 @@ fn new_flow_follows_the_maglev_table() {
     for sport in 40000..40032u16 {
         let syn = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, SYN);
         let (_, out) = node.ingress(&syn);
-        let hash = flow_hash(
-            SEED,
-            &addr_from_ip(syn.src),
-            sport.to_be(),
-            NODE_PORT.to_be(),
-            PROTO_TCP,
-        );
-        let id = table[hash as usize % TABLE_SIZE];
+        let id = maglev_pick(&table, syn.src, sport);
         assert_eq!(out.dst, backend4(id as u8), "source port {sport}");
     }
 }
@@ -952,16 +945,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
         // Only backend 1 has a neighbour: find flows Maglev sends there and
         // elsewhere.
         let table = node.table(&[1, 2, 3]);
-        let backend_of = |sport: u16| {
-            let hash = flow_hash(
-                SEED,
-                &addr_from_ip(CLIENT4.into()),
-                sport.to_be(),
-                NODE_PORT.to_be(),
-                PROTO_TCP,
-            );
-            table[hash as usize % TABLE_SIZE]
-        };
+        let backend_of = |sport: u16| maglev_pick(&table, CLIENT4.into(), sport);
         let sport = (52000..53000u16).find(|&p| backend_of(p) == 1).unwrap();
         let other_sport = (52000..53000u16).find(|&p| backend_of(p) != 1).unwrap();
         let syn = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, SYN);

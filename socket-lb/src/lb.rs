@@ -95,11 +95,11 @@ fn affine_backend(key: &AffinityKey, service: &ServiceValue, now: u64) -> Option
     let entry = AFFINITY.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; entries are plain data
     // and a concurrent update of the same client only races on a timestamp.
-    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
-    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
-    if now.wrapping_sub(last_used) > timeout_ns {
+    let value = unsafe { *entry };
+    if !value.holds(now, service.affinity_timeout_s) {
         return None;
     }
+    let backend_id = value.backend_id;
     // SAFETY: copied out at once.
     let backend = (unsafe { BACKENDS.get(&backend_id) }).copied()?;
     // SAFETY: as above; kube-proxy's `recent` match also refreshes on every use.

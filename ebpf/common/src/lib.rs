@@ -193,6 +193,15 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+impl AffinityValue {
+    /// Whether the client still sticks to its backend at `now_ns` (same
+    /// clock as `last_used_ns`) under a timeout of `timeout_s` seconds.
+    #[inline(always)]
+    pub const fn holds(&self, now_ns: u64, timeout_s: u32) -> bool {
+        now_ns.wrapping_sub(self.last_used_ns) <= timeout_s as u64 * 1_000_000_000
+    }
+}
+
 /// A NUL-padded UTF-8 name (`namespace/name:port`) for display.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -88,11 +88,11 @@ fn affine_backend(key: &TcAffinityKey, service: &ServiceValue, now: u64) -> Opti
     let entry = AFFINITY.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; entries are plain
     // data and concurrent flows of one client only race on a timestamp.
-    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
-    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
-    if now.wrapping_sub(last_used) > timeout_ns {
+    let value = unsafe { *entry };
+    if !value.holds(now, service.affinity_timeout_s) {
         return None;
     }
+    let backend_id = value.backend_id;
     // SAFETY: copied out at once.
     let backend = unsafe { BACKENDS.get(&backend_id) }.copied()?;
     // SAFETY: as above; the timeout counts from the client's last new flow.

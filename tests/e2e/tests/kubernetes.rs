@@ -168,6 +168,21 @@ impl<'a> Cluster<'a> {
         Ok(ip)
     }
 
+    /// Creates Pods web-1 and web-2 (label app=web, on node1) together with
+    /// `extra` documents, and waits until both are Ready; their addresses.
+    fn web_pods(&self, extra: &str) -> Result<(String, String)> {
+        let mut yaml = format!(
+            "{}---\n{}",
+            pod_yaml("web-1", "web", "node1"),
+            pod_yaml("web-2", "web", "node1")
+        );
+        if !extra.is_empty() {
+            yaml = format!("{yaml}---\n{extra}");
+        }
+        self.apply(&yaml)?;
+        Ok((self.pod_ip("web-1")?, self.pod_ip("web-2")?))
+    }
+
     /// Waits until Pod `name` runs and is reported Ready; its address.
     fn pod_ip(&self, name: &str) -> Result<String> {
         Ok(self
@@ -275,13 +290,7 @@ fn service_created_with_kubectl_reaches_every_pod() -> Result<()> {
     let _serial = serial();
     let cp = ControlPlane::shared()?;
     let c = Cluster::new(cp, "svc-basic")?;
-    c.apply(&format!(
-        "{}---\n{}---\n{}",
-        pod_yaml("web-1", "web", "node1"),
-        pod_yaml("web-2", "web", "node1"),
-        service_yaml("web", "web", 80)
-    ))?;
-    let (ip1, ip2) = (c.pod_ip("web-1")?, c.pod_ip("web-2")?);
+    let (ip1, ip2) = c.web_pods(&service_yaml("web", "web", 80))?;
     assert_eq!(
         c.kubectl(&["get", "pod", "web-1", "-o", "jsonpath={.status.podIP}"])?,
         ip1
@@ -347,12 +356,7 @@ fn changes_reach_the_datapath_within_a_second() -> Result<()> {
         measured.push(Measured { what, from, took });
     };
 
-    c.apply(&format!(
-        "{}---\n{}",
-        pod_yaml("web-1", "web", "node1"),
-        pod_yaml("web-2", "web", "node1"),
-    ))?;
-    let (ip1, ip2) = (c.pod_ip("web-1")?, c.pod_ip("web-2")?);
+    let (ip1, ip2) = c.web_pods("")?;
 
     // Service created (the ClusterIP is allocated by the API server, the
     // EndpointSlice made by the controller).
@@ -652,13 +656,7 @@ fn api_server_outage_fails_no_connection_and_later_changes_apply() -> Result<()>
     require_root();
     let cp = ControlPlane::start()?;
     let c = Cluster::new(&cp, "outage")?;
-    c.apply(&format!(
-        "{}---\n{}---\n{}",
-        pod_yaml("web-1", "web", "node1"),
-        pod_yaml("web-2", "web", "node1"),
-        service_yaml("web", "web", 80)
-    ))?;
-    let (ip1, ip2) = (c.pod_ip("web-1")?, c.pod_ip("web-2")?);
+    let (ip1, ip2) = c.web_pods(&service_yaml("web", "web", 80))?;
     let both = set(&[&endpoint(&ip1), &endpoint(&ip2)]);
     c.wait_datapath("web", Duration::from_secs(10), |f| {
         f.len() == 1 && f[0].backends == both
