@@ -20,10 +20,10 @@ use lb_agent::{
 use lb_common::{
     map_names,
     tc::{
-        flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, SCOPE_TC_EXTERNAL,
-        SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-        STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
-        TC_CONFIG_FIB_REDIRECT,
+        flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_STATE_CLOSING,
+        SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES,
+        SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE,
+        STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT, TC_CONFIG_FIB_REDIRECT,
     },
     Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
@@ -33,9 +33,7 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+use lb_common::tc::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
 
 const SEED: u64 = 0x5eed;
 const TABLE_SIZE: usize = 251;
@@ -650,6 +648,47 @@ fn remote_backend_is_snated_and_its_reply_restored() {
 }
 
 #[test]
+fn a_completed_close_deletes_the_flow_and_a_reset_does_not() {
+    isolated(|| {
+        // A remote backend: the flow is SNATed, so both entries carry ports
+        // the datapath chose and deleting them must find both.
+        let mut node = Node::new();
+        node.add_backend(1, backend4(1), 8080, PROTO_TCP, false);
+        let fe = nodeport(NODE4.into(), PROTO_TCP);
+        node.set_frontend(&fe, 1, &[1]);
+        let client =
+            |sport: u16, flags: u8| Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, flags);
+
+        let (_, fwd) = node.ingress(&client(45000, SYN));
+        let backend = |flags: u8| Pkt::tcp(backend4(1), 8080, NODE4.into(), fwd.sport, flags);
+        node.ingress(&backend(SYN | ACK));
+        node.ingress(&client(45000, ACK));
+        assert_eq!(node.tc.conntrack_entries().unwrap().len(), 2);
+        // The client closes, the backend's FIN rides on its ACK; the
+        // client's last ACK is still translated, then the flow is gone.
+        node.ingress(&client(45000, FIN | ACK));
+        let (_, reply) = node.ingress(&backend(FIN | ACK));
+        assert_eq!((reply.src, reply.sport), (fe.ip, NODE_PORT));
+        assert_eq!(node.tc.conntrack_entries().unwrap().len(), 2);
+        let (verdict, last) = node.ingress(&client(45000, ACK));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            (last.dst, last.dport, last.sport),
+            (backend4(1), 8080, fwd.sport)
+        );
+        assert!(node.tc.conntrack_entries().unwrap().is_empty());
+
+        // A RST (which anyone on the path can forge) only starts the
+        // closing timeout.
+        node.ingress(&client(45001, SYN));
+        node.ingress(&client(45001, RST));
+        let entries = node.tc.conntrack_entries().unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries.iter().all(|(_, v)| v.state == CT_STATE_CLOSING));
+    });
+}
+
+#[test]
 fn external_traffic_policy_local_preserves_the_client() {
     let mut node = Node::new();
     // Under Local the agent only puts local backends in the table; even one
@@ -1185,6 +1224,7 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
             new_dport: 8080u16.to_be(),
             flags: 0,
             state: 0,
+            fins: 0,
             pad: 0,
             service_id: 7,
             backend_id: 1,

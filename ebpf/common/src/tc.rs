@@ -29,7 +29,10 @@
 //!   the client's packets as they arrive, one keyed by the tuple of the
 //!   backend's replies as they arrive. Each says how to rewrite the packets
 //!   it matches. Entries carry a last-seen timestamp and expire by
-//!   [`CtValue::expired`]; the agent garbage-collects expired ones.
+//!   [`CtValue::expired`]; the agent garbage-collects expired ones. A TCP
+//!   flow whose close completes (a FIN from each side, then the ACK of the
+//!   second) is deleted by that ACK, so connection churn does not fill the
+//!   LRU with dead flows ([`CtValue::step`]).
 //! - **Source ranges** ([`map_names::SOURCE_RANGES`]): an LPM trie of
 //!   [`SourceRangeKey`] -> `u32` (1), consulted for new flows to frontends
 //!   flagged [`SERVICE_FLAG_SOURCE_RANGES`].
@@ -247,6 +250,46 @@ pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// [`CtValue::state`]: TCP FIN or RST seen.
 pub const CT_STATE_CLOSING: u8 = 2;
 
+/// [`CtValue::fins`]: the client side sent a FIN.
+pub const CT_FIN_CLIENT: u8 = 1 << 0;
+/// [`CtValue::fins`]: the backend side sent a FIN.
+pub const CT_FIN_BACKEND: u8 = 1 << 1;
+
+/// TCP flag FIN.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP flag SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP flag RST.
+pub const TCP_RST: u8 = 0x04;
+/// TCP flag ACK.
+pub const TCP_ACK: u8 = 0x10;
+
+/// The state after a packet with `tcp_flags` (0 for UDP) in state `state`.
+#[inline(always)]
+pub const fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
+    if proto != crate::PROTO_TCP {
+        CT_STATE_ESTABLISHED
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 || state == CT_STATE_CLOSING {
+        CT_STATE_CLOSING
+    } else if tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
+        CT_STATE_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// What one packet of a known flow does to its conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtStep {
+    /// The entry's `CT_STATE_*` after the packet.
+    pub state: u8,
+    /// The entry's `CT_FIN_*` bits after the packet.
+    pub fins: u8,
+    /// The packet acknowledges the second FIN of a TCP close: once it is
+    /// translated, the flow's entries can go.
+    pub closes: bool,
+}
+
 /// [`TcConfig::flags`]: forward every translated packet on ingress with
 /// `bpf_fib_lookup` and `bpf_redirect` (or `bpf_redirect_neigh`) instead of
 /// handing it to the stack. Packets whose source was rewritten (SNAT, replies
@@ -314,8 +357,11 @@ pub struct CtValue {
     pub flags: u8,
     /// `CT_STATE_*`.
     pub state: u8,
+    /// `CT_FIN_*`: the sides of a TCP flow that sent a FIN (both entries of a
+    /// flow carry the same bits).
+    pub fins: u8,
     /// Explicit padding.
-    pub pad: u16,
+    pub pad: u8,
     /// Service id of the frontend.
     pub service_id: u32,
     /// Backend id chosen for the flow (checked against the backend map on
@@ -326,6 +372,40 @@ pub struct CtValue {
 }
 
 impl CtValue {
+    /// The entry after a packet with `tcp_flags` (0 for UDP) matched it. A FIN
+    /// is recorded for the side the packet came from: the backend for a
+    /// [`CT_FLAG_REPLY`] entry, else the client. A bare ACK once both sides
+    /// sent a FIN is the last packet of the close (a retransmitted FIN
+    /// after it finds no entry, goes untranslated and is answered by a RST,
+    /// which ends the backend's socket as its timeout would).
+    #[inline(always)]
+    pub const fn step(&self, proto: u8, tcp_flags: u8) -> CtStep {
+        let state = next_state(self.state, proto, tcp_flags);
+        if proto != crate::PROTO_TCP {
+            return CtStep {
+                state,
+                fins: self.fins,
+                closes: false,
+            };
+        }
+        let both = CT_FIN_CLIENT | CT_FIN_BACKEND;
+        let bare_ack = tcp_flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK;
+        let side = if self.flags & CT_FLAG_REPLY != 0 {
+            CT_FIN_BACKEND
+        } else {
+            CT_FIN_CLIENT
+        };
+        CtStep {
+            state,
+            fins: if tcp_flags & TCP_FIN != 0 {
+                self.fins | side
+            } else {
+                self.fins
+            },
+            closes: bare_ack && self.fins == both,
+        }
+    }
+
     /// How long the entry lives after its last packet, in nanoseconds.
     #[inline(always)]
     pub const fn lifetime_ns(&self, proto: u8) -> u64 {
@@ -375,6 +455,7 @@ impl CtValue {
             new_dport: tuple.sport,
             flags,
             state: self.state,
+            fins: self.fins,
             pad: 0,
             service_id: self.service_id,
             backend_id: self.backend_id,
@@ -543,6 +624,7 @@ mod tests {
             new_dport: 8080,
             flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REWRITE_DST,
             state: CT_STATE_ESTABLISHED,
+            fins: 0,
             pad: 0,
             service_id: 7,
             backend_id: 9,
@@ -560,6 +642,95 @@ mod tests {
         assert_eq!(again.apply(&client), sent);
         assert_eq!(again.flags, forward.flags);
         assert_eq!((again.service_id, again.backend_id), (7, 9));
+    }
+
+    fn entry(flags: u8) -> CtValue {
+        CtValue {
+            new_saddr: [0; 4],
+            new_daddr: [0; 4],
+            new_sport: 0,
+            new_dport: 0,
+            flags,
+            state: CT_STATE_ESTABLISHED,
+            fins: 0,
+            pad: 0,
+            service_id: 0,
+            backend_id: 0,
+            last_seen_ns: 0,
+        }
+    }
+
+    /// Runs packets, each on the client's entry or the backend's, through
+    /// both entries of a flow the way the datapath does (the step of the
+    /// matching entry is written to both), and returns the packets' steps.
+    fn close<const N: usize>(packets: [(bool, u8); N]) -> [CtStep; N] {
+        let mut client = entry(CT_FLAG_REWRITE_DST);
+        let mut backend = entry(CT_FLAG_REWRITE_SRC | CT_FLAG_REPLY);
+        packets.map(|(from_backend, flags)| {
+            let matched = if from_backend { backend } else { client };
+            let step = matched.step(crate::PROTO_TCP, flags);
+            for e in [&mut client, &mut backend] {
+                e.state = step.state;
+                e.fins = step.fins;
+            }
+            step
+        })
+    }
+
+    #[test]
+    fn the_ack_of_the_second_fin_closes_a_flow() {
+        const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+        // The client closes first; the backend's FIN rides on its ACK.
+        let steps = close([(false, FIN_ACK), (true, FIN_ACK), (false, TCP_ACK)]);
+        assert_eq!(steps.map(|s| s.closes), [false, false, true]);
+        assert_eq!(steps[1].fins, CT_FIN_CLIENT | CT_FIN_BACKEND);
+        assert!(steps.iter().all(|s| s.state == CT_STATE_CLOSING));
+        // The backend closes first, with its ACK and FIN apart; data and
+        // ACKs of the half-closed flow do not close it.
+        let steps = close([
+            (true, FIN_ACK),
+            (false, TCP_ACK),
+            (false, TCP_ACK | 0x08),
+            (false, FIN_ACK),
+            (true, TCP_ACK),
+        ]);
+        assert_eq!(steps.map(|s| s.closes), [false, false, false, false, true]);
+        // A retransmitted FIN of one side, a RST, or UDP never close.
+        assert!(
+            !close([(false, FIN_ACK), (false, FIN_ACK), (false, TCP_ACK)])
+                .iter()
+                .any(|s| s.closes)
+        );
+        assert!(!close([(false, FIN_ACK), (true, TCP_RST), (false, TCP_ACK)])[2].closes);
+        let udp = entry(0);
+        assert_eq!(
+            udp.step(crate::PROTO_UDP, 0),
+            CtStep {
+                state: CT_STATE_ESTABLISHED,
+                fins: 0,
+                closes: false
+            }
+        );
+    }
+
+    #[test]
+    fn tcp_state_machine() {
+        let tcp = crate::PROTO_TCP;
+        assert_eq!(next_state(CT_STATE_NEW, tcp, TCP_SYN), CT_STATE_NEW);
+        assert_eq!(
+            next_state(CT_STATE_NEW, tcp, TCP_SYN | TCP_ACK),
+            CT_STATE_NEW
+        );
+        assert_eq!(next_state(CT_STATE_NEW, tcp, TCP_ACK), CT_STATE_ESTABLISHED);
+        assert_eq!(
+            next_state(CT_STATE_ESTABLISHED, tcp, TCP_RST),
+            CT_STATE_CLOSING
+        );
+        assert_eq!(next_state(CT_STATE_CLOSING, tcp, TCP_ACK), CT_STATE_CLOSING);
+        assert_eq!(
+            next_state(CT_STATE_NEW, crate::PROTO_UDP, 0),
+            CT_STATE_ESTABLISHED
+        );
     }
 
     #[test]
@@ -583,6 +754,7 @@ mod tests {
             new_dport: 0,
             flags: 0,
             state: CT_STATE_NEW,
+            fins: 0,
             pad: 0,
             service_id: 0,
             backend_id: 0,

@@ -5,32 +5,15 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem};
-use lb_common::{
-    tc::{
-        CtGcState, CtKey, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-        CT_STATE_NEW,
-    },
-    PROTO_TCP,
+use lb_common::tc::{
+    next_state, CtGcState, CtKey, CtStep, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW,
+    TCP_ACK, TCP_SYN,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, CT_GC},
-    parse::{addr_eq, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{addr_eq, Packet},
 };
-
-/// The state after a packet with `tcp_flags` (0 for UDP) in state `state`.
-#[inline(always)]
-pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
-    if proto != PROTO_TCP {
-        CT_STATE_ESTABLISHED
-    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 || state == CT_STATE_CLOSING {
-        CT_STATE_CLOSING
-    } else if tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
-        CT_STATE_ESTABLISHED
-    } else {
-        state
-    }
-}
 
 /// The state of a new flow's entries after its first packet.
 #[inline(always)]
@@ -87,26 +70,40 @@ const REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Records a packet on an entry (`seen` is its value as looked up) and on
 /// its partner, the entry of the other direction, whose key is the
-/// rewritten tuple reversed: at once on a state change, else at most once
-/// per [`REFRESH_INTERVAL_NS`].
+/// rewritten tuple reversed: at once on a change of state or FIN bits, else
+/// at most once per [`REFRESH_INTERVAL_NS`].
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, seen: &CtValue, state: u8, rewritten: &CtKey, now: u64) {
-    if state == seen.state && now.wrapping_sub(seen.last_seen_ns) < REFRESH_INTERVAL_NS {
+pub fn touch(entry: *mut CtValue, seen: &CtValue, step: &CtStep, rewritten: &CtKey, now: u64) {
+    if step.state == seen.state
+        && step.fins == seen.fins
+        && now.wrapping_sub(seen.last_seen_ns) < REFRESH_INTERVAL_NS
+    {
         return;
     }
     // SAFETY: a pointer from a successful lookup; concurrent packets of the
-    // same flow only race on the timestamp and state, both plain stores.
+    // same flow only race on the timestamp, state and FIN bits, all plain
+    // stores.
     unsafe {
         (*entry).last_seen_ns = now;
-        (*entry).state = state;
+        (*entry).state = step.state;
+        (*entry).fins = step.fins;
     }
     if let Some(partner) = CONNTRACK.get_ptr_mut(&rewritten.reversed()) {
         // SAFETY: as above.
         unsafe {
             (*partner).last_seen_ns = now;
-            (*partner).state = state;
+            (*partner).state = step.state;
+            (*partner).fins = step.fins;
         }
     }
+}
+
+/// Deletes a closed flow's entries: the one of `tuple` and its partner,
+/// keyed by the `rewritten` tuple reversed.
+#[inline(always)]
+pub fn forget(tuple: &CtKey, rewritten: &CtKey) {
+    let _ = CONNTRACK.remove(tuple);
+    let _ = CONNTRACK.remove(&rewritten.reversed());
 }
 
 /// Deletes the entries expired at the time the agent put in [`CT_GC`] and

@@ -48,7 +48,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{initial_state, lookup, next_state, touch},
+    conntrack::{forget, initial_state, lookup, touch},
     maps::{count, CONFIG, CONNTRACK},
     nat::rewrite,
     parse::{addr_eq, parse, Packet},
@@ -114,11 +114,15 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let value = unsafe { *entry };
-    let state = next_state(value.state, pkt.tuple.proto, pkt.tcp_flags);
+    let step = value.step(pkt.tuple.proto, pkt.tcp_flags);
     let Ok(rewritten) = rewrite(&ctx, pkt, &value) else {
         return TC_ACT_SHOT;
     };
-    touch(entry, &value, state, &rewritten, now);
+    if step.closes {
+        forget(&pkt.tuple, &rewritten);
+    } else {
+        touch(entry, &value, &step, &rewritten, now);
+    }
     count(if value.flags & CT_FLAG_REPLY != 0 {
         STAT_REPLY
     } else {
@@ -195,6 +199,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         new_dport: backend.port,
         flags: CT_FLAG_REWRITE_DST,
         state,
+        fins: 0,
         pad: 0,
         service_id: service.service_id,
         backend_id,
@@ -207,6 +212,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         new_dport: t.sport,
         flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REPLY,
         state,
+        fins: 0,
         pad: 0,
         service_id: service.service_id,
         backend_id,

@@ -41,15 +41,6 @@ const IPV4_OFFSET: u16 = 0x1fff;
 /// IPv6 fragment offset (the low 3 bits are flags).
 const IPV6_OFFSET: u16 = 0xfff8;
 
-/// TCP flag FIN.
-pub const TCP_FIN: u8 = 0x01;
-/// TCP flag SYN.
-pub const TCP_SYN: u8 = 0x02;
-/// TCP flag RST.
-pub const TCP_RST: u8 = 0x04;
-/// TCP flag ACK.
-pub const TCP_ACK: u8 = 0x10;
-
 /// The IPv4 header (without options), fields in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy)]

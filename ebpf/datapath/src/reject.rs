@@ -12,16 +12,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    tc::{STAT_DROP_NO_ENDPOINTS, STAT_REJECT},
+    tc::{STAT_DROP_NO_ENDPOINTS, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     Addr, PROTO_TCP,
 };
 
 use crate::{
     maps::{count, REJECT_BUDGET},
-    parse::{
-        addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_FIN,
-        TCP_RST, TCP_SYN,
-    },
+    parse::{addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN},
 };
 
 /// Length of a TCP header without options.
