@@ -502,6 +502,7 @@ impl Stand {
         let client = lab.add_pod(&node, "client")?;
         sysctl(&client.netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
         sysctl(&client.netns, "net.ipv4.tcp_tw_reuse", "1")?;
+        sysctl(&client.netns, "net.ipv4.tcp_max_tw_buckets", "4096")?;
         let mut stand = Stand {
             node,
             server,
@@ -816,6 +817,7 @@ fn run_client(
             &cfg.duration.as_secs_f64().to_string(),
             "--mode",
             mode_s,
+            "--pin",
             "--json",
         ])
         .output()
@@ -880,14 +882,86 @@ fn run_iperf(lab: &Lab, cand: &dyn Candidate, secs: Duration) -> Result<f64> {
 /// Everything measured for one (service count, candidate).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Cell {
-    /// CRR samples, one per round.
+    /// CRR samples, one per round (direct: one per pair it was measured in).
     pub crr: Vec<ClientSample>,
-    /// RR samples, one per round.
+    /// RR samples, likewise.
     pub rr: Vec<ClientSample>,
+    /// Direct's CRR sample taken right next to each of `crr` (empty for
+    /// direct itself, or when direct is not measured).
+    pub crr_direct: Vec<ClientSample>,
+    /// Direct's RR sample taken right next to each of `rr`.
+    pub rr_direct: Vec<ClientSample>,
     /// Time to program the services, seconds.
     pub program_s: Option<f64>,
     /// iperf3 throughput, Gbit/s.
     pub bulk_gbps: Option<f64>,
+}
+
+impl Cell {
+    fn samples_mut(&mut self, mode: Mode) -> &mut Vec<ClientSample> {
+        match mode {
+            Mode::Crr => &mut self.crr,
+            Mode::Rr => &mut self.rr,
+        }
+    }
+
+    fn baselines_mut(&mut self, mode: Mode) -> &mut Vec<ClientSample> {
+        match mode {
+            Mode::Crr => &mut self.crr_direct,
+            Mode::Rr => &mut self.rr_direct,
+        }
+    }
+}
+
+/// Two measurements taken back to back: a candidate and the direct path,
+/// so that the ratio of the two sees the same machine conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pair {
+    /// The candidate's index.
+    candidate: usize,
+    /// Direct's index, when direct is measured and is not the candidate.
+    baseline: Option<usize>,
+    /// Whether direct goes first.
+    baseline_first: bool,
+}
+
+impl Pair {
+    /// Candidate indices in measurement order.
+    fn order(&self) -> Vec<usize> {
+        match (self.baseline, self.baseline_first) {
+            (Some(b), true) => vec![b, self.candidate],
+            (Some(b), false) => vec![self.candidate, b],
+            (None, _) => vec![self.candidate],
+        }
+    }
+}
+
+/// The measurements of one round: every candidate but direct paired with
+/// direct, in an order rotating with the round, direct first in every other
+/// round so that a drift over the pair does not favour either side. Without
+/// direct, every candidate alone.
+fn measurement_pairs(candidates: usize, direct: Option<usize>, round: usize) -> Vec<Pair> {
+    let others: Vec<usize> = (0..candidates).filter(|&i| Some(i) != direct).collect();
+    if others.is_empty() {
+        return direct
+            .map(|d| Pair {
+                candidate: d,
+                baseline: None,
+                baseline_first: false,
+            })
+            .into_iter()
+            .collect();
+    }
+    (0..others.len())
+        .map(|k| {
+            let candidate = others[(k + round) % others.len()];
+            Pair {
+                candidate,
+                baseline: direct,
+                baseline_first: (round + candidate) % 2 == 0,
+            }
+        })
+        .collect()
 }
 
 /// One row of the table: medians over rounds.
@@ -899,17 +973,19 @@ pub struct Row {
     pub candidate: CandidateKind,
     /// Median CRR connections/s.
     pub crr_cps: f64,
-    /// Median over rounds of CRR connections/s divided by direct's in the same round.
+    /// Median over rounds of CRR connections/s divided by direct's, measured
+    /// right before or after.
     pub crr_ratio: Option<f64>,
     /// Median CRR p50 latency, µs.
     pub p50_us: f64,
     /// Median CRR p99 latency, µs.
     pub p99_us: f64,
-    /// Median over rounds of p99 divided by direct's p99 in the same round.
+    /// Median over rounds of p99 divided by direct's p99 in the same pair.
     pub p99_ratio: Option<f64>,
     /// Median RR transactions/s.
     pub rr_tps: f64,
-    /// Median over rounds of RR transactions/s divided by direct's.
+    /// Median over rounds of RR transactions/s divided by direct's in the
+    /// same pair.
     pub rr_ratio: Option<f64>,
     /// iperf3 Gbit/s (largest count only).
     pub bulk_gbps: Option<f64>,
@@ -1019,34 +1095,44 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
             cand.before_measurement()?;
             run_client(lab, &crr, cand.as_ref(), Mode::Crr, &warmup)?;
         }
+        let direct = candidates
+            .iter()
+            .position(|c| c.kind() == CandidateKind::Direct);
         for round in 0..cfg.rounds {
-            // CRR of every candidate, then RR of every candidate, so the
-            // samples compared with each other are taken close in time.
             for mode in [Mode::Crr, Mode::Rr] {
-                for k in 0..candidates.len() {
-                    let i = (k + round) % candidates.len();
-                    let cand = candidates[i].as_ref();
-                    cand.before_measurement()?;
-                    let sample = run_client(lab, &crr, cand, mode, cfg)?;
-                    eprintln!(
-                        "lb-bench: {count} services, round {}/{}: {:<10} {} {:>8.0}/s p50 {:>7.1} us p99 {:>7.1} us{}",
-                        round + 1,
-                        cfg.rounds,
-                        cand.kind().name(),
-                        mode.name(),
-                        sample.tps,
-                        sample.p50_us,
-                        sample.p99_us,
-                        if sample.errors > 0 {
-                            format!(" ({} errors)", sample.errors)
-                        } else {
-                            String::new()
+                for pair in measurement_pairs(candidates.len(), direct, round) {
+                    let mut measured = Vec::with_capacity(2);
+                    for i in pair.order() {
+                        let cand = candidates[i].as_ref();
+                        cand.before_measurement()?;
+                        let sample = run_client(lab, &crr, cand, mode, cfg)?;
+                        eprintln!(
+                            "lb-bench: {count} services, round {}/{}: {:<10} {} {:>8.0}/s p50 {:>7.1} us p99 {:>7.1} us{}",
+                            round + 1,
+                            cfg.rounds,
+                            cand.kind().name(),
+                            mode.name(),
+                            sample.tps,
+                            sample.p50_us,
+                            sample.p99_us,
+                            if sample.errors > 0 {
+                                format!(" ({} errors)", sample.errors)
+                            } else {
+                                String::new()
+                            }
+                        );
+                        measured.push((i, sample));
+                    }
+                    let baseline = pair
+                        .baseline
+                        .and_then(|b| measured.iter().find(|(i, _)| *i == b))
+                        .map(|(_, sample)| sample.clone());
+                    for (i, sample) in measured {
+                        let cell = cells.entry((count, i)).or_default();
+                        cell.samples_mut(mode).push(sample);
+                        if let (Some(baseline), false) = (&baseline, Some(i) == pair.baseline) {
+                            cell.baselines_mut(mode).push(baseline.clone());
                         }
-                    );
-                    let cell = cells.entry((count, i)).or_default();
-                    match mode {
-                        Mode::Crr => cell.crr.push(sample),
-                        Mode::Rr => cell.rr.push(sample),
                     }
                 }
             }
@@ -1109,49 +1195,54 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
     })
 }
 
-fn crr_samples(cell: &Cell) -> &[ClientSample] {
-    &cell.crr
+/// The median of `field` of `samples` over `field` of the direct samples
+/// paired with them; 1 for direct itself; `None` without pairs.
+fn paired_ratio(
+    kind: CandidateKind,
+    samples: &[ClientSample],
+    direct: &[ClientSample],
+    field: fn(&ClientSample) -> f64,
+) -> Option<f64> {
+    if kind == CandidateKind::Direct {
+        return (!samples.is_empty()).then_some(1.0);
+    }
+    let ratios: Vec<f64> = samples
+        .iter()
+        .zip(direct)
+        .filter(|(_, d)| field(d) > 0.0)
+        .map(|(s, d)| field(s) / field(d))
+        .collect();
+    (!ratios.is_empty()).then(|| median(ratios))
 }
 
-fn rr_samples(cell: &Cell) -> &[ClientSample] {
-    &cell.rr
-}
-
-/// Medians and per-round ratios to direct.
+/// Medians and paired ratios to direct.
 fn summarize(
     counts: &[usize],
     kinds: &[CandidateKind],
     cells: &BTreeMap<(usize, usize), Cell>,
 ) -> Vec<Row> {
-    let direct = kinds.iter().position(|&k| k == CandidateKind::Direct);
     let mut rows = Vec::new();
     for &count in counts {
-        let base = direct.and_then(|d| cells.get(&(count, d)));
         for (i, &kind) in kinds.iter().enumerate() {
             let Some(cell) = cells.get(&(count, i)) else {
                 continue;
             };
-            let ratio = |pick: fn(&Cell) -> &[ClientSample],
-                         field: fn(&ClientSample) -> f64|
-             -> Option<f64> {
-                let ratios: Vec<f64> = pick(cell)
-                    .iter()
-                    .zip(pick(base?))
-                    .filter(|(_, b)| field(b) > 0.0)
-                    .map(|(o, b)| field(o) / field(b))
-                    .collect();
-                (!ratios.is_empty()).then(|| median(ratios))
+            let has_direct = kinds.contains(&CandidateKind::Direct);
+            let ratio = |samples: &[ClientSample],
+                         direct: &[ClientSample],
+                         field: fn(&ClientSample) -> f64| {
+                paired_ratio(kind, samples, direct, field).filter(|_| has_direct)
             };
             rows.push(Row {
                 services: count,
                 candidate: kind,
                 crr_cps: median(cell.crr.iter().map(|s| s.tps).collect()),
-                crr_ratio: ratio(crr_samples, |s| s.tps),
+                crr_ratio: ratio(&cell.crr, &cell.crr_direct, |s| s.tps),
                 p50_us: median(cell.crr.iter().map(|s| s.p50_us).collect()),
                 p99_us: median(cell.crr.iter().map(|s| s.p99_us).collect()),
-                p99_ratio: ratio(crr_samples, |s| s.p99_us),
+                p99_ratio: ratio(&cell.crr, &cell.crr_direct, |s| s.p99_us),
                 rr_tps: median(cell.rr.iter().map(|s| s.tps).collect()),
-                rr_ratio: ratio(rr_samples, |s| s.tps),
+                rr_ratio: ratio(&cell.rr, &cell.rr_direct, |s| s.tps),
                 bulk_gbps: cell.bulk_gbps,
                 program_s: cell.program_s,
                 errors: cell.crr.iter().chain(&cell.rr).map(|s| s.errors).sum(),
@@ -1558,6 +1649,62 @@ mod tests {
     }
 
     #[test]
+    fn every_candidate_is_paired_with_direct_in_alternating_order() {
+        // Direct is candidate 0 of 4.
+        for round in 0..4 {
+            let pairs = measurement_pairs(4, Some(0), round);
+            let mut seen: Vec<usize> = pairs.iter().map(|p| p.candidate).collect();
+            seen.sort();
+            assert_eq!(seen, [1, 2, 3]);
+            assert!(pairs.iter().all(|p| p.baseline == Some(0)));
+            assert_eq!(pairs[0].candidate, 1 + round % 3, "rotating order");
+        }
+        // Over two rounds each candidate has direct once before, once after.
+        for candidate in 1..4 {
+            let first: Vec<bool> = (0..2)
+                .map(|round| {
+                    measurement_pairs(4, Some(0), round)
+                        .into_iter()
+                        .find(|p| p.candidate == candidate)
+                        .unwrap()
+                        .baseline_first
+                })
+                .collect();
+            assert_ne!(first[0], first[1], "candidate {candidate}");
+        }
+        let order = measurement_pairs(2, Some(1), 0)[0].order();
+        assert_eq!(order, [1, 0]);
+        // Without direct, or with direct alone: single measurements.
+        assert!(measurement_pairs(2, None, 0)
+            .iter()
+            .all(|p| p.order().len() == 1));
+        assert_eq!(measurement_pairs(1, Some(0), 0)[0].order(), [0]);
+    }
+
+    #[test]
+    fn ratios_use_the_paired_direct_samples() {
+        let sample = |tps: f64| ClientSample {
+            tps,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            transactions: 1,
+            errors: 0,
+        };
+        let samples = [sample(90.0), sample(50.0), sample(99.0)];
+        let direct = [sample(100.0), sample(50.0), sample(100.0)];
+        let r = paired_ratio(CandidateKind::Tc, &samples, &direct, |s| s.tps);
+        assert_eq!(r, Some(0.99));
+        assert_eq!(
+            paired_ratio(CandidateKind::Direct, &direct, &[], |s| s.tps),
+            Some(1.0)
+        );
+        assert_eq!(
+            paired_ratio(CandidateKind::Tc, &samples, &[], |s| s.tps),
+            None
+        );
+    }
+
+    #[test]
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
@@ -1639,6 +1786,16 @@ mod tests {
                     Cell {
                         crr: vec![sample(tps), sample(tps * 1.1)],
                         rr: vec![sample(tps * 3.0)],
+                        crr_direct: if i == 0 {
+                            Vec::new()
+                        } else {
+                            vec![sample(1000.0), sample(1100.0)]
+                        },
+                        rr_direct: if i == 0 {
+                            Vec::new()
+                        } else {
+                            vec![sample(3000.0)]
+                        },
                         program_s: (i == 1).then_some(0.25),
                         bulk_gbps: None,
                     },

@@ -208,16 +208,17 @@ fn load_tc_path(settings: &Settings) -> Result<(Option<TcDatapath>, Vec<IpAddr>)
     Ok((Some(tc), addresses))
 }
 
-/// Pod interfaces the tc programs are attached to.
+/// Pod interfaces the tc programs are attached to, by name, with the
+/// ifindex of those registered for peer redirects.
 #[derive(Default)]
 struct PodInterfaces {
-    attached: std::collections::BTreeSet<String>,
+    attached: std::collections::BTreeMap<String, Option<u32>>,
 }
 
 impl PodInterfaces {
     /// Attaches `hooks` to interfaces whose name starts with one of
-    /// `prefixes` and that appeared since the last call; forgets the ones
-    /// that went away.
+    /// `prefixes` and that appeared since the last call, registering veth and
+    /// netkit ones for peer redirects; forgets the ones that went away.
     fn attach_new(&mut self, tc: &mut TcDatapath, prefixes: &[String], hooks: &[TcHook]) {
         if prefixes.is_empty() {
             return;
@@ -229,18 +230,52 @@ impl PodInterfaces {
             .map(|a| a.interface_name)
             .filter(|name| prefixes.iter().any(|p| name.starts_with(p.as_str())))
             .collect();
-        self.attached.retain(|name| present.contains(name));
+        self.attached.retain(|name, ifindex| {
+            let keep = present.contains(name);
+            if let (false, Some(ifindex)) = (keep, *ifindex) {
+                if let Err(err) = tc.remove_pod_interface(ifindex) {
+                    log::error!("forgetting pod interface {name}: {err}");
+                }
+            }
+            keep
+        });
         for name in present {
-            if self.attached.contains(&name) {
+            if self.attached.contains_key(&name) {
                 continue;
             }
             match tc.attach(&name, hooks) {
                 Ok(()) => {
                     log::info!("tc programs attached to pod interface {name}");
-                    self.attached.insert(name);
+                    let peer = peer_redirect_target(tc, &name);
+                    self.attached.insert(name, peer);
                 }
                 Err(err) => log::error!("attaching tc programs to {name}: {err}"),
             }
+        }
+    }
+}
+
+/// Registers `name` for peer redirects if it is the host end of a veth or
+/// netkit pair, returning its ifindex; packets to other interfaces keep the
+/// plain redirect.
+fn peer_redirect_target(tc: &mut TcDatapath, name: &str) -> Option<u32> {
+    let ifindex = nix::net::if_::if_nametoindex(name).ok()?;
+    let kind = match crate::netlink::link_kind(ifindex) {
+        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => kind,
+        Ok(_) => return None,
+        Err(err) => {
+            log::warn!("kind of interface {name}: {err}; no peer redirect to it");
+            return None;
+        }
+    };
+    match tc.add_pod_interface(ifindex) {
+        Ok(()) => {
+            log::info!("packets to pod interface {name} ({kind}) are handed to its peer");
+            Some(ifindex)
+        }
+        Err(err) => {
+            log::error!("registering pod interface {name}: {err}");
+            None
         }
     }
 }

@@ -4,7 +4,8 @@
 //! The deciding parts ([`model`], [`plan`], [`maglev`], [`view`],
 //! [`sockdiag`], [`config`]) are sans-IO and unit tested without a kernel; the
 //! I/O shells are thin: [`datapath`] (maps and programs), [`yaml`], [`k8s`] and
-//! [`source`] (intent), [`terminate`] (sockets), [`http`], [`health`],
+//! [`source`] (intent), [`terminate`] (sockets), [`netlink`] (interface
+//! kinds), [`http`], [`health`],
 //! [`metrics`], and [`daemon`] (the main loop).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod mounts;
+pub mod netlink;
 pub mod plan;
 pub mod podcgroups;
 pub mod reconcile;

@@ -194,6 +194,7 @@ pub struct TcDatapath {
     gc: Array<MapData, CtGcState>,
     config: Array<MapData, TcConfig>,
     stats: PerCpuArray<MapData, u64>,
+    pod_interfaces: HashMap<MapData, u32, u32>,
     conntrack_capacity: u32,
     pin_dir: PathBuf,
 }
@@ -258,6 +259,7 @@ impl TcDatapath {
             gc: take(&mut ebpf, map_names::CT_GC)?,
             config: take(&mut ebpf, map_names::CONFIG)?,
             stats: take(&mut ebpf, map_names::STATS)?,
+            pod_interfaces: take(&mut ebpf, map_names::POD_INTERFACES)?,
             ebpf,
             conntrack_capacity,
             pin_dir: pin_dir.to_path_buf(),
@@ -491,6 +493,21 @@ impl TcDatapath {
             deleted: usize::try_from(result.deleted).unwrap_or(usize::MAX),
             capacity: self.conntrack_capacity,
         })
+    }
+
+    /// Marks `ifindex` as the host end of a pod's veth (or netkit) pair:
+    /// packets forwarded to it go straight to the pod's end. Only for
+    /// interfaces of such kinds: the peer redirect drops packets to others.
+    pub fn add_pod_interface(&mut self, ifindex: u32) -> Result<(), TcPathError> {
+        self.pod_interfaces
+            .insert(ifindex, 1, 0)
+            .map_err(map_err(map_names::POD_INTERFACES))
+    }
+
+    /// Forgets a pod interface that went away.
+    pub fn remove_pod_interface(&mut self, ifindex: u32) -> Result<(), TcPathError> {
+        ignore_missing(self.pod_interfaces.remove(&ifindex))
+            .map_err(map_err(map_names::POD_INTERFACES))
     }
 
     /// Every conntrack entry, for `lbctl` and tests.

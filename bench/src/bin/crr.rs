@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! crr server --listen ADDR:PORT [--size R] [--workers N]
-//! crr client --target ADDR:PORT --threads N --duration SECS
+//! crr client --target ADDR:PORT --threads N --duration SECS [--pin]
 //!            [--size R] [--mode crr|rr] [--timeout-ms MS] [--json]
 //! ```
 //!
@@ -72,6 +72,9 @@ enum Command {
         /// sockets fully blocking.
         #[arg(long, default_value_t = crr::DEFAULT_TIMEOUT.as_millis() as u64)]
         timeout_ms: u64,
+        /// Pin client thread i to the i-th allowed CPU (steadier results).
+        #[arg(long)]
+        pin: bool,
         /// Print one JSON object on one line instead of a summary.
         #[arg(long)]
         json: bool,
@@ -108,6 +111,7 @@ fn main() -> Result<ExitCode> {
             size,
             mode,
             timeout_ms,
+            pin,
             json,
         } => {
             if !(duration.is_finite() && duration > 0.0) {
@@ -120,6 +124,7 @@ fn main() -> Result<ExitCode> {
                 size,
                 mode,
                 timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
+                pin,
             };
             let report = crr::run_client(&cfg).context("running client")?;
             if json {

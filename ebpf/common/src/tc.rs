@@ -66,6 +66,11 @@ pub mod map_names {
     /// Ports of fragmented datagrams: LRU of [`FragKey`](super::FragKey) ->
     /// [`FragPorts`](super::FragPorts). Not pinned.
     pub const FRAGMENTS: &str = "LB_FRAG_V1";
+    /// Host ends of pod veth (or netkit) pairs: ifindex (`u32`) -> 1. A
+    /// translated packet whose FIB egress is one of them is handed straight
+    /// to the pod's side with `bpf_redirect_peer`. Not pinned: the agent
+    /// fills each loaded object's own as it attaches to pod interfaces.
+    pub const POD_INTERFACES: &str = "LB_PODIF_V1";
 }
 
 /// Answers (RSTs and ICMP errors) to packets for frontends without endpoints,
@@ -186,6 +191,8 @@ pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 22;
 pub const MAX_CONNTRACK: u32 = 1 << 18;
 /// Capacity of the source range trie.
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Capacity of [`map_names::POD_INTERFACES`].
+pub const MAX_POD_INTERFACES: u32 = 16_384;
 /// Number of counters in [`map_names::STATS`].
 pub const STATS_LEN: u32 = 12;
 

@@ -1,22 +1,27 @@
 //! Forwarding of translated packets: a FIB lookup on the rewritten tuple,
 //! then a redirect to the egress interface with the next hop's MAC address,
-//! so the packet skips the stack's routing. Without a neighbour entry yet,
+//! so the packet skips the stack's routing. When that interface is the host
+//! end of a pod's veth pair, `bpf_redirect_peer` hands the packet to the
+//! pod's end directly, skipping the pair's transmit path and a second pass
+//! through the receive queue. Without a neighbour entry yet,
 //! `bpf_redirect_neigh` resolves it. Anything else the FIB does not forward
 //! (local delivery, no route, forwarding disabled) goes to the stack.
+//!
+//! Only called on ingress hooks: `bpf_redirect_peer` works from there only.
 
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
     EbpfContext,
 };
 use lb_common::tc::{CtKey, STAT_FIB_REDIRECT};
 
 use crate::{
-    maps::count,
+    maps::{count, POD_INTERFACES},
     parse::{ETH_LEN, ETH_SRC_OFF},
 };
 
@@ -59,8 +64,15 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool) -> i32 {
         {
             return TC_ACT_OK;
         }
-        // SAFETY: a helper available to tc programs.
-        unsafe { bpf_redirect(params.ifindex, 0) }
+        // SAFETY: helpers available to tc programs; the peer redirect only
+        // targets interfaces the agent found to be veth or netkit host ends.
+        unsafe {
+            if POD_INTERFACES.get_ptr(&params.ifindex).is_some() {
+                bpf_redirect_peer(params.ifindex, 0)
+            } else {
+                bpf_redirect(params.ifindex, 0)
+            }
+        }
     } else if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The lookup left the egress interface and the next hop in `params`.
         let mut next_hop = if v4 {

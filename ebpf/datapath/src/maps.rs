@@ -11,7 +11,7 @@ use lb_common::{
     tc::{
         CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, RejectBudget, SourceRangeKey,
         TcAffinityKey, TcConfig, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
-        MAX_SOURCE_RANGES, STATS_LEN,
+        MAX_POD_INTERFACES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -58,6 +58,10 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(MAX_SOU
 /// Node configuration (one entry).
 #[map(name = "LB_TCCFG_V1")]
 pub static CONFIG: Array<TcConfig> = Array::pinned(1, 0);
+
+/// Host ends of pod veth pairs, by ifindex.
+#[map(name = "LB_PODIF_V1")]
+pub static POD_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_POD_INTERFACES, 0);
 
 /// Counters, indexed by `STAT_*`.
 #[map(name = "LB_TCSTAT_V1")]

@@ -375,8 +375,13 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
     s.apply("web.yaml", &text, |t| {
         t.contains("10.96.0.10:80/TCP (per packet)")
     })?;
-    // The pod interfaces are picked up within a second of the agent's loop.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The pod interfaces are picked up within a second of the agent's loop;
+    // packets translated towards them skip the veth pairs' transmit path.
+    s.agent.wait_for_log(
+        "packets to pod interface p2 (veth) are handed to its peer",
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
     let attempts = s.connect("10.96.0.10:80", 30, &[])?;
     all_ok(&attempts);
     assert_eq!(

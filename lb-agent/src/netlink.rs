@@ -1,0 +1,184 @@
+//! The kind of a network interface ("veth", "netkit", "bridge", ...), asked of
+//! the kernel over rtnetlink in the agent's own network namespace (sysfs may
+//! show another namespace's devices). The message building and parsing are
+//! plain functions over bytes; [`link_kind`] is the thin socket shell.
+
+use std::{io, os::fd::AsRawFd};
+
+use nix::sys::socket::{
+    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+    SockType,
+};
+
+const NLMSG_HDR_LEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const NLM_F_REQUEST: u16 = 1;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// Attribute types carry two flag bits (nested, network byte order).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The RTM_GETLINK request for interface `ifindex`.
+fn get_link_request(ifindex: u32, seq: u32) -> Vec<u8> {
+    let len = (NLMSG_HDR_LEN + IFINFOMSG_LEN) as u32;
+    let mut msg = Vec::with_capacity(len as usize);
+    msg.extend(len.to_ne_bytes());
+    msg.extend(RTM_GETLINK.to_ne_bytes());
+    msg.extend(NLM_F_REQUEST.to_ne_bytes());
+    msg.extend(seq.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    // ifinfomsg: family, pad, type, index, flags, change.
+    msg.extend([0u8, 0]);
+    msg.extend(0u16.to_ne_bytes());
+    msg.extend(ifindex.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The payload of the first attribute of `kind` in a run of attributes.
+fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16_at(attrs, 0)?);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if u16_at(attrs, 2)? & NLA_TYPE_MASK == kind {
+            return Some(&attrs[4..len]);
+        }
+        attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    None
+}
+
+/// What an answer to [`get_link_request`] says.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// The link's kind; `None` for a device without one (a physical NIC).
+    Kind(Option<String>),
+    /// The kernel refused, with this errno.
+    Error(i32),
+}
+
+fn parse_answer(msg: &[u8]) -> Option<Answer> {
+    let len = u32_at(msg, 0)? as usize;
+    let msg = msg.get(..len)?;
+    match u16_at(msg, 4)? {
+        NLMSG_ERROR => Some(Answer::Error(-(u32_at(msg, NLMSG_HDR_LEN)? as i32))),
+        RTM_NEWLINK => {
+            let attrs = msg.get(NLMSG_HDR_LEN + IFINFOMSG_LEN..)?;
+            let kind = attribute(attrs, IFLA_LINKINFO)
+                .and_then(|info| attribute(info, IFLA_INFO_KIND))
+                .map(|kind| {
+                    let end = kind.iter().position(|&b| b == 0).unwrap_or(kind.len());
+                    String::from_utf8_lossy(&kind[..end]).into_owned()
+                });
+            Some(Answer::Kind(kind))
+        }
+        _ => None,
+    }
+}
+
+/// The kind of interface `ifindex` in the caller's network namespace, e.g.
+/// `Some("veth")`; `None` for a device without one.
+pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let fd = sock.as_raw_fd();
+    bind(fd, &NetlinkAddr::new(0, 0))?;
+    send(fd, &get_link_request(ifindex, 1), MsgFlags::empty())?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = recv(fd, &mut buf, MsgFlags::empty())?;
+    match parse_answer(&buf[..n]) {
+        Some(Answer::Kind(kind)) => Ok(kind),
+        Some(Answer::Error(errno)) => Err(io::Error::from_raw_os_error(errno)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected rtnetlink answer",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend(((4 + payload.len()) as u16).to_ne_bytes());
+        a.extend(kind.to_ne_bytes());
+        a.extend(payload);
+        while a.len() % 4 != 0 {
+            a.push(0);
+        }
+        a
+    }
+
+    fn answer(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        msg.extend(((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
+        msg.extend(kind.to_ne_bytes());
+        msg.extend([0u8; 10]);
+        msg.extend(body);
+        msg
+    }
+
+    #[test]
+    fn request_is_a_get_link_of_the_index() {
+        let req = get_link_request(7, 3);
+        assert_eq!(req.len(), 32);
+        assert_eq!(u32_at(&req, 0), Some(32));
+        assert_eq!(u16_at(&req, 4), Some(RTM_GETLINK));
+        assert_eq!(u32_at(&req, 20), Some(7));
+    }
+
+    #[test]
+    fn kind_is_read_from_the_nested_link_info() {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend(attr(3, b"eth0\0"));
+        let mut info = attr(IFLA_INFO_KIND, b"veth\0");
+        info.extend(attr(2, &[1, 2, 3, 4]));
+        // The nested flag bit is set on IFLA_LINKINFO by the kernel.
+        body.extend(attr(IFLA_LINKINFO | 0x8000, &info));
+        assert_eq!(
+            parse_answer(&answer(RTM_NEWLINK, &body)),
+            Some(Answer::Kind(Some("veth".into())))
+        );
+        let plain = answer(RTM_NEWLINK, &[0u8; IFINFOMSG_LEN]);
+        assert_eq!(parse_answer(&plain), Some(Answer::Kind(None)));
+    }
+
+    #[test]
+    fn errors_and_garbage() {
+        let enodev = answer(NLMSG_ERROR, &(-19i32).to_ne_bytes());
+        assert_eq!(parse_answer(&enodev), Some(Answer::Error(19)));
+        assert_eq!(parse_answer(&[1, 2, 3]), None);
+        let mut bad = vec![0u8; IFINFOMSG_LEN];
+        bad.extend([200, 0, 1, 0]);
+        assert_eq!(
+            parse_answer(&answer(RTM_NEWLINK, &bad)),
+            Some(Answer::Kind(None))
+        );
+    }
+
+    #[test]
+    fn loopback_has_no_kind_and_a_missing_index_is_an_error() {
+        assert_eq!(link_kind(1).unwrap(), None);
+        assert!(link_kind(u32::MAX >> 1).is_err());
+    }
+}
