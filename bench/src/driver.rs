@@ -958,7 +958,7 @@ fn measurement_pairs(candidates: usize, direct: Option<usize>, round: usize) -> 
             Pair {
                 candidate,
                 baseline: direct,
-                baseline_first: (round + candidate) % 2 == 0,
+                baseline_first: (round + candidate).is_multiple_of(2),
             }
         })
         .collect()
