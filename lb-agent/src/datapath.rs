@@ -46,12 +46,13 @@ const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 9] = [
+const MAP_PINS: [&str; 10] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
     map_names::REV_NAT,
     map_names::SOCK_REV_NAT,
+    map_names::SOCK_PEER,
     map_names::SERVICE_NAMES,
     map_names::AFFINITY,
     map_names::ROUND_ROBIN,
@@ -416,8 +417,12 @@ impl Datapath {
     /// `pin_dir` by a previous agent, so an upgrade keeps every entry.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         prepare_pin_dir(pin_dir)?;
+        // Socket storage is a BTF map, which carries no pinning flag: it is
+        // pinned by path so a restarted agent's programs see the storage of
+        // sockets connected before.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path(map_names::SOCK_PEER, pin_dir.join(map_names::SOCK_PEER))
             .load(SOCKET_LB_OBJECT)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {

@@ -3,6 +3,14 @@
 //! IPv4 and an IPv6 flavour sharing one implementation; IPv4 addresses are
 //! IPv4-mapped in the maps, so an IPv6 socket connecting to `::ffff:VIP`
 //! finds the IPv4 service.
+//!
+//! A connected TCP socket keeps its reverse translation in its own
+//! socket-local storage ([`SOCK_PEER`]), which the kernel frees with the
+//! socket: no hash insert on connect, no lookup on the `getpeername` of an
+//! accepted socket, no cleanup on release. UDP sockets use the
+//! [`SOCK_REV_NAT`] LRU, keyed by socket and backend: an unconnected socket
+//! has one peer per datagram, and the agent finds connected ones there to
+//! terminate them when their backend goes.
 
 use core::ptr::read_volatile;
 
@@ -15,11 +23,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
-use lb_common::{is_v4_mapped, v4_mapped, Addr, RevNat, ServiceKey, SockRevNatKey, SCOPE_EXTERNAL};
+use lb_common::{
+    is_v4_mapped, v4_mapped, Addr, Backend, RevNat, ServiceKey, SockPeer, SockRevNatKey, PROTO_TCP,
+    SCOPE_EXTERNAL,
+};
 
 use crate::{
     lb::{select, Lookup},
-    maps::{OPT_OUT, SOCK_REV_NAT},
+    maps::{OPT_OUT, SOCK_PEER, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -34,6 +45,42 @@ const AF_INET: u32 = 2;
 enum Family {
     V4,
     V6,
+}
+
+/// Which system call a translation is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    Sendmsg,
+}
+
+/// The socket's protocol.
+#[inline(always)]
+fn protocol(sa: *const bpf_sock_addr) -> u8 {
+    // SAFETY: `protocol` is readable in every sock_addr hook.
+    unsafe { (*sa).protocol as u8 }
+}
+
+/// Records in a TCP socket's own storage that it was connected to `backend`
+/// for `frontend`. False when the storage cannot be allocated.
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, backend: &Backend, frontend: &RevNat) -> bool {
+    let mut peer = SockPeer {
+        backend: backend.addr,
+        backend_port: backend.port,
+        pad: 0,
+        frontend: *frontend,
+    };
+    // SAFETY: the context's socket is a full socket in connect; the helper
+    // creates the storage with `peer` or returns the existing one.
+    let stored = unsafe { SOCK_PEER.get_or_insert_ptr_mut(ctx, Some(&mut peer)) };
+    if stored.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null pointer from the helper is this socket's storage;
+    // only this socket's own system calls write it.
+    unsafe { *stored = peer };
+    true
 }
 
 /// The user-supplied address of the system call, as (address, port).
@@ -91,7 +138,7 @@ fn fail_with(errno: i32) -> i32 {
 /// connect/sendmsg: steer a frontend address to a backend, unless the
 /// calling process's cgroup opted out (its traffic is translated per packet).
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
+fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
     // SAFETY: a helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if OPT_OUT.get_ptr(&cgroup).is_some() {
@@ -99,8 +146,7 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     let sa = ctx.sock_addr;
     let (addr, port) = user_addr(sa, family);
-    // SAFETY: `protocol` is readable in every sock_addr hook.
-    let proto = unsafe { (*sa).protocol } as u8;
+    let proto = protocol(sa);
     let key = ServiceKey {
         addr,
         port,
@@ -117,22 +163,26 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
             service_id,
             backend,
         } => {
-            let rev_key = SockRevNatKey {
-                // SAFETY: as above.
-                cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-                addr: backend.addr,
-                port: backend.port,
-                pad: [0; 6],
-            };
             let rev = RevNat {
                 addr,
                 port,
                 pad: 0,
                 service_id,
             };
-            // A full LRU evicts its oldest entry; only that old socket would
-            // then see the backend address in getpeername/recvmsg.
-            let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
+            let stored =
+                call == Call::Connect && proto == PROTO_TCP && remember_peer(ctx, &backend, &rev);
+            if !stored {
+                let rev_key = SockRevNatKey {
+                    // SAFETY: as above.
+                    cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                    addr: backend.addr,
+                    port: backend.port,
+                    pad: [0; 6],
+                };
+                // A full LRU evicts its oldest entry; only that old socket
+                // would then see the backend address in getpeername/recvmsg.
+                let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
+            }
             if set_user_addr(sa, family, &backend.addr, backend.port) {
                 ALLOW
             } else {
@@ -147,6 +197,18 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
 fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     let sa = ctx.sock_addr;
     let (addr, port) = user_addr(sa, family);
+    if protocol(sa) == PROTO_TCP {
+        // SAFETY: a lookup without creation in the context's socket storage.
+        let stored = unsafe { SOCK_PEER.get_ptr_mut(ctx) };
+        if !stored.is_null() {
+            // SAFETY: non-null: this socket's storage, copied out at once.
+            let peer = unsafe { *stored };
+            if peer.backend == addr && peer.backend_port == port {
+                set_user_addr(sa, family, &peer.frontend.addr, peer.frontend.port);
+            }
+        }
+        return ALLOW;
+    }
     let key = SockRevNatKey {
         // SAFETY: the context is the one the kernel passed to this program.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -163,22 +225,22 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4)
+    translate(&ctx, Family::V4, Call::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6)
+    translate(&ctx, Family::V6, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4)
+    translate(&ctx, Family::V4, Call::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6)
+    translate(&ctx, Family::V6, Call::Sendmsg)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -201,11 +263,17 @@ pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6)
 }
 
-/// Frees the reverse translation of a connected socket when it closes.
-/// Unconnected UDP sockets have no single peer; their entries age out of the LRU.
+/// Frees the reverse translation of a connected UDP socket when it closes.
+/// TCP sockets keep theirs in socket storage, which goes with them;
+/// unconnected UDP sockets have no single peer: their entries age out of the
+/// LRU.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     let sk: *const bpf_sock = ctx.sock;
+    // SAFETY: `protocol` is readable in sock_release.
+    if unsafe { read_volatile(&(*sk).protocol) } == u32::from(PROTO_TCP) {
+        return ALLOW;
+    }
     // SAFETY: `sk` is the kernel's context and these fields are readable in
     // sock_release. Every field is loaded unconditionally with a volatile
     // read: loads under a branch get merged into one load through a computed

@@ -191,3 +191,32 @@ fn translation_survives_agent_restart() -> Result<()> {
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())
 }
+
+/// A connection opened before an agent restart keeps working and keeps
+/// showing the Service as its peer: the restarted agent's programs reuse the
+/// pinned socket storage.
+#[test]
+fn a_connection_held_across_a_restart_still_shows_the_service() -> Result<()> {
+    let mut s = setup(1)?;
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    publish_web(&s, &all)?;
+    let (lab, bins, client, node) = (&s.lab, &s.bins, &s.client, &s.node);
+    let held = thread::scope(|scope| -> Result<Vec<Attempt>> {
+        let target = format!("{VIP}:80");
+        let connection = scope.spawn(move || {
+            let args = ["connect", "--target", &target, "--hold-ms", "3000"];
+            let output = lab.run_in(client, &bins.labpod, &args)?;
+            lb_e2e::probe::parse_attempts(&output.stdout)
+        });
+        thread::sleep(Duration::from_millis(500));
+        s.agent.kill();
+        s.agent = Agent::start(lab, bins, node)?;
+        s.agent
+            .wait_for_log("ready: programs attached", Duration::from_secs(5))?;
+        connection.join().expect("the connection thread")
+    })?;
+    assert_eq!(held.len(), 1);
+    assert!(held[0].ok, "{held:?}");
+    assert_eq!(held[0].peer.as_deref(), Some("10.96.0.10:80"));
+    Ok(())
+}

@@ -70,7 +70,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
         /// TCP only: keep each connection open this long after the answer,
-        /// then check that it still echoes (a long-lived connection).
+        /// then check that it still echoes and still shows the same peer
+        /// (a long-lived connection).
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
         /// UDP only: send from this local port (the same flow every time).
@@ -284,6 +285,12 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration, http: bool, hold: Duration
                     return Err(std::io::Error::other(
                         "the held connection answered garbage",
                     ));
+                }
+                let later = stream.peer_addr()?;
+                if later != peer {
+                    return Err(std::io::Error::other(format!(
+                        "getpeername showed {peer}, then {later}"
+                    )));
                 }
             }
         }
