@@ -186,15 +186,15 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full benchmark: 1, 1,000 and 10,000 services, 9 rounds of 2 s
-    /// (many short interleaved samples: the per-round ratios' median is
-    /// steadier than with few long ones), 2 client threads, a 5 s iperf3
+    /// The full benchmark: 1, 1,000 and 10,000 services, 9 rounds of 1.5 s
+    /// pairs (many short paired samples: the median of the pairs' ratios is
+    /// steadier than a few long runs), 2 pinned client threads, a 5 s iperf3
     /// run, results in `out`.
     pub fn full(out: PathBuf) -> Self {
         Config {
             counts: vec![1, 1_000, 10_000],
             rounds: 9,
-            duration: Duration::from_secs(2),
+            duration: Duration::from_millis(1500),
             threads: 2,
             endpoints_per_service: 3,
             candidates: CandidateKind::ALL.to_vec(),
