@@ -27,22 +27,23 @@ pub enum Lookup {
 }
 
 /// Looks up `key` and picks a backend for a connection of `client` (its
-/// network namespace cookie): the affine backend when session affinity holds,
-/// otherwise the next one in per-CPU round-robin order.
+/// network namespace cookie, asked for only under session affinity): the
+/// affine backend when session affinity holds, otherwise the next one in
+/// per-CPU round-robin order.
 #[inline(always)]
-pub fn select(key: &ServiceKey, client: u64) -> Lookup {
+pub fn select(key: &ServiceKey, client: impl Fn() -> u64) -> Lookup {
     // The agent flips a frontend to a new slot generation before deleting the
     // old one; a reader caught between its lookups retries once and then sees
     // the new generation.
-    match select_once(key, client) {
+    match select_once(key, &client) {
         Some(lookup) => lookup,
-        None => select_once(key, client).unwrap_or(Lookup::NoBackends),
+        None => select_once(key, &client).unwrap_or(Lookup::NoBackends),
     }
 }
 
 /// One attempt; `None` when a slot or backend vanished under a concurrent update.
 #[inline(always)]
-fn select_once(key: &ServiceKey, client: u64) -> Option<Lookup> {
+fn select_once(key: &ServiceKey, client: &impl Fn() -> u64) -> Option<Lookup> {
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Some(Lookup::NotAService);
@@ -53,18 +54,40 @@ fn select_once(key: &ServiceKey, client: u64) -> Option<Lookup> {
         }
         return Some(Lookup::NoBackends);
     }
+    if service.flags & SERVICE_FLAG_AFFINITY == 0 {
+        let (_, backend) = next_backend(&service)?;
+        return Some(Lookup::Backend {
+            service_id: service.service_id,
+            backend,
+        });
+    }
     let affinity = AffinityKey {
-        client,
+        client: client(),
         service_id: service.service_id,
         pad: 0,
     };
     // SAFETY: a BPF helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if service.flags & SERVICE_FLAG_AFFINITY != 0 {
-        if let Some(backend) = affine_backend(&affinity, &service, now) {
-            return Some(backend);
-        }
+    if let Some(backend) = affine_backend(&affinity, &service, now) {
+        return Some(backend);
     }
+    let (backend_id, backend) = next_backend(&service)?;
+    let value = AffinityValue {
+        backend_id,
+        pad: 0,
+        last_used_ns: now,
+    };
+    // A full LRU evicts its oldest entry: that client just loses affinity.
+    let _ = AFFINITY.insert(&affinity, &value, 0);
+    Some(Lookup::Backend {
+        service_id: service.service_id,
+        backend,
+    })
+}
+
+/// The backend at this CPU's next round-robin position of `service`.
+#[inline(always)]
+fn next_backend(service: &ServiceValue) -> Option<(u32, Backend)> {
     let slot = SlotKey {
         generation: service.slot_generation,
         slot: next_position(service.service_id) % service.backend_count,
@@ -73,19 +96,7 @@ fn select_once(key: &ServiceKey, client: u64) -> Option<Lookup> {
     let backend_id = (unsafe { BACKEND_SLOTS.get(&slot) }).copied()?;
     // SAFETY: as above.
     let backend = (unsafe { BACKENDS.get(&backend_id) }).copied()?;
-    if service.flags & SERVICE_FLAG_AFFINITY != 0 {
-        let value = AffinityValue {
-            backend_id,
-            pad: 0,
-            last_used_ns: now,
-        };
-        // A full LRU evicts its oldest entry: that client just loses affinity.
-        let _ = AFFINITY.insert(&affinity, &value, 0);
-    }
-    Some(Lookup::Backend {
-        service_id: service.service_id,
-        backend,
-    })
+    Some((backend_id, backend))
 }
 
 /// The backend this client used within the affinity timeout, refreshed.

@@ -154,7 +154,7 @@ fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
         scope: SCOPE_EXTERNAL,
     };
     // SAFETY: the context is the one the kernel passed to this program.
-    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     match select(&key, client) {
         Lookup::NotAService => ALLOW,
         Lookup::NoBackends => fail_with(ECONNREFUSED),
