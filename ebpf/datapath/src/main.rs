@@ -92,7 +92,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if let Some(entry) = lookup(&pkt, now) {
-        return translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now);
+        // SAFETY: a pointer from a successful lookup; copied out at once.
+        let value = unsafe { *entry };
+        return translate(TcContext::new(ctx.skb.skb), &pkt, &value, entry, hook);
     }
     if hook == Hook::Egress {
         return TC_ACT_OK;
@@ -100,28 +102,42 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // New flows and known ones take separate calls so that their stack
     // frames are not added up against the 512-byte limit.
     match new_flow(&pkt, now) {
-        NewFlow::Created => match lookup(&pkt, now) {
-            Some(entry) => translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now),
-            None => drop(STAT_CT_INSERT_FAILED),
-        },
+        // The entries were written with the state after this packet: no
+        // second lookup, nothing to record.
+        NewFlow::Created(forward) => translate(
+            TcContext::new(ctx.skb.skb),
+            &pkt,
+            &forward,
+            core::ptr::null_mut(),
+            hook,
+        ),
         NewFlow::Reject => reject::reject(TcContext::new(ctx.skb.skb), &pkt),
         NewFlow::Verdict(verdict) => verdict,
     }
 }
 
-/// Rewrites a packet of a known flow and sends it on.
+/// Rewrites a packet of a flow with entry `value` and sends it on. `entry`
+/// points at the entry in the map when the packet was looked up, so its
+/// state can be recorded; it is null for a new flow, whose entries are
+/// current already. (BPF calls take at most five arguments.)
 #[inline(never)]
-fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
-    // SAFETY: a pointer from a successful lookup; copied out at once.
-    let value = unsafe { *entry };
+fn translate(
+    ctx: TcContext,
+    pkt: &Packet,
+    value: &CtValue,
+    entry: *mut CtValue,
+    hook: Hook,
+) -> i32 {
     let step = value.step(pkt.tuple.proto, pkt.tcp_flags);
-    let Ok(rewritten) = rewrite(&ctx, pkt, &value) else {
+    let Ok(rewritten) = rewrite(&ctx, pkt, value) else {
         return TC_ACT_SHOT;
     };
     if step.closes {
         forget(&pkt.tuple, &rewritten);
-    } else {
-        touch(entry, &value, &step, &rewritten, now);
+    } else if !entry.is_null() {
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        touch(entry, value, &step, &rewritten, now);
     }
     count(if value.flags & CT_FLAG_REPLY != 0 {
         STAT_REPLY
@@ -143,8 +159,8 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
 
 /// The outcome of [`new_flow`].
 enum NewFlow {
-    /// Conntrack entries were created: translate as a known flow.
-    Created,
+    /// Conntrack entries were created; this is the client side's.
+    Created(CtValue),
     /// The frontend has no endpoints: reject.
     Reject,
     /// Not for a frontend, or dropped: this verdict.
@@ -250,7 +266,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED));
     }
     count(STAT_NEW_FLOW);
-    NewFlow::Created
+    NewFlow::Created(forward)
 }
 
 /// Finds a free SNAT port for a flow and inserts its reply entry with it
