@@ -10,7 +10,8 @@
 //! accepted socket, no cleanup on release. UDP sockets use the
 //! [`SOCK_REV_NAT`] LRU, keyed by socket and backend: an unconnected socket
 //! has one peer per datagram, and the agent finds connected ones there to
-//! terminate them when their backend goes.
+//! terminate them when their backend goes (`sock_diag` reports socket
+//! storage for TCP sockets only, so it could not find them in storage).
 
 use core::ptr::read_volatile;
 
