@@ -1416,11 +1416,12 @@ fn render_report(
     md.push_str(table);
     md.push_str(
         "\nValues are medians over rounds; \"vs direct\" is the median over rounds of the \
-         candidate's value divided by direct's value in the same round. p50/p99 are CRR \
-         transaction latencies (connect, request, response). Time to program: socket-lb from \
-         writing the manifest to the agent's `reconciled N frontends` log line (the agent's manifest \
-         poll/debounce period set to 10 ms); iptables and nftables the wall time of `iptables-restore` and `nft -f` \
-         loading the rules into an empty table.\n\n",
+         candidate's value divided by direct's value measured right before or after it (client \
+         threads pinned one per CPU). p50/p99 are CRR transaction latencies (connect, request, \
+         response). Time to program: socket-lb and tc from writing the manifest to the agent's \
+         `reconciled N frontends` log line (the agent's manifest poll/debounce period set to \
+         10 ms); iptables and nftables the wall time of `iptables-restore` and `nft -f` loading \
+         the rules into an empty table.\n\n",
     );
     md.push_str(
         "Candidates (each on a lab node of its own, client and server pods on that node):\n\n",
