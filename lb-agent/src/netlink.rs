@@ -10,26 +10,34 @@ use nix::sys::socket::{
     SockType,
 };
 
-const NLMSG_HDR_LEN: usize = 16;
+/// Length of a netlink message header.
+pub(crate) const NLMSG_HDR_LEN: usize = 16;
+/// Message type of an error or acknowledgement.
+pub(crate) const NLMSG_ERROR: u16 = 2;
+/// Header flag of a request.
+pub(crate) const NLM_F_REQUEST: u16 = 1;
 const IFINFOMSG_LEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
-const NLM_F_REQUEST: u16 = 1;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 /// Attribute types carry two flag bits (nested, network byte order).
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
+/// Appends a netlink message header (host order; port id 0, the kernel's).
+pub(crate) fn push_header(buf: &mut Vec<u8>, len: usize, kind: u16, flags: u16, seq: u32) {
+    buf.extend_from_slice(&(len as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+}
+
 /// The RTM_GETLINK request for interface `ifindex`.
 fn get_link_request(ifindex: u32, seq: u32) -> Vec<u8> {
-    let len = (NLMSG_HDR_LEN + IFINFOMSG_LEN) as u32;
-    let mut msg = Vec::with_capacity(len as usize);
-    msg.extend(len.to_ne_bytes());
-    msg.extend(RTM_GETLINK.to_ne_bytes());
-    msg.extend(NLM_F_REQUEST.to_ne_bytes());
-    msg.extend(seq.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
+    let len = NLMSG_HDR_LEN + IFINFOMSG_LEN;
+    let mut msg = Vec::with_capacity(len);
+    push_header(&mut msg, len, RTM_GETLINK, NLM_F_REQUEST, seq);
     // ifinfomsg: family, pad, type, index, flags, change.
     msg.extend([0u8, 0]);
     msg.extend(0u16.to_ne_bytes());

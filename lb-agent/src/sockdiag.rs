@@ -4,16 +4,15 @@
 //! Layouts follow `linux/inet_diag.h` and `linux/netlink.h`; netlink headers
 //! are host-endian, ports and addresses in `inet_diag_sockid` network-endian.
 
+use crate::netlink::{push_header, NLMSG_ERROR, NLMSG_HDR_LEN as HEADER_LEN, NLM_F_REQUEST};
+
 /// `SOCK_DIAG_BY_FAMILY`: dump sockets of one family and protocol.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `SOCK_DESTROY`: abort one socket (needs `CONFIG_INET_DIAG_DESTROY`).
 pub const SOCK_DESTROY: u16 = 21;
-const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const HEADER_LEN: usize = 16;
 const SOCKID_LEN: usize = 48;
 const REQUEST_LEN: usize = HEADER_LEN + 8 + SOCKID_LEN;
 /// `inet_diag_msg` up to and including `idiag_inode`.
@@ -58,17 +57,9 @@ pub enum Message {
     Other,
 }
 
-fn header(buf: &mut Vec<u8>, len: usize, kind: u16, flags: u16, seq: u32) {
-    buf.extend_from_slice(&(len as u32).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-}
-
 fn request(kind: u16, flags: u16, seq: u32, family: u8, protocol: u8, id: &SockId) -> Vec<u8> {
     let mut buf = Vec::with_capacity(REQUEST_LEN);
-    header(&mut buf, REQUEST_LEN, kind, flags, seq);
+    push_header(&mut buf, REQUEST_LEN, kind, flags, seq);
     buf.extend_from_slice(&[family, protocol, 0, 0]);
     // idiag_states: every TCP state bit; UDP sockets report ESTABLISHED or CLOSE.
     buf.extend_from_slice(&u32::MAX.to_ne_bytes());
@@ -176,7 +167,7 @@ mod tests {
         body.extend_from_slice(&req[HEADER_LEN + 8..]);
         body.extend_from_slice(&[0; 20]);
         let mut msg = Vec::new();
-        header(&mut msg, HEADER_LEN + body.len(), SOCK_DIAG_BY_FAMILY, 2, 1);
+        push_header(&mut msg, HEADER_LEN + body.len(), SOCK_DIAG_BY_FAMILY, 2, 1);
         msg.extend_from_slice(&body);
         msg
     }
@@ -206,7 +197,7 @@ mod tests {
         let mut datagram = diag_reply(2, &id);
         datagram.extend(diag_reply(2, &SockId { cookie: 1, ..id }));
         let mut done = Vec::new();
-        header(&mut done, HEADER_LEN + 4, NLMSG_DONE, 2, 1);
+        push_header(&mut done, HEADER_LEN + 4, NLMSG_DONE, 2, 1);
         done.extend_from_slice(&0u32.to_ne_bytes());
         datagram.extend(done);
         let messages = parse(&datagram);
@@ -228,7 +219,7 @@ mod tests {
     #[test]
     fn errors_and_truncation_are_handled() {
         let mut ack = Vec::new();
-        header(&mut ack, HEADER_LEN + 4, NLMSG_ERROR, 0, 1);
+        push_header(&mut ack, HEADER_LEN + 4, NLMSG_ERROR, 0, 1);
         ack.extend_from_slice(&(-2i32).to_ne_bytes());
         assert_eq!(parse(&ack), vec![Message::Error(-2)]);
         assert!(parse(&ack[..10]).is_empty());

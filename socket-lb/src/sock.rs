@@ -48,13 +48,6 @@ enum Family {
     V6,
 }
 
-/// Which system call a translation is for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Connect,
-    Sendmsg,
-}
-
 /// The socket's protocol.
 #[inline(always)]
 fn protocol(sa: *const bpf_sock_addr) -> u8 {
@@ -139,7 +132,7 @@ fn fail_with(errno: i32) -> i32 {
 /// connect/sendmsg: steer a frontend address to a backend, unless the
 /// calling process's cgroup opted out (its traffic is translated per packet).
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
+fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: a helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if OPT_OUT.get_ptr(&cgroup).is_some() {
@@ -170,8 +163,8 @@ fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
                 pad: 0,
                 service_id,
             };
-            let stored =
-                call == Call::Connect && proto == PROTO_TCP && remember_peer(ctx, &backend, &rev);
+            // Only connect() reaches here for TCP (the sendmsg hooks are UDP's).
+            let stored = proto == PROTO_TCP && remember_peer(ctx, &backend, &rev);
             if !stored {
                 let rev_key = SockRevNatKey {
                     // SAFETY: as above.
@@ -226,22 +219,22 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4, Call::Connect)
+    translate(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6, Call::Connect)
+    translate(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4, Call::Sendmsg)
+    translate(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6, Call::Sendmsg)
+    translate(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -92,9 +92,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if let Some(entry) = lookup(&pkt, now) {
-        // SAFETY: a pointer from a successful lookup; copied out at once.
-        let value = unsafe { *entry };
-        return translate(TcContext::new(ctx.skb.skb), &pkt, &value, entry, hook);
+        let flow = Flow {
+            // SAFETY: a pointer from a successful lookup; copied out at once.
+            value: unsafe { *entry },
+            entry,
+        };
+        return translate(TcContext::new(ctx.skb.skb), &pkt, &flow, hook, now);
     }
     if hook == Hook::Egress {
         return TC_ACT_OK;
@@ -104,40 +107,41 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     match new_flow(&pkt, now) {
         // The entries were written with the state after this packet: no
         // second lookup, nothing to record.
-        NewFlow::Created(forward) => translate(
-            TcContext::new(ctx.skb.skb),
-            &pkt,
-            &forward,
-            core::ptr::null_mut(),
-            hook,
-        ),
+        NewFlow::Created(value) => {
+            let flow = Flow {
+                value,
+                entry: core::ptr::null_mut(),
+            };
+            translate(TcContext::new(ctx.skb.skb), &pkt, &flow, hook, now)
+        }
         NewFlow::Reject => reject::reject(TcContext::new(ctx.skb.skb), &pkt),
         NewFlow::Verdict(verdict) => verdict,
     }
 }
 
-/// Rewrites a packet of a flow with entry `value` and sends it on. `entry`
-/// points at the entry in the map when the packet was looked up, so its
-/// state can be recorded; it is null for a new flow, whose entries are
-/// current already. (BPF calls take at most five arguments.)
-#[inline(never)]
-fn translate(
-    ctx: TcContext,
-    pkt: &Packet,
-    value: &CtValue,
+/// The conntrack entry a packet is translated with. (One argument: BPF
+/// calls take at most five.)
+struct Flow {
+    /// The entry's value.
+    value: CtValue,
+    /// Where it is in the map when the packet was looked up, so the packet
+    /// can be recorded on it; null for a new flow, whose entries were just
+    /// written with the state after this packet.
     entry: *mut CtValue,
-    hook: Hook,
-) -> i32 {
+}
+
+/// Rewrites a packet of `flow` and sends it on.
+#[inline(never)]
+fn translate(ctx: TcContext, pkt: &Packet, flow: &Flow, hook: Hook, now: u64) -> i32 {
+    let value = &flow.value;
     let step = value.step(pkt.tuple.proto, pkt.tcp_flags);
     let Ok(rewritten) = rewrite(&ctx, pkt, value) else {
         return TC_ACT_SHOT;
     };
     if step.closes {
         forget(&pkt.tuple, &rewritten);
-    } else if !entry.is_null() {
-        // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_boot_ns() };
-        touch(entry, value, &step, &rewritten, now);
+    } else if !flow.entry.is_null() {
+        touch(flow.entry, value, &step, &rewritten, now);
     }
     count(if value.flags & CT_FLAG_REPLY != 0 {
         STAT_REPLY
