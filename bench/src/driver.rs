@@ -186,14 +186,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full benchmark: 1, 1,000 and 10,000 services, 9 rounds of 1.5 s
+    /// The full benchmark: 1, 1,000 and 10,000 services, 15 rounds of 1.5 s
     /// pairs (many short paired samples: the median of the pairs' ratios is
     /// steadier than a few long runs), 2 pinned client threads, a 5 s iperf3
     /// run, results in `out`.
     pub fn full(out: PathBuf) -> Self {
         Config {
             counts: vec![1, 1_000, 10_000],
-            rounds: 9,
+            rounds: 15,
             duration: Duration::from_millis(1500),
             threads: 2,
             endpoints_per_service: 3,
@@ -975,24 +975,36 @@ pub struct Row {
     pub crr_cps: f64,
     /// Median over rounds of CRR connections/s divided by direct's, measured
     /// right before or after.
-    pub crr_ratio: Option<f64>,
+    pub crr_ratio: Option<Ratio>,
     /// Median CRR p50 latency, µs.
     pub p50_us: f64,
     /// Median CRR p99 latency, µs.
     pub p99_us: f64,
     /// Median over rounds of p99 divided by direct's p99 in the same pair.
-    pub p99_ratio: Option<f64>,
+    pub p99_ratio: Option<Ratio>,
     /// Median RR transactions/s.
     pub rr_tps: f64,
     /// Median over rounds of RR transactions/s divided by direct's in the
     /// same pair.
-    pub rr_ratio: Option<f64>,
+    pub rr_ratio: Option<Ratio>,
     /// iperf3 Gbit/s (largest count only).
     pub bulk_gbps: Option<f64>,
     /// Time to program the services, seconds.
     pub program_s: Option<f64>,
     /// Failed CRR and RR transactions over all rounds.
     pub errors: u64,
+}
+
+/// A candidate's value over direct's: the median of the per-round ratios
+/// and how far that median can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Ratio {
+    /// Median of the per-round ratios.
+    pub median: f64,
+    /// A confidence interval of at least 95 % for that median
+    /// ([`median_interval`]); `None` with fewer than 6 rounds, or for direct
+    /// itself.
+    pub interval: Option<(f64, f64)>,
 }
 
 /// What a run produced.
@@ -1004,6 +1016,28 @@ pub struct Outcome {
     pub table: String,
     /// Where `latest.md`, `latest.json` and `crr.svg` were written.
     pub out: PathBuf,
+}
+
+/// A distribution-free confidence interval of at least 95 % for the median
+/// of `sorted` samples (independent rounds): the k-th smallest and k-th
+/// largest sample, with the largest k for which fewer than k of n samples fall
+/// on one side of the true median with probability at most 2.5 % (that count
+/// is Binomial(n, 1/2)). `None` for fewer than 6 samples, where even the
+/// extremes cover less than 95 %.
+fn median_interval(sorted: &[f64]) -> Option<(f64, f64)> {
+    let n = sorted.len();
+    let mut tail = 0.0;
+    let mut term = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut k = 0;
+    for i in 0..n / 2 {
+        if tail + term > 0.025 {
+            break;
+        }
+        tail += term;
+        k = i + 1;
+        term *= (n - i) as f64 / (i + 1) as f64;
+    }
+    (k > 0).then(|| (sorted[k - 1], sorted[n - k]))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -1196,23 +1230,34 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
 }
 
 /// The median of `field` of `samples` over `field` of the direct samples
-/// paired with them; 1 for direct itself; `None` without pairs.
+/// paired with them, with its interval; exactly 1 for direct itself; `None`
+/// without pairs.
 fn paired_ratio(
     kind: CandidateKind,
     samples: &[ClientSample],
     direct: &[ClientSample],
     field: fn(&ClientSample) -> f64,
-) -> Option<f64> {
+) -> Option<Ratio> {
     if kind == CandidateKind::Direct {
-        return (!samples.is_empty()).then_some(1.0);
+        return (!samples.is_empty()).then_some(Ratio {
+            median: 1.0,
+            interval: None,
+        });
     }
-    let ratios: Vec<f64> = samples
+    let mut ratios: Vec<f64> = samples
         .iter()
         .zip(direct)
         .filter(|(_, d)| field(d) > 0.0)
         .map(|(s, d)| field(s) / field(d))
         .collect();
-    (!ratios.is_empty()).then(|| median(ratios))
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    Some(Ratio {
+        interval: median_interval(&ratios),
+        median: median(ratios),
+    })
 }
 
 /// Medians and paired ratios to direct.
@@ -1269,8 +1314,18 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn ratio_cell(r: Option<f64>) -> String {
-    r.map_or_else(|| "–".into(), |r| format!("{r:.2}x"))
+fn ratio_cell(r: Option<Ratio>) -> String {
+    match r {
+        None => "–".into(),
+        Some(Ratio {
+            median,
+            interval: None,
+        }) => format!("{median:.2}x"),
+        Some(Ratio {
+            median,
+            interval: Some((low, high)),
+        }) => format!("{median:.2}x ({low:.2}–{high:.2})"),
+    }
 }
 
 fn seconds_cell(s: Option<f64>) -> String {
@@ -1417,7 +1472,8 @@ fn render_report(
     md.push_str(
         "\nValues are medians over rounds; \"vs direct\" is the median over rounds of the \
          candidate's value divided by direct's value measured right before or after it (client \
-         threads pinned one per CPU). p50/p99 are CRR transaction latencies (connect, request, \
+         threads pinned one per CPU); in parentheses, a confidence interval of at least 95 % \
+         for that median (order statistics of the per-round ratios, from 6 rounds on). p50/p99 are CRR transaction latencies (connect, request, \
          response). Time to program: socket-lb and tc from writing the manifest to the agent's \
          `reconciled N frontends` log line (the agent's manifest poll/debounce period set to \
          10 ms); iptables and nftables the wall time of `iptables-restore` and `nft -f` loading \
@@ -1694,15 +1750,40 @@ mod tests {
         let samples = [sample(90.0), sample(50.0), sample(99.0)];
         let direct = [sample(100.0), sample(50.0), sample(100.0)];
         let r = paired_ratio(CandidateKind::Tc, &samples, &direct, |s| s.tps);
-        assert_eq!(r, Some(0.99));
+        assert_eq!(
+            r,
+            Some(Ratio {
+                median: 0.99,
+                interval: None
+            })
+        );
         assert_eq!(
             paired_ratio(CandidateKind::Direct, &direct, &[], |s| s.tps),
-            Some(1.0)
+            Some(Ratio {
+                median: 1.0,
+                interval: None
+            })
         );
         assert_eq!(
             paired_ratio(CandidateKind::Tc, &samples, &[], |s| s.tps),
             None
         );
+    }
+
+    #[test]
+    fn median_intervals_are_order_statistics_covering_95_percent() {
+        let sorted = |n: usize| (1..=n).map(|i| i as f64).collect::<Vec<_>>();
+        // Fewer than 6 rounds: even the extremes cover less than 95 %.
+        assert_eq!(median_interval(&sorted(5)), None);
+        assert_eq!(median_interval(&[]), None);
+        // 6 rounds: the extremes (1 - 2/64 = 96.9 %).
+        assert_eq!(median_interval(&sorted(6)), Some((1.0, 6.0)));
+        // 9 rounds: 2nd and 8th (1 - 2 * 10/512 = 96.1 %).
+        assert_eq!(median_interval(&sorted(9)), Some((2.0, 8.0)));
+        // 15 rounds: 4th and 12th (1 - 2 * 576/32768 = 96.5 %).
+        assert_eq!(median_interval(&sorted(15)), Some((4.0, 12.0)));
+        // 100 rounds: 40th and 61st, the textbook values.
+        assert_eq!(median_interval(&sorted(100)), Some((40.0, 61.0)));
     }
 
     #[test]
@@ -1806,7 +1887,7 @@ mod tests {
         let kinds = [CandidateKind::Direct, CandidateKind::Iptables];
         let rows = summarize(&[1, 1000], &kinds, &cells);
         assert_eq!(rows.len(), 4);
-        assert!((rows[1].crr_ratio.unwrap() - 0.9).abs() < 1e-9);
+        assert!((rows[1].crr_ratio.unwrap().median - 0.9).abs() < 1e-9);
         assert!((rows[1].crr_cps - 945.0).abs() < 1e-9);
         let table = render_table(&rows);
         assert!(

@@ -1,7 +1,7 @@
 //! `lb-bench`: the datapath benchmark on the lab.
 //!
 //! ```text
-//! lb-bench [--quick] [--counts 1,1000,10000] [--rounds 9] [--duration SECS]
+//! lb-bench [--quick] [--counts 1,1000,10000] [--rounds 15] [--duration SECS]
 //!          [--threads 2] [--candidates direct,socket-lb,iptables,nftables]
 //!          [--bulk-secs SECS] [--out DIR]
 //! ```
