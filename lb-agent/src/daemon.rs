@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     model::{Compiler, NodeContext},
     mounts,
-    plan::{Capacity, Scope},
+    plan::{Capacity, Scope, UndersizedTable},
     podcgroups,
     reconcile::Reconciler,
     source::{self, Latest, Snapshot},
@@ -106,6 +106,7 @@ pub fn run(settings: Settings) -> Result<()> {
         &[TcHook::Ingress]
     };
     let mut opt_out = OptOut::default();
+    let mut undersized = Vec::new();
     let mut health_checks = HealthCheckServers::new(all_node_addresses());
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -130,6 +131,7 @@ pub fn run(settings: Settings) -> Result<()> {
             healthz: &healthz,
             health_checks: &mut health_checks,
             opt_out: &mut opt_out,
+            undersized: &mut undersized,
         };
         sync(
             &snapshot,
@@ -358,6 +360,8 @@ struct Outputs<'a> {
     healthz: &'a Healthz,
     health_checks: &'a mut HealthCheckServers,
     opt_out: &'a mut OptOut,
+    /// Undersized Maglev tables already warned about.
+    undersized: &'a mut Vec<UndersizedTable>,
 }
 
 /// Pods that opted out of socket translation, and their cgroups in the map.
@@ -394,6 +398,27 @@ impl OptOut {
     }
 }
 
+/// Warns once per Service port (and backend count) whose Maglev table is small for
+/// its backends; the gauge counts them all.
+fn warn_undersized(
+    now: Vec<UndersizedTable>,
+    reported: &mut Vec<UndersizedTable>,
+    metrics: &Metrics,
+) {
+    for table in now.iter().filter(|t| !reported.contains(t)) {
+        log::warn!(
+            "{}: {} backends in a Maglev table of fewer than 100 slots each; \
+             balance and disruption are worse than designed until maglevTableSize \
+             is at least {} on every node",
+            table.name,
+            table.backends,
+            table.wanted_size
+        );
+    }
+    metrics.maglev_undersized.set(now.len() as i64);
+    *reported = now;
+}
+
 fn sync(
     snapshot: &Snapshot,
     compiler: &mut Compiler,
@@ -407,6 +432,7 @@ fn sync(
         healthz,
         health_checks,
         opt_out,
+        undersized,
     } = outputs;
     let started = Instant::now();
     let update = compiler.update(&snapshot.objects);
@@ -433,6 +459,7 @@ fn sync(
     metrics.reconciles.inc();
     metrics.reconcile_seconds.observe(elapsed.as_secs_f64());
     metrics.observe_state(reconciler.applied(), reconciler.capacity());
+    warn_undersized(reconciler.undersized_maglev_tables(), undersized, metrics);
     metrics
         .udp_sockets_terminated
         .inc_by(outcome.terminated_sockets as u64);

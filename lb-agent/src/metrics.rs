@@ -36,6 +36,8 @@ pub struct Metrics {
     pub last_sync_seconds: IntGauge,
     /// Packets the tc programs handled, by outcome (kernel counters).
     pub tc_packets: IntGaugeVec,
+    /// Service ports whose Maglev table has fewer than 100 slots per backend.
+    pub maglev_undersized: IntGauge,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -117,6 +119,11 @@ impl Metrics {
                     &["outcome"],
                 )
                 .expect("valid"),
+            ),
+            maglev_undersized: gauge(
+                "lb_maglev_undersized_service_ports",
+                "Service ports whose Maglev table has fewer than 100 slots per backend \
+                 (raise maglevTableSize)",
             ),
             last_sync_seconds: gauge(
                 "lb_last_sync_timestamp_seconds",

@@ -211,6 +211,43 @@ pub struct Applied {
     orphans: Vec<Op>,
 }
 
+/// A frontend whose Maglev table is too small for its backends: with fewer
+/// than 100 slots per backend, shares drift from equal by more than 1 % (with
+/// weights) and removing a backend moves more flows than it must.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndersizedTable {
+    /// Display name of the frontend.
+    pub name: String,
+    /// Its backends.
+    pub backends: usize,
+    /// The smallest listed table size with 100 slots per backend.
+    pub wanted_size: usize,
+}
+
+impl Applied {
+    /// The Maglev frontends with more than `size / 100` backends, one entry
+    /// per name (a Service's NodePort, ExternalIPs and LoadBalancer
+    /// frontends share it), by name.
+    pub fn undersized_maglev_tables(&self, size: usize) -> Vec<UndersizedTable> {
+        let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
+        for (key, frontend) in &self.frontends {
+            let backends = frontend.backends.len();
+            if uses_maglev(key.scope) && backends.saturating_mul(100) > size {
+                let most = by_name.entry(&frontend.name).or_default();
+                *most = (*most).max(backends);
+            }
+        }
+        by_name
+            .into_iter()
+            .map(|(name, backends)| UndersizedTable {
+                name: name.to_owned(),
+                backends,
+                wanted_size: maglev::table_size_for(backends),
+            })
+            .collect()
+    }
+}
+
 /// The entries of every map, as read from the kernel.
 #[derive(Clone, Debug, Default)]
 pub struct Dump {
@@ -1091,6 +1128,44 @@ mod tests {
         d.frontends.clear();
         apply(&mut maps, &mut applied, &d);
         assert!(maps.tables.is_empty() && maps.ranges.is_empty());
+    }
+
+    #[test]
+    fn maglev_frontends_with_under_100_slots_per_backend_are_reported_once() {
+        let mut d = DesiredState::default();
+        let frontend = |name: &str, backends: u8| Frontend {
+            name: name.into(),
+            backends: (1..=backends).map(backend).collect(),
+            flags: 0,
+            affinity_timeout_s: 0,
+            source_ranges: Vec::new(),
+        };
+        // Two Maglev frontends of one Service (e.g. NodePort and ExternalIP).
+        d.frontends.insert(external(1), frontend("default/big", 3));
+        d.frontends.insert(external(2), frontend("default/big", 2));
+        d.frontends
+            .insert(external(3), frontend("default/small", 2));
+        // Socket-path frontends have no Maglev table, whatever their size.
+        d.frontends.insert(key(4), frontend("default/cluster", 9));
+        let mut applied = Applied::default();
+        let settings = MaglevSettings { size: 251, seed: 7 };
+        let p = plan(
+            &mut applied,
+            &d,
+            &Capacity::default(),
+            &settings,
+            Scope::All,
+        );
+        assert!(p.errors.is_empty());
+        assert_eq!(
+            applied.undersized_maglev_tables(settings.size),
+            vec![UndersizedTable {
+                name: "default/big".into(),
+                backends: 3,
+                wanted_size: 509,
+            }]
+        );
+        assert!(applied.undersized_maglev_tables(509).is_empty());
     }
 
     #[test]

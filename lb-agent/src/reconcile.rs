@@ -7,7 +7,7 @@ use lb_common::{Backend, PROTO_UDP, SERVICE_FLAG_AFFINITY};
 use crate::{
     datapath::{DatapathError, Maps},
     model::DesiredState,
-    plan::{plan, Applied, Capacity, MaglevSettings, Plan, Scope},
+    plan::{plan, Applied, Capacity, MaglevSettings, Plan, Scope, UndersizedTable},
     tcpath::TcDatapath,
     terminate::destroy_udp_sockets,
 };
@@ -53,6 +53,11 @@ impl Reconciler {
     /// What the maps hold, as last written or read.
     pub fn applied(&self) -> &Applied {
         &self.applied
+    }
+
+    /// Maglev frontends whose table is small for their backends.
+    pub fn undersized_maglev_tables(&self) -> Vec<UndersizedTable> {
+        self.applied.undersized_maglev_tables(self.maglev.size)
     }
 
     /// The capacities plans respect.

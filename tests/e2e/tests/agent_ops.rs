@@ -101,6 +101,59 @@ fn healthz_and_metrics_describe_the_agent() -> Result<()> {
     Ok(())
 }
 
+/// A NodePort Service with more endpoints than its Maglev table gives 100
+/// slots each is still served, and is logged and counted so the operator
+/// learns which `maglevTableSize` it needs.
+#[test]
+fn an_undersized_maglev_table_is_logged_and_counted() -> Result<()> {
+    let s = Scenario::new(
+        3,
+        &[
+            "--node-name",
+            "node1",
+            "--tc-interfaces",
+            "eth0",
+            "--maglev-table-size",
+            "251",
+        ],
+    )?;
+    let node_port = |eps: &[Endpoint<'_>]| {
+        web_yaml("web", VIP, "", eps)
+            .replace("type: ClusterIP", "type: NodePort")
+            .replace(
+                "    targetPort: 8080\n",
+                "    targetPort: 8080\n    nodePort: 30080\n",
+            )
+    };
+    let three: Vec<Endpoint> = (1..=3).map(|i| Endpoint::ready(s.ip(i))).collect();
+    s.apply("web.yaml", &node_port(&three), |t| t.contains(":30080/TCP"))?;
+    s.agent.wait_for_log(
+        "default/web:http: 3 backends in a Maglev table of fewer than 100 slots each",
+        Duration::from_secs(5),
+    )?;
+    s.agent
+        .wait_for_log("maglevTableSize is at least 509", Duration::from_secs(1))?;
+    let metrics_url = format!("http://{}:10249/metrics", s.node.ip);
+    let (_, metrics) = http_get(&s.client.netns, &metrics_url)?;
+    assert!(
+        metrics.contains("lb_maglev_undersized_service_ports 1"),
+        "{metrics}"
+    );
+
+    s.apply("web.yaml", &node_port(&three[..2]), |t| {
+        t.contains(":30080/TCP")
+    })?;
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = http_get(&s.client.netns, &metrics_url)?.1;
+        if last.contains("lb_maglev_undersized_service_ports 0") {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("still counted with 2 backends:\n{last}")
+}
+
 /// Upstream: network/loadbalancer.go "should only target nodes with endpoints"
 /// (kube-proxy side): a healthCheckNodePort answers 200 with kube-proxy's JSON
 /// while this node has a ready endpoint of the Service, 503 when it has none.
