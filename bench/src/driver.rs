@@ -1027,15 +1027,17 @@ pub struct Outcome {
 fn median_interval(sorted: &[f64]) -> Option<(f64, f64)> {
     let n = sorted.len();
     let mut tail = 0.0;
-    let mut term = 0.5f64.powi(i32::try_from(n).ok()?);
+    // ln P(Binomial(n, 1/2) = i), in logs so that large n does not underflow.
+    let mut ln_term = -(n as f64) * std::f64::consts::LN_2;
     let mut k = 0;
     for i in 0..n / 2 {
+        let term = ln_term.exp();
         if tail + term > 0.025 {
             break;
         }
         tail += term;
         k = i + 1;
-        term *= (n - i) as f64 / (i + 1) as f64;
+        ln_term += ((n - i) as f64 / (i + 1) as f64).ln();
     }
     (k > 0).then(|| (sorted[k - 1], sorted[n - k]))
 }
@@ -1473,11 +1475,12 @@ fn render_report(
         "\nValues are medians over rounds; \"vs direct\" is the median over rounds of the \
          candidate's value divided by direct's value measured right before or after it (client \
          threads pinned one per CPU); in parentheses, a confidence interval of at least 95 % \
-         for that median (order statistics of the per-round ratios, from 6 rounds on). p50/p99 are CRR transaction latencies (connect, request, \
-         response). Time to program: socket-lb and tc from writing the manifest to the agent's \
-         `reconciled N frontends` log line (the agent's manifest poll/debounce period set to \
-         10 ms); iptables and nftables the wall time of `iptables-restore` and `nft -f` loading \
-         the rules into an empty table.\n\n",
+         for that median (order statistics of the per-round ratios, from 6 rounds on). \
+         p50/p99 are CRR transaction latencies (connect, request, response). Time to program: \
+         socket-lb and tc from writing the manifest to the agent's `reconciled N frontends` \
+         log line (the agent's manifest poll/debounce period set to 10 ms); iptables and \
+         nftables the wall time of `iptables-restore` and `nft -f` loading the rules into an \
+         empty table.\n\n",
     );
     md.push_str(
         "Candidates (each on a lab node of its own, client and server pods on that node):\n\n",
@@ -1784,6 +1787,10 @@ mod tests {
         assert_eq!(median_interval(&sorted(15)), Some((4.0, 12.0)));
         // 100 rounds: 40th and 61st, the textbook values.
         assert_eq!(median_interval(&sorted(100)), Some((40.0, 61.0)));
+        // Far beyond 0.5^n's range, about n/2 -/+ 1.96 sqrt(n)/2.
+        let (low, high) = median_interval(&sorted(10_000)).unwrap();
+        assert!((4900.0..=4903.0).contains(&low), "{low}");
+        assert!((9999.0 - high - low).abs() <= 2.0, "{low} {high}");
     }
 
     #[test]

@@ -398,8 +398,8 @@ impl OptOut {
     }
 }
 
-/// Warns once per Service port (and backend count) whose Maglev table is small for
-/// its backends; the gauge counts them all.
+/// Warns once per Service port (and backend count) whose Maglev table is
+/// small for its backends; the gauge counts them all.
 fn warn_undersized(
     now: Vec<UndersizedTable>,
     reported: &mut Vec<UndersizedTable>,
