@@ -2,10 +2,10 @@
 //! maps, then publish health and metrics. Sources run on their own threads.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,6 +17,7 @@ use crate::{
     addr::addr_from_ip,
     config::{Settings, SourceKind},
     datapath::Datapath,
+    drops::{DropLog, DropRecord, TC_OUTCOMES},
     health::{HealthCheckServers, Healthz},
     http::{Handler, Response, Server},
     k8s,
@@ -48,12 +49,22 @@ pub fn run(settings: Settings) -> Result<()> {
     let metrics = Metrics::new();
     let healthz = Healthz::default();
     let exported = metrics.clone();
-    let metrics_handler: Handler = Arc::new(move |path| {
-        (path == "/metrics").then(|| Response {
+    let drops = Arc::new(Mutex::new(DropLog::default()));
+    let served_drops = drops.clone();
+    let metrics_handler: Handler = Arc::new(move |path| match path {
+        "/metrics" => Some(Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
             body: exported.render(),
-        })
+        }),
+        "/drops" => Some(Response::json(
+            200,
+            served_drops
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .to_json(),
+        )),
+        _ => None,
     });
     let _metrics_server = Server::start(settings.metrics_address, metrics_handler)
         .with_context(|| format!("serving metrics on {}", settings.metrics_address))?;
@@ -117,6 +128,9 @@ pub fn run(settings: Settings) -> Result<()> {
         {
             last_gc = Instant::now();
             collect_conntrack(tc, &metrics);
+        }
+        if let Some(tc) = tc.as_mut() {
+            report_drops(tc, &reconciler, &drops);
         }
         if let Some(tc) = tc.as_mut().filter(|_| attached) {
             pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);
@@ -336,23 +350,43 @@ fn collect_conntrack(tc: &mut TcDatapath, metrics: &Metrics) {
         }
         Err(err) => log::error!("reading tc counters: {err}"),
     }
+    match tc.drops_lost() {
+        Ok(lost) => metrics.tc_drop_events_lost.set(lost as i64),
+        Err(err) => log::error!("reading lost drop events: {err}"),
+    }
 }
 
-/// Labels of the tc counters, in `lb_common::tc::STAT_*` order.
-const TC_OUTCOMES: [&str; lb_common::tc::STATS_LEN as usize] = [
-    "forward",
-    "reply",
-    "new_flow",
-    "reject",
-    "drop_no_endpoints",
-    "drop_no_local_endpoints",
-    "drop_source_range",
-    "drop_no_backend",
-    "drop_snat_ports_exhausted",
-    "drop_no_snat_address",
-    "conntrack_insert_failed",
-    "fib_redirect",
-];
+/// Logs and keeps the drops the tc programs reported since the last call.
+fn report_drops(tc: &mut TcDatapath, reconciler: &Reconciler, drops: &Mutex<DropLog>) {
+    let events = tc.drain_drops();
+    if events.is_empty() {
+        return;
+    }
+    let names: HashMap<u32, &str> = reconciler
+        .applied()
+        .frontends
+        .values()
+        .map(|f| (f.service_id, f.name.as_str()))
+        .collect();
+    let boot_now = boottime_ns().unwrap_or(0);
+    let unix_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let records = events
+        .iter()
+        .map(|e| {
+            let age = boot_now.saturating_sub(e.time_ns) as f64 / 1e9;
+            DropRecord::new(e, names.get(&e.service_id).copied(), unix_now - age)
+        })
+        .collect();
+    let lines = drops
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .record(records);
+    for line in lines {
+        log::info!("tc path: {line}");
+    }
+}
 
 /// What a reconciliation reports to.
 struct Outputs<'a> {

@@ -2,7 +2,7 @@
 //! of the socket-level load balancer.
 //!
 //! The deciding parts ([`model`], [`plan`], [`maglev`], [`view`],
-//! [`sockdiag`], [`config`]) are sans-IO and unit tested without a kernel; the
+//! [`sockdiag`], [`config`], [`drops`]) are sans-IO and unit tested without a kernel; the
 //! I/O shells are thin: [`datapath`] (maps and programs), [`yaml`], [`k8s`] and
 //! [`source`] (intent), [`terminate`] (sockets), [`netlink`] (interface
 //! kinds), [`http`], [`health`],
@@ -14,6 +14,7 @@ pub mod addr;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod drops;
 pub mod health;
 pub mod http;
 pub mod k8s;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub last_sync_seconds: IntGauge,
     /// Packets the tc programs handled, by outcome (kernel counters).
     pub tc_packets: IntGaugeVec,
+    /// Drop events of the tc path lost to a full ring buffer.
+    pub tc_drop_events_lost: IntGauge,
     /// Service ports whose Maglev table has fewer than 100 slots per backend.
     pub maglev_undersized: IntGauge,
 }
@@ -119,6 +121,11 @@ impl Metrics {
                     &["outcome"],
                 )
                 .expect("valid"),
+            ),
+            tc_drop_events_lost: gauge(
+                "lb_tc_drop_events_lost",
+                "Drop events of the tc path that found their ring buffer full (the drops \
+                 themselves are counted in lb_tc_packets)",
             ),
             maglev_undersized: gauge(
                 "lb_maglev_undersized_service_ports",

@@ -15,6 +15,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        RingBuf,
     },
     pin::PinError,
     programs::{
@@ -27,8 +28,8 @@ use aya::{
 };
 use lb_common::{
     tc::{
-        map_names, CtGcState, CtKey, CtValue, MaglevKey, SourceRangeKey, TcAffinityKey, TcConfig,
-        MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
+        map_names, CtGcState, CtKey, CtValue, DropEvent, MaglevKey, SourceRangeKey, TcAffinityKey,
+        TcConfig, MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
     },
     AffinityValue,
 };
@@ -195,6 +196,8 @@ pub struct TcDatapath {
     config: Array<MapData, TcConfig>,
     stats: PerCpuArray<MapData, u64>,
     pod_interfaces: HashMap<MapData, u32, u32>,
+    events: RingBuf<MapData>,
+    events_lost: PerCpuArray<MapData, u64>,
     conntrack_capacity: u32,
     pin_dir: PathBuf,
 }
@@ -260,6 +263,8 @@ impl TcDatapath {
             config: take(&mut ebpf, map_names::CONFIG)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             pod_interfaces: take(&mut ebpf, map_names::POD_INTERFACES)?,
+            events: take(&mut ebpf, map_names::EVENTS)?,
+            events_lost: take(&mut ebpf, map_names::EVENTS_LOST)?,
             ebpf,
             conntrack_capacity,
             pin_dir: pin_dir.to_path_buf(),
@@ -525,6 +530,24 @@ impl TcDatapath {
                     .map_err(map_err(map_names::STATS))
             })
             .collect()
+    }
+
+    /// The drop events the programs wrote since the last call, oldest first
+    /// (at most what the ring buffer holds).
+    pub fn drain_drops(&mut self) -> Vec<DropEvent> {
+        let mut drops = Vec::new();
+        while let Some(item) = self.events.next() {
+            drops.extend(crate::drops::decode(&item));
+        }
+        drops
+    }
+
+    /// Drop events lost to a full ring buffer since the programs were loaded.
+    pub fn drops_lost(&self) -> Result<u64, TcPathError> {
+        self.events_lost
+            .get(&0, 0)
+            .map(|values| values.iter().sum())
+            .map_err(map_err(map_names::EVENTS_LOST))
     }
 
     /// Runs a program on one Ethernet frame with `BPF_PROG_TEST_RUN`, without

@@ -797,6 +797,14 @@ fn no_endpoints_rejects_tcp_with_a_reset() {
         assert_eq!((rst.seq, rst.ack), (0, syn.seq + 1));
     }
     assert_eq!(node.stat(STAT_REJECT), 2);
+    // Refusals are reported like drops, as what they were counted in.
+    let reasons: Vec<(u32, u32)> = node
+        .tc
+        .drain_drops()
+        .iter()
+        .map(|d| (d.reason, d.service_id))
+        .collect();
+    assert_eq!(reasons, [(STAT_REJECT, fe4.service_id); 2]);
     // A segment with ACK gets a RST with its acknowledgment as sequence.
     let ack = Pkt::tcp(CLIENT4.into(), 47001, fe4.ip, NODE_PORT, ACK);
     let (verdict, out) = node.run(TcHook::Ingress, &ack);
@@ -849,12 +857,41 @@ fn source_ranges_allow_listed_clients_only() {
     let denied6 = Pkt::tcp("2001:db8:d::1".parse().unwrap(), 48001, lb6.ip, 443, SYN);
     assert_eq!(node.run(TcHook::Ingress, &denied6).0, TC_ACT_SHOT);
     assert_eq!(node.stat(STAT_DROP_SOURCE_RANGE), 2);
+    // Each drop is reported with its tuple, frontend and reason; the
+    // admitted flows are not.
+    let drops = node.tc.drain_drops();
+    let reported: Vec<(IpAddr, u16, IpAddr, u16, u32, u32)> = drops
+        .iter()
+        .map(|d| {
+            (
+                ip_from_addr(&d.tuple.saddr),
+                u16::from_be(d.tuple.sport),
+                ip_from_addr(&d.tuple.daddr),
+                u16::from_be(d.tuple.dport),
+                d.reason,
+                d.service_id,
+            )
+        })
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            (denied.src, 48001, lb4.ip, 443, STAT_DROP_SOURCE_RANGE, 12),
+            (denied6.src, 48001, lb6.ip, 443, STAT_DROP_SOURCE_RANGE, 12),
+        ]
+    );
+    assert!(drops
+        .iter()
+        .all(|d| d.tuple.proto == PROTO_TCP && d.time_ns > 0));
+    assert!(node.tc.drain_drops().is_empty(), "drained once");
 
     node.tc
         .remove_source_range(12, v4(198, 51, 100, 0), 24)
         .unwrap();
     let new_flow = Pkt::tcp(CLIENT4.into(), 48002, lb4.ip, 443, SYN);
     assert_eq!(node.run(TcHook::Ingress, &new_flow).0, TC_ACT_SHOT);
+    assert_eq!(node.tc.drain_drops().len(), 1);
+    assert_eq!(node.tc.drops_lost().unwrap(), 0);
 }
 
 #[test]

@@ -39,6 +39,9 @@
 //! - **Configuration** ([`map_names::CONFIG`]): an array of one [`TcConfig`].
 //! - **Counters** ([`map_names::STATS`]): a per-CPU array of `u64`, indexed by
 //!   the `STAT_*` constants.
+//! - **Drop events** ([`map_names::EVENTS`]): a ring buffer of [`DropEvent`],
+//!   one per new flow dropped or refused, read by the agent; reports that do
+//!   not fit are counted in [`map_names::EVENTS_LOST`].
 //!
 //! Timestamps are `bpf_ktime_get_boot_ns` (`CLOCK_BOOTTIME`).
 
@@ -66,6 +69,13 @@ pub mod map_names {
     /// Ports of fragmented datagrams: LRU of [`FragKey`](super::FragKey) ->
     /// [`FragPorts`](super::FragPorts). Not pinned.
     pub const FRAGMENTS: &str = "LB_FRAG_V1";
+    /// Why new flows were dropped or refused: a ring buffer of
+    /// [`EVENTS_BYTES`](super::EVENTS_BYTES) holding
+    /// [`DropEvent`](super::DropEvent)s, read by the agent. Not pinned.
+    pub const EVENTS: &str = "LB_EVENTS_V1";
+    /// Drop events that found the ring buffer full: per-CPU array of one
+    /// `u64`. Not pinned.
+    pub const EVENTS_LOST: &str = "LB_EVLOST_V1";
     /// Host ends of pod veth (or netkit) pairs: ifindex (`u32`) -> 1. A
     /// translated packet whose FIB egress is one of them is handed straight
     /// to the pod's side with `bpf_redirect_peer`. Not pinned: the agent
@@ -225,6 +235,26 @@ pub const STAT_DROP_SNAT_ADDR: u32 = 9;
 pub const STAT_CT_INSERT_FAILED: u32 = 10;
 /// Counter: packets redirected after a FIB lookup.
 pub const STAT_FIB_REDIRECT: u32 = 11;
+
+/// Size of the drop event ring buffer: 4,681 events of 56 bytes (plus the
+/// kernel's 8-byte record header); the agent drains it every second at least.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// A new flow the tc path dropped or refused, and why: what the agent logs
+/// and serves on `/drops`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    /// The packet's tuple as it arrived.
+    pub tuple: CtKey,
+    /// The `STAT_*` counter it was counted in: a `STAT_DROP_*`,
+    /// [`STAT_REJECT`] or [`STAT_CT_INSERT_FAILED`].
+    pub reason: u32,
+    /// Service id of the frontend it was for.
+    pub service_id: u32,
+    /// When, in `bpf_ktime_get_boot_ns` time.
+    pub time_ns: u64,
+}
 
 /// TCP conntrack lifetime after a SYN until the handshake completes.
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
@@ -572,6 +602,8 @@ mod user {
     unsafe impl aya::Pod for MaglevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DropEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.

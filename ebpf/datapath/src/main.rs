@@ -14,7 +14,7 @@
 //!
 //! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
 //! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`reject`],
-//! [`fib`] forwarding, [`maps`].
+//! [`fib`] forwarding, [`events`] for drops, [`maps`].
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: a by-value key is one more
@@ -22,6 +22,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
+mod events;
 mod fib;
 mod lb;
 mod maps;
@@ -114,7 +115,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             };
             translate(TcContext::new(ctx.skb.skb), &pkt, &flow, hook, now)
         }
-        NewFlow::Reject => reject::reject(TcContext::new(ctx.skb.skb), &pkt),
+        NewFlow::Reject(service_id) => {
+            reject::reject(TcContext::new(ctx.skb.skb), &pkt, service_id)
+        }
         NewFlow::Verdict(verdict) => verdict,
     }
 }
@@ -165,16 +168,18 @@ fn translate(ctx: TcContext, pkt: &Packet, flow: &Flow, hook: Hook, now: u64) ->
 enum NewFlow {
     /// Conntrack entries were created; this is the client side's.
     Created(CtValue),
-    /// The frontend has no endpoints: reject.
-    Reject,
+    /// The frontend (this service id) has no endpoints: reject.
+    Reject(u32),
     /// Not for a frontend, or dropped: this verdict.
     Verdict(i32),
 }
 
-/// Drops the packet, counting why.
+/// Drops a packet of a new flow for frontend `service_id`, counting and
+/// reporting why.
 #[inline(always)]
-fn drop(reason: u32) -> i32 {
+fn drop(reason: u32, pkt: &Packet, service_id: u32) -> i32 {
     count(reason);
+    events::report(reason, &pkt.tuple, service_id);
     TC_ACT_SHOT
 }
 
@@ -188,14 +193,14 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     };
     if service.backend_count == 0 {
         if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
-            return NewFlow::Verdict(drop(STAT_DROP_NO_LOCAL));
+            return NewFlow::Verdict(drop(STAT_DROP_NO_LOCAL, pkt, service.service_id));
         }
-        return NewFlow::Reject;
+        return NewFlow::Reject(service.service_id);
     }
     if service.flags & SERVICE_FLAG_SOURCE_RANGES != 0
         && !lb::source_allowed(service.service_id, &pkt.tuple.saddr)
     {
-        return NewFlow::Verdict(drop(STAT_DROP_SOURCE_RANGE));
+        return NewFlow::Verdict(drop(STAT_DROP_SOURCE_RANGE, pkt, service.service_id));
     }
     // A one-entry array: index 0 always exists.
     let Some(config) = CONFIG.get(0) else {
@@ -204,10 +209,10 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     let t = &pkt.tuple;
     let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
     let Some((backend_id, backend)) = lb::choose(&key, &service, &t.saddr, hash, now) else {
-        return NewFlow::Verdict(drop(STAT_DROP_NO_BACKEND));
+        return NewFlow::Verdict(drop(STAT_DROP_NO_BACKEND, pkt, service.service_id));
     };
     if is_v4_mapped(&backend.addr) != pkt.v4 {
-        return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR));
+        return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR, pkt, service.service_id));
     }
     let keeps_source = SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_PRESERVE_SOURCE;
     let snat = service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
@@ -253,21 +258,21 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
             &config.snat_v6
         };
         if addr_eq(node, &[0; 4]) {
-            return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR));
+            return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR, pkt, service.service_id));
         }
         forward.flags |= CT_FLAG_REWRITE_SRC;
         forward.new_saddr = *node;
         reply.flags |= CT_FLAG_REWRITE_DST;
         reply_key.daddr = *node;
         let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
-            return NewFlow::Verdict(drop(STAT_DROP_SNAT_PORTS));
+            return NewFlow::Verdict(drop(STAT_DROP_SNAT_PORTS, pkt, service.service_id));
         };
         forward.new_sport = port;
     } else if CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
-        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED));
+        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED, pkt, service.service_id));
     }
     if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
-        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED));
+        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED, pkt, service.service_id));
     }
     count(STAT_NEW_FLOW);
     NewFlow::Created(forward)

@@ -5,12 +5,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     tc::{
         CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, RejectBudget, SourceRangeKey,
-        TcAffinityKey, TcConfig, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
+        TcAffinityKey, TcConfig, EVENTS_BYTES, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
         MAX_POD_INTERFACES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
@@ -62,6 +62,14 @@ pub static CONFIG: Array<TcConfig> = Array::pinned(1, 0);
 /// Host ends of pod veth pairs, by ifindex.
 #[map(name = "LB_PODIF_V1")]
 pub static POD_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_POD_INTERFACES, 0);
+
+/// Drop events for the agent ([`crate::events`]).
+#[map(name = "LB_EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Drop events lost to a full ring buffer.
+#[map(name = "LB_EVLOST_V1")]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters, indexed by `STAT_*`.
 #[map(name = "LB_TCSTAT_V1")]

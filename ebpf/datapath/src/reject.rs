@@ -17,6 +17,7 @@ use lb_common::{
 };
 
 use crate::{
+    events,
     maps::{count, REJECT_BUDGET},
     parse::{addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN},
 };
@@ -110,21 +111,23 @@ fn rst_for(tcp: &TcpHdr, payload: u32) -> TcpHdr {
     }
 }
 
-/// Answers a packet to a frontend without endpoints out of its ingress
-/// interface, or drops it if no answer is due or it cannot be built
-/// (counted apart). Returns the tc verdict.
+/// Answers a packet to frontend `service_id`, which has no endpoints, out of
+/// its ingress interface, or drops it if no answer is due or it cannot be
+/// built (counted apart); reported either way. Returns the tc verdict.
 #[inline(never)]
-pub fn reject(ctx: TcContext, pkt: &Packet) -> i32 {
+pub fn reject(ctx: TcContext, pkt: &Packet, service_id: u32) -> i32 {
     let verdict = if within_budget() {
         answer(&ctx, pkt)
     } else {
         TC_ACT_SHOT
     };
-    count(if verdict == TC_ACT_REDIRECT {
+    let outcome = if verdict == TC_ACT_REDIRECT {
         STAT_REJECT
     } else {
         STAT_DROP_NO_ENDPOINTS
-    });
+    };
+    count(outcome);
+    events::report(outcome, &pkt.tuple, service_id);
     verdict
 }
 

@@ -1,6 +1,8 @@
 //! What the in-pod client reports per attempt, and helpers to read it.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, process::Command};
+
+use anyhow::{bail, Result};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,4 +46,27 @@ pub fn per_backend(attempts: &[Attempt]) -> BTreeMap<String, usize> {
         }
     }
     counts
+}
+
+/// `curl` from inside a network namespace: (status, body).
+pub fn http_get(netns: &str, url: &str) -> Result<(u16, String)> {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8(output.stdout)?;
+    let Some((body, status)) = text.rsplit_once('\n') else {
+        bail!("no answer from {url}: {text:?}");
+    };
+    Ok((status.parse()?, body.to_string()))
 }

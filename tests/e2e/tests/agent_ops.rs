@@ -1,43 +1,16 @@
 //! Operating the agent: health endpoints, metrics, and restarts under load.
 
-use std::{
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{process::Stdio, thread, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use lb_e2e::{
     agent::Agent,
     manifests::{service, slice, Endpoint},
-    probe::{parse_attempts, Attempt},
+    probe::{http_get, parse_attempts, Attempt},
     scenario::Scenario,
 };
 
 const VIP: &str = "10.96.0.10";
-
-/// `curl` from inside a network namespace: (status, body).
-fn http_get(netns: &str, url: &str) -> Result<(u16, String)> {
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            "curl",
-            "-s",
-            "-m",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()?;
-    let text = String::from_utf8(output.stdout)?;
-    let Some((body, status)) = text.rsplit_once('\n') else {
-        bail!("no answer from {url}: {text:?}");
-    };
-    Ok((status.parse()?, body.to_string()))
-}
 
 fn web_yaml(name: &str, vip: &str, extra_spec: &str, eps: &[Endpoint<'_>]) -> String {
     let svc = service(name, vip, &[("http", 80, "TCP", "8080")]).replace(

@@ -9,7 +9,7 @@ use lb_e2e::{
     agent::{Agent, Binaries},
     lab::{run, Lab, Node, Pod},
     manifests::{service, slice, Endpoint},
-    probe::{parse_attempts, per_backend, Attempt},
+    probe::{http_get, parse_attempts, per_backend, Attempt},
     scenario::require_root,
 };
 
@@ -315,6 +315,36 @@ fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
         &["--count", "2", "--timeout-ms", "500"],
     )?;
     assert!(blocked.iter().all(|a| !a.ok), "{blocked:?}");
+    // node1 says whom it dropped and why: in its log and on /drops.
+    t.agents[0].wait_for_log(
+        "192.168.100.50:80/TCP (default/web:tcp): dropped: source address not in \
+         loadBalancerSourceRanges",
+        Duration::from_secs(5),
+    )?;
+    let (status, body) = http_get(
+        &t.client.netns,
+        &format!("http://{}:10249/drops", NODE_IPS[0]),
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let drops: serde_json::Value = serde_json::from_str(&body)?;
+    let ours: Vec<&serde_json::Value> = drops
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["reason"] == "drop_source_range")
+        .collect();
+    assert!(!ours.is_empty(), "{body}");
+    for drop in ours {
+        assert_eq!(drop["frontend"], "192.168.100.50:80", "{body}");
+        assert_eq!(drop["service"], "default/web:tcp", "{body}");
+        assert_eq!(drop["protocol"], "TCP", "{body}");
+        assert!(
+            drop["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(&format!("{}:", t.client.ip))),
+            "{body}"
+        );
+    }
     Ok(())
 }
 
