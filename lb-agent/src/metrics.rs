@@ -36,7 +36,7 @@ pub struct Metrics {
     pub last_sync_seconds: IntGauge,
     /// Packets the tc programs handled, by outcome (kernel counters).
     pub tc_packets: IntGaugeVec,
-    /// Drop events of the tc path lost to a full ring buffer.
+    /// Drop reports of the tc path not sent (over budget or ring buffer full).
     pub tc_drop_events_lost: IntGauge,
     /// Service ports whose Maglev table has fewer than 100 slots per backend.
     pub maglev_undersized: IntGauge,
@@ -124,8 +124,8 @@ impl Metrics {
             ),
             tc_drop_events_lost: gauge(
                 "lb_tc_drop_events_lost",
-                "Drop events of the tc path that found their ring buffer full (the drops \
-                 themselves are counted in lb_tc_packets)",
+                "Drop reports of the tc path not sent: over a CPU's budget or the ring \
+                 buffer full (the drops themselves are counted in lb_tc_packets)",
             ),
             maglev_undersized: gauge(
                 "lb_maglev_undersized_service_ports",

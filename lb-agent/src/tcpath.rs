@@ -28,8 +28,8 @@ use aya::{
 };
 use lb_common::{
     tc::{
-        map_names, CtGcState, CtKey, CtValue, DropEvent, MaglevKey, SourceRangeKey, TcAffinityKey,
-        TcConfig, MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
+        map_names, CtGcState, CtKey, CtValue, DropEvent, MaglevKey, ReportBudget, SourceRangeKey,
+        TcAffinityKey, TcConfig, MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
     },
     AffinityValue,
 };
@@ -197,7 +197,7 @@ pub struct TcDatapath {
     stats: PerCpuArray<MapData, u64>,
     pod_interfaces: HashMap<MapData, u32, u32>,
     events: RingBuf<MapData>,
-    events_lost: PerCpuArray<MapData, u64>,
+    report_budget: PerCpuArray<MapData, ReportBudget>,
     conntrack_capacity: u32,
     pin_dir: PathBuf,
 }
@@ -264,7 +264,7 @@ impl TcDatapath {
             stats: take(&mut ebpf, map_names::STATS)?,
             pod_interfaces: take(&mut ebpf, map_names::POD_INTERFACES)?,
             events: take(&mut ebpf, map_names::EVENTS)?,
-            events_lost: take(&mut ebpf, map_names::EVENTS_LOST)?,
+            report_budget: take(&mut ebpf, map_names::REPORT_BUDGET)?,
             ebpf,
             conntrack_capacity,
             pin_dir: pin_dir.to_path_buf(),
@@ -542,12 +542,13 @@ impl TcDatapath {
         drops
     }
 
-    /// Drop events lost to a full ring buffer since the programs were loaded.
+    /// Drop reports not sent since the programs were loaded: over a CPU's
+    /// budget or with the ring buffer full.
     pub fn drops_lost(&self) -> Result<u64, TcPathError> {
-        self.events_lost
+        self.report_budget
             .get(&0, 0)
-            .map(|values| values.iter().sum())
-            .map_err(map_err(map_names::EVENTS_LOST))
+            .map(|budgets| budgets.iter().map(|b| b.lost).sum())
+            .map_err(map_err(map_names::REPORT_BUDGET))
     }
 
     /// Runs a program on one Ethernet frame with `BPF_PROG_TEST_RUN`, without

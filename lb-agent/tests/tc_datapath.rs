@@ -21,9 +21,10 @@ use lb_common::{
     map_names,
     tc::{
         flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_STATE_CLOSING,
-        SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_SOURCE_RANGES,
-        SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL, STAT_DROP_SOURCE_RANGE,
-        STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT, TC_CONFIG_FIB_REDIRECT,
+        REPORTS_PER_SECOND, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
+        SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL,
+        STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
+        TC_CONFIG_FIB_REDIRECT,
     },
     Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
@@ -892,6 +893,35 @@ fn source_ranges_allow_listed_clients_only() {
     assert_eq!(node.run(TcHook::Ingress, &new_flow).0, TC_ACT_SHOT);
     assert_eq!(node.tc.drain_drops().len(), 1);
     assert_eq!(node.tc.drops_lost().unwrap(), 0);
+}
+
+/// A flood of dropped packets sends a bounded number of reports per CPU and
+/// second; the rest are counted, not queued.
+#[test]
+fn drop_reports_are_bounded_per_cpu_and_second() {
+    let mut node = Node::new();
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
+    let lb = Frontend {
+        ip: v4(203, 0, 113, 50),
+        port: 443,
+        proto: PROTO_TCP,
+        service_id: 12,
+        flags: SERVICE_FLAG_SOURCE_RANGES,
+        affinity_timeout_s: 0,
+    };
+    node.set_frontend(&lb, 1, &[1]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let flood = REPORTS_PER_SECOND * cpus + 50;
+    for port in 0..flood {
+        let syn = Pkt::tcp(CLIENT4.into(), 10_000 + port as u16, lb.ip, 443, SYN);
+        assert_eq!(node.run(TcHook::Ingress, &syn).0, TC_ACT_SHOT);
+    }
+    assert_eq!(node.stat(STAT_DROP_SOURCE_RANGE), flood);
+    let reported = node.tc.drain_drops().len() as u64;
+    let lost = node.tc.drops_lost().unwrap();
+    assert!(reported <= REPORTS_PER_SECOND * cpus, "{reported} reports");
+    assert!(reported >= REPORTS_PER_SECOND, "{reported} reports");
+    assert_eq!(reported + lost, flood);
 }
 
 #[test]

@@ -40,8 +40,9 @@
 //! - **Counters** ([`map_names::STATS`]): a per-CPU array of `u64`, indexed by
 //!   the `STAT_*` constants.
 //! - **Drop events** ([`map_names::EVENTS`]): a ring buffer of [`DropEvent`],
-//!   one per new flow dropped or refused, read by the agent; reports that do
-//!   not fit are counted in [`map_names::EVENTS_LOST`].
+//!   one per new flow dropped or refused, read by the agent; each CPU sends
+//!   at most [`REPORTS_PER_SECOND`] a second, and what is over that or does
+//!   not fit is counted in [`map_names::REPORT_BUDGET`].
 //!
 //! Timestamps are `bpf_ktime_get_boot_ns` (`CLOCK_BOOTTIME`).
 
@@ -73,9 +74,9 @@ pub mod map_names {
     /// [`EVENTS_BYTES`](super::EVENTS_BYTES) holding
     /// [`DropEvent`](super::DropEvent)s, read by the agent. Not pinned.
     pub const EVENTS: &str = "LB_EVENTS_V1";
-    /// Drop events that found the ring buffer full: per-CPU array of one
-    /// `u64`. Not pinned.
-    pub const EVENTS_LOST: &str = "LB_EVLOST_V1";
+    /// Each CPU's drop report budget and the reports it could not send:
+    /// per-CPU array of one [`ReportBudget`](super::ReportBudget). Not pinned.
+    pub const REPORT_BUDGET: &str = "LB_EVBUDGET_V1";
     /// Host ends of pod veth (or netkit) pairs: ifindex (`u32`) -> 1. A
     /// translated packet whose FIB egress is one of them is handed straight
     /// to the pod's side with `bpf_redirect_peer`. Not pinned: the agent
@@ -236,9 +237,44 @@ pub const STAT_CT_INSERT_FAILED: u32 = 10;
 /// Counter: packets redirected after a FIB lookup.
 pub const STAT_FIB_REDIRECT: u32 = 11;
 
-/// Size of the drop event ring buffer: 4,681 events of 56 bytes (plus the
+/// Size of the drop event ring buffer: 4,096 events (56 bytes each plus the
 /// kernel's 8-byte record header); the agent drains it every second at least.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Drop reports each CPU may send per second: a flood of dropped packets
+/// must not turn into a flood of ring buffer reservations, which all take
+/// the ring buffer's lock.
+pub const REPORTS_PER_SECOND: u64 = 100;
+
+/// One CPU's drop report budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportBudget {
+    /// Start of the current one-second window, `bpf_ktime_get_boot_ns`.
+    pub window_start_ns: u64,
+    /// Reports sent in the current window.
+    pub sent: u64,
+    /// Reports not sent since the programs were loaded: over the budget or
+    /// the ring buffer full.
+    pub lost: u64,
+}
+
+impl ReportBudget {
+    /// Whether a report at `now_ns` is within the budget, taking it if so.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64) -> bool {
+        if now_ns.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
+            self.window_start_ns = now_ns;
+            self.sent = 0;
+        }
+        if self.sent >= REPORTS_PER_SECOND {
+            self.lost += 1;
+            return false;
+        }
+        self.sent += 1;
+        true
+    }
+}
 
 /// A new flow the tc path dropped or refused, and why: what the agent logs
 /// and serves on `/drops`.
@@ -605,6 +641,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for DropEvent {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ReportBudget {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SourceRangeKey {}
@@ -631,6 +669,23 @@ mod tests {
         assert_eq!(size_of::<TcAffinityKey>(), 20);
         assert_eq!(size_of::<CtGcState>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<DropEvent>(), 56);
+        assert_eq!(size_of::<ReportBudget>(), 24);
+    }
+
+    #[test]
+    fn each_cpu_sends_a_bounded_number_of_reports_per_second() {
+        let second = 1_000_000_000;
+        let mut budget = ReportBudget::default();
+        let start = 5 * second;
+        let sent = (0..REPORTS_PER_SECOND + 30)
+            .filter(|i| budget.take(start + i))
+            .count() as u64;
+        assert_eq!((sent, budget.lost), (REPORTS_PER_SECOND, 30));
+        // A new window, a new budget; what was lost stays counted.
+        assert!(budget.take(start + second));
+        assert_eq!((budget.sent, budget.lost), (1, 30));
+        assert!(budget.take(start + second + 1));
     }
 
     #[test]

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     tc::{
-        CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, RejectBudget, SourceRangeKey,
-        TcAffinityKey, TcConfig, EVENTS_BYTES, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
-        MAX_POD_INTERFACES, MAX_SOURCE_RANGES, STATS_LEN,
+        CtGcState, CtKey, CtValue, FragKey, FragPorts, MaglevKey, RejectBudget, ReportBudget,
+        SourceRangeKey, TcAffinityKey, TcConfig, EVENTS_BYTES, MAX_CONNTRACK, MAX_FRAGMENTS,
+        MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     AffinityValue, Backend, ServiceKey, ServiceValue, MAX_AFFINITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -67,9 +67,9 @@ pub static POD_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_POD
 #[map(name = "LB_EVENTS_V1")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// Drop events lost to a full ring buffer.
-#[map(name = "LB_EVLOST_V1")]
-pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Each CPU's drop report budget.
+#[map(name = "LB_EVBUDGET_V1")]
+pub static REPORT_BUDGET: PerCpuArray<ReportBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters, indexed by `STAT_*`.
 #[map(name = "LB_TCSTAT_V1")]
