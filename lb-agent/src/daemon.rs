@@ -16,7 +16,7 @@ use lb_common::tc::{TcConfig, TC_CONFIG_FIB_REDIRECT};
 use crate::{
     addr::addr_from_ip,
     config::{Settings, SourceKind},
-    datapath::Datapath,
+    datapath::{Datapath, SOCK_REFUSAL_REASONS},
     drops::{DropLog, DropRecord, TC_OUTCOMES},
     health::{HealthCheckServers, Healthz},
     http::{Handler, Response, Server},
@@ -131,6 +131,17 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         if let Some(tc) = tc.as_mut() {
             report_drops(tc, &reconciler, &drops);
+        }
+        match datapath.refusals() {
+            Ok(counts) => {
+                for (reason, count) in SOCK_REFUSAL_REASONS.iter().zip(counts) {
+                    metrics
+                        .socket_refused
+                        .with_label_values(&[reason])
+                        .set(count as i64);
+                }
+            }
+            Err(err) => log::error!("reading socket refusal counters: {err}"),
         }
         if let Some(tc) = tc.as_mut().filter(|_| attached) {
             pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
     pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
-    SlotKey, SockRevNatKey,
+    SlotKey, SockRevNatKey, SOCK_STATS_LEN,
 };
 
 use crate::{
@@ -27,6 +27,11 @@ use crate::{
 };
 
 /// The socket-level programs, built by `build.rs`.
+/// Labels of the socket programs' refusal counters
+/// (`lb_socket_refused{reason}`), in `lb_common::SOCK_STAT_*` order.
+pub const SOCK_REFUSAL_REASONS: [&str; SOCK_STATS_LEN as usize] =
+    ["no_endpoints", "no_local_endpoints"];
+
 static SOCKET_LB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
 
@@ -430,6 +435,26 @@ impl Datapath {
             maps,
             pin_dir: pin_dir.to_path_buf(),
         })
+    }
+
+    /// The refusal counters summed over CPUs, in `lb_common::SOCK_STAT_*`
+    /// order (labelled by [`SOCK_REFUSAL_REASONS`]).
+    pub fn refusals(&self) -> Result<Vec<u64>, DatapathError> {
+        let name = map_names::SOCK_STATS;
+        let map_err = |source| DatapathError::Map { name, source };
+        let map = self.ebpf.map(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err)?;
+        (0..SOCK_STATS_LEN)
+            .map(|index| {
+                stats
+                    .get(&index, 0)
+                    .map(|values| values.iter().sum())
+                    .map_err(map_err)
+            })
+            .collect()
     }
 
     /// Attaches every program to `cgroup` and pins the links, replacing links a

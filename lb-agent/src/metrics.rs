@@ -36,6 +36,9 @@ pub struct Metrics {
     pub last_sync_seconds: IntGauge,
     /// Packets the tc programs handled, by outcome (kernel counters).
     pub tc_packets: IntGaugeVec,
+    /// connect()/sendmsg() calls the socket programs refused, by reason
+    /// (kernel counters).
+    pub socket_refused: IntGaugeVec,
     /// Drop reports of the tc path not sent (over budget or ring buffer full).
     pub tc_drop_events_lost: IntGauge,
     /// Service ports whose Maglev table has fewer than 100 slots per backend.
@@ -119,6 +122,18 @@ impl Metrics {
                         "Packets handled by the tc programs since they were loaded, by outcome",
                     ),
                     &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            socket_refused: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "lb_socket_refused",
+                        "connect() and sendmsg() calls to Service frontends refused by the \
+                         socket programs since they were loaded, by reason",
+                    ),
+                    &["reason"],
                 )
                 .expect("valid"),
             ),

@@ -5,12 +5,12 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
     SockPeer, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT,
-    MAX_SERVICES, MAX_SOCK_REV_NAT,
+    MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -44,3 +44,17 @@ pub static ROUND_ROBIN: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::pinned(MA
 
 #[map(name = "LB_OPTOUT_V1")]
 pub static OPT_OUT: HashMap<u64, u32> = HashMap::pinned(MAX_OPT_OUT, 0);
+
+/// Refusals, indexed by `SOCK_STAT_*`.
+#[map(name = "LB_SKSTAT_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_STATS_LEN, 0);
+
+/// Adds one to counter `index`.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot of a successful lookup; programs do not
+        // migrate between CPUs while they run.
+        unsafe { *counter += 1 };
+    }
+}

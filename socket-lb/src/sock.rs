@@ -26,12 +26,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     is_v4_mapped, v4_mapped, Addr, Backend, RevNat, ServiceKey, SockPeer, SockRevNatKey, PROTO_TCP,
-    SCOPE_EXTERNAL,
+    SCOPE_EXTERNAL, SOCK_STAT_REFUSED_NO_ENDPOINTS, SOCK_STAT_REFUSED_NO_LOCAL,
 };
 
 use crate::{
     lb::{select, Lookup},
-    maps::{OPT_OUT, SOCK_PEER, SOCK_REV_NAT},
+    maps::{count, OPT_OUT, SOCK_PEER, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -151,8 +151,14 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     match select(&key, client) {
         Lookup::NotAService => ALLOW,
-        Lookup::NoBackends => fail_with(ECONNREFUSED),
-        Lookup::NoLocalBackends => fail_with(EHOSTUNREACH),
+        Lookup::NoBackends => {
+            count(SOCK_STAT_REFUSED_NO_ENDPOINTS);
+            fail_with(ECONNREFUSED)
+        }
+        Lookup::NoLocalBackends => {
+            count(SOCK_STAT_REFUSED_NO_LOCAL);
+            fail_with(EHOSTUNREACH)
+        }
         Lookup::Backend {
             service_id,
             backend,

@@ -42,6 +42,9 @@ pub mod map_names {
     pub const ROUND_ROBIN: &str = "LB_RR_V1";
     /// cgroups whose sockets are not translated: cgroup id (`u64`) -> `u32` (1).
     pub const OPT_OUT: &str = "LB_OPTOUT_V1";
+    /// Connections the socket programs refused, by `SOCK_STAT_*`: per-CPU
+    /// array of `u64`. Not pinned: the counters restart with the agent.
+    pub const SOCK_STATS: &str = "LB_SKSTAT_V1";
 }
 
 /// Capacity of the frontend map.
@@ -59,6 +62,15 @@ pub const MAX_OPT_OUT: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 131_072;
 /// Longest service name kept for display, in bytes.
 pub const SERVICE_NAME_LEN: usize = 128;
+
+/// Entries of [`map_names::SOCK_STATS`].
+pub const SOCK_STATS_LEN: u32 = 2;
+/// Counter: connect/sendmsg refused with ECONNREFUSED, the Service has no
+/// endpoints.
+pub const SOCK_STAT_REFUSED_NO_ENDPOINTS: u32 = 0;
+/// Counter: connect/sendmsg refused with EHOSTUNREACH, traffic policy Local
+/// and no endpoint on this node.
+pub const SOCK_STAT_REFUSED_NO_LOCAL: u32 = 1;
 
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;

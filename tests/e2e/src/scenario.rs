@@ -1,14 +1,17 @@
 //! A ready-made lab for scenario tests: one node running the agent, server
 //! pods and a client pod.
 
-use std::time::Duration;
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::{
     agent::{Agent, Binaries},
     lab::{Lab, Node, Place, Pod},
-    probe::{parse_attempts, Attempt},
+    probe::{http_get, parse_attempts, Attempt},
 };
 
 /// Ports every server pod listens on: TCP 8080 and 9090, UDP 8080.
@@ -94,6 +97,23 @@ impl Scenario {
     pub fn apply(&self, file: &str, text: &str, check: impl Fn(&str) -> bool) -> Result<String> {
         self.agent.write_manifest(file, text)?;
         self.agent.wait_for_services(Duration::from_secs(10), check)
+    }
+
+    /// Waits until the agent's `/metrics` (port 10249 on the node, fetched
+    /// from the client pod) has the exact line `line`.
+    pub fn wait_for_metric(&self, line: &str, timeout: Duration) -> Result<()> {
+        let url = format!("http://{}:10249/metrics", self.node.ip);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, metrics) = http_get(&self.client.netns, &url)?;
+            if metrics.lines().any(|l| l == line) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("no line {line:?} in /metrics:\n{metrics}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The IPv4 address of server `web-i` (1-based).

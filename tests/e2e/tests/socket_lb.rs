@@ -248,6 +248,12 @@ fn udp_to_a_service_without_endpoints_fails_at_once() -> Result<()> {
             assert_eq!(a.errno, Some(libc::ECONNREFUSED), "{mode:?}: {a:?}");
         }
     }
+    // Counted, so an operator sees refusals kube-proxy's REJECT rules would
+    // have counted: 3 connect() and 3 sendto() calls.
+    s.wait_for_metric(
+        "lb_socket_refused{reason=\"no_endpoints\"} 6",
+        Duration::from_secs(3),
+    )?;
     Ok(())
 }
 
@@ -421,6 +427,10 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> 
     for a in attempts {
         assert_eq!(a.errno, Some(libc::EHOSTUNREACH), "{a:?}");
     }
+    s.wait_for_metric(
+        "lb_socket_refused{reason=\"no_local_endpoints\"} 3",
+        Duration::from_secs(3),
+    )?;
     Ok(())
 }
 
