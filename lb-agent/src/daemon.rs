@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use prometheus::IntGaugeVec;
 
 use lb_common::tc::{TcConfig, TC_CONFIG_FIB_REDIRECT};
 
@@ -133,14 +134,7 @@ pub fn run(settings: Settings) -> Result<()> {
             report_drops(tc, &reconciler, &drops);
         }
         match datapath.refusals() {
-            Ok(counts) => {
-                for (reason, count) in SOCK_REFUSAL_REASONS.iter().zip(counts) {
-                    metrics
-                        .socket_refused
-                        .with_label_values(&[reason])
-                        .set(count as i64);
-                }
-            }
+            Ok(counts) => set_counters(&metrics.socket_refused, &SOCK_REFUSAL_REASONS, counts),
             Err(err) => log::error!("reading socket refusal counters: {err}"),
         }
         if let Some(tc) = tc.as_mut().filter(|_| attached) {
@@ -351,19 +345,19 @@ fn collect_conntrack(tc: &mut TcDatapath, metrics: &Metrics) {
         Err(err) => log::error!("conntrack garbage collection: {err}"),
     }
     match tc.stats() {
-        Ok(counters) => {
-            for (outcome, value) in TC_OUTCOMES.iter().zip(counters) {
-                metrics
-                    .tc_packets
-                    .with_label_values(&[outcome])
-                    .set(value as i64);
-            }
-        }
+        Ok(counters) => set_counters(&metrics.tc_packets, &TC_OUTCOMES, counters),
         Err(err) => log::error!("reading tc counters: {err}"),
     }
     match tc.drops_lost() {
         Ok(lost) => metrics.tc_drop_events_lost.set(lost as i64),
         Err(err) => log::error!("reading lost drop events: {err}"),
+    }
+}
+
+/// Sets one gauge per label to the kernel counter in the same position.
+fn set_counters(gauges: &IntGaugeVec, labels: &[&str], counters: Vec<u64>) {
+    for (label, value) in labels.iter().zip(counters) {
+        gauges.with_label_values(&[label]).set(value as i64);
     }
 }
 
