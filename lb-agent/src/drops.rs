@@ -6,17 +6,17 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use lb_common::{
-    tc::{
-        CtKey, DropEvent, STATS_LEN, STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND,
-        STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
-        STAT_DROP_SOURCE_RANGE, STAT_REJECT,
-    },
-    PROTO_TCP, PROTO_UDP,
+use lb_common::tc::{
+    CtKey, DropEvent, STATS_LEN, STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND,
+    STAT_DROP_NO_ENDPOINTS, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
+    STAT_DROP_SOURCE_RANGE, STAT_REJECT,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::addr::ip_from_addr;
+use crate::{
+    addr::{ip_from_addr, port_from_be},
+    view::protocol_name,
+};
 
 /// Drops kept for `/drops`, newest last.
 pub const RECENT_DROPS: usize = 256;
@@ -94,16 +94,16 @@ pub fn decode(bytes: &[u8]) -> Option<DropEvent> {
     })
 }
 
-/// One drop, as `/drops` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One drop, as `/drops` shows it (and `lbctl drops` reads it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DropRecord {
     /// Unix time of the drop, in seconds.
     pub unix_time: f64,
     /// The counter label (`lb_tc_packets{outcome}`).
-    pub reason: &'static str,
+    pub reason: String,
     /// What it means.
-    pub explanation: &'static str,
+    pub explanation: String,
     /// `TCP`, `UDP` or the protocol number.
     pub protocol: String,
     /// The client's address and port, as the packet arrived.
@@ -126,15 +126,11 @@ impl DropRecord {
             .unwrap_or("unknown");
         Self {
             unix_time,
-            reason,
-            explanation: explanation(event.reason),
-            protocol: match t.proto {
-                PROTO_TCP => "TCP".into(),
-                PROTO_UDP => "UDP".into(),
-                other => other.to_string(),
-            },
-            client: SocketAddr::new(ip_from_addr(&t.saddr), u16::from_be(t.sport)),
-            frontend: SocketAddr::new(ip_from_addr(&t.daddr), u16::from_be(t.dport)),
+            reason: reason.into(),
+            explanation: explanation(event.reason).into(),
+            protocol: protocol_name(t.proto),
+            client: SocketAddr::new(ip_from_addr(&t.saddr), port_from_be(t.sport)),
+            frontend: SocketAddr::new(ip_from_addr(&t.daddr), port_from_be(t.dport)),
             service: name.map_or_else(|| format!("service id {}", event.service_id), str::to_owned),
         }
     }
@@ -188,6 +184,7 @@ impl DropLog {
 mod tests {
     use super::*;
     use crate::addr::{addr_from_ip, port_to_be};
+    use lb_common::PROTO_TCP;
 
     fn event(reason: u32) -> DropEvent {
         DropEvent {
@@ -292,5 +289,8 @@ mod tests {
         assert_eq!(json.as_array().unwrap().len(), RECENT_DROPS);
         assert_eq!(json[0]["reason"], "drop_no_local_endpoints");
         assert!(json[0]["unixTime"].is_number());
+        // What lbctl reads back is what was kept.
+        let read: Vec<DropRecord> = serde_json::from_str(&log.to_json()).unwrap();
+        assert_eq!(read, Vec::from(log.recent.clone()));
     }
 }

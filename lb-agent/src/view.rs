@@ -1,4 +1,5 @@
-//! What `lbctl service list` shows: the frontends and backends in the maps.
+//! What `lbctl` shows: the frontends and backends in the maps (`service
+//! list`) and the agent's latest drop reports (`drops`).
 
 use std::fmt::Write as _;
 
@@ -9,6 +10,7 @@ use lb_common::{
 
 use crate::{
     addr::{ip_from_addr, port_from_be},
+    drops::DropRecord,
     plan::{Applied, Dump},
 };
 
@@ -17,7 +19,8 @@ pub fn endpoint(addr: &lb_common::Addr, port_be: u16) -> String {
     std::net::SocketAddr::new(ip_from_addr(addr), port_from_be(port_be)).to_string()
 }
 
-fn protocol_name(proto: u8) -> String {
+/// `TCP`, `UDP` or the protocol number.
+pub fn protocol_name(proto: u8) -> String {
     match proto {
         PROTO_TCP => "TCP".into(),
         PROTO_UDP => "UDP".into(),
@@ -92,6 +95,22 @@ pub fn service_table(dump: &Dump) -> String {
     render(["ID", "SERVICE", "FRONTEND", "BACKENDS"], &rows)
 }
 
+/// Renders drop reports, oldest first, with their age at `now_unix`.
+pub fn drop_table(records: &[DropRecord], now_unix: f64) -> String {
+    let rows: Vec<[String; 4]> = records
+        .iter()
+        .map(|r| {
+            [
+                format!("{:.0}s ago", (now_unix - r.unix_time).max(0.0)),
+                format!("{} -> {}/{}", r.client, r.frontend, r.protocol),
+                r.service.clone(),
+                r.explanation.clone(),
+            ]
+        })
+        .collect();
+    render(["WHEN", "FLOW", "SERVICE", "WHY"], &rows)
+}
+
 fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
     for row in rows {
@@ -128,6 +147,25 @@ mod tests {
         plan::{plan, Capacity, MaglevSettings, Scope},
     };
     use lb_common::{Backend, ServiceKey, SCOPE_EXTERNAL};
+
+    #[test]
+    fn drops_are_listed_with_their_age_flow_and_reason() {
+        let record = DropRecord {
+            unix_time: 100.0,
+            reason: "drop_source_range".into(),
+            explanation: "dropped: source address not in loadBalancerSourceRanges".into(),
+            protocol: "TCP".into(),
+            client: "192.168.100.200:51890".parse().unwrap(),
+            frontend: "192.168.100.50:80".parse().unwrap(),
+            service: "default/web:tcp".into(),
+        };
+        assert_eq!(
+            drop_table(&[record], 112.4),
+            "WHEN     FLOW                                            SERVICE          WHY\n\
+             12s ago  192.168.100.200:51890 -> 192.168.100.50:80/TCP  default/web:tcp  \
+             dropped: source address not in loadBalancerSourceRanges\n"
+        );
+    }
 
     #[test]
     fn table_lists_each_backend_under_its_frontend() {

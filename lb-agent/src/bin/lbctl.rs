@@ -1,13 +1,22 @@
-//! lbctl: inspects the datapath through its pinned maps.
+//! lbctl: inspects the datapath through its pinned maps, and asks the agent
+//! for its latest drop reports.
 
-use std::path::PathBuf;
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lb_agent::{datapath::Maps, view};
+use lb_agent::{datapath::Maps, drops::DropRecord, view};
 
-/// Inspect the load balancer's kernel state (read from the pinned maps, not
-/// from the agent).
+/// How long `lbctl drops` waits for the agent.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Inspect the load balancer: its kernel state (read from the pinned maps,
+/// not from the agent) and the agent's drop reports.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -30,6 +39,13 @@ enum Command {
         #[command(subcommand)]
         command: ServiceCommand,
     },
+    /// The latest new flows the tc path dropped or refused, and why (from
+    /// the agent's `/drops`).
+    Drops {
+        /// The agent's metrics address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        agent: SocketAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +64,34 @@ fn main() -> Result<()> {
             let dump = maps.dump().context("reading the maps")?;
             print!("{}", view::service_table(&dump));
         }
+        Command::Drops { agent } => {
+            let records: Vec<DropRecord> = serde_json::from_str(&get(agent, "/drops")?)
+                .context("reading the agent's drop reports")?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            print!("{}", view::drop_table(&records, now));
+        }
     }
     Ok(())
+}
+
+/// The body of a 200 answer to `GET path` from the agent.
+fn get(agent: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&agent, AGENT_TIMEOUT)
+        .with_context(|| format!("connecting to the agent at {agent}"))?;
+    stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {agent}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer of {agent}"))?;
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else {
+        bail!("{agent} sent no HTTP answer");
+    };
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!("{agent} answered {status:?} to GET {path}");
+    }
+    Ok(body.to_string())
 }

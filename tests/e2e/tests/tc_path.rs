@@ -345,6 +345,23 @@ fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
             "{body}"
         );
     }
+    // lbctl asks the agent for the same reports and tabulates them.
+    let agent = format!("{}:10249", NODE_IPS[0]);
+    let table = t
+        .lab
+        .run_in(&t.client, &t.bins.lbctl, &["drops", "--agent", &agent])?;
+    let table = String::from_utf8(table.stdout)?;
+    assert!(table.starts_with("WHEN "), "{table}");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("-> 192.168.100.50:80/TCP"))
+        .collect();
+    assert!(!rows.is_empty(), "{table}");
+    assert!(
+        rows.iter().all(|r| r.contains("default/web:tcp")
+            && r.ends_with("dropped: source address not in loadBalancerSourceRanges")),
+        "{table}"
+    );
     Ok(())
 }
 
