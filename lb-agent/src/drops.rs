@@ -49,11 +49,9 @@ pub fn explanation(reason: u32) -> &'static str {
         STAT_DROP_NO_ENDPOINTS => {
             "dropped: the Service has no endpoints and the node's answer rate limit was reached"
         }
-        STAT_DROP_NO_LOCAL => "dropped: externalTrafficPolicy Local and no endpoint on this node",
+        STAT_DROP_NO_LOCAL => "dropped: traffic policy Local and no endpoint on this node",
         STAT_DROP_SOURCE_RANGE => "dropped: source address not in loadBalancerSourceRanges",
-        STAT_DROP_NO_BACKEND => {
-            "dropped: the Maglev table pointed at a backend being replaced (retry succeeds)"
-        }
+        STAT_DROP_NO_BACKEND => "dropped: the chosen backend was being replaced (a retry succeeds)",
         STAT_DROP_SNAT_PORTS => "dropped: no free SNAT port towards the chosen backend",
         STAT_DROP_SNAT_ADDR => {
             "dropped: no node address (or backend) of the packet's IP family to translate to"
