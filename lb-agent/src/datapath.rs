@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
@@ -51,7 +51,7 @@ const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 10] = [
+const MAP_PINS: [&str; 11] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
@@ -62,6 +62,7 @@ const MAP_PINS: [&str; 10] = [
     map_names::AFFINITY,
     map_names::ROUND_ROBIN,
     map_names::OPT_OUT,
+    map_names::OPT_OUT_COUNT,
 ];
 
 /// Errors of the kernel shell.
@@ -197,6 +198,7 @@ pub struct Maps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, RevNat>,
     opt_out: HashMap<MapData, u64, u32>,
+    opt_out_count: Array<MapData, u32>,
 }
 
 fn typed<K: Pod, V: Pod>(
@@ -204,6 +206,10 @@ fn typed<K: Pod, V: Pod>(
     map: Map,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn array<V: Pod>(name: &'static str, map: Map) -> Result<Array<MapData, V>, DatapathError> {
+    Array::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
@@ -236,6 +242,10 @@ impl Maps {
                 pinned(dir, map_names::SOCK_REV_NAT)?,
             )?,
             opt_out: typed(map_names::OPT_OUT, pinned(dir, map_names::OPT_OUT)?)?,
+            opt_out_count: array(
+                map_names::OPT_OUT_COUNT,
+                pinned(dir, map_names::OPT_OUT_COUNT)?,
+            )?,
         })
     }
 
@@ -255,6 +265,7 @@ impl Maps {
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
             sock_rev_nat: typed(map_names::SOCK_REV_NAT, take(map_names::SOCK_REV_NAT)?)?,
             opt_out: typed(map_names::OPT_OUT, take(map_names::OPT_OUT)?)?,
+            opt_out_count: array(map_names::OPT_OUT_COUNT, take(map_names::OPT_OUT_COUNT)?)?,
         })
     }
 
@@ -321,7 +332,35 @@ impl Maps {
         for id in present.difference(wanted) {
             ignore_missing(self.opt_out.remove(id)).map_err(err)?;
         }
+        // Last: a count above the entries only costs the programs a lookup
+        // that misses; one below them would skip opted-out cgroups.
+        self.write_opt_out_count(wanted.len())?;
         Ok(&present != wanted)
+    }
+
+    /// Tells the programs how many cgroups opted out (0: skip the lookup).
+    fn write_opt_out_count(&mut self, count: usize) -> Result<(), DatapathError> {
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        self.opt_out_count
+            .set(0, count, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::OPT_OUT_COUNT,
+                source,
+            })
+    }
+
+    /// Sets the opt-out count from the entries a previous agent left, before
+    /// any program of this agent runs.
+    fn sync_opt_out_count(&mut self) -> Result<(), DatapathError> {
+        let entries = self
+            .opt_out
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::OPT_OUT,
+                source,
+            })?;
+        self.write_opt_out_count(entries.len())
     }
 
     /// Cookies of the sockets the datapath steered from frontend `service_id`
@@ -429,7 +468,8 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .map_pin_path(map_names::SOCK_PEER, pin_dir.join(map_names::SOCK_PEER))
             .load(SOCKET_LB_OBJECT)?;
-        let maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.sync_opt_out_count()?;
         Ok(Self {
             ebpf,
             maps,

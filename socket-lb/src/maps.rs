@@ -5,7 +5,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
@@ -44,6 +44,10 @@ pub static ROUND_ROBIN: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::pinned(MA
 
 #[map(name = "LB_OPTOUT_V1")]
 pub static OPT_OUT: HashMap<u64, u32> = HashMap::pinned(MAX_OPT_OUT, 0);
+
+/// Entries in [`OPT_OUT`], written by the agent after changing it.
+#[map(name = "LB_OPTCNT_V1")]
+pub static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
 
 /// Refusals, indexed by `SOCK_STAT_*`.
 #[map(name = "LB_SKSTAT_V1")]

@@ -31,7 +31,7 @@ use lb_common::{
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, OPT_OUT, SOCK_PEER, SOCK_REV_NAT},
+    maps::{count, OPT_OUT, OPT_OUT_COUNT, SOCK_PEER, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -129,13 +129,24 @@ fn fail_with(errno: i32) -> i32 {
     REJECT
 }
 
+/// Whether the calling process's cgroup opted out of socket translation.
+/// While no cgroup did, one array read (always the same cache line) replaces
+/// the cgroup id and the hash lookup.
+#[inline(always)]
+fn opted_out() -> bool {
+    if OPT_OUT_COUNT.get(0).is_none_or(|&count| count == 0) {
+        return false;
+    }
+    // SAFETY: a helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    OPT_OUT.get_ptr(&cgroup).is_some()
+}
+
 /// connect/sendmsg: steer a frontend address to a backend, unless the
 /// calling process's cgroup opted out (its traffic is translated per packet).
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
-    // SAFETY: a helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if OPT_OUT.get_ptr(&cgroup).is_some() {
+    if opted_out() {
         return ALLOW;
     }
     let sa = ctx.sock_addr;

@@ -42,6 +42,9 @@ pub mod map_names {
     pub const ROUND_ROBIN: &str = "LB_RR_V1";
     /// cgroups whose sockets are not translated: cgroup id (`u64`) -> `u32` (1).
     pub const OPT_OUT: &str = "LB_OPTOUT_V1";
+    /// How many entries [`OPT_OUT`] has: array of one `u32`. While it is 0
+    /// the socket programs skip the opt-out lookup.
+    pub const OPT_OUT_COUNT: &str = "LB_OPTCNT_V1";
     /// Connections the socket programs refused, by `SOCK_STAT_*`: per-CPU
     /// array of `u64`. Not pinned: the counters restart with the agent.
     pub const SOCK_STATS: &str = "LB_SKSTAT_V1";
