@@ -332,10 +332,15 @@ impl Maps {
         for id in present.difference(wanted) {
             ignore_missing(self.opt_out.remove(id)).map_err(err)?;
         }
-        // Last: a count above the entries only costs the programs a lookup
-        // that misses; one below them would skip opted-out cgroups.
-        self.write_opt_out_count(wanted.len())?;
-        Ok(&present != wanted)
+        let changed = &present != wanted;
+        if changed {
+            // Last: a count above the entries only costs the programs a
+            // lookup that misses; one below them would skip opted-out
+            // cgroups. Unchanged sets keep the count written before (or
+            // synced at load).
+            self.write_opt_out_count(wanted.len())?;
+        }
+        Ok(changed)
     }
 
     /// Tells the programs how many cgroups opted out (0: skip the lookup).

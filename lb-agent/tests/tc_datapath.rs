@@ -816,19 +816,24 @@ fn no_endpoints_rejects_tcp_with_a_reset() {
     assert_eq!(node.run(TcHook::Ingress, &rst).0, TC_ACT_SHOT);
 }
 
-#[test]
-fn source_ranges_allow_listed_clients_only() {
-    let mut node = Node::new();
-    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
-    node.add_backend(2, backend6(1), 8080, PROTO_TCP, true);
-    let lb4 = Frontend {
+/// A LoadBalancer frontend (service 12) that admits listed sources only.
+fn source_ranged_lb4() -> Frontend {
+    Frontend {
         ip: v4(203, 0, 113, 50),
         port: 443,
         proto: PROTO_TCP,
         service_id: 12,
         flags: SERVICE_FLAG_SOURCE_RANGES,
         affinity_timeout_s: 0,
-    };
+    }
+}
+
+#[test]
+fn source_ranges_allow_listed_clients_only() {
+    let mut node = Node::new();
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
+    node.add_backend(2, backend6(1), 8080, PROTO_TCP, true);
+    let lb4 = source_ranged_lb4();
     let lb6 = Frontend {
         ip: "2001:db8:ffff::50".parse().unwrap(),
         ..lb4
@@ -901,14 +906,7 @@ fn source_ranges_allow_listed_clients_only() {
 fn drop_reports_are_bounded_per_cpu_and_second() {
     let mut node = Node::new();
     node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
-    let lb = Frontend {
-        ip: v4(203, 0, 113, 50),
-        port: 443,
-        proto: PROTO_TCP,
-        service_id: 12,
-        flags: SERVICE_FLAG_SOURCE_RANGES,
-        affinity_timeout_s: 0,
-    };
+    let lb = source_ranged_lb4();
     node.set_frontend(&lb, 1, &[1]);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let flood = REPORTS_PER_SECOND * cpus + 50;

@@ -10,8 +10,10 @@ use crate::maps::{EVENTS, REPORT_BUDGET};
 
 /// Reports that a packet of `tuple` for frontend `service_id` was dropped or
 /// refused, counted in `reason`. Over the budget, or with the ring buffer
-/// full, the report is counted as lost instead.
-#[inline(always)]
+/// full, the report is counted as lost instead. Not inlined: one copy serves
+/// every drop site, so the new-flow path every connection takes does not
+/// carry nine.
+#[inline(never)]
 pub fn report(reason: u32, tuple: &CtKey, service_id: u32) {
     let Some(budget) = REPORT_BUDGET.get_ptr_mut(0) else {
         return;

@@ -118,6 +118,13 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         NewFlow::Reject(service_id) => {
             reject::reject(TcContext::new(ctx.skb.skb), &pkt, service_id)
         }
+        // Counted and reported here, once new_flow's frame is gone: the
+        // report's frame does not add to it against the 512-byte limit.
+        NewFlow::Drop { reason, service_id } => {
+            count(reason);
+            events::report(reason, &pkt.tuple, service_id);
+            TC_ACT_SHOT
+        }
         NewFlow::Verdict(verdict) => verdict,
     }
 }
@@ -170,17 +177,21 @@ enum NewFlow {
     Created(CtValue),
     /// The frontend (this service id) has no endpoints: reject.
     Reject(u32),
-    /// Not for a frontend, or dropped: this verdict.
+    /// Drop it, counted in `reason` (a `STAT_*`), and report why.
+    Drop {
+        /// The counter.
+        reason: u32,
+        /// The frontend it was for.
+        service_id: u32,
+    },
+    /// Not for a frontend: this verdict.
     Verdict(i32),
 }
 
-/// Drops a packet of a new flow for frontend `service_id`, counting and
-/// reporting why.
+/// A new flow for frontend `service_id` to drop, counted in `reason`.
 #[inline(always)]
-fn drop(reason: u32, pkt: &Packet, service_id: u32) -> i32 {
-    count(reason);
-    events::report(reason, &pkt.tuple, service_id);
-    TC_ACT_SHOT
+fn dropped(reason: u32, service_id: u32) -> NewFlow {
+    NewFlow::Drop { reason, service_id }
 }
 
 /// First packet of a flow (or of a flow whose entry expired or whose backend
@@ -193,14 +204,14 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     };
     if service.backend_count == 0 {
         if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
-            return NewFlow::Verdict(drop(STAT_DROP_NO_LOCAL, pkt, service.service_id));
+            return dropped(STAT_DROP_NO_LOCAL, service.service_id);
         }
         return NewFlow::Reject(service.service_id);
     }
     if service.flags & SERVICE_FLAG_SOURCE_RANGES != 0
         && !lb::source_allowed(service.service_id, &pkt.tuple.saddr)
     {
-        return NewFlow::Verdict(drop(STAT_DROP_SOURCE_RANGE, pkt, service.service_id));
+        return dropped(STAT_DROP_SOURCE_RANGE, service.service_id);
     }
     // A one-entry array: index 0 always exists.
     let Some(config) = CONFIG.get(0) else {
@@ -209,10 +220,10 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     let t = &pkt.tuple;
     let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
     let Some((backend_id, backend)) = lb::choose(&key, &service, &t.saddr, hash, now) else {
-        return NewFlow::Verdict(drop(STAT_DROP_NO_BACKEND, pkt, service.service_id));
+        return dropped(STAT_DROP_NO_BACKEND, service.service_id);
     };
     if is_v4_mapped(&backend.addr) != pkt.v4 {
-        return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR, pkt, service.service_id));
+        return dropped(STAT_DROP_SNAT_ADDR, service.service_id);
     }
     let keeps_source = SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_PRESERVE_SOURCE;
     let snat = service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
@@ -258,21 +269,21 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
             &config.snat_v6
         };
         if addr_eq(node, &[0; 4]) {
-            return NewFlow::Verdict(drop(STAT_DROP_SNAT_ADDR, pkt, service.service_id));
+            return dropped(STAT_DROP_SNAT_ADDR, service.service_id);
         }
         forward.flags |= CT_FLAG_REWRITE_SRC;
         forward.new_saddr = *node;
         reply.flags |= CT_FLAG_REWRITE_DST;
         reply_key.daddr = *node;
         let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
-            return NewFlow::Verdict(drop(STAT_DROP_SNAT_PORTS, pkt, service.service_id));
+            return dropped(STAT_DROP_SNAT_PORTS, service.service_id);
         };
         forward.new_sport = port;
     } else if CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
-        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED, pkt, service.service_id));
+        return dropped(STAT_CT_INSERT_FAILED, service.service_id);
     }
     if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
-        return NewFlow::Verdict(drop(STAT_CT_INSERT_FAILED, pkt, service.service_id));
+        return dropped(STAT_CT_INSERT_FAILED, service.service_id);
     }
     count(STAT_NEW_FLOW);
     NewFlow::Created(forward)
