@@ -38,6 +38,7 @@ pub const TC_OUTCOMES: [&str; STATS_LEN as usize] = [
     "drop_no_snat_address",
     "conntrack_insert_failed",
     "fib_redirect",
+    "icmp_error",
 ];
 
 /// What a drop reason means for the client.

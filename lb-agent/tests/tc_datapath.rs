@@ -23,7 +23,7 @@ use lb_common::{
         flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_STATE_CLOSING,
         REPORTS_PER_SECOND, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
         SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL,
-        STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_NEW_FLOW, STAT_REJECT,
+        STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_ICMP_ERROR, STAT_NEW_FLOW, STAT_REJECT,
         TC_CONFIG_FIB_REDIRECT,
     },
     Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
@@ -149,32 +149,38 @@ impl<'a> Pkt<'a> {
         let csum = fold(pseudo_sum(self.src, self.dst, self.proto, l4.len()) + sum16(&l4));
         l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
 
-        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-        match (self.src, self.dst) {
-            (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                frame.extend([0x08, 0x00]);
-                let mut ip = vec![0x45, 0];
-                ip.extend(((20 + l4.len()) as u16).to_be_bytes());
-                ip.extend([0, 1, 0x40, 0, 64, self.proto, 0, 0]);
-                ip.extend(src.octets());
-                ip.extend(dst.octets());
-                let csum = fold(sum16(&ip));
-                ip[10..12].copy_from_slice(&csum.to_be_bytes());
-                frame.extend(ip);
-            }
-            (IpAddr::V6(src), IpAddr::V6(dst)) => {
-                frame.extend([0x86, 0xdd]);
-                frame.extend([0x60, 0, 0, 0]);
-                frame.extend((l4.len() as u16).to_be_bytes());
-                frame.extend([self.proto, 64]);
-                frame.extend(src.octets());
-                frame.extend(dst.octets());
-            }
-            _ => panic!("mixed families"),
-        }
-        frame.extend(l4);
-        frame
+        ip_frame(self.src, self.dst, self.proto, &l4)
     }
+}
+
+/// An Ethernet frame carrying `payload` of protocol `proto` from `src` to
+/// `dst`, with a valid IPv4 header checksum.
+fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            frame.extend([0x08, 0x00]);
+            let mut ip = vec![0x45, 0];
+            ip.extend(((20 + payload.len()) as u16).to_be_bytes());
+            ip.extend([0, 1, 0x40, 0, 64, proto, 0, 0]);
+            ip.extend(src.octets());
+            ip.extend(dst.octets());
+            let csum = fold(sum16(&ip));
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(ip);
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            frame.extend([0x86, 0xdd]);
+            frame.extend([0x60, 0, 0, 0]);
+            frame.extend((payload.len() as u16).to_be_bytes());
+            frame.extend([proto, 64]);
+            frame.extend(src.octets());
+            frame.extend(dst.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    frame.extend(payload);
+    frame
 }
 
 /// What a test reads back from a frame the program left.
@@ -1124,14 +1130,15 @@ struct IcmpError {
     ttl: u8,
     kind: u8,
     code: u8,
+    /// The header's second word: unused (0), or an MTU.
+    rest: u32,
     /// What follows the 8-byte ICMP header: the offending packet's start.
     quote: Vec<u8>,
 }
 
 /// Parses a frame holding an ICMP or ICMPv6 error. Checks, from the bytes
-/// alone: the frame ends where the IP packet does, the IPv4 header checksum,
-/// the ICMP checksum (ICMPv6: over the pseudo-header too) and the unused
-/// field.
+/// alone: the frame ends where the IP packet does, the IPv4 header checksum
+/// and the ICMP checksum (ICMPv6: over the pseudo-header too).
 fn parse_icmp(frame: &[u8]) -> IcmpError {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     let (src, dst, ttl, icmp) = match ethertype {
@@ -1164,13 +1171,13 @@ fn parse_icmp(frame: &[u8]) -> IcmpError {
         }
         other => panic!("unexpected ethertype {other:#x}"),
     };
-    assert_eq!(icmp[4..8], [0; 4], "unused field");
     IcmpError {
         src,
         dst,
         ttl,
         kind: icmp[0],
         code: icmp[1],
+        rest: u32::from_be_bytes(icmp[4..8].try_into().unwrap()),
         quote: icmp[8..].to_vec(),
     }
 }
@@ -1215,6 +1222,7 @@ fn assert_port_unreachable(
     let icmp = parse_icmp(&out);
     assert_eq!((icmp.src, icmp.dst), (fe.ip, client));
     assert_eq!((icmp.kind, icmp.code, icmp.ttl), (kind, code, 64));
+    assert_eq!(icmp.rest, 0, "unused field");
     let ip_len = if client.is_ipv4() { 20 } else { 40 };
     assert_eq!(icmp.quote, frame[14..14 + ip_len + 8]);
     let udp = &icmp.quote[ip_len..];
@@ -1260,6 +1268,160 @@ fn ipv6_no_endpoints_answers_udp_with_port_unreachable() {
     }
     assert_eq!(node.stat(STAT_REJECT), 1);
     assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 2);
+}
+
+/// The start of `pkt` as an ICMP error quotes it: its IP header and the
+/// first 8 bytes of its transport header.
+fn quote_of(pkt: &Pkt<'_>) -> Vec<u8> {
+    let ip_len = if pkt.src.is_ipv4() { 20 } else { 40 };
+    pkt.frame()[14..14 + ip_len + 8].to_vec()
+}
+
+/// An ICMP (ICMPv6) error of `kind`/`code` from `src` to `dst` about
+/// `about`, with `rest` as the header's second word and a valid checksum.
+fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    (kind, code): (u8, u8),
+    rest: u32,
+    about: &Pkt<'_>,
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend(rest.to_be_bytes());
+    icmp.extend(quote_of(about));
+    let (proto, sum) = if src.is_ipv4() {
+        (1, sum16(&icmp))
+    } else {
+        (58, pseudo_sum(src, dst, 58, icmp.len()) + sum16(&icmp))
+    };
+    let csum = fold(sum);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    ip_frame(src, dst, proto, &icmp)
+}
+
+/// Runs an error through `hook` and checks it came out as `expected`
+/// (verdict, outer addresses, quote of the packet as the receiver sent it,
+/// kind, code and MTU kept, valid checksums).
+fn assert_error_translated(
+    node: &mut Node,
+    hook: TcHook,
+    error: &[u8],
+    (src, dst): (IpAddr, IpAddr),
+    quoted: &Pkt<'_>,
+) {
+    let before = parse_icmp(error);
+    let (verdict, out) = node.tc.test_run(hook, error).unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    let after = parse_icmp(&out);
+    assert_eq!((after.src, after.dst), (src, dst));
+    assert_eq!(
+        (after.kind, after.code, after.rest),
+        (before.kind, before.code, before.rest)
+    );
+    assert_eq!(after.quote, quote_of(quoted), "quote of {quoted:?}");
+}
+
+/// ICMP errors about the packets of a translated flow reach the other side
+/// translated (what conntrack's RELATED NAT does under kube-proxy): the
+/// backend's port unreachable reaches the client from the NodePort, quoting
+/// the datagram as the client sent it (its UDP checksum updated), and a
+/// router's "fragmentation needed" / "packet too big" about a reply reaches
+/// the backend, quoting the reply as the backend sent it. Errors about
+/// other flows pass untouched.
+#[test]
+fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
+    for (client, node_ip, backend, router) in [
+        (
+            IpAddr::from(CLIENT4),
+            IpAddr::from(NODE4),
+            backend4(1),
+            v4(203, 0, 113, 1),
+        ),
+        (
+            CLIENT6.into(),
+            NODE6.into(),
+            backend6(1),
+            "2001:db8:ff::1".parse().unwrap(),
+        ),
+    ] {
+        let (unreachable, too_big) = if client.is_ipv4() {
+            ((3, 3), ((3, 4), 1400))
+        } else {
+            ((1, 4), ((2, 0), 1400))
+        };
+        let mut node = Node::new();
+        node.add_backend(1, backend, 5353, PROTO_UDP, true);
+        let fe = nodeport(node_ip, PROTO_UDP);
+        node.set_frontend(&fe, 1, &[1]);
+        let query = Pkt::udp(client, 50000, fe.ip, NODE_PORT, b"hello");
+        let (_, fwd) = node.ingress(&query);
+        assert_eq!(fwd.dst, backend);
+
+        let delivered = Pkt::udp(client, 50000, backend, 5353, b"hello");
+        let closed = icmp_error(backend, client, unreachable, 0, &delivered);
+        assert_error_translated(&mut node, TcHook::Egress, &closed, (fe.ip, client), &query);
+
+        let reply = Pkt::udp(fe.ip, NODE_PORT, client, 50000, b"world");
+        let (kind, mtu) = too_big;
+        let big = icmp_error(router, fe.ip, kind, mtu, &reply);
+        let sent = Pkt::udp(backend, 5353, client, 50000, b"world");
+        assert_error_translated(&mut node, TcHook::Ingress, &big, (router, backend), &sent);
+        assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+
+        // About a flow the node never translated: untouched.
+        let other = Pkt::udp(fe.ip, NODE_PORT, client, 50001, b"world");
+        let unrelated = icmp_error(router, fe.ip, kind, mtu, &other);
+        let (verdict, out) = node.tc.test_run(TcHook::Ingress, &unrelated).unwrap();
+        assert_eq!((verdict, out), (TC_ACT_OK, unrelated));
+        assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+    }
+}
+
+/// The same through SNAT (externalTrafficPolicy Cluster, backend on another
+/// node): the remote backend's error, sent to the node's address, reaches
+/// the client from the NodePort; a router's error about a reply reaches the
+/// backend quoting the reply as it left the backend, to the SNAT port.
+#[test]
+fn icmp_errors_follow_snated_flows() {
+    isolated(|| {
+        for (client, node_ip, backend, router) in [
+            (
+                IpAddr::from(CLIENT4),
+                IpAddr::from(NODE4),
+                backend4(1),
+                v4(203, 0, 113, 1),
+            ),
+            (
+                CLIENT6.into(),
+                NODE6.into(),
+                backend6(1),
+                "2001:db8:ff::1".parse().unwrap(),
+            ),
+        ] {
+            let (unreachable, time_exceeded) = if client.is_ipv4() {
+                ((3, 1), (11, 0))
+            } else {
+                ((1, 3), (3, 0))
+            };
+            let mut node = Node::new();
+            node.add_backend(1, backend, 8080, PROTO_TCP, false);
+            let fe = nodeport(node_ip, PROTO_TCP);
+            node.set_frontend(&fe, 1, &[1]);
+            let syn = Pkt::tcp(client, 44000, fe.ip, NODE_PORT, SYN);
+            let (_, fwd) = node.ingress(&syn);
+            assert_eq!(fwd.src, node_ip);
+
+            let at_backend = Pkt::tcp(node_ip, fwd.sport, backend, 8080, SYN);
+            let error = icmp_error(backend, node_ip, unreachable, 0, &at_backend);
+            assert_error_translated(&mut node, TcHook::Ingress, &error, (fe.ip, client), &syn);
+
+            let reply = Pkt::tcp(fe.ip, NODE_PORT, client, 44000, SYN | ACK);
+            let error = icmp_error(router, fe.ip, time_exceeded, 0, &reply);
+            let sent = Pkt::tcp(backend, 8080, node_ip, fwd.sport, SYN | ACK);
+            assert_error_translated(&mut node, TcHook::Ingress, &error, (router, backend), &sent);
+            assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+        }
+    });
 }
 
 /// The collector walks the whole table in the kernel: with live and expired

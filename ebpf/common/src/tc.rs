@@ -205,7 +205,7 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Capacity of [`map_names::POD_INTERFACES`].
 pub const MAX_POD_INTERFACES: u32 = 16_384;
 /// Number of counters in [`map_names::STATS`].
-pub const STATS_LEN: u32 = 12;
+pub const STATS_LEN: u32 = 13;
 
 /// Counter: packets of a known flow rewritten towards a backend.
 pub const STAT_FORWARD: u32 = 0;
@@ -236,6 +236,9 @@ pub const STAT_DROP_SNAT_ADDR: u32 = 9;
 pub const STAT_CT_INSERT_FAILED: u32 = 10;
 /// Counter: packets redirected after a FIB lookup.
 pub const STAT_FIB_REDIRECT: u32 = 11;
+/// Counter: ICMP errors about packets of translated flows, translated with
+/// them.
+pub const STAT_ICMP_ERROR: u32 = 12;
 
 /// Size of the drop event ring buffer: 4,096 events (56 bytes each plus the
 /// kernel's 8-byte record header); the agent drains it every second at least.
@@ -498,15 +501,22 @@ impl CtValue {
     #[inline(always)]
     pub const fn apply(&self, tuple: &CtKey) -> CtKey {
         let mut out = *tuple;
+        self.rewrite(&mut out);
+        out
+    }
+
+    /// Rewrites `tuple` in place as [`apply`](Self::apply) does, without a
+    /// second tuple on a short BPF stack.
+    #[inline(always)]
+    pub const fn rewrite(&self, tuple: &mut CtKey) {
         if self.flags & CT_FLAG_REWRITE_SRC != 0 {
-            out.saddr = self.new_saddr;
-            out.sport = self.new_sport;
+            tuple.saddr = self.new_saddr;
+            tuple.sport = self.new_sport;
         }
         if self.flags & CT_FLAG_REWRITE_DST != 0 {
-            out.daddr = self.new_daddr;
-            out.dport = self.new_dport;
+            tuple.daddr = self.new_daddr;
+            tuple.dport = self.new_dport;
         }
-        out
     }
 
     /// The entry translating the other direction of this entry's flow, whose

@@ -12,9 +12,12 @@
 //! - `lb_egress` (node uplink, egress): replies of local backends are
 //!   translated back so they come from the frontend.
 //!
+//!
+//! Both also translate ICMP errors about the packets of translated flows.
+//!
 //! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
-//! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`reject`],
-//! [`fib`] forwarding, [`events`] for drops, [`maps`].
+//! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`icmp`]
+//! errors, [`reject`], [`fib`] forwarding, [`events`] for drops, [`maps`].
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: a by-value key is one more
@@ -24,6 +27,7 @@
 mod conntrack;
 mod events;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -43,7 +47,8 @@ use lb_common::{
         CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_PRESERVE_SOURCE,
         SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED,
         STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
-        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_NEW_FLOW, STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
+        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_ICMP_ERROR, STAT_NEW_FLOW, STAT_REPLY,
+        TC_CONFIG_FIB_REDIRECT,
     },
     Addr, SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
@@ -88,7 +93,7 @@ pub fn lb_ct_gc(_ctx: TcContext) -> i32 {
 #[inline(always)]
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let Some(pkt) = parse(ctx) else {
-        return TC_ACT_OK;
+        return related_error(ctx, hook);
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
@@ -158,17 +163,46 @@ fn translate(ctx: TcContext, pkt: &Packet, flow: &Flow, hook: Hook, now: u64) ->
     } else {
         STAT_FORWARD
     });
-    // A packet whose source became a node address (SNAT, or a reply now
-    // coming from a NodePort) would be dropped by the stack as a martian:
-    // it must be forwarded here.
-    let fib = value.flags & CT_FLAG_REWRITE_SRC != 0
+    let source_rewritten = value.flags & CT_FLAG_REWRITE_SRC != 0;
+    send_on(&ctx, hook, &rewritten, pkt.v4, source_rewritten)
+}
+
+/// Sends a translated packet (now carrying `tuple`) on. One whose source
+/// became a node address (SNAT, a reply now coming from a NodePort, an
+/// error now coming from a frontend) would be dropped by the stack as a
+/// martian: on ingress it is forwarded here, as every packet is when the
+/// agent asks for FIB redirects.
+#[inline(always)]
+fn send_on(ctx: &TcContext, hook: Hook, tuple: &CtKey, v4: bool, source_rewritten: bool) -> i32 {
+    let fib = source_rewritten
         || CONFIG
             .get(0)
             .is_some_and(|config| config.flags & TC_CONFIG_FIB_REDIRECT != 0);
     if hook == Hook::Ingress && fib {
-        return fib::forward(&ctx, &rewritten, pkt.v4);
+        return fib::forward(ctx, tuple, v4);
     }
     TC_ACT_OK
+}
+
+/// A packet that is not TCP or UDP: an ICMP error about a translated flow
+/// is translated and sent on, anything else passes.
+#[inline(never)]
+fn related_error(ctx: &TcContext, hook: Hook) -> i32 {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut error = icmp::Translated::NONE;
+    if !icmp::translate(ctx, now, &mut error) {
+        return TC_ACT_OK;
+    }
+    count(STAT_ICMP_ERROR);
+    send_error_on(ctx, hook, &error)
+}
+
+/// [`send_on`] for a translated error, in a call of its own: its FIB lookup
+/// frame is not added to the translation's.
+#[inline(never)]
+fn send_error_on(ctx: &TcContext, hook: Hook, error: &icmp::Translated) -> i32 {
+    send_on(ctx, hook, &error.outer, error.v4, error.source_changed)
 }
 
 /// The outcome of [`new_flow`].

@@ -1,8 +1,10 @@
 //! Address and port rewriting with incremental checksum updates
-//! (`bpf_l3_csum_replace` / `bpf_l4_csum_replace`), for both families.
+//! (`bpf_l3_csum_replace` / `bpf_l4_csum_replace`), for both families, and
+//! the ones' complement arithmetic of checksums built or updated in place.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use lb_common::{
@@ -107,4 +109,60 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, value: &CtValue) -> Result<CtKey, 
         set_port(ctx, pkt, false, from.dport, to.dport)?;
     }
     Ok(to)
+}
+
+/// Adds the 16-bit words of `value` (in memory order) to a ones' complement
+/// sum. Summing native-endian words and storing the folded result natively
+/// gives the right bytes on the wire whatever the host's byte order.
+#[inline(always)]
+pub fn sum_words<T>(sum: u32, value: &T) -> u32 {
+    // SAFETY: `T` is one of the repr(C) headers of `parse`, or an
+    // array of u16 or u32: no padding, an even size, at least 2-byte
+    // aligned; read as a slice of u16 for its lifetime.
+    let words = unsafe {
+        core::slice::from_raw_parts(
+            (value as *const T).cast::<u16>(),
+            core::mem::size_of::<T>() / 2,
+        )
+    };
+    let mut sum = sum;
+    for word in words {
+        sum += *word as u32;
+    }
+    sum
+}
+
+/// Folds a ones' complement sum and complements it: the checksum field.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// A checksum field updated for covered data whose words summed to `old`
+/// and now sum to `new` (RFC 1624, equation 3).
+#[inline(always)]
+pub fn replace(check: u16, old: u32, new: u32) -> u16 {
+    fold(u32::from(!check) + u32::from(fold(old)) + u32::from(!fold(new)))
+}
+
+/// `seed` plus the ones' complement difference from `old` to `new` (a
+/// multiple of 4 bytes), summed by the kernel (`bpf_csum_diff`); `None` on
+/// a helper error. A partial sum for `bpf_l4_csum_replace` with size 0.
+#[inline(always)]
+pub fn csum_diff<T>(old: &T, new: &T, seed: u32) -> Option<u32> {
+    let size = core::mem::size_of::<T>() as u32;
+    // SAFETY: the helper only reads `size` bytes from each pointer, both
+    // references to live values of that size.
+    let diff = unsafe {
+        bpf_csum_diff(
+            (old as *const T).cast_mut().cast(),
+            size,
+            (new as *const T).cast_mut().cast(),
+            size,
+            seed,
+        )
+    };
+    u32::try_from(diff).ok()
 }

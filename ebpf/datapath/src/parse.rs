@@ -8,7 +8,9 @@
 //! is bounds-checked by the helper, stays valid across the rewrites done
 //! with `bpf_skb_store_bytes`, and works on non-linear skbs.
 
-use aya_ebpf::programs::TcContext;
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use lb_common::{
     tc::{CtKey, FragKey, FragPorts},
     v4_mapped, Addr, PROTO_TCP, PROTO_UDP,
@@ -20,8 +22,10 @@ use crate::maps::FRAGMENTS;
 pub const ETH_LEN: usize = 14;
 /// Offset of the source MAC address in the Ethernet header.
 pub const ETH_SRC_OFF: usize = 6;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// Ethertype of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Ethertype of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Length of an IPv6 header.
 pub const IPV6_LEN: usize = 40;
 /// Length of an IPv4 header without options.
@@ -36,7 +40,7 @@ const IPV6_DEST_OPTIONS: u8 = 60;
 /// Length of the IPv6 fragment header.
 const IPV6_FRAG_LEN: usize = 8;
 /// IPv4 flags and offset: more fragments, offset.
-const IPV4_MF_OFFSET: u16 = 0x3fff;
+pub const IPV4_MF_OFFSET: u16 = 0x3fff;
 const IPV4_OFFSET: u16 = 0x1fff;
 /// IPv6 fragment offset (the low 3 bits are flags).
 const IPV6_OFFSET: u16 = 0xfff8;
@@ -118,6 +122,31 @@ pub struct TcpHdr {
     pub check: u16,
     /// Urgent pointer.
     pub urg_ptr: u16,
+}
+
+/// Length of an ICMP (ICMPv6) error header.
+pub const ICMP_LEN: usize = 8;
+/// IP protocol numbers of ICMP and ICMPv6.
+pub const PROTO_ICMP: u8 = 1;
+/// See [`PROTO_ICMP`].
+pub const PROTO_ICMPV6: u8 = 58;
+/// ICMP destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMPv6 destination unreachable.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+
+/// The header of an ICMP or ICMPv6 error message.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    /// Message type.
+    pub kind: u8,
+    /// Message code.
+    pub code: u8,
+    /// Checksum.
+    pub check: u16,
+    /// Zero, or the next hop MTU / pointer of some errors.
+    pub unused: u32,
 }
 
 /// A parsed packet: its tuple and where its headers are.
@@ -297,6 +326,23 @@ fn ipv6_extensions(ctx: &TcContext, mut next: u8) -> Option<(u8, usize, Fragment
     }
     // Still an extension header after the last one walked.
     matches!(next, PROTO_TCP | PROTO_UDP).then_some((next, off, fragment))
+}
+
+/// Loads `size_of::<T>()` bytes at `offset` straight into `dst`: unlike
+/// [`TcContext::load`], no second copy on the stack, which matters where
+/// the stack is short. False when out of the packet.
+#[inline(always)]
+pub fn load_into<T: Copy>(ctx: &TcContext, offset: usize, dst: &mut T) -> bool {
+    // SAFETY: the helper writes exactly `size_of::<T>()` bytes to `dst`,
+    // and callers pass plain integer arrays, valid for any bytes.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            offset as u32,
+            (dst as *mut T).cast::<c_void>(),
+            core::mem::size_of::<T>() as u32,
+        ) == 0
+    }
 }
 
 /// Whether two addresses are equal. Compares word by word: LLVM turns `==`

@@ -19,66 +19,21 @@ use lb_common::{
 use crate::{
     events,
     maps::{count, REJECT_BUDGET},
-    parse::{addr_eq, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, IPV4_LEN, IPV6_LEN},
+    nat::{fold, sum_words},
+    parse::{
+        addr_eq, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ETH_LEN, ICMPV6_DEST_UNREACH,
+        ICMP_DEST_UNREACH, ICMP_LEN, IPV4_LEN, IPV6_LEN, PROTO_ICMP, PROTO_ICMPV6,
+    },
 };
 
 /// Length of a TCP header without options.
 const TCP_LEN: usize = 20;
 /// Length of a UDP header, all of which an ICMP error quotes.
 const UDP_LEN: usize = 8;
-/// Length of an ICMP (ICMPv6) error header.
-const ICMP_LEN: usize = 8;
 const TTL: u8 = 64;
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
-const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
-
-/// The header of an ICMP or ICMPv6 destination unreachable message.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IcmpHdr {
-    /// Message type.
-    kind: u8,
-    /// Message code.
-    code: u8,
-    /// Checksum.
-    check: u16,
-    /// Unused for destination unreachable: zero.
-    unused: u32,
-}
-
-/// Adds the 16-bit words of `value` (in memory order) to a ones' complement
-/// sum. Summing native-endian words and storing the folded result natively
-/// gives the right bytes on the wire whatever the host's byte order.
-#[inline(always)]
-fn sum_words<T>(sum: u32, value: &T) -> u32 {
-    // SAFETY: `T` is one of the repr(C) headers here or in `parse`, or an
-    // array of u16 or u32: no padding, an even size, at least 2-byte
-    // aligned; read as a slice of u16 for its lifetime.
-    let words = unsafe {
-        core::slice::from_raw_parts(
-            (value as *const T).cast::<u16>(),
-            core::mem::size_of::<T>() / 2,
-        )
-    };
-    let mut sum = sum;
-    for word in words {
-        sum += *word as u32;
-    }
-    sum
-}
-
-/// Folds a ones' complement sum and complements it: the checksum field.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
 
 /// The RST answering `tcp` whose payload is `payload` bytes long (RFC 9293
 /// 3.10.7.1): from the addressed port to the sender, with the sequence
