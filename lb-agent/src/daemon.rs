@@ -132,6 +132,7 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         if let Some(tc) = tc.as_mut() {
             report_drops(tc, &reconciler, &drops);
+            refresh_tc_counters(tc, &metrics);
         }
         match datapath.refusals() {
             Ok(counts) => set_counters(&metrics.socket_refused, &SOCK_REFUSAL_REASONS, counts),
@@ -344,6 +345,11 @@ fn collect_conntrack(tc: &mut TcDatapath, metrics: &Metrics) {
         }
         Err(err) => log::error!("conntrack garbage collection: {err}"),
     }
+}
+
+/// Copies the tc programs' counters into the metrics (a per-CPU array read:
+/// cheap enough for every pass of the loop).
+fn refresh_tc_counters(tc: &TcDatapath, metrics: &Metrics) {
     match tc.stats() {
         Ok(counters) => set_counters(&metrics.tc_packets, &TC_OUTCOMES, counters),
         Err(err) => log::error!("reading tc counters: {err}"),

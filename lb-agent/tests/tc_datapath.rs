@@ -1321,19 +1321,13 @@ fn assert_error_translated(
     assert_eq!(after.quote, quote_of(quoted), "quote of {quoted:?}");
 }
 
-/// ICMP errors about the packets of a translated flow reach the other side
-/// translated (what conntrack's RELATED NAT does under kube-proxy): the
-/// backend's port unreachable reaches the client from the NodePort, quoting
-/// the datagram as the client sent it (its UDP checksum updated), and a
-/// router's "fragmentation needed" / "packet too big" about a reply reaches
-/// the backend, quoting the reply as the backend sent it. Errors about
-/// other flows pass untouched.
-#[test]
-fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
-    for (client, node_ip, backend, router) in [
+/// Per family: a client, the node's address, a backend and a router
+/// between the node and the client.
+fn error_cases() -> [(IpAddr, IpAddr, IpAddr, IpAddr); 2] {
+    [
         (
-            IpAddr::from(CLIENT4),
-            IpAddr::from(NODE4),
+            CLIENT4.into(),
+            NODE4.into(),
             backend4(1),
             v4(203, 0, 113, 1),
         ),
@@ -1343,7 +1337,19 @@ fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
             backend6(1),
             "2001:db8:ff::1".parse().unwrap(),
         ),
-    ] {
+    ]
+}
+
+/// ICMP errors about the packets of a translated flow reach the other side
+/// translated (what conntrack's RELATED NAT does under kube-proxy): the
+/// backend's port unreachable reaches the client from the NodePort, quoting
+/// the datagram as the client sent it (its UDP checksum updated), and a
+/// router's "fragmentation needed" / "packet too big" about a reply reaches
+/// the backend, quoting the reply as the backend sent it. Errors about
+/// other flows pass untouched.
+#[test]
+fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
+    for (client, node_ip, backend, router) in error_cases() {
         let (unreachable, too_big) = if client.is_ipv4() {
             ((3, 3), ((3, 4), 1400))
         } else {
@@ -1384,20 +1390,7 @@ fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
 #[test]
 fn icmp_errors_follow_snated_flows() {
     isolated(|| {
-        for (client, node_ip, backend, router) in [
-            (
-                IpAddr::from(CLIENT4),
-                IpAddr::from(NODE4),
-                backend4(1),
-                v4(203, 0, 113, 1),
-            ),
-            (
-                CLIENT6.into(),
-                NODE6.into(),
-                backend6(1),
-                "2001:db8:ff::1".parse().unwrap(),
-            ),
-        ] {
+        for (client, node_ip, backend, router) in error_cases() {
             let (unreachable, time_exceeded) = if client.is_ipv4() {
                 ((3, 1), (11, 0))
             } else {

@@ -134,6 +134,25 @@ impl TwoNodes {
         let output = self.lab.run_in(&self.client, &self.bins.labpod, &all)?;
         parse_attempts(&output.stdout)
     }
+
+    /// Checks that the external client's connection (TCP) or datagram (UDP)
+    /// to `target` is refused with ECONNREFUSED at once, not left to time out.
+    fn assert_refused_at_once(&self, target: &str, proto: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        let attempts = self.connect(target, &["--proto", proto, "--timeout-ms", "3000"])?;
+        assert!(!attempts[0].ok, "{target} {proto}: {attempts:?}");
+        assert_eq!(
+            attempts[0].errno,
+            Some(libc::ECONNREFUSED),
+            "{target} {proto}: {attempts:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{target} {proto}: refused only after {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
 }
 
 fn all_ok(attempts: &[Attempt]) {
@@ -559,19 +578,77 @@ fn node_port_without_endpoints_refuses_tcp_and_udp() -> Result<()> {
     t.publish("", &[])?;
     let target = format!("{}:30080", NODE_IPS[0]);
     for proto in ["tcp", "udp"] {
-        let started = std::time::Instant::now();
-        let attempts = t.connect(&target, &["--proto", proto, "--timeout-ms", "3000"])?;
-        assert!(!attempts[0].ok, "{proto}: {attempts:?}");
-        assert_eq!(
-            attempts[0].errno,
-            Some(libc::ECONNREFUSED),
-            "{proto}: {attempts:?}"
+        t.assert_refused_at_once(&target, proto)?;
+    }
+    Ok(())
+}
+
+/// ICMP errors about translated flows are translated too, as kube-proxy's
+/// conntrack does for RELATED packets: a datagram to a NodePort whose
+/// backend has nothing listening on the target port draws the backend's
+/// port unreachable, which must reach the client's connected socket as
+/// coming from the NodePort (ECONNREFUSED at once, not a timeout): from a
+/// backend on the same node, and from one on the other node through SNAT;
+/// over IPv4 and IPv6.
+#[test]
+fn a_closed_backend_port_refuses_udp_through_the_node_port() -> Result<()> {
+    let t = two_nodes()?;
+    for (cluster_ip, family, node_port, backend, node_ips) in [
+        (
+            "10.96.0.11",
+            "IPv4",
+            30084,
+            t.web[1].ip.clone(),
+            ["192.168.100.1", "192.168.100.2"].map(String::from),
+        ),
+        (
+            "fd00:96::11",
+            "IPv6",
+            30085,
+            t.web[1].ip6.clone(),
+            ["[fd00:100::1]", "[fd00:100::2]"].map(String::from),
+        ),
+    ] {
+        // Port 9 of the backend pod: nothing listens there.
+        let svc = service("closed", cluster_ip, &[("udp", 80, "UDP", "9")])
+            .replace(
+                "  type: ClusterIP\n",
+                &format!("  type: NodePort\n  ipFamilies: [{family}]\n"),
+            )
+            .replace(
+                "    targetPort: 9\n",
+                &format!("    targetPort: 9\n    nodePort: {node_port}\n"),
+            );
+        let eps = [Endpoint::ready(&backend).on("node2")];
+        let text = format!(
+            "{svc}---\n{}",
+            slice("closed", "closed-a", &[("udp", 9, "UDP")], &eps)
         );
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{proto}: refused only after {:?}",
-            started.elapsed()
-        );
+        t.publish_text(&text, &format!(":{node_port}/UDP (external)"))?;
+        // Through node1 the backend is remote (SNAT), through node2 local.
+        for node_ip in &node_ips {
+            t.assert_refused_at_once(&format!("{node_ip}:{node_port}"), "udp")?;
+        }
+    }
+    // Each node translated errors: node1 the remote backend's (on its
+    // uplink's ingress), node2 its local backend's (on the uplink's egress).
+    for node_ip in NODE_IPS {
+        let url = format!("http://{node_ip}:10249/metrics");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, metrics) = http_get(&t.client.netns, &url)?;
+            let counted = metrics.lines().any(|l| {
+                l.starts_with("lb_tc_packets{outcome=\"icmp_error\"}") && !l.ends_with(" 0")
+            });
+            if counted {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{node_ip} counted no translated ICMP error:\n{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     Ok(())
 }
