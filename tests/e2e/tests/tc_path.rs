@@ -464,6 +464,43 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
     Ok(())
 }
 
+/// The per-packet ClusterIP path translates ICMP errors too: a pod without
+/// socket translation sending to a ClusterIP whose backend has nothing on
+/// the target port gets ECONNREFUSED at once (the backend's port
+/// unreachable, translated on the backend's interface, handed to the
+/// client pod as coming from the ClusterIP), not a timeout.
+#[test]
+fn a_closed_backend_port_refuses_udp_per_packet() -> Result<()> {
+    let s = lb_e2e::scenario::Scenario::new(1, &PER_PACKET_NODE1)?;
+    let eps = [Endpoint::ready(s.ip(1)).on("node1")];
+    let text = format!(
+        "{}---\n{}",
+        service("closed", "10.96.0.12", &[("dns", 53, "UDP", "9")]),
+        slice("closed", "closed-a", &[("dns", 9, "UDP")], &eps)
+    );
+    s.apply("closed.yaml", &text, |t| {
+        t.contains("10.96.0.12:53/UDP (per packet)")
+    })?;
+    s.agent.wait_for_log(
+        "packets to pod interface p2 (veth) are handed to its peer",
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let attempts = s.connect(
+        "10.96.0.12:53",
+        1,
+        &["--proto", "udp", "--timeout-ms", "3000"],
+    )?;
+    assert_eq!(attempts[0].errno, Some(libc::ECONNREFUSED), "{attempts:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// A pod annotated `lb.dev/socket-lb: disabled` is skipped by the socket
 /// programs and served per packet on its interface, while the node's other
 /// pods keep socket-level translation. Told apart by a Local Service without
