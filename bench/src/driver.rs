@@ -43,7 +43,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
@@ -55,7 +55,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use lb_e2e::{
     agent::{Agent, Binaries},
-    lab::{sysctl, Lab, Node, Pod},
+    lab::{spawn_until, sysctl, Lab, Node, Pod},
     manifests,
 };
 use serde::{Deserialize, Serialize};
@@ -351,34 +351,6 @@ impl ServiceSet {
 // ---------------------------------------------------------------------------
 // Processes and namespaces
 // ---------------------------------------------------------------------------
-
-/// Spawns `command` with stdout piped and waits until a stdout line contains
-/// `needle`; the rest of stdout is drained by a background thread.
-fn spawn_until(mut command: Command, what: &str, needle: &str) -> Result<Child> {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
-    let mut reader = BufReader::new(child.stdout.take().expect("piped"));
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} exited before printing {needle:?}: {seen:?}");
-        }
-        seen.push_str(&line);
-        if line.contains(needle) {
-            break;
-        }
-    }
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut reader, &mut std::io::sink());
-    });
-    Ok(child)
-}
 
 /// Runs `command` with `input` on stdin; fails with its stderr.
 fn run_with_input(command: &mut Command, what: &str, input: String) -> Result<()> {

@@ -116,6 +116,34 @@ pub struct Lab {
     children: Mutex<Vec<Child>>,
 }
 
+/// Spawns `command` and waits until a line of its output contains `needle`;
+/// the rest of its output is drained in the background.
+pub fn spawn_until(mut command: Command, what: &str, needle: &str) -> Result<Child> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let mut reader = BufReader::new(child.stdout.take().expect("piped"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} exited before printing {needle:?}: {seen:?}");
+        }
+        seen.push_str(&line);
+        if line.contains(needle) {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    Ok(child)
+}
+
 /// Runs a command and fails with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<Output> {
     let output = Command::new(program)
@@ -462,6 +490,46 @@ impl Lab {
         self.finish_host(name, netns, (ip, ip6), &addresses, cgroup)
     }
 
+    /// Adds a host outside the cluster one routed hop away (198.51.100.7):
+    /// the fabric routes between the nodes' subnet (as 192.168.100.254) and
+    /// the client's, over a link whose MTU towards the client is `mtu`, so a
+    /// larger packet for the client draws "fragmentation needed" from the
+    /// fabric, as from a router on the way. Every node added so far gets a
+    /// route to the client's subnet (IPv4 only).
+    pub fn add_routed_client(&mut self, name: &str, mtu: u32) -> Result<Pod> {
+        let netns = format!("{PREFIX}-{}-{name}", self.id);
+        run("ip", &["netns", "add", &netns])?;
+        let link = format!("r{}", self.pods.len());
+        ip_batch(
+            &self.fabric,
+            &[
+                format!("link add {link} type veth peer name eth0 netns {netns}"),
+                format!("link set {link} mtu {mtu} up"),
+                format!("addr add 198.51.100.1/24 dev {link}"),
+                "addr add 192.168.100.254/24 dev br0".to_string(),
+            ],
+        )?;
+        sysctl(&self.fabric, "net.ipv4.ip_forward", "1")?;
+        for node in &self.nodes {
+            ip_batch(
+                &node.netns,
+                &["route add 198.51.100.0/24 via 192.168.100.254".to_string()],
+            )?;
+        }
+        let addresses = [
+            "addr add 198.51.100.7/24 dev eth0".to_string(),
+            "route add default via 198.51.100.1".to_string(),
+        ];
+        let cgroup = self.cgroup_dir.join(name);
+        self.finish_host(
+            name,
+            netns,
+            ("198.51.100.7".to_string(), String::new()),
+            &addresses,
+            cgroup,
+        )
+    }
+
     /// A command that runs inside a place's network namespace and cgroup.
     pub fn command_in(
         &self,
@@ -496,24 +564,22 @@ impl Lab {
     /// Starts a long-running program in a place and waits until it prints
     /// "ready". The lab kills it on drop.
     pub fn spawn_server(&self, place: &dyn Place, program: &Path, args: &[&str]) -> Result<()> {
-        let mut child = self
-            .command_in(place, program)?
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {} in {}", program.display(), place.name()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            let _ = child.kill();
-            bail!(
-                "{} in {} did not start: {line:?}",
-                program.display(),
-                place.name()
-            );
-        }
+        self.spawn_in(place, program, args, "ready")
+    }
+
+    /// Starts a long-running program in a place and waits until a line of
+    /// its output contains `needle`. The lab kills it on drop.
+    pub fn spawn_in(
+        &self,
+        place: &dyn Place,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        needle: &str,
+    ) -> Result<()> {
+        let what = format!("{} in {}", program.as_ref().to_string_lossy(), place.name());
+        let mut command = self.command_in(place, program)?;
+        command.args(args);
+        let child = spawn_until(command, &what, needle)?;
         self.children.lock().expect("not poisoned").push(child);
         Ok(())
     }

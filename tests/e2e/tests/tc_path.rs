@@ -135,6 +135,27 @@ impl TwoNodes {
         parse_attempts(&output.stdout)
     }
 
+    /// Waits until the node at `node_ip` counts translated ICMP errors
+    /// (its tc counters reach the metrics within a second).
+    fn wait_for_translated_icmp_errors(&self, node_ip: &str) -> Result<()> {
+        let url = format!("http://{node_ip}:10249/metrics");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, metrics) = http_get(&self.client.netns, &url)?;
+            let counted = metrics.lines().any(|l| {
+                l.starts_with("lb_tc_packets{outcome=\"icmp_error\"}") && !l.ends_with(" 0")
+            });
+            if counted {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{node_ip} counted no translated ICMP error:\n{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Checks that the external client's connection (TCP) or datagram (UDP)
     /// to `target` is refused with ECONNREFUSED at once, not left to time out.
     fn assert_refused_at_once(&self, target: &str, proto: &str) -> Result<()> {
@@ -670,24 +691,64 @@ fn a_closed_backend_port_refuses_udp_through_the_node_port() -> Result<()> {
     // Each node translated errors: node1 the remote backend's (on its
     // uplink's ingress), node2 its local backend's (on the uplink's egress).
     for node_ip in NODE_IPS {
-        let url = format!("http://{node_ip}:10249/metrics");
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let (_, metrics) = http_get(&t.client.netns, &url)?;
-            let counted = metrics.lines().any(|l| {
-                l.starts_with("lb_tc_packets{outcome=\"icmp_error\"}") && !l.ends_with(" 0")
-            });
-            if counted {
-                break;
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "{node_ip} counted no translated ICMP error:\n{metrics}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        t.wait_for_translated_icmp_errors(node_ip)?;
     }
     Ok(())
+}
+
+/// Path MTU discovery through a NodePort: the client is a routed hop away
+/// over a 1,280-byte link, the backend sends full-size segments, and the
+/// router's "fragmentation needed" about them (sent to the node address
+/// they left from) must reach the backend, translated, or the transfer
+/// stalls: the black hole conntrack's RELATED NAT avoids under kube-proxy.
+#[test]
+fn path_mtu_discovery_works_through_a_node_port() -> Result<()> {
+    let mut t = two_nodes()?;
+    let far = t.lab.add_routed_client("far", 1280)?;
+    t.lab.spawn_in(
+        &t.web[0],
+        "iperf3",
+        &["-s", "-p", "5201", "--forceflush"],
+        "Server listening",
+    )?;
+    let svc = service("bulk", "10.96.0.13", &[("iperf", 5201, "TCP", "5201")])
+        .replace("  type: ClusterIP\n", "  type: NodePort\n")
+        .replace(
+            "    targetPort: 5201\n",
+            "    targetPort: 5201\n    nodePort: 30086\n",
+        );
+    let eps = [Endpoint::ready(&t.web[0].ip).on("node1")];
+    let text = format!(
+        "{svc}---\n{}",
+        slice("bulk", "bulk-a", &[("iperf", 5201, "TCP")], &eps)
+    );
+    t.publish_text(&text, ":30086/TCP (external)")?;
+    // The server sends (-R) for 2 s; a stalled transfer still ends on time
+    // through the control connection, whose messages are small.
+    let output = t
+        .lab
+        .command_in(&far, "timeout")?
+        .args([
+            "30",
+            "iperf3",
+            "-c",
+            NODE_IPS[0],
+            "-p",
+            "30086",
+            "-R",
+            "-t",
+            "2",
+            "-J",
+        ])
+        .output()?;
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| anyhow::anyhow!("iperf3 output ({e}): {output:?}"))?;
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        received > 10_000_000,
+        "only {received} bytes arrived over the 1,280-byte hop: {report}"
+    );
+    t.wait_for_translated_icmp_errors(NODE_IPS[0])
 }
 
 /// UDP datagrams larger than the MTU reach a NodePort backend on the other
