@@ -752,6 +752,29 @@ fn external_frontends(
                 proto: port.proto,
                 scope: SCOPE_TC_EXTERNAL,
             };
+            // Clients on this node (pods, host processes) reach the address
+            // through the socket path, as kube-proxy serves them: every
+            // endpoint whatever externalTrafficPolicy says (a pod's
+            // traffic to a Local Service's external address must not black
+            // hole on a node without endpoints). A source-ranged LoadBalancer
+            // IP is left to the network path, where the ranges are checked.
+            if !lb || ranges.is_empty() {
+                let backends = select_backends(endpoints, &ip, port, false, locality);
+                let flags = flags & SERVICE_FLAG_AFFINITY;
+                output.frontends.push((
+                    ServiceKey {
+                        scope: SCOPE_EXTERNAL,
+                        ..key
+                    },
+                    Frontend {
+                        name: name.clone(),
+                        backends,
+                        flags,
+                        affinity_timeout_s: affinity_timeout_s.unwrap_or(0),
+                        source_ranges: Vec::new(),
+                    },
+                ));
+            }
             output.frontends.push((
                 key,
                 Frontend {
@@ -1595,7 +1618,7 @@ endpoints:
     }
 
     #[test]
-    fn node_ports_external_ips_and_load_balancer_ips_become_tc_frontends() {
+    fn node_ports_external_ips_and_load_balancer_ips_become_tc_and_local_client_frontends() {
         let lb = ZONED.replace(
             "  ports: [{name: http, port: 80}]\n",
             "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.7]\n  loadBalancerSourceRanges: [10.1.0.0/16]\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: Proxy}]\n",
@@ -1615,8 +1638,9 @@ endpoints:
         };
         let frontends = &compiled.desired.frontends;
         // ClusterIP, NodePort on the IPv4 node address only (IPv4 Service),
-        // the ExternalIP and the LoadBalancer IP without ipMode Proxy.
-        assert_eq!(frontends.len(), 4, "{:?}", frontends.keys());
+        // the ExternalIP and the LoadBalancer IP without ipMode Proxy; the
+        // NodePort and the ExternalIP for this node's own clients too.
+        assert_eq!(frontends.len(), 6, "{:?}", frontends.keys());
         let node_port = &frontends[&tc("192.168.100.1", 30080)];
         assert_eq!(node_port.flags, SERVICE_FLAG_EXTERNAL_LOCAL);
         assert_eq!(ips(node_port), vec![(ip("10.0.0.1"), 8080)]);
@@ -1631,6 +1655,16 @@ endpoints:
         assert_eq!(lb_ip.source_ranges, vec![(ip("10.1.0.0"), 16)]);
         // The ClusterIP is not Local: it uses the zone's endpoints (hints).
         assert_eq!(ips(&frontends[&key("10.96.0.10", 80, PROTO_TCP)]).len(), 2);
+        // This node's own clients get every endpoint (hints apply), as
+        // kube-proxy serves them whatever externalTrafficPolicy says; the
+        // source-ranged LoadBalancer IP is left to the network path.
+        for (addr, port) in [("192.168.100.1", 30080), ("192.0.2.7", 80)] {
+            let own = &frontends[&key(addr, port, PROTO_TCP)];
+            assert_eq!(own.flags, 0, "{addr}");
+            assert_eq!(ips(own).len(), 2, "{addr}");
+            assert!(own.source_ranges.is_empty());
+        }
+        assert!(!frontends.contains_key(&key("198.51.100.1", 80, PROTO_TCP)));
     }
 
     #[test]

@@ -833,3 +833,49 @@ fn per_packet_cluster_ip_reaches_a_backend_on_another_node() -> Result<()> {
     }
     Ok(())
 }
+
+/// Upstream: network/service.go "should be able to create a functioning
+/// NodePort service" reaches the NodePort from a pod too, and kube-proxy
+/// serves this node's own clients (pods and host processes) on its NodePorts
+/// and ExternalIPs with every endpoint, whatever externalTrafficPolicy says.
+/// Here the only endpoint is on node2 and the policy is Local: from node1's
+/// pod and from node1's host, node1's NodePort and the ExternalIP still
+/// answer (translated at the socket, the peer shown as the address dialled),
+/// over TCP and UDP.
+#[test]
+fn this_nodes_clients_reach_its_node_ports_and_external_ips() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish(
+        "  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.50]\n",
+        &[(1, "node2")],
+    )?;
+    let pod: &dyn lb_e2e::lab::Place = &t.web[0];
+    let host: &dyn lb_e2e::lab::Place = &t.nodes[0];
+    for (who, place) in [("pod", pod), ("host", host)] {
+        for target in [
+            format!("{}:30080", NODE_IPS[0]),
+            "192.0.2.50:80".to_string(),
+        ] {
+            for proto in ["tcp", "udp"] {
+                let output = t.lab.run_in(
+                    place,
+                    &t.bins.labpod,
+                    &[
+                        "connect", "--target", &target, "--proto", proto, "--count", "4",
+                    ],
+                )?;
+                let attempts = parse_attempts(&output.stdout)?;
+                all_ok(&attempts);
+                for a in &attempts {
+                    assert_eq!(
+                        a.backend.as_deref(),
+                        Some("web-2"),
+                        "{who} {target} {proto}"
+                    );
+                    assert_eq!(a.peer.as_deref(), Some(target.as_str()), "{who} {proto}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
