@@ -440,6 +440,25 @@ fn node_port_works_over_ipv6() -> Result<()> {
     Ok(())
 }
 
+/// Writes `text` to a per-packet scenario's agent and waits until it lists
+/// `frontend` and has taken the pod interfaces (within a second of its
+/// loop; packets translated towards them skip the veth pairs' transmit
+/// path).
+fn apply_per_packet(
+    s: &lb_e2e::scenario::Scenario,
+    file: &str,
+    text: &str,
+    frontend: &str,
+) -> Result<()> {
+    s.apply(file, text, |t| t.contains(frontend))?;
+    s.agent.wait_for_log(
+        "packets to pod interface p2 (veth) are handed to its peer",
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
 /// Pods whose sockets are not translated (the agent's socket path turned
 /// off) reach ClusterIPs through the tc programs on their interfaces, with
 /// the same backends and the pod's own address preserved.
@@ -459,16 +478,7 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
         service("web", "10.96.0.10", &[("http", 80, "TCP", "8080")]),
         slice("web", "web-a", &[("http", 8080, "TCP")], &eps)
     );
-    s.apply("web.yaml", &text, |t| {
-        t.contains("10.96.0.10:80/TCP (per packet)")
-    })?;
-    // The pod interfaces are picked up within a second of the agent's loop;
-    // packets translated towards them skip the veth pairs' transmit path.
-    s.agent.wait_for_log(
-        "packets to pod interface p2 (veth) are handed to its peer",
-        Duration::from_secs(5),
-    )?;
-    std::thread::sleep(Duration::from_millis(500));
+    apply_per_packet(&s, "web.yaml", &text, "10.96.0.10:80/TCP (per packet)")?;
     let attempts = s.connect("10.96.0.10:80", 30, &[])?;
     all_ok(&attempts);
     assert_eq!(
@@ -499,14 +509,7 @@ fn a_closed_backend_port_refuses_udp_per_packet() -> Result<()> {
         service("closed", "10.96.0.12", &[("dns", 53, "UDP", "9")]),
         slice("closed", "closed-a", &[("dns", 9, "UDP")], &eps)
     );
-    s.apply("closed.yaml", &text, |t| {
-        t.contains("10.96.0.12:53/UDP (per packet)")
-    })?;
-    s.agent.wait_for_log(
-        "packets to pod interface p2 (veth) are handed to its peer",
-        Duration::from_secs(5),
-    )?;
-    std::thread::sleep(Duration::from_millis(500));
+    apply_per_packet(&s, "closed.yaml", &text, "10.96.0.12:53/UDP (per packet)")?;
     let started = std::time::Instant::now();
     let attempts = s.connect(
         "10.96.0.12:53",
