@@ -403,6 +403,20 @@ pub struct CtKey {
 }
 
 impl CtKey {
+    /// The tuple of a packet from `saddr`:`sport` to `daddr`:`dport` (ports
+    /// in network order; 0 for protocols without ports).
+    #[inline(always)]
+    pub const fn new(saddr: Addr, daddr: Addr, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+
     /// The tuple of packets flowing the other way.
     #[inline(always)]
     pub const fn reversed(&self) -> Self {

@@ -55,7 +55,7 @@ pub struct Translated {
 impl Translated {
     /// Before anything was translated.
     pub const NONE: Self = Self {
-        outer: icmp_tuple([0; 4], [0; 4], 0),
+        outer: CtKey::new([0; 4], [0; 4], 0, 0, 0),
         v4: false,
         source_changed: false,
     };
@@ -129,14 +129,7 @@ fn is_error_v6(kind: u8) -> bool {
 /// The reversed tuple of a quoted packet.
 #[inline(always)]
 fn reversed_quote(saddr: &Addr, daddr: &Addr, l4: &QuotedL4, proto: u8) -> CtKey {
-    CtKey {
-        saddr: *daddr,
-        daddr: *saddr,
-        sport: l4[1],
-        dport: l4[0],
-        proto,
-        pad: [0; 3],
-    }
+    CtKey::new(*daddr, *saddr, l4[1], l4[0], proto)
 }
 
 // Both rewrites store only the fields that change and update every
@@ -224,7 +217,13 @@ fn translate_v4(ctx: &TcContext, now: u64, out: &mut Translated) -> bool {
         return false;
     }
     *out = Translated {
-        outer: icmp_tuple(v4_mapped(new_outer[0]), v4_mapped(new_outer[1]), PROTO_ICMP),
+        outer: CtKey::new(
+            v4_mapped(new_outer[0]),
+            v4_mapped(new_outer[1]),
+            0,
+            0,
+            PROTO_ICMP,
+        ),
         v4: true,
         source_changed: new_outer[0] != outer.saddr,
     };
@@ -320,21 +319,9 @@ fn translate_v6(ctx: &TcContext, now: u64, out: &mut Translated) -> bool {
         return false;
     }
     *out = Translated {
-        outer: icmp_tuple(*new_saddr, *new_daddr, PROTO_ICMPV6),
+        outer: CtKey::new(*new_saddr, *new_daddr, 0, 0, PROTO_ICMPV6),
         v4: false,
         source_changed,
     };
     true
-}
-
-#[inline(always)]
-const fn icmp_tuple(saddr: Addr, daddr: Addr, proto: u8) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport: 0,
-        dport: 0,
-        proto,
-        pad: [0; 3],
-    }
 }

@@ -288,14 +288,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         backend_id,
         last_seen_ns: now,
     };
-    let mut reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: t.saddr,
-        sport: backend.port,
-        dport: t.sport,
-        proto: t.proto,
-        pad: [0; 3],
-    };
+    let mut reply_key = CtKey::new(backend.addr, t.saddr, backend.port, t.sport, t.proto);
     if snat {
         let node: &Addr = if pkt.v4 {
             &config.snat_v4

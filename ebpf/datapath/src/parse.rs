@@ -249,14 +249,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let mut tuple = CtKey {
-        saddr,
-        daddr,
-        sport: 0,
-        dport: 0,
-        proto,
-        pad: [0; 3],
-    };
+    let mut tuple = CtKey::new(saddr, daddr, 0, 0, proto);
     let frag_key = FragKey {
         saddr,
         daddr,
