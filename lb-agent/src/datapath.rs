@@ -26,12 +26,12 @@ use crate::{
     tcpath::TcDatapath,
 };
 
-/// The socket-level programs, built by `build.rs`.
 /// Labels of the socket programs' refusal counters
 /// (`lb_socket_refused{reason}`), in `lb_common::SOCK_STAT_*` order.
 pub const SOCK_REFUSAL_REASONS: [&str; SOCK_STATS_LEN as usize] =
     ["no_endpoints", "no_local_endpoints"];
 
+/// The socket-level programs, built by `build.rs`.
 static SOCKET_LB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-socket"));
 
@@ -208,6 +208,16 @@ fn typed<K: Pod, V: Pod>(
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// The first `len` counters of a per-CPU array, each summed over CPUs.
+pub(crate) fn counter_sums(
+    counters: &PerCpuArray<MapData, u64>,
+    len: u32,
+) -> Result<Vec<u64>, MapError> {
+    (0..len)
+        .map(|index| counters.get(&index, 0).map(|values| values.iter().sum()))
+        .collect()
+}
+
 fn array<V: Pod>(name: &'static str, map: Map) -> Result<Array<MapData, V>, DatapathError> {
     Array::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -360,12 +370,12 @@ impl Maps {
         let entries = self
             .opt_out
             .keys()
-            .collect::<Result<Vec<_>, _>>()
+            .try_fold(0, |n, key| key.map(|_| n + 1))
             .map_err(|source| DatapathError::Map {
                 name: map_names::OPT_OUT,
                 source,
             })?;
-        self.write_opt_out_count(entries.len())
+        self.write_opt_out_count(entries)
     }
 
     /// Cookies of the sockets the datapath steered from frontend `service_id`
@@ -458,6 +468,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// The maps, for reconciliation.
     pub maps: Maps,
+    /// Refusals by `lb_common::SOCK_STAT_*` (not pinned: they count from load).
+    refusal_counters: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
 }
 
@@ -475,9 +487,17 @@ impl Datapath {
             .load(SOCKET_LB_OBJECT)?;
         let mut maps = Maps::take(&mut ebpf)?;
         maps.sync_opt_out_count()?;
+        let name = map_names::SOCK_STATS;
+        let counters = ebpf.take_map(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let refusal_counters = PerCpuArray::try_from(counters)
+            .map_err(|source| DatapathError::Map { name, source })?;
         Ok(Self {
             ebpf,
             maps,
+            refusal_counters,
             pin_dir: pin_dir.to_path_buf(),
         })
     }
@@ -485,21 +505,10 @@ impl Datapath {
     /// The refusal counters summed over CPUs, in `lb_common::SOCK_STAT_*`
     /// order (labelled by [`SOCK_REFUSAL_REASONS`]).
     pub fn refusals(&self) -> Result<Vec<u64>, DatapathError> {
-        let name = map_names::SOCK_STATS;
-        let map_err = |source| DatapathError::Map { name, source };
-        let map = self.ebpf.map(name).ok_or(DatapathError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err)?;
-        (0..SOCK_STATS_LEN)
-            .map(|index| {
-                stats
-                    .get(&index, 0)
-                    .map(|values| values.iter().sum())
-                    .map_err(map_err)
-            })
-            .collect()
+        counter_sums(&self.refusal_counters, SOCK_STATS_LEN).map_err(|source| DatapathError::Map {
+            name: map_names::SOCK_STATS,
+            source,
+        })
     }
 
     /// Attaches every program to `cgroup` and pins the links, replacing links a

@@ -35,7 +35,7 @@ use lb_common::{
 };
 
 use crate::addr::addr_from_ip;
-use crate::datapath::{ignore_missing, prune};
+use crate::datapath::{counter_sums, ignore_missing, prune};
 
 /// The tc programs, built by `build.rs`.
 static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-datapath"));
@@ -522,14 +522,7 @@ impl TcDatapath {
 
     /// The counters summed over CPUs, indexed by `lb_common::tc::STAT_*`.
     pub fn stats(&self) -> Result<Vec<u64>, TcPathError> {
-        (0..STATS_LEN)
-            .map(|index| {
-                self.stats
-                    .get(&index, 0)
-                    .map(|values| values.iter().sum())
-                    .map_err(map_err(map_names::STATS))
-            })
-            .collect()
+        counter_sums(&self.stats, STATS_LEN).map_err(map_err(map_names::STATS))
     }
 
     /// The drop events the programs wrote since the last call, oldest first

@@ -12,7 +12,6 @@
 //! - `lb_egress` (node uplink, egress): replies of local backends are
 //!   translated back so they come from the frontend.
 //!
-//!
 //! Both also translate ICMP errors about the packets of translated flows.
 //!
 //! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
