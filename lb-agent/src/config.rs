@@ -68,6 +68,11 @@ pub struct Args {
     /// addresses of the tc interfaces].
     #[arg(long, value_delimiter = ',')]
     pub node_port_addresses: Vec<IpAddr>,
+    /// [localhostNodePorts] Processes in the node's network namespace also
+    /// reach IPv4 NodePorts on 127.0.0.0/8, as with kube-proxy's iptables
+    /// mode (socket path only) [default: true].
+    #[arg(long)]
+    pub localhost_node_ports: Option<bool>,
     /// [socketLb] Translate Services at the socket layer (cgroup programs)
     /// [default: true]. With false, ClusterIPs are translated per packet by
     /// the tc programs on pod interfaces (see --pod-interfaces).
@@ -114,6 +119,8 @@ pub struct FileConfig {
     /// See [`Args::node_port_addresses`].
     #[serde(default)]
     pub node_port_addresses: Vec<IpAddr>,
+    /// See [`Args::localhost_node_ports`].
+    pub localhost_node_ports: Option<bool>,
     /// See [`Args::socket_lb`].
     pub socket_lb: Option<bool>,
     /// See [`Args::pod_interfaces`].
@@ -155,6 +162,8 @@ pub struct Settings {
     pub tc_interfaces: Vec<String>,
     /// Explicit NodePort addresses; empty: those of the tc interfaces.
     pub node_port_addresses: Vec<IpAddr>,
+    /// Whether NodePorts also answer on 127.0.0.0/8 in the node's namespace.
+    pub localhost_node_ports: bool,
     /// Whether the socket programs are attached.
     pub socket_lb: bool,
     /// Pod interface name prefixes for per-packet ClusterIP translation.
@@ -225,6 +234,10 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         debounce_ms: args.debounce_ms.or(file.debounce_ms).unwrap_or(100),
         tc_interfaces: non_empty_or(args.tc_interfaces, file.tc_interfaces),
         node_port_addresses: non_empty_or(args.node_port_addresses, file.node_port_addresses),
+        localhost_node_ports: args
+            .localhost_node_ports
+            .or(file.localhost_node_ports)
+            .unwrap_or(true),
         socket_lb: args.socket_lb.or(file.socket_lb).unwrap_or(true),
         pod_interfaces: non_empty_or(args.pod_interfaces, file.pod_interfaces),
         maglev: MaglevSettings {
@@ -273,6 +286,16 @@ mod tests {
         let settings = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
         assert_eq!(settings.source, SourceKind::Kubernetes(None));
         assert_eq!(settings.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+        assert!(settings.localhost_node_ports, "kube-proxy's default");
+    }
+
+    #[test]
+    fn localhost_node_ports_can_be_turned_off_in_the_file_and_back_on_by_flag() {
+        let file = || serde_yaml::from_str::<FileConfig>("localhostNodePorts: false\n").unwrap();
+        let off = resolve(Args::parse_from(["lb-agent"]), file());
+        assert!(!off.localhost_node_ports);
+        let args = Args::parse_from(["lb-agent", "--localhost-node-ports", "true"]);
+        assert!(resolve(args, file()).localhost_node_ports);
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub fn run(settings: Settings) -> Result<()> {
     crate::maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
     let (mut tc, node_port_addresses) = load_tc_path(&settings)?;
+    let localhost_node_ports = settings.localhost_node_ports
+        && settings.socket_lb
+        && !node_port_addresses.is_empty()
+        && serve_localhost_node_ports(&mut datapath, &metrics);
     let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default(), settings.maglev)?;
     metrics.observe_state(reconciler.applied(), reconciler.capacity());
     log::info!(
@@ -105,6 +109,7 @@ pub fn run(settings: Settings) -> Result<()> {
     let mut compiler = Compiler::new(NodeContext {
         name: settings.node_name.clone(),
         node_port_addresses,
+        localhost_node_ports,
         per_packet_cluster_ips: !settings.socket_lb,
     });
     let mut pod_interfaces = PodInterfaces::default();
@@ -179,6 +184,25 @@ pub fn run(settings: Settings) -> Result<()> {
             log::info!("ready: programs attached to {}", cgroup.display());
         }
     }
+}
+
+/// Tells the socket programs which network namespace is the node's, so its
+/// processes reach NodePorts on 127.0.0.0/8. False (logged) when the kernel
+/// cannot say (`SO_NETNS_COOKIE` needs Linux 5.14): NodePorts then answer on
+/// the node's addresses only.
+fn serve_localhost_node_ports(datapath: &mut Datapath, metrics: &Metrics) -> bool {
+    let served = crate::netns::own_cookie()
+        .map_err(anyhow::Error::from)
+        .and_then(|cookie| Ok(datapath.serve_localhost_node_ports_to(cookie)?));
+    let served = match served {
+        Ok(()) => true,
+        Err(err) => {
+            log::error!("NodePorts will not answer on 127.0.0.1: {err:#}");
+            false
+        }
+    };
+    metrics.localhost_node_ports.set(i64::from(served));
+    served
 }
 
 /// How often expired conntrack entries of the tc path are collected.

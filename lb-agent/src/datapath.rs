@@ -502,6 +502,24 @@ impl Datapath {
         })
     }
 
+    /// Lets sockets in the network namespace with cookie `netns_cookie` (the
+    /// node's) reach NodePorts on 127.0.0.0/8.
+    pub fn serve_localhost_node_ports_to(
+        &mut self,
+        netns_cookie: u64,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::HOST_NETNS;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let mut host_netns: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        host_netns
+            .set(0, netns_cookie, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
     /// The refusal counters summed over CPUs, in `lb_common::SOCK_STAT_*`
     /// order (labelled by [`SOCK_REFUSAL_REASONS`]).
     pub fn refusals(&self) -> Result<Vec<u64>, DatapathError> {

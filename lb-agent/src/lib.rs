@@ -4,7 +4,8 @@
 //! The deciding parts ([`model`], [`plan`], [`maglev`], [`view`],
 //! [`sockdiag`], [`config`], [`drops`]) are sans-IO and unit tested without a kernel; the
 //! I/O shells are thin: [`datapath`] (maps and programs), [`yaml`], [`k8s`] and
-//! [`source`] (intent), [`terminate`] (sockets), [`netlink`] (interface
+//! [`source`] (intent), [`terminate`] (sockets), [`netns`] (the node's
+//! network namespace cookie), [`netlink`] (interface
 //! kinds), [`http`], [`health`],
 //! [`metrics`], and [`daemon`] (the main loop).
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod netlink;
+pub mod netns;
 pub mod plan;
 pub mod podcgroups;
 pub mod reconcile;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub tc_drop_events_lost: IntGauge,
     /// Service ports whose Maglev table has fewer than 100 slots per backend.
     pub maglev_undersized: IntGauge,
+    /// 1 while NodePorts answer on 127.0.0.0/8 to the node's processes.
+    pub localhost_node_ports: IntGauge,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -146,6 +148,11 @@ impl Metrics {
                 "lb_maglev_undersized_service_ports",
                 "Service ports whose Maglev table has fewer than 100 slots per backend \
                  (raise maglevTableSize)",
+            ),
+            localhost_node_ports: gauge(
+                "lb_localhost_node_ports",
+                "1 while NodePorts answer on 127.0.0.0/8 to the node's own processes \
+                 (0: localhostNodePorts off, no NodePorts, or a kernel without SO_NETNS_COOKIE)",
             ),
             last_sync_seconds: gauge(
                 "lb_last_sync_timestamp_seconds",

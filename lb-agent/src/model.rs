@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -87,6 +87,10 @@ pub struct NodeContext {
     /// Addresses NodePorts answer on; empty when the tc path (NodePort,
     /// ExternalIPs, LoadBalancer IPs) is disabled.
     pub node_port_addresses: Vec<IpAddr>,
+    /// IPv4 NodePorts also answer on 127.0.0.0/8 to the node's own
+    /// processes (socket path only; never on the tc path, where a packet
+    /// from outside addressed to 127.0.0.1 must not reach a Service).
+    pub localhost_node_ports: bool,
     /// Also serve ClusterIPs per packet (tc on pod interfaces), for pods
     /// whose sockets are not translated.
     pub per_packet_cluster_ips: bool,
@@ -418,6 +422,7 @@ impl Compiler {
                     node: self.node.name.as_deref(),
                     zone: self.zone.as_deref(),
                     node_port_addresses: &self.node.node_port_addresses,
+                    localhost_node_ports: self.node.localhost_node_ports,
                     per_packet_cluster_ips: self.per_packet,
                 };
                 let mut output = compile_service(sourced, &id, &own_slices, &locality);
@@ -645,8 +650,20 @@ fn compile_service(
     output
 }
 
+/// How a frontend address outside the cluster network reaches a Service.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// A NodePort on a node address, or an ExternalIP.
+    NodeOrExternalIp,
+    /// A LoadBalancer ingress IP: loadBalancerSourceRanges apply.
+    LoadBalancer,
+    /// A NodePort on 127.0.0.1, for the node's own processes only.
+    Localhost,
+}
+
 /// NodePort, ExternalIP and LoadBalancer IP frontends of a Service, served by
-/// the tc programs (scope [`SCOPE_TC_EXTERNAL`]).
+/// the tc programs (scope [`SCOPE_TC_EXTERNAL`]) and, for this node's own
+/// clients, by the socket programs.
 #[allow(clippy::too_many_arguments)]
 fn external_frontends(
     svc: &Service,
@@ -667,10 +684,10 @@ fn external_frontends(
     // kube-proxy applies externalTrafficPolicy to NodePorts, LoadBalancer IPs
     // and ExternalIPs alike.
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let mut addresses: Vec<(IpAddr, bool)> = Vec::new();
+    let mut addresses: Vec<(IpAddr, Way)> = Vec::new();
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
         match text.parse::<IpAddr>() {
-            Ok(ip) => addresses.push((ip, false)),
+            Ok(ip) => addresses.push((ip, Way::NodeOrExternalIp)),
             Err(_) => output.errors.push(report.error(
                 &format!("spec.externalIPs[{i}]"),
                 format!("{text:?} is not an IP address"),
@@ -690,7 +707,7 @@ fn external_frontends(
             }
             let Some(text) = &entry.ip else { continue };
             match text.parse::<IpAddr>() {
-                Ok(ip) => addresses.push((ip, true)),
+                Ok(ip) => addresses.push((ip, Way::LoadBalancer)),
                 Err(_) => output.errors.push(report.error(
                     &format!("status.loadBalancer.ingress[{i}].ip"),
                     format!("{text:?} is not an IP address"),
@@ -718,10 +735,11 @@ fn external_frontends(
             Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
             None => format!("{}/{}", id.0, id.1),
         };
-        let mut frontend_for = |ip: IpAddr, number: u16, lb: bool| {
+        let mut frontend_for = |ip: IpAddr, number: u16, way: Way| {
             if !families.contains(&ip.is_ipv4()) {
                 return;
             }
+            let lb = way == Way::LoadBalancer;
             let backends = select_backends(endpoints, &ip, port, local, locality);
             let source_ranges: Vec<(IpAddr, u8)> = if lb {
                 ranges
@@ -775,6 +793,9 @@ fn external_frontends(
                     },
                 ));
             }
+            if way == Way::Localhost {
+                return;
+            }
             output.frontends.push((
                 key,
                 Frontend {
@@ -796,7 +817,10 @@ fn external_frontends(
                 match valid_port(number) {
                     Some(number) => {
                         for address in locality.node_port_addresses {
-                            frontend_for(*address, number, false);
+                            frontend_for(*address, number, Way::NodeOrExternalIp);
+                        }
+                        if locality.localhost_node_ports {
+                            frontend_for(Ipv4Addr::LOCALHOST.into(), number, Way::Localhost);
                         }
                     }
                     None => output.errors.push(report.error(
@@ -806,8 +830,8 @@ fn external_frontends(
                 }
             }
         }
-        for (address, lb) in &addresses {
-            frontend_for(*address, port.port, *lb);
+        for (address, way) in &addresses {
+            frontend_for(*address, port.port, *way);
         }
     }
 }
@@ -863,6 +887,7 @@ struct Locality<'a> {
     node: Option<&'a str>,
     zone: Option<&'a str>,
     node_port_addresses: &'a [IpAddr],
+    localhost_node_ports: bool,
     per_packet_cluster_ips: bool,
 }
 
@@ -1289,6 +1314,7 @@ mod tests {
             &NodeContext {
                 name: node.map(str::to_owned),
                 node_port_addresses: Vec::new(),
+                localhost_node_ports: false,
                 per_packet_cluster_ips: false,
             },
         )
@@ -1628,6 +1654,7 @@ endpoints:
         let node = NodeContext {
             name: Some("node1".into()),
             node_port_addresses: vec![ip("192.168.100.1"), ip("fd00:100::1")],
+            localhost_node_ports: true,
             per_packet_cluster_ips: false,
         };
         let compiled = compile(&parsed.objects, &node);
@@ -1639,8 +1666,9 @@ endpoints:
         let frontends = &compiled.desired.frontends;
         // ClusterIP, NodePort on the IPv4 node address only (IPv4 Service),
         // the ExternalIP and the LoadBalancer IP without ipMode Proxy; the
-        // NodePort and the ExternalIP for this node's own clients too.
-        assert_eq!(frontends.len(), 6, "{:?}", frontends.keys());
+        // NodePort (on 127.0.0.1 too) and the ExternalIP for this node's own
+        // clients.
+        assert_eq!(frontends.len(), 7, "{:?}", frontends.keys());
         let node_port = &frontends[&tc("192.168.100.1", 30080)];
         assert_eq!(node_port.flags, SERVICE_FLAG_EXTERNAL_LOCAL);
         assert_eq!(ips(node_port), vec![(ip("10.0.0.1"), 8080)]);
@@ -1658,13 +1686,30 @@ endpoints:
         // This node's own clients get every endpoint (hints apply), as
         // kube-proxy serves them whatever externalTrafficPolicy says; the
         // source-ranged LoadBalancer IP is left to the network path.
-        for (addr, port) in [("192.168.100.1", 30080), ("192.0.2.7", 80)] {
+        for (addr, port) in [
+            ("192.168.100.1", 30080),
+            ("127.0.0.1", 30080),
+            ("192.0.2.7", 80),
+        ] {
             let own = &frontends[&key(addr, port, PROTO_TCP)];
             assert_eq!(own.flags, 0, "{addr}");
             assert_eq!(ips(own).len(), 2, "{addr}");
             assert!(own.source_ranges.is_empty());
         }
         assert!(!frontends.contains_key(&key("198.51.100.1", 80, PROTO_TCP)));
+        // A packet from outside addressed to 127.0.0.1 never reaches a Service.
+        assert!(!frontends.contains_key(&tc("127.0.0.1", 30080)));
+
+        let without_localhost = NodeContext {
+            localhost_node_ports: false,
+            ..node
+        };
+        let compiled = compile(&parsed.objects, &without_localhost);
+        assert_eq!(compiled.desired.frontends.len(), 6);
+        assert!(!compiled
+            .desired
+            .frontends
+            .contains_key(&key("127.0.0.1", 30080, PROTO_TCP)));
     }
 
     #[test]
@@ -1699,6 +1744,7 @@ endpoints:
         let node = NodeContext {
             name: Some("node1".into()),
             node_port_addresses: vec![ip("192.168.100.1")],
+            localhost_node_ports: false,
             per_packet_cluster_ips: true,
         };
         let compiled = compile(&parsed.objects, &node);

@@ -49,6 +49,11 @@ pub static OPT_OUT: HashMap<u64, u32> = HashMap::pinned(MAX_OPT_OUT, 0);
 #[map(name = "LB_OPTCNT_V1")]
 pub static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
 
+/// The node's network namespace cookie (0: none), written by the agent
+/// before it attaches the programs.
+#[map(name = "LB_HOSTNS_V1")]
+pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Refusals, indexed by `SOCK_STAT_*`.
 #[map(name = "LB_SKSTAT_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_STATS_LEN, 0);

@@ -25,13 +25,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    is_v4_mapped, v4_mapped, Addr, Backend, RevNat, ServiceKey, SockPeer, SockRevNatKey, PROTO_TCP,
-    SCOPE_EXTERNAL, SOCK_STAT_REFUSED_NO_ENDPOINTS, SOCK_STAT_REFUSED_NO_LOCAL,
+    is_v4_loopback, is_v4_mapped, v4_mapped, Addr, Backend, RevNat, ServiceKey, SockPeer,
+    SockRevNatKey, PROTO_TCP, SCOPE_EXTERNAL, SOCK_STAT_REFUSED_NO_ENDPOINTS,
+    SOCK_STAT_REFUSED_NO_LOCAL, V4_LOOPBACK,
 };
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, OPT_OUT, OPT_OUT_COUNT, SOCK_PEER, SOCK_REV_NAT},
+    maps::{count, HOST_NETNS, OPT_OUT, OPT_OUT_COUNT, SOCK_PEER, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -142,6 +143,18 @@ fn opted_out() -> bool {
     OPT_OUT.get_ptr(&cgroup).is_some()
 }
 
+/// Whether the socket lives in the node's own network namespace, where
+/// 127.0.0.0/8 reaches NodePorts as with kube-proxy; in a pod's namespace it
+/// is the pod's own loopback.
+#[inline(always)]
+fn in_node_netns(ctx: &SockAddrContext) -> bool {
+    let Some(&node) = HOST_NETNS.get(0) else {
+        return false;
+    };
+    // SAFETY: the context is the one the kernel passed to this program.
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node
+}
+
 /// connect/sendmsg: steer a frontend address to a backend, unless the
 /// calling process's cgroup opted out (its traffic is translated per packet).
 #[inline(always)]
@@ -151,9 +164,16 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     let sa = ctx.sock_addr;
     let (addr, port) = user_addr(sa, family);
+    let frontend_addr = if !is_v4_loopback(&addr) {
+        addr
+    } else if in_node_netns(ctx) {
+        V4_LOOPBACK
+    } else {
+        return ALLOW;
+    };
     let proto = protocol(sa);
     let key = ServiceKey {
-        addr,
+        addr: frontend_addr,
         port,
         proto,
         scope: SCOPE_EXTERNAL,

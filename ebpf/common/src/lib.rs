@@ -48,6 +48,11 @@ pub mod map_names {
     /// Connections the socket programs refused, by `SOCK_STAT_*`: per-CPU
     /// array of `u64`. Not pinned: the counters restart with the agent.
     pub const SOCK_STATS: &str = "LB_SKSTAT_V1";
+    /// The network namespace whose sockets reach NodePorts on 127.0.0.0/8
+    /// (kube-proxy's localhost NodePorts): array of one `u64`, the node's
+    /// network namespace cookie, 0 for none. Not pinned: the agent writes it
+    /// before attaching.
+    pub const HOST_NETNS: &str = "LB_HOSTNS_V1";
 }
 
 /// Capacity of the frontend map.
@@ -105,6 +110,15 @@ pub const fn v4_mapped(ip4_be_word: u32) -> Addr {
 pub const fn is_v4_mapped(addr: &Addr) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
+
+/// Whether an [`Addr`] is IPv4-mapped and in 127.0.0.0/8.
+#[inline(always)]
+pub const fn is_v4_loopback(addr: &Addr) -> bool {
+    is_v4_mapped(addr) && addr[3].to_ne_bytes()[0] == 127
+}
+
+/// 127.0.0.1, IPv4-mapped: the address localhost NodePort frontends are keyed by.
+pub const V4_LOOPBACK: Addr = v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]));
 
 /// Key of a frontend: one (address, port, protocol) a Service answers on.
 #[repr(C)]
@@ -295,5 +309,16 @@ mod tests {
         assert!(is_v4_mapped(&addr));
         assert_eq!(addr[3], word);
         assert!(!is_v4_mapped(&[0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn v4_loopback_is_all_of_127_slash_8_and_nothing_else() {
+        let mapped = |octets: [u8; 4]| v4_mapped(u32::from_ne_bytes(octets));
+        assert!(is_v4_loopback(&V4_LOOPBACK));
+        assert!(is_v4_loopback(&mapped([127, 1, 2, 3])));
+        assert!(!is_v4_loopback(&mapped([10, 0, 0, 127])));
+        assert!(!is_v4_loopback(&mapped([128, 0, 0, 1])));
+        let v6_loopback = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        assert!(!is_v4_loopback(&v6_loopback));
     }
 }

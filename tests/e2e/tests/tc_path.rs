@@ -882,3 +882,79 @@ fn this_nodes_clients_reach_its_node_ports_and_external_ips() -> Result<()> {
     }
     Ok(())
 }
+
+/// As with kube-proxy's iptables mode, the node's own processes reach
+/// NodePorts on 127.0.0.0/8 (TCP and UDP, seeing the address they asked for
+/// as the peer), while in a pod 127.0.0.1 stays the pod's own loopback.
+#[test]
+fn the_nodes_processes_reach_node_ports_on_localhost_and_pods_keep_their_loopback() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let (_, metrics) = http_get(
+        &t.client.netns,
+        &format!("http://{}:10249/metrics", NODE_IPS[0]),
+    )?;
+    assert!(
+        metrics.lines().any(|l| l == "lb_localhost_node_ports 1"),
+        "{metrics}"
+    );
+    let host: &dyn lb_e2e::lab::Place = &t.nodes[0];
+    for target in ["127.0.0.1:30080", "127.0.0.2:30080"] {
+        for proto in ["tcp", "udp"] {
+            let output = t.lab.run_in(
+                host,
+                &t.bins.labpod,
+                &[
+                    "connect", "--target", target, "--proto", proto, "--count", "8",
+                ],
+            )?;
+            let attempts = parse_attempts(&output.stdout)?;
+            all_ok(&attempts);
+            for a in &attempts {
+                assert!(
+                    matches!(a.backend.as_deref(), Some("web-1" | "web-2")),
+                    "{target} {proto}: {a:?}"
+                );
+                assert_eq!(a.peer.as_deref(), Some(target), "{proto}");
+            }
+        }
+    }
+    let pod = &t.web[0];
+    t.lab.spawn_in(
+        pod,
+        &t.bins.labpod,
+        &[
+            "serve",
+            "--name",
+            "web-1-loopback",
+            "--bind",
+            "127.0.0.1",
+            "--tcp",
+            "30080",
+            "--udp",
+            "30080",
+        ],
+        "ready",
+    )?;
+    for proto in ["tcp", "udp"] {
+        let output = t.lab.run_in(
+            pod,
+            &t.bins.labpod,
+            &[
+                "connect",
+                "--target",
+                "127.0.0.1:30080",
+                "--proto",
+                proto,
+                "--count",
+                "4",
+            ],
+        )?;
+        let attempts = parse_attempts(&output.stdout)?;
+        all_ok(&attempts);
+        for a in &attempts {
+            assert_eq!(a.backend.as_deref(), Some("web-1-loopback"), "{proto}");
+        }
+    }
+    Ok(())
+}
