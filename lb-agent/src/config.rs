@@ -74,8 +74,10 @@ pub struct Args {
     #[arg(long)]
     pub localhost_node_ports: Option<bool>,
     /// [socketLb] Translate Services at the socket layer (cgroup programs)
-    /// [default: true]. With false, ClusterIPs are translated per packet by
-    /// the tc programs on pod interfaces (see --pod-interfaces).
+    /// [default: true]. With false, pods' ClusterIP traffic is translated per
+    /// packet by the tc programs on their interfaces (see --pod-interfaces),
+    /// and the socket programs translate only the node's own network
+    /// namespace (host processes, hostNetwork pods).
     #[arg(long)]
     pub socket_lb: Option<bool>,
     /// [podInterfaces] Name prefixes of the node's pod interfaces (e.g. cali,

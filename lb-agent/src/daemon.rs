@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context, Result};
 use prometheus::IntGaugeVec;
 
-use lb_common::tc::{TcConfig, TC_CONFIG_FIB_REDIRECT};
+use lb_common::{
+    tc::{TcConfig, TC_CONFIG_FIB_REDIRECT},
+    SockConfig, SOCK_CONFIG_NODE_NETNS_ONLY,
+};
 
 use crate::{
     addr::addr_from_ip,
@@ -81,10 +84,15 @@ pub fn run(settings: Settings) -> Result<()> {
     crate::maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
     let (mut tc, node_port_addresses) = load_tc_path(&settings)?;
+    let (socket_scope, node_netns_known) =
+        configure_socket_path(settings.socket_lb, &mut datapath, &metrics)?;
     let localhost_node_ports = settings.localhost_node_ports
-        && settings.socket_lb
-        && !node_port_addresses.is_empty()
-        && serve_localhost_node_ports(&mut datapath, &metrics);
+        && socket_scope != SocketScope::Off
+        && node_netns_known
+        && !node_port_addresses.is_empty();
+    metrics
+        .localhost_node_ports
+        .set(i64::from(localhost_node_ports));
     let mut reconciler = Reconciler::adopt(&datapath.maps, Capacity::default(), settings.maglev)?;
     metrics.observe_state(reconciler.applied(), reconciler.capacity());
     log::info!(
@@ -167,12 +175,12 @@ pub fn run(settings: Settings) -> Result<()> {
             outputs,
         );
         if !attached {
-            if settings.socket_lb {
+            if socket_scope == SocketScope::Off {
+                datapath.detach();
+            } else {
                 datapath
                     .attach(&cgroup)
                     .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
-            } else {
-                datapath.detach();
             }
             if let Some(tc) = tc.as_mut() {
                 for interface in &settings.tc_interfaces {
@@ -186,23 +194,71 @@ pub fn run(settings: Settings) -> Result<()> {
     }
 }
 
-/// Tells the socket programs which network namespace is the node's, so its
-/// processes reach NodePorts on 127.0.0.0/8. False (logged) when the kernel
-/// cannot say (`SO_NETNS_COOKIE` needs Linux 5.14): NodePorts then answer on
-/// the node's addresses only.
-fn serve_localhost_node_ports(datapath: &mut Datapath, metrics: &Metrics) -> bool {
-    let served = crate::netns::own_cookie()
-        .map_err(anyhow::Error::from)
-        .and_then(|cookie| Ok(datapath.serve_localhost_node_ports_to(cookie)?));
-    let served = match served {
-        Ok(()) => true,
+/// Which sockets the socket programs translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SocketScope {
+    /// Every socket of the cgroup (socketLb true).
+    All,
+    /// Those of the node's own network namespace (host processes,
+    /// hostNetwork pods), which no pod interface carries; pods are translated
+    /// per packet (socketLb false).
+    NodeNetns,
+    /// None: socketLb false on a kernel that cannot name the node's network
+    /// namespace.
+    Off,
+}
+
+/// Configures the socket programs before they are attached, and returns
+/// their scope and whether they know the node's network namespace. A kernel
+/// that cannot name it (`SO_NETNS_COOKIE` needs Linux 5.14) costs NodePorts
+/// on 127.0.0.1 and, with socketLb false, the node's own processes' Service
+/// translation: logged, and shown by `lb_socket_path_scope` and
+/// `lb_localhost_node_ports`.
+fn configure_socket_path(
+    socket_lb: bool,
+    datapath: &mut Datapath,
+    metrics: &Metrics,
+) -> Result<(SocketScope, bool)> {
+    let node_netns = match crate::netns::own_cookie() {
+        Ok(cookie) => Some(cookie),
         Err(err) => {
-            log::error!("NodePorts will not answer on 127.0.0.1: {err:#}");
-            false
+            let lost = if socket_lb {
+                "NodePorts will not answer on 127.0.0.1"
+            } else {
+                "the node's own processes will not reach Services"
+            };
+            log::error!(
+                "cannot name the node's network namespace (SO_NETNS_COOKIE): {err}; {lost}"
+            );
+            None
         }
     };
-    metrics.localhost_node_ports.set(i64::from(served));
-    served
+    let scope = match (socket_lb, node_netns) {
+        (true, _) => SocketScope::All,
+        (false, Some(_)) => SocketScope::NodeNetns,
+        (false, None) => SocketScope::Off,
+    };
+    let flags = if scope == SocketScope::NodeNetns {
+        log::info!(
+            "socket programs translate the node's own network namespace only (socketLb false)"
+        );
+        SOCK_CONFIG_NODE_NETNS_ONLY
+    } else {
+        0
+    };
+    datapath
+        .configure(SockConfig {
+            node_netns: node_netns.unwrap_or(0),
+            flags,
+            pad: 0,
+        })
+        .context("configuring the socket programs")?;
+    metrics.socket_path_scope.set(match scope {
+        SocketScope::Off => 0,
+        SocketScope::NodeNetns => 1,
+        SocketScope::All => 2,
+    });
+    Ok((scope, node_netns.is_some()))
 }
 
 /// How often expired conntrack entries of the tc path are collected.

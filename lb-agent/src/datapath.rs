@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
-    SlotKey, SockRevNatKey, SOCK_STATS_LEN,
+    SlotKey, SockConfig, SockRevNatKey, SOCK_STATS_LEN,
 };
 
 use crate::{
@@ -502,21 +502,18 @@ impl Datapath {
         })
     }
 
-    /// Lets sockets in the network namespace with cookie `netns_cookie` (the
-    /// node's) reach NodePorts on 127.0.0.0/8.
-    pub fn serve_localhost_node_ports_to(
-        &mut self,
-        netns_cookie: u64,
-    ) -> Result<(), DatapathError> {
-        let name = map_names::HOST_NETNS;
+    /// Tells the programs which network namespace is the node's and which
+    /// sockets they translate; before they are attached.
+    pub fn configure(&mut self, config: SockConfig) -> Result<(), DatapathError> {
+        let name = map_names::SOCK_CONFIG;
         let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
             name,
             source: MapError::InvalidName { name: name.into() },
         })?;
-        let mut host_netns: Array<&mut MapData, u64> =
+        let mut configs: Array<&mut MapData, SockConfig> =
             Array::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-        host_netns
-            .set(0, netns_cookie, 0)
+        configs
+            .set(0, config, 0)
             .map_err(|source| DatapathError::Map { name, source })
     }
 

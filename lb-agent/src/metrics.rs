@@ -45,6 +45,9 @@ pub struct Metrics {
     pub maglev_undersized: IntGauge,
     /// 1 while NodePorts answer on 127.0.0.0/8 to the node's processes.
     pub localhost_node_ports: IntGauge,
+    /// Which sockets the socket programs translate (2 all, 1 the node's
+    /// network namespace, 0 none).
+    pub socket_path_scope: IntGauge,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -153,6 +156,11 @@ impl Metrics {
                 "lb_localhost_node_ports",
                 "1 while NodePorts answer on 127.0.0.0/8 to the node's own processes \
                  (0: localhostNodePorts off, no NodePorts, or a kernel without SO_NETNS_COOKIE)",
+            ),
+            socket_path_scope: gauge(
+                "lb_socket_path_scope",
+                "Sockets the socket programs translate: 2 every socket of the cgroup, 1 those \
+                 of the node's own network namespace (socketLb false), 0 none",
             ),
             last_sync_seconds: gauge(
                 "lb_last_sync_timestamp_seconds",

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
-    SockPeer, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT,
-    MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
+    SockConfig, SockPeer, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS,
+    MAX_OPT_OUT, MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -49,10 +49,9 @@ pub static OPT_OUT: HashMap<u64, u32> = HashMap::pinned(MAX_OPT_OUT, 0);
 #[map(name = "LB_OPTCNT_V1")]
 pub static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
 
-/// The node's network namespace cookie (0: none), written by the agent
-/// before it attaches the programs.
-#[map(name = "LB_HOSTNS_V1")]
-pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+/// Written by the agent before it attaches the programs.
+#[map(name = "LB_SKCFG_V1")]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::with_max_entries(1, 0);
 
 /// Refusals, indexed by `SOCK_STAT_*`.
 #[map(name = "LB_SKSTAT_V1")]

@@ -26,13 +26,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     is_v4_loopback, is_v4_mapped, v4_mapped, Addr, Backend, RevNat, ServiceKey, SockPeer,
-    SockRevNatKey, PROTO_TCP, SCOPE_EXTERNAL, SOCK_STAT_REFUSED_NO_ENDPOINTS,
-    SOCK_STAT_REFUSED_NO_LOCAL, V4_LOOPBACK,
+    SockRevNatKey, PROTO_TCP, SCOPE_EXTERNAL, SOCK_CONFIG_NODE_NETNS_ONLY,
+    SOCK_STAT_REFUSED_NO_ENDPOINTS, SOCK_STAT_REFUSED_NO_LOCAL, V4_LOOPBACK,
 };
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, HOST_NETNS, OPT_OUT, OPT_OUT_COUNT, SOCK_PEER, SOCK_REV_NAT},
+    maps::{count, OPT_OUT, OPT_OUT_COUNT, SOCK_CONFIG, SOCK_PEER, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -143,22 +143,21 @@ fn opted_out() -> bool {
     OPT_OUT.get_ptr(&cgroup).is_some()
 }
 
-/// Whether the socket lives in the node's own network namespace, where
-/// 127.0.0.0/8 reaches NodePorts as with kube-proxy; in a pod's namespace it
-/// is the pod's own loopback.
-#[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
-    let Some(&node) = HOST_NETNS.get(0) else {
-        return false;
-    };
-    // SAFETY: the context is the one the kernel passed to this program.
-    node != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node
-}
-
 /// connect/sendmsg: steer a frontend address to a backend, unless the
-/// calling process's cgroup opted out (its traffic is translated per packet).
+/// socket's traffic is translated per packet: its cgroup opted out, or the
+/// node translates only its own network namespace and the socket is a pod's.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
+    let config = SOCK_CONFIG.get(0).copied().unwrap_or_default();
+    // In a pod's namespace 127.0.0.0/8 is the pod's own loopback; in the
+    // node's it reaches NodePorts, as with kube-proxy.
+    let in_node_netns = || {
+        // SAFETY: the context is the one the kernel passed to this program.
+        config.node_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == config.node_netns
+    };
+    if config.flags & SOCK_CONFIG_NODE_NETNS_ONLY != 0 && !in_node_netns() {
+        return ALLOW;
+    }
     if opted_out() {
         return ALLOW;
     }
@@ -166,7 +165,7 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     let (addr, port) = user_addr(sa, family);
     let frontend_addr = if !is_v4_loopback(&addr) {
         addr
-    } else if in_node_netns(ctx) {
+    } else if in_node_netns() {
         V4_LOOPBACK
     } else {
         return ALLOW;

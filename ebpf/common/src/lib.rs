@@ -48,11 +48,10 @@ pub mod map_names {
     /// Connections the socket programs refused, by `SOCK_STAT_*`: per-CPU
     /// array of `u64`. Not pinned: the counters restart with the agent.
     pub const SOCK_STATS: &str = "LB_SKSTAT_V1";
-    /// The network namespace whose sockets reach NodePorts on 127.0.0.0/8
-    /// (kube-proxy's localhost NodePorts): array of one `u64`, the node's
-    /// network namespace cookie, 0 for none. Not pinned: the agent writes it
+    /// How the socket programs serve this node: array of one
+    /// [`SockConfig`](crate::SockConfig). Not pinned: the agent writes it
     /// before attaching.
-    pub const HOST_NETNS: &str = "LB_HOSTNS_V1";
+    pub const SOCK_CONFIG: &str = "LB_SKCFG_V1";
 }
 
 /// Capacity of the frontend map.
@@ -109,6 +108,24 @@ pub const fn v4_mapped(ip4_be_word: u32) -> Addr {
 #[inline(always)]
 pub const fn is_v4_mapped(addr: &Addr) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// [`SockConfig::flags`]: translate only sockets of the node's own network
+/// namespace (host processes, hostNetwork pods); pods are translated per
+/// packet on their interfaces.
+pub const SOCK_CONFIG_NODE_NETNS_ONLY: u32 = 1 << 0;
+
+/// How the socket programs serve this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfig {
+    /// Cookie of the node's own network namespace, where 127.0.0.0/8
+    /// reaches NodePorts; 0 when unknown.
+    pub node_netns: u64,
+    /// `SOCK_CONFIG_*` flags.
+    pub flags: u32,
+    /// Explicit padding.
+    pub pad: u32,
 }
 
 /// Whether an [`Addr`] is IPv4-mapped and in 127.0.0.0/8.
@@ -283,6 +300,8 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockConfig {}
 }
 
 #[cfg(test)]
@@ -300,6 +319,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<RevNat>(), 24);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
+        assert_eq!(size_of::<SockConfig>(), 16);
     }
 
     #[test]

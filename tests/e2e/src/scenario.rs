@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
     agent::{Agent, Binaries},
@@ -99,13 +99,28 @@ impl Scenario {
         self.agent.wait_for_services(Duration::from_secs(10), check)
     }
 
-    /// Waits until the agent's `/metrics` (port 10249 on the node, fetched
-    /// from the client pod) has the exact line `line`.
-    pub fn wait_for_metric(&self, line: &str, timeout: Duration) -> Result<()> {
+    /// The agent's `/metrics` (port 10249 on the node, fetched from the
+    /// client pod).
+    pub fn metrics(&self) -> Result<String> {
         let url = format!("http://{}:10249/metrics", self.node.ip);
+        Ok(http_get(&self.client.netns, &url)?.1)
+    }
+
+    /// The value of the agent's metric `series` (name and labels, e.g.
+    /// `lb_tc_packets{outcome="new_flow"}`).
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let metrics = self.metrics()?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no {series} in /metrics:\n{metrics}"))
+    }
+
+    /// Waits until the agent's `/metrics` has the exact line `line`.
+    pub fn wait_for_metric(&self, line: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let (_, metrics) = http_get(&self.client.netns, &url)?;
+            let metrics = self.metrics()?;
             if metrics.lines().any(|l| l == line) {
                 return Ok(());
             }

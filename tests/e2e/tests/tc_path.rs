@@ -461,14 +461,13 @@ fn apply_per_packet(
 
 /// Pods whose sockets are not translated (the agent's socket path turned
 /// off) reach ClusterIPs through the tc programs on their interfaces, with
-/// the same backends and the pod's own address preserved.
+/// the same backends and the pod's own address preserved; the node's own
+/// processes, whose packets cross no pod interface, keep socket-level
+/// translation.
 #[test]
 fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> {
     let s = lb_e2e::scenario::Scenario::new(2, &PER_PACKET_NODE1)?;
-    assert!(
-        !s.node.bpffs.join("links/connect4").exists(),
-        "the socket programs must not be attached"
-    );
+    s.wait_for_metric("lb_socket_path_scope 1", Duration::from_secs(5))?;
     let eps = [
         Endpoint::ready(s.ip(1)).on("node1"),
         Endpoint::ready(s.ip(2)).on("node1"),
@@ -479,6 +478,8 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
         slice("web", "web-a", &[("http", 8080, "TCP")], &eps)
     );
     apply_per_packet(&s, "web.yaml", &text, "10.96.0.10:80/TCP (per packet)")?;
+    let new_flows = r#"lb_tc_packets{outcome="new_flow"}"#;
+    let before = s.metric(new_flows)?;
     let attempts = s.connect("10.96.0.10:80", 30, &[])?;
     all_ok(&attempts);
     assert_eq!(
@@ -491,6 +492,17 @@ fn pods_without_socket_translation_reach_cluster_ips_per_packet() -> Result<()> 
         assert_eq!(a.peer.as_deref(), Some("10.96.0.10:80"));
         let seen = a.seen_source.as_deref().unwrap_or_default();
         assert!(seen.starts_with(&format!("{}:", s.client.ip)), "{seen}");
+    }
+    // The tc programs, not the socket programs, translated the pod's flows
+    // (counters reach the metrics within a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let pod_flows = s.metric(new_flows)? - before;
+    assert!(pod_flows >= 30.0, "{pod_flows} new flows on the tc path");
+
+    let host = s.connect_from(&s.node, "10.96.0.10:80", &["--count", "10"])?;
+    all_ok(&host);
+    for a in &host {
+        assert_eq!(a.peer.as_deref(), Some("10.96.0.10:80"), "{a:?}");
     }
     Ok(())
 }
