@@ -334,7 +334,7 @@ impl Compiler {
         self.update_count += 1;
         let now = self.update_count;
         let zone = node_zone(objects, &self.node);
-        update.opted_out_pods = opted_out_pods(objects, &self.node);
+        update.opted_out_pods = opted_out_pods(objects, &self.node, &mut update.errors);
         // Per-packet ClusterIP frontends exist when the socket path is off,
         // or while a pod of this node opted out of it.
         let per_packet = self.node.per_packet_cluster_ips || !update.opted_out_pods.is_empty();
@@ -846,24 +846,40 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
 }
 
 /// UIDs of this node's pods annotated to opt out of socket-level translation.
-fn opted_out_pods(objects: &Objects, node: &NodeContext) -> BTreeSet<String> {
+/// A hostNetwork pod's annotation is reported and ignored: its packets cross
+/// no pod interface, so the socket path is the only one that serves it.
+fn opted_out_pods(
+    objects: &Objects,
+    node: &NodeContext,
+    errors: &mut Vec<ObjectError>,
+) -> BTreeSet<String> {
     let Some(name) = node.name.as_deref() else {
         return BTreeSet::new();
     };
-    objects
-        .pods
-        .iter()
-        .map(|p| &p.object)
-        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name))
-        .filter(|pod| {
-            pod.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
-                .is_some_and(|v| v == "disabled")
-        })
-        .filter_map(|pod| pod.metadata.uid.clone())
-        .collect()
+    let mut uids = BTreeSet::new();
+    for sourced in &objects.pods {
+        let pod = &sourced.object;
+        let spec = pod.spec.as_ref();
+        let annotated = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
+            .is_some_and(|v| v == "disabled");
+        if !annotated || spec.and_then(|s| s.node_name.as_deref()) != Some(name) {
+            continue;
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            errors.push(Reporter::new(&sourced.origin, "Pod", &pod.metadata).error(
+                &format!("metadata.annotations[{SOCKET_LB_ANNOTATION}]"),
+                "ignored on a hostNetwork pod: its packets cross no pod interface, \
+                 so only socket-level translation serves it",
+            ));
+            continue;
+        }
+        uids.extend(pod.metadata.uid.clone());
+    }
+    uids
 }
 
 /// This node's zone, from its Node object's label.
@@ -1710,6 +1726,35 @@ endpoints:
             .desired
             .frontends
             .contains_key(&key("127.0.0.1", 30080, PROTO_TCP)));
+    }
+
+    #[test]
+    fn annotated_pods_of_this_node_opt_out_except_host_network_ones() {
+        let pod = |name: &str, node: &str, host_network: bool| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  annotations: {{lb.dev/socket-lb: disabled}}\nspec:\n  nodeName: {node}\n  hostNetwork: {host_network}\n  containers: [{{name: c, image: i}}]\n"
+            )
+        };
+        let text = [
+            pod("mesh", "node1", false),
+            pod("agent", "node1", true),
+            pod("elsewhere", "node2", false),
+        ]
+        .join("---\n");
+        let parsed = parse_documents("pods.yaml", &text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut compiler = Compiler::new(NodeContext {
+            name: Some("node1".into()),
+            ..NodeContext::default()
+        });
+        let update = compiler.update(&parsed.objects);
+        assert_eq!(
+            update.opted_out_pods,
+            BTreeSet::from(["uid-mesh".to_string()])
+        );
+        assert_eq!(update.errors.len(), 1, "{:?}", update.errors);
+        assert_eq!(update.errors[0].object, "Pod default/agent");
+        assert!(update.errors[0].reason.contains("hostNetwork"));
     }
 
     #[test]
