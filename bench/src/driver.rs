@@ -186,14 +186,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full benchmark: 1, 1,000 and 10,000 services, 15 rounds of 1.5 s
+    /// The full benchmark: 1, 1,000 and 10,000 services, 24 rounds of 1.5 s
     /// pairs (many short paired samples: the median of the pairs' ratios is
     /// steadier than a few long runs), 2 pinned client threads, a 5 s iperf3
     /// run, results in `out`.
     pub fn full(out: PathBuf) -> Self {
         Config {
             counts: vec![1, 1_000, 10_000],
-            rounds: 15,
+            rounds: 24,
             duration: Duration::from_millis(1500),
             threads: 2,
             endpoints_per_service: 3,
@@ -1757,6 +1757,8 @@ mod tests {
         assert_eq!(median_interval(&sorted(9)), Some((2.0, 8.0)));
         // 15 rounds: 4th and 12th (1 - 2 * 576/32768 = 96.5 %).
         assert_eq!(median_interval(&sorted(15)), Some((4.0, 12.0)));
+        // 24 rounds (the full benchmark): 7th and 18th (1 - 2 * 190051/2^24 = 97.7 %).
+        assert_eq!(median_interval(&sorted(24)), Some((7.0, 18.0)));
         // 100 rounds: 40th and 61st, the textbook values.
         assert_eq!(median_interval(&sorted(100)), Some((40.0, 61.0)));
         // Far beyond 0.5^n's range, about n/2 -/+ 1.96 sqrt(n)/2.
