@@ -38,7 +38,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -261,6 +261,10 @@ pub struct ClientConfig {
     /// now and then, which spreads repeated runs by ±15 % on a 2-CPU
     /// machine; pinned, by about ±3 %.
     pub pin: bool,
+    /// Run only in this client's turns of time slices shared with other
+    /// clients, `duration` being the total of its own slices; `None` runs
+    /// `duration` at once from the start.
+    pub turns: Option<Turns>,
 }
 
 impl ClientConfig {
@@ -274,6 +278,128 @@ impl ClientConfig {
             mode: Mode::Crr,
             timeout: Some(DEFAULT_TIMEOUT),
             pin: false,
+            turns: None,
+        }
+    }
+}
+
+/// Time slices that clients to be compared take in turn, so that each sees
+/// the same machine conditions as the others down to a slice: on shared
+/// virtual machines the CPU available to a guest drifts by several percent
+/// over seconds, which two runs one after the other would each see
+/// differently.
+///
+/// From `epoch_ns` on, time is cut into slices of `slice`; slice `k` belongs
+/// to the client whose `turn` is `k % of`. A client starts transactions only
+/// in its own slices, so two clients taking turns never compete for the CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Turns {
+    /// When slice 0 starts, in nanoseconds of `CLOCK_MONOTONIC`, which every
+    /// network namespace of the machine shares ([`monotonic_ns`]).
+    pub epoch_ns: u64,
+    /// Length of a slice.
+    pub slice: Duration,
+    /// This client's place in each cycle of `of` slices (0-based).
+    pub turn: u32,
+    /// Clients taking turns.
+    pub of: u32,
+}
+
+/// The error a client taking turns reports when it starts after its first
+/// slice began (its rate would count time it did not run).
+pub const LATE_START: &str = "started after its first slice";
+
+/// Now on `CLOCK_MONOTONIC`, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is valid, and clock_gettime writes only
+    // the one it is given.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The times a client may start transactions: `cycles` slices of
+/// `slice_ns`, the `turn`-th of every `of`, from `epoch_ns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Schedule {
+    epoch_ns: u64,
+    slice_ns: u64,
+    turn: u64,
+    of: u64,
+    cycles: u64,
+}
+
+/// Where a client stands in its [`Schedule`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// In one of its slices, which ends at this time.
+    Running { until_ns: u64 },
+    /// Between its slices; the next starts at this time.
+    Waiting { until_ns: u64 },
+    /// Past its last slice.
+    Done,
+}
+
+impl Schedule {
+    /// `duration` from `start_ns` in one slice, or, with `turns`, `duration`
+    /// rounded to whole slices (at least one).
+    fn new(duration: Duration, start_ns: u64, turns: Option<Turns>) -> Self {
+        let duration_ns = duration.as_nanos() as u64;
+        match turns {
+            None => Schedule {
+                epoch_ns: start_ns,
+                slice_ns: duration_ns.max(1),
+                turn: 0,
+                of: 1,
+                cycles: 1,
+            },
+            Some(turns) => {
+                let slice_ns = (turns.slice.as_nanos() as u64).max(1);
+                Schedule {
+                    epoch_ns: turns.epoch_ns,
+                    slice_ns,
+                    turn: u64::from(turns.turn),
+                    of: u64::from(turns.of.max(1)),
+                    cycles: ((duration_ns + slice_ns / 2) / slice_ns).max(1),
+                }
+            }
+        }
+    }
+
+    /// The time this client runs in all.
+    fn running_time(&self) -> Duration {
+        Duration::from_nanos(self.cycles * self.slice_ns)
+    }
+
+    fn slice_start(&self, cycle: u64) -> u64 {
+        self.epoch_ns + (cycle * self.of + self.turn) * self.slice_ns
+    }
+
+    fn phase(&self, now_ns: u64) -> Phase {
+        let Some(since_epoch) = now_ns.checked_sub(self.epoch_ns) else {
+            return Phase::Waiting {
+                until_ns: self.slice_start(0),
+            };
+        };
+        let slice = since_epoch / self.slice_ns;
+        let (cycle, place) = (slice / self.of, slice % self.of);
+        let next_cycle = match place.cmp(&self.turn) {
+            std::cmp::Ordering::Less => cycle,
+            std::cmp::Ordering::Equal if cycle < self.cycles => {
+                return Phase::Running {
+                    until_ns: self.epoch_ns + (slice + 1) * self.slice_ns,
+                }
+            }
+            _ => cycle + 1,
+        };
+        if next_cycle >= self.cycles {
+            Phase::Done
+        } else {
+            Phase::Waiting {
+                until_ns: self.slice_start(next_cycle),
+            }
         }
     }
 }
@@ -291,7 +417,7 @@ pub struct Report {
     pub threads: usize,
     /// Request and response size in bytes.
     pub size: usize,
-    /// Measured wall time of the run, seconds.
+    /// Time the client ran transactions (the total of its slices), seconds.
     pub duration_s: f64,
     /// Completed transactions.
     pub transactions: u64,
@@ -358,7 +484,6 @@ struct ThreadResult {
     hist: Histogram,
     connect_errors: u64,
     io_errors: u64,
-    end: Instant,
 }
 
 fn connect(target: SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStream> {
@@ -422,9 +547,19 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
     let mut rr_conn: Option<TcpStream> = None;
 
     start.wait();
-    let mut last = Instant::now();
-    let deadline = last + cfg.duration;
-    while last < deadline {
+    let schedule = Schedule::new(cfg.duration, monotonic_ns(), cfg.turns);
+    let mut last = monotonic_ns();
+    loop {
+        match schedule.phase(last) {
+            Phase::Done => break,
+            Phase::Waiting { until_ns } => {
+                thread::sleep(Duration::from_nanos(until_ns.saturating_sub(last)));
+                // The wait is not part of the next transaction.
+                last = monotonic_ns();
+                continue;
+            }
+            Phase::Running { .. } => {}
+        }
         let ok = match cfg.mode {
             Mode::Crr => match connect(cfg.target, cfg.timeout) {
                 Ok(mut stream) => {
@@ -447,7 +582,7 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
                         Err(_) => connect_errors += 1,
                     }
                     // Connection setup is not part of an RR transaction.
-                    last = Instant::now();
+                    last = monotonic_ns();
                 }
                 match rr_conn.as_mut() {
                     Some(stream) => {
@@ -462,9 +597,9 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
                 }
             }
         };
-        let now = Instant::now();
+        let now = monotonic_ns();
         if ok {
-            hist.record(now.duration_since(last).as_nanos() as u64);
+            hist.record(now.saturating_sub(last));
         }
         last = now;
     }
@@ -472,7 +607,6 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
         hist,
         connect_errors,
         io_errors,
-        end: last,
     }
 }
 
@@ -490,6 +624,16 @@ pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
             ErrorKind::InvalidInput,
             "size must be at least 1 byte",
         ));
+    }
+    if let Some(turns) = cfg.turns {
+        let first_slice_ns = Schedule::new(cfg.duration, 0, Some(turns)).slice_start(0);
+        let now_ns = monotonic_ns();
+        if now_ns > first_slice_ns {
+            return Err(io::Error::other(format!(
+                "{LATE_START} by {:.1} ms",
+                (now_ns - first_slice_ns) as f64 / 1e6
+            )));
+        }
     }
     let cpus = if cfg.pin { allowed_cpus()? } else { Vec::new() };
     let barrier = Arc::new(Barrier::new(cfg.threads + 1));
@@ -510,12 +654,10 @@ pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
         handles.push(h);
     }
     barrier.wait();
-    let start = Instant::now();
 
     let mut hist = Histogram::new();
     let mut connect_errors = 0;
     let mut io_errors = 0;
-    let mut end = start;
     for h in handles {
         let r = h
             .join()
@@ -523,9 +665,12 @@ pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
         hist.merge(&r.hist);
         connect_errors += r.connect_errors;
         io_errors += r.io_errors;
-        end = end.max(r.end);
     }
-    let elapsed = end.saturating_duration_since(start).as_secs_f64();
+    // Transactions start only within the schedule's slices (the last one of
+    // a slice may end a little past it).
+    let elapsed = Schedule::new(cfg.duration, 0, cfg.turns)
+        .running_time()
+        .as_secs_f64();
     let us = |ns: u64| ns as f64 / 1000.0;
     let transactions = hist.len();
     Ok(Report {
@@ -858,6 +1003,82 @@ mod tests {
         assert_eq!(a.quantile(0.5), 20);
         assert!(Histogram::new().is_empty());
         assert_eq!(Histogram::new().quantile(0.99), 0);
+    }
+
+    #[test]
+    fn a_schedule_without_turns_runs_its_duration_once() {
+        let schedule = Schedule::new(Duration::from_millis(1500), 1_000, None);
+        assert_eq!(schedule.running_time(), Duration::from_millis(1500));
+        assert_eq!(
+            schedule.phase(1_000),
+            Phase::Running {
+                until_ns: 1_500_001_000
+            }
+        );
+        assert_eq!(schedule.phase(1_500_000_999), schedule.phase(1_000));
+        assert_eq!(schedule.phase(1_500_001_000), Phase::Done);
+    }
+
+    #[test]
+    fn clients_taking_turns_run_in_disjoint_slices_of_equal_total() {
+        let ms = 1_000_000;
+        let turns = |turn| Turns {
+            epoch_ns: 10 * ms,
+            slice: Duration::from_millis(100),
+            turn,
+            of: 2,
+        };
+        let first = Schedule::new(Duration::from_millis(290), 0, Some(turns(0)));
+        let second = Schedule::new(Duration::from_millis(290), 0, Some(turns(1)));
+        for schedule in [first, second] {
+            assert_eq!(schedule.running_time(), Duration::from_millis(300));
+        }
+        // Before the epoch both wait for their first slice.
+        assert_eq!(first.phase(0), Phase::Waiting { until_ns: 10 * ms });
+        assert_eq!(second.phase(0), Phase::Waiting { until_ns: 110 * ms });
+        // Every millisecond of the six slices belongs to exactly one client.
+        for t in (10..610).map(|t| t * ms) {
+            let running = [first, second]
+                .iter()
+                .filter(|s| matches!(s.phase(t), Phase::Running { .. }))
+                .count();
+            assert_eq!(running, 1, "at {t} ns");
+        }
+        assert_eq!(first.phase(150 * ms), Phase::Waiting { until_ns: 210 * ms });
+        assert_eq!(
+            second.phase(350 * ms),
+            Phase::Running { until_ns: 410 * ms }
+        );
+        assert_eq!(first.phase(510 * ms), Phase::Done);
+        assert_eq!(
+            second.phase(510 * ms),
+            Phase::Running { until_ns: 610 * ms }
+        );
+        assert_eq!(second.phase(610 * ms), Phase::Done);
+    }
+
+    #[test]
+    fn taking_turns_on_loopback_runs_only_in_own_slices() {
+        let server = loopback_server(1);
+        let slice = Duration::from_millis(50);
+        let epoch_ns = monotonic_ns() + 20_000_000;
+        let report = run_client(&ClientConfig {
+            turns: Some(Turns {
+                epoch_ns,
+                slice,
+                turn: 1,
+                of: 2,
+            }),
+            ..ClientConfig::new(server.local_addr(), 1, Duration::from_millis(150))
+        })
+        .expect("client runs");
+        assert!(report.transactions > 0, "{report}");
+        assert_eq!(report.duration_s, 0.15);
+        // Three slices of its own, each after one of the other client's:
+        // the run ends with its last slice, six slices after the epoch.
+        let ended = monotonic_ns();
+        assert!(ended >= epoch_ns + 6 * 50_000_000, "ended too early");
+        server.shutdown();
     }
 
     #[test]

@@ -47,7 +47,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     str::FromStr,
     time::{Duration, Instant},
 };
@@ -60,6 +60,7 @@ use lb_e2e::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::crr::{self, Turns};
 use crate::kubeproxy::{
     self, IptablesOptions, NftablesOptions, Protocol, ServicePort, SyntheticServices,
 };
@@ -168,6 +169,9 @@ pub struct Config {
     pub rounds: usize,
     /// Length of each CRR and RR measurement.
     pub duration: Duration,
+    /// The two measurements of a pair run together, taking turns in slices
+    /// of this length ([`crr::Turns`]).
+    pub slice: Duration,
     /// Client threads.
     pub threads: usize,
     /// Fake endpoints per filler service.
@@ -185,6 +189,12 @@ pub struct Config {
     pub quick: bool,
 }
 
+/// Slices of 200 ms: the CPU a shared 2-vCPU guest gets drifts over
+/// seconds, so pairs interleaved this finely see the same machine; the work
+/// the kernel defers after a connection (RCU frees, timers) mostly runs
+/// within the slice of the client that caused it.
+pub const DEFAULT_SLICE: Duration = Duration::from_millis(200);
+
 impl Config {
     /// The full benchmark: 1, 1,000 and 10,000 services, 24 rounds of 1.5 s
     /// pairs (many short paired samples: the median of the pairs' ratios is
@@ -195,6 +205,7 @@ impl Config {
             counts: vec![1, 1_000, 10_000],
             rounds: 24,
             duration: Duration::from_millis(1500),
+            slice: DEFAULT_SLICE,
             threads: 2,
             endpoints_per_service: 3,
             candidates: CandidateKind::ALL.to_vec(),
@@ -768,6 +779,46 @@ impl Mode {
     }
 }
 
+/// A `crr client` through `cand`, taking its turn of `turns` when given.
+fn client_command(
+    lab: &Lab,
+    crr: &Path,
+    cand: &dyn Candidate,
+    mode: Mode,
+    cfg: &Config,
+    turns: Option<Turns>,
+) -> Result<Command> {
+    let target = cand.target(CRR_SERVICE_PORT, CRR_TARGET_PORT);
+    let mut command = lab.command_in(&cand.stand().client, crr)?;
+    command.args([
+        "client",
+        "--target",
+        &target.to_string(),
+        "--threads",
+        &cfg.threads.to_string(),
+        "--duration",
+        &cfg.duration.as_secs_f64().to_string(),
+        "--mode",
+        mode.name(),
+        "--pin",
+        "--json",
+    ]);
+    if let Some(turns) = turns {
+        command.args([
+            "--turn",
+            &turns.turn.to_string(),
+            "--of",
+            &turns.of.to_string(),
+            "--slice-ms",
+            &turns.slice.as_millis().to_string(),
+            "--epoch-ns",
+            &turns.epoch_ns.to_string(),
+        ]);
+    }
+    Ok(command)
+}
+
+/// One `crr client` run through `cand` on its own.
 fn run_client(
     lab: &Lab,
     crr: &Path,
@@ -775,25 +826,79 @@ fn run_client(
     mode: Mode,
     cfg: &Config,
 ) -> Result<ClientSample> {
-    let target = cand.target(CRR_SERVICE_PORT, CRR_TARGET_PORT);
-    let mode_s = mode.name();
-    let output = lab
-        .command_in(&cand.stand().client, crr)?
-        .args([
-            "client",
-            "--target",
-            &target.to_string(),
-            "--threads",
-            &cfg.threads.to_string(),
-            "--duration",
-            &cfg.duration.as_secs_f64().to_string(),
-            "--mode",
-            mode_s,
-            "--pin",
-            "--json",
-        ])
+    let output = client_command(lab, crr, cand, mode, cfg, None)?
         .output()
         .context("running crr client")?;
+    client_sample(cand, mode, &output)
+}
+
+/// How long before the first slice the clients of a pair are started: they
+/// are up within milliseconds; a client that still misses its first slice
+/// reports it, and the pair is measured again with [`LATE_START_MARGIN`].
+const START_MARGIN: Duration = Duration::from_millis(150);
+/// The margin of the second attempt.
+const LATE_START_MARGIN: Duration = Duration::from_secs(2);
+
+/// The candidates of one pair measured together, taking turns in slices of
+/// `cfg.slice` (`cands[k]` has turn k), so that each sees the same machine
+/// conditions as the other down to a slice. Samples in `cands` order.
+fn run_taking_turns(
+    lab: &Lab,
+    crr: &Path,
+    cands: &[&dyn Candidate],
+    mode: Mode,
+    cfg: &Config,
+) -> Result<Vec<ClientSample>> {
+    let mut late = None;
+    for margin in [START_MARGIN, LATE_START_MARGIN] {
+        for cand in cands {
+            cand.before_measurement()?;
+        }
+        let epoch_ns = crr::monotonic_ns() + margin.as_nanos() as u64;
+        let children = cands
+            .iter()
+            .enumerate()
+            .map(|(turn, cand)| {
+                let turns = Turns {
+                    epoch_ns,
+                    slice: cfg.slice,
+                    turn: turn as u32,
+                    of: cands.len() as u32,
+                };
+                client_command(lab, crr, *cand, mode, cfg, Some(turns))?
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("starting crr client")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = children
+            .into_iter()
+            .map(|child| child.wait_with_output().context("running crr client"))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(output) = outputs
+            .iter()
+            .find(|o| String::from_utf8_lossy(&o.stderr).contains(crr::LATE_START))
+        {
+            late = Some(String::from_utf8_lossy(&output.stderr).trim().to_string());
+            continue;
+        }
+        return cands
+            .iter()
+            .zip(&outputs)
+            .map(|(cand, output)| client_sample(*cand, mode, output))
+            .collect();
+    }
+    bail!(
+        "crr clients missed their first slice twice: {}",
+        late.unwrap_or_default()
+    )
+}
+
+/// The sample a `crr client --json` run printed.
+fn client_sample(cand: &dyn Candidate, mode: Mode, output: &Output) -> Result<ClientSample> {
+    let target = cand.target(CRR_SERVICE_PORT, CRR_TARGET_PORT);
+    let mode_s = mode.name();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().unwrap_or_default();
     let sample: ClientSample = serde_json::from_str(line).with_context(|| {
@@ -1109,11 +1214,12 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
         for round in 0..cfg.rounds {
             for mode in [Mode::Crr, Mode::Rr] {
                 for pair in measurement_pairs(candidates.len(), direct, round) {
+                    let order = pair.order();
+                    let cands: Vec<&dyn Candidate> =
+                        order.iter().map(|&i| candidates[i].as_ref()).collect();
+                    let samples = run_taking_turns(lab, &crr, &cands, mode, cfg)?;
                     let mut measured = Vec::with_capacity(2);
-                    for i in pair.order() {
-                        let cand = candidates[i].as_ref();
-                        cand.before_measurement()?;
-                        let sample = run_client(lab, &crr, cand, mode, cfg)?;
+                    for ((i, cand), sample) in order.into_iter().zip(cands).zip(samples) {
                         eprintln!(
                             "lb-bench: {count} services, round {}/{}: {:<10} {} {:>8.0}/s p50 {:>7.1} us p99 {:>7.1} us{}",
                             round + 1,

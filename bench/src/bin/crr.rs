@@ -4,7 +4,12 @@
 //! crr server --listen ADDR:PORT [--size R] [--workers N]
 //! crr client --target ADDR:PORT --threads N --duration SECS [--pin]
 //!            [--size R] [--mode crr|rr] [--timeout-ms MS] [--json]
+//!            [--turn K --of N --slice-ms MS --epoch-ns T]
 //! ```
+//!
+//! With `--turn`, clients started together take turns in time slices (see
+//! `lb_bench::crr::Turns`): each runs only in slice K of every N from
+//! `CLOCK_MONOTONIC` time T, for `--duration` seconds of its own slices.
 //!
 //! The server prints `listening ADDR:PORT` once it accepts connections (so a
 //! driver may pass port 0 and read the real port). The client prints one
@@ -22,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lb_bench::crr::{self, ClientConfig, Mode, Server, ServerConfig};
+use lb_bench::crr::{self, ClientConfig, Mode, Server, ServerConfig, Turns};
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +83,18 @@ enum Command {
         /// Print one JSON object on one line instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Run only in slice K (0-based) of every `--of` slices.
+        #[arg(long, requires_all = ["of", "slice_ms", "epoch_ns"])]
+        turn: Option<u32>,
+        /// Clients taking turns.
+        #[arg(long, requires = "turn")]
+        of: Option<u32>,
+        /// Slice length in milliseconds.
+        #[arg(long, requires = "turn")]
+        slice_ms: Option<u64>,
+        /// Start of slice 0 on CLOCK_MONOTONIC, nanoseconds.
+        #[arg(long, requires = "turn")]
+        epoch_ns: Option<u64>,
     },
 }
 
@@ -113,10 +130,28 @@ fn main() -> Result<ExitCode> {
             timeout_ms,
             pin,
             json,
+            turn,
+            of,
+            slice_ms,
+            epoch_ns,
         } => {
             if !(duration.is_finite() && duration > 0.0) {
                 bail!("--duration must be a positive number of seconds");
             }
+            let turns = match (turn, of, slice_ms, epoch_ns) {
+                (Some(turn), Some(of), Some(slice_ms), Some(epoch_ns)) => {
+                    if turn >= of || slice_ms == 0 {
+                        bail!("--turn must be below --of and --slice-ms above 0");
+                    }
+                    Some(Turns {
+                        epoch_ns,
+                        slice: Duration::from_millis(slice_ms),
+                        turn,
+                        of,
+                    })
+                }
+                _ => None,
+            };
             let cfg = ClientConfig {
                 target,
                 threads,
@@ -125,6 +160,7 @@ fn main() -> Result<ExitCode> {
                 mode,
                 timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
                 pin,
+                turns,
             };
             let report = crr::run_client(&cfg).context("running client")?;
             if json {

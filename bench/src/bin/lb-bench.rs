@@ -39,6 +39,10 @@ struct Cli {
     /// Seconds per CRR and per RR measurement (fractions allowed).
     #[arg(long)]
     duration: Option<f64>,
+    /// Milliseconds per time slice in which the two runs of a pair take
+    /// turns.
+    #[arg(long)]
+    slice_ms: Option<u64>,
     /// Client threads.
     #[arg(long)]
     threads: Option<usize>,
@@ -72,6 +76,10 @@ fn main() -> Result<()> {
             "--duration must be a positive number of seconds"
         );
         cfg.duration = Duration::from_secs_f64(secs);
+    }
+    if let Some(ms) = cli.slice_ms {
+        ensure!(ms >= 1, "--slice-ms must be at least 1");
+        cfg.slice = Duration::from_millis(ms);
     }
     if let Some(threads) = cli.threads {
         ensure!(threads >= 1, "--threads must be at least 1");
