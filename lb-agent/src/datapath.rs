@@ -51,13 +51,12 @@ const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 11] = [
+const MAP_PINS: [&str; 10] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
     map_names::REV_NAT,
     map_names::SOCK_REV_NAT,
-    map_names::SOCK_PEER,
     map_names::SERVICE_NAMES,
     map_names::AFFINITY,
     map_names::ROUND_ROBIN,
@@ -208,6 +207,16 @@ fn typed<K: Pod, V: Pod>(
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// Every entry of a hash map.
+fn all<K: Pod, V: Pod>(
+    name: &'static str,
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| DatapathError::Map { name, source })
+}
+
 /// The first `len` counters of a per-CPU array, each summed over CPUs.
 pub(crate) fn counter_sums(
     counters: &PerCpuArray<MapData, u64>,
@@ -281,14 +290,6 @@ impl Maps {
 
     /// Reads every entry of every map.
     pub fn dump(&self) -> Result<Dump, DatapathError> {
-        fn all<K: Pod, V: Pod>(
-            name: &'static str,
-            map: &HashMap<MapData, K, V>,
-        ) -> Result<Vec<(K, V)>, DatapathError> {
-            map.iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| DatapathError::Map { name, source })
-        }
         Ok(Dump {
             services: all(map_names::SERVICES, &self.services)?,
             slots: all(map_names::BACKEND_SLOTS, &self.slots)?,
@@ -378,6 +379,13 @@ impl Maps {
         self.write_opt_out_count(entries)
     }
 
+    /// The reverse translations of the sockets the socket programs steered
+    /// to a backend and that are still open: the socket (its cookie) and the
+    /// backend it was sent to, and the frontend it shows.
+    pub fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, DatapathError> {
+        all(map_names::SOCK_REV_NAT, &self.sock_rev_nat)
+    }
+
     /// Cookies of the sockets the datapath steered from frontend `service_id`
     /// to a backend of `targets`, as `(service_id, backend)` pairs.
     pub fn cookies_steered_to(
@@ -385,11 +393,7 @@ impl Maps {
         targets: &BTreeSet<(u32, Backend)>,
     ) -> Result<BTreeSet<u64>, DatapathError> {
         let mut cookies = BTreeSet::new();
-        for entry in self.sock_rev_nat.iter() {
-            let (key, rev) = entry.map_err(|source| DatapathError::Map {
-                name: map_names::SOCK_REV_NAT,
-                source,
-            })?;
+        for (key, rev) in self.socket_translations()? {
             let hit = targets.iter().any(|(service_id, backend)| {
                 *service_id == rev.service_id
                     && backend.addr == key.addr
@@ -478,12 +482,8 @@ impl Datapath {
     /// `pin_dir` by a previous agent, so an upgrade keeps every entry.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         prepare_pin_dir(pin_dir)?;
-        // Socket storage is a BTF map, which carries no pinning flag: it is
-        // pinned by path so a restarted agent's programs see the storage of
-        // sockets connected before.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_pin_path(map_names::SOCK_PEER, pin_dir.join(map_names::SOCK_PEER))
             .load(SOCKET_LB_OBJECT)?;
         let mut maps = Maps::take(&mut ebpf)?;
         maps.sync_opt_out_count()?;

@@ -1,11 +1,13 @@
 //! What `lbctl` shows: the frontends and backends in the maps (`service
-//! list`) and the agent's latest drop reports (`drops`).
+//! list`), the open sockets the socket path translated (`socket list`) and
+//! the agent's latest drop reports (`drops`).
 
 use std::fmt::Write as _;
 
 use lb_common::{
     tc::{uses_maglev, SCOPE_TC_CLUSTER},
-    PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    RevNat, SockRevNatKey, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 use crate::{
@@ -93,6 +95,33 @@ pub fn service_table(dump: &Dump) -> String {
         }
     }
     render(["ID", "SERVICE", "FRONTEND", "BACKENDS"], &rows)
+}
+
+/// Renders the reverse translations of open translated sockets, by service
+/// then backend: what `getpeername()` and `recvmsg()` show instead of the
+/// backend. Service names come from `dump`.
+pub fn socket_table(dump: &Dump, translations: &[(SockRevNatKey, RevNat)]) -> String {
+    let names: std::collections::BTreeMap<u32, String> = Applied::adopt(dump)
+        .frontends
+        .values()
+        .map(|f| (f.service_id, f.name.clone()))
+        .collect();
+    let mut rows: Vec<[String; 4]> = translations
+        .iter()
+        .map(|(key, rev)| {
+            [
+                names
+                    .get(&rev.service_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("(service {} removed)", rev.service_id)),
+                endpoint(&rev.addr, rev.port),
+                endpoint(&key.addr, key.port),
+                key.cookie.to_string(),
+            ]
+        })
+        .collect();
+    rows.sort();
+    render(["SERVICE", "SHOWS", "BACKEND", "SOCKET COOKIE"], &rows)
 }
 
 /// Renders drop reports, oldest first, with their age at `now_unix`.

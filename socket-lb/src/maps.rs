@@ -3,14 +3,13 @@
 //! `lb_common::map_names` (the agent fails loudly if one is missing).
 
 use aya_ebpf::{
-    btf_maps::SkStorage,
-    macros::{btf_map, map},
+    macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
-    SockConfig, SockPeer, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS,
-    MAX_OPT_OUT, MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
+    SockConfig, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT,
+    MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -28,10 +27,6 @@ pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
 #[map(name = "LB_SKNAT_V1")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat> =
     LruHashMap::pinned(MAX_SOCK_REV_NAT, 0);
-
-/// A BTF map (socket storage needs BTF); the agent pins it by path.
-#[btf_map(name = "LB_SKPEER_V1")]
-pub static SOCK_PEER: SkStorage<SockPeer> = SkStorage::new();
 
 #[map(name = "LB_SVCNAME_V1")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);

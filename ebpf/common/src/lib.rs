@@ -26,14 +26,11 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BE_V1";
     /// Reverse NAT by service id: `u32` -> [`RevNat`](crate::RevNat).
     pub const REV_NAT: &str = "LB_REVNAT_V1";
-    /// Per-socket reverse translation of UDP sockets (connected, or one entry
-    /// per backend an unconnected socket sent to):
+    /// Per-socket reverse translation of translated sockets (connected ones
+    /// until they are released, and one entry per backend an unconnected UDP
+    /// socket sent to):
     /// [`SockRevNatKey`](crate::SockRevNatKey) -> [`RevNat`](crate::RevNat).
     pub const SOCK_REV_NAT: &str = "LB_SKNAT_V1";
-    /// Reverse translation of connected TCP sockets, kept in the socket
-    /// itself (socket-local storage, freed with the socket):
-    /// [`SockPeer`](crate::SockPeer).
-    pub const SOCK_PEER: &str = "LB_SKPEER_V1";
     /// Human-readable service names for `lbctl`: `u32` -> [`ServiceName`](crate::ServiceName).
     pub const SERVICE_NAMES: &str = "LB_SVCNAME_V1";
     /// Session affinity: [`AffinityKey`](crate::AffinityKey) -> [`AffinityValue`](crate::AffinityValue).
@@ -204,21 +201,6 @@ pub struct RevNat {
     pub pad: u16,
     /// Service id of the frontend.
     pub service_id: u32,
-}
-
-/// What a TCP socket connected through a frontend keeps in its socket-local
-/// storage: the backend it was connected to and the frontend it shows.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SockPeer {
-    /// Backend address (IPv4-mapped for IPv4).
-    pub backend: Addr,
-    /// Backend port, network byte order.
-    pub backend_port: u16,
-    /// Explicit padding.
-    pub pad: u16,
-    /// The frontend `getpeername` shows instead.
-    pub frontend: RevNat,
 }
 
 /// Key of the per-socket reverse translation: which backend a socket was sent to.

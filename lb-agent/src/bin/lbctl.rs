@@ -39,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: ServiceCommand,
     },
+    /// Sockets the socket path translated.
+    Socket {
+        #[command(subcommand)]
+        command: SocketCommand,
+    },
     /// The latest new flows the tc path dropped or refused, and why (from
     /// the agent's `/drops`).
     Drops {
@@ -54,6 +59,13 @@ enum ServiceCommand {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+enum SocketCommand {
+    /// Print every open translated socket: its Service, the frontend it
+    /// shows as its peer and the backend it was sent to.
+    List,
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
@@ -63,6 +75,16 @@ fn main() -> Result<()> {
             let maps = Maps::open_pinned(&args.bpffs_dir)?;
             let dump = maps.dump().context("reading the maps")?;
             print!("{}", view::service_table(&dump));
+        }
+        Command::Socket {
+            command: SocketCommand::List,
+        } => {
+            let maps = Maps::open_pinned(&args.bpffs_dir)?;
+            let dump = maps.dump().context("reading the maps")?;
+            let translations = maps
+                .socket_translations()
+                .context("reading the socket translations")?;
+            print!("{}", view::socket_table(&dump, &translations));
         }
         Command::Drops { agent } => {
             let records: Vec<DropRecord> = serde_json::from_str(&get(agent, "/drops")?)

@@ -186,6 +186,11 @@ impl Agent {
         lbctl(&self.lbctl, &self.bpffs, &["service", "list"])
     }
 
+    /// `lbctl socket list`: the open sockets the socket path translated.
+    pub fn socket_list(&self) -> Result<String> {
+        lbctl(&self.lbctl, &self.bpffs, &["socket", "list"])
+    }
+
     /// Waits until `lbctl service list` satisfies `check`.
     pub fn wait_for_services(
         &self,

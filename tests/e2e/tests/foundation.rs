@@ -194,7 +194,7 @@ fn translation_survives_agent_restart() -> Result<()> {
 
 /// A connection opened before an agent restart keeps working and keeps
 /// showing the Service as its peer: the restarted agent's programs reuse the
-/// pinned socket storage.
+/// pinned reverse-translation map.
 #[test]
 fn a_connection_held_across_a_restart_still_shows_the_service() -> Result<()> {
     let mut s = setup(1)?;
@@ -218,5 +218,45 @@ fn a_connection_held_across_a_restart_still_shows_the_service() -> Result<()> {
     assert_eq!(held.len(), 1);
     assert!(held[0].ok, "{held:?}");
     assert_eq!(held[0].peer.as_deref(), Some("10.96.0.10:80"));
+    Ok(())
+}
+
+/// A closed connection leaves no reverse translation behind (short
+/// connections must not push the entries of long ones out of the LRU), and
+/// an open one is listed by `lbctl socket list` with the VIP it shows.
+#[test]
+fn closed_connections_leave_no_reverse_translation_and_open_ones_are_listed() -> Result<()> {
+    let s = setup(1)?;
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    publish_web(&s, &all)?;
+    let attempts = connect(&s, 50)?;
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    let rows = |table: &str| table.lines().skip(1).count();
+    let after_close = s.agent.socket_list()?;
+    assert_eq!(rows(&after_close), 0, "{after_close}");
+
+    let (lab, bins, client) = (&s.lab, &s.bins, &s.client);
+    let backend = format!("{}:8080", s.servers[0].ip);
+    let while_open = thread::scope(|scope| -> Result<String> {
+        let target = format!("{VIP}:80");
+        let connection = scope.spawn(move || {
+            let args = ["connect", "--target", &target, "--hold-ms", "2000"];
+            let output = lab.run_in(client, &bins.labpod, &args)?;
+            lb_e2e::probe::parse_attempts(&output.stdout)
+        });
+        thread::sleep(Duration::from_millis(700));
+        let table = s.agent.socket_list();
+        let held = connection.join().expect("the connection thread")?;
+        assert!(held.len() == 1 && held[0].ok, "{held:?}");
+        table
+    })?;
+    assert_eq!(rows(&while_open), 1, "{while_open}");
+    let row = while_open.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.contains("default/web") && row.contains(&format!("{VIP}:80")) && row.contains(&backend),
+        "{while_open}"
+    );
+    let after_hold = s.agent.socket_list()?;
+    assert_eq!(rows(&after_hold), 0, "{after_hold}");
     Ok(())
 }
