@@ -16,28 +16,30 @@
 //! |---|---|---|
 //! | `direct` | nothing | the server pod's IP |
 //! | `socket-lb` | `lb-agent` on the node cgroup, N services in its manifest directory | the Service VIP |
+//! | `tc` | `lb-agent` with socket translation off, tc programs on the pod interfaces and the uplink | the Service VIP |
 //! | `iptables` | kube-proxy's `iptables-restore` input for N services, loaded in the node netns | the Service VIP |
 //! | `nftables` | kube-proxy's `nft -f` input for N services, loaded in the node netns | the Service VIP |
 //!
-//! A new candidate (the tc path, say) is one more [`CandidateKind`] variant
-//! and one [`Candidate`] implementation.
+//! A new candidate is one more [`CandidateKind`] variant and one
+//! [`Candidate`] implementation.
 //!
 //! # Procedure
 //!
 //! For every service count: each candidate programs the N services (timed:
 //! agent manifest write to its `reconciled N frontends` log line,
 //! `iptables-restore` and `nft -f` wall time, each from an empty state);
-//! then a short unrecorded CRR warm-up per candidate, then `rounds` rounds,
-//! each running a CRR measurement of `duration` on every candidate, then an
-//! RR measurement on every candidate (the visiting order rotates by one per
-//! round). At the largest count, one `iperf3` bulk run per
-//! candidate follows. Netfilter candidates have their conntrack table flushed
-//! before every measurement.
+//! then a short unrecorded CRR warm-up per candidate, then `rounds` rounds.
+//! In each round every candidate is paired with direct, CRR then RR (the
+//! visiting order rotates by one per round): the two clients of a pair run
+//! together, taking turns in slices of [`Config::slice`] ([`crr::Turns`]),
+//! `duration` each, direct taking the first slice in every other round. At
+//! the largest count, one `iperf3` bulk run per candidate follows. Netfilter
+//! candidates have their conntrack table flushed before every measurement.
 //!
 //! Reported per (count, candidate): medians over rounds of connections/s,
 //! p50/p99 latency and RR transactions/s, and ratios to direct computed per
-//! round (candidate / direct in the same round) and then taken the median of,
-//! which cancels most of the drift of a shared machine.
+//! pair and then taken the median of: the turns cancel the drift of a shared
+//! machine down to a slice.
 
 use std::{
     collections::BTreeMap,
@@ -963,10 +965,11 @@ pub struct Cell {
     pub crr: Vec<ClientSample>,
     /// RR samples, likewise.
     pub rr: Vec<ClientSample>,
-    /// Direct's CRR sample taken right next to each of `crr` (empty for
-    /// direct itself, or when direct is not measured).
+    /// Direct's CRR sample taken together with each of `crr`, the two
+    /// taking turns (empty for direct itself, or when direct is not
+    /// measured).
     pub crr_direct: Vec<ClientSample>,
-    /// Direct's RR sample taken right next to each of `rr`.
+    /// Direct's RR sample taken together with each of `rr`.
     pub rr_direct: Vec<ClientSample>,
     /// Time to program the services, seconds.
     pub program_s: Option<f64>,
@@ -1050,8 +1053,8 @@ pub struct Row {
     pub candidate: CandidateKind,
     /// Median CRR connections/s.
     pub crr_cps: f64,
-    /// Median over rounds of CRR connections/s divided by direct's, measured
-    /// right before or after.
+    /// Median over rounds of CRR connections/s divided by direct's,
+    /// measured together, taking turns.
     pub crr_ratio: Option<Ratio>,
     /// Median CRR p50 latency, µs.
     pub p50_us: f64,
@@ -1282,6 +1285,7 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
             "counts": cfg.counts,
             "rounds": cfg.rounds,
             "duration_s": cfg.duration.as_secs_f64(),
+            "slice_ms": cfg.slice.as_millis(),
             "threads": cfg.threads,
             "endpoints_per_service": cfg.endpoints_per_service,
             "bulk_s": cfg.bulk.map(|d| d.as_secs_f64()),
@@ -1549,16 +1553,19 @@ fn render_report(
         }
     );
     md.push_str(table);
-    md.push_str(
+    let _ = write!(
+        md,
         "\nValues are medians over rounds; \"vs direct\" is the median over rounds of the \
-         candidate's value divided by direct's value measured right before or after it (client \
-         threads pinned one per CPU); in parentheses, a confidence interval of at least 95 % \
+         candidate's value divided by direct's value measured together with it, the two \
+         clients taking turns in {slice} ms slices (client threads pinned one per CPU); in \
+         parentheses, a confidence interval of at least 95 % \
          for that median (order statistics of the per-round ratios, from 6 rounds on). \
          p50/p99 are CRR transaction latencies (connect, request, response). Time to program: \
          socket-lb and tc from writing the manifest to the agent's `reconciled N frontends` \
          log line (the agent's manifest poll/debounce period set to 10 ms); iptables and \
          nftables the wall time of `iptables-restore` and `nft -f` loading the rules into an \
          empty table.\n\n",
+        slice = cfg.slice.as_millis()
     );
     md.push_str(
         "Candidates (each on a lab node of its own, client and server pods on that node):\n\n",
