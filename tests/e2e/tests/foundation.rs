@@ -6,8 +6,8 @@ use std::{thread, time::Duration};
 
 use anyhow::Result;
 use lb_e2e::{
-    agent::Agent,
-    lab::Pod,
+    agent::{Agent, Binaries},
+    lab::{Lab, Pod},
     manifests::{endpoint_slice, service},
     probe::{per_backend, Attempt},
     scenario::Scenario,
@@ -192,6 +192,16 @@ fn translation_survives_agent_restart() -> Result<()> {
     Ok(())
 }
 
+/// One connection from the client to the VIP, held open `hold_ms` after its
+/// answer and then checked again (labpod `--hold-ms`).
+fn hold_connection(lab: &Lab, bins: &Binaries, client: &Pod, hold_ms: u32) -> Result<Vec<Attempt>> {
+    let target = format!("{VIP}:80");
+    let hold = hold_ms.to_string();
+    let args = ["connect", "--target", &target, "--hold-ms", &hold];
+    let output = lab.run_in(client, &bins.labpod, &args)?;
+    lb_e2e::probe::parse_attempts(&output.stdout)
+}
+
 /// A connection opened before an agent restart keeps working and keeps
 /// showing the Service as its peer: the restarted agent's programs reuse the
 /// pinned reverse-translation map.
@@ -202,12 +212,7 @@ fn a_connection_held_across_a_restart_still_shows_the_service() -> Result<()> {
     publish_web(&s, &all)?;
     let (lab, bins, client, node) = (&s.lab, &s.bins, &s.client, &s.node);
     let held = thread::scope(|scope| -> Result<Vec<Attempt>> {
-        let target = format!("{VIP}:80");
-        let connection = scope.spawn(move || {
-            let args = ["connect", "--target", &target, "--hold-ms", "3000"];
-            let output = lab.run_in(client, &bins.labpod, &args)?;
-            lb_e2e::probe::parse_attempts(&output.stdout)
-        });
+        let connection = scope.spawn(move || hold_connection(lab, bins, client, 3000));
         thread::sleep(Duration::from_millis(500));
         s.agent.kill();
         s.agent = Agent::start(lab, bins, node)?;
@@ -235,15 +240,9 @@ fn closed_connections_leave_no_reverse_translation_and_open_ones_are_listed() ->
     let after_close = s.agent.socket_list()?;
     assert_eq!(rows(&after_close), 0, "{after_close}");
 
-    let (lab, bins, client) = (&s.lab, &s.bins, &s.client);
     let backend = format!("{}:8080", s.servers[0].ip);
     let while_open = thread::scope(|scope| -> Result<String> {
-        let target = format!("{VIP}:80");
-        let connection = scope.spawn(move || {
-            let args = ["connect", "--target", &target, "--hold-ms", "2000"];
-            let output = lab.run_in(client, &bins.labpod, &args)?;
-            lb_e2e::probe::parse_attempts(&output.stdout)
-        });
+        let connection = scope.spawn(|| hold_connection(&s.lab, &s.bins, &s.client, 2000));
         thread::sleep(Duration::from_millis(700));
         let table = s.agent.socket_list();
         let held = connection.join().expect("the connection thread")?;
