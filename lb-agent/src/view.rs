@@ -196,8 +196,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn table_lists_each_backend_under_its_frontend() {
+    /// The maps of one frontend, `default/web:http` at 10.96.0.10:80 with
+    /// backends 10.0.0.1:8080 and [fd00::2]:8080, as the plan writes them.
+    fn web_dump() -> Dump {
         let key = ServiceKey {
             addr: addr_from_ip("10.96.0.10".parse().unwrap()),
             port: port_to_be(80),
@@ -244,7 +245,12 @@ mod tests {
                 _ => {}
             }
         }
-        let table = service_table(&dump);
+        dump
+    }
+
+    #[test]
+    fn table_lists_each_backend_under_its_frontend() {
+        let table = service_table(&web_dump());
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         assert!(lines[0].starts_with("ID"));
@@ -254,5 +260,53 @@ mod tests {
                 && lines[1].ends_with("10.0.0.1:8080")
         );
         assert!(lines[2].trim() == "[fd00::2]:8080");
+    }
+
+    #[test]
+    fn sockets_are_listed_with_the_frontend_they_show_and_their_backend() {
+        let dump = web_dump();
+        let service_id = dump.services[0].1.service_id;
+        let socket = |cookie, ip: &str, service_id| {
+            (
+                SockRevNatKey {
+                    cookie,
+                    addr: addr_from_ip(ip.parse().unwrap()),
+                    port: port_to_be(8080),
+                    pad: [0; 6],
+                },
+                RevNat {
+                    addr: addr_from_ip("10.96.0.10".parse().unwrap()),
+                    port: port_to_be(80),
+                    pad: 0,
+                    service_id,
+                },
+            )
+        };
+        let table = socket_table(
+            &dump,
+            &[
+                socket(7, "fd00::2", service_id),
+                socket(9, "10.0.0.1", service_id + 100),
+                socket(5, "10.0.0.1", service_id),
+            ],
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        let gone = format!("(service {} removed)", service_id + 100);
+        let row = |line: &str, first: &str, backend: &str, cookie: &str| {
+            let cells: Vec<&str> = line.split("  ").filter(|c| !c.is_empty()).collect();
+            cells.iter().map(|c| c.trim()).collect::<Vec<_>>()
+                == [first, "10.96.0.10:80", backend, cookie]
+        };
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("SERVICE"), "{table}");
+        assert!(row(lines[1], &gone, "10.0.0.1:8080", "9"), "{table}");
+        assert!(
+            row(lines[2], "default/web:http", "10.0.0.1:8080", "5"),
+            "{table}"
+        );
+        assert!(
+            row(lines[3], "default/web:http", "[fd00::2]:8080", "7"),
+            "{table}"
+        );
     }
 }
