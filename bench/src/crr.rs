@@ -625,8 +625,11 @@ pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
             "size must be at least 1 byte",
         ));
     }
-    if let Some(turns) = cfg.turns {
-        let first_slice_ns = Schedule::new(cfg.duration, 0, Some(turns)).slice_start(0);
+    // The epoch of a run without turns does not matter here: only its
+    // running time and a turn's first slice are read.
+    let schedule = Schedule::new(cfg.duration, 0, cfg.turns);
+    if cfg.turns.is_some() {
+        let first_slice_ns = schedule.slice_start(0);
         let now_ns = monotonic_ns();
         if now_ns > first_slice_ns {
             return Err(io::Error::other(format!(
@@ -668,9 +671,7 @@ pub fn run_client(cfg: &ClientConfig) -> io::Result<Report> {
     }
     // Transactions start only within the schedule's slices (the last one of
     // a slice may end a little past it).
-    let elapsed = Schedule::new(cfg.duration, 0, cfg.turns)
-        .running_time()
-        .as_secs_f64();
+    let elapsed = schedule.running_time().as_secs_f64();
     let us = |ns: u64| ns as f64 / 1000.0;
     let transactions = hist.len();
     Ok(Report {

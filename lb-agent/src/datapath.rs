@@ -295,7 +295,7 @@ impl Maps {
             slots: all(map_names::BACKEND_SLOTS, &self.slots)?,
             backends: all(map_names::BACKENDS, &self.backends)?,
             rev_nat: all(map_names::REV_NAT, &self.rev_nat)?,
-            names: all(map_names::SERVICE_NAMES, &self.names)?,
+            names: self.service_names()?,
         })
     }
 
@@ -377,6 +377,11 @@ impl Maps {
                 source,
             })?;
         self.write_opt_out_count(entries)
+    }
+
+    /// The display names of the services, by service id.
+    pub fn service_names(&self) -> Result<Vec<(u32, ServiceName)>, DatapathError> {
+        all(map_names::SERVICE_NAMES, &self.names)
     }
 
     /// The reverse translations of the sockets the socket programs steered

@@ -6,14 +6,14 @@ use std::fmt::Write as _;
 
 use lb_common::{
     tc::{uses_maglev, SCOPE_TC_CLUSTER},
-    RevNat, SockRevNatKey, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
+    RevNat, ServiceName, SockRevNatKey, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 use crate::{
     addr::{ip_from_addr, port_from_be},
     drops::DropRecord,
-    plan::{Applied, Dump},
+    plan::{name_to_string, Applied, Dump},
 };
 
 /// Formats `addr:port` with brackets for IPv6.
@@ -99,12 +99,14 @@ pub fn service_table(dump: &Dump) -> String {
 
 /// Renders the reverse translations of open translated sockets, by service
 /// then backend: what `getpeername()` and `recvmsg()` show instead of the
-/// backend. Service names come from `dump`.
-pub fn socket_table(dump: &Dump, translations: &[(SockRevNatKey, RevNat)]) -> String {
-    let names: std::collections::BTreeMap<u32, String> = Applied::adopt(dump)
-        .frontends
-        .values()
-        .map(|f| (f.service_id, f.name.clone()))
+/// backend. Service names come from the names map.
+pub fn socket_table(
+    service_names: &[(u32, ServiceName)],
+    translations: &[(SockRevNatKey, RevNat)],
+) -> String {
+    let names: std::collections::BTreeMap<u32, String> = service_names
+        .iter()
+        .map(|(id, name)| (*id, name_to_string(name)))
         .collect();
     let mut rows: Vec<[String; 4]> = translations
         .iter()
@@ -268,12 +270,7 @@ mod tests {
         let service_id = dump.services[0].1.service_id;
         let socket = |cookie, ip: &str, service_id| {
             (
-                SockRevNatKey {
-                    cookie,
-                    addr: addr_from_ip(ip.parse().unwrap()),
-                    port: port_to_be(8080),
-                    pad: [0; 6],
-                },
+                SockRevNatKey::new(cookie, addr_from_ip(ip.parse().unwrap()), port_to_be(8080)),
                 RevNat {
                     addr: addr_from_ip("10.96.0.10".parse().unwrap()),
                     port: port_to_be(80),
@@ -283,7 +280,7 @@ mod tests {
             )
         };
         let table = socket_table(
-            &dump,
+            &dump.names,
             &[
                 socket(7, "fd00::2", service_id),
                 socket(9, "10.0.0.1", service_id + 100),

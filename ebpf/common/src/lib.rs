@@ -217,6 +217,18 @@ pub struct SockRevNatKey {
     pub pad: [u8; 6],
 }
 
+impl SockRevNatKey {
+    /// The key of the socket with `cookie` sent to backend `addr`:`port`.
+    pub const fn new(cookie: u64, addr: Addr, port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port,
+            pad: [0; 6],
+        }
+    }
+}
+
 /// Key of a session affinity entry: one client of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

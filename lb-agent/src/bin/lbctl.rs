@@ -80,11 +80,11 @@ fn main() -> Result<()> {
             command: SocketCommand::List,
         } => {
             let maps = Maps::open_pinned(&args.bpffs_dir)?;
-            let dump = maps.dump().context("reading the maps")?;
+            let names = maps.service_names().context("reading the service names")?;
             let translations = maps
                 .socket_translations()
                 .context("reading the socket translations")?;
-            print!("{}", view::socket_table(&dump, &translations));
+            print!("{}", view::socket_table(&names, &translations));
         }
         Command::Drops { agent } => {
             let records: Vec<DropRecord> = serde_json::from_str(&get(agent, "/drops")?)
