@@ -17,8 +17,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{
-    map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
-    SlotKey, SockConfig, SockRevNatKey, SOCK_STATS_LEN,
+    backend_port_bit, map_names, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey,
+    ServiceName, ServiceValue, SlotKey, SockConfig, SockRevNatKey, BACKEND_PORT_WORDS,
+    SOCK_STATS_LEN,
 };
 
 use crate::{
@@ -51,12 +52,13 @@ const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
 
 /// Map pins this version owns; other `LB_*` pins in the directory belong to
 /// older layouts and are removed once this version's programs are attached.
-const MAP_PINS: [&str; 10] = [
+const MAP_PINS: [&str; 11] = [
     map_names::SERVICES,
     map_names::BACKEND_SLOTS,
     map_names::BACKENDS,
     map_names::REV_NAT,
     map_names::SOCK_REV_NAT,
+    map_names::BACKEND_PORTS,
     map_names::SERVICE_NAMES,
     map_names::AFFINITY,
     map_names::ROUND_ROBIN,
@@ -196,6 +198,7 @@ pub struct Maps {
     names: HashMap<MapData, u32, ServiceName>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, RevNat>,
+    backend_ports: BackendPorts,
     opt_out: HashMap<MapData, u64, u32>,
     opt_out_count: Array<MapData, u32>,
 }
@@ -231,6 +234,36 @@ fn array<V: Pod>(name: &'static str, map: Map) -> Result<Array<MapData, V>, Data
     Array::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// [`map_names::BACKEND_PORTS`] and the agent's copy of it, so that only the
+/// first backend on a port costs a write.
+struct BackendPorts {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+}
+
+impl BackendPorts {
+    fn new(map: Map) -> Result<Self, DatapathError> {
+        let name = map_names::BACKEND_PORTS;
+        let map = array(name, map)?;
+        let words = (0..BACKEND_PORT_WORDS)
+            .map(|index| map.get(&index, 0))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        Ok(Self { map, words })
+    }
+
+    /// Adds `port` (network byte order) to the set.
+    fn add(&mut self, port: u16) -> Result<(), MapError> {
+        let (index, bit) = backend_port_bit(port);
+        let word = &mut self.words[index as usize];
+        if *word & bit == 0 {
+            self.map.set(index, *word | bit, 0)?;
+            *word |= bit;
+        }
+        Ok(())
+    }
+}
+
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
     let path = dir.join(name);
     if !path.exists() {
@@ -260,6 +293,7 @@ impl Maps {
                 map_names::SOCK_REV_NAT,
                 pinned(dir, map_names::SOCK_REV_NAT)?,
             )?,
+            backend_ports: BackendPorts::new(pinned(dir, map_names::BACKEND_PORTS)?)?,
             opt_out: typed(map_names::OPT_OUT, pinned(dir, map_names::OPT_OUT)?)?,
             opt_out_count: array(
                 map_names::OPT_OUT_COUNT,
@@ -283,6 +317,7 @@ impl Maps {
             names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
             sock_rev_nat: typed(map_names::SOCK_REV_NAT, take(map_names::SOCK_REV_NAT)?)?,
+            backend_ports: BackendPorts::new(take(map_names::BACKEND_PORTS)?)?,
             opt_out: typed(map_names::OPT_OUT, take(map_names::OPT_OUT)?)?,
             opt_out_count: array(map_names::OPT_OUT_COUNT, take(map_names::OPT_OUT_COUNT)?)?,
         })
@@ -379,6 +414,20 @@ impl Maps {
         self.write_opt_out_count(entries)
     }
 
+    /// Adds the ports of the backends already in the map to the backend
+    /// ports, for a map created by an agent that predates it (or lost).
+    fn sync_backend_ports(&mut self) -> Result<(), DatapathError> {
+        for (_, backend) in all(map_names::BACKENDS, &self.backends)? {
+            self.backend_ports
+                .add(backend.port)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::BACKEND_PORTS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// The display names of the services, by service id.
     pub fn service_names(&self) -> Result<Vec<(u32, ServiceName)>, DatapathError> {
         all(map_names::SERVICE_NAMES, &self.names)
@@ -413,7 +462,11 @@ impl Maps {
 
     fn write(&mut self, op: &Op, tc: Option<&mut TcDatapath>) -> Result<(), WriteFailure> {
         match op {
-            Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
+            Op::PutBackend(id, b) => {
+                // Before the backend: a socket steered to it must find its port set.
+                self.backend_ports.add(b.port)?;
+                self.backends.insert(id, b, 0)?
+            }
             Op::PutSlot(k, id) => self.slots.insert(k, id, 0)?,
             Op::PutRevNat(id, r) => self.rev_nat.insert(id, r, 0)?,
             Op::PutName(id, n) => self.names.insert(id, n, 0)?,
@@ -492,6 +545,7 @@ impl Datapath {
             .load(SOCKET_LB_OBJECT)?;
         let mut maps = Maps::take(&mut ebpf)?;
         maps.sync_opt_out_count()?;
+        maps.sync_backend_ports()?;
         let name = map_names::SOCK_STATS;
         let counters = ebpf.take_map(name).ok_or(DatapathError::Map {
             name,

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey,
-    SockConfig, SockRevNatKey, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT,
-    MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
+    backend_port_bit, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceName,
+    ServiceValue, SlotKey, SockConfig, SockRevNatKey, BACKEND_PORT_WORDS, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT, MAX_SERVICES, MAX_SOCK_REV_NAT, SOCK_STATS_LEN,
 };
 
 #[map(name = "LB_SVC_V1")]
@@ -27,6 +27,18 @@ pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
 #[map(name = "LB_SKNAT_V1")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat> =
     LruHashMap::pinned(MAX_SOCK_REV_NAT, 0);
+
+/// Written by the agent before the backend of a new port becomes reachable.
+#[map(name = "LB_BEPORT_V1")]
+pub static BACKEND_PORTS: Array<u64> = Array::pinned(BACKEND_PORT_WORDS, 0);
+
+/// Whether a socket whose peer has `port` may have been translated: false
+/// spares [`SOCK_REV_NAT`] the lookup (an array read the verifier inlines).
+#[inline(always)]
+pub fn maybe_translated(port: u16) -> bool {
+    let (word, bit) = backend_port_bit(port);
+    BACKEND_PORTS.get(word).is_some_and(|&ports| ports & bit != 0)
+}
 
 #[map(name = "LB_SVCNAME_V1")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);

@@ -12,7 +12,10 @@
 //! (bench, 1-byte CRR), against about 2.5 % for the LRU's preallocated
 //! entries (insert, lookup on accept, delete on release);
 //! the agent also finds connected UDP sockets in the LRU to terminate them
-//! when their backend goes.
+//! when their backend goes. The reverse hooks and release look the LRU up
+//! only for peers on a port some backend had ([`maybe_translated`]): the
+//! server side of a connection, the most common other socket, pays one array
+//! read instead of a cookie and a hash lookup.
 
 use core::ptr::read_volatile;
 
@@ -33,7 +36,7 @@ use lb_common::{
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, OPT_OUT, OPT_OUT_COUNT, SOCK_CONFIG, SOCK_REV_NAT},
+    maps::{count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, SOCK_CONFIG, SOCK_REV_NAT},
 };
 
 /// Let the system call proceed.
@@ -198,6 +201,9 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
 fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     let sa = ctx.sock_addr;
     let (addr, port) = user_addr(sa, family);
+    if !maybe_translated(port) {
+        return ALLOW;
+    }
     // SAFETY: the context is the one the kernel passed to this program.
     let key = SockRevNatKey::new(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, addr, port);
     // SAFETY: copied out at once.
@@ -274,7 +280,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         };
         (port, addr)
     };
-    if port != 0 {
+    if port != 0 && maybe_translated(port) {
         // SAFETY: the context is the one the kernel passed to this program.
         let key = SockRevNatKey::new(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, addr, port);
         let _ = SOCK_REV_NAT.remove(&key);

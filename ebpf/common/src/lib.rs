@@ -31,6 +31,14 @@ pub mod map_names {
     /// socket sent to):
     /// [`SockRevNatKey`](crate::SockRevNatKey) -> [`RevNat`](crate::RevNat).
     pub const SOCK_REV_NAT: &str = "LB_SKNAT_V1";
+    /// Every port a backend has had since the map was created, as a bitmap
+    /// of [`BACKEND_PORT_WORDS`](crate::BACKEND_PORT_WORDS) `u64` words (see
+    /// [`backend_port_bit`](crate::backend_port_bit)). Only a socket whose peer
+    /// port is in it can have a reverse translation, so the socket programs
+    /// skip the [`SOCK_REV_NAT`] lookup for every other socket (accepted ones,
+    /// connections to non-Service ports). Bits are never cleared: a socket
+    /// keeps its reverse translation after its backend left the Service.
+    pub const BACKEND_PORTS: &str = "LB_BEPORT_V1";
     /// Human-readable service names for `lbctl`: `u32` -> [`ServiceName`](crate::ServiceName).
     pub const SERVICE_NAMES: &str = "LB_SVCNAME_V1";
     /// Session affinity: [`AffinityKey`](crate::AffinityKey) -> [`AffinityValue`](crate::AffinityValue).
@@ -60,6 +68,15 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 /// Capacity of the per-socket reverse translation LRU.
 pub const MAX_SOCK_REV_NAT: u32 = 262_144;
+/// Words of [`map_names::BACKEND_PORTS`]: one bit per port.
+pub const BACKEND_PORT_WORDS: u32 = 65_536 / 64;
+
+/// The word of [`map_names::BACKEND_PORTS`] that holds `port` (network byte
+/// order, as the socket hooks see it) and its bit in that word.
+pub const fn backend_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
 /// Capacity of the opt-out cgroup map.
 pub const MAX_OPT_OUT: u32 = 65_536;
 /// Capacity of the session affinity LRU.

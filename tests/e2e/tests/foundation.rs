@@ -4,10 +4,10 @@
 
 use std::{thread, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_e2e::{
     agent::{Agent, Binaries},
-    lab::{Lab, Pod},
+    lab::{Lab, Node, Pod},
     manifests::{endpoint_slice, service},
     probe::{per_backend, Attempt},
     scenario::Scenario,
@@ -202,27 +202,75 @@ fn hold_connection(lab: &Lab, bins: &Binaries, client: &Pod, hold_ms: u32) -> Re
     lb_e2e::probe::parse_attempts(&output.stdout)
 }
 
+/// Holds one connection to the VIP while the agent is killed, `between`
+/// runs, and a new agent starts; returns what the connection saw.
+fn hold_across_restart(
+    s: &mut Scenario,
+    between: impl FnOnce(&Node) -> Result<()>,
+) -> Result<Vec<Attempt>> {
+    let all: Vec<&Pod> = s.servers.iter().collect();
+    publish_web(s, &all)?;
+    let (lab, bins, client, node) = (&s.lab, &s.bins, &s.client, &s.node);
+    let agent = &mut s.agent;
+    thread::scope(|scope| -> Result<Vec<Attempt>> {
+        let connection = scope.spawn(move || hold_connection(lab, bins, client, 3000));
+        thread::sleep(Duration::from_millis(500));
+        agent.kill();
+        between(node)?;
+        *agent = Agent::start(lab, bins, node)?;
+        agent.wait_for_log("ready: programs attached", Duration::from_secs(5))?;
+        connection.join().expect("the connection thread")
+    })
+}
+
+fn assert_shows_the_service(held: &[Attempt]) {
+    assert_eq!(held.len(), 1);
+    assert!(held[0].ok, "{held:?}");
+    assert_eq!(held[0].peer.as_deref(), Some("10.96.0.10:80"));
+}
+
 /// A connection opened before an agent restart keeps working and keeps
 /// showing the Service as its peer: the restarted agent's programs reuse the
 /// pinned reverse-translation map.
 #[test]
 fn a_connection_held_across_a_restart_still_shows_the_service() -> Result<()> {
     let mut s = setup(1)?;
+    let held = hold_across_restart(&mut s, |_| Ok(()))?;
+    assert_shows_the_service(&held);
+    Ok(())
+}
+
+/// An agent that finds backends pinned but no backend-port set (an upgrade
+/// from a version without it) rebuilds the set from the backends, so the
+/// reverse hooks do not skip sockets translated before the upgrade.
+#[test]
+fn an_upgraded_agent_rebuilds_the_backend_ports_from_the_pinned_backends() -> Result<()> {
+    let mut s = setup(1)?;
+    let held = hold_across_restart(&mut s, |node| {
+        let pin = node.bpffs.join("LB_BEPORT_V1");
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))
+    })?;
+    assert_shows_the_service(&held);
+    Ok(())
+}
+
+/// A connection keeps showing the Service after the Service is deleted (it
+/// keeps flowing, as with kube-proxy): the port of its backend stays in the
+/// set of backend ports the reverse hooks consult.
+#[test]
+fn a_connection_held_while_its_service_is_deleted_still_shows_the_service() -> Result<()> {
+    let s = setup(1)?;
     let all: Vec<&Pod> = s.servers.iter().collect();
     publish_web(&s, &all)?;
-    let (lab, bins, client, node) = (&s.lab, &s.bins, &s.client, &s.node);
     let held = thread::scope(|scope| -> Result<Vec<Attempt>> {
-        let connection = scope.spawn(move || hold_connection(lab, bins, client, 3000));
+        let connection = scope.spawn(|| hold_connection(&s.lab, &s.bins, &s.client, 2500));
         thread::sleep(Duration::from_millis(500));
-        s.agent.kill();
-        s.agent = Agent::start(lab, bins, node)?;
+        std::fs::remove_file(s.agent.manifests.join("web.yaml"))?;
         s.agent
-            .wait_for_log("ready: programs attached", Duration::from_secs(5))?;
+            .wait_for_services(Duration::from_secs(5), |table| !table.contains("web"))?;
         connection.join().expect("the connection thread")
     })?;
-    assert_eq!(held.len(), 1);
-    assert!(held[0].ok, "{held:?}");
-    assert_eq!(held[0].peer.as_deref(), Some("10.96.0.10:80"));
+    assert_shows_the_service(&held);
     Ok(())
 }
 
