@@ -37,7 +37,9 @@ pub static BACKEND_PORTS: Array<u64> = Array::pinned(BACKEND_PORT_WORDS, 0);
 #[inline(always)]
 pub fn maybe_translated(port: u16) -> bool {
     let (word, bit) = backend_port_bit(port);
-    BACKEND_PORTS.get(word).is_some_and(|&ports| ports & bit != 0)
+    BACKEND_PORTS
+        .get(word)
+        .is_some_and(|&ports| ports & bit != 0)
 }
 
 #[map(name = "LB_SVCNAME_V1")]
