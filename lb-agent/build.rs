@@ -10,6 +10,10 @@ fn main() -> anyhow::Result<()> {
     let datapath = root.join("ebpf/datapath");
     let common = root.join("ebpf/common");
     println!("cargo:rerun-if-changed={}", common.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("ebpf/build-kernel-crate.rs").display()
+    );
     // The Makefile picks the machine's nightly or a pinned one (scripts/ebpf-toolchain.sh).
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());

@@ -187,6 +187,11 @@ pub fn run(settings: Settings) -> Result<()> {
                     tc.attach(interface, &TcHook::ALL)
                         .with_context(|| format!("attaching tc programs to {interface}"))?;
                 }
+                pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);
+                // Every program an older agent attached is replaced now.
+                if let Err(err) = tc.finish_conntrack_carry_over() {
+                    log::error!("carrying the older agent's conntrack over: {err}");
+                }
             }
             attached = true;
             log::info!("ready: programs attached to {}", cgroup.display());

@@ -28,8 +28,8 @@ use aya::{
 };
 use lb_common::{
     tc::{
-        map_names, CtGcState, CtKey, CtValue, DropEvent, MaglevKey, ReportBudget, SourceRangeKey,
-        TcAffinityKey, TcConfig, MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
+        map_names, CtGcState, CtKey, CtValue, CtValueV1, DropEvent, MaglevKey, ReportBudget,
+        SourceRangeKey, TcAffinityKey, TcConfig, MAGLEV_SIZE_INDEX, MAX_CONNTRACK, STATS_LEN,
     },
     AffinityValue,
 };
@@ -198,6 +198,9 @@ pub struct TcDatapath {
     pod_interfaces: HashMap<MapData, u32, u32>,
     events: RingBuf<MapData>,
     report_budget: PerCpuArray<MapData, ReportBudget>,
+    /// An older agent's conntrack, pinned under the older layout's name,
+    /// until its flows are carried over (see [`TcDatapath::load`]).
+    older_conntrack: Option<HashMap<MapData, CtKey, CtValueV1>>,
     conntrack_capacity: u32,
     pin_dir: PathBuf,
 }
@@ -214,6 +217,56 @@ fn entries<K: Pod, V: Pod>(
     map.iter().collect::<Result<_, _>>().map_err(map_err(name))
 }
 
+/// The conntrack an older agent pinned under the previous layout, if any.
+fn open_older_conntrack(
+    pin_dir: &Path,
+) -> Result<Option<HashMap<MapData, CtKey, CtValueV1>>, TcPathError> {
+    let name = map_names::CONNTRACK_V1;
+    let data = match MapData::from_pin(pin_dir.join(name)) {
+        Ok(data) => data,
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(None)
+        }
+        Err(source) => return Err(TcPathError::Map { name, source }),
+    };
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    HashMap::try_from(map).map(Some).map_err(map_err(name))
+}
+
+/// `BPF_NOEXIST`: an update that only inserts.
+const INSERT_ONLY: u64 = 1;
+
+/// Copies every entry of `older` missing from `conntrack`; returns how many.
+fn carry_over(
+    older: &HashMap<MapData, CtKey, CtValueV1>,
+    conntrack: &mut HashMap<MapData, CtKey, CtValue>,
+) -> Result<usize, TcPathError> {
+    let name = map_names::CONNTRACK_V1;
+    let capacity = older.map().info().map_err(map_err(name))?.max_entries();
+    let mut copied = 0;
+    // A walk that loses its place (the entry it stood on was deleted by a
+    // packet) starts over from the first key: bounded, duplicates are
+    // skipped by the insert-only update.
+    for entry in older.iter().take(2 * capacity as usize) {
+        // An entry deleted between the key and its value: its flow ended.
+        let Ok((key, value)) = entry else { continue };
+        match conntrack.insert(key, value.upgraded(), INSERT_ONLY) {
+            Ok(()) => copied += 1,
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(TcPathError::Map {
+                    name: map_names::CONNTRACK,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(copied)
+}
+
 fn take<T: TryFrom<Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -228,6 +281,13 @@ fn take<T: TryFrom<Map, Error = MapError>>(
 impl TcDatapath {
     /// Loads and verifies the tc programs, creating the maps or reusing the
     /// ones pinned in `pin_dir` (shared with the socket programs).
+    ///
+    /// An older agent's conntrack (`LB_CT_V1`, pinned) is copied into the
+    /// new map here, while that agent's programs still run on it, and once
+    /// more by [`finish_conntrack_carry_over`](Self::finish_conntrack_carry_over)
+    /// after this agent's programs replaced them, for the flows that began
+    /// in between: established flows, SNAT ports included, survive the
+    /// upgrade.
     pub fn load(pin_dir: &Path, options: &TcOptions) -> Result<Self, TcPathError> {
         crate::datapath::prepare_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -254,7 +314,8 @@ impl TcDatapath {
             .info()
             .map(|info| info.max_entries())
             .map_err(map_err(map_names::CONNTRACK))?;
-        Ok(Self {
+        let older_conntrack = open_older_conntrack(pin_dir)?;
+        let mut tc = Self {
             maglev: take(&mut ebpf, map_names::MAGLEV)?,
             conntrack,
             source_ranges: take(&mut ebpf, map_names::SOURCE_RANGES)?,
@@ -266,9 +327,41 @@ impl TcDatapath {
             events: take(&mut ebpf, map_names::EVENTS)?,
             report_budget: take(&mut ebpf, map_names::REPORT_BUDGET)?,
             ebpf,
+            older_conntrack,
             conntrack_capacity,
             pin_dir: pin_dir.to_path_buf(),
-        })
+        };
+        if let Some(older) = &tc.older_conntrack {
+            let copied = carry_over(older, &mut tc.conntrack)?;
+            log::info!(
+                "carried {copied} conntrack entries over from {}",
+                map_names::CONNTRACK_V1
+            );
+        }
+        Ok(tc)
+    }
+
+    /// Copies the entries an older agent's programs added to its conntrack
+    /// since [`load`](Self::load) (an entry this agent's programs made
+    /// meanwhile is kept), then lets that conntrack go. Call it once this
+    /// agent's programs are attached everywhere. Returns the entries copied.
+    pub fn finish_conntrack_carry_over(&mut self) -> Result<usize, TcPathError> {
+        let Some(older) = self.older_conntrack.take() else {
+            return Ok(0);
+        };
+        let copied = carry_over(&older, &mut self.conntrack)?;
+        let pin = self.pin_dir.join(map_names::CONNTRACK_V1);
+        match fs::remove_file(&pin) {
+            Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                return Err(TcPathError::Io { path: pin, source })
+            }
+            _ => {}
+        }
+        log::info!(
+            "carried {copied} more conntrack entries over from {}, now removed",
+            map_names::CONNTRACK_V1
+        );
+        Ok(copied)
     }
 
     fn program(&mut self, hook: TcHook) -> Result<&mut SchedClassifier, TcPathError> {

@@ -20,7 +20,9 @@ use lb_agent::{
 use lb_common::{
     map_names,
     tc::{
-        flow_hash, CtKey, CtValue, TcConfig, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_STATE_CLOSING,
+        flow_hash, map_names as map_names_tc, CtKey, CtValue, CtValueV1, TcConfig,
+        BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
+        CT_STATE_CLOSING, CT_STATE_ESTABLISHED, NEXT_HOP_NONE, NEXT_HOP_REDIRECT,
         REPORTS_PER_SECOND, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
         SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL,
         STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_ICMP_ERROR, STAT_NEW_FLOW, STAT_REJECT,
@@ -291,6 +293,17 @@ impl Frontend {
     }
 }
 
+/// A pin directory of this test process that does not exist yet.
+fn fresh_dir() -> PathBuf {
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/lbtc-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    dir
+}
+
 impl Node {
     fn new() -> Self {
         Self::with_options(&TcOptions {
@@ -299,12 +312,11 @@ impl Node {
     }
 
     fn with_options(options: &TcOptions) -> Self {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/lbtc-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
+        Self::load_in(fresh_dir(), options)
+    }
+
+    /// Loads the programs with the pins already in `dir`, if any.
+    fn load_in(dir: PathBuf, options: &TcOptions) -> Self {
         let mut tc = TcDatapath::load(&dir, options).unwrap_or_else(|e| {
             let _ = fs::remove_dir_all(&dir);
             panic!("load the tc programs: {e:?}")
@@ -1006,6 +1018,145 @@ fn reloading_reuses_pinned_maps_and_adopts_state() {
     assert_eq!(ip_from_addr(&addr_from_ip(first.dst)), first.dst);
 }
 
+/// Creates an LRU hash map pinned at `path`, as an older agent's object
+/// would have: aya creates maps only from objects.
+fn create_pinned_lru(path: &std::path::Path, key_size: u32, value_size: u32, max_entries: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    // `union bpf_attr` for BPF_MAP_CREATE: type, key and value sizes,
+    // capacity, the rest zero.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries]);
+    // SAFETY: the attribute buffer is larger than the kernel reads for this
+    // command and lives across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // For BPF_OBJ_PIN: the path pointer, then the map's descriptor.
+    let mut pin = [0u64; 4];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: as above; the path outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(ret, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor this function owns; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// A conntrack value in the older layout.
+fn older(value: &CtValue) -> CtValueV1 {
+    CtValueV1 {
+        new_saddr: value.new_saddr,
+        new_daddr: value.new_daddr,
+        new_sport: value.new_sport,
+        new_dport: value.new_dport,
+        flags: value.flags,
+        state: value.state,
+        fins: value.fins,
+        pad: 0,
+        service_id: value.service_id,
+        backend_id: value.backend_id,
+        last_seen_ns: value.last_seen_ns,
+    }
+}
+
+/// An upgrade from an agent whose conntrack had the older layout keeps its
+/// flows: a SNATed flow's reply is still restored to its client, and a flow
+/// the older programs begin after the new agent loaded is carried over
+/// once the new programs are attached.
+#[test]
+fn an_older_agents_conntrack_is_carried_over() {
+    isolated(|| {
+        let dir = fresh_dir();
+        fs::create_dir_all(&dir).unwrap();
+        create_pinned_lru(&dir.join(map_names_tc::CONNTRACK_V1), 40, 56, 1024);
+        let mut older_map: HashMap<MapData, CtKey, CtValueV1> =
+            pinned_hash(&dir, map_names_tc::CONNTRACK_V1);
+        let now = boottime_ns().unwrap();
+        // A flow of the older agent: client -> NodePort, SNATed to a remote
+        // backend from port 61234.
+        let flow = |sport: u16, snat_port: u16| {
+            let key = CtKey::new(
+                addr_from_ip(CLIENT4.into()),
+                addr_from_ip(NODE4.into()),
+                sport.to_be(),
+                NODE_PORT.to_be(),
+                PROTO_TCP,
+            );
+            let forward = CtValue {
+                new_saddr: addr_from_ip(NODE4.into()),
+                new_daddr: addr_from_ip(backend4(1)),
+                new_sport: snat_port.to_be(),
+                new_dport: 8080u16.to_be(),
+                flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REWRITE_DST,
+                state: CT_STATE_ESTABLISHED,
+                fins: 0,
+                hop: NEXT_HOP_NONE,
+                service_id: 7,
+                backend_id: 1,
+                last_seen_ns: now,
+                hop_ifindex: 0,
+                hop_macs: [0; 12],
+            };
+            let reply_key = forward.apply(&key).reversed();
+            [(key, forward), (reply_key, forward.partner(&key, now))]
+        };
+        for (key, value) in flow(45000, 61234) {
+            older_map.insert(key, older(&value), 0).unwrap();
+        }
+
+        let mut node = Node::load_in(dir, &TcOptions::default());
+        node.add_backend(1, backend4(1), 8080, PROTO_TCP, false);
+        let fe = nodeport(NODE4.into(), PROTO_TCP);
+        node.set_frontend(&fe, 1, &[1]);
+        assert_eq!(node.tc.conntrack_entries().unwrap().len(), 2);
+        let reply = Pkt::tcp(backend4(1), 8080, NODE4.into(), 61234, ACK);
+        let (verdict, restored) = node.ingress(&reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!((restored.src, restored.sport), (fe.ip, NODE_PORT));
+        assert_eq!(
+            (restored.dst, restored.dport),
+            (IpAddr::from(CLIENT4), 45000)
+        );
+        assert_eq!(node.stat(STAT_NEW_FLOW), 0);
+
+        // The older programs start a flow before the new ones replace them.
+        for (key, value) in flow(45001, 61235) {
+            older_map.insert(key, older(&value), 0).unwrap();
+        }
+        assert_eq!(node.tc.finish_conntrack_carry_over().unwrap(), 2);
+        assert!(!node.dir.join(map_names_tc::CONNTRACK_V1).exists());
+        let reply = Pkt::tcp(backend4(1), 8080, NODE4.into(), 61235, ACK);
+        let (_, restored) = node.ingress(&reply);
+        assert_eq!(
+            (restored.dst, restored.dport),
+            (IpAddr::from(CLIENT4), 45001)
+        );
+        assert_eq!(node.tc.conntrack_entries().unwrap().len(), 4);
+        // Once done, nothing more to carry.
+        assert_eq!(node.tc.finish_conntrack_carry_over().unwrap(), 0);
+    });
+}
+
 /// Runs `test` in a thread with a network namespace of its own:
 /// `BPF_PROG_TEST_RUN` runs packets in the caller's namespace, whose routes
 /// decide FIB lookups. A fresh one has no routes, so lookups fail and
@@ -1070,6 +1221,50 @@ fn fib_lookup_redirects_to_the_next_hop() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(out[..12], other.frame()[..12]);
         assert_eq!(node.stat(STAT_FIB_REDIRECT), 2);
+
+        // The first flow's entry remembers the answer (a flow whose
+        // neighbour was unresolved remembers nothing), so its next packets
+        // skip the FIB: a changed neighbour reaches the flow only once its
+        // entry is refreshed, at most a second of packets later.
+        let hops = |node: &Node| -> Vec<(u8, u32, [u8; 12])> {
+            let mut hops: Vec<_> = node
+                .tc
+                .conntrack_entries()
+                .unwrap()
+                .into_iter()
+                .filter(|(_, v)| v.hop != NEXT_HOP_NONE)
+                .map(|(_, v)| (v.hop, v.hop_ifindex, v.hop_macs))
+                .collect();
+            hops.sort();
+            hops
+        };
+        let lbfib0 = nix::net::if_::if_nametoindex("lbfib0").unwrap();
+        let old_macs = [2, 0, 0, 0, 0, 0xaa, 2, 0, 0, 0, 0, 1];
+        assert_eq!(hops(&node), [(NEXT_HOP_REDIRECT, lbfib0, old_macs)]);
+        ip("neigh replace 10.244.1.1 lladdr 02:00:00:00:00:bb dev lbfib0 nud permanent");
+        let ack = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, ACK);
+        let (verdict, out) = node.run(TcHook::Ingress, &ack);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out[..12], old_macs);
+        // Due for a refresh: the packet asks the FIB again.
+        let mut conntrack: HashMap<MapData, CtKey, CtValue> =
+            pinned_hash(&node.dir, map_names_tc::CONNTRACK);
+        let key = CtKey::new(
+            addr_from_ip(CLIENT4.into()),
+            addr_from_ip(fe.ip),
+            sport.to_be(),
+            NODE_PORT.to_be(),
+            PROTO_TCP,
+        );
+        let mut value = conntrack.get(&key, 0).unwrap();
+        value.last_seen_ns -= 2_000_000_000;
+        conntrack.insert(key, value, 0).unwrap();
+        let (verdict, out) = node.run(TcHook::Ingress, &ack);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let new_macs = [2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 1];
+        assert_eq!(out[..12], new_macs);
+        assert_eq!(hops(&node), [(NEXT_HOP_REDIRECT, lbfib0, new_macs)]);
+        assert_eq!(node.stat(STAT_FIB_REDIRECT), 4);
     });
 }
 
@@ -1425,7 +1620,7 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
         conntrack_capacity: 65_536,
     });
     let mut conntrack: HashMap<MapData, CtKey, CtValue> =
-        pinned_hash(&node.dir, lb_common::tc::map_names::CONNTRACK);
+        pinned_hash(&node.dir, map_names_tc::CONNTRACK);
     let now = boottime_ns().unwrap();
     let (live, expired) = (20_000u32, 40_000u32);
     for i in 0..live + expired {
@@ -1445,11 +1640,13 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
             flags: 0,
             state: 0,
             fins: 0,
-            pad: 0,
+            hop: NEXT_HOP_NONE,
             service_id: 7,
             backend_id: 1,
             // UDP entries live 60 s after their last packet.
             last_seen_ns: if i < live { now } else { now - 61_000_000_000 },
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         };
         conntrack.insert(key, value, 0).unwrap();
     }
@@ -1628,7 +1825,7 @@ fn ipv6_extension_headers_are_walked() {
 fn an_evicted_partner_entry_is_restored() {
     let (mut node, fe) = node_with_local_backends();
     let mut conntrack: HashMap<MapData, CtKey, CtValue> =
-        pinned_hash(&node.dir, lb_common::tc::map_names::CONNTRACK);
+        pinned_hash(&node.dir, map_names_tc::CONNTRACK);
     let syn = Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, SYN);
     let (_, forward) = node.ingress(&syn);
     let reply_key = conntrack

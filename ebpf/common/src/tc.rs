@@ -28,7 +28,10 @@
 //!   [`CtValue`], two entries per translated flow: one keyed by the tuple of
 //!   the client's packets as they arrive, one keyed by the tuple of the
 //!   backend's replies as they arrive. Each says how to rewrite the packets
-//!   it matches. Entries carry a last-seen timestamp and expire by
+//!   it matches, and where the rewritten packets go (the FIB lookup's
+//!   answer, remembered by the flow's first forwarded packet and asked
+//!   again when the entry is refreshed). Entries carry a last-seen
+//!   timestamp and expire by
 //!   [`CtValue::expired`]; the agent garbage-collects expired ones. A TCP
 //!   flow whose close completes (a FIN from each side, then the ACK of the
 //!   second) is deleted by that ACK, so connection churn does not fill the
@@ -53,7 +56,11 @@ pub mod map_names {
     /// Maglev tables: [`MaglevKey`](super::MaglevKey) -> backend id (`u32`).
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     /// Conntrack: [`CtKey`](super::CtKey) -> [`CtValue`](super::CtValue).
-    pub const CONNTRACK: &str = "LB_CT_V1";
+    pub const CONNTRACK: &str = "LB_CT_V2";
+    /// Conntrack of agents from before next hops were remembered:
+    /// [`CtKey`](super::CtKey) -> [`CtValueV1`](super::CtValueV1). A new
+    /// agent carries its flows over into [`CONNTRACK`] and removes it.
+    pub const CONNTRACK_V1: &str = "LB_CT_V1";
     /// loadBalancerSourceRanges: LPM trie of [`SourceRangeKey`](super::SourceRangeKey) -> `u32`.
     pub const SOURCE_RANGES: &str = "LB_SRCRANGE_V1";
     /// Node configuration: array of one [`TcConfig`](super::TcConfig).
@@ -234,7 +241,8 @@ pub const STAT_DROP_SNAT_PORTS: u32 = 8;
 pub const STAT_DROP_SNAT_ADDR: u32 = 9;
 /// Counter: conntrack inserts that failed.
 pub const STAT_CT_INSERT_FAILED: u32 = 10;
-/// Counter: packets redirected after a FIB lookup.
+/// Counter: packets redirected to their next hop, found by a FIB lookup
+/// for them or, remembered on their flow's entry, for an earlier packet.
 pub const STAT_FIB_REDIRECT: u32 = 11;
 /// Counter: ICMP errors about packets of translated flows, translated with
 /// them.
@@ -450,8 +458,10 @@ pub struct CtValue {
     /// `CT_FIN_*`: the sides of a TCP flow that sent a FIN (both entries of a
     /// flow carry the same bits).
     pub fins: u8,
-    /// Explicit padding.
-    pub pad: u8,
+    /// `NEXT_HOP_*`: how the packets matching the entry leave once
+    /// translated, as the last FIB lookup for them found; with
+    /// `hop_ifindex` and `hop_macs`.
+    pub hop: u8,
     /// Service id of the frontend.
     pub service_id: u32,
     /// Backend id chosen for the flow (checked against the backend map on
@@ -459,7 +469,73 @@ pub struct CtValue {
     pub backend_id: u32,
     /// `bpf_ktime_get_boot_ns` of the last packet in either direction.
     pub last_seen_ns: u64,
+    /// The interface the packets are redirected to, with [`NEXT_HOP_REDIRECT`]
+    /// or [`NEXT_HOP_PEER`].
+    pub hop_ifindex: u32,
+    /// Their destination and source MAC addresses there, in Ethernet header
+    /// order.
+    pub hop_macs: [u8; 12],
 }
+
+/// The conntrack value of [`map_names::CONNTRACK_V1`]: a [`CtValue`]
+/// without the next hop. Read only by the agent, to carry an older agent's
+/// flows over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValueV1 {
+    /// As [`CtValue::new_saddr`].
+    pub new_saddr: Addr,
+    /// As [`CtValue::new_daddr`].
+    pub new_daddr: Addr,
+    /// As [`CtValue::new_sport`].
+    pub new_sport: u16,
+    /// As [`CtValue::new_dport`].
+    pub new_dport: u16,
+    /// As [`CtValue::flags`].
+    pub flags: u8,
+    /// As [`CtValue::state`].
+    pub state: u8,
+    /// As [`CtValue::fins`].
+    pub fins: u8,
+    /// Explicit padding.
+    pub pad: u8,
+    /// As [`CtValue::service_id`].
+    pub service_id: u32,
+    /// As [`CtValue::backend_id`].
+    pub backend_id: u32,
+    /// As [`CtValue::last_seen_ns`].
+    pub last_seen_ns: u64,
+}
+
+impl CtValueV1 {
+    /// The same entry in the current layout; its next hop is found by its
+    /// flow's next packet.
+    pub const fn upgraded(&self) -> CtValue {
+        CtValue {
+            new_saddr: self.new_saddr,
+            new_daddr: self.new_daddr,
+            new_sport: self.new_sport,
+            new_dport: self.new_dport,
+            flags: self.flags,
+            state: self.state,
+            fins: self.fins,
+            hop: NEXT_HOP_NONE,
+            service_id: self.service_id,
+            backend_id: self.backend_id,
+            last_seen_ns: self.last_seen_ns,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
+        }
+    }
+}
+
+/// [`CtValue::hop`]: not resolved; the next packet asks the FIB.
+pub const NEXT_HOP_NONE: u8 = 0;
+/// [`CtValue::hop`]: redirect to `hop_ifindex` (`bpf_redirect`).
+pub const NEXT_HOP_REDIRECT: u8 = 1;
+/// [`CtValue::hop`]: hand to the pod end of the veth or netkit pair whose
+/// host end is `hop_ifindex` (`bpf_redirect_peer`).
+pub const NEXT_HOP_PEER: u8 = 2;
 
 impl CtValue {
     /// The entry after a packet with `tcp_flags` (0 for UDP) matched it. A FIN
@@ -553,10 +629,12 @@ impl CtValue {
             flags,
             state: self.state,
             fins: self.fins,
-            pad: 0,
+            hop: NEXT_HOP_NONE,
             service_id: self.service_id,
             backend_id: self.backend_id,
             last_seen_ns: now_ns,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         }
     }
 
@@ -669,6 +747,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for CtValueV1 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SourceRangeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TcConfig {}
@@ -687,7 +767,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 72);
+        assert_eq!(size_of::<CtValueV1>(), 56);
         assert_eq!(size_of::<SourceRangeKey>(), 20);
         assert_eq!(size_of::<TcConfig>(), 48);
         assert_eq!(size_of::<TcAffinityKey>(), 20);
@@ -743,10 +824,12 @@ mod tests {
             flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REWRITE_DST,
             state: CT_STATE_ESTABLISHED,
             fins: 0,
-            pad: 0,
+            hop: NEXT_HOP_NONE,
             service_id: 7,
             backend_id: 9,
             last_seen_ns: 1,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         };
         let sent = forward.apply(&client);
         assert_eq!((sent.saddr, sent.sport), (a(3), 61000));
@@ -771,10 +854,12 @@ mod tests {
             flags,
             state: CT_STATE_ESTABLISHED,
             fins: 0,
-            pad: 0,
+            hop: NEXT_HOP_NONE,
             service_id: 0,
             backend_id: 0,
             last_seen_ns: 0,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         }
     }
 
@@ -873,10 +958,12 @@ mod tests {
             flags: 0,
             state: CT_STATE_NEW,
             fins: 0,
-            pad: 0,
+            hop: NEXT_HOP_NONE,
             service_id: 0,
             backend_id: 0,
             last_seen_ns: 1_000,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         };
         let s = 1_000_000_000;
         assert!(!v.expired(crate::PROTO_TCP, 1_000 + 60 * s));

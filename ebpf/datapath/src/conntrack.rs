@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem};
 use lb_common::tc::{
     next_state, CtGcState, CtKey, CtStep, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW,
-    TCP_ACK, TCP_SYN,
+    NEXT_HOP_NONE, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
@@ -60,6 +60,15 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
         }
     }
     Some(entry)
+}
+
+/// Whether the next hop `value` remembers may be used at `now`: one was
+/// found, and the entry is not due for a refresh. The packet that refreshes
+/// an entry asks the FIB again, so a changed route or neighbour reaches a
+/// flow within [`REFRESH_INTERVAL_NS`] of its packets.
+#[inline(always)]
+pub fn next_hop_fresh(value: &CtValue, now: u64) -> bool {
+    value.hop != NEXT_HOP_NONE && now.wrapping_sub(value.last_seen_ns) < REFRESH_INTERVAL_NS
 }
 
 /// How stale an entry's timestamp may get before a packet refreshes it.

@@ -7,6 +7,10 @@
 //! `bpf_redirect_neigh` resolves it. Anything else the FIB does not forward
 //! (local delivery, no route, forwarding disabled) goes to the stack.
 //!
+//! A flow's conntrack entry remembers the lookup's answer (interface, MAC
+//! addresses, peer or not), so its later packets skip the FIB: see
+//! [`crate::conntrack::next_hop_fresh`] for how long that answer is trusted.
+//!
 //! Only called on ingress hooks: `bpf_redirect_peer` works from there only.
 
 use aya_ebpf::{
@@ -18,20 +22,50 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::tc::{CtKey, STAT_FIB_REDIRECT};
+use lb_common::tc::{CtKey, CtValue, NEXT_HOP_PEER, NEXT_HOP_REDIRECT, STAT_FIB_REDIRECT};
 
 use crate::{
     maps::{count, POD_INTERFACES},
-    parse::{ETH_LEN, ETH_SRC_OFF},
+    parse::ETH_LEN,
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Redirects the packet towards `tuple.daddr`, or lets the stack route it.
-/// Returns the tc verdict.
+/// Redirects the packet as its flow's entry remembers: `hop` a
+/// `NEXT_HOP_*` other than none, to `ifindex` with the Ethernet addresses
+/// `macs`. Returns the tc verdict.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool) -> i32 {
+pub fn redirect(ctx: &TcContext, hop: u8, ifindex: u32, macs: &[u8; 12]) -> i32 {
+    if ctx.store(0, macs, 0).is_err() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: helpers available to tc programs; the peer redirect only
+    // targets interfaces the agent found to be veth or netkit host ends.
+    let verdict = unsafe {
+        if hop == NEXT_HOP_PEER {
+            bpf_redirect_peer(ifindex, 0)
+        } else {
+            bpf_redirect(ifindex, 0)
+        }
+    };
+    redirected(verdict)
+}
+
+/// Counts a redirect; returns the verdict as tc wants it.
+#[inline(always)]
+fn redirected(verdict: i64) -> i32 {
+    if verdict == TC_ACT_REDIRECT as i64 {
+        count(STAT_FIB_REDIRECT);
+    }
+    verdict as i32
+}
+
+/// Redirects the packet towards `tuple.daddr`, or lets the stack route it.
+/// A lookup that finds the next hop writes it to `learn`, the conntrack
+/// entry of the packet's flow, unless that is null. Returns the tc verdict.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) -> i32 {
     // SAFETY: a plain C struct for which all zeroes is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = if v4 { AF_INET } else { AF_INET6 };
@@ -58,22 +92,28 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool) -> i32 {
             0,
         )
     };
-    let verdict = if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if ctx.store(0, &params.dmac, 0).is_err()
-            || ctx.store(ETH_SRC_OFF, &params.smac, 0).is_err()
-        {
-            return TC_ACT_OK;
-        }
-        // SAFETY: helpers available to tc programs; the peer redirect only
-        // targets interfaces the agent found to be veth or netkit host ends.
-        unsafe {
-            if POD_INTERFACES.get_ptr(&params.ifindex).is_some() {
-                bpf_redirect_peer(params.ifindex, 0)
-            } else {
-                bpf_redirect(params.ifindex, 0)
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        let hop = if POD_INTERFACES.get_ptr(&params.ifindex).is_some() {
+            NEXT_HOP_PEER
+        } else {
+            NEXT_HOP_REDIRECT
+        };
+        if !learn.is_null() {
+            // SAFETY: a pointer from a successful conntrack lookup in this
+            // run, whose entry was not deleted; concurrent packets of the
+            // flow write the same answer.
+            unsafe {
+                (*learn).hop_ifindex = params.ifindex;
+                (*learn).hop_macs = macs;
+                (*learn).hop = hop;
             }
         }
-    } else if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return redirect(ctx, hop, params.ifindex, &macs);
+    }
+    let verdict = if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The lookup left the egress interface and the next hop in `params`.
         let mut next_hop = if v4 {
             bpf_redir_neigh {
@@ -106,8 +146,5 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool) -> i32 {
     } else {
         return TC_ACT_OK;
     };
-    if verdict == TC_ACT_REDIRECT as i64 {
-        count(STAT_FIB_REDIRECT);
-    }
-    verdict as i32
+    redirected(verdict)
 }

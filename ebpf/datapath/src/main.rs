@@ -43,17 +43,17 @@ use lb_common::{
     is_v4_mapped,
     tc::{
         flow_hash, CtKey, CtValue, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST,
-        CT_FLAG_REWRITE_SRC, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_PRESERVE_SOURCE,
-        SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_CT_INSERT_FAILED,
-        STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR, STAT_DROP_SNAT_PORTS,
-        STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_ICMP_ERROR, STAT_NEW_FLOW, STAT_REPLY,
-        TC_CONFIG_FIB_REDIRECT,
+        CT_FLAG_REWRITE_SRC, NEXT_HOP_NONE, SERVICE_FLAG_EXTERNAL_LOCAL,
+        SERVICE_FLAG_PRESERVE_SOURCE, SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN,
+        STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR,
+        STAT_DROP_SNAT_PORTS, STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_ICMP_ERROR, STAT_NEW_FLOW,
+        STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
     },
     Addr, SERVICE_FLAG_NO_LOCAL_BACKENDS,
 };
 
 use crate::{
-    conntrack::{forget, initial_state, lookup, touch},
+    conntrack::{forget, initial_state, lookup, next_hop_fresh, touch},
     maps::{count, CONFIG, CONNTRACK},
     nat::rewrite,
     parse::{addr_eq, parse, Packet},
@@ -96,66 +96,52 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if let Some(entry) = lookup(&pkt, now) {
-        let flow = Flow {
-            // SAFETY: a pointer from a successful lookup; copied out at once.
-            value: unsafe { *entry },
-            entry,
-        };
-        return translate(TcContext::new(ctx.skb.skb), &pkt, &flow, hook, now);
-    }
-    if hook == Hook::Egress {
-        return TC_ACT_OK;
-    }
-    // New flows and known ones take separate calls so that their stack
-    // frames are not added up against the 512-byte limit.
-    match new_flow(&pkt, now) {
-        // The entries were written with the state after this packet: no
-        // second lookup, nothing to record.
-        NewFlow::Created(value) => {
-            let flow = Flow {
-                value,
-                entry: core::ptr::null_mut(),
-            };
-            translate(TcContext::new(ctx.skb.skb), &pkt, &flow, hook, now)
-        }
-        NewFlow::Reject(service_id) => {
-            reject::reject(TcContext::new(ctx.skb.skb), &pkt, service_id)
-        }
-        // Counted and reported here, once new_flow's frame is gone: the
-        // report's frame does not add to it against the 512-byte limit.
-        NewFlow::Drop { reason, service_id } => {
-            count(reason);
-            events::report(reason, &pkt.tuple, service_id);
-            TC_ACT_SHOT
-        }
-        NewFlow::Verdict(verdict) => verdict,
-    }
+    let entry = match lookup(&pkt, now) {
+        Some(entry) => entry,
+        None if hook == Hook::Egress => return TC_ACT_OK,
+        // New flows and known ones take separate calls so that their stack
+        // frames are not added up against the 512-byte limit.
+        None => match new_flow(&pkt, now) {
+            // Looked up again, so that the first packet remembers its next
+            // hop on the entry as later ones do (one lookup instead of a
+            // FIB lookup on the flow's second packet).
+            NewFlow::Created => match CONNTRACK.get_ptr_mut(&pkt.tuple) {
+                Some(entry) => entry,
+                None => {
+                    count(STAT_CT_INSERT_FAILED);
+                    return TC_ACT_SHOT;
+                }
+            },
+            NewFlow::Reject(service_id) => {
+                return reject::reject(TcContext::new(ctx.skb.skb), &pkt, service_id)
+            }
+            // Counted and reported here, once new_flow's frame is gone: the
+            // report's frame does not add to it against the 512-byte limit.
+            NewFlow::Drop { reason, service_id } => {
+                count(reason);
+                events::report(reason, &pkt.tuple, service_id);
+                return TC_ACT_SHOT;
+            }
+            NewFlow::Verdict(verdict) => return verdict,
+        },
+    };
+    translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now)
 }
 
-/// The conntrack entry a packet is translated with. (One argument: BPF
-/// calls take at most five.)
-struct Flow {
-    /// The entry's value.
-    value: CtValue,
-    /// Where it is in the map when the packet was looked up, so the packet
-    /// can be recorded on it; null for a new flow, whose entries were just
-    /// written with the state after this packet.
-    entry: *mut CtValue,
-}
-
-/// Rewrites a packet of `flow` and sends it on.
+/// Rewrites a packet of the flow whose conntrack entry is `entry` and sends
+/// it on.
 #[inline(never)]
-fn translate(ctx: TcContext, pkt: &Packet, flow: &Flow, hook: Hook, now: u64) -> i32 {
-    let value = &flow.value;
+fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let value = &unsafe { *entry };
     let step = value.step(pkt.tuple.proto, pkt.tcp_flags);
     let Ok(rewritten) = rewrite(&ctx, pkt, value) else {
         return TC_ACT_SHOT;
     };
     if step.closes {
         forget(&pkt.tuple, &rewritten);
-    } else if !flow.entry.is_null() {
-        touch(flow.entry, value, &step, &rewritten, now);
+    } else {
+        touch(entry, value, &step, &rewritten, now);
     }
     count(if value.flags & CT_FLAG_REPLY != 0 {
         STAT_REPLY
@@ -163,24 +149,33 @@ fn translate(ctx: TcContext, pkt: &Packet, flow: &Flow, hook: Hook, now: u64) ->
         STAT_FORWARD
     });
     let source_rewritten = value.flags & CT_FLAG_REWRITE_SRC != 0;
-    send_on(&ctx, hook, &rewritten, pkt.v4, source_rewritten)
+    if !forwards(hook, source_rewritten) {
+        return TC_ACT_OK;
+    }
+    if next_hop_fresh(value, now) {
+        return fib::redirect(&ctx, value.hop, value.hop_ifindex, &value.hop_macs);
+    }
+    // A closed flow's entry is gone: nothing to remember the answer in.
+    let learn = if step.closes {
+        core::ptr::null_mut()
+    } else {
+        entry
+    };
+    fib::forward(&ctx, &rewritten, pkt.v4, learn)
 }
 
-/// Sends a translated packet (now carrying `tuple`) on. One whose source
-/// became a node address (SNAT, a reply now coming from a NodePort, an
-/// error now coming from a frontend) would be dropped by the stack as a
-/// martian: on ingress it is forwarded here, as every packet is when the
-/// agent asks for FIB redirects.
+/// Whether a translated packet is forwarded here rather than handed to the
+/// stack. One whose source became a node address (SNAT, a reply now coming
+/// from a NodePort, an error now coming from a frontend) would be dropped by
+/// the stack as a martian: on ingress it is forwarded here, as every packet
+/// is when the agent asks for FIB redirects.
 #[inline(always)]
-fn send_on(ctx: &TcContext, hook: Hook, tuple: &CtKey, v4: bool, source_rewritten: bool) -> i32 {
-    let fib = source_rewritten
-        || CONFIG
-            .get(0)
-            .is_some_and(|config| config.flags & TC_CONFIG_FIB_REDIRECT != 0);
-    if hook == Hook::Ingress && fib {
-        return fib::forward(ctx, tuple, v4);
-    }
-    TC_ACT_OK
+fn forwards(hook: Hook, source_rewritten: bool) -> bool {
+    hook == Hook::Ingress
+        && (source_rewritten
+            || CONFIG
+                .get(0)
+                .is_some_and(|config| config.flags & TC_CONFIG_FIB_REDIRECT != 0))
 }
 
 /// A packet that is not TCP or UDP: an ICMP error about a translated flow
@@ -197,17 +192,21 @@ fn related_error(ctx: &TcContext, hook: Hook) -> i32 {
     send_error_on(ctx, hook, &error)
 }
 
-/// [`send_on`] for a translated error, in a call of its own: its FIB lookup
-/// frame is not added to the translation's.
+/// Sends a translated error on, in a call of its own: its FIB lookup frame
+/// is not added to the translation's. Errors are rare: their next hop is
+/// not remembered.
 #[inline(never)]
 fn send_error_on(ctx: &TcContext, hook: Hook, error: &icmp::Translated) -> i32 {
-    send_on(ctx, hook, &error.outer, error.v4, error.source_changed)
+    if !forwards(hook, error.source_changed) {
+        return TC_ACT_OK;
+    }
+    fib::forward(ctx, &error.outer, error.v4, core::ptr::null_mut())
 }
 
 /// The outcome of [`new_flow`].
 enum NewFlow {
-    /// Conntrack entries were created; this is the client side's.
-    Created(CtValue),
+    /// Conntrack entries were created, with the state after this packet.
+    Created,
     /// The frontend (this service id) has no endpoints: reject.
     Reject(u32),
     /// Drop it, counted in `reason` (a `STAT_*`), and report why.
@@ -269,23 +268,12 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         flags: CT_FLAG_REWRITE_DST,
         state,
         fins: 0,
-        pad: 0,
+        hop: NEXT_HOP_NONE,
         service_id: service.service_id,
         backend_id,
         last_seen_ns: now,
-    };
-    let mut reply = CtValue {
-        new_saddr: t.daddr,
-        new_daddr: t.saddr,
-        new_sport: t.dport,
-        new_dport: t.sport,
-        flags: CT_FLAG_REWRITE_SRC | CT_FLAG_REPLY,
-        state,
-        fins: 0,
-        pad: 0,
-        service_id: service.service_id,
-        backend_id,
-        last_seen_ns: now,
+        hop_ifindex: 0,
+        hop_macs: [0; 12],
     };
     let mut reply_key = CtKey::new(backend.addr, t.saddr, backend.port, t.sport, t.proto);
     if snat {
@@ -299,20 +287,24 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         }
         forward.flags |= CT_FLAG_REWRITE_SRC;
         forward.new_saddr = *node;
-        reply.flags |= CT_FLAG_REWRITE_DST;
         reply_key.daddr = *node;
+        // The reply entry does not depend on the port chosen.
+        let reply = forward.partner(t, now);
         let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
             return dropped(STAT_DROP_SNAT_PORTS, service.service_id);
         };
         forward.new_sport = port;
-    } else if CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
+    } else if CONNTRACK
+        .insert(&reply_key, &forward.partner(t, now), 0)
+        .is_err()
+    {
         return dropped(STAT_CT_INSERT_FAILED, service.service_id);
     }
     if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
         return dropped(STAT_CT_INSERT_FAILED, service.service_id);
     }
     count(STAT_NEW_FLOW);
-    NewFlow::Created(forward)
+    NewFlow::Created
 }
 
 /// Finds a free SNAT port for a flow and inserts its reply entry with it

@@ -30,7 +30,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
 pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(MAX_MAGLEV_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Conntrack: two entries per translated flow.
-#[map(name = "LB_CT_V1")]
+#[map(name = "LB_CT_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
 /// The ports of fragmented datagrams, recorded from their first fragment so

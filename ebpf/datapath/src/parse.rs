@@ -20,8 +20,6 @@ use crate::maps::FRAGMENTS;
 
 /// Length of an Ethernet header.
 pub const ETH_LEN: usize = 14;
-/// Offset of the source MAC address in the Ethernet header.
-pub const ETH_SRC_OFF: usize = 6;
 /// Ethertype of IPv4.
 pub const ETH_P_IP: u16 = 0x0800;
 /// Ethertype of IPv6.
