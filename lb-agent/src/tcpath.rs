@@ -235,6 +235,16 @@ fn open_older_conntrack(
     HashMap::try_from(map).map(Some).map_err(map_err(name))
 }
 
+/// Removes the bpffs pin `path`; one already gone is not an error.
+fn remove_pin(path: PathBuf) -> Result<(), TcPathError> {
+    match fs::remove_file(&path) {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => {
+            Err(TcPathError::Io { path, source })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `BPF_NOEXIST`: an update that only inserts.
 const INSERT_ONLY: u64 = 1;
 
@@ -350,13 +360,7 @@ impl TcDatapath {
             return Ok(0);
         };
         let copied = carry_over(&older, &mut self.conntrack)?;
-        let pin = self.pin_dir.join(map_names::CONNTRACK_V1);
-        match fs::remove_file(&pin) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                return Err(TcPathError::Io { path: pin, source })
-            }
-            _ => {}
-        }
+        remove_pin(self.pin_dir.join(map_names::CONNTRACK_V1))?;
         log::info!(
             "carried {copied} more conntrack entries over from {}, now removed",
             map_names::CONNTRACK_V1
@@ -446,14 +450,7 @@ impl TcDatapath {
     }
 
     fn detach_hook(&self, interface: &str, hook: TcHook) -> Result<(), TcPathError> {
-        let pin = self.link_pin(interface, hook);
-        match fs::remove_file(&pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(TcPathError::Io {
-                path: pin,
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        remove_pin(self.link_pin(interface, hook))
     }
 
     /// Writes the node configuration.

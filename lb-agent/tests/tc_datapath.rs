@@ -1018,26 +1018,31 @@ fn reloading_reuses_pinned_maps_and_adopts_state() {
     assert_eq!(ip_from_addr(&addr_from_ip(first.dst)), first.dst);
 }
 
+/// The `bpf` system call with `attr`, a `union bpf_attr` for `command`.
+fn bpf_syscall<T>(command: libc::c_long, attr: &[T]) -> libc::c_long {
+    // SAFETY: the attribute buffer is at least as large as the kernel reads
+    // for the commands used here, and it and what it points to outlive the
+    // call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
 /// Creates an LRU hash map pinned at `path`, as an older agent's object
 /// would have: aya creates maps only from objects.
 fn create_pinned_lru(path: &std::path::Path, key_size: u32, value_size: u32, max_entries: u32) {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    // `union bpf_attr` for BPF_MAP_CREATE: type, key and value sizes,
-    // capacity, the rest zero.
+    // For BPF_MAP_CREATE: type, key and value sizes, capacity, the rest zero.
     let mut create = [0u32; 32];
     create[..4].copy_from_slice(&[BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries]);
-    // SAFETY: the attribute buffer is larger than the kernel reads for this
-    // command and lives across the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_ptr(),
-            std::mem::size_of_val(&create),
-        )
-    };
+    let fd = bpf_syscall(BPF_MAP_CREATE, &create);
     assert!(
         fd >= 0,
         "BPF_MAP_CREATE: {}",
@@ -1045,18 +1050,8 @@ fn create_pinned_lru(path: &std::path::Path, key_size: u32, value_size: u32, max
     );
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // For BPF_OBJ_PIN: the path pointer, then the map's descriptor.
-    let mut pin = [0u64; 4];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: as above; the path outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            pin.as_ptr(),
-            std::mem::size_of_val(&pin),
-        )
-    };
+    let pin = [c_path.as_ptr() as u64, fd as u64, 0, 0];
+    let ret = bpf_syscall(BPF_OBJ_PIN, &pin);
     assert_eq!(ret, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     // SAFETY: a descriptor this function owns; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
