@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lb_agent::maglev::{
+use lb_core::maglev::{
     build_table, changed_fraction, max_share_deviation, sorted_backends, MaglevBackend,
 };
 

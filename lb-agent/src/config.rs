@@ -8,7 +8,9 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::plan::MaglevSettings;
+use lb_core::plan::MaglevSettings;
+
+use crate::logging::LogFormat;
 
 /// Default address of the Prometheus metrics endpoint (kube-proxy's port).
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10249";
@@ -93,6 +95,15 @@ pub struct Args {
     /// same backend through any node [default: built in].
     #[arg(long)]
     pub maglev_seed: Option<u64>,
+    /// [logFormat] Log lines as human-readable text or as one JSON object
+    /// per line [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// [logLevel] Which log lines to write, as a `tracing` filter (`info`,
+    /// `debug`, `lb_agent=debug,kube=warn`...); without it, `RUST_LOG`
+    /// [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
 }
 
 /// The config file's content: the same settings as [`Args`].
@@ -132,6 +143,10 @@ pub struct FileConfig {
     pub maglev_table_size: Option<usize>,
     /// See [`Args::maglev_seed`].
     pub maglev_seed: Option<u64>,
+    /// See [`Args::log_format`].
+    pub log_format: Option<LogFormat>,
+    /// See [`Args::log_level`].
+    pub log_level: Option<String>,
 }
 
 /// Where intent comes from.
@@ -172,6 +187,10 @@ pub struct Settings {
     pub pod_interfaces: Vec<String>,
     /// Maglev settings.
     pub maglev: MaglevSettings,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// The log filter; `None`: `RUST_LOG`, else `info`.
+    pub log_level: Option<String>,
 }
 
 /// A config file that cannot be used.
@@ -191,8 +210,13 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// The error, with its location.
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
     },
+}
+
+/// Parses a config file's text.
+pub fn parse_file(text: &str) -> Result<FileConfig, serde_saphyr::Error> {
+    serde_saphyr::from_str(text)
 }
 
 /// Reads the config file named by `args`, if any.
@@ -204,7 +228,7 @@ pub fn load_file(args: &Args) -> Result<FileConfig, ConfigError> {
         path: path.clone(),
         source,
     })?;
-    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+    parse_file(&text).map_err(|source| ConfigError::Parse {
         path: path.clone(),
         source,
     })
@@ -252,6 +276,8 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                 .or(file.maglev_seed)
                 .unwrap_or(MaglevSettings::default().seed),
         },
+        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        log_level: args.log_level.or(file.log_level),
     }
 }
 
@@ -270,7 +296,7 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
-        let file: FileConfig = serde_yaml::from_str(
+        let file: FileConfig = parse_file(
             "nodeName: from-file\nbpffsDir: /sys/fs/bpf/x\nmetricsAddress: 127.0.0.1:9000\nmanifests: /etc/lb\n",
         )
         .unwrap();
@@ -293,7 +319,7 @@ mod tests {
 
     #[test]
     fn localhost_node_ports_can_be_turned_off_in_the_file_and_back_on_by_flag() {
-        let file = || serde_yaml::from_str::<FileConfig>("localhostNodePorts: false\n").unwrap();
+        let file = || parse_file("localhostNodePorts: false\n").unwrap();
         let off = resolve(Args::parse_from(["lb-agent"]), file());
         assert!(!off.localhost_node_ports);
         let args = Args::parse_from(["lb-agent", "--localhost-node-ports", "true"]);
@@ -302,7 +328,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = serde_yaml::from_str::<FileConfig>("nodename: x\n").unwrap_err();
+        let err = parse_file("nodename: x\n").unwrap_err();
         assert!(err.to_string().contains("nodename"), "{err}");
     }
 }

@@ -2,11 +2,12 @@
 
 use anyhow::Result;
 use clap::Parser;
-use lb_agent::{config, daemon};
+use lb_agent::{config, daemon, logging};
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = config::Args::parse();
     let file = config::load_file(&args)?;
-    daemon::run(config::resolve(args, file))
+    let settings = config::resolve(args, file);
+    logging::init(settings.log_format, settings.log_level.as_deref())?;
+    daemon::run(settings)
 }

@@ -1,28 +1,65 @@
-//! Applies desired states to the maps, keeping the applied state in step.
+//! Applies desired states to the maps, keeping the applied state in step:
+//! plans (from `lb-core`), executes them group by group through any
+//! [`ServiceMaps`], and repairs what failed on a later pass.
+//!
+//! - A frontend that did not fit (a capacity error) is planned again on every
+//!   pass until it does, even if nothing about it changes.
+//! - A failed write makes the next pass re-read the maps and plan every
+//!   frontend, so whatever the failure left half done is repaired.
+//! - Connected UDP sockets whose backend left are found here and returned;
+//!   terminating them is the caller's business.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, PROTO_UDP, SERVICE_FLAG_AFFINITY};
-
-use crate::{
-    datapath::{DatapathError, Maps},
-    model::DesiredState,
-    plan::{plan, Applied, Capacity, MaglevSettings, Plan, Scope, UndersizedTable},
-    tcpath::TcDatapath,
-    terminate::destroy_udp_sockets,
+use lb_common::{
+    net::PROTO_UDP,
+    service::{Backend, ServiceKey, SERVICE_FLAG_AFFINITY},
+};
+use lb_core::{
+    desired::DesiredState,
+    plan::{plan, Applied, Capacity, CapacityError, MaglevSettings, Plan, Scope, UndersizedTable},
 };
 
-/// What one reconciliation did.
+use crate::kernel::{KernelError, ServiceMaps};
+
+/// What went wrong in a pass; the pass did everything else it could.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A frontend does not fit a map; it keeps its previous state and is
+    /// retried on every pass.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    /// A map write failed; the rest of its frontend's writes were skipped,
+    /// and the next pass re-reads the maps and repairs it.
+    #[error("{op}: {source}")]
+    Write {
+        /// The write, in words.
+        op: String,
+        /// What the kernel answered.
+        source: KernelError,
+    },
+    /// The maps could not be read back after a failed write.
+    #[error("re-reading the maps after a failed write: {0}")]
+    Reread(KernelError),
+    /// Session affinity entries of removed backends could not be pruned.
+    #[error("pruning session affinity: {0}")]
+    Affinity(KernelError),
+    /// The sockets steered to removed UDP backends could not be listed.
+    #[error("listing the sockets of removed UDP backends: {0}")]
+    Sockets(KernelError),
+}
+
+/// What one pass did.
 #[derive(Debug, Default)]
-pub struct Outcome {
+pub struct Reconciled {
     /// Map writes executed.
     pub writes: usize,
     /// Frontends in the maps afterwards.
     pub frontends: usize,
-    /// Connected UDP sockets terminated because their backend left.
-    pub terminated_sockets: usize,
-    /// Problems: capacity errors and failed writes, as text for logs.
-    pub errors: Vec<String>,
+    /// Cookies of connected UDP sockets still aimed at a backend that left.
+    pub stale_udp_sockets: BTreeSet<u64>,
+    /// What went wrong.
+    pub errors: Vec<ReconcileError>,
 }
 
 /// Keeps what the maps hold and moves them to each new desired state.
@@ -30,23 +67,28 @@ pub struct Reconciler {
     applied: Applied,
     capacity: Capacity,
     maglev: MaglevSettings,
-    /// Set after adoption or a failed write: the next plan must look at every
+    /// Set after adoption or a failed write: the next pass plans every
     /// frontend, not only the ones the compiler reports changed.
     needs_full: bool,
+    /// Frontends a capacity error kept out of the maps.
+    pending: BTreeSet<ServiceKey>,
 }
 
 impl Reconciler {
-    /// Adopts what the maps already hold (a previous agent's work).
+    /// Adopts what the maps already hold (a previous agent's work): every
+    /// frontend with its backend slots or Maglev table, source ranges, and
+    /// the entries nothing refers to, to delete.
     pub fn adopt(
-        maps: &Maps,
+        maps: &impl ServiceMaps,
         capacity: Capacity,
         maglev: MaglevSettings,
-    ) -> Result<Self, DatapathError> {
+    ) -> Result<Self, KernelError> {
         Ok(Self {
-            applied: Applied::adopt(&maps.dump()?),
+            applied: Applied::adopt(&maps.dump()?, &maglev),
             capacity,
             maglev,
             needs_full: true,
+            pending: BTreeSet::new(),
         })
     }
 
@@ -65,18 +107,31 @@ impl Reconciler {
         &self.capacity
     }
 
-    /// Moves the maps to `desired` for the frontends in `scope`. On a failed
-    /// write the applied state is re-read from the kernel, so the next call
-    /// repairs whatever is left.
-    /// `tc` is the tc datapath, when enabled, for Maglev tables and source ranges.
+    /// How many frontends a full map keeps out of the datapath.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether a pass is owed even without a change: a frontend waits for
+    /// capacity, or a failed write waits for repair.
+    pub fn needs_retry(&self) -> bool {
+        self.needs_full || !self.pending.is_empty()
+    }
+
+    /// Moves the maps to `desired` for the frontends in `changed`, and for
+    /// every frontend a previous pass could not finish.
     pub fn reconcile(
         &mut self,
-        maps: &mut Maps,
-        mut tc: Option<&mut TcDatapath>,
+        maps: &mut impl ServiceMaps,
         desired: &DesiredState,
-        scope: Scope<'_>,
-    ) -> Outcome {
-        let scope = if self.needs_full { Scope::All } else { scope };
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Reconciled {
+        let scope_keys: BTreeSet<ServiceKey> = changed.union(&self.pending).copied().collect();
+        let scope = if self.needs_full {
+            Scope::All
+        } else {
+            Scope::Only(&scope_keys)
+        };
         self.needs_full = false;
         let plan = plan(
             &mut self.applied,
@@ -85,17 +140,22 @@ impl Reconciler {
             &self.maglev,
             scope,
         );
-        let mut errors: Vec<String> = plan.errors.iter().map(ToString::to_string).collect();
-        let writes = plan.op_count();
+        self.pending = plan.errors.iter().map(|e| e.key).collect();
+        let mut errors: Vec<ReconcileError> = plan
+            .errors
+            .iter()
+            .cloned()
+            .map(ReconcileError::Capacity)
+            .collect();
         let affinity_touched = touches_affinity(&self.applied, &plan);
         let removed_udp = removed_udp_backends(&self.applied, &plan);
-        let write_errors = maps.execute(&plan, tc.as_deref_mut());
-        if !write_errors.is_empty() {
+        let (writes, failed) = execute(maps, &plan);
+        if !failed.is_empty() {
             self.needs_full = true;
-            errors.extend(write_errors.iter().map(ToString::to_string));
+            errors.extend(failed);
             match maps.dump() {
-                Ok(dump) => self.applied = Applied::adopt(&dump),
-                Err(err) => errors.push(format!("re-reading maps after a failed write: {err}")),
+                Ok(dump) => self.applied = Applied::adopt(&dump, &self.maglev),
+                Err(err) => errors.push(ReconcileError::Reread(err)),
             }
         }
         if affinity_touched {
@@ -105,35 +165,59 @@ impl Reconciler {
                     .get(&service_id)
                     .is_some_and(|ids| ids.contains(&backend_id))
             };
-            if let Err(err) = maps.prune_affinity(|k, v| keep(k.service_id, v.backend_id)) {
-                errors.push(format!("pruning session affinity: {err}"));
-            }
-            if let Some(tc) = tc {
-                if let Err(err) = tc.prune_affinity(|k, v| keep(k.service_id, v.backend_id)) {
-                    errors.push(format!("pruning per-packet session affinity: {err}"));
-                }
+            if let Err(err) = maps.prune_affinity(&keep) {
+                errors.push(ReconcileError::Affinity(err));
             }
         }
-        let mut terminated_sockets = 0;
+        let mut stale_udp_sockets = BTreeSet::new();
         if !removed_udp.is_empty() {
-            match maps
-                .cookies_steered_to(&removed_udp)
-                .map_err(|e| e.to_string())
-                .and_then(|cookies| destroy_udp_sockets(&cookies).map_err(|e| e.to_string()))
-            {
-                Ok(count) => terminated_sockets = count,
-                Err(err) => errors.push(format!(
-                    "terminating UDP sockets of removed backends: {err}"
-                )),
+            match maps.socket_translations() {
+                Ok(sockets) => {
+                    stale_udp_sockets = sockets
+                        .into_iter()
+                        .filter(|(key, rev)| {
+                            removed_udp.iter().any(|(service_id, backend)| {
+                                *service_id == rev.service_id
+                                    && backend.addr == key.addr
+                                    && backend.port == key.port
+                            })
+                        })
+                        .map(|(key, _)| key.cookie)
+                        .collect();
+                }
+                Err(err) => errors.push(ReconcileError::Sockets(err)),
             }
         }
-        Outcome {
+        Reconciled {
             writes,
             frontends: self.applied.frontends.len(),
-            terminated_sockets,
+            stale_udp_sockets,
             errors,
         }
     }
+}
+
+/// Executes a plan group by group. A failed write skips the rest of its
+/// group, leaving that frontend as it was; other groups still run. Returns
+/// the writes done and the failures.
+fn execute(maps: &mut impl ServiceMaps, plan: &Plan) -> (usize, Vec<ReconcileError>) {
+    let mut writes = 0;
+    let mut failed = Vec::new();
+    for group in &plan.groups {
+        for op in &group.ops {
+            match maps.write(op) {
+                Ok(()) => writes += 1,
+                Err(source) => {
+                    failed.push(ReconcileError::Write {
+                        op: op.describe(),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    (writes, failed)
 }
 
 /// `(service id, backend)` pairs of UDP frontends whose backend the plan removes.
@@ -180,3 +264,6 @@ fn affine_backends(applied: &Applied) -> BTreeMap<u32, BTreeSet<u32>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,11 @@
 //! frontends, backends and Maglev tables like the agent would, runs raw
 //! Ethernet frames through the programs and checks verdicts, rewritten
 //! headers and checksums. Needs root and bpffs at /sys/fs/bpf.
+// Creating an older agent's pinned map takes a raw bpf(2) call.
+#![allow(
+    unsafe_code,
+    reason = "raw bpf(2) calls to create an older layout's map"
+)]
 
 use std::{
     fs,
@@ -13,30 +18,39 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_agent::{
-    addr::{addr_from_ip, ip_from_addr},
-    maglev::{build_table, sorted_backends, MaglevBackend},
-    tcpath::{boottime_ns, TcDatapath, TcHook, TcOptions},
+    kernel::{
+        service_maps::TcMaps,
+        tc_programs::{TcHook, TcOptions, TcPrograms},
+    },
+    node::clock::boottime_ns,
 };
 use lb_common::{
-    map_names,
-    tc::{
-        flow_hash, map_names as map_names_tc, CtKey, CtValue, CtValueV1, TcConfig,
-        BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
+    config::{TcConfig, TC_CONFIG_FIB_REDIRECT},
+    conntrack::{
+        CtKey, CtValue, CtValueV1, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
         CT_STATE_CLOSING, CT_STATE_ESTABLISHED, NEXT_HOP_NONE, NEXT_HOP_REDIRECT,
-        REPORTS_PER_SECOND, SCOPE_TC_EXTERNAL, SERVICE_FLAG_EXTERNAL_LOCAL,
-        SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN, STAT_DROP_NO_LOCAL,
-        STAT_DROP_SOURCE_RANGE, STAT_FIB_REDIRECT, STAT_ICMP_ERROR, STAT_NEW_FLOW, STAT_REJECT,
-        TC_CONFIG_FIB_REDIRECT,
     },
-    Backend, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    events::REPORTS_PER_SECOND,
+    maglev::flow_hash,
+    maps,
+    nat::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
+    net::{PROTO_TCP, PROTO_UDP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN},
+    outcome::Outcome,
+    reject::REJECT_BURST,
+    service::{
+        Backend, ServiceKey, ServiceValue, BACKEND_FLAG_LOCAL, SCOPE_TC_EXTERNAL,
+        SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+        SERVICE_FLAG_SOURCE_RANGES,
+    },
+};
+use lb_core::{
+    addr::{addr_from_ip, ip_from_addr},
+    maglev::{build_table, sorted_backends, MaglevBackend},
 };
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
-
-use lb_common::tc::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
 
 const SEED: u64 = 0x5eed;
 const TABLE_SIZE: usize = 251;
@@ -251,7 +265,8 @@ static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 /// One node's datapath in its own pin directory, removed on drop.
 struct Node {
-    tc: TcDatapath,
+    tc: TcPrograms,
+    maps: TcMaps,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     dir: PathBuf,
@@ -317,7 +332,7 @@ impl Node {
 
     /// Loads the programs with the pins already in `dir`, if any.
     fn load_in(dir: PathBuf, options: &TcOptions) -> Self {
-        let mut tc = TcDatapath::load(&dir, options).unwrap_or_else(|e| {
+        let (mut tc, maps) = TcPrograms::load(&dir, options).unwrap_or_else(|e| {
             let _ = fs::remove_dir_all(&dir);
             panic!("load the tc programs: {e:?}")
         });
@@ -331,8 +346,9 @@ impl Node {
         .unwrap();
         Self {
             tc,
-            services: pinned_hash(&dir, map_names::SERVICES),
-            backends: pinned_hash(&dir, map_names::BACKENDS),
+            maps,
+            services: pinned_hash(&dir, maps::SERVICES),
+            backends: pinned_hash(&dir, maps::BACKENDS),
             dir,
         }
     }
@@ -375,7 +391,7 @@ impl Node {
     fn set_frontend(&mut self, fe: &Frontend, generation: u32, ids: &[u32]) {
         if !ids.is_empty() {
             let table = self.table(ids);
-            self.tc.write_maglev_table(generation, &table).unwrap();
+            self.maps.write_table(generation, &table).unwrap();
         }
         let value = ServiceValue {
             service_id: fe.service_id,
@@ -401,8 +417,13 @@ impl Node {
         (verdict, parse(&out))
     }
 
-    fn stat(&self, index: u32) -> u64 {
-        self.tc.stats().unwrap()[index as usize]
+    fn stat(&self, outcome: Outcome) -> u64 {
+        let counts = self.tc.stats().unwrap();
+        counts
+            .iter()
+            .find(|(o, _)| *o == outcome)
+            .expect("a tc outcome")
+            .1
     }
 }
 
@@ -454,7 +475,7 @@ fn nodeport_tcp_syn_is_dnated_with_valid_checksums() {
     // Local backend: the client address is preserved.
     assert_eq!((out.src, out.sport), (syn.src, syn.sport));
     assert_eq!((out.proto, out.flags, out.seq), (PROTO_TCP, SYN, 1000));
-    assert_eq!(node.stat(STAT_NEW_FLOW), 1);
+    assert_eq!(node.stat(Outcome::NewFlow), 1);
 }
 
 #[test]
@@ -512,7 +533,7 @@ fn client_ip_affinity_keeps_new_flows_of_a_client_on_one_backend() {
         let (verdict, out) = node.ingress(&syn(sport));
         assert_eq!((verdict, out.dst), (TC_ACT_OK, first.dst), "port {sport}");
     }
-    let entries = node.tc.affinity_entries().unwrap();
+    let entries = node.maps.affinity_entries().unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0.client, addr_from_ip(client));
     assert_eq!(entries[0].0.service_id, fe.service_id);
@@ -523,12 +544,12 @@ fn client_ip_affinity_keeps_new_flows_of_a_client_on_one_backend() {
     let rest: Vec<u32> = (1..=3).filter(|&i| i != u32::from(bound)).collect();
     node.set_frontend(&fe, 2, &rest);
     let pruned = node
-        .tc
-        .prune_affinity(|_, v| rest.contains(&v.backend_id))
+        .maps
+        .prune_affinity(&|_, backend_id| rest.contains(&backend_id))
         .unwrap();
     assert_eq!(pruned, 1);
     let (_, moved) = node.ingress(&syn(42000));
-    let rebound = node.tc.affinity_entries().unwrap()[0].1.backend_id;
+    let rebound = node.maps.affinity_entries().unwrap()[0].1.backend_id;
     assert_ne!(moved.dst, first.dst);
     assert_eq!(moved.dst, backend4(rebound as u8));
 
@@ -552,7 +573,7 @@ fn conntrack_keeps_a_flow_on_its_backend() {
     let (_, first) = node.ingress(&syn);
     let (_, again) = node.ingress(&syn);
     assert_eq!(first.dst, again.dst);
-    assert_eq!(node.stat(STAT_NEW_FLOW), 1);
+    assert_eq!(node.stat(Outcome::NewFlow), 1);
     // Two entries: client side and backend side.
     let entries = node.tc.conntrack_entries().unwrap();
     assert_eq!(entries.len(), 2);
@@ -573,7 +594,7 @@ fn conntrack_keeps_a_flow_on_its_backend() {
         .filter(|&i| backend4(i as u8) != first.dst)
         .collect();
     node.set_frontend(&fe, 2, &others);
-    node.tc.delete_maglev_table(1).unwrap();
+    node.maps.delete_table(1, TABLE_SIZE).unwrap();
     let ack = Pkt::tcp(CLIENT4.into(), 41000, fe.ip, NODE_PORT, ACK);
     let (verdict, kept) = node.ingress(&ack);
     assert_eq!(verdict, TC_ACT_OK);
@@ -732,7 +753,7 @@ fn external_traffic_policy_local_preserves_the_client() {
     let syn = Pkt::tcp(CLIENT4.into(), 45001, empty.ip, NODE_PORT + 1, SYN);
     let (verdict, _) = node.run(TcHook::Ingress, &syn);
     assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(node.stat(STAT_DROP_NO_LOCAL), 1);
+    assert_eq!(node.stat(Outcome::DropNoLocalEndpoints), 1);
 }
 
 #[test]
@@ -815,7 +836,7 @@ fn no_endpoints_rejects_tcp_with_a_reset() {
         assert_eq!(rst.flags, RST | ACK);
         assert_eq!((rst.seq, rst.ack), (0, syn.seq + 1));
     }
-    assert_eq!(node.stat(STAT_REJECT), 2);
+    assert_eq!(node.stat(Outcome::Reject), 2);
     // Refusals are reported like drops, as what they were counted in.
     let reasons: Vec<(u32, u32)> = node
         .tc
@@ -823,7 +844,7 @@ fn no_endpoints_rejects_tcp_with_a_reset() {
         .iter()
         .map(|d| (d.reason, d.service_id))
         .collect();
-    assert_eq!(reasons, [(STAT_REJECT, fe4.service_id); 2]);
+    assert_eq!(reasons, [(Outcome::Reject.index(), fe4.service_id); 2]);
     // A segment with ACK gets a RST with its acknowledgment as sequence.
     let ack = Pkt::tcp(CLIENT4.into(), 47001, fe4.ip, NODE_PORT, ACK);
     let (verdict, out) = node.run(TcHook::Ingress, &ack);
@@ -858,14 +879,14 @@ fn source_ranges_allow_listed_clients_only() {
     };
     node.set_frontend(&lb4, 1, &[1]);
     node.set_frontend(&lb6, 2, &[2]);
-    node.tc
+    node.maps
         .allow_source_range(12, v4(198, 51, 100, 0), 24)
         .unwrap();
-    node.tc
+    node.maps
         .allow_source_range(12, "2001:db8:c::".parse().unwrap(), 48)
         .unwrap();
     // Another service's range does not apply.
-    node.tc
+    node.maps
         .allow_source_range(13, v4(203, 0, 113, 0), 24)
         .unwrap();
 
@@ -880,7 +901,7 @@ fn source_ranges_allow_listed_clients_only() {
     assert_eq!(node.run(TcHook::Ingress, &denied).0, TC_ACT_SHOT);
     let denied6 = Pkt::tcp("2001:db8:d::1".parse().unwrap(), 48001, lb6.ip, 443, SYN);
     assert_eq!(node.run(TcHook::Ingress, &denied6).0, TC_ACT_SHOT);
-    assert_eq!(node.stat(STAT_DROP_SOURCE_RANGE), 2);
+    assert_eq!(node.stat(Outcome::DropSourceRange), 2);
     // Each drop is reported with its tuple, frontend and reason; the
     // admitted flows are not.
     let drops = node.tc.drain_drops();
@@ -900,8 +921,22 @@ fn source_ranges_allow_listed_clients_only() {
     assert_eq!(
         reported,
         [
-            (denied.src, 48001, lb4.ip, 443, STAT_DROP_SOURCE_RANGE, 12),
-            (denied6.src, 48001, lb6.ip, 443, STAT_DROP_SOURCE_RANGE, 12),
+            (
+                denied.src,
+                48001,
+                lb4.ip,
+                443,
+                Outcome::DropSourceRange.index(),
+                12
+            ),
+            (
+                denied6.src,
+                48001,
+                lb6.ip,
+                443,
+                Outcome::DropSourceRange.index(),
+                12
+            ),
         ]
     );
     assert!(drops
@@ -909,7 +944,7 @@ fn source_ranges_allow_listed_clients_only() {
         .all(|d| d.tuple.proto == PROTO_TCP && d.time_ns > 0));
     assert!(node.tc.drain_drops().is_empty(), "drained once");
 
-    node.tc
+    node.maps
         .remove_source_range(12, v4(198, 51, 100, 0), 24)
         .unwrap();
     let new_flow = Pkt::tcp(CLIENT4.into(), 48002, lb4.ip, 443, SYN);
@@ -932,7 +967,7 @@ fn drop_reports_are_bounded_per_cpu_and_second() {
         let syn = Pkt::tcp(CLIENT4.into(), 10_000 + port as u16, lb.ip, 443, SYN);
         assert_eq!(node.run(TcHook::Ingress, &syn).0, TC_ACT_SHOT);
     }
-    assert_eq!(node.stat(STAT_DROP_SOURCE_RANGE), flood);
+    assert_eq!(node.stat(Outcome::DropSourceRange), flood);
     let reported = node.tc.drain_drops().len() as u64;
     let lost = node.tc.drops_lost().unwrap();
     assert!(reported <= REPORTS_PER_SECOND * cpus, "{reported} reports");
@@ -1011,7 +1046,9 @@ fn reloading_reuses_pinned_maps_and_adopts_state() {
     let syn = Pkt::tcp(CLIENT4.into(), 51000, fe.ip, NODE_PORT, SYN);
     let (_, first) = node.ingress(&syn);
     // A second load (an agent upgrade) sees the same frontends and flows.
-    let mut again = TcDatapath::load(&node.dir, &TcOptions::default()).unwrap();
+    let mut again = TcPrograms::load(&node.dir, &TcOptions::default())
+        .unwrap()
+        .0;
     let (_, out) = again.test_run(TcHook::Ingress, &syn.frame()).unwrap();
     assert_eq!(parse(&out).dst, first.dst);
     assert_eq!(again.conntrack_entries().unwrap().len(), 2);
@@ -1083,9 +1120,9 @@ fn an_older_agents_conntrack_is_carried_over() {
     isolated(|| {
         let dir = fresh_dir();
         fs::create_dir_all(&dir).unwrap();
-        create_pinned_lru(&dir.join(map_names_tc::CONNTRACK_V1), 40, 56, 1024);
+        create_pinned_lru(&dir.join(maps::CONNTRACK_V1), 40, 56, 1024);
         let mut older_map: HashMap<MapData, CtKey, CtValueV1> =
-            pinned_hash(&dir, map_names_tc::CONNTRACK_V1);
+            pinned_hash(&dir, maps::CONNTRACK_V1);
         let now = boottime_ns().unwrap();
         // A flow of the older agent: client -> NodePort, SNATed to a remote
         // backend from port 61234.
@@ -1132,14 +1169,14 @@ fn an_older_agents_conntrack_is_carried_over() {
             (restored.dst, restored.dport),
             (IpAddr::from(CLIENT4), 45000)
         );
-        assert_eq!(node.stat(STAT_NEW_FLOW), 0);
+        assert_eq!(node.stat(Outcome::NewFlow), 0);
 
         // The older programs start a flow before the new ones replace them.
         for (key, value) in flow(45001, 61235) {
             older_map.insert(key, older(&value), 0).unwrap();
         }
         assert_eq!(node.tc.finish_conntrack_carry_over().unwrap(), 2);
-        assert!(!node.dir.join(map_names_tc::CONNTRACK_V1).exists());
+        assert!(!node.dir.join(maps::CONNTRACK_V1).exists());
         let reply = Pkt::tcp(backend4(1), 8080, NODE4.into(), 61235, ACK);
         let (_, restored) = node.ingress(&reply);
         assert_eq!(
@@ -1215,7 +1252,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
         let (verdict, out) = node.run(TcHook::Ingress, &other);
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(out[..12], other.frame()[..12]);
-        assert_eq!(node.stat(STAT_FIB_REDIRECT), 2);
+        assert_eq!(node.stat(Outcome::FibRedirect), 2);
 
         // The first flow's entry remembers the answer (a flow whose
         // neighbour was unresolved remembers nothing), so its next packets
@@ -1243,7 +1280,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
         assert_eq!(out[..12], old_macs);
         // Due for a refresh: the packet asks the FIB again.
         let mut conntrack: HashMap<MapData, CtKey, CtValue> =
-            pinned_hash(&node.dir, map_names_tc::CONNTRACK);
+            pinned_hash(&node.dir, maps::CONNTRACK);
         let key = CtKey::new(
             addr_from_ip(CLIENT4.into()),
             addr_from_ip(fe.ip),
@@ -1259,7 +1296,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
         let new_macs = [2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 1];
         assert_eq!(out[..12], new_macs);
         assert_eq!(hops(&node), [(NEXT_HOP_REDIRECT, lbfib0, new_macs)]);
-        assert_eq!(node.stat(STAT_FIB_REDIRECT), 4);
+        assert_eq!(node.stat(Outcome::FibRedirect), 4);
     });
 }
 
@@ -1289,7 +1326,9 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
             }
         };
         // A restarted agent updates the pinned links in place.
-        let mut again = TcDatapath::load(&node.dir, &TcOptions::default()).unwrap();
+        let mut again = TcPrograms::load(&node.dir, &TcOptions::default())
+            .unwrap()
+            .0;
         again.attach("lbatt0", &TcHook::ALL).unwrap();
         assert_eq!(attached(TcAttachType::Ingress), 1);
         assert_eq!(attached(TcAttachType::Egress), 1);
@@ -1433,14 +1472,14 @@ fn no_endpoints_answers_udp_with_port_unreachable() {
     let fe = nodeport(NODE4.into(), PROTO_UDP);
     node.set_frontend(&fe, 1, &[]);
     assert_port_unreachable(&mut node, CLIENT4.into(), &fe, b"anyone?", (3, 3));
-    assert_eq!(node.stat(STAT_REJECT), 1);
+    assert_eq!(node.stat(Outcome::Reject), 1);
     // Sources that are not one host get no answer (RFC 1122 3.2.2).
     for src in [v4(224, 0, 0, 251), v4(255, 255, 255, 255), v4(0, 0, 0, 0)] {
         let query = Pkt::udp(src, 5353, fe.ip, NODE_PORT, b"?");
         assert_eq!(node.run(TcHook::Ingress, &query).0, TC_ACT_SHOT, "{src}");
     }
-    assert_eq!(node.stat(STAT_REJECT), 1);
-    assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 3);
+    assert_eq!(node.stat(Outcome::Reject), 1);
+    assert_eq!(node.stat(Outcome::DropNoEndpoints), 3);
 }
 
 #[test]
@@ -1451,13 +1490,13 @@ fn ipv6_no_endpoints_answers_udp_with_port_unreachable() {
     // A datagram as large as the minimum MTU: the error is trimmed.
     let payload = [0xa5; 1280 - 40 - 8];
     assert_port_unreachable(&mut node, CLIENT6.into(), &fe, &payload, (1, 4));
-    assert_eq!(node.stat(STAT_REJECT), 1);
+    assert_eq!(node.stat(Outcome::Reject), 1);
     for src in ["ff02::fb", "::"] {
         let query = Pkt::udp(src.parse().unwrap(), 5353, fe.ip, NODE_PORT, b"?");
         assert_eq!(node.run(TcHook::Ingress, &query).0, TC_ACT_SHOT, "{src}");
     }
-    assert_eq!(node.stat(STAT_REJECT), 1);
-    assert_eq!(node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS), 2);
+    assert_eq!(node.stat(Outcome::Reject), 1);
+    assert_eq!(node.stat(Outcome::DropNoEndpoints), 2);
 }
 
 /// The start of `pkt` as an ICMP error quotes it: its IP header and the
@@ -1562,14 +1601,14 @@ fn icmp_errors_about_a_flow_are_translated_for_the_other_side() {
         let big = icmp_error(router, fe.ip, kind, mtu, &reply);
         let sent = Pkt::udp(backend, 5353, client, 50000, b"world");
         assert_error_translated(&mut node, TcHook::Ingress, &big, (router, backend), &sent);
-        assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+        assert_eq!(node.stat(Outcome::IcmpError), 2, "{client}");
 
         // About a flow the node never translated: untouched.
         let other = Pkt::udp(fe.ip, NODE_PORT, client, 50001, b"world");
         let unrelated = icmp_error(router, fe.ip, kind, mtu, &other);
         let (verdict, out) = node.tc.test_run(TcHook::Ingress, &unrelated).unwrap();
         assert_eq!((verdict, out), (TC_ACT_OK, unrelated));
-        assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+        assert_eq!(node.stat(Outcome::IcmpError), 2, "{client}");
     }
 }
 
@@ -1602,7 +1641,7 @@ fn icmp_errors_follow_snated_flows() {
             let error = icmp_error(router, fe.ip, time_exceeded, 0, &reply);
             let sent = Pkt::tcp(backend, 8080, node_ip, fwd.sport, SYN | ACK);
             assert_error_translated(&mut node, TcHook::Ingress, &error, (router, backend), &sent);
-            assert_eq!(node.stat(STAT_ICMP_ERROR), 2, "{client}");
+            assert_eq!(node.stat(Outcome::IcmpError), 2, "{client}");
         }
     });
 }
@@ -1614,8 +1653,7 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 65_536,
     });
-    let mut conntrack: HashMap<MapData, CtKey, CtValue> =
-        pinned_hash(&node.dir, map_names_tc::CONNTRACK);
+    let mut conntrack: HashMap<MapData, CtKey, CtValue> = pinned_hash(&node.dir, maps::CONNTRACK);
     let now = boottime_ns().unwrap();
     let (live, expired) = (20_000u32, 40_000u32);
     for i in 0..live + expired {
@@ -1819,8 +1857,7 @@ fn ipv6_extension_headers_are_walked() {
 #[test]
 fn an_evicted_partner_entry_is_restored() {
     let (mut node, fe) = node_with_local_backends();
-    let mut conntrack: HashMap<MapData, CtKey, CtValue> =
-        pinned_hash(&node.dir, map_names_tc::CONNTRACK);
+    let mut conntrack: HashMap<MapData, CtKey, CtValue> = pinned_hash(&node.dir, maps::CONNTRACK);
     let syn = Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, SYN);
     let (_, forward) = node.ingress(&syn);
     let reply_key = conntrack
@@ -1876,12 +1913,12 @@ fn answers_to_a_flood_are_rate_limited() {
         .count() as u64;
     // The burst, plus what the rate refills while the test runs.
     assert!(
-        (lb_common::tc::REJECT_BURST..lb_common::tc::REJECT_BURST + 40).contains(&answered),
+        (REJECT_BURST..REJECT_BURST + 40).contains(&answered),
         "{answered} of {flood} answered"
     );
-    assert_eq!(node.stat(STAT_REJECT), answered);
+    assert_eq!(node.stat(Outcome::Reject), answered);
     assert_eq!(
-        node.stat(lb_common::tc::STAT_DROP_NO_ENDPOINTS),
+        node.stat(Outcome::DropNoEndpoints),
         u64::from(flood) - answered
     );
 }

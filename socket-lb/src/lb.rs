@@ -2,8 +2,11 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, SlotKey, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    affinity::{AffinityKey, AffinityValue},
+    service::{
+        Backend, ServiceKey, ServiceValue, SlotKey, SERVICE_FLAG_AFFINITY,
+        SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    },
 };
 
 use crate::maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, ROUND_ROBIN, SERVICES};

@@ -29,9 +29,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    is_v4_loopback, is_v4_mapped, v4_mapped, Addr, RevNat, ServiceKey, SockRevNatKey,
-    SCOPE_EXTERNAL, SOCK_CONFIG_NODE_NETNS_ONLY, SOCK_STAT_REFUSED_NO_ENDPOINTS,
-    SOCK_STAT_REFUSED_NO_LOCAL, V4_LOOPBACK,
+    config::SOCK_CONFIG_NODE_NETNS_ONLY,
+    net::{is_v4_loopback, is_v4_mapped, v4_mapped, Addr, V4_LOOPBACK},
+    outcome::Outcome,
+    service::{RevNat, ServiceKey, SCOPE_EXTERNAL},
+    socket::SockRevNatKey,
 };
 
 use crate::{
@@ -164,11 +166,11 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     match select(&key, client) {
         Lookup::NotAService => ALLOW,
         Lookup::NoBackends => {
-            count(SOCK_STAT_REFUSED_NO_ENDPOINTS);
+            count(Outcome::SocketNoEndpoints);
             fail_with(ECONNREFUSED)
         }
         Lookup::NoLocalBackends => {
-            count(SOCK_STAT_REFUSED_NO_LOCAL);
+            count(Outcome::SocketNoLocalEndpoints);
             fail_with(EHOSTUNREACH)
         }
         Lookup::Backend {

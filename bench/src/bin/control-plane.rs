@@ -15,10 +15,13 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_agent::{
-    datapath::Datapath,
-    model::{Compiler, NodeContext, Objects},
-    plan::{Capacity, MaglevSettings, Scope},
+    kernel::{socket_programs::SocketPrograms, AyaServiceMaps},
     reconcile::Reconciler,
+};
+use lb_core::{
+    compile::Compiler,
+    intent::{NodeContext, Objects},
+    plan::{Capacity, MaglevSettings},
     yaml::parse_documents,
 };
 
@@ -89,18 +92,15 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
     let mut objects: Objects = parsed.objects;
     let parse_time = parse_started.elapsed();
 
-    let mut datapath = Datapath::load(pin_dir).context("needs root and bpffs")?;
-    let mut reconciler = Reconciler::adopt(
-        &datapath.maps,
-        Capacity::default(),
-        MaglevSettings::default(),
-    )?;
+    let (_programs, socket_maps) = SocketPrograms::load(pin_dir).context("needs root and bpffs")?;
+    let mut maps = AyaServiceMaps::new(socket_maps, None);
+    let mut reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
     let mut compiler = Compiler::new(NodeContext::default());
 
     let cold_started = Instant::now();
-    compiler.update(&objects);
+    let update = compiler.update(&objects);
     let compile_time = cold_started.elapsed();
-    let outcome = reconciler.reconcile(&mut datapath.maps, None, compiler.desired(), Scope::All);
+    let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
     let cold = cold_started.elapsed();
     anyhow::ensure!(outcome.errors.is_empty(), "{:?}", outcome.errors);
     anyhow::ensure!(
@@ -121,12 +121,7 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
         let started = Instant::now();
         let update = compiler.update(&objects);
         compile_latencies.push(started.elapsed());
-        let outcome = reconciler.reconcile(
-            &mut datapath.maps,
-            None,
-            compiler.desired(),
-            Scope::Only(&update.changed),
-        );
+        let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
         latencies.push(started.elapsed());
         anyhow::ensure!(
             outcome.errors.is_empty() && outcome.writes > 0,

@@ -26,7 +26,7 @@
 //! # Procedure
 //!
 //! For every service count: each candidate programs the N services (timed:
-//! agent manifest write to its `reconciled N frontends` log line,
+//! agent manifest write to its `reconciled frontends=N` log line,
 //! `iptables-restore` and `nft -f` wall time, each from an empty state);
 //! then a short unrecorded CRR warm-up per candidate, then `rounds` rounds.
 //! In each round every candidate is paired with direct, CRR then RR (the

@@ -186,7 +186,7 @@ pub(super) fn render_report(
          parentheses, a confidence interval of at least 95 % \
          for that median (order statistics of the per-round ratios, from 6 rounds on). \
          p50/p99 are CRR transaction latencies (connect, request, response). Time to program: \
-         socket-lb and tc from writing the manifest to the agent's `reconciled N frontends` \
+         socket-lb and tc from writing the manifest to the agent's `reconciled frontends=N` \
          log line (the agent's manifest poll/debounce period set to 10 ms); iptables and \
          nftables the wall time of `iptables-restore` and `nft -f` loading the rules into an \
          empty table.\n\n",

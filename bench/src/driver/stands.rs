@@ -142,10 +142,10 @@ const AGENT_DEBOUNCE: [&str; 2] = ["--debounce-ms", "10"];
 const MANIFEST: &str = "services.yaml";
 
 impl SocketLb {
-    /// Writes `yaml` and waits for the agent to log `reconciled N frontends`.
+    /// Writes `yaml` and waits for the agent to log `reconciled frontends=N`.
     fn apply(&self, yaml: &str, frontends: usize) -> Result<Duration> {
         let offset = self.agent.log_text().len();
-        let needle = format!("reconciled {frontends} frontends");
+        let needle = format!("reconciled frontends={frontends} ");
         let started = Instant::now();
         self.agent.write_manifest(MANIFEST, yaml)?;
         let deadline = started + Duration::from_secs(600);

@@ -5,9 +5,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem};
-use lb_common::tc::{
-    next_state, CtGcState, CtKey, CtStep, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW,
-    NEXT_HOP_NONE, TCP_ACK, TCP_SYN,
+use lb_common::{
+    conntrack::{
+        next_state, CtGcState, CtKey, CtStep, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING,
+        CT_STATE_NEW, NEXT_HOP_NONE,
+    },
+    net::{TCP_ACK, TCP_SYN},
 };
 
 use crate::{

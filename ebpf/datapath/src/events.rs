@@ -1,20 +1,20 @@
 //! Drop events: each new flow the programs drop or refuse is also reported
-//! to the agent with its tuple and reason, so an operator can ask why a
+//! to the agent with its tuple and outcome, so an operator can ask why a
 //! connection failed. Only the drop paths pay for it, and each CPU reports at
 //! most `REPORTS_PER_SECOND` a second.
 
 use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::bpf_ktime_get_boot_ns};
-use lb_common::tc::{CtKey, DropEvent};
+use lb_common::{conntrack::CtKey, events::DropEvent, outcome::Outcome};
 
 use crate::maps::{EVENTS, REPORT_BUDGET};
 
 /// Reports that a packet of `tuple` for frontend `service_id` was dropped or
-/// refused, counted in `reason`. Over the budget, or with the ring buffer
+/// refused, counted as `outcome`. Over the budget, or with the ring buffer
 /// full, the report is counted as lost instead. Not inlined: one copy serves
 /// every drop site, so the new-flow path every connection takes does not
 /// carry nine.
 #[inline(never)]
-pub fn report(reason: u32, tuple: &CtKey, service_id: u32) {
+pub fn report(outcome: Outcome, tuple: &CtKey, service_id: u32) {
     let Some(budget) = REPORT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -32,7 +32,7 @@ pub fn report(reason: u32, tuple: &CtKey, service_id: u32) {
     };
     entry.write(DropEvent {
         tuple: *tuple,
-        reason,
+        reason: outcome.index(),
         service_id,
         time_ns: now,
     });

@@ -22,7 +22,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::tc::{CtKey, CtValue, NEXT_HOP_PEER, NEXT_HOP_REDIRECT, STAT_FIB_REDIRECT};
+use lb_common::{
+    conntrack::{CtKey, CtValue, NEXT_HOP_PEER, NEXT_HOP_REDIRECT},
+    outcome::Outcome,
+};
 
 use crate::{
     maps::{count, POD_INTERFACES},
@@ -56,7 +59,7 @@ pub fn redirect(ctx: &TcContext, hop: u8, ifindex: u32, macs: &[u8; 12]) -> i32 
 #[inline(always)]
 fn redirected(verdict: i64) -> i32 {
     if verdict == TC_ACT_REDIRECT as i64 {
-        count(STAT_FIB_REDIRECT);
+        count(Outcome::FibRedirect);
     }
     verdict as i32
 }

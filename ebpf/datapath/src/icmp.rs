@@ -16,8 +16,8 @@
 
 use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
 use lb_common::{
-    tc::{CtKey, CtValue},
-    v4_mapped, Addr, PROTO_TCP, PROTO_UDP,
+    conntrack::{CtKey, CtValue},
+    net::{v4_mapped, Addr, PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{

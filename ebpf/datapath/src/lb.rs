@@ -3,15 +3,18 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    tc::{
-        MaglevKey, SourceRangeKey, TcAffinityKey, MAGLEV_SIZE_INDEX, SCOPE_TC_CLUSTER,
-        SCOPE_TC_EXTERNAL,
+    affinity::{AffinityValue, TcAffinityKey},
+    maglev::{MaglevKey, MAGLEV_SIZE_INDEX},
+    net::Addr,
+    service::{
+        Backend, ServiceKey, ServiceValue, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL,
+        SERVICE_FLAG_AFFINITY,
     },
-    Addr, AffinityValue, Backend, ServiceKey, ServiceValue, SERVICE_FLAG_AFFINITY,
+    source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, TC_AFFINITY},
     parse::Packet,
 };
 
@@ -39,7 +42,7 @@ pub fn frontend(pkt: &Packet) -> (ServiceKey, Option<ServiceValue>) {
 #[inline(always)]
 pub fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
     let key = Key::new(
-        32 + 128,
+        SOURCE_RANGE_ID_BITS + 128,
         SourceRangeKey {
             service_id_be: service_id.to_be(),
             addr: *saddr,
@@ -77,7 +80,7 @@ pub fn choose(
         last_used_ns: now,
     };
     // A full LRU evicts its oldest entry: that client just loses affinity.
-    let _ = AFFINITY.insert(&affinity, &value, 0);
+    let _ = TC_AFFINITY.insert(&affinity, &value, 0);
     Some(found)
 }
 
@@ -85,7 +88,7 @@ pub fn choose(
 /// The agent deletes entries whose backend left the service.
 #[inline(always)]
 fn affine_backend(key: &TcAffinityKey, service: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
-    let entry = AFFINITY.get_ptr_mut(key)?;
+    let entry = TC_AFFINITY.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; entries are plain
     // data and concurrent flows of one client only race on a timestamp.
     let value = unsafe { *entry };

@@ -40,16 +40,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    is_v4_mapped,
-    tc::{
-        flow_hash, CtKey, CtValue, BACKEND_FLAG_LOCAL, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST,
-        CT_FLAG_REWRITE_SRC, NEXT_HOP_NONE, SERVICE_FLAG_EXTERNAL_LOCAL,
-        SERVICE_FLAG_PRESERVE_SOURCE, SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-        STAT_CT_INSERT_FAILED, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL, STAT_DROP_SNAT_ADDR,
-        STAT_DROP_SNAT_PORTS, STAT_DROP_SOURCE_RANGE, STAT_FORWARD, STAT_ICMP_ERROR, STAT_NEW_FLOW,
-        STAT_REPLY, TC_CONFIG_FIB_REDIRECT,
+    config::TC_CONFIG_FIB_REDIRECT,
+    conntrack::{
+        CtKey, CtValue, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC, NEXT_HOP_NONE,
     },
-    Addr, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    maglev::flow_hash,
+    nat::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
+    net::{is_v4_mapped, Addr},
+    outcome::Outcome,
+    service::{
+        BACKEND_FLAG_LOCAL, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+        SERVICE_FLAG_PRESERVE_SOURCE, SERVICE_FLAG_SOURCE_RANGES,
+    },
 };
 
 use crate::{
@@ -108,7 +110,7 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             NewFlow::Created => match CONNTRACK.get_ptr_mut(&pkt.tuple) {
                 Some(entry) => entry,
                 None => {
-                    count(STAT_CT_INSERT_FAILED);
+                    count(Outcome::ConntrackInsertFailed);
                     return TC_ACT_SHOT;
                 }
             },
@@ -144,9 +146,9 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
         touch(entry, value, &step, &rewritten, now);
     }
     count(if value.flags & CT_FLAG_REPLY != 0 {
-        STAT_REPLY
+        Outcome::Reply
     } else {
-        STAT_FORWARD
+        Outcome::Forward
     });
     let source_rewritten = value.flags & CT_FLAG_REWRITE_SRC != 0;
     if !forwards(hook, source_rewritten) {
@@ -188,7 +190,7 @@ fn related_error(ctx: &TcContext, hook: Hook) -> i32 {
     if !icmp::translate(ctx, now, &mut error) {
         return TC_ACT_OK;
     }
-    count(STAT_ICMP_ERROR);
+    count(Outcome::IcmpError);
     send_error_on(ctx, hook, &error)
 }
 
@@ -209,10 +211,10 @@ enum NewFlow {
     Created,
     /// The frontend (this service id) has no endpoints: reject.
     Reject(u32),
-    /// Drop it, counted in `reason` (a `STAT_*`), and report why.
+    /// Drop it, counted as `reason`, and report why.
     Drop {
-        /// The counter.
-        reason: u32,
+        /// The outcome.
+        reason: Outcome,
         /// The frontend it was for.
         service_id: u32,
     },
@@ -222,7 +224,7 @@ enum NewFlow {
 
 /// A new flow for frontend `service_id` to drop, counted in `reason`.
 #[inline(always)]
-fn dropped(reason: u32, service_id: u32) -> NewFlow {
+fn dropped(reason: Outcome, service_id: u32) -> NewFlow {
     NewFlow::Drop { reason, service_id }
 }
 
@@ -236,14 +238,14 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     };
     if service.backend_count == 0 {
         if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
-            return dropped(STAT_DROP_NO_LOCAL, service.service_id);
+            return dropped(Outcome::DropNoLocalEndpoints, service.service_id);
         }
         return NewFlow::Reject(service.service_id);
     }
     if service.flags & SERVICE_FLAG_SOURCE_RANGES != 0
         && !lb::source_allowed(service.service_id, &pkt.tuple.saddr)
     {
-        return dropped(STAT_DROP_SOURCE_RANGE, service.service_id);
+        return dropped(Outcome::DropSourceRange, service.service_id);
     }
     // A one-entry array: index 0 always exists.
     let Some(config) = CONFIG.get(0) else {
@@ -252,10 +254,10 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     let t = &pkt.tuple;
     let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
     let Some((backend_id, backend)) = lb::choose(&key, &service, &t.saddr, hash, now) else {
-        return dropped(STAT_DROP_NO_BACKEND, service.service_id);
+        return dropped(Outcome::DropNoBackend, service.service_id);
     };
     if is_v4_mapped(&backend.addr) != pkt.v4 {
-        return dropped(STAT_DROP_SNAT_ADDR, service.service_id);
+        return dropped(Outcome::DropNoSnatAddress, service.service_id);
     }
     let keeps_source = SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_PRESERVE_SOURCE;
     let snat = service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
@@ -283,7 +285,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
             &config.snat_v6
         };
         if addr_eq(node, &[0; 4]) {
-            return dropped(STAT_DROP_SNAT_ADDR, service.service_id);
+            return dropped(Outcome::DropNoSnatAddress, service.service_id);
         }
         forward.flags |= CT_FLAG_REWRITE_SRC;
         forward.new_saddr = *node;
@@ -291,19 +293,19 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         // The reply entry does not depend on the port chosen.
         let reply = forward.partner(t, now);
         let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
-            return dropped(STAT_DROP_SNAT_PORTS, service.service_id);
+            return dropped(Outcome::DropSnatPortsExhausted, service.service_id);
         };
         forward.new_sport = port;
     } else if CONNTRACK
         .insert(&reply_key, &forward.partner(t, now), 0)
         .is_err()
     {
-        return dropped(STAT_CT_INSERT_FAILED, service.service_id);
+        return dropped(Outcome::ConntrackInsertFailed, service.service_id);
     }
     if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
-        return dropped(STAT_CT_INSERT_FAILED, service.service_id);
+        return dropped(Outcome::ConntrackInsertFailed, service.service_id);
     }
-    count(STAT_NEW_FLOW);
+    count(Outcome::NewFlow);
     NewFlow::Created
 }
 

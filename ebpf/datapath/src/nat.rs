@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    tc::{CtKey, CtValue},
-    Addr, PROTO_UDP,
+    conntrack::{CtKey, CtValue},
+    net::{Addr, PROTO_UDP},
 };
 
 use crate::parse::{addr_eq, Packet, ETH_LEN};

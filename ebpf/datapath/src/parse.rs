@@ -12,8 +12,9 @@ use core::ffi::c_void;
 
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use lb_common::{
-    tc::{CtKey, FragKey, FragPorts},
-    v4_mapped, Addr, PROTO_TCP, PROTO_UDP,
+    conntrack::CtKey,
+    fragment::{FragKey, FragPorts},
+    net::{v4_mapped, Addr, PROTO_TCP, PROTO_UDP},
 };
 
 use crate::maps::FRAGMENTS;

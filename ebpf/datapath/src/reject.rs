@@ -4,7 +4,7 @@
 //! out of the interface it came in on. Only TCP and UDP get here (see
 //! [`parse`](crate::parse)), so an ICMP error is never answered by another.
 //! Answers are rate-limited node-wide (a token bucket with the kernel's ICMP
-//! defaults, `lb_common::tc::RejectBudget`).
+//! defaults, `lb_common::reject::RejectBudget`).
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    tc::{STAT_DROP_NO_ENDPOINTS, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    Addr, PROTO_TCP,
+    net::{Addr, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    outcome::Outcome,
 };
 
 use crate::{
@@ -77,9 +77,9 @@ pub fn reject(ctx: TcContext, pkt: &Packet, service_id: u32) -> i32 {
         TC_ACT_SHOT
     };
     let outcome = if verdict == TC_ACT_REDIRECT {
-        STAT_REJECT
+        Outcome::Reject
     } else {
-        STAT_DROP_NO_ENDPOINTS
+        Outcome::DropNoEndpoints
     };
     count(outcome);
     events::report(outcome, &pkt.tuple, service_id);

@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lb_agent::{datapath::Maps, drops::DropRecord, view};
+use lb_agent::kernel::{AyaServiceMaps, ServiceMaps};
+use lb_core::{drops::DropRecord, tables};
 
 /// How long `lbctl drops` waits for the agent.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,19 +73,19 @@ fn main() -> Result<()> {
         Command::Service {
             command: ServiceCommand::List,
         } => {
-            let maps = Maps::open_pinned(&args.bpffs_dir)?;
+            let maps = AyaServiceMaps::open_pinned(&args.bpffs_dir)?;
             let dump = maps.dump().context("reading the maps")?;
-            print!("{}", view::service_table(&dump));
+            print!("{}", tables::service_table(&dump));
         }
         Command::Socket {
             command: SocketCommand::List,
         } => {
-            let maps = Maps::open_pinned(&args.bpffs_dir)?;
+            let maps = AyaServiceMaps::open_pinned(&args.bpffs_dir)?;
             let names = maps.service_names().context("reading the service names")?;
             let translations = maps
                 .socket_translations()
                 .context("reading the socket translations")?;
-            print!("{}", view::socket_table(&names, &translations));
+            print!("{}", tables::socket_table(&names, &translations));
         }
         Command::Drops { agent } => {
             let records: Vec<DropRecord> = serde_json::from_str(&get(agent, "/drops")?)
@@ -92,7 +93,7 @@ fn main() -> Result<()> {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            print!("{}", view::drop_table(&records, now));
+            print!("{}", tables::drop_table(&records, now));
         }
     }
     Ok(())

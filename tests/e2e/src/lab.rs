@@ -202,12 +202,12 @@ pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
 }
 
 fn cgroup_root() -> Result<PathBuf> {
-    lb_agent::mounts::cgroup2_root()?.context("no cgroup v2 mount")
+    lb_agent::node::mounts::cgroup2_root()?.context("no cgroup v2 mount")
 }
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf.
 pub fn ensure_bpffs() -> Result<()> {
-    if !lb_agent::mounts::is_on_fs(Path::new("/sys/fs/bpf"), "bpf")? {
+    if !lb_agent::node::mounts::is_on_fs(Path::new("/sys/fs/bpf"), "bpf")? {
         run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
     }
     Ok(())

@@ -101,11 +101,13 @@ fn an_undersized_maglev_table_is_logged_and_counted() -> Result<()> {
     let three: Vec<Endpoint> = (1..=3).map(|i| Endpoint::ready(s.ip(i))).collect();
     s.apply("web.yaml", &node_port(&three), |t| t.contains(":30080/TCP"))?;
     s.agent.wait_for_log(
-        "default/web:http: 3 backends in a Maglev table of fewer than 100 slots each",
+        "service=default/web:http backends=3 wanted_size=509",
         Duration::from_secs(5),
     )?;
-    s.agent
-        .wait_for_log("maglevTableSize is at least 509", Duration::from_secs(1))?;
+    s.agent.wait_for_log(
+        "raise maglevTableSize to wanted_size",
+        Duration::from_secs(1),
+    )?;
     let metrics_url = format!("http://{}:10249/metrics", s.node.ip);
     let (_, metrics) = http_get(&s.client.netns, &metrics_url)?;
     assert!(
@@ -228,10 +230,8 @@ fn sigkill_under_load_fails_no_connection_and_restart_reconciles() -> Result<()>
     // Deleting `old` is 5 writes (frontend, 2 slots, reverse NAT, name) and
     // adding `new` 5 more (2 slots, reverse NAT, name, frontend; the backends
     // are shared): `web` is not touched.
-    s.agent.wait_for_log(
-        "reconciled 2 frontends with 10 map writes",
-        Duration::from_secs(5),
-    )?;
+    s.agent
+        .wait_for_log("reconciled frontends=2 writes=10 ", Duration::from_secs(5))?;
     let connected = s.connect("10.96.0.30:80", 5, &[])?;
     assert!(connected.iter().all(|a| a.ok), "{connected:?}");
     Ok(())

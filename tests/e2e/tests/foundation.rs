@@ -154,9 +154,9 @@ fn invalid_objects_are_reported_and_skipped() -> Result<()> {
         ),
     )?;
     for needle in [
-        "broken.yaml: Service default/bad-ip: field spec.clusterIP",
-        "broken.yaml: Service default/zero-port: field spec.ports[0].port",
-        "broken.yaml: Service (unnamed): field metadata.name",
+        "broken.yaml object=Service default/bad-ip field=spec.clusterIP",
+        "broken.yaml object=Service default/zero-port field=spec.ports[0].port",
+        "broken.yaml object=Service (unnamed) field=metadata.name",
     ] {
         s.agent.wait_for_log(needle, Duration::from_secs(5))?;
     }
@@ -183,10 +183,8 @@ fn translation_survives_agent_restart() -> Result<()> {
 
     // The restarted agent reads the same manifests and finds nothing to write.
     s.agent = Agent::start(&s.lab, &s.bins, &s.node)?;
-    s.agent.wait_for_log(
-        "reconciled 1 frontends with 0 map writes",
-        Duration::from_secs(5),
-    )?;
+    s.agent
+        .wait_for_log("reconciled frontends=1 writes=0 ", Duration::from_secs(5))?;
     let attempts = connect(&s, 20)?;
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     Ok(())

@@ -220,7 +220,7 @@ fn sctp_ports_are_refused_with_a_clear_message() -> Result<()> {
     );
     s.apply("web.yaml", &text, |t| t.contains("10.96.0.10:80/TCP"))?;
     s.agent.wait_for_log(
-        "Service default/web: field spec.ports[1].protocol: SCTP is not supported",
+        "object=Service default/web field=spec.ports[1].protocol reason=SCTP is not supported",
         Duration::from_secs(5),
     )?;
     assert!(!s.agent.service_list()?.contains(":90/"));
@@ -614,7 +614,9 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
             .all(|a| a.backend.as_deref() == Some("web-2")),
         "the long-lived socket stayed pinned: {settled:?}"
     );
-    s.agent
-        .wait_for_log("terminated 1 connected UDP sockets", Duration::from_secs(2))?;
+    s.agent.wait_for_log(
+        "terminated connected UDP sockets of removed backends sockets=1",
+        Duration::from_secs(2),
+    )?;
     Ok(())
 }

@@ -357,8 +357,7 @@ fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
     assert!(blocked.iter().all(|a| !a.ok), "{blocked:?}");
     // node1 says whom it dropped and why: in its log and on /drops.
     t.agents[0].wait_for_log(
-        "192.168.100.50:80/TCP (default/web:tcp): dropped: source address not in \
-         loadBalancerSourceRanges",
+        "dropped: source address not in loadBalancerSourceRanges client=192.168.100.200:",
         Duration::from_secs(5),
     )?;
     let (status, body) = http_get(
@@ -452,7 +451,7 @@ fn apply_per_packet(
 ) -> Result<()> {
     s.apply(file, text, |t| t.contains(frontend))?;
     s.agent.wait_for_log(
-        "packets to pod interface p2 (veth) are handed to its peer",
+        "packets to the pod interface are handed to its peer interface=p2 kind=veth",
         Duration::from_secs(5),
     )?;
     std::thread::sleep(Duration::from_millis(500));
@@ -569,7 +568,7 @@ fn an_annotated_pod_opts_out_of_socket_translation() -> Result<()> {
         t.contains("10.96.0.10:80/TCP (per packet)")
     })?;
     s.agent.wait_for_log(
-        "1 cgroups opted out of socket translation",
+        "cgroups opted out of socket translation cgroups=1",
         Duration::from_secs(5),
     )?;
     std::thread::sleep(Duration::from_millis(1500));

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use lb_common::Addr;
+use lb_common::net::Addr;
 
 /// The datapath form of an address: IPv6 as is, IPv4 as IPv4-mapped IPv6.
 pub fn addr_from_ip(ip: IpAddr) -> Addr {
@@ -47,11 +47,11 @@ mod tests {
     fn addresses_round_trip_and_match_the_kernel_layout() {
         let v4: IpAddr = "10.96.0.1".parse().unwrap();
         let addr = addr_from_ip(v4);
-        assert!(lb_common::is_v4_mapped(&addr));
+        assert!(lb_common::net::is_v4_mapped(&addr));
         assert_eq!(addr[3], u32::from_ne_bytes([10, 96, 0, 1]));
         assert_eq!(
             addr,
-            lb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 1]))
+            lb_common::net::v4_mapped(u32::from_ne_bytes([10, 96, 0, 1]))
         );
         assert_eq!(ip_from_addr(&addr), v4);
         let v6: IpAddr = "fd00::1:2".parse().unwrap();

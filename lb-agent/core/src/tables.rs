@@ -5,9 +5,12 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    tc::{uses_maglev, SCOPE_TC_CLUSTER},
-    RevNat, ServiceName, SockRevNatKey, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    net::{Addr, PROTO_TCP, PROTO_UDP},
+    service::{
+        uses_maglev, RevNat, ServiceName, SCOPE_TC_CLUSTER, SERVICE_FLAG_AFFINITY,
+        SERVICE_FLAG_NO_LOCAL_BACKENDS,
+    },
+    socket::SockRevNatKey,
 };
 
 use crate::{
@@ -17,7 +20,7 @@ use crate::{
 };
 
 /// Formats `addr:port` with brackets for IPv6.
-pub fn endpoint(addr: &lb_common::Addr, port_be: u16) -> String {
+pub fn endpoint(addr: &Addr, port_be: u16) -> String {
     std::net::SocketAddr::new(ip_from_addr(addr), port_from_be(port_be)).to_string()
 }
 
@@ -32,7 +35,7 @@ pub fn protocol_name(proto: u8) -> String {
 
 /// Renders the services of a map dump as an aligned table, one line per backend.
 pub fn service_table(dump: &Dump) -> String {
-    let applied = Applied::adopt(dump);
+    let applied = Applied::inspect(dump);
     let counts: std::collections::BTreeMap<_, _> = dump
         .services
         .iter()
@@ -174,10 +177,10 @@ mod tests {
     use super::*;
     use crate::{
         addr::{addr_from_ip, port_to_be},
-        model::{DesiredState, Frontend},
-        plan::{plan, Capacity, MaglevSettings, Scope},
+        desired::{DesiredState, Frontend},
+        plan::{memory::MemoryMaps, plan, Capacity, MaglevSettings, Scope},
     };
-    use lb_common::{Backend, ServiceKey, SCOPE_EXTERNAL};
+    use lb_common::service::{Backend, ServiceKey, SCOPE_EXTERNAL};
 
     #[test]
     fn drops_are_listed_with_their_age_flow_and_reason() {
@@ -237,17 +240,11 @@ mod tests {
             &MaglevSettings::default(),
             Scope::All,
         );
-        let mut dump = Dump::default();
+        let mut maps = MemoryMaps::default();
         for op in p.groups.iter().flat_map(|g| &g.ops) {
-            match op {
-                crate::plan::Op::PutBackend(id, b) => dump.backends.push((*id, *b)),
-                crate::plan::Op::PutSlot(k, id) => dump.slots.push((*k, *id)),
-                crate::plan::Op::PutName(id, n) => dump.names.push((*id, *n)),
-                crate::plan::Op::PutService(k, v) => dump.services.push((*k, *v)),
-                _ => {}
-            }
+            maps.write(op).unwrap();
         }
-        dump
+        maps.dump()
     }
 
     #[test]

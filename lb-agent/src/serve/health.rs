@@ -8,10 +8,9 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::{
-    http::{Handler, Response, Server},
-    model::ServiceHealth,
-};
+use lb_core::desired::ServiceHealth;
+
+use super::http::{Handler, Response, Server};
 
 /// RFC 3339 UTC timestamp with seconds, as Go's `time.Time` marshals to JSON.
 pub fn rfc3339(time: SystemTime) -> String {

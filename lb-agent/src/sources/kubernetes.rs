@@ -27,11 +27,11 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::{
-    metrics::Metrics,
-    model::{Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
-    source::{Latest, Snapshot},
-};
+use lb_core::intent::{Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+use tracing::{error, info, warn};
+
+use super::{Latest, Snapshot};
+use crate::serve::metrics::Metrics;
 
 /// kube-proxy watches Services and EndpointSlices with this selector: objects
 /// of other proxies, and headless ones, are not its business.
@@ -143,7 +143,7 @@ where
             Ok(_) => changed.notify_one(),
             Err(err) => {
                 metrics.watch_restarts.with_label_values(&[resource]).inc();
-                log::warn!("watch of {resource}: {err}; retrying with backoff, datapath unchanged");
+                warn!(resource = %resource, error = %err, "watch failed; retrying with backoff, datapath unchanged");
             }
         }
     }
@@ -237,10 +237,10 @@ async fn run(
         policies.wait_until_ready(),
     );
     if ready.is_err() {
-        log::error!("a Kubernetes watch ended before its first list; no state published");
+        error!("a Kubernetes watch ended before its first list; no state published");
         return;
     }
-    log::info!("initial lists received from the API server");
+    info!("initial lists received from the API server");
     loop {
         out.publish(Snapshot {
             objects: Objects {

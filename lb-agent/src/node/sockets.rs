@@ -23,7 +23,7 @@ use nix::{
     },
 };
 
-use crate::sockdiag::{destroy_request, dump_request, parse, DiagSocket, Message};
+use super::sockdiag::{destroy_request, dump_request, parse, DiagSocket, Message};
 
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;

@@ -6,7 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::plan::{Applied, Capacity};
+use lb_common::outcome::{Counted, Outcome};
+use lb_core::plan::{Applied, Capacity};
 
 /// Every metric the agent exports.
 #[derive(Clone)]
@@ -24,6 +25,8 @@ pub struct Metrics {
     pub reconciles: IntCounter,
     /// Reconciliations that hit an error (capacity, failed write).
     pub reconcile_errors: IntCounter,
+    /// Frontends a full map keeps out of the datapath, retried on every pass.
+    pub frontends_pending: IntGauge,
     /// Time from snapshot to programmed maps.
     pub reconcile_seconds: Histogram,
     /// Objects (or fields) skipped as invalid in the latest snapshot.
@@ -92,6 +95,10 @@ impl Metrics {
             ),
             reconciles: counter("lb_reconciles_total", "Reconciliations run"),
             reconcile_errors: counter("lb_reconcile_errors_total", "Reconciliations with an error"),
+            frontends_pending: gauge(
+                "lb_frontends_pending",
+                "Frontends a full map keeps out of the datapath; retried on every pass",
+            ),
             reconcile_seconds: register(
                 r,
                 Histogram::with_opts(
@@ -178,11 +185,26 @@ impl Metrics {
             ("services", applied.frontends.len(), capacity.services),
             ("backends", applied.backends.len(), capacity.backends),
             ("backend_slots", applied.slot_count(), capacity.slots),
+            ("maglev", applied.maglev_entries(), capacity.maglev_entries),
         ] {
             self.map_entries
                 .with_label_values(&[map])
                 .set(entries as i64);
             self.map_capacity.with_label_values(&[map]).set(cap as i64);
+        }
+    }
+
+    /// Sets the kernel counters of these outcomes: `lb_tc_packets{outcome}`
+    /// or `lb_socket_refused{reason}`, as each outcome is counted.
+    pub fn set_outcomes(&self, counts: &[(Outcome, u64)]) {
+        for (outcome, count) in counts {
+            let gauges = match outcome.counted() {
+                Counted::Tc => &self.tc_packets,
+                Counted::Socket => &self.socket_refused,
+            };
+            gauges
+                .with_label_values(&[outcome.label()])
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }
     }
 

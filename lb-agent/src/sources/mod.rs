@@ -1,18 +1,18 @@
-//! Sources of intent hand whole snapshots of objects to the agent through a
-//! one-slot mailbox: a newer snapshot replaces an unread older one, so the
-//! queue is bounded and the agent always works on the latest state.
+//! Sources of intent: the Kubernetes API ([`kubernetes`]) and a directory
+//! of YAML ([`files`]). Each hands whole snapshots of objects to the agent
+//! through a one-slot mailbox ([`Latest`]): a newer snapshot replaces an
+//! unread older one, so the queue is bounded and the agent always works on
+//! the latest state.
+
+pub mod files;
+pub mod kubernetes;
 
 use std::{
-    path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
-    thread,
+    sync::{Condvar, Mutex},
     time::Duration,
 };
 
-use crate::{
-    model::{ObjectError, Objects},
-    yaml,
-};
+use lb_core::intent::{ObjectError, Objects};
 
 /// A snapshot of every object a source holds.
 #[derive(Clone, Debug, Default)]
@@ -46,40 +46,6 @@ impl Latest {
             .expect("not poisoned");
         guard.take()
     }
-}
-
-/// Polls a manifest directory and publishes a snapshot whenever a file
-/// changes. A directory that cannot be read publishes nothing: the datapath
-/// keeps its last state.
-pub fn watch_manifests(dir: PathBuf, period: Duration, out: Arc<Latest>) {
-    thread::spawn(move || {
-        let mut last_seen: Option<yaml::Fingerprint> = None;
-        loop {
-            match yaml::fingerprint(&dir) {
-                Ok(fingerprint) if last_seen.as_ref() != Some(&fingerprint) => {
-                    match yaml::read_dir(&dir) {
-                        Ok(parsed) => {
-                            out.publish(Snapshot {
-                                objects: parsed.objects,
-                                errors: parsed.errors,
-                            });
-                            last_seen = Some(fingerprint);
-                        }
-                        Err(err) => log::error!(
-                            "reading {}: {err}; keeping the current state",
-                            dir.display()
-                        ),
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => log::error!(
-                    "reading {}: {err}; keeping the current state",
-                    dir.display()
-                ),
-            }
-            thread::sleep(period);
-        }
-    });
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! Layouts follow `linux/inet_diag.h` and `linux/netlink.h`; netlink headers
 //! are host-endian, ports and addresses in `inet_diag_sockid` network-endian.
 
-use crate::netlink::{push_header, NLMSG_ERROR, NLMSG_HDR_LEN as HEADER_LEN, NLM_F_REQUEST};
+use super::netlink::{push_header, NLMSG_ERROR, NLMSG_HDR_LEN as HEADER_LEN, NLM_F_REQUEST};
 
 /// `SOCK_DIAG_BY_FAMILY`: dump sockets of one family and protocol.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;

@@ -1,0 +1,49 @@
+//! Node-wide settings the agent writes before it attaches each program set.
+
+use crate::{assert_layout, net::Addr};
+
+/// [`SockConfig::flags`]: translate only sockets of the node's own network
+/// namespace (host processes, hostNetwork pods); pods are translated per
+/// packet on their interfaces.
+pub const SOCK_CONFIG_NODE_NETNS_ONLY: u32 = 1 << 0;
+
+/// How the socket programs serve this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfig {
+    /// Cookie of the node's own network namespace, where 127.0.0.0/8
+    /// reaches NodePorts; 0 when unknown.
+    pub node_netns: u64,
+    /// `SOCK_CONFIG_*` flags.
+    pub flags: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+assert_layout!(SockConfig, 16, { node_netns: 0, flags: 8, pad: 12 });
+
+/// [`TcConfig::flags`]: forward every translated packet on ingress with
+/// `bpf_fib_lookup` and `bpf_redirect` (or `bpf_redirect_neigh`) instead of
+/// handing it to the stack. Packets whose source was rewritten (SNAT, replies
+/// now from a node address) are always forwarded this way: the stack would
+/// drop them as martians.
+pub const TC_CONFIG_FIB_REDIRECT: u32 = 1 << 0;
+
+/// Node-wide settings of the tc programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcConfig {
+    /// Seed of [`crate::maglev::flow_hash`]; must be identical on every node.
+    pub maglev_seed: u64,
+    /// SNAT address for IPv4 flows (IPv4-mapped); all zero: none.
+    pub snat_v4: Addr,
+    /// SNAT address for IPv6 flows; all zero: none.
+    pub snat_v6: Addr,
+    /// `TC_CONFIG_*` bits.
+    pub flags: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+assert_layout!(TcConfig, 48, { maglev_seed: 0, snat_v4: 8, snat_v6: 24, flags: 40, pad: 44 });
+
+#[cfg(feature = "user")]
+crate::user_pod!(SockConfig, TcConfig);

@@ -1,0 +1,60 @@
+//! What the compiler needs to know about this node from the objects: its
+//! zone, and which of its pods opted out of socket-level translation.
+
+use std::collections::BTreeSet;
+
+use super::validation::Reporter;
+use crate::intent::{NodeContext, ObjectError, Objects, SOCKET_LB_ANNOTATION, ZONE_LABEL};
+
+/// UIDs of this node's pods annotated to opt out of socket-level translation.
+/// A hostNetwork pod's annotation is reported and ignored: its packets cross
+/// no pod interface, so the socket path is the only one that serves it.
+pub(super) fn opted_out_pods(
+    objects: &Objects,
+    node: &NodeContext,
+    errors: &mut Vec<ObjectError>,
+) -> BTreeSet<String> {
+    let Some(name) = node.name.as_deref() else {
+        return BTreeSet::new();
+    };
+    let mut uids = BTreeSet::new();
+    for sourced in &objects.pods {
+        let pod = &sourced.object;
+        let spec = pod.spec.as_ref();
+        let annotated = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
+            .is_some_and(|v| v == "disabled");
+        if !annotated || spec.and_then(|s| s.node_name.as_deref()) != Some(name) {
+            continue;
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            errors.push(Reporter::new(&sourced.origin, "Pod", &pod.metadata).error(
+                &format!("metadata.annotations[{SOCKET_LB_ANNOTATION}]"),
+                "ignored on a hostNetwork pod: its packets cross no pod interface, \
+                 so only socket-level translation serves it",
+            ));
+            continue;
+        }
+        uids.extend(pod.metadata.uid.clone());
+    }
+    uids
+}
+
+/// This node's zone, from its Node object's label.
+pub(super) fn node_zone(objects: &Objects, node: &NodeContext) -> Option<String> {
+    let name = node.name.as_deref()?;
+    objects
+        .nodes
+        .iter()
+        .find(|n| n.object.metadata.name.as_deref() == Some(name))?
+        .object
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
