@@ -1,8 +1,9 @@
-//! Conversions between std addresses and the datapath's [`Addr`] layout.
+//! Conversions between std addresses and the datapath's [`Addr`] layout,
+//! ports in network byte order, and protocol names.
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use lb_common::net::Addr;
+use lb_common::net::{Addr, PROTO_TCP, PROTO_UDP};
 
 /// The datapath form of an address: IPv6 as is, IPv4 as IPv4-mapped IPv6.
 pub fn addr_from_ip(ip: IpAddr) -> Addr {
@@ -37,6 +38,15 @@ pub const fn port_to_be(port: u16) -> u16 {
 /// A port from the maps' network byte order.
 pub const fn port_from_be(port: u16) -> u16 {
     u16::from_be(port)
+}
+
+/// `TCP`, `UDP` or the protocol number.
+pub fn protocol_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,7 @@ use std::net::SocketAddr;
 use lb_common::events::DropEvent;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    addr::{ip_from_addr, port_from_be},
-    tables::protocol_name,
-};
+use crate::addr::{ip_from_addr, port_from_be, protocol_name};
 
 /// Drops kept for `/drops`, newest last.
 pub const RECENT_DROPS: usize = 256;

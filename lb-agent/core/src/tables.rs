@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    net::{Addr, PROTO_TCP, PROTO_UDP},
+    net::Addr,
     service::{
         uses_maglev, RevNat, ServiceName, SCOPE_TC_CLUSTER, SERVICE_FLAG_AFFINITY,
         SERVICE_FLAG_NO_LOCAL_BACKENDS,
@@ -14,7 +14,7 @@ use lb_common::{
 };
 
 use crate::{
-    addr::{ip_from_addr, port_from_be},
+    addr::{ip_from_addr, port_from_be, protocol_name},
     drops::DropRecord,
     plan::{name_to_string, Applied, Dump},
 };
@@ -22,15 +22,6 @@ use crate::{
 /// Formats `addr:port` with brackets for IPv6.
 pub fn endpoint(addr: &Addr, port_be: u16) -> String {
     std::net::SocketAddr::new(ip_from_addr(addr), port_from_be(port_be)).to_string()
-}
-
-/// `TCP`, `UDP` or the protocol number.
-pub fn protocol_name(proto: u8) -> String {
-    match proto {
-        PROTO_TCP => "TCP".into(),
-        PROTO_UDP => "UDP".into(),
-        other => other.to_string(),
-    }
 }
 
 /// Renders the services of a map dump as an aligned table, one line per backend.
@@ -180,7 +171,10 @@ mod tests {
         desired::{DesiredState, Frontend},
         plan::{memory::MemoryMaps, plan, Capacity, MaglevSettings, Scope},
     };
-    use lb_common::service::{Backend, ServiceKey, SCOPE_EXTERNAL};
+    use lb_common::{
+        net::PROTO_TCP,
+        service::{Backend, ServiceKey, SCOPE_EXTERNAL},
+    };
 
     #[test]
     fn drops_are_listed_with_their_age_flow_and_reason() {

@@ -8,7 +8,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::service::{Backend, BACKEND_FLAG_LOCAL};
 
 use super::{
-    frontends::Locality,
+    node::Locality,
     validation::{parse_protocol, valid_port, PortSpec, Reporter},
     ServiceId,
 };

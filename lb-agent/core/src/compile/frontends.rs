@@ -17,6 +17,7 @@ use lb_common::service::{
 
 use super::{
     endpoints::{is_local, select_backends, slice_endpoints, EndpointSpec},
+    node::Locality,
     validation::{
         cluster_ips, health_check_port, is_proxied, parse_cidr, service_options, service_ports,
         valid_port, PortSpec, Reporter,
@@ -28,15 +29,6 @@ use crate::{
     desired::{Frontend, ServiceHealth},
     intent::Sourced,
 };
-
-/// Where this agent runs, for Local traffic policies and topology hints.
-pub(super) struct Locality<'a> {
-    pub(super) node: Option<&'a str>,
-    pub(super) zone: Option<&'a str>,
-    pub(super) node_port_addresses: &'a [IpAddr],
-    pub(super) localhost_node_ports: bool,
-    pub(super) per_packet_cluster_ips: bool,
-}
 
 /// Compiles one Service with its EndpointSlices.
 pub(super) fn compile_service(

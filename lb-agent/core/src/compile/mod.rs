@@ -25,8 +25,8 @@ pub use validation::DEFAULT_AFFINITY_TIMEOUT_S;
 
 use self::{
     endpoints::{borrowed_slice_service, slice_service},
-    frontends::{compile_service, Locality},
-    node::{node_zone, opted_out_pods},
+    frontends::compile_service,
+    node::{node_zone, opted_out_pods, Locality},
     validation::Reporter,
 };
 use crate::{

@@ -1,10 +1,20 @@
-//! What the compiler needs to know about this node from the objects: its
-//! zone, and which of its pods opted out of socket-level translation.
+//! What the compiler needs to know about this node: where it runs
+//! ([`Locality`]), its zone, and which of its pods opted out of socket-level
+//! translation.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use super::validation::Reporter;
 use crate::intent::{NodeContext, ObjectError, Objects, SOCKET_LB_ANNOTATION, ZONE_LABEL};
+
+/// Where this agent runs, for Local traffic policies and topology hints.
+pub(super) struct Locality<'a> {
+    pub(super) node: Option<&'a str>,
+    pub(super) zone: Option<&'a str>,
+    pub(super) node_port_addresses: &'a [IpAddr],
+    pub(super) localhost_node_ports: bool,
+    pub(super) per_packet_cluster_ips: bool,
+}
 
 /// UIDs of this node's pods annotated to opt out of socket-level translation.
 /// A hostNetwork pod's annotation is reported and ignored: its packets cross
