@@ -26,9 +26,12 @@ bench: bootstrap
 	cargo build --release
 	cargo run --release -p lb-bench --bin lb-bench -- --out bench/results
 
+## fmt and clippy on every crate: user space, then the kernel crates for the BPF target.
 lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
+	cargo +$(LB_EBPF_TOOLCHAIN) clippy --target bpfel-unknown-none -Zbuild-std=core \
+		-p lb-datapath-ebpf -p lb-socket-ebpf -- -D warnings
 
 fmt:
 	cargo fmt --all

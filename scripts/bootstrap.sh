@@ -39,6 +39,18 @@ if [ ! -d "$sysroot/lib/rustlib/src/rust/library" ]; then
   log "adding rust-src to $toolchain"
   rustup component add rust-src --toolchain "$toolchain"
 fi
+# `make lint` runs clippy on the kernel crates with that toolchain, and fmt
+# and clippy on the rest with the default one.
+if ! rustup run "$toolchain" cargo clippy --version >/dev/null 2>&1; then
+  log "adding clippy to $toolchain"
+  rustup component add clippy --toolchain "$toolchain"
+fi
+for component in clippy rustfmt; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    log "adding $component to the default toolchain"
+    rustup component add "$component"
+  fi
+done
 
 # bpf-linker 0.10.3 loads the nightly's own LLVM (0.11+ needs a system LLVM 21+).
 if ! bpf-linker --version 2>/dev/null | grep -q "0.10.3"; then

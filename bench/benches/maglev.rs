@@ -2,6 +2,10 @@
 //! start, since criterion measures time only): share of entries changed when
 //! one of N backends is removed, relative to the ideal 1/N, and the slot
 //! imbalance (largest deviation of a backend's share from its fair share).
+#![allow(
+    missing_docs,
+    reason = "criterion_group! generates an undocumented entry point"
+)]
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -1261,26 +1261,17 @@ COMMIT
         assert_eq!(nft.matches("numgen random mod 3 vmap").count(), 10_000);
     }
 
-    /// Runs `cmd args` as root with `input` on stdin; `None` when the tool
-    /// is missing or we are not root (the check is then skipped).
-    fn run_check(cmd: &str, args: &[&str], input: &str) -> Option<(bool, String)> {
-        if !is_root() {
-            eprintln!("skipping {cmd} check: not root");
-            return None;
-        }
-        let mut child = match Command::new(cmd)
+    /// Runs `cmd args` with `input` on stdin: whether it succeeded, and
+    /// what it printed. Needs root and the tool (`make bootstrap` installs it).
+    fn run_check(cmd: &str, args: &[&str], input: &str) -> (bool, String) {
+        lb_e2e::scenario::require_root();
+        let mut child = Command::new(cmd)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping {cmd} check: {e}");
-                return None;
-            }
-        };
+            .unwrap_or_else(|e| panic!("{cmd} (installed by make bootstrap): {e}"));
         child
             .stdin
             .take()
@@ -1293,19 +1284,7 @@ COMMIT
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Some((out.status.success(), msg))
-    }
-
-    /// Effective uid 0, read from /proc/self/status.
-    fn is_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-            })
-            .unwrap_or(false)
+        (out.status.success(), msg)
     }
 
     fn sample_services() -> Vec<ServicePort> {
@@ -1329,19 +1308,16 @@ COMMIT
                 ..IptablesOptions::default()
             },
         );
-        if let Some((ok, msg)) = run_check("iptables-restore", &["--test"], &text) {
-            assert!(ok, "iptables-restore --test rejected the rules: {msg}");
-        }
-        if let Some((ok, msg)) = run_check("iptables-restore", &["--test"], IPTABLES_FLUSH) {
-            assert!(ok, "iptables-restore --test rejected the flush: {msg}");
-        }
+        let (ok, msg) = run_check("iptables-restore", &["--test"], &text);
+        assert!(ok, "iptables-restore --test rejected the rules: {msg}");
+        let (ok, msg) = run_check("iptables-restore", &["--test"], IPTABLES_FLUSH);
+        assert!(ok, "iptables-restore --test rejected the flush: {msg}");
     }
 
     #[test]
     fn nft_accepts_generated_rules() {
         let text = nft_script(&sample_services(), &NftablesOptions::default());
-        if let Some((ok, msg)) = run_check("nft", &["-c", "-f", "-"], &text) {
-            assert!(ok, "nft -c rejected the rules: {msg}");
-        }
+        let (ok, msg) = run_check("nft", &["-c", "-f", "-"], &text);
+        assert!(ok, "nft -c rejected the rules: {msg}");
     }
 }

@@ -210,7 +210,7 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// The error, with its location.
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
 }
 
@@ -230,7 +230,7 @@ pub fn load_file(args: &Args) -> Result<FileConfig, ConfigError> {
     })?;
     parse_file(&text).map_err(|source| ConfigError::Parse {
         path: path.clone(),
-        source,
+        source: Box::new(source),
     })
 }
 

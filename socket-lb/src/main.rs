@@ -4,6 +4,13 @@
 //! address they did not ask for.
 #![no_std]
 #![no_main]
+// A BPF program reads the kernel's context, calls helpers and writes maps
+// through raw pointers: unsafe, each block with its SAFETY.
+#![allow(unsafe_code, reason = "BPF helpers, context and map pointers")]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a by-value key is one more copy on the 512-byte BPF stack"
+)]
 
 mod lb;
 mod maps;

@@ -215,41 +215,49 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     ALLOW
 }
 
+/// `connect()` of an IPv4 socket: steer a frontend to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     translate(&ctx, Family::V4)
 }
 
+/// `connect()` of an IPv6 socket: steer a frontend to a backend.
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     translate(&ctx, Family::V6)
 }
 
+/// `sendmsg()` of an unconnected IPv4 UDP socket: steer each datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     translate(&ctx, Family::V4)
 }
 
+/// `sendmsg()` of an unconnected IPv6 UDP socket: steer each datagram.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     translate(&ctx, Family::V6)
 }
 
+/// `getpeername()` of an IPv4 socket: show the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V4)
 }
 
+/// `getpeername()` of an IPv6 socket: show the frontend.
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6)
 }
 
+/// `recvmsg()` of an IPv4 UDP socket: answers appear to come from the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V4)
 }
 
+/// `recvmsg()` of an IPv6 UDP socket: answers appear to come from the frontend.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6)

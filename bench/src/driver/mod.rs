@@ -64,8 +64,8 @@ use lb_e2e::{agent::Binaries, lab::Lab};
 pub use config::{default_out_dir, temp_out_dir, CandidateKind, Config};
 pub use summary::{Ratio, Row};
 
+use lb_e2e::scenario::is_root;
 use measure::{measurement_pairs, run_client, run_iperf, run_taking_turns, Cell, Mode};
-use processes::is_root;
 use render::{render_report, render_svg, render_table, Machine};
 use services::ServiceSet;
 use stands::{build_candidate, Candidate};

@@ -107,11 +107,6 @@ pub(super) fn flush_conntrack(netns: &str) -> Result<()> {
     })
 }
 
-/// Whether this process runs as root.
-pub(super) fn is_root() -> bool {
-    fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,10 +119,8 @@ mod tests {
                 .spawn(|| {
                     // SAFETY: setns(2) with a namespace descriptor we own; it
                     // only moves this test thread.
-                    assert_eq!(
-                        unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                        0
-                    );
+                    let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(entered, 0);
                     f()
                 })
                 .join()
@@ -137,10 +130,7 @@ mod tests {
 
     #[test]
     fn conntrack_flush_empties_the_namespace_table() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
+        lb_e2e::scenario::require_root();
         let netns = format!("lbbench-ct-{}", std::process::id());
         lb_e2e::lab::run("ip", &["netns", "add", &netns]).unwrap();
         let result = std::panic::catch_unwind(|| {

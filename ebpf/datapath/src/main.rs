@@ -19,9 +19,15 @@
 //! errors, [`reject`], [`fib`] forwarding, [`events`] for drops, [`maps`].
 #![no_std]
 #![no_main]
+// A BPF program reads the kernel's context and packet, calls helpers and
+// writes maps through raw pointers: unsafe, each block with its SAFETY.
+#![allow(unsafe_code, reason = "BPF helpers, context and map pointers")]
 // Map keys are passed by reference on purpose: a by-value key is one more
 // copy on the 512-byte BPF stack.
-#![allow(clippy::needless_borrows_for_generic_args)]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a by-value key is one more copy on the 512-byte BPF stack"
+)]
 
 mod conntrack;
 mod events;
@@ -73,20 +79,22 @@ enum Hook {
     Egress,
 }
 
+/// Uplink ingress (and a pod interface's ingress: the pod's packets).
 #[classifier]
-pub fn lb_ingress(ctx: TcContext) -> i32 {
+fn lb_ingress(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::Ingress)
 }
 
+/// Uplink egress (and a pod interface's egress: packets to the pod).
 #[classifier]
-pub fn lb_egress(ctx: TcContext) -> i32 {
+fn lb_egress(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::Egress)
 }
 
 /// Conntrack garbage collection, never attached: the agent runs it with
 /// `BPF_PROG_TEST_RUN` on a dummy frame.
 #[classifier]
-pub fn lb_ct_gc(_ctx: TcContext) -> i32 {
+fn lb_ct_gc(_ctx: TcContext) -> i32 {
     conntrack::collect();
     TC_ACT_OK
 }

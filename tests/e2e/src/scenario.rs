@@ -35,13 +35,16 @@ pub struct Scenario {
 
 /// Whether this process runs as root; the scenarios need it and say so.
 pub fn require_root() {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(u32::MAX);
-    assert_eq!(
-        uid, 0,
-        "the end-to-end tests need root (network namespaces, cgroups, BPF)"
+    assert!(
+        is_root(),
+        "this test needs root (network namespaces, cgroups, BPF); run it as root, \
+         as `make test` does"
     );
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
 }
 
 impl Scenario {
