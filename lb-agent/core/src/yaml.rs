@@ -24,13 +24,28 @@ impl Parsed {
     }
 }
 
+/// The parser's limits: room for a directory of 10,000 Services with their
+/// EndpointSlices in one file (the defaults stop at 1,024 documents), with
+/// the default guards against alias bombs kept.
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 100_000_000,
+            max_events: 400_000_000,
+            max_total_scalar_bytes: 1 << 30,
+            max_reader_input_bytes: Some(1 << 30),
+        },
+    }
+}
+
 /// Parses every document of one file's text. `origin` names the file in
 /// errors. A syntax error anywhere makes the whole text unusable (the
 /// document boundaries after it are unknown): it is reported, and no object
 /// of the text is returned.
 pub fn parse_documents(origin: &str, text: &str) -> Parsed {
     let mut parsed = Parsed::default();
-    let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, options()) {
         Ok(documents) => documents,
         Err(err) => {
             parsed
@@ -226,6 +241,22 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
         assert!(parsed.objects.services.is_empty());
         assert_eq!(parsed.errors.len(), 1);
         assert_eq!(parsed.errors[0].origin, "broken.yaml");
+    }
+
+    #[test]
+    fn a_file_with_thousands_of_documents_is_read() {
+        let text: String = (0..5_000)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.0.{}.{}, ports: [{{port: 80}}]}}\n---\n",
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect();
+        let parsed = parse_documents("big.yaml", &text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors.first());
+        assert_eq!(parsed.objects.services.len(), 5_000);
     }
 
     #[test]
