@@ -1,1 +1,21 @@
-//! Policy
+//! lb-policy: security identities from labels, and Kubernetes
+//! NetworkPolicy compiled into what the datapath looks up. Pure: no kernel,
+//! network, file or clock access; the agent feeds it objects and writes what
+//! it returns.
+//!
+//! - [`labels`]: what an identity stands for; [`numbers`]: stable numbers.
+//! - [`selector`] and [`rules`]: validated label selectors and policies.
+//! - [`compile`]: the incremental compiler, objects to [`desired`] contents
+//!   (identities, ipcache, endpoints, policy sets), with [`ports`] ranges
+//!   as trie prefixes.
+//! - [`desired::PolicyDesired::verdict`]: the verdict those contents give a
+//!   flow, as the datapath computes it.
+#![forbid(unsafe_code)]
+
+pub mod compile;
+pub mod desired;
+pub mod labels;
+pub mod numbers;
+pub mod ports;
+pub mod rules;
+pub mod selector;

@@ -6,7 +6,7 @@
 
 use crate::{assert_layout, conntrack::CtKey, outcome::Outcome};
 
-/// Size of the drop event ring buffer: 4,096 events (56 bytes each plus the
+/// Size of the drop event ring buffer: 3,640 events (64 bytes each plus the
 /// kernel's 8-byte record header); the agent drains it every second at least.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -59,8 +59,14 @@ pub struct DropEvent {
     pub service_id: u32,
     /// When, in `bpf_ktime_get_boot_ns` time.
     pub time_ns: u64,
+    /// The source's identity, for policy drops (else 0).
+    pub src_identity: u32,
+    /// The destination's identity, for policy drops (else 0).
+    pub dst_identity: u32,
 }
-assert_layout!(DropEvent, 56, { tuple: 0, reason: 40, service_id: 44, time_ns: 48 });
+assert_layout!(DropEvent, 64, {
+    tuple: 0, reason: 40, service_id: 44, time_ns: 48, src_identity: 56, dst_identity: 60,
+});
 
 impl DropEvent {
     /// The event a ring buffer record holds; `None` if it is too short.
@@ -116,14 +122,16 @@ mod tests {
             reason: Outcome::DropSourceRange.index(),
             service_id: 7,
             time_ns: 99,
+            src_identity: 300,
+            dst_identity: 2,
         };
         // SAFETY: a live value viewed as its own bytes.
-        let bytes: [u8; 56] = unsafe { core::mem::transmute(event) };
+        let bytes: [u8; 64] = unsafe { core::mem::transmute(event) };
         // A record at an odd offset, as a ring buffer may hand it over.
-        let mut shifted = [0u8; 57];
+        let mut shifted = [0u8; 65];
         shifted[1..].copy_from_slice(&bytes);
         assert_eq!(DropEvent::from_bytes(&shifted[1..]), Some(event));
-        assert_eq!(DropEvent::from_bytes(&bytes[..55]), None);
+        assert_eq!(DropEvent::from_bytes(&bytes[..63]), None);
         assert_eq!(event.outcome(), Some(Outcome::DropSourceRange));
     }
 }

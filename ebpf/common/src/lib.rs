@@ -31,6 +31,7 @@ pub mod maps;
 pub mod nat;
 pub mod net;
 pub mod outcome;
+pub mod policy;
 pub mod reject;
 pub mod service;
 pub mod socket;

@@ -139,6 +139,41 @@ map_names! { $
     /// to the pod's side with `bpf_redirect_peer`. Not pinned: the agent
     /// fills each loaded object's own as it attaches to pod interfaces.
     POD_INTERFACES = "LB_PODIF_V1";
+
+    // Policy (see crate::policy).
+
+    /// Address or prefix to identities: LPM trie of
+    /// [`IpcacheKey`](crate::policy::IpcacheKey) ->
+    /// [`IpcacheValue`](crate::policy::IpcacheValue).
+    IPCACHE = "LB_IPCACHE_V1";
+    /// This node's pods by address: `Addr` ->
+    /// [`EndpointValue`](crate::policy::EndpointValue).
+    ENDPOINTS = "LB_EP_V1";
+    /// What policy sets allow: LPM trie of
+    /// [`PolicyKey`](crate::policy::PolicyKey) ->
+    /// [`PolicyValue`](crate::policy::PolicyValue).
+    POLICY = "LB_POLICY_V1";
+    /// Flows' verdicts: LRU of [`CtKey`](crate::conntrack::CtKey) ->
+    /// [`PolicyCtValue`](crate::policy::PolicyCtValue), two entries per flow.
+    POLICY_CT = "LB_POLCT_V1";
+    /// The policy revision: array of one
+    /// [`PolicyState`](crate::policy::PolicyState).
+    POLICY_STATE = "LB_POLSTATE_V1";
+    /// Identities for adoption and display: `u32` ->
+    /// [`IdentityValue`](crate::policy::IdentityValue).
+    IDENTITIES = "LB_IDENT_V1";
+    /// Policy sets for adoption: `u32` ->
+    /// [`PolicySetValue`](crate::policy::PolicySetValue).
+    POLICY_SETS = "LB_POLSET_V1";
+    /// Rule names, for `lbctl`: `u32` ->
+    /// [`PolicyName`](crate::policy::PolicyName).
+    POLICY_RULES = "LB_POLRULE_V1";
+    /// Endpoint names, for `lbctl`: `Addr` ->
+    /// [`PolicyName`](crate::policy::PolicyName).
+    ENDPOINT_NAMES = "LB_EPNAME_V1";
+    /// This node's pods by cgroup, for the socket programs' early refusal:
+    /// cgroup id (`u64`) -> the pod's address (`Addr`).
+    CGROUP_ENDPOINTS = "LB_CGEP_V1";
 }
 
 /// Capacity of [`SERVICES`], [`REV_NAT`], [`SERVICE_NAMES`] and [`ROUND_ROBIN`].
@@ -171,6 +206,24 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Capacity of [`POD_INTERFACES`].
 pub const MAX_POD_INTERFACES: u32 = 16_384;
+/// Default capacity of [`IPCACHE`]: every pod address of a 150,000-pod
+/// dual-stack cluster, node addresses and policy CIDRs.
+pub const MAX_IPCACHE: u32 = 524_288;
+/// Capacity of [`ENDPOINTS`] and [`ENDPOINT_NAMES`]: addresses of this
+/// node's pods.
+pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Default capacity of [`POLICY`], all policy sets together.
+pub const MAX_POLICY_ENTRIES: u32 = 524_288;
+/// Default capacity of [`POLICY_CT`] (two entries per flow).
+pub const MAX_POLICY_CT: u32 = 1 << 18;
+/// Capacity of [`IDENTITIES`]: every 16-bit identity.
+pub const MAX_IDENTITIES: u32 = 65_536;
+/// Capacity of [`POLICY_SETS`].
+pub const MAX_POLICY_SETS: u32 = 65_536;
+/// Capacity of [`POLICY_RULES`].
+pub const MAX_POLICY_RULES: u32 = 131_072;
+/// Capacity of [`CGROUP_ENDPOINTS`].
+pub const MAX_CGROUP_ENDPOINTS: u32 = 65_536;
 
 #[cfg(test)]
 mod tests {

@@ -67,11 +67,29 @@ pub enum Outcome {
     /// `connect()`/`sendmsg()` refused with EHOSTUNREACH: traffic policy
     /// Local and no endpoint on this node.
     SocketNoLocalEndpoints = 14,
+    /// A new flow allowed by network policy (or not subject to it).
+    PolicyAllowed = 15,
+    /// Dropped: the source pod's egress policy does not allow the flow.
+    PolicyDeniedEgress = 16,
+    /// Dropped: the destination pod's ingress policy does not allow the flow.
+    PolicyDeniedIngress = 17,
+    /// Dropped: a packet from a pod with a source address that is not one of
+    /// the pod's.
+    PolicySpoofed = 18,
+    /// Dropped: the pod's policy could not be programmed (a full map), so
+    /// its new flows are refused until it is.
+    PolicyFailClosed = 19,
+    /// Dropped: a packet to or from an isolated pod whose ports could not be
+    /// read (a later fragment whose first was not seen).
+    PolicyUnparsed = 20,
+    /// `connect()`/`sendmsg()` refused with EPERM: the pod's egress policy
+    /// does not allow the (translated) destination.
+    SocketPolicyDenied = 21,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 22] = [
         Outcome::Forward,
         Outcome::Reply,
         Outcome::NewFlow,
@@ -87,6 +105,13 @@ impl Outcome {
         Outcome::IcmpError,
         Outcome::SocketNoEndpoints,
         Outcome::SocketNoLocalEndpoints,
+        Outcome::PolicyAllowed,
+        Outcome::PolicyDeniedEgress,
+        Outcome::PolicyDeniedIngress,
+        Outcome::PolicySpoofed,
+        Outcome::PolicyFailClosed,
+        Outcome::PolicyUnparsed,
+        Outcome::SocketPolicyDenied,
     ];
 
     /// Its counter's index in its program set's counter array, and its code
@@ -108,7 +133,9 @@ impl Outcome {
     /// The program set that counts it.
     pub const fn counted(self) -> Counted {
         match self {
-            Outcome::SocketNoEndpoints | Outcome::SocketNoLocalEndpoints => Counted::Socket,
+            Outcome::SocketNoEndpoints
+            | Outcome::SocketNoLocalEndpoints
+            | Outcome::SocketPolicyDenied => Counted::Socket,
             _ => Counted::Tc,
         }
     }
@@ -123,6 +150,7 @@ impl Outcome {
                 | Outcome::NewFlow
                 | Outcome::FibRedirect
                 | Outcome::IcmpError
+                | Outcome::PolicyAllowed
         )
     }
 
@@ -144,6 +172,13 @@ impl Outcome {
             Outcome::IcmpError => "icmp_error",
             Outcome::SocketNoEndpoints => "no_endpoints",
             Outcome::SocketNoLocalEndpoints => "no_local_endpoints",
+            Outcome::PolicyAllowed => "policy_allowed",
+            Outcome::PolicyDeniedEgress => "policy_denied_egress",
+            Outcome::PolicyDeniedIngress => "policy_denied_ingress",
+            Outcome::PolicySpoofed => "policy_spoofed_source",
+            Outcome::PolicyFailClosed => "policy_fail_closed",
+            Outcome::PolicyUnparsed => "policy_unparsed",
+            Outcome::SocketPolicyDenied => "policy_denied",
         }
     }
 
@@ -181,6 +216,27 @@ impl Outcome {
             Outcome::SocketNoLocalEndpoints => {
                 "refused at connect(): traffic policy Local and no endpoint on this node \
                  (EHOSTUNREACH)"
+            }
+            Outcome::PolicyAllowed => "a new flow, allowed by network policy",
+            Outcome::PolicyDeniedEgress => {
+                "dropped: the source pod's egress network policy does not allow the destination"
+            }
+            Outcome::PolicyDeniedIngress => {
+                "dropped: the destination pod's ingress network policy does not allow the source"
+            }
+            Outcome::PolicySpoofed => {
+                "dropped: the source address is not one of the sending pod's addresses"
+            }
+            Outcome::PolicyFailClosed => {
+                "dropped: the pod's network policy could not be programmed (a map is full), \
+                 so its new flows are refused"
+            }
+            Outcome::PolicyUnparsed => {
+                "dropped: a fragment to or from an isolated pod whose ports could not be read"
+            }
+            Outcome::SocketPolicyDenied => {
+                "refused at connect(): the pod's egress network policy does not allow the \
+                 destination (EPERM)"
             }
         }
     }

@@ -35,6 +35,8 @@ pub fn report(outcome: Outcome, tuple: &CtKey, service_id: u32) {
         reason: outcome.index(),
         service_id,
         time_ns: now,
+        src_identity: 0,
+        dst_identity: 0,
     });
     // The agent polls; waking it per event would cost an interrupt each.
     entry.submit(BPF_RB_NO_WAKEUP as u64);

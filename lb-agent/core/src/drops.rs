@@ -105,6 +105,8 @@ mod tests {
             reason: outcome.index(),
             service_id: 7,
             time_ns: 123,
+            src_identity: 0,
+            dst_identity: 0,
         }
     }
 
