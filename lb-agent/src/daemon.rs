@@ -205,15 +205,7 @@ pub fn run(settings: Settings) -> Result<()> {
         per_packet_cluster_ips: !settings.socket_lb,
     });
     let mut pod_interfaces = PodInterfaces::default();
-    // A pod's packets are translated as they leave it (ingress of its
-    // interface). Replies of remote backends need the egress hook only when
-    // no uplink program translates them as they enter the node; skipping it
-    // saves a conntrack lookup on every packet delivered to a pod.
-    let pod_hooks: &[TcHook] = if settings.tc_interfaces.is_empty() {
-        &TcHook::ALL
-    } else {
-        &[TcHook::Ingress]
-    };
+    let pod_hooks: &[TcHook] = &TcHook::POD;
     let mut opt_out = OptOut::default();
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -281,7 +273,7 @@ fn attach(
     }
     if let Some(tc) = kernel.tc.as_mut() {
         for interface in &settings.tc_interfaces {
-            tc.attach(interface, &TcHook::ALL)
+            tc.attach(interface, &TcHook::UPLINK)
                 .with_context(|| format!("attaching tc programs to {interface}"))?;
         }
         pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);

@@ -27,6 +27,10 @@ assert_layout!(SockConfig, 16, { node_netns: 0, flags: 8, pad: 12 });
 /// now from a node address) are always forwarded this way: the stack would
 /// drop them as martians.
 pub const TC_CONFIG_FIB_REDIRECT: u32 = 1 << 0;
+/// [`TcConfig::flags`]: ClusterIPs are translated per packet on pod
+/// interfaces (the socket path is off for some or all pods); without it the
+/// pod programs only check policy.
+pub const TC_CONFIG_POD_LB: u32 = 1 << 1;
 
 /// Node-wide settings of the tc programs.
 #[repr(C)]

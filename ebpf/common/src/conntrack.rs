@@ -33,6 +33,11 @@ pub const CT_FLAG_REWRITE_DST: u8 = 1 << 1;
 /// [`CtValue::flags`]: the entry matches replies of a backend (else: packets
 /// of a client).
 pub const CT_FLAG_REPLY: u8 = 1 << 2;
+/// [`CtValue::flags`]: the flow was translated as it left its client, a pod
+/// of this node: its replies are translated back only as they enter that
+/// pod (the hook that checks them against the pod's policy on the tuple the
+/// backend sent), not where they enter the node.
+pub const CT_FLAG_AT_POD: u8 = 1 << 3;
 
 /// [`CtValue::state`]: TCP handshake in progress (also the state after the
 /// first packet of a TCP flow that was not a plain ACK).
@@ -236,45 +241,19 @@ impl CtValue {
     /// which ends the backend's socket as its timeout would).
     #[inline(always)]
     pub const fn step(&self, proto: u8, tcp_flags: u8) -> CtStep {
-        let state = next_state(self.state, proto, tcp_flags);
-        if proto != PROTO_TCP {
-            return CtStep {
-                state,
-                fins: self.fins,
-                closes: false,
-            };
-        }
-        let both = CT_FIN_CLIENT | CT_FIN_BACKEND;
-        let bare_ack = tcp_flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK;
-        let side = if self.flags & CT_FLAG_REPLY != 0 {
-            CT_FIN_BACKEND
-        } else {
-            CT_FIN_CLIENT
-        };
-        CtStep {
-            state,
-            fins: if tcp_flags & TCP_FIN != 0 {
-                self.fins | side
-            } else {
-                self.fins
-            },
-            closes: bare_ack && self.fins == both,
-        }
+        step(
+            self.state,
+            self.fins,
+            self.flags & CT_FLAG_REPLY != 0,
+            proto,
+            tcp_flags,
+        )
     }
 
     /// How long the entry lives after its last packet, in nanoseconds.
     #[inline(always)]
     pub const fn lifetime_ns(&self, proto: u8) -> u64 {
-        let seconds = if proto != PROTO_TCP {
-            CT_UDP_TIMEOUT_S
-        } else if self.state == CT_STATE_ESTABLISHED {
-            CT_TCP_ESTABLISHED_TIMEOUT_S
-        } else if self.state == CT_STATE_CLOSING {
-            CT_TCP_CLOSING_TIMEOUT_S
-        } else {
-            CT_TCP_SYN_TIMEOUT_S
-        };
-        seconds * 1_000_000_000
+        lifetime_ns(proto, self.state)
     }
 
     /// The tuple a packet of `tuple` carries once this entry rewrote it.
@@ -304,7 +283,8 @@ impl CtValue {
     /// it rewrites back to `tuple.reversed()`.
     #[inline(always)]
     pub const fn partner(&self, tuple: &CtKey, now_ns: u64) -> CtValue {
-        let mut flags = (self.flags & CT_FLAG_REPLY) ^ CT_FLAG_REPLY;
+        let mut flags =
+            ((self.flags & CT_FLAG_REPLY) ^ CT_FLAG_REPLY) | (self.flags & CT_FLAG_AT_POD);
         if self.flags & CT_FLAG_REWRITE_DST != 0 {
             flags |= CT_FLAG_REWRITE_SRC;
         }
@@ -332,12 +312,69 @@ impl CtValue {
     /// seen "in the future" (a concurrent refresh) has not.
     #[inline(always)]
     pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
-        now_ns > self.last_seen_ns && now_ns - self.last_seen_ns > self.lifetime_ns(proto)
+        expired(proto, self.state, self.last_seen_ns, now_ns)
     }
 }
 
-/// One conntrack garbage collection run by the `lb_ct_gc` program: the agent
-/// writes `now_ns`, runs the program, and reads the counts back.
+/// What a packet with `tcp_flags` (0 for other protocols) does to a flow in
+/// `state` with FIN bits `fins`: `from_backend` says it travels the way
+/// replies do. A FIN is recorded for the side the packet came from; a bare
+/// ACK once both sides sent a FIN is the last packet of the close.
+#[inline(always)]
+pub const fn step(state: u8, fins: u8, from_backend: bool, proto: u8, tcp_flags: u8) -> CtStep {
+    let state = next_state(state, proto, tcp_flags);
+    if proto != PROTO_TCP {
+        return CtStep {
+            state,
+            fins,
+            closes: false,
+        };
+    }
+    let both = CT_FIN_CLIENT | CT_FIN_BACKEND;
+    let bare_ack = tcp_flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK;
+    let side = if from_backend {
+        CT_FIN_BACKEND
+    } else {
+        CT_FIN_CLIENT
+    };
+    CtStep {
+        state,
+        fins: if tcp_flags & TCP_FIN != 0 {
+            fins | side
+        } else {
+            fins
+        },
+        closes: bare_ack && fins == both,
+    }
+}
+
+/// How long a flow of `proto` in `state` lives after its last packet, in
+/// nanoseconds.
+#[inline(always)]
+pub const fn lifetime_ns(proto: u8, state: u8) -> u64 {
+    let seconds = if proto != PROTO_TCP {
+        CT_UDP_TIMEOUT_S
+    } else if state == CT_STATE_ESTABLISHED {
+        CT_TCP_ESTABLISHED_TIMEOUT_S
+    } else if state == CT_STATE_CLOSING {
+        CT_TCP_CLOSING_TIMEOUT_S
+    } else {
+        CT_TCP_SYN_TIMEOUT_S
+    };
+    seconds * 1_000_000_000
+}
+
+/// Whether a flow of `proto` in `state` last seen at `last_seen_ns` has
+/// expired at `now_ns` (`CLOCK_BOOTTIME`). One seen "in the future" (a
+/// concurrent refresh) has not.
+#[inline(always)]
+pub const fn expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns > last_seen_ns && now_ns - last_seen_ns > lifetime_ns(proto, state)
+}
+
+/// One conntrack garbage collection run by the `lb_ct_gc` program, over the
+/// service conntrack and the policy conntrack: the agent writes `now_ns`,
+/// runs the program, and reads the counts back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtGcState {
@@ -347,8 +384,14 @@ pub struct CtGcState {
     pub live: u64,
     /// Entries deleted.
     pub deleted: u64,
+    /// Policy conntrack entries kept.
+    pub policy_live: u64,
+    /// Policy conntrack entries deleted.
+    pub policy_deleted: u64,
 }
-assert_layout!(CtGcState, 24, { now_ns: 0, live: 8, deleted: 16 });
+assert_layout!(CtGcState, 40, {
+    now_ns: 0, live: 8, deleted: 16, policy_live: 24, policy_deleted: 32,
+});
 
 #[cfg(feature = "user")]
 crate::user_pod!(CtKey, CtValue, CtValueV1, CtGcState);

@@ -23,7 +23,11 @@
 //!   current one ([`PolicyState::revision`]) is checked again on its next
 //!   packet, so a removed allow cuts established connections at once.
 
-use crate::{assert_layout, net::Addr};
+use crate::{
+    assert_layout,
+    conntrack::{expired, step, CtStep},
+    net::Addr,
+};
 
 /// Peer identity of a policy entry that matches any peer; also "no
 /// identity".
@@ -147,11 +151,13 @@ pub const ENDPOINT_FAIL_CLOSED: u32 = 1 << 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointValue {
     /// The host end of its interface: packets from the pod arrive there,
-    /// and only packets with the pod's addresses may.
+    /// and only packets with the pod's addresses may (0 while it is not
+    /// known: the pod's packets pass nowhere).
     pub ifindex: u32,
     /// Its policy set: the key prefix of its entries.
     pub set: u32,
-    /// Its identity.
+    /// Its identity, never [`IDENTITY_ANY`] (which marks "no endpoint" in
+    /// the programs).
     pub identity: u32,
     /// `ENDPOINT_*` bits.
     pub flags: u32,
@@ -176,8 +182,12 @@ pub const POLICY_STATE_ENFORCING: u32 = 1 << 0;
 /// [`PolicyCtValue::flags`]: the entry matches the replies of a flow (the
 /// reverse of the tuple that opened it).
 pub const POLICY_CT_REPLY: u8 = 1 << 0;
-/// [`PolicyCtValue::flags`]: the flow is allowed.
+/// [`PolicyCtValue::flags`]: the flow is allowed (else: it was allowed,
+/// and a policy change cut it).
 pub const POLICY_CT_ALLOWED: u8 = 1 << 1;
+/// [`PolicyCtValue::flags`]: the node itself opened the flow (its host
+/// identity counts when the flow is checked again).
+pub const POLICY_CT_LOCAL_OPENER: u8 = 1 << 2;
 
 /// A flow's policy verdict, kept with the revision it was made under.
 #[repr(C)]
@@ -195,8 +205,11 @@ pub struct PolicyCtValue {
     pub state: u8,
     /// FIN bits, as [`crate::conntrack::CtValue::fins`].
     pub fins: u8,
-    /// Explicit padding.
-    pub pad: u8,
+    /// Why the flow is refused ([`crate::outcome::Outcome::index`]) when
+    /// [`POLICY_CT_ALLOWED`] is clear: a flow a policy change cut stays cut
+    /// while its entries live, instead of coming back as a mid-stream
+    /// pickup of the other direction.
+    pub outcome: u8,
     /// The identity of the flow's source and destination when the verdict
     /// was made, for reports.
     pub src_identity: u16,
@@ -206,9 +219,29 @@ pub struct PolicyCtValue {
     pub last_seen_ns: u64,
 }
 assert_layout!(PolicyCtValue, 24, {
-    revision: 0, ifindex: 4, flags: 8, state: 9, fins: 10, pad: 11, src_identity: 12,
+    revision: 0, ifindex: 4, flags: 8, state: 9, fins: 10, outcome: 11, src_identity: 12,
     dst_identity: 14, last_seen_ns: 16,
 });
+
+impl PolicyCtValue {
+    /// The entry after a packet with `tcp_flags` (0 for other protocols).
+    #[inline(always)]
+    pub const fn step(&self, proto: u8, tcp_flags: u8) -> CtStep {
+        step(
+            self.state,
+            self.fins,
+            self.flags & POLICY_CT_REPLY != 0,
+            proto,
+            tcp_flags,
+        )
+    }
+
+    /// Whether the entry has expired at `now_ns` (`CLOCK_BOOTTIME`).
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
+        expired(proto, self.state, self.last_seen_ns, now_ns)
+    }
+}
 
 /// Longest label set kept for display of an identity, in bytes.
 pub const IDENTITY_LABELS_LEN: usize = 232;

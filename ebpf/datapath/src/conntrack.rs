@@ -118,8 +118,9 @@ pub fn forget(tuple: &CtKey, rewritten: &CtKey) {
     let _ = CONNTRACK.remove(&rewritten.reversed());
 }
 
-/// Deletes the entries expired at the time the agent put in [`CT_GC`] and
-/// writes back how many were kept and deleted. Walking the table in the
+/// Deletes the entries expired at the time the agent put in [`CT_GC`], of
+/// the service conntrack and the policy conntrack, and writes back how many
+/// were kept and deleted. Walking the table in the
 /// kernel costs a fraction of what a walk with two syscalls per entry
 /// costs the agent.
 #[inline(always)]
@@ -130,8 +131,7 @@ pub fn collect() {
     let mut walk = CtGcState {
         // SAFETY: a pointer from a successful lookup of a one-entry array.
         now_ns: unsafe { (*state).now_ns },
-        live: 0,
-        deleted: 0,
+        ..CtGcState::default()
     };
     // SAFETY: the map pointer is the address of a map definition (the
     // loader relocates it), the callback has the signature the kernel calls
@@ -143,9 +143,10 @@ pub fn collect() {
             (&mut walk as *mut CtGcState).cast(),
             0,
         );
-        (*state).live = walk.live;
-        (*state).deleted = walk.deleted;
     }
+    crate::policy::collect(&mut walk);
+    // SAFETY: as above.
+    unsafe { *state = walk };
 }
 
 /// One conntrack entry of a [`collect`] walk; 0 continues the walk.

@@ -8,13 +8,20 @@ use lb_common::{conntrack::CtKey, events::DropEvent, outcome::Outcome};
 
 use crate::maps::{EVENTS, REPORT_BUDGET};
 
-/// Reports that a packet of `tuple` for frontend `service_id` was dropped or
-/// refused, counted as `outcome`. Over the budget, or with the ring buffer
+/// Reports that a packet of `tuple` for frontend `service_id` (0: none) was
+/// dropped or refused, counted as `outcome`; for policy drops, with the
+/// identities of its source and destination (else 0). Over the budget, or with the ring buffer
 /// full, the report is counted as lost instead. Not inlined: one copy serves
 /// every drop site, so the new-flow path every connection takes does not
 /// carry nine.
 #[inline(never)]
-pub fn report(outcome: Outcome, tuple: &CtKey, service_id: u32) {
+pub fn report(
+    outcome: Outcome,
+    tuple: &CtKey,
+    service_id: u32,
+    src_identity: u32,
+    dst_identity: u32,
+) {
     let Some(budget) = REPORT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -35,8 +42,8 @@ pub fn report(outcome: Outcome, tuple: &CtKey, service_id: u32) {
         reason: outcome.index(),
         service_id,
         time_ns: now,
-        src_identity: 0,
-        dst_identity: 0,
+        src_identity,
+        dst_identity,
     });
     // The agent polls; waking it per event would cost an interrupt each.
     entry.submit(BPF_RB_NO_WAKEUP as u64);

@@ -12,6 +12,9 @@
 //! [`crate::conntrack::next_hop_fresh`] for how long that answer is trusted.
 //!
 //! Only called on ingress hooks: `bpf_redirect_peer` works from there only.
+//! While policy is enforced, packets for pods take the plain redirect to the
+//! host end, whose egress program checks them against the pod's policy:
+//! the peer redirect would skip it.
 
 use aya_ebpf::{
     bindings::{
@@ -43,10 +46,11 @@ pub fn redirect(ctx: &TcContext, hop: u8, ifindex: u32, macs: &[u8; 12]) -> i32 
     if ctx.store(0, macs, 0).is_err() {
         return TC_ACT_OK;
     }
+    let peer = hop == NEXT_HOP_PEER && crate::policy::enforcing().is_none();
     // SAFETY: helpers available to tc programs; the peer redirect only
     // targets interfaces the agent found to be veth or netkit host ends.
     let verdict = unsafe {
-        if hop == NEXT_HOP_PEER {
+        if peer {
             bpf_redirect_peer(ifindex, 0)
         } else {
             bpf_redirect(ifindex, 0)

@@ -24,8 +24,9 @@ use crate::{
     maps::CONNTRACK,
     nat::{csum_diff, replace, sum_words},
     parse::{
-        addr_eq, load_into, IcmpHdr, Ipv4Hdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMPV6_DEST_UNREACH,
-        ICMP_DEST_UNREACH, ICMP_LEN, IPV4_LEN, IPV4_MF_OFFSET, IPV6_LEN, PROTO_ICMP, PROTO_ICMPV6,
+        addr_eq, has_ports, load_into, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, ETH_P_IP,
+        ETH_P_IPV6, ICMPV6_DEST_UNREACH, ICMP_DEST_UNREACH, ICMP_LEN, IPV4_LEN, IPV4_MF_OFFSET,
+        IPV6_LEN, PROTO_ICMP, PROTO_ICMPV6,
     },
 };
 
@@ -324,4 +325,60 @@ fn translate_v6(ctx: &TcContext, now: u64, out: &mut Translated) -> bool {
         source_changed,
     };
     true
+}
+
+/// Writes to `out` the tuple of the packet an ICMP or ICMPv6 error quotes,
+/// when `pkt` is such an error about a TCP, UDP or SCTP packet whose quote
+/// has no IPv4 options or IPv6 extension headers: policy lets errors of
+/// allowed flows through as their packets go.
+#[inline(never)]
+pub fn quoted_flow(ctx: &TcContext, pkt: &Packet, out: &mut CtKey) -> bool {
+    let Ok(icmp) = ctx.load::<IcmpHdr>(pkt.l4_off) else {
+        return false;
+    };
+    let quote_off = pkt.l4_off + ICMP_LEN;
+    if pkt.v4 {
+        let Ok(quote) = ctx.load::<Ipv4Hdr>(quote_off) else {
+            return false;
+        };
+        if pkt.tuple.proto != PROTO_ICMP || !is_error_v4(icmp.kind) || quote.version_ihl != 0x45 {
+            return false;
+        }
+        let Ok(ports) = ctx.load::<[u16; 2]>(quote_off + IPV4_LEN) else {
+            return false;
+        };
+        *out = CtKey::new(
+            v4_mapped(quote.saddr),
+            v4_mapped(quote.daddr),
+            ports[0],
+            ports[1],
+            quote.proto,
+        );
+    } else {
+        let Ok(quote) = ctx.load::<Ipv6Hdr>(quote_off) else {
+            return false;
+        };
+        if pkt.tuple.proto != PROTO_ICMPV6 || !is_error_v6(icmp.kind) {
+            return false;
+        }
+        let Ok(ports) = ctx.load::<[u16; 2]>(quote_off + IPV6_LEN) else {
+            return false;
+        };
+        *out = CtKey::new(
+            quote.saddr,
+            quote.daddr,
+            ports[0],
+            ports[1],
+            quote.next_header,
+        );
+    }
+    has_ports(out.proto)
+}
+
+/// Whether an ICMPv6 message of type `kind` is neighbour discovery or
+/// multicast listener discovery, which IPv6 needs to work at all (RFC 4861,
+/// RFC 3810): policy does not apply to it.
+#[inline(always)]
+pub fn is_discovery_v6(kind: u8) -> bool {
+    matches!(kind, 130..=137 | 143)
 }

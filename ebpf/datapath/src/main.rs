@@ -1,22 +1,30 @@
-//! tc programs for per-packet service translation: traffic entering the node
-//! for NodePorts, ExternalIPs and LoadBalancer IPs (frontends of scope
-//! `SCOPE_TC_EXTERNAL`), and, on pod interfaces, ClusterIP traffic of pods
-//! whose sockets are not translated (scope `SCOPE_TC_CLUSTER`). On a pod
-//! interface, ingress carries the pod's packets and egress the replies to it.
+//! tc programs for per-packet service translation and network policy.
 //!
-//! - `lb_ingress` (node uplink, ingress): conntrack first; a new flow to a
+//! On the node's uplinks, traffic entering the node for NodePorts,
+//! ExternalIPs and LoadBalancer IPs (frontends of scope `SCOPE_TC_EXTERNAL`)
+//! is translated:
+//!
+//! - `lb_ingress` (uplink ingress): conntrack first; a new flow to a
 //!   frontend gets a backend from the frontend's Maglev table, is DNATed to
 //!   it and, under externalTrafficPolicy Cluster with a backend on another
 //!   node, SNATed to the node address; replies of SNATed flows coming back
 //!   from remote backends are translated back to the frontend and client.
-//! - `lb_egress` (node uplink, egress): replies of local backends are
-//!   translated back so they come from the frontend.
+//! - `lb_egress` (uplink egress): replies of local backends are translated
+//!   back so they come from the frontend.
 //!
-//! Both also translate ICMP errors about the packets of translated flows.
+//! On the host end of every local pod's interface, `lb_pod_ingress` (the
+//! pod's packets) and `lb_pod_egress` (packets to the pod) translate
+//! ClusterIP traffic of pods whose sockets are not translated (scope
+//! `SCOPE_TC_CLUSTER`) and check [`policy`] on the tuple the pods see after
+//! translation: one pass for routing and security.
+//!
+//! All of them also translate ICMP errors about the packets of translated
+//! flows.
 //!
 //! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
 //! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`icmp`]
-//! errors, [`reject`], [`fib`] forwarding, [`events`] for drops, [`maps`].
+//! errors, [`reject`], [`fib`] forwarding, [`policy`], [`pod`] for the pod
+//! programs, [`events`] for drops, [`maps`].
 #![no_std]
 #![no_main]
 // A BPF program reads the kernel's context and packet, calls helpers and
@@ -37,6 +45,8 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod pod;
+mod policy;
 mod reject;
 
 use aya_ebpf::{
@@ -48,7 +58,8 @@ use aya_ebpf::{
 use lb_common::{
     config::TC_CONFIG_FIB_REDIRECT,
     conntrack::{
-        CtKey, CtValue, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC, NEXT_HOP_NONE,
+        CtKey, CtValue, CT_FLAG_AT_POD, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
+        NEXT_HOP_NONE,
     },
     maglev::flow_hash,
     nat::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
@@ -72,27 +83,51 @@ const SNAT_ATTEMPTS: u32 = 4;
 
 /// Where a program runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Hook {
+pub enum Hook {
     /// Uplink ingress: frontends and replies from remote backends.
     Ingress,
     /// Uplink egress: replies from local backends.
     Egress,
+    /// A pod interface's ingress: the pod's packets.
+    FromPod,
+    /// A pod interface's egress: packets to the pod.
+    ToPod,
 }
 
-/// Uplink ingress (and a pod interface's ingress: the pod's packets).
+impl Hook {
+    /// Whether the hook is on a pod's interface, where policy is checked.
+    #[inline(always)]
+    pub const fn at_pod(self) -> bool {
+        matches!(self, Hook::FromPod | Hook::ToPod)
+    }
+}
+
+/// Uplink ingress.
 #[classifier]
 fn lb_ingress(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::Ingress)
 }
 
-/// Uplink egress (and a pod interface's egress: packets to the pod).
+/// Uplink egress.
 #[classifier]
 fn lb_egress(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::Egress)
 }
 
-/// Conntrack garbage collection, never attached: the agent runs it with
-/// `BPF_PROG_TEST_RUN` on a dummy frame.
+/// A pod interface's ingress: the pod's packets.
+#[classifier]
+fn lb_pod_ingress(ctx: TcContext) -> i32 {
+    pod::handle(&ctx, Hook::FromPod)
+}
+
+/// A pod interface's egress: packets to the pod.
+#[classifier]
+fn lb_pod_egress(ctx: TcContext) -> i32 {
+    pod::handle(&ctx, Hook::ToPod)
+}
+
+/// Conntrack garbage collection (service and policy conntrack), never
+/// attached: the agent runs it with `BPF_PROG_TEST_RUN` on a dummy frame.
 #[classifier]
 fn lb_ct_gc(_ctx: TcContext) -> i32 {
     conntrack::collect();
@@ -106,36 +141,67 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let entry = match lookup(&pkt, now) {
-        Some(entry) => entry,
-        None if hook == Hook::Egress => return TC_ACT_OK,
+    match service_entry(ctx, &pkt, hook, now) {
+        Service::Translate(entry) => translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now),
+        Service::Untranslated => TC_ACT_OK,
+        Service::Done(verdict) => verdict,
+    }
+}
+
+/// What the service path does with a packet.
+pub enum Service {
+    /// Translate it with this conntrack entry.
+    Translate(*mut CtValue),
+    /// Not for a frontend nor of a translated flow (here).
+    Untranslated,
+    /// Dropped or answered: this verdict.
+    Done(i32),
+}
+
+/// The conntrack entry translating `pkt` at `hook`, made if it is the first
+/// packet of a flow to a frontend.
+#[inline(always)]
+pub fn service_entry(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> Service {
+    match lookup(pkt, now) {
+        // SAFETY: a pointer from a successful lookup.
+        Some(entry) if applies_at(unsafe { (*entry).flags }, hook) => Service::Translate(entry),
+        Some(_) => Service::Untranslated,
+        None if matches!(hook, Hook::Egress | Hook::ToPod) => Service::Untranslated,
         // New flows and known ones take separate calls so that their stack
         // frames are not added up against the 512-byte limit.
-        None => match new_flow(&pkt, now) {
+        None => match new_flow(pkt, hook, now) {
             // Looked up again, so that the first packet remembers its next
             // hop on the entry as later ones do (one lookup instead of a
             // FIB lookup on the flow's second packet).
             NewFlow::Created => match CONNTRACK.get_ptr_mut(&pkt.tuple) {
-                Some(entry) => entry,
+                Some(entry) => Service::Translate(entry),
                 None => {
                     count(Outcome::ConntrackInsertFailed);
-                    return TC_ACT_SHOT;
+                    Service::Done(TC_ACT_SHOT)
                 }
             },
             NewFlow::Reject(service_id) => {
-                return reject::reject(TcContext::new(ctx.skb.skb), &pkt, service_id)
+                Service::Done(reject::reject(TcContext::new(ctx.skb.skb), pkt, service_id))
             }
             // Counted and reported here, once new_flow's frame is gone: the
             // report's frame does not add to it against the 512-byte limit.
             NewFlow::Drop { reason, service_id } => {
                 count(reason);
-                events::report(reason, &pkt.tuple, service_id);
-                return TC_ACT_SHOT;
+                events::report(reason, &pkt.tuple, service_id, 0, 0);
+                Service::Done(TC_ACT_SHOT)
             }
-            NewFlow::Verdict(verdict) => return verdict,
+            NewFlow::Untranslated => Service::Untranslated,
         },
-    };
-    translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now)
+    }
+}
+
+/// Whether an entry with `flags` translates packets at `hook`: the replies
+/// of a flow translated at its client pod are translated back only as they
+/// enter that pod.
+#[inline(always)]
+fn applies_at(flags: u8, hook: Hook) -> bool {
+    let at_pod_reply = CT_FLAG_AT_POD | CT_FLAG_REPLY;
+    flags & at_pod_reply != at_pod_reply || hook == Hook::ToPod
 }
 
 /// Rewrites a packet of the flow whose conntrack entry is `entry` and sends
@@ -177,11 +243,11 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
 /// Whether a translated packet is forwarded here rather than handed to the
 /// stack. One whose source became a node address (SNAT, a reply now coming
 /// from a NodePort, an error now coming from a frontend) would be dropped by
-/// the stack as a martian: on ingress it is forwarded here, as every packet
-/// is when the agent asks for FIB redirects.
+/// the stack as a martian: on ingress hooks it is forwarded here, as every
+/// packet is when the agent asks for FIB redirects.
 #[inline(always)]
 fn forwards(hook: Hook, source_rewritten: bool) -> bool {
-    hook == Hook::Ingress
+    matches!(hook, Hook::Ingress | Hook::FromPod)
         && (source_rewritten
             || CONFIG
                 .get(0)
@@ -191,7 +257,7 @@ fn forwards(hook: Hook, source_rewritten: bool) -> bool {
 /// A packet that is not TCP or UDP: an ICMP error about a translated flow
 /// is translated and sent on, anything else passes.
 #[inline(never)]
-fn related_error(ctx: &TcContext, hook: Hook) -> i32 {
+pub fn related_error(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let mut error = icmp::Translated::NONE;
@@ -226,8 +292,8 @@ enum NewFlow {
         /// The frontend it was for.
         service_id: u32,
     },
-    /// Not for a frontend: this verdict.
-    Verdict(i32),
+    /// Not for a frontend.
+    Untranslated,
 }
 
 /// A new flow for frontend `service_id` to drop, counted in `reason`.
@@ -238,11 +304,13 @@ fn dropped(reason: Outcome, service_id: u32) -> NewFlow {
 
 /// First packet of a flow (or of a flow whose entry expired or whose backend
 /// left): frontend lookup, checks, Maglev, conntrack entries, translation.
+/// A flow from a pod of this node is never SNATed (its replies come back to
+/// the node anyway) and is marked [`CT_FLAG_AT_POD`].
 #[inline(never)]
-fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
+fn new_flow(pkt: &Packet, hook: Hook, now: u64) -> NewFlow {
     let (key, service) = lb::frontend(pkt);
     let Some(service) = service else {
-        return NewFlow::Verdict(TC_ACT_OK);
+        return NewFlow::Untranslated;
     };
     if service.backend_count == 0 {
         if service.flags & SERVICE_FLAG_NO_LOCAL_BACKENDS != 0 {
@@ -257,7 +325,7 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
     }
     // A one-entry array: index 0 always exists.
     let Some(config) = CONFIG.get(0) else {
-        return NewFlow::Verdict(TC_ACT_OK);
+        return NewFlow::Untranslated;
     };
     let t = &pkt.tuple;
     let hash = flow_hash(config.maglev_seed, &t.saddr, t.sport, t.dport, t.proto);
@@ -268,14 +336,20 @@ fn new_flow(pkt: &Packet, now: u64) -> NewFlow {
         return dropped(Outcome::DropNoSnatAddress, service.service_id);
     }
     let keeps_source = SERVICE_FLAG_EXTERNAL_LOCAL | SERVICE_FLAG_PRESERVE_SOURCE;
-    let snat = service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    let from_pod = hook == Hook::FromPod;
+    let snat =
+        !from_pod && service.flags & keeps_source == 0 && backend.flags & BACKEND_FLAG_LOCAL == 0;
     let state = initial_state(t.proto, pkt.tcp_flags);
     let mut forward = CtValue {
         new_saddr: t.saddr,
         new_daddr: backend.addr,
         new_sport: t.sport,
         new_dport: backend.port,
-        flags: CT_FLAG_REWRITE_DST,
+        flags: if from_pod {
+            CT_FLAG_REWRITE_DST | CT_FLAG_AT_POD
+        } else {
+            CT_FLAG_REWRITE_DST
+        },
         state,
         fins: 0,
         hop: NEXT_HOP_NONE,

@@ -16,10 +16,16 @@ use lb_common::{
     kernel_map,
     maglev::MaglevKey,
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_ENTRIES,
-        MAX_POD_INTERFACES, MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IDENTITIES,
+        MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_ENTRIES,
+        MAX_POLICY_RULES, MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
     },
+    net::Addr,
     outcome::Outcome,
+    policy::{
+        EndpointValue, IdentityValue, IpcacheKey, IpcacheValue, PolicyCtValue, PolicyKey,
+        PolicyName, PolicySetValue, PolicyState, PolicyValue,
+    },
     reject::RejectBudget,
     service::{Backend, ServiceKey, ServiceValue},
     source_range::SourceRangeKey,
@@ -106,6 +112,65 @@ kernel_map!(
     REPORT_BUDGET,
     /// Each CPU's drop report budget.
     pub static REPORT_BUDGET: PerCpuArray<ReportBudget> = PerCpuArray::with_max_entries(1, 0);
+);
+
+kernel_map!(
+    IPCACHE,
+    /// Address or prefix to identities, every pod of the cluster included.
+    pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
+);
+
+kernel_map!(
+    ENDPOINTS,
+    /// This node's pods by address.
+    pub static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
+);
+
+kernel_map!(
+    POLICY,
+    /// What each policy set allows.
+    pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(MAX_POLICY_ENTRIES, 0);
+);
+
+kernel_map!(
+    POLICY_CT,
+    /// Flows' policy verdicts: two entries per flow.
+    pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> = LruHashMap::pinned(MAX_POLICY_CT, 0);
+);
+
+kernel_map!(
+    POLICY_STATE,
+    /// The policy revision and whether policy is enforced (one entry).
+    pub static POLICY_STATE: Array<PolicyState> = Array::pinned(1, 0);
+);
+
+kernel_map!(
+    IDENTITIES,
+    /// The agent's identities, for adoption after a restart and display;
+    /// the programs do not read it.
+    pub static IDENTITIES: HashMap<u32, IdentityValue> =
+        HashMap::pinned(MAX_IDENTITIES, BPF_F_NO_PREALLOC);
+);
+
+kernel_map!(
+    POLICY_SETS,
+    /// The agent's policy sets, for adoption; the programs do not read it.
+    pub static POLICY_SETS: HashMap<u32, PolicySetValue> =
+        HashMap::pinned(MAX_POLICY_SETS, BPF_F_NO_PREALLOC);
+);
+
+kernel_map!(
+    POLICY_RULES,
+    /// Rule names, for `lbctl`; the programs do not read it.
+    pub static POLICY_RULES: HashMap<u32, PolicyName> =
+        HashMap::pinned(MAX_POLICY_RULES, BPF_F_NO_PREALLOC);
+);
+
+kernel_map!(
+    ENDPOINT_NAMES,
+    /// Endpoint names by address, for `lbctl`; the programs do not read it.
+    pub static ENDPOINT_NAMES: HashMap<Addr, PolicyName> =
+        HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 );
 
 kernel_map!(

@@ -15,6 +15,7 @@ use lb_common::{
     conntrack::CtKey,
     fragment::{FragKey, FragPorts},
     net::{v4_mapped, Addr, PROTO_TCP, PROTO_UDP},
+    policy::PROTO_SCTP,
 };
 
 use crate::maps::FRAGMENTS;
@@ -161,6 +162,9 @@ pub struct Packet {
     pub l4: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// Whether the ports are known: false for a later fragment whose first
+    /// fragment was not seen (only [`parse_flow`] returns such packets).
+    pub ports_known: bool,
 }
 
 impl Packet {
@@ -210,13 +214,33 @@ impl Fragment {
     }
 }
 
-/// Parses the packet; `None` for anything the datapath does not translate
-/// (other protocols, IPv4 options-only garbage, more than
-/// [`MAX_IPV6_EXTENSIONS`] IPv6 extension headers, a later fragment whose
-/// first fragment was not seen, truncation). Not inlined: its frame is
-/// not part of the deepest call chain's 512-byte stack budget.
+/// Parses the packet for service translation; `None` for anything the
+/// datapath does not translate (other protocols, IPv4 options-only garbage,
+/// more than [`MAX_IPV6_EXTENSIONS`] IPv6 extension headers, a later
+/// fragment whose first fragment was not seen, truncation). Not inlined:
+/// its frame is not part of the deepest call chain's 512-byte stack budget.
 #[inline(never)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
+    parse_ip(ctx, false)
+}
+
+/// Parses any IP packet for policy: TCP, UDP and SCTP with their ports,
+/// other protocols with ports 0, a later fragment whose first was not seen
+/// with [`Packet::ports_known`] false. `None` for what is not IPv4 or IPv6.
+#[inline(never)]
+pub fn parse_flow(ctx: &TcContext) -> Option<Packet> {
+    parse_ip(ctx, true)
+}
+
+/// Whether a protocol's header starts with 16-bit source and destination
+/// ports.
+#[inline(always)]
+pub fn has_ports(proto: u8) -> bool {
+    proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP
+}
+
+#[inline(always)]
+fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
     let (v4, saddr, daddr, proto, l4_off, fragment) = if ethertype == ETH_P_IP {
         let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
@@ -245,10 +269,21 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     } else {
         return None;
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    let translatable = proto == PROTO_TCP || proto == PROTO_UDP;
+    if !translatable && !any_protocol {
         return None;
     }
     let mut tuple = CtKey::new(saddr, daddr, 0, 0, proto);
+    if !has_ports(proto) {
+        return Some(Packet {
+            tuple,
+            v4,
+            l4_off,
+            l4: fragment.kind != LATER_FRAGMENT,
+            tcp_flags: 0,
+            ports_known: true,
+        });
+    }
     let frag_key = FragKey {
         saddr,
         daddr,
@@ -257,6 +292,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         pad: [0; 3],
     };
     let l4 = fragment.kind != LATER_FRAGMENT;
+    let mut ports_known = true;
     let tcp_flags = if l4 {
         let ports: [u16; 2] = ctx.load(l4_off).ok()?;
         tuple.sport = ports[0];
@@ -277,9 +313,14 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
     } else {
         // SAFETY: copied out at once.
-        let ports = unsafe { FRAGMENTS.get(&frag_key) }.copied()?;
-        tuple.sport = ports.sport;
-        tuple.dport = ports.dport;
+        match unsafe { FRAGMENTS.get(&frag_key) }.copied() {
+            Some(ports) => {
+                tuple.sport = ports.sport;
+                tuple.dport = ports.dport;
+            }
+            None if any_protocol => ports_known = false,
+            None => return None,
+        }
         0
     };
     Some(Packet {
@@ -288,6 +329,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         l4_off,
         l4,
         tcp_flags,
+        ports_known,
     })
 }
 
@@ -316,8 +358,12 @@ fn ipv6_extensions(ctx: &TcContext, mut next: u8) -> Option<(u8, usize, Fragment
             _ => return Some((next, off, fragment)),
         }
     }
-    // Still an extension header after the last one walked.
-    matches!(next, PROTO_TCP | PROTO_UDP).then_some((next, off, fragment))
+    // Still an extension header after the last one walked: given up.
+    let walked = !matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DEST_OPTIONS
+    );
+    walked.then_some((next, off, fragment))
 }
 
 /// Loads `size_of::<T>()` bytes at `offset` straight into `dst`: unlike

@@ -82,7 +82,7 @@ pub fn reject(ctx: TcContext, pkt: &Packet, service_id: u32) -> i32 {
         Outcome::DropNoEndpoints
     };
     count(outcome);
-    events::report(outcome, &pkt.tuple, service_id);
+    events::report(outcome, &pkt.tuple, service_id, 0, 0);
     verdict
 }
 

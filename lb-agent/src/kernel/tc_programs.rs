@@ -49,24 +49,42 @@ pub enum TcHook {
     Ingress,
     /// `lb_egress`, for an uplink's egress: replies of local backends.
     Egress,
+    /// `lb_pod_ingress`, for the ingress of a pod interface's host end: the
+    /// pod's packets (translation, policy, source check).
+    PodIngress,
+    /// `lb_pod_egress`, for the egress of a pod interface's host end:
+    /// packets to the pod (policy, translation of replies).
+    PodEgress,
 }
 
 impl TcHook {
-    /// Both hooks, in attach order.
-    pub const ALL: [TcHook; 2] = [TcHook::Ingress, TcHook::Egress];
+    /// Every hook.
+    pub const ALL: [TcHook; 4] = [
+        TcHook::Ingress,
+        TcHook::Egress,
+        TcHook::PodIngress,
+        TcHook::PodEgress,
+    ];
+    /// The hooks of an uplink, in attach order.
+    pub const UPLINK: [TcHook; 2] = [TcHook::Ingress, TcHook::Egress];
+    /// The hooks of a pod interface, in attach order: packets to the pod
+    /// are checked before the pod's own are let out.
+    pub const POD: [TcHook; 2] = [TcHook::PodEgress, TcHook::PodIngress];
 
     /// Name of the program in the object.
     pub fn program(self) -> &'static str {
         match self {
             TcHook::Ingress => "lb_ingress",
             TcHook::Egress => "lb_egress",
+            TcHook::PodIngress => "lb_pod_ingress",
+            TcHook::PodEgress => "lb_pod_egress",
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            TcHook::Ingress => TcAttachType::Ingress,
-            TcHook::Egress => TcAttachType::Egress,
+            TcHook::Ingress | TcHook::PodIngress => TcAttachType::Ingress,
+            TcHook::Egress | TcHook::PodEgress => TcAttachType::Egress,
         }
     }
 }
@@ -269,17 +287,14 @@ impl TcPrograms {
     }
 
     /// Attaches the programs of `hooks` to `interface` with tcx links pinned
-    /// in bpffs, so they outlive the agent, and detaches the other hook's
-    /// (left by an agent configured differently). A link pinned by a
-    /// previous agent is updated in place to the new program: no packet
-    /// passes untranslated during an upgrade.
+    /// in bpffs, so they outlive the agent, then detaches the other hooks'
+    /// (left by an agent configured differently, or of an older layout). A
+    /// link pinned by a previous agent is updated in place to the new
+    /// program: no packet passes untranslated or unchecked during an
+    /// upgrade.
     pub fn attach(&mut self, interface: &str, hooks: &[TcHook]) -> Result<(), KernelError> {
-        for hook in TcHook::ALL {
+        for &hook in hooks {
             let pin = self.link_pin(interface, hook);
-            if !hooks.contains(&hook) {
-                pins::remove(&pin)?;
-                continue;
-            }
             let name = hook.program();
             let link_err = |path: &Path| {
                 let path = path.to_path_buf();
@@ -317,10 +332,13 @@ impl TcPrograms {
                 Err(source) => return Err(KernelError::Link { path: pin, source }),
             }
         }
-        Ok(())
+        TcHook::ALL
+            .iter()
+            .filter(|hook| !hooks.contains(hook))
+            .try_for_each(|&hook| pins::remove(&self.link_pin(interface, hook)))
     }
 
-    /// Detaches both programs from `interface` by removing their link pins;
+    /// Detaches the programs from `interface` by removing their link pins;
     /// the kernel releases the links shortly after (when bpffs frees the pins).
     pub fn detach(&self, interface: &str) -> Result<(), KernelError> {
         TcHook::ALL

@@ -128,7 +128,7 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
         ip("link add lbatt0 type veth peer name lbatt1");
         let attached = |kind| SchedClassifier::query_tcx("lbatt0", kind).unwrap().1.len();
         let mut node = Node::new();
-        node.tc.attach("lbatt0", &TcHook::ALL).unwrap();
+        node.tc.attach("lbatt0", &TcHook::UPLINK).unwrap();
         assert!(node.dir.join("links/tc_lbatt0_lb_ingress").exists());
         assert!(node.dir.join("links/tc_lbatt0_lb_egress").exists());
         assert_eq!(attached(TcAttachType::Ingress), 1);
@@ -150,17 +150,20 @@ fn attach_pins_links_and_a_new_agent_adopts_them() {
         let mut again = TcPrograms::load(&node.dir, &TcOptions::default())
             .unwrap()
             .0;
-        again.attach("lbatt0", &TcHook::ALL).unwrap();
+        again.attach("lbatt0", &TcHook::UPLINK).unwrap();
         assert_eq!(attached(TcAttachType::Ingress), 1);
         assert_eq!(attached(TcAttachType::Egress), 1);
-        // One that only wants ingress (pod interfaces behind translated
-        // uplinks) drops the egress link.
-        again.attach("lbatt0", &[TcHook::Ingress]).unwrap();
+        // One that finds a pod there instead attaches the pod programs and
+        // drops the uplink's links.
+        again.attach("lbatt0", &TcHook::POD).unwrap();
         drop(again);
+        assert!(node.dir.join("links/tc_lbatt0_lb_pod_ingress").exists());
+        assert!(node.dir.join("links/tc_lbatt0_lb_pod_egress").exists());
+        assert!(!node.dir.join("links/tc_lbatt0_lb_ingress").exists());
         assert!(!node.dir.join("links/tc_lbatt0_lb_egress").exists());
-        settle(1, 0);
+        settle(1, 1);
         assert_eq!(attached(TcAttachType::Ingress), 1);
-        assert_eq!(attached(TcAttachType::Egress), 0);
+        assert_eq!(attached(TcAttachType::Egress), 1);
         node.tc.detach("lbatt0").unwrap();
         settle(0, 0);
         assert_eq!(attached(TcAttachType::Ingress), 0);

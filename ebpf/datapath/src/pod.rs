@@ -1,0 +1,187 @@
+//! The programs on the host end of each local pod's interface: per-packet
+//! ClusterIP translation for pods whose sockets are not translated (when
+//! the agent asks for it), then policy on what the pods see, for every
+//! packet into or out of the pod.
+//!
+//! A packet that leaves a pod is checked as it is sent, after the
+//! translation of its destination; a packet that enters a pod as it is
+//! delivered, before the translation back of a reply. ICMP errors follow
+//! the flow they quote; IPv6 neighbour and listener discovery is not
+//! subject to policy (beyond the source address check).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_boot_ns,
+    programs::TcContext,
+};
+use lb_common::{
+    config::TC_CONFIG_POD_LB,
+    conntrack::{CtKey, CtValue, CT_FLAG_REPLY},
+    net::{PROTO_TCP, PROTO_UDP},
+    outcome::Outcome,
+};
+
+use crate::{
+    events, icmp,
+    maps::{count, CONFIG},
+    parse::{parse_flow, Packet, ETH_P_IP, ETH_P_IPV6, PROTO_ICMP, PROTO_ICMPV6},
+    policy::{self, Origin, Verdict},
+    related_error, service_entry, translate, Hook, Service,
+};
+
+/// Runs the pod programs: `hook` is [`Hook::FromPod`] or [`Hook::ToPod`].
+#[inline(always)]
+pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(pkt) = parse_flow(ctx) else {
+        return unparsed(ctx);
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if translates_services(&pkt) {
+        match service_entry(ctx, &pkt, hook, now) {
+            Service::Translate(entry) => {
+                if !police_translated(ctx, &pkt, entry, hook, now) {
+                    return TC_ACT_SHOT;
+                }
+                return translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now);
+            }
+            Service::Done(verdict) => return verdict,
+            Service::Untranslated => {}
+        }
+    }
+    police(ctx, &pkt, hook, now)
+}
+
+/// Policy for a packet the service path translates with `entry`, on the
+/// tuple the pods see: a request as it reaches its backend, a reply as its
+/// backend sent it. False when it is refused (counted and reported). A call
+/// of its own: its frame is not added to the translation's.
+#[inline(never)]
+fn police_translated(
+    ctx: &TcContext,
+    pkt: &Packet,
+    entry: *const CtValue,
+    hook: Hook,
+    now: u64,
+) -> bool {
+    // SAFETY: a pointer from a successful lookup in this run; plain data.
+    let value = unsafe { &*entry };
+    let pods_side = if value.flags & CT_FLAG_REPLY == 0 {
+        value.apply(&pkt.tuple)
+    } else {
+        pkt.tuple
+    };
+    let verdict = policy::check(&pods_side, pkt.tcp_flags, origin(ctx, hook), now);
+    if !verdict.allowed() {
+        refuse(&verdict, &pods_side);
+    }
+    verdict.allowed()
+}
+
+/// Whether `pkt` may be for a ClusterIP translated per packet here.
+#[inline(always)]
+fn translates_services(pkt: &Packet) -> bool {
+    pkt.ports_known
+        && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
+        && CONFIG
+            .get(0)
+            .is_some_and(|config| config.flags & TC_CONFIG_POD_LB != 0)
+}
+
+/// Where a packet at `hook` comes from: the pod, for its own packets; for
+/// packets to it, the node itself when it arrived on no interface.
+#[inline(always)]
+pub fn origin(ctx: &TcContext, hook: Hook) -> Origin {
+    // SAFETY: the context is the kernel's; both fields are readable by tc
+    // programs.
+    let (ifindex, ingress_ifindex) =
+        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    if hook == Hook::FromPod {
+        Origin::pod(ifindex)
+    } else if ingress_ifindex == 0 {
+        Origin::NODE
+    } else {
+        Origin::FORWARDED
+    }
+}
+
+/// Policy for a packet the service path does not translate here.
+#[inline(never)]
+fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
+    if !pkt.ports_known {
+        if policy::enforcing().is_none() {
+            return TC_ACT_OK;
+        }
+        return refuse(&Verdict::refused(Outcome::PolicyUnparsed), &pkt.tuple);
+    }
+    let origin = origin(ctx, hook);
+    if pkt.tuple.proto == PROTO_ICMP || pkt.tuple.proto == PROTO_ICMPV6 {
+        if let Some(verdict) = control_message(ctx, pkt, hook, origin, now) {
+            return verdict;
+        }
+    }
+    let verdict = policy::check(&pkt.tuple, pkt.tcp_flags, origin, now);
+    if verdict.allowed() {
+        TC_ACT_OK
+    } else {
+        refuse(&verdict, &pkt.tuple)
+    }
+}
+
+/// The verdict on an ICMP error of an allowed flow (translated with it when
+/// the flow was), or on IPv6 discovery; `None` for other ICMP messages,
+/// which policy checks as flows of their own.
+#[inline(always)]
+fn control_message(
+    ctx: &TcContext,
+    pkt: &Packet,
+    hook: Hook,
+    origin: Origin,
+    now: u64,
+) -> Option<i32> {
+    if !pkt.v4 {
+        let kind = ctx.load::<u8>(pkt.l4_off).ok()?;
+        if icmp::is_discovery_v6(kind) {
+            if !policy::source_ok(&pkt.tuple.saddr, origin) {
+                return Some(refuse(&policy::SPOOFED, &pkt.tuple));
+            }
+            return Some(TC_ACT_OK);
+        }
+    }
+    let mut quoted = CtKey::new([0; 4], [0; 4], 0, 0, 0);
+    if !icmp::quoted_flow(ctx, pkt, &mut quoted) || !policy::related(&quoted, now) {
+        return None;
+    }
+    if !policy::source_ok(&pkt.tuple.saddr, origin) {
+        return Some(refuse(&policy::SPOOFED, &pkt.tuple));
+    }
+    Some(related_error(ctx, hook))
+}
+
+/// Counts and reports a packet policy refuses; drops it.
+#[inline(never)]
+pub fn refuse(verdict: &Verdict, tuple: &CtKey) -> i32 {
+    count(verdict.outcome);
+    events::report(
+        verdict.outcome,
+        tuple,
+        0,
+        verdict.src_identity,
+        verdict.dst_identity,
+    );
+    TC_ACT_SHOT
+}
+
+/// A packet [`parse_flow`] cannot read: anything but IP passes (ARP), an IP
+/// packet too short or malformed to check is dropped while policy is
+/// enforced.
+#[inline(never)]
+fn unparsed(ctx: &TcContext) -> i32 {
+    let ethertype = ctx.load::<u16>(12).map(u16::from_be);
+    let ip = matches!(ethertype, Ok(ETH_P_IP) | Ok(ETH_P_IPV6));
+    if !ip || policy::enforcing().is_none() {
+        return TC_ACT_OK;
+    }
+    count(Outcome::PolicyUnparsed);
+    TC_ACT_SHOT
+}
