@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 use ipnetwork::IpNetwork;
 use lb_common::policy::{
     IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED,
-    ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    POLICY_PREFIX_IDENTITY, POLICY_PREFIX_PROTO,
+    ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_REMOTE_NODE, IDENTITY_WORLD, POLICY_PREFIX_IDENTITY, POLICY_PREFIX_PROTO,
 };
 
 /// Which protocols and destination ports an entry matches.
@@ -132,6 +132,9 @@ pub struct PolicyDesired {
     pub ipcache: BTreeMap<IpNetwork, IpcacheValue>,
     /// This node's pods by address.
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    /// The names (`namespace/name`) of the cluster's pods by address, for
+    /// display.
+    pub pod_names: BTreeMap<IpAddr, String>,
     /// Policy sets by number.
     pub sets: BTreeMap<u32, Arc<SetContent>>,
     /// Rule names by number: `namespace/policy ingress[0]`.
@@ -263,6 +266,17 @@ impl PolicyLookup for PolicyDesired {
         port: u16,
     ) -> Option<u32> {
         self.sets.get(&set)?.allows(direction, peer, proto, port)
+    }
+}
+
+/// The name of a reserved identity (`host`, `world`, ...).
+pub fn reserved_identity_name(identity: u32) -> Option<&'static str> {
+    match identity {
+        IDENTITY_ANY => Some("any"),
+        IDENTITY_HOST => Some("host"),
+        IDENTITY_WORLD => Some("world"),
+        IDENTITY_REMOTE_NODE => Some("remote-node"),
+        _ => None,
     }
 }
 

@@ -51,16 +51,16 @@ pub enum PolicyOp {
     PutSet(u32, [u8; 16]),
     /// Insert or replace an endpoint.
     PutEndpoint(IpAddr, EndpointValue),
-    /// Insert or replace an endpoint's name.
-    PutEndpointName(IpAddr, String),
+    /// Insert or replace a pod's name.
+    PutPodName(IpAddr, String),
     /// Insert or replace an ipcache prefix.
     PutIpcache(IpNetwork, IpcacheValue),
     /// Write the revision and flags.
     PutState(PolicyState),
     /// Delete an endpoint.
     DeleteEndpoint(IpAddr),
-    /// Delete an endpoint's name.
-    DeleteEndpointName(IpAddr),
+    /// Delete a pod's name.
+    DeletePodName(IpAddr),
     /// Delete an ipcache prefix.
     DeleteIpcache(IpNetwork),
     /// Unmark a set (its entries go next).
@@ -241,7 +241,7 @@ pub fn plan(
 
     // 4. Endpoints, fail-closed where their set is unfit.
     let mut endpoints_used = applied.endpoints.len();
-    for (ip, (value, name)) in &target.endpoints {
+    for (ip, value) in &target.endpoints {
         let mut value = *value;
         if out.unfit_sets.contains(&value.set) {
             value.flags |= ENDPOINT_FAIL_CLOSED;
@@ -260,10 +260,18 @@ pub fn plan(
             out.groups.push(single(PolicyOp::PutEndpoint(*ip, value)));
             changes_verdicts = true;
         }
-        if applied.endpoint_names.get(ip) != Some(name) {
-            out.groups
-                .push(single(PolicyOp::PutEndpointName(*ip, name.clone())));
+    }
+    let mut names_used = applied.pod_names.len();
+    for (ip, name) in &target.pod_names {
+        match applied.pod_names.get(ip) {
+            Some(current) if current == name => continue,
+            Some(_) => {}
+            // Names are for display: one left out is not worth a retry.
+            None if names_used >= capacity.ipcache => continue,
+            None => names_used += 1,
         }
+        out.groups
+            .push(single(PolicyOp::PutPodName(*ip, name.clone())));
     }
 
     // 5. The other ipcache changes (relabels, whose old identities the
@@ -287,9 +295,9 @@ pub fn plan(
             changes_verdicts = true;
         }
     }
-    for ip in applied.endpoint_names.keys() {
-        if !target.endpoints.contains_key(ip) {
-            out.groups.push(single(PolicyOp::DeleteEndpointName(*ip)));
+    for ip in applied.pod_names.keys() {
+        if !target.pod_names.contains_key(ip) {
+            out.groups.push(single(PolicyOp::DeletePodName(*ip)));
         }
     }
     for prefix in applied.ipcache.keys() {
@@ -363,8 +371,8 @@ impl PolicyTables {
             PolicyOp::PutEndpoint(ip, value) => {
                 self.endpoints.insert(*ip, *value);
             }
-            PolicyOp::PutEndpointName(ip, name) => {
-                self.endpoint_names.insert(*ip, name.clone());
+            PolicyOp::PutPodName(ip, name) => {
+                self.pod_names.insert(*ip, name.clone());
             }
             PolicyOp::PutIpcache(prefix, value) => {
                 self.ipcache.insert(*prefix, *value);
@@ -373,8 +381,8 @@ impl PolicyTables {
             PolicyOp::DeleteEndpoint(ip) => {
                 self.endpoints.remove(ip);
             }
-            PolicyOp::DeleteEndpointName(ip) => {
-                self.endpoint_names.remove(ip);
+            PolicyOp::DeletePodName(ip) => {
+                self.pod_names.remove(ip);
             }
             PolicyOp::DeleteIpcache(prefix) => {
                 self.ipcache.remove(prefix);

@@ -49,8 +49,8 @@ pub struct PolicyTables {
     pub ipcache: BTreeMap<IpNetwork, IpcacheValue>,
     /// This node's pods by address.
     pub endpoints: BTreeMap<IpAddr, EndpointValue>,
-    /// Their names (possibly truncated).
-    pub endpoint_names: BTreeMap<IpAddr, String>,
+    /// The cluster's pods' names by address (possibly truncated).
+    pub pod_names: BTreeMap<IpAddr, String>,
     /// The revision and flags.
     pub state: PolicyState,
 }
@@ -109,8 +109,10 @@ pub struct PolicyTarget {
     pub sets: BTreeMap<u32, Arc<SetContent>>,
     /// Addresses and prefixes to identities.
     pub ipcache: BTreeMap<IpNetwork, IpcacheValue>,
-    /// This node's pods by address, with their names.
-    pub endpoints: BTreeMap<IpAddr, (EndpointValue, String)>,
+    /// This node's pods by address.
+    pub endpoints: BTreeMap<IpAddr, EndpointValue>,
+    /// The cluster's pods' names by address, truncated as the map keeps them.
+    pub pod_names: BTreeMap<IpAddr, String>,
     /// Whether policy is enforced on this node's pod interfaces.
     pub enforcing: bool,
 }
@@ -133,8 +135,13 @@ impl PolicyTarget {
                     identity: ep.identity,
                     flags: ep.flags,
                 };
-                (*ip, (value, truncated(&ep.name, POLICY_NAME_LEN - 1)))
+                (*ip, value)
             })
+            .collect();
+        let pod_names = desired
+            .pod_names
+            .iter()
+            .map(|(ip, name)| (*ip, truncated(name, POLICY_NAME_LEN - 1)))
             .collect();
         Self {
             identities: desired.identities.clone(),
@@ -146,6 +153,7 @@ impl PolicyTarget {
             sets: desired.sets.clone(),
             ipcache: desired.ipcache.clone(),
             endpoints,
+            pod_names,
             enforcing,
         }
     }

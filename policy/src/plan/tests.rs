@@ -63,16 +63,14 @@ fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget {
     }
     target.endpoints.insert(
         ip("10.0.0.1"),
-        (
-            EndpointValue {
-                ifindex: 7,
-                set: number,
-                identity: 300,
-                flags: ENDPOINT_INGRESS_ISOLATED,
-            },
-            "x/web".into(),
-        ),
+        EndpointValue {
+            ifindex: 7,
+            set: number,
+            identity: 300,
+            flags: ENDPOINT_INGRESS_ISOLATED,
+        },
     );
+    target.pod_names.insert(ip("10.0.0.1"), "x/web".into());
     target
 }
 
@@ -108,7 +106,7 @@ fn a_first_plan_writes_everything_in_order_and_then_nothing() {
             PolicyOp::PutEntry(..) => "entry",
             PolicyOp::PutSet(..) => "set",
             PolicyOp::PutEndpoint(..) => "endpoint",
-            PolicyOp::PutEndpointName(..) => "name",
+            PolicyOp::PutPodName(..) => "name",
             PolicyOp::PutIpcache(..) => "ipcache",
             PolicyOp::PutState(..) => "state",
             _ => "delete",
@@ -182,15 +180,12 @@ fn a_set_that_does_not_fit_fails_its_endpoints_closed_only() {
     after.sets.insert(5, set(&[301]));
     after.endpoints.insert(
         ip("10.0.0.2"),
-        (
-            EndpointValue {
-                ifindex: 8,
-                set: 5,
-                identity: 300,
-                flags: ENDPOINT_INGRESS_ISOLATED,
-            },
-            "x/web-2".into(),
-        ),
+        EndpointValue {
+            ifindex: 8,
+            set: 5,
+            identity: 300,
+            flags: ENDPOINT_INGRESS_ISOLATED,
+        },
     );
     let capacity = PolicyCapacity {
         entries: 2,
