@@ -238,6 +238,9 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         // Containers of opted-out pods may start after their pod's snapshot.
         opt_out.refresh(&cgroup, &mut kernel.socket);
+        if let Some(policy) = kernel.policy.as_mut() {
+            policy.refresh_cgroups(&cgroup, &mut kernel.socket);
+        }
         let policy_retry = kernel.policy.as_ref().is_some_and(PolicyAgent::needs_retry);
         let changed = match latest.take(Duration::from_secs(1)) {
             Some(snapshot) => Some(compile(
@@ -295,6 +298,7 @@ fn start_policy(settings: &Settings, tc: &mut TcPrograms) -> Result<PolicyAgent>
         config,
         settings.tc_interfaces.clone(),
         settings.network_policy,
+        settings.policy_at_connect,
     )
     .context("adopting the policy maps")?;
     if !settings.network_policy {

@@ -1,12 +1,14 @@
 //! Pod interfaces as they come and go: those whose name starts with one of
 //! the `podInterfaces` prefixes, and the host ends of this node's pods that
 //! policy found from their addresses. The pod programs are attached to each
-//! new one (both hooks: the pod's packets and the packets to it), veth and
-//! netkit host ends are registered so translated packets are handed straight
-//! to the pod, and the pins of those that went away are removed.
+//! new one (both hooks: the pod's packets and the packets to it), each is
+//! registered with what the programs need to know of it (a veth or netkit
+//! host end, a known pod's), and the pins of those that went away are
+//! removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use lb_common::config::{POD_INTERFACE_ENDPOINT, POD_INTERFACE_PEER};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -14,19 +16,28 @@ use crate::{
     node::{interfaces, netlink},
 };
 
-/// Pod interfaces the pod programs are attached to, by name, with the
-/// ifindex of those registered for peer redirects.
+/// A pod interface the pod programs are attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Attached {
+    /// Its index, once registered.
+    ifindex: Option<u32>,
+    /// The `POD_INTERFACE_*` bits registered.
+    flags: u32,
+}
+
+/// Pod interfaces the pod programs are attached to, by name.
 #[derive(Default)]
 pub struct PodInterfaces {
-    attached: BTreeMap<String, Option<u32>>,
+    attached: BTreeMap<String, Attached>,
 }
 
 impl PodInterfaces {
     /// Attaches the pod programs to the interfaces that `prefixes` name or
-    /// that are in `found` and are not attached yet; detaches those that
-    /// went away or are no longer wanted.
-    pub fn sync(&mut self, tc: &mut TcPrograms, prefixes: &[String], found: &BTreeSet<String>) {
-        let mut wanted = found.clone();
+    /// that are the known pods' (`endpoints`) and are not attached yet,
+    /// registers them, and detaches those that went away or are no longer
+    /// wanted.
+    pub fn sync(&mut self, tc: &mut TcPrograms, prefixes: &[String], endpoints: &BTreeSet<String>) {
+        let mut wanted = endpoints.clone();
         if !prefixes.is_empty() {
             match interfaces::named(prefixes) {
                 Ok(named) => wanted.extend(named),
@@ -36,10 +47,10 @@ impl PodInterfaces {
                 }
             }
         }
-        self.attached.retain(|name, ifindex| {
+        self.attached.retain(|name, attached| {
             let keep = wanted.contains(name);
             if !keep {
-                if let Some(ifindex) = *ifindex {
+                if let Some(ifindex) = attached.ifindex {
                     if let Err(err) = tc.remove_pod_interface(ifindex) {
                         error!(interface = %name, error = %err, "forgetting pod interface");
                     }
@@ -51,42 +62,69 @@ impl PodInterfaces {
             keep
         });
         for name in wanted {
-            if self.attached.contains_key(&name) {
-                continue;
-            }
-            match tc.attach(&name, &TcHook::POD) {
-                Ok(()) => {
-                    info!(interface = %name, "pod programs attached");
-                    let peer = peer_redirect_target(tc, &name);
-                    self.attached.insert(name, peer);
+            let endpoint = if endpoints.contains(&name) {
+                POD_INTERFACE_ENDPOINT
+            } else {
+                0
+            };
+            match self.attached.get(&name).copied() {
+                Some(attached) if attached.flags & POD_INTERFACE_ENDPOINT == endpoint => {}
+                Some(attached) => {
+                    let flags = (attached.flags & !POD_INTERFACE_ENDPOINT) | endpoint;
+                    let registered = register(tc, &name, flags);
+                    self.attached.insert(name, registered);
                 }
-                Err(err) => error!(interface = %name, error = %err, "attaching the pod programs"),
+                None => match tc.attach(&name, &TcHook::POD) {
+                    Ok(()) => {
+                        info!(interface = %name, "pod programs attached");
+                        let flags = endpoint | peer_flag(&name);
+                        let registered = register(tc, &name, flags);
+                        self.attached.insert(name, registered);
+                    }
+                    Err(err) => {
+                        error!(interface = %name, error = %err, "attaching the pod programs")
+                    }
+                },
             }
         }
     }
 }
 
-/// Registers `name` for peer redirects if it is the host end of a veth or
-/// netkit pair, returning its ifindex; packets to other interfaces keep the
-/// plain redirect.
-fn peer_redirect_target(tc: &mut TcPrograms, name: &str) -> Option<u32> {
-    let ifindex = interfaces::index_of(name)?;
-    let kind = match netlink::link_kind(ifindex) {
-        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => kind,
-        Ok(_) => return None,
+/// [`POD_INTERFACE_PEER`] if `name` is the host end of a veth or netkit
+/// pair; packets to other interfaces keep the plain redirect.
+fn peer_flag(name: &str) -> u32 {
+    let Some(ifindex) = interfaces::index_of(name) else {
+        return 0;
+    };
+    match netlink::link_kind(ifindex) {
+        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => POD_INTERFACE_PEER,
+        Ok(_) => 0,
         Err(err) => {
             warn!(interface = %name, error = %err, "interface kind unknown; no peer redirect to it");
-            return None;
+            0
         }
+    }
+}
+
+/// Registers `name` with `flags`; what was registered.
+fn register(tc: &mut TcPrograms, name: &str, flags: u32) -> Attached {
+    let Some(ifindex) = interfaces::index_of(name) else {
+        return Attached {
+            ifindex: None,
+            flags: 0,
+        };
     };
-    match tc.add_pod_interface(ifindex) {
-        Ok(()) => {
-            info!(interface = %name, kind = %kind, "packets to the pod interface are handed to its peer");
-            Some(ifindex)
-        }
+    match tc.add_pod_interface(ifindex, flags) {
+        Ok(()) => Attached {
+            ifindex: Some(ifindex),
+            flags,
+        },
         Err(err) => {
             error!(interface = %name, error = %err, "registering pod interface");
-            None
+            Attached {
+                ifindex: None,
+                flags: 0,
+            }
         }
     }
 }

@@ -14,21 +14,24 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     net::IpAddr,
+    path::Path,
     time::Instant,
 };
+
+use lb_common::{net::Addr, policy::POLICY_STATE_AT_CONNECT};
 
 use lb_core::intent::{ObjectError, Objects};
 use lb_policy::{
     compile::{Adopted, PolicyCompiler, PolicyConfig},
     desired::reserved_identity_name,
     plan::PolicyCapacity,
-    tables::{PolicyTables, PolicyTarget},
+    tables::{addr_of, PolicyTables, PolicyTarget},
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    kernel::{AyaPolicyMaps, KernelError},
-    node::netlink,
+    kernel::{socket_programs::SocketPrograms, AyaPolicyMaps, KernelError},
+    node::{cgroups, netlink},
     policy_reconcile::PolicyReconciler,
     serve::metrics::Metrics,
 };
@@ -99,6 +102,7 @@ pub struct PolicyAgent {
     warned: BTreeSet<(IpAddr, String)>,
     uplinks: Vec<String>,
     enforcing: bool,
+    at_connect: bool,
     /// The objects last compiled, for the follow-up update that releases
     /// what an update retired.
     last: Objects,
@@ -107,6 +111,8 @@ pub struct PolicyAgent {
     follow_up: bool,
     /// The last pass could not program everything.
     incomplete: bool,
+    /// The cgroup map is known to be empty.
+    cgroups_empty: bool,
 }
 
 impl PolicyAgent {
@@ -118,6 +124,7 @@ impl PolicyAgent {
         config: PolicyConfig,
         uplinks: Vec<String>,
         enforcing: bool,
+        at_connect: bool,
     ) -> Result<Self, KernelError> {
         let capacity = PolicyCapacity::default();
         let reconciler = PolicyReconciler::adopt(maps, capacity)?;
@@ -150,9 +157,11 @@ impl PolicyAgent {
             warned: BTreeSet::new(),
             uplinks,
             enforcing,
+            at_connect,
             last: Objects::default(),
             follow_up: false,
             incomplete: false,
+            cgroups_empty: false,
         })
     }
 
@@ -226,10 +235,14 @@ impl PolicyAgent {
             .iter()
             .map(|((ip, _), interface)| (*ip, interface.ifindex))
             .collect();
+        // Enforced once a policy exists: until then every flow is allowed,
+        // and nothing (not even a borrowed address) gains a pod anything.
+        let desired = self.compiler.desired();
         let target = PolicyTarget::new(
-            self.compiler.desired(),
+            desired,
             |ip| by_ip.get(&ip).copied(),
-            self.enforcing,
+            self.enforcing && desired.enforcing,
+            self.at_connect,
         );
         let done = self.reconciler.reconcile(&target);
         for err in &done.errors {
@@ -267,6 +280,52 @@ impl PolicyAgent {
         );
         let found_all = by_ip.len() == self.compiler.desired().endpoints.len();
         done.complete() && found_all
+    }
+
+    /// Writes which pod each cgroup of this node's pods (below `root`)
+    /// belongs to, for the refusal at `connect()`; only while some pod is
+    /// isolated for egress and that refusal is on. Containers start after
+    /// their pod's snapshot, so this runs on every pass of the main loop.
+    pub fn refresh_cgroups(&mut self, root: &Path, socket: &mut SocketPrograms) {
+        let tables = self.reconciler.applied();
+        let wanted = tables.state.flags & POLICY_STATE_AT_CONNECT != 0;
+        if !wanted && self.cgroups_empty {
+            return;
+        }
+        let mut addresses: BTreeMap<String, Addr> = BTreeMap::new();
+        if wanted {
+            for (ip, endpoint) in &self.compiler.desired().endpoints {
+                // One address per pod is enough: both carry its policy.
+                let keep = addresses.get(&endpoint.uid).is_some_and(|_| ip.is_ipv6());
+                if !keep {
+                    addresses.insert(endpoint.uid.clone(), addr_of(*ip));
+                }
+            }
+        }
+        let uids: BTreeSet<String> = addresses.keys().cloned().collect();
+        let cgroups = match cgroups::pod_cgroups(root, &uids) {
+            Ok(cgroups) => cgroups,
+            Err(err) => {
+                error!(error = %err, "finding the cgroups of this node's pods");
+                return;
+            }
+        };
+        let by_cgroup: BTreeMap<u64, Addr> = cgroups
+            .into_iter()
+            .filter_map(|(id, uid)| Some((id, *addresses.get(&uid)?)))
+            .collect();
+        match socket.set_cgroup_endpoints(&by_cgroup) {
+            Ok(changed) => {
+                if changed {
+                    info!(
+                        cgroups = by_cgroup.len(),
+                        "cgroups of this node's pods written for the refusal at connect()"
+                    );
+                }
+                self.cgroups_empty = by_cgroup.is_empty();
+            }
+            Err(err) => error!(error = %err, "writing the cgroups of this node's pods"),
+        }
     }
 
     /// The interfaces of this node's pods, to attach the pod programs to.

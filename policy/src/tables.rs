@@ -17,8 +17,9 @@ use lb_common::{
     net::{v4_mapped, Addr},
     policy::{
         EndpointValue, IdentityValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyName,
-        PolicySetValue, PolicyState, PolicyValue, IDENTITY_ANY, IDENTITY_LABELS_LEN, POLICY_ALLOW,
-        POLICY_NAME_LEN, POLICY_PREFIX_IDENTITY, POLICY_PREFIX_PROTO, POLICY_STATE_ENFORCING,
+        PolicySetValue, PolicyState, PolicyValue, ENDPOINT_EGRESS_ISOLATED, IDENTITY_ANY,
+        IDENTITY_LABELS_LEN, POLICY_ALLOW, POLICY_NAME_LEN, POLICY_PREFIX_IDENTITY,
+        POLICY_PREFIX_PROTO, POLICY_STATE_AT_CONNECT, POLICY_STATE_ENFORCING,
     },
 };
 
@@ -115,6 +116,9 @@ pub struct PolicyTarget {
     pub pod_names: BTreeMap<IpAddr, String>,
     /// Whether policy is enforced on this node's pod interfaces.
     pub enforcing: bool,
+    /// Whether the socket programs refuse at `connect()` what a pod's egress
+    /// policy denies.
+    pub at_connect: bool,
 }
 
 impl PolicyTarget {
@@ -124,6 +128,7 @@ impl PolicyTarget {
         desired: &PolicyDesired,
         interface: impl Fn(IpAddr) -> Option<u32>,
         enforcing: bool,
+        at_connect: bool,
     ) -> Self {
         let endpoints = desired
             .endpoints
@@ -155,15 +160,24 @@ impl PolicyTarget {
             endpoints,
             pod_names,
             enforcing,
+            at_connect,
         }
     }
 
-    /// The state flags this target asks for.
+    /// The state flags this target asks for: refusal at `connect()` only
+    /// where some endpoint is isolated for egress.
     pub fn state_flags(&self) -> u32 {
-        if self.enforcing {
-            POLICY_STATE_ENFORCING
+        if !self.enforcing {
+            return 0;
+        }
+        let egress = self
+            .endpoints
+            .values()
+            .any(|ep| ep.flags & ENDPOINT_EGRESS_ISOLATED != 0);
+        if self.at_connect && egress {
+            POLICY_STATE_ENFORCING | POLICY_STATE_AT_CONNECT
         } else {
-            0
+            POLICY_STATE_ENFORCING
         }
     }
 }

@@ -684,7 +684,7 @@ proptest! {
             // then a follow-up releases what the update retired.
             for _ in 0..passes {
                 compiler.update(&objects);
-                let target = PolicyTarget::new(compiler.desired(), |_| Some(1), true);
+                let target = PolicyTarget::new(compiler.desired(), |_| Some(1), true, true);
                 let plan = plan(&tables, &target, &PolicyCapacity::default(), &Default::default());
                 let mut end = tables.clone();
                 for op in plan.ops() {

@@ -1,7 +1,8 @@
 //! cgroup `sock_addr` programs that translate Service VIPs at the socket layer:
 //! `connect()` to a frontend is rewritten to a backend once per connection, and
 //! `getpeername()` shows the frontend again, so applications never see a backend
-//! address they did not ask for.
+//! address they did not ask for. A connection the caller's egress policy
+//! denies fails at `connect()` ([`policy`]).
 #![no_std]
 #![no_main]
 // A BPF program reads the kernel's context, calls helpers and writes maps
@@ -14,6 +15,7 @@
 
 mod lb;
 mod maps;
+mod policy;
 mod sock;
 
 #[cfg(not(test))]

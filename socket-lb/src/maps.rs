@@ -8,9 +8,10 @@ use lb_common::{
     config::SockConfig,
     kernel_map,
     maps::{
-        BACKEND_PORTS_LEN, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_OPT_OUT,
-        MAX_SERVICES, MAX_SOCK_REV_NAT, STATS_LEN,
+        BACKEND_PORTS_LEN, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CGROUP_ENDPOINTS,
+        MAX_OPT_OUT, MAX_SERVICES, MAX_SOCK_REV_NAT, STATS_LEN,
     },
+    net::Addr,
     outcome::Outcome,
     service::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue, SlotKey},
     socket::{backend_port_bit, SockRevNatKey},
@@ -95,6 +96,15 @@ kernel_map!(
     SOCK_STATS,
     /// Refusals, indexed by [`Outcome::index`].
     pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+);
+
+lb_common::shared_policy_maps!();
+
+kernel_map!(
+    CGROUP_ENDPOINTS,
+    /// The address of the pod each cgroup of this node's pods belongs to,
+    /// for the refusal at `connect()` of what its egress policy denies.
+    pub static CGROUP_ENDPOINTS: HashMap<u64, Addr> = HashMap::pinned(MAX_CGROUP_ENDPOINTS, 0);
 );
 
 /// Counts one `outcome`.

@@ -39,12 +39,14 @@ use lb_common::{
 use crate::{
     lb::{select, Lookup},
     maps::{count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, SOCK_CONFIG, SOCK_REV_NAT},
+    policy,
 };
 
 /// Let the system call proceed.
 const ALLOW: i32 = 1;
 /// Fail the system call with the error set by `bpf_set_retval` (EPERM by default).
 const REJECT: i32 = 0;
+const EPERM: i32 = 1;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 const AF_INET: u32 = 2;
@@ -155,6 +157,10 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
         return ALLOW;
     };
     let proto = protocol(sa);
+    let refused = || {
+        count(Outcome::SocketPolicyDenied);
+        fail_with(EPERM)
+    };
     let key = ServiceKey {
         addr: frontend_addr,
         port,
@@ -164,6 +170,7 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the context is the one the kernel passed to this program.
     let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     match select(&key, client) {
+        Lookup::NotAService if policy::denies(&addr, port, proto) => refused(),
         Lookup::NotAService => ALLOW,
         Lookup::NoBackends => {
             count(Outcome::SocketNoEndpoints);
@@ -172,6 +179,9 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
         Lookup::NoLocalBackends => {
             count(Outcome::SocketNoLocalEndpoints);
             fail_with(EHOSTUNREACH)
+        }
+        Lookup::Backend { backend, .. } if policy::denies(&backend.addr, backend.port, proto) => {
+            refused()
         }
         Lookup::Backend {
             service_id,

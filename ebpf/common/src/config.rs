@@ -32,6 +32,15 @@ pub const TC_CONFIG_FIB_REDIRECT: u32 = 1 << 0;
 /// pod programs only check policy.
 pub const TC_CONFIG_POD_LB: u32 = 1 << 1;
 
+/// Value bit of `POD_INTERFACES`: the interface is the host end of a veth
+/// or netkit pair, so packets to it are handed to its peer directly.
+pub const POD_INTERFACE_PEER: u32 = 1 << 0;
+/// Value bit of `POD_INTERFACES`: the interface is a policy endpoint's (a
+/// known pod's): only that pod's addresses may leave by it. A pod interface
+/// without it is one the agent knows no pod of yet (its packets' sources
+/// are not checked, their destinations' policies are).
+pub const POD_INTERFACE_ENDPOINT: u32 = 1 << 1;
+
 /// Node-wide settings of the tc programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -134,10 +134,11 @@ map_names! { $
     /// per-CPU array of one [`ReportBudget`](crate::events::ReportBudget).
     /// Not pinned.
     REPORT_BUDGET = "LB_EVBUDGET_V1";
-    /// Host ends of pod veth (or netkit) pairs: ifindex (`u32`) -> 1. A
-    /// translated packet whose FIB egress is one of them is handed straight
-    /// to the pod's side with `bpf_redirect_peer`. Not pinned: the agent
-    /// fills each loaded object's own as it attaches to pod interfaces.
+    /// Pod interfaces (host ends): ifindex (`u32`) -> `POD_INTERFACE_*`
+    /// bits (see [`crate::config`]). A translated packet whose FIB egress is
+    /// a veth or netkit host end is handed straight to the pod's side with
+    /// `bpf_redirect_peer`. Not pinned: the agent fills each loaded object's
+    /// own as it attaches to pod interfaces.
     POD_INTERFACES = "LB_PODIF_V1";
 
     // Policy (see crate::policy).
@@ -174,6 +175,50 @@ map_names! { $
     /// This node's pods by cgroup, for the socket programs' early refusal:
     /// cgroup id (`u64`) -> the pod's address (`Addr`).
     CGROUP_ENDPOINTS = "LB_CGEP_V1";
+}
+
+/// Declares the policy maps that both BPF objects read, with one
+/// definition (the first object loaded creates the pins, the other reuses
+/// them, so the definitions must agree): [`IPCACHE`], [`ENDPOINTS`],
+/// [`POLICY`] and [`POLICY_STATE`]. Expands in a kernel crate, where
+/// `aya_ebpf` is in scope.
+#[macro_export]
+macro_rules! shared_policy_maps {
+    () => {
+        $crate::kernel_map!(
+            IPCACHE,
+            /// Address or prefix to identities, every pod of the cluster included.
+            pub static IPCACHE: aya_ebpf::maps::LpmTrie<
+                $crate::policy::IpcacheKey,
+                $crate::policy::IpcacheValue,
+            > = aya_ebpf::maps::LpmTrie::pinned($crate::maps::MAX_IPCACHE, 0);
+        );
+
+        $crate::kernel_map!(
+            ENDPOINTS,
+            /// This node's pods by address.
+            pub static ENDPOINTS: aya_ebpf::maps::HashMap<
+                $crate::net::Addr,
+                $crate::policy::EndpointValue,
+            > = aya_ebpf::maps::HashMap::pinned($crate::maps::MAX_ENDPOINTS, 0);
+        );
+
+        $crate::kernel_map!(
+            POLICY,
+            /// What each policy set allows.
+            pub static POLICY: aya_ebpf::maps::LpmTrie<
+                $crate::policy::PolicyKey,
+                $crate::policy::PolicyValue,
+            > = aya_ebpf::maps::LpmTrie::pinned($crate::maps::MAX_POLICY_ENTRIES, 0);
+        );
+
+        $crate::kernel_map!(
+            POLICY_STATE,
+            /// The policy revision and flags (one entry).
+            pub static POLICY_STATE: aya_ebpf::maps::Array<$crate::policy::PolicyState> =
+                aya_ebpf::maps::Array::pinned(1, 0);
+        );
+    };
 }
 
 /// Capacity of [`SERVICES`], [`REV_NAT`], [`SERVICE_NAMES`] and [`ROUND_ROBIN`].

@@ -178,6 +178,21 @@ assert_layout!(PolicyState, 8, { revision: 0, flags: 4 });
 
 /// [`PolicyState::flags`]: policy is enforced on this node's pod interfaces.
 pub const POLICY_STATE_ENFORCING: u32 = 1 << 0;
+/// [`PolicyState::flags`]: the socket programs refuse, at `connect()` and
+/// `sendmsg()`, what the caller's egress policy denies (some pod of this
+/// node is isolated for egress, and the agent asks for it).
+pub const POLICY_STATE_AT_CONNECT: u32 = 1 << 1;
+
+/// Whether a policy set allows `peer`, given whether the set has an entry
+/// for an identity (on the flow's direction, protocol and port): for the
+/// peer's identity, its CIDR identity, or any peer, the order the programs
+/// ask the trie in.
+#[inline(always)]
+pub fn allowed_by(peer: IpcacheValue, mut has_entry: impl FnMut(u32) -> bool) -> bool {
+    has_entry(peer.identity)
+        || (peer.cidr_identity != peer.identity && has_entry(peer.cidr_identity))
+        || has_entry(IDENTITY_ANY)
+}
 
 /// [`PolicyCtValue::flags`]: the entry matches the replies of a flow (the
 /// reverse of the tuple that opened it).

@@ -26,6 +26,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
+    config::POD_INTERFACE_PEER,
     conntrack::{CtKey, CtValue, NEXT_HOP_PEER, NEXT_HOP_REDIRECT},
     outcome::Outcome,
 };
@@ -103,7 +104,9 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) ->
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);
         macs[6..].copy_from_slice(&params.smac);
-        let hop = if POD_INTERFACES.get_ptr(&params.ifindex).is_some() {
+        // SAFETY: copied out at once.
+        let interface = unsafe { POD_INTERFACES.get(&params.ifindex) }.copied();
+        let hop = if interface.is_some_and(|flags| flags & POD_INTERFACE_PEER != 0) {
             NEXT_HOP_PEER
         } else {
             NEXT_HOP_REDIRECT

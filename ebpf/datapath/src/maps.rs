@@ -16,16 +16,13 @@ use lb_common::{
     kernel_map,
     maglev::MaglevKey,
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IDENTITIES,
-        MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_ENTRIES,
-        MAX_POLICY_RULES, MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_IDENTITIES, MAX_IPCACHE,
+        MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_RULES, MAX_POLICY_SETS,
+        MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     net::Addr,
     outcome::Outcome,
-    policy::{
-        EndpointValue, IdentityValue, IpcacheKey, IpcacheValue, PolicyCtValue, PolicyKey,
-        PolicyName, PolicySetValue, PolicyState, PolicyValue,
-    },
+    policy::{IdentityValue, PolicyCtValue, PolicyName, PolicySetValue},
     reject::RejectBudget,
     service::{Backend, ServiceKey, ServiceValue},
     source_range::SourceRangeKey,
@@ -114,34 +111,12 @@ kernel_map!(
     pub static REPORT_BUDGET: PerCpuArray<ReportBudget> = PerCpuArray::with_max_entries(1, 0);
 );
 
-kernel_map!(
-    IPCACHE,
-    /// Address or prefix to identities, every pod of the cluster included.
-    pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
-);
-
-kernel_map!(
-    ENDPOINTS,
-    /// This node's pods by address.
-    pub static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
-);
-
-kernel_map!(
-    POLICY,
-    /// What each policy set allows.
-    pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(MAX_POLICY_ENTRIES, 0);
-);
+lb_common::shared_policy_maps!();
 
 kernel_map!(
     POLICY_CT,
     /// Flows' policy verdicts: two entries per flow.
     pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> = LruHashMap::pinned(MAX_POLICY_CT, 0);
-);
-
-kernel_map!(
-    POLICY_STATE,
-    /// The policy revision and whether policy is enforced (one entry).
-    pub static POLICY_STATE: Array<PolicyState> = Array::pinned(1, 0);
 );
 
 kernel_map!(

@@ -19,18 +19,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::{helpers::bpf_for_each_map_elem, maps::lpm_trie::Key};
 use lb_common::{
+    config::POD_INTERFACE_ENDPOINT,
     conntrack::{CtGcState, CtKey, CT_STATE_CLOSING, CT_STATE_NEW},
     net::{is_v4_mapped, Addr, PROTO_TCP, TCP_ACK, TCP_SYN},
     outcome::Outcome,
     policy::{
-        EndpointValue, IpcacheKey, IpcacheValue, PolicyCtValue, PolicyKey, PolicyState,
+        allowed_by, EndpointValue, IpcacheKey, IpcacheValue, PolicyCtValue, PolicyKey, PolicyState,
         DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED,
         ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_CT_ALLOWED,
         POLICY_CT_LOCAL_OPENER, POLICY_CT_REPLY, POLICY_PREFIX_FULL, POLICY_STATE_ENFORCING,
     },
 };
 
-use crate::maps::{count, ENDPOINTS, IPCACHE, POLICY, POLICY_CT, POLICY_STATE};
+use crate::maps::{count, ENDPOINTS, IPCACHE, POD_INTERFACES, POLICY, POLICY_CT, POLICY_STATE};
 
 /// How stale an entry's timestamp may get before a packet refreshes it (as
 /// the service conntrack does).
@@ -133,20 +134,16 @@ fn identities(addr: &Addr) -> IpcacheValue {
 }
 
 /// Whether an entry of `set` allows `direction` from or to `peer` on
-/// `proto` and `port` (network order): for its identity, its CIDR
-/// identity, or any peer.
+/// `proto` and `port` (network order).
 #[inline(always)]
 fn allows(set: u32, direction: u8, peer: IpcacheValue, proto: u8, port: u16) -> bool {
-    let lookup = |identity: u32| {
+    allowed_by(peer, |identity| {
         let key = Key::new(
             POLICY_PREFIX_FULL,
             PolicyKey::new(set, direction, identity, proto, port),
         );
         POLICY.get(&key).is_some()
-    };
-    lookup(peer.identity)
-        || (peer.cidr_identity != peer.identity && lookup(peer.cidr_identity))
-        || lookup(IDENTITY_ANY)
+    })
 }
 
 /// The endpoint at `addr`: one of this node's pods, or all zeroes (identity
@@ -213,18 +210,23 @@ fn evaluate(tuple: &CtKey, local: bool) -> Verdict {
 
 /// Whether a source address may leave the pod at `pod_ifindex`: one of
 /// the pod's, or an IPv6 link-local or unspecified one (neighbour
-/// discovery; the node does not forward them).
+/// discovery; the node does not forward them). Another known pod's address
+/// never may; an unknown address only from an interface of no known pod.
 #[inline(always)]
 fn source_allowed(saddr: &Addr, pod_ifindex: u32) -> bool {
     let ep = endpoint(saddr);
     if ep.identity != IDENTITY_ANY {
         return ep.ifindex == pod_ifindex;
     }
-    if is_v4_mapped(saddr) {
-        return false;
+    if !is_v4_mapped(saddr) {
+        let link_local = u32::from_be(saddr[0]) >> 22 == 0x3fa;
+        if link_local || (saddr[0] | saddr[1] | saddr[2] | saddr[3]) == 0 {
+            return true;
+        }
     }
-    let link_local = u32::from_be(saddr[0]) >> 22 == 0x3fa;
-    link_local || (saddr[0] | saddr[1] | saddr[2] | saddr[3]) == 0
+    // SAFETY: copied out at once.
+    let interface = unsafe { POD_INTERFACES.get(&pod_ifindex) }.copied();
+    interface.is_none_or(|flags| flags & POD_INTERFACE_ENDPOINT == 0)
 }
 
 /// Whether a packet from `origin` may carry the source `saddr` (only one

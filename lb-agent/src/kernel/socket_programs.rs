@@ -2,16 +2,21 @@
 //! `socket-lb`): loaded with their maps pinned in bpffs, configured, attached
 //! to a cgroup with pinned links, and the cgroups that opted out of them.
 
-use std::{collections::BTreeSet, fs, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{links::CgroupAttachMode, CgroupSock, CgroupSockAddr},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     config::SockConfig,
     maps,
+    net::Addr,
     outcome::{Counted, Outcome},
 };
 use tracing::info;
@@ -63,6 +68,7 @@ pub struct SocketPrograms {
     counters: PerCpuArray<MapData, u64>,
     opt_out: HashMap<MapData, u64, u32>,
     opt_out_count: Array<MapData, u32>,
+    cgroup_endpoints: HashMap<MapData, u64, Addr>,
     pin_dir: std::path::PathBuf,
 }
 
@@ -84,11 +90,14 @@ impl SocketPrograms {
         let opt_out = HashMap::try_from(ebpf.open(maps::OPT_OUT)?).on(maps::OPT_OUT)?;
         let opt_out_count =
             Array::try_from(ebpf.open(maps::OPT_OUT_COUNT)?).on(maps::OPT_OUT_COUNT)?;
+        let cgroup_endpoints =
+            HashMap::try_from(ebpf.open(maps::CGROUP_ENDPOINTS)?).on(maps::CGROUP_ENDPOINTS)?;
         let mut programs = Self {
             ebpf,
             counters,
             opt_out,
             opt_out_count,
+            cgroup_endpoints,
             pin_dir: pin_dir.to_path_buf(),
         };
         programs.sync_opt_out_count()?;
@@ -190,6 +199,30 @@ impl SocketPrograms {
             self.write_opt_out_count(wanted.len())?;
         }
         Ok(changed)
+    }
+
+    /// Makes the map of this node's pods by cgroup hold exactly `wanted`
+    /// (cgroup id -> the pod's address); returns whether anything changed.
+    pub fn set_cgroup_endpoints(
+        &mut self,
+        wanted: &BTreeMap<u64, Addr>,
+    ) -> Result<bool, KernelError> {
+        let name = maps::CGROUP_ENDPOINTS;
+        let present: BTreeMap<u64, Addr> = self
+            .cgroup_endpoints
+            .iter()
+            .filter(|entry| !matches!(entry, Err(MapError::KeyNotFound)))
+            .collect::<Result<_, _>>()
+            .on(name)?;
+        for (id, addr) in wanted {
+            if present.get(id) != Some(addr) {
+                self.cgroup_endpoints.insert(id, addr, 0).on(name)?;
+            }
+        }
+        for id in present.keys().filter(|id| !wanted.contains_key(id)) {
+            ignore_missing(self.cgroup_endpoints.remove(id)).on(name)?;
+        }
+        Ok(&present != wanted)
     }
 
     /// Tells the programs how many cgroups opted out (0: skip the lookup).

@@ -383,12 +383,13 @@ impl TcPrograms {
         })
     }
 
-    /// Marks `ifindex` as the host end of a pod's veth (or netkit) pair:
-    /// packets forwarded to it go straight to the pod's end. Only for
-    /// interfaces of such kinds: the peer redirect drops packets to others.
-    pub fn add_pod_interface(&mut self, ifindex: u32) -> Result<(), KernelError> {
+    /// Registers pod interface `ifindex` with `POD_INTERFACE_*` bits: a
+    /// veth or netkit host end (packets forwarded to it go straight to the
+    /// pod's end; the peer redirect drops packets to other kinds), a known
+    /// pod's interface (its source addresses are checked).
+    pub fn add_pod_interface(&mut self, ifindex: u32, flags: u32) -> Result<(), KernelError> {
         self.pod_interfaces
-            .insert(ifindex, 1, 0)
+            .insert(ifindex, flags, 0)
             .on(maps::POD_INTERFACES)
     }
 

@@ -3,24 +3,40 @@
 //! (systemd driver). A cgroup v2 id is its directory's inode number, which is
 //! what `bpf_get_current_cgroup_id` returns for a process in it.
 
-use std::{collections::BTreeSet, fs, io, os::unix::fs::MetadataExt, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
 
 /// How deep below the root a pod cgroup may be (kubepods/burstable/pod...).
 const MAX_DEPTH: usize = 8;
 
-/// Whether a cgroup directory name is the cgroup of one of `uids`.
-pub fn names_pod(dir_name: &str, uids: &BTreeSet<String>) -> bool {
-    uids.iter().any(|uid| {
+/// The one of `uids` whose cgroup a cgroup directory name is.
+pub fn pod_of<'a>(dir_name: &str, uids: &'a BTreeSet<String>) -> Option<&'a String> {
+    uids.iter().find(|uid| {
         dir_name.contains(&format!("pod{uid}"))
             || dir_name.contains(&format!("pod{}", uid.replace('-', "_")))
     })
 }
 
+/// Whether a cgroup directory name is the cgroup of one of `uids`.
+pub fn names_pod(dir_name: &str, uids: &BTreeSet<String>) -> bool {
+    pod_of(dir_name, uids).is_some()
+}
+
 /// The ids of the cgroups of `uids` and of everything below them (containers).
 pub fn cgroup_ids(root: &Path, uids: &BTreeSet<String>) -> io::Result<BTreeSet<u64>> {
-    let mut ids = BTreeSet::new();
+    Ok(pod_cgroups(root, uids)?.into_keys().collect())
+}
+
+/// The ids of the cgroups of `uids` and of everything below them, each with
+/// the UID of its pod.
+pub fn pod_cgroups(root: &Path, uids: &BTreeSet<String>) -> io::Result<BTreeMap<u64, String>> {
+    let mut ids = BTreeMap::new();
     if !uids.is_empty() {
-        walk(root, uids, 0, false, &mut ids)?;
+        walk(root, uids, 0, None, &mut ids)?;
     }
     Ok(ids)
 }
@@ -29,8 +45,8 @@ fn walk(
     dir: &Path,
     uids: &BTreeSet<String>,
     depth: usize,
-    inside: bool,
-    ids: &mut BTreeSet<u64>,
+    inside: Option<&String>,
+    ids: &mut BTreeMap<u64, String>,
 ) -> io::Result<()> {
     if depth > MAX_DEPTH {
         return Ok(());
@@ -41,15 +57,15 @@ fn walk(
             continue;
         }
         let name = entry.file_name();
-        let matched = inside || names_pod(&name.to_string_lossy(), uids);
-        if matched {
+        let pod = inside.or_else(|| pod_of(&name.to_string_lossy(), uids));
+        if let Some(pod) = pod {
             // Cgroups come and go; one that vanished meanwhile is skipped.
             if let Ok(meta) = entry.metadata() {
-                ids.insert(meta.ino());
+                ids.insert(meta.ino(), pod.clone());
             }
         }
         // A cgroup removed while we walk is not an error.
-        let _ = walk(&entry.path(), uids, depth + 1, matched, ids);
+        let _ = walk(&entry.path(), uids, depth + 1, pod, ids);
     }
     Ok(())
 }

@@ -26,14 +26,15 @@ use lb_e2e::{
 const VIP: &str = "10.96.0.10";
 
 /// A Pod object for a lab pod: labels, this node, its addresses, and the
-/// container ports the servers listen on (named).
+/// container ports the servers listen on (named). Its UID is its name, as
+/// the lab names pod cgroups `pod<name>`.
 fn pod_yaml(pod: &Pod, labels: &[(&str, &str)]) -> String {
     let labels: String = labels
         .iter()
         .map(|(k, v)| format!("    {k}: {v}\n"))
         .collect();
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  labels:\n{labels}spec:\n  nodeName: node1\n  containers:\n  - name: main\n    image: labpod\n    ports:\n    - name: http\n      containerPort: 8080\n    - name: admin\n      containerPort: 9090\n    - name: dns\n      containerPort: 8080\n      protocol: UDP\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {name}\n  labels:\n{labels}spec:\n  nodeName: node1\n  containers:\n  - name: main\n    image: labpod\n    ports:\n    - name: http\n      containerPort: 8080\n    - name: admin\n      containerPort: 9090\n    - name: dns\n      containerPort: 8080\n      protocol: UDP\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
         name = pod.name,
         ip = pod.ip,
         ip6 = pod.ip6,
@@ -577,5 +578,81 @@ fn policy_changes_under_connection_churn_keep_both_sides() -> Result<()> {
         through.len()
     );
     assert!(allowed.len() == 500 && denied.len() == 15);
+    Ok(())
+}
+
+/// The client may only reach the web pods on 8080.
+const CLIENT_EGRESS: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: client-egress
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      app: client
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector:
+        matchLabels:
+          app: web
+    ports:
+    - port: 8080
+";
+
+/// A connection the client's egress policy denies fails at `connect()`
+/// with EPERM at once (not after a timeout), through a ClusterIP or to a
+/// pod address; allowed ones are untouched. With policyAtConnect false the
+/// same connection is dropped by the tc program and times out instead.
+#[test]
+fn denied_connections_fail_at_connect_unless_turned_off() -> Result<()> {
+    let lab = PolicyLab::new(&[])?;
+    let s = &lab.s;
+    // (The metrics are read from the client pod, which is about to lose
+    // its way there.)
+    let refusals = || s.metric("lb_socket_refused{reason=\"policy_denied\"}");
+    let before = refusals()?;
+    lab.policies(CLIENT_EGRESS)?;
+    // The agent writes the client's cgroups on its next loop pass.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let intruder = format!("{}:8080", lab.intruder.ip);
+    let refused = loop {
+        let attempt = lab.attempt(&s.client, &intruder, "tcp")?;
+        if attempt.errno == Some(1) || Instant::now() > deadline {
+            break attempt;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        refused.errno,
+        Some(1),
+        "not refused with EPERM: {refused:?}"
+    );
+    let started = Instant::now();
+    for target in [intruder.as_str(), &format!("{}:9090", s.ip(1))] {
+        let attempt = lab.attempt(&s.client, target, "tcp")?;
+        assert_eq!(attempt.errno, Some(1), "{target}: {attempt:?}");
+    }
+    let udp = lab.attempt(&s.client, &format!("{}:8080", s.ip(1)), "udp")?;
+    assert!(!udp.ok, "{udp:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "refusals were slow"
+    );
+    assert!(lab.attempt(&s.client, "10.96.0.10:80", "tcp")?.ok);
+    assert!(
+        lab.attempt(&s.client, &format!("{}:8080", s.ip(2)), "tcp")?
+            .ok
+    );
+    lab.policies("")?;
+    assert!(refusals()? >= before + 3.0);
+
+    let off = PolicyLab::new(&["--policy-at-connect", "false"])?;
+    off.policies(CLIENT_EGRESS)?;
+    thread::sleep(Duration::from_millis(1200));
+    let dropped = off.attempt(&off.s.client, &format!("{}:8080", off.intruder.ip), "tcp")?;
+    assert!(!dropped.ok && dropped.errno != Some(1), "{dropped:?}");
+    assert!(off.attempt(&off.s.client, "10.96.0.10:80", "tcp")?.ok);
     Ok(())
 }
