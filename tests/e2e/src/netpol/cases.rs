@@ -331,6 +331,20 @@ mod tests {
     }
 
     #[test]
+    fn the_doc_maps_every_case_to_its_test() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/netpol-cases.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        for case in Catalogue::load().unwrap().cases {
+            let row = format!("| {} | {:?} | ", case.id, case.context).to_uppercase();
+            let line = doc
+                .lines()
+                .find(|l| l.to_uppercase().starts_with(&row))
+                .unwrap_or_else(|| panic!("no row for case {} in {path}", case.id));
+            assert!(line.contains(&format!("`{}`", case.test)), "{line}");
+        }
+    }
+
+    #[test]
     fn placeholders_are_filled_or_refused() {
         let vars = BTreeMap::from([
             ("NS_X".to_string(), "x".to_string()),
