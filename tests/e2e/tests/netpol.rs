@@ -39,6 +39,13 @@ macro_rules! cases {
     };
 }
 
+/// Not an upstream case: the probes see drops and refusals made without
+/// the agent (nftables in two pods), so a failing case is the datapath's.
+#[test]
+fn harness_sees_drops_and_refusals() -> Result<()> {
+    netpol::check_harness()
+}
+
 cases! {
     1 => should_support_a_default_deny_ingress_policy,
     2 => should_support_a_default_deny_all_policy,

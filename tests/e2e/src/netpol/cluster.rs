@@ -71,6 +71,8 @@ struct Undo {
     namespace: Option<String>,
     name: String,
     args: Vec<String>,
+    /// Every label before the change, checked after the undo.
+    original: BTreeMap<String, String>,
 }
 
 /// The shared cluster. Fields drop in order: the agents and kubelets stop
@@ -314,17 +316,7 @@ impl Cluster {
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<()> {
-        let mut get = vec!["get", kind, name, "-o", "jsonpath={.metadata.labels}"];
-        if let Some(ns) = namespace {
-            get.extend(["-n", ns]);
-        }
-        let current = self.cp.kubectl(&get)?;
-        let current: BTreeMap<String, String> = if current.trim().is_empty() {
-            BTreeMap::new()
-        } else {
-            serde_json::from_str(&current)
-                .with_context(|| format!("labels of {kind} {name}: {current:?}"))?
-        };
+        let current = self.labels_of(kind, namespace, name)?;
         let undo = labels
             .keys()
             .map(|key| match current.get(key) {
@@ -337,9 +329,29 @@ impl Cluster {
             namespace: namespace.map(str::to_owned),
             name: name.into(),
             args: undo,
+            original: current,
         });
         let set: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.run_label(kind, namespace, name, &set)
+    }
+
+    /// The labels of a namespace (`namespace` None) or pod.
+    fn labels_of(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<BTreeMap<String, String>> {
+        let mut get = vec!["get", kind, name, "-o", "jsonpath={.metadata.labels}"];
+        if let Some(ns) = namespace {
+            get.extend(["-n", ns]);
+        }
+        let labels = self.cp.kubectl(&get)?;
+        if labels.trim().is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        serde_json::from_str(&labels)
+            .with_context(|| format!("labels of {kind} {name}: {labels:?}"))
     }
 
     fn run_label(
@@ -365,7 +377,17 @@ impl Cluster {
             self.delete_policies()?;
         }
         while let Some(undo) = self.pending.last().cloned() {
-            self.run_label(undo.kind, undo.namespace.as_deref(), &undo.name, &undo.args)?;
+            let ns = undo.namespace.as_deref();
+            self.run_label(undo.kind, ns, &undo.name, &undo.args)?;
+            let now = self.labels_of(undo.kind, ns, &undo.name)?;
+            if now != undo.original {
+                bail!(
+                    "{} {} has labels {now:?} after the undo, not {:?}",
+                    undo.kind,
+                    undo.name,
+                    undo.original
+                );
+            }
             self.pending.pop();
         }
         Ok(())
@@ -406,9 +428,10 @@ impl Cluster {
             }
             if started.elapsed() >= deadline {
                 bail!(
-                    "{title}: the matrix did not reach the expected state within {deadline:?} ({rounds} rounds); last round:\n{}\npods:\n{}",
+                    "{title}: the matrix did not reach the expected state within {deadline:?} ({rounds} rounds); last round:\n{}\npods:\n{}{}",
                     render(&format!("{pp}"), expected, &observed, targets),
-                    self.describe()
+                    self.describe(),
+                    self.agent_problems()
                 );
             }
             thread::sleep(ROUND_PAUSE);
@@ -617,6 +640,58 @@ impl Cluster {
                 agent.log.display(),
                 tail.join("\n")
             );
+        }
+        text
+    }
+
+    /// Loads an nftables script in the network namespace of pod `index`
+    /// (the harness check: filtering without the agent).
+    pub fn nft_in_pod(&self, index: usize, script: &str) -> Result<()> {
+        use std::io::Write as _;
+        let netns = &self.pods[index].lab.netns;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            bail!(
+                "nft in {}: {}",
+                self.pods[index].id,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The last warnings and errors of each agent's log, for error messages.
+    pub fn agent_problems(&self) -> String {
+        let mut text = String::new();
+        for (agent, node) in self.agents.iter().zip(&self.nodes) {
+            let log = agent.log_text();
+            let problems: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .collect();
+            let tail = &problems[problems.len().saturating_sub(10)..];
+            let _ = writeln!(
+                text,
+                "agent of {}: {} warnings and errors in its log{}",
+                node.name,
+                problems.len(),
+                if tail.is_empty() { "" } else { ", the last:" }
+            );
+            for line in tail {
+                let _ = writeln!(text, "  {line}");
+            }
         }
         text
     }

@@ -24,7 +24,7 @@ use anyhow::{bail, Result};
 
 pub use self::cases::check_test_names;
 use self::{
-    cases::{Case, CaseContext, Catalogue, PodId, Protocol, Step},
+    cases::{Case, CaseContext, Catalogue, PodId, PortProto, Protocol, Step},
     cluster::{Cluster, MATRIX_DEADLINE},
     matrix::Expected,
 };
@@ -227,5 +227,97 @@ fn run_steps(cluster: &mut Cluster, case: &Case) -> Result<()> {
             ),
         }
     }
+    Ok(())
+}
+
+/// The nftables table the harness check adds to two pods.
+const CHECK_TABLE: &str = "lb_netpol_harness_check";
+
+/// Removes the harness check's nftables tables when dropped.
+struct Unfilter<'a>(&'a Cluster, Vec<usize>);
+
+impl Drop for Unfilter<'_> {
+    fn drop(&mut self) {
+        for &pod in &self.1 {
+            if let Err(err) = self
+                .0
+                .nft_in_pod(pod, &format!("delete table inet {CHECK_TABLE}\n"))
+            {
+                eprintln!("netpol: removing the harness check's filter: {err:#}");
+            }
+        }
+    }
+}
+
+/// Not an upstream case: checks the harness itself against filtering done
+/// without the agent. nftables in x/a drops, and in y/b rejects (TCP reset,
+/// ICMP port unreachable), what arrives on port 80; the matrix on 80/TCP
+/// and 80/UDP must then show every pair to those two pods denied (pod IP
+/// and ClusterIP), and 81/TCP must stay allowed. So a failing case is the
+/// datapath's doing, not the prober's.
+pub fn check_harness() -> Result<()> {
+    require_root();
+    let mut state = state();
+    let cluster = cluster(&mut state)?;
+    cluster.restore()?;
+    let pods = cluster.pod_ids();
+    let index = |name: &str| -> Result<usize> {
+        let id: PodId = name.parse()?;
+        pods.iter()
+            .position(|p| *p == id)
+            .ok_or_else(|| anyhow::anyhow!("no pod {id}"))
+    };
+    let (x_a, y_b) = (index("x/a")?, index("y/b")?);
+    let started = Instant::now();
+    let guard = Unfilter(cluster, vec![x_a, y_b]);
+    for (pod, verdict) in [(x_a, "drop"), (y_b, "reject")] {
+        let tcp = if verdict == "reject" {
+            "reject with tcp reset"
+        } else {
+            "drop"
+        };
+        guard.0.nft_in_pod(
+            pod,
+            &format!(
+                "table inet {CHECK_TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp dport 80 {tcp}\n  udp dport 80 {verdict}\n }}\n}}\n"
+            ),
+        )?;
+    }
+    let mut denied = Vec::new();
+    for from in &pods {
+        for to in [x_a, y_b] {
+            if pods[to] != *from {
+                denied.push((from.clone(), pods[to].clone()));
+            }
+        }
+    }
+    let filtered = Expected::new(&pods, &denied)?;
+    let all = Expected::all_allowed(&pods);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let pp = PortProto { port: 80, protocol };
+        guard.0.expect(
+            &format!("{pp} filtered by nftables in x/a and y/b"),
+            pp,
+            &filtered,
+            MATRIX_DEADLINE,
+        )?;
+    }
+    let pp = PortProto {
+        port: 81,
+        protocol: Protocol::Tcp,
+    };
+    guard
+        .0
+        .expect(&format!("{pp}, not filtered"), pp, &all, MATRIX_DEADLINE)?;
+    drop(guard);
+    let pp = PortProto {
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    cluster.expect(&format!("{pp}, filters removed"), pp, &all, MATRIX_DEADLINE)?;
+    eprintln!(
+        "netpol: harness check passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
