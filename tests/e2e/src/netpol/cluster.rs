@@ -576,26 +576,20 @@ impl Cluster {
             let output = child.wait_with_output()?;
             let stdout = String::from_utf8_lossy(&output.stdout);
             let first = stdout.lines().next().unwrap_or_default().trim().to_string();
-            let allowed = if !output.status.success() {
-                failure.get_or_insert_with(|| {
-                    format!(
-                        "`lbctl {}` failed ({}): {}{}",
-                        args.join(" "),
-                        output.status,
-                        String::from_utf8_lossy(&output.stderr).trim(),
-                        stdout.trim()
-                    )
-                });
-                false
-            } else if first.starts_with("allowed") {
+            // The first line says allowed or denied (exit status 0 or 1);
+            // anything else is lbctl failing.
+            let allowed = if first.starts_with("allowed") && output.status.success() {
                 true
             } else if first.starts_with("denied") {
                 false
             } else {
                 failure.get_or_insert_with(|| {
                     format!(
-                        "`lbctl {}` printed neither allowed nor denied first: {stdout:?}",
-                        args.join(" ")
+                        "`lbctl {}` ({}) printed neither allowed nor denied first: {}{}",
+                        args.join(" "),
+                        output.status,
+                        String::from_utf8_lossy(&output.stderr).trim(),
+                        stdout.trim()
                     )
                 });
                 false
