@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use lb_core::plan::MaglevSettings;
+use lb_policy::labels::IdentityConfig;
 
 use crate::logging::LogFormat;
 
@@ -95,6 +96,21 @@ pub struct Args {
     /// same backend through any node [default: built in].
     #[arg(long)]
     pub maglev_seed: Option<u64>,
+    /// [networkPolicy] Enforce Kubernetes NetworkPolicy on this node's pods
+    /// (tc programs on each pod's host interface, label identities)
+    /// [default: true].
+    #[arg(long)]
+    pub network_policy: Option<bool>,
+    /// [policyAtConnect] Refuse, at connect() (EPERM), connections that the
+    /// pod's egress policy denies, instead of letting their SYN be dropped
+    /// and time out; the tc check stays the authority [default: true].
+    #[arg(long)]
+    pub policy_at_connect: Option<bool>,
+    /// [identityExcludedLabels] Pod label keys left out of security
+    /// identities (unless a policy selector names them) [default: the
+    /// rollout labels: pod-template-hash, controller-revision-hash, ...].
+    #[arg(long, value_delimiter = ',')]
+    pub identity_excluded_labels: Vec<String>,
     /// [logFormat] Log lines as human-readable text or as one JSON object
     /// per line [default: text].
     #[arg(long, value_enum)]
@@ -143,6 +159,12 @@ pub struct FileConfig {
     pub maglev_table_size: Option<usize>,
     /// See [`Args::maglev_seed`].
     pub maglev_seed: Option<u64>,
+    /// See [`Args::network_policy`].
+    pub network_policy: Option<bool>,
+    /// See [`Args::policy_at_connect`].
+    pub policy_at_connect: Option<bool>,
+    /// See [`Args::identity_excluded_labels`].
+    pub identity_excluded_labels: Option<Vec<String>>,
     /// See [`Args::log_format`].
     pub log_format: Option<LogFormat>,
     /// See [`Args::log_level`].
@@ -187,6 +209,12 @@ pub struct Settings {
     pub pod_interfaces: Vec<String>,
     /// Maglev settings.
     pub maglev: MaglevSettings,
+    /// Whether NetworkPolicy is enforced.
+    pub network_policy: bool,
+    /// Whether denied connections fail at connect().
+    pub policy_at_connect: bool,
+    /// Pod label keys left out of identities.
+    pub identity_excluded_labels: Vec<String>,
     /// How log lines are written.
     pub log_format: LogFormat,
     /// The log filter; `None`: `RUST_LOG`, else `info`.
@@ -276,6 +304,17 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                 .or(file.maglev_seed)
                 .unwrap_or(MaglevSettings::default().seed),
         },
+        network_policy: args.network_policy.or(file.network_policy).unwrap_or(true),
+        policy_at_connect: args
+            .policy_at_connect
+            .or(file.policy_at_connect)
+            .unwrap_or(true),
+        identity_excluded_labels: if args.identity_excluded_labels.is_empty() {
+            file.identity_excluded_labels
+                .unwrap_or_else(|| IdentityConfig::default().excluded)
+        } else {
+            args.identity_excluded_labels
+        },
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_level: args.log_level.or(file.log_level),
     }
@@ -324,6 +363,22 @@ mod tests {
         assert!(!off.localhost_node_ports);
         let args = Args::parse_from(["lb-agent", "--localhost-node-ports", "true"]);
         assert!(resolve(args, file()).localhost_node_ports);
+    }
+
+    #[test]
+    fn policy_is_on_by_default_and_its_settings_come_from_the_file() {
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        assert!(defaults.network_policy && defaults.policy_at_connect);
+        assert!(defaults
+            .identity_excluded_labels
+            .contains(&"pod-template-hash".to_string()));
+        let file = parse_file(
+            "networkPolicy: false\npolicyAtConnect: false\nidentityExcludedLabels: [build]\n",
+        )
+        .unwrap();
+        let settings = resolve(Args::parse_from(["lb-agent"]), file);
+        assert!(!settings.network_policy && !settings.policy_at_connect);
+        assert_eq!(settings.identity_excluded_labels, ["build"]);
     }
 
     #[test]

@@ -11,14 +11,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::service::ServiceKey;
+use lb_common::{maps::MAX_POLICY_CT, service::ServiceKey};
 use lb_core::{
     compile::Compiler,
     drops::{DropLog, DropRecord},
-    intent::NodeContext,
+    intent::{NodeContext, Objects},
     maglev,
     plan::{Capacity, UndersizedTable},
 };
+use lb_policy::{compile::PolicyConfig, labels::IdentityConfig};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -31,6 +32,7 @@ use crate::{
     node::{clock::boottime_ns, mounts, sockets::destroy_udp_sockets},
     opt_out::OptOut,
     pod_interfaces::PodInterfaces,
+    policy::PolicyAgent,
     reconcile::Reconciler,
     serve::{
         health::{HealthCheckServers, Healthz},
@@ -91,6 +93,8 @@ struct Kernel {
     socket: SocketPrograms,
     tc: Option<TcPrograms>,
     maps: AyaServiceMaps,
+    /// Network policy, with the tc programs.
+    policy: Option<PolicyAgent>,
 }
 
 /// When to retry a pass that could not do everything, doubling the wait
@@ -171,10 +175,16 @@ pub fn run(settings: Settings) -> Result<()> {
     out.metrics
         .localhost_node_ports
         .set(i64::from(localhost_node_ports));
+    let mut tc = tc;
+    let policy = match tc.as_mut() {
+        Some(tc) => Some(start_policy(&settings, tc)?),
+        None => None,
+    };
     let mut kernel = Kernel {
         socket,
         tc,
         maps: AyaServiceMaps::new(socket_maps, tc_maps),
+        policy,
     };
     let mut reconciler = Reconciler::adopt(&kernel.maps, Capacity::default(), settings.maglev)?;
     out.metrics
@@ -205,7 +215,6 @@ pub fn run(settings: Settings) -> Result<()> {
         per_packet_cluster_ips: !settings.socket_lb,
     });
     let mut pod_interfaces = PodInterfaces::default();
-    let pod_hooks: &[TcHook] = &TcHook::POD;
     let mut opt_out = OptOut::default();
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -216,10 +225,11 @@ pub fn run(settings: Settings) -> Result<()> {
                 last_gc = Instant::now();
                 collect_conntrack(tc, &out.metrics);
             }
-            report_drops(tc, &reconciler, &out.drops);
+            report_drops(tc, &reconciler, kernel.policy.as_ref(), &out.drops);
             refresh_tc_counters(tc, &out.metrics);
             if attached {
-                pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);
+                let found = policy_interfaces(kernel.policy.as_ref());
+                pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
             }
         }
         match kernel.socket.refusals() {
@@ -228,15 +238,29 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         // Containers of opted-out pods may start after their pod's snapshot.
         opt_out.refresh(&cgroup, &mut kernel.socket);
+        let policy_retry = kernel.policy.as_ref().is_some_and(PolicyAgent::needs_retry);
         let changed = match latest.take(Duration::from_secs(1)) {
-            Some(snapshot) => Some(compile(&snapshot, &mut compiler, &mut opt_out, &out)),
-            None if attached && reconciler.needs_retry() && retry.due() => Some(BTreeSet::new()),
+            Some(snapshot) => Some(compile(
+                &snapshot,
+                &mut compiler,
+                kernel.policy.as_mut().filter(|_| settings.network_policy),
+                &mut opt_out,
+                &out,
+            )),
+            None if attached && (reconciler.needs_retry() || policy_retry) && retry.due() => {
+                Some(BTreeSet::new())
+            }
             None => None,
         };
         let Some(changed) = changed else {
             continue;
         };
-        let clean = reconcile(&mut kernel, &mut reconciler, &compiler, &changed, &mut out);
+        let mut clean = reconcile(&mut kernel, &mut reconciler, &compiler, &changed, &mut out);
+        // Endpoints are written before the pod programs are attached to
+        // their interfaces: a pod's packets pass its source check at once.
+        if let Some(policy) = kernel.policy.as_mut() {
+            clean &= policy.reconcile(&out.metrics);
+        }
         retry.after(clean);
         if !attached {
             attach(
@@ -245,12 +269,44 @@ pub fn run(settings: Settings) -> Result<()> {
                 &cgroup,
                 &mut kernel,
                 &mut pod_interfaces,
-                pod_hooks,
             )?;
             attached = true;
             info!(cgroup = %cgroup.display(), "ready: programs attached");
+        } else if let Some(tc) = kernel.tc.as_mut() {
+            let found = policy_interfaces(kernel.policy.as_ref());
+            pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
         }
     }
+}
+
+/// The policy agent, adopting what the policy maps hold. With policy off
+/// it only empties them and stops enforcement, so that an earlier agent's
+/// policy does not outlive the setting.
+fn start_policy(settings: &Settings, tc: &mut TcPrograms) -> Result<PolicyAgent> {
+    let config = PolicyConfig {
+        node: settings.node_name.clone(),
+        identity: IdentityConfig {
+            excluded: settings.identity_excluded_labels.clone(),
+        },
+    };
+    let maps = tc.policy_maps().context("opening the policy maps")?;
+    let mut policy = PolicyAgent::adopt(
+        maps,
+        config,
+        settings.tc_interfaces.clone(),
+        settings.network_policy,
+    )
+    .context("adopting the policy maps")?;
+    if !settings.network_policy {
+        policy.compile(&Objects::default());
+        info!("network policy is off (networkPolicy false)");
+    }
+    Ok(policy)
+}
+
+/// The interfaces of this node's pods that policy found.
+fn policy_interfaces(policy: Option<&PolicyAgent>) -> BTreeSet<String> {
+    policy.map(PolicyAgent::interface_names).unwrap_or_default()
 }
 
 /// Attaches every program after the first reconciliation, so no program
@@ -261,7 +317,6 @@ fn attach(
     cgroup: &std::path::Path,
     kernel: &mut Kernel,
     pod_interfaces: &mut PodInterfaces,
-    pod_hooks: &[TcHook],
 ) -> Result<()> {
     if socket_scope == SocketScope::Off {
         kernel.socket.detach()?;
@@ -276,7 +331,8 @@ fn attach(
             tc.attach(interface, &TcHook::UPLINK)
                 .with_context(|| format!("attaching tc programs to {interface}"))?;
         }
-        pod_interfaces.attach_new(tc, &settings.pod_interfaces, pod_hooks);
+        let found = policy_interfaces(kernel.policy.as_ref());
+        pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
         // Every program an older agent attached is replaced now.
         if let Err(err) = tc.finish_conntrack_carry_over() {
             error!(error = %err, "carrying the older agent's conntrack over");
@@ -285,15 +341,26 @@ fn attach(
     Ok(())
 }
 
-/// Compiles a snapshot; returns the frontends it changed.
+/// Compiles a snapshot (and its policy, when enforced); returns the
+/// frontends it changed.
 fn compile(
     snapshot: &Snapshot,
     compiler: &mut Compiler,
+    policy: Option<&mut PolicyAgent>,
     opt_out: &mut OptOut,
     out: &Outputs,
 ) -> BTreeSet<ServiceKey> {
     let update = compiler.update(&snapshot.objects);
-    for error in snapshot.errors.iter().chain(&update.errors) {
+    let policy_errors = policy
+        .map(|policy| policy.compile(&snapshot.objects))
+        .unwrap_or_default();
+    let errors: Vec<_> = snapshot
+        .errors
+        .iter()
+        .chain(&update.errors)
+        .chain(&policy_errors)
+        .collect();
+    for error in &errors {
         error!(
             origin = %error.origin,
             object = %error.object,
@@ -302,9 +369,7 @@ fn compile(
             "skipped invalid object or field"
         );
     }
-    out.metrics
-        .invalid_objects
-        .set((snapshot.errors.len() + update.errors.len()) as i64);
+    out.metrics.invalid_objects.set(errors.len() as i64);
     opt_out.pods = update.opted_out_pods;
     update.changed
 }
@@ -388,6 +453,14 @@ fn collect_conntrack(tc: &mut TcPrograms, metrics: &Metrics) {
                 .map_capacity
                 .with_label_values(&["conntrack"])
                 .set(i64::from(occupancy.capacity));
+            metrics
+                .map_entries
+                .with_label_values(&["policy_conntrack"])
+                .set(occupancy.policy_live as i64);
+            metrics
+                .map_capacity
+                .with_label_values(&["policy_conntrack"])
+                .set(i64::from(MAX_POLICY_CT));
         }
         Err(err) => error!(error = %err, "conntrack garbage collection"),
     }
@@ -407,7 +480,12 @@ fn refresh_tc_counters(tc: &TcPrograms, metrics: &Metrics) {
 }
 
 /// Logs and keeps the drops the tc programs reported since the last call.
-fn report_drops(tc: &mut TcPrograms, reconciler: &Reconciler, drops: &Mutex<DropLog>) {
+fn report_drops(
+    tc: &mut TcPrograms,
+    reconciler: &Reconciler,
+    policy: Option<&PolicyAgent>,
+    drops: &Mutex<DropLog>,
+) {
     let events = tc.drain_drops();
     if events.is_empty() {
         return;
@@ -426,7 +504,11 @@ fn report_drops(tc: &mut TcPrograms, reconciler: &Reconciler, drops: &Mutex<Drop
         .iter()
         .map(|e| {
             let age = boot_now.saturating_sub(e.time_ns) as f64 / 1e9;
-            DropRecord::new(e, names.get(&e.service_id).copied(), unix_now - age)
+            let record = DropRecord::new(e, names.get(&e.service_id).copied(), unix_now - age);
+            match policy {
+                Some(policy) => record.with_identities(e, |id| policy.identity_text(id)),
+                None => record,
+            }
         })
         .collect();
     let (logged, more) = drops
@@ -434,15 +516,31 @@ fn report_drops(tc: &mut TcPrograms, reconciler: &Reconciler, drops: &Mutex<Drop
         .unwrap_or_else(PoisonError::into_inner)
         .record(records);
     for drop in logged {
-        info!(
-            client = %drop.client,
-            frontend = %drop.frontend,
-            protocol = %drop.protocol,
-            service = %drop.service,
-            reason = %drop.reason,
-            "{}",
-            drop.explanation
-        );
+        let identities = drop
+            .source_identity
+            .as_deref()
+            .zip(drop.destination_identity.as_deref());
+        match identities {
+            Some((source, destination)) => info!(
+                client = %drop.client,
+                destination = %drop.frontend,
+                protocol = %drop.protocol,
+                source_identity = %source,
+                destination_identity = %destination,
+                reason = %drop.reason,
+                "{}",
+                drop.explanation
+            ),
+            None => info!(
+                client = %drop.client,
+                frontend = %drop.frontend,
+                protocol = %drop.protocol,
+                service = %drop.service,
+                reason = %drop.reason,
+                "{}",
+                drop.explanation
+            ),
+        }
     }
     if more > 0 {
         info!(

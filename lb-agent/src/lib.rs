@@ -2,7 +2,8 @@
 //! Kubernetes API or a YAML directory ([`sources`]), lets `lb-core` compile
 //! and plan, applies the plans to the kernel ([`kernel`], the only module
 //! that talks to BPF, through [`reconcile`]), and serves health, metrics and
-//! drop reports ([`serve`]). Facts about the node live in [`node`];
+//! drop reports ([`serve`]). Network policy is compiled by `lb-policy` and
+//! applied through [`policy_reconcile`]. Facts about the node live in [`node`];
 //! [`daemon`] wires it all into the main loop.
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,8 @@ pub mod logging;
 pub mod node;
 pub mod opt_out;
 pub mod pod_interfaces;
+pub mod policy;
+pub mod policy_reconcile;
 pub mod reconcile;
 pub mod serve;
 pub mod sources;

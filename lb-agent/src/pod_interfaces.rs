@@ -1,8 +1,11 @@
-//! Pod interfaces (`podInterfaces` name prefixes) as they come and go: the
-//! tc programs are attached to each new one, and veth and netkit host ends
-//! are registered so translated packets are handed straight to the pod.
+//! Pod interfaces as they come and go: those whose name starts with one of
+//! the `podInterfaces` prefixes, and the host ends of this node's pods that
+//! policy found from their addresses. The pod programs are attached to each
+//! new one (both hooks: the pod's packets and the packets to it), veth and
+//! netkit host ends are registered so translated packets are handed straight
+//! to the pod, and the pins of those that went away are removed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{error, info, warn};
 
@@ -11,7 +14,7 @@ use crate::{
     node::{interfaces, netlink},
 };
 
-/// Pod interfaces the tc programs are attached to, by name, with the
+/// Pod interfaces the pod programs are attached to, by name, with the
 /// ifindex of those registered for peer redirects.
 #[derive(Default)]
 pub struct PodInterfaces {
@@ -19,40 +22,45 @@ pub struct PodInterfaces {
 }
 
 impl PodInterfaces {
-    /// Attaches `hooks` to interfaces whose name starts with one of
-    /// `prefixes` and that appeared since the last call, registering veth and
-    /// netkit ones for peer redirects; forgets the ones that went away.
-    pub fn attach_new(&mut self, tc: &mut TcPrograms, prefixes: &[String], hooks: &[TcHook]) {
-        if prefixes.is_empty() {
-            return;
-        }
-        let present = match interfaces::named(prefixes) {
-            Ok(present) => present,
-            Err(err) => {
-                error!(error = %err, "listing pod interfaces");
-                return;
+    /// Attaches the pod programs to the interfaces that `prefixes` name or
+    /// that are in `found` and are not attached yet; detaches those that
+    /// went away or are no longer wanted.
+    pub fn sync(&mut self, tc: &mut TcPrograms, prefixes: &[String], found: &BTreeSet<String>) {
+        let mut wanted = found.clone();
+        if !prefixes.is_empty() {
+            match interfaces::named(prefixes) {
+                Ok(named) => wanted.extend(named),
+                Err(err) => {
+                    error!(error = %err, "listing pod interfaces");
+                    return;
+                }
             }
-        };
+        }
         self.attached.retain(|name, ifindex| {
-            let keep = present.contains(name);
-            if let (false, Some(ifindex)) = (keep, *ifindex) {
-                if let Err(err) = tc.remove_pod_interface(ifindex) {
-                    error!(interface = %name, error = %err, "forgetting pod interface");
+            let keep = wanted.contains(name);
+            if !keep {
+                if let Some(ifindex) = *ifindex {
+                    if let Err(err) = tc.remove_pod_interface(ifindex) {
+                        error!(interface = %name, error = %err, "forgetting pod interface");
+                    }
+                }
+                if let Err(err) = tc.detach(name) {
+                    warn!(interface = %name, error = %err, "removing the pod programs' links");
                 }
             }
             keep
         });
-        for name in present {
+        for name in wanted {
             if self.attached.contains_key(&name) {
                 continue;
             }
-            match tc.attach(&name, hooks) {
+            match tc.attach(&name, &TcHook::POD) {
                 Ok(()) => {
-                    info!(interface = %name, "tc programs attached to pod interface");
+                    info!(interface = %name, "pod programs attached");
                     let peer = peer_redirect_target(tc, &name);
                     self.attached.insert(name, peer);
                 }
-                Err(err) => error!(interface = %name, error = %err, "attaching tc programs"),
+                Err(err) => error!(interface = %name, error = %err, "attaching the pod programs"),
             }
         }
     }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use lb_common::config::{
-    SockConfig, TcConfig, SOCK_CONFIG_NODE_NETNS_ONLY, TC_CONFIG_FIB_REDIRECT,
+    SockConfig, TcConfig, SOCK_CONFIG_NODE_NETNS_ONLY, TC_CONFIG_FIB_REDIRECT, TC_CONFIG_POD_LB,
 };
 use lb_core::addr::addr_from_ip;
 use tracing::{error, info};
@@ -90,7 +90,7 @@ pub fn configure_socket_path(
     Ok((scope, node_netns.is_some()))
 }
 
-/// The tc path, when interfaces are configured for it.
+/// The tc path, when interfaces are configured for it or policy is on.
 pub struct TcPath {
     /// The programs.
     pub programs: TcPrograms,
@@ -101,11 +101,12 @@ pub struct TcPath {
 }
 
 /// Loads and configures the tc programs when uplinks or pod interfaces are
-/// configured.
+/// configured, or network policy is enforced.
 pub fn load_tc_path(settings: &Settings) -> Result<Option<TcPath>> {
     // Pod interfaces serve pods without socket translation: the whole node's
     // (socketLb false) or annotated pods'.
-    if settings.tc_interfaces.is_empty() && settings.pod_interfaces.is_empty() {
+    let per_packet_pods = !settings.socket_lb || !settings.pod_interfaces.is_empty();
+    if settings.tc_interfaces.is_empty() && !per_packet_pods && !settings.network_policy {
         anyhow::ensure!(
             settings.socket_lb,
             "with socketLb false, set podInterfaces so ClusterIPs are still served"
@@ -132,11 +133,12 @@ pub fn load_tc_path(settings: &Settings) -> Result<Option<TcPath>> {
             .find(|a| a.is_ipv4() == v4)
             .map_or([0; 4], |a| addr_from_ip(*a))
     };
+    let pod_lb = if per_packet_pods { TC_CONFIG_POD_LB } else { 0 };
     programs.set_config(&TcConfig {
         maglev_seed: settings.maglev.seed,
         snat_v4: snat(true),
         snat_v6: snat(false),
-        flags: TC_CONFIG_FIB_REDIRECT,
+        flags: TC_CONFIG_FIB_REDIRECT | pod_lb,
         pad: 0,
     })?;
     info!(

@@ -602,6 +602,9 @@ impl PolicyCompiler {
                         cidr_identity: cidr_identity(*ip),
                     },
                 );
+                desired
+                    .pod_names
+                    .insert(*ip, format!("{}/{}", facts.namespace, facts.name));
             }
         }
         // Node addresses last: a hostNetwork pod shares them.

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 use ipnetwork::IpNetwork;
 use lb_common::policy::{
     IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED,
-    ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    POLICY_PREFIX_IDENTITY, POLICY_PREFIX_PROTO,
+    ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_REMOTE_NODE, IDENTITY_WORLD, POLICY_PREFIX_IDENTITY, POLICY_PREFIX_PROTO,
 };
 
 /// Which protocols and destination ports an entry matches.
@@ -132,6 +132,9 @@ pub struct PolicyDesired {
     pub ipcache: BTreeMap<IpNetwork, IpcacheValue>,
     /// This node's pods by address.
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    /// The names (`namespace/name`) of the cluster's pods by address, for
+    /// display.
+    pub pod_names: BTreeMap<IpAddr, String>,
     /// Policy sets by number.
     pub sets: BTreeMap<u32, Arc<SetContent>>,
     /// Rule names by number: `namespace/policy ingress[0]`.
@@ -170,74 +173,110 @@ impl fmt::Display for Verdict {
     }
 }
 
-impl PolicyDesired {
-    /// The identities of `addr`: the longest ipcache prefix that covers
-    /// it, else the world.
-    pub fn lookup(&self, addr: IpAddr) -> IpcacheValue {
-        self.ipcache
-            .iter()
-            .filter(|(prefix, _)| prefix.contains(addr) && prefix.is_ipv4() == addr.is_ipv4())
-            .max_by_key(|(prefix, _)| prefix.prefix())
-            .map_or(
-                IpcacheValue {
-                    identity: IDENTITY_WORLD,
-                    cidr_identity: IDENTITY_WORLD,
-                },
-                |(_, value)| *value,
-            )
-    }
+/// What a verdict needs to know: the same three lookups the tc programs
+/// make, over the compiler's desired state or over the kernel's maps.
+pub trait PolicyLookup {
+    /// The policy set and `ENDPOINT_*` flags of the endpoint at `addr`,
+    /// when it is one of this node's pods.
+    fn endpoint(&self, addr: IpAddr) -> Option<(u32, u32)>;
+    /// The identities of `addr` (the longest ipcache prefix covering it,
+    /// else the world).
+    fn identities(&self, addr: IpAddr) -> IpcacheValue;
+    /// The rule of the entry of `set` that allows `direction` for `peer` on
+    /// `proto` to `port`, if one does.
+    fn allows(
+        &self,
+        set: u32,
+        direction: u8,
+        peer: IpcacheValue,
+        proto: u8,
+        port: u16,
+    ) -> Option<u32>;
 
     /// The verdict of this node for a flow from `src` to `dst`, `proto` to
     /// `port`, after any service translation. `from_host` says the packet
-    /// was sent by this node itself (its address is then trusted as the
-    /// host's).
-    pub fn verdict(
-        &self,
-        src: IpAddr,
-        dst: IpAddr,
-        proto: u8,
-        port: u16,
-        from_host: bool,
-    ) -> Verdict {
-        let src_ep = self.endpoints.get(&src);
-        let dst_ep = self.endpoints.get(&dst);
+    /// was sent by this node itself (its ingress is then not checked, as
+    /// for kubelet probes).
+    fn verdict(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16, from_host: bool) -> Verdict {
+        let src_ep = self.endpoint(src);
+        let dst_ep = self.endpoint(dst);
         if [src_ep, dst_ep]
             .iter()
             .flatten()
-            .any(|ep| ep.flags & ENDPOINT_FAIL_CLOSED != 0)
+            .any(|(_, flags)| flags & ENDPOINT_FAIL_CLOSED != 0)
         {
             return Verdict::FailClosed;
         }
         let mut egress = None;
-        if let Some(ep) = src_ep.filter(|ep| ep.flags & ENDPOINT_EGRESS_ISOLATED != 0) {
-            let peer = self.lookup(dst);
-            match self
-                .sets
-                .get(&ep.set)
-                .and_then(|set| set.allows(DIRECTION_EGRESS, peer, proto, port))
-            {
+        if let Some((set, _)) = src_ep.filter(|(_, flags)| flags & ENDPOINT_EGRESS_ISOLATED != 0) {
+            match self.allows(set, DIRECTION_EGRESS, self.identities(dst), proto, port) {
                 Some(rule) => egress = Some(rule),
                 None => return Verdict::DeniedEgress,
             }
         }
         let mut ingress = None;
-        if let Some(ep) = dst_ep.filter(|ep| ep.flags & ENDPOINT_INGRESS_ISOLATED != 0) {
-            let mut peer = self.lookup(src);
-            if peer.identity == IDENTITY_HOST && !from_host {
-                peer.identity = IDENTITY_WORLD;
-            }
-            if peer.identity != IDENTITY_HOST {
-                match self
-                    .sets
-                    .get(&ep.set)
-                    .and_then(|set| set.allows(DIRECTION_INGRESS, peer, proto, port))
-                {
+        if let Some((set, _)) = dst_ep.filter(|(_, flags)| flags & ENDPOINT_INGRESS_ISOLATED != 0) {
+            if !from_host {
+                let mut peer = self.identities(src);
+                if peer.identity == IDENTITY_HOST {
+                    peer.identity = IDENTITY_WORLD;
+                }
+                match self.allows(set, DIRECTION_INGRESS, peer, proto, port) {
                     Some(rule) => ingress = Some(rule),
                     None => return Verdict::DeniedIngress,
                 }
             }
         }
         Verdict::Allowed { egress, ingress }
+    }
+}
+
+/// The identities of `addr` among `prefixes`: the longest that covers it.
+pub fn longest_match<'a>(
+    prefixes: impl Iterator<Item = (&'a IpNetwork, &'a IpcacheValue)>,
+    addr: IpAddr,
+) -> IpcacheValue {
+    prefixes
+        .filter(|(prefix, _)| prefix.contains(addr) && prefix.is_ipv4() == addr.is_ipv4())
+        .max_by_key(|(prefix, _)| prefix.prefix())
+        .map_or(
+            IpcacheValue {
+                identity: IDENTITY_WORLD,
+                cidr_identity: IDENTITY_WORLD,
+            },
+            |(_, value)| *value,
+        )
+}
+
+impl PolicyLookup for PolicyDesired {
+    fn endpoint(&self, addr: IpAddr) -> Option<(u32, u32)> {
+        self.endpoints.get(&addr).map(|ep| (ep.set, ep.flags))
+    }
+
+    fn identities(&self, addr: IpAddr) -> IpcacheValue {
+        longest_match(self.ipcache.iter(), addr)
+    }
+
+    fn allows(
+        &self,
+        set: u32,
+        direction: u8,
+        peer: IpcacheValue,
+        proto: u8,
+        port: u16,
+    ) -> Option<u32> {
+        self.sets.get(&set)?.allows(direction, peer, proto, port)
+    }
+}
+
+/// The name of a reserved identity (`host`, `world`, ...).
+pub fn reserved_identity_name(identity: u32) -> Option<&'static str> {
+    match identity {
+        IDENTITY_ANY => Some("any"),
+        IDENTITY_HOST => Some("host"),
+        IDENTITY_WORLD => Some("world"),
+        IDENTITY_REMOTE_NODE => Some("remote-node"),
+        _ => None,
     }
 }
 

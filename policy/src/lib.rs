@@ -10,12 +10,18 @@
 //!   as trie prefixes.
 //! - [`desired::PolicyDesired::verdict`]: the verdict those contents give a
 //!   flow, as the datapath computes it.
+//! - [`tables`]: the maps' contents as data; [`plan`]: the ordered,
+//!   make-before-break writes from what they hold to what they should;
+//!   [`explain`]: what they hold, in words.
 #![forbid(unsafe_code)]
 
 pub mod compile;
 pub mod desired;
+pub mod explain;
 pub mod labels;
 pub mod numbers;
+pub mod plan;
 pub mod ports;
 pub mod rules;
 pub mod selector;
+pub mod tables;

@@ -168,9 +168,9 @@ map_names! { $
     /// Rule names, for `lbctl`: `u32` ->
     /// [`PolicyName`](crate::policy::PolicyName).
     POLICY_RULES = "LB_POLRULE_V1";
-    /// Endpoint names, for `lbctl`: `Addr` ->
+    /// The names of the cluster's pods by address, for `lbctl`: `Addr` ->
     /// [`PolicyName`](crate::policy::PolicyName).
-    ENDPOINT_NAMES = "LB_EPNAME_V1";
+    POD_NAMES = "LB_PODNAME_V1";
     /// This node's pods by cgroup, for the socket programs' early refusal:
     /// cgroup id (`u64`) -> the pod's address (`Addr`).
     CGROUP_ENDPOINTS = "LB_CGEP_V1";
@@ -206,11 +206,10 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Capacity of [`POD_INTERFACES`].
 pub const MAX_POD_INTERFACES: u32 = 16_384;
-/// Default capacity of [`IPCACHE`]: every pod address of a 150,000-pod
-/// dual-stack cluster, node addresses and policy CIDRs.
+/// Default capacity of [`IPCACHE`] and [`POD_NAMES`]: every pod address of
+/// a 150,000-pod dual-stack cluster, node addresses and policy CIDRs.
 pub const MAX_IPCACHE: u32 = 524_288;
-/// Capacity of [`ENDPOINTS`] and [`ENDPOINT_NAMES`]: addresses of this
-/// node's pods.
+/// Capacity of [`ENDPOINTS`]: addresses of this node's pods.
 pub const MAX_ENDPOINTS: u32 = 16_384;
 /// Default capacity of [`POLICY`], all policy sets together.
 pub const MAX_POLICY_ENTRIES: u32 = 524_288;

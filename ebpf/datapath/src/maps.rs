@@ -167,10 +167,11 @@ kernel_map!(
 );
 
 kernel_map!(
-    ENDPOINT_NAMES,
-    /// Endpoint names by address, for `lbctl`; the programs do not read it.
-    pub static ENDPOINT_NAMES: HashMap<Addr, PolicyName> =
-        HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+    POD_NAMES,
+    /// The names of the cluster's pods by address, for `lbctl`; the
+    /// programs do not read it.
+    pub static POD_NAMES: HashMap<Addr, PolicyName> =
+        HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
 );
 
 kernel_map!(

@@ -32,9 +32,16 @@ pub struct DropRecord {
     pub client: SocketAddr,
     /// The frontend address and port it was sent to.
     pub frontend: SocketAddr,
-    /// The Service port (`namespace/name:port`), or the service id if the
-    /// frontend is gone.
+    /// The Service port (`namespace/name:port`), the service id if the
+    /// frontend is gone, or `-` for a drop that is not about a Service
+    /// (policy).
     pub service: String,
+    /// For policy drops: the source's identity, with its labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    /// For policy drops: the destination's identity, with its labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_identity: Option<String>,
 }
 
 impl DropRecord {
@@ -54,8 +61,23 @@ impl DropRecord {
             protocol: protocol_name(t.proto),
             client: SocketAddr::new(ip_from_addr(&t.saddr), port_from_be(t.sport)),
             frontend: SocketAddr::new(ip_from_addr(&t.daddr), port_from_be(t.dport)),
-            service: name.map_or_else(|| format!("service id {}", event.service_id), str::to_owned),
+            service: match (name, event.service_id) {
+                (Some(name), _) => name.to_owned(),
+                (None, 0) => "-".to_owned(),
+                (None, id) => format!("service id {id}"),
+            },
+            source_identity: None,
+            destination_identity: None,
         }
+    }
+
+    /// The record with the identities of a policy drop, named by `name`.
+    pub fn with_identities(mut self, event: &DropEvent, name: impl Fn(u32) -> String) -> Self {
+        if event.src_identity != 0 || event.dst_identity != 0 {
+            self.source_identity = Some(name(event.src_identity));
+            self.destination_identity = Some(name(event.dst_identity));
+        }
+        self
     }
 }
 

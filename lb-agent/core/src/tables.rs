@@ -129,7 +129,12 @@ pub fn drop_table(records: &[DropRecord], now_unix: f64) -> String {
                 format!("{:.0}s ago", (now_unix - r.unix_time).max(0.0)),
                 format!("{} -> {}/{}", r.client, r.frontend, r.protocol),
                 r.service.clone(),
-                r.explanation.clone(),
+                match (&r.source_identity, &r.destination_identity) {
+                    (Some(src), Some(dst)) => {
+                        format!("{} (identity {src} to {dst})", r.explanation)
+                    }
+                    _ => r.explanation.clone(),
+                },
             ]
         })
         .collect();
@@ -186,6 +191,8 @@ mod tests {
             client: "192.168.100.200:51890".parse().unwrap(),
             frontend: "192.168.100.50:80".parse().unwrap(),
             service: "default/web:tcp".into(),
+            source_identity: None,
+            destination_identity: None,
         };
         assert_eq!(
             drop_table(&[record], 112.4),

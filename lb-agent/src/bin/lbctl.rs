@@ -4,14 +4,18 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lb_agent::kernel::{AyaServiceMaps, ServiceMaps};
+use lb_agent::kernel::{AyaPolicyMaps, AyaServiceMaps, PolicyMaps, ServiceMaps};
 use lb_core::{drops::DropRecord, tables};
+use lb_policy::{
+    explain::{self, FlowTarget},
+    tables::PolicyTables,
+};
 
 /// How long `lbctl drops` waits for the agent.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +49,16 @@ enum Command {
         #[command(subcommand)]
         command: SocketCommand,
     },
+    /// Security identities.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+    /// Network policy as programmed in the kernel.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The latest new flows the tc path dropped or refused, and why (from
     /// the agent's `/drops`).
     Drops {
@@ -67,6 +81,33 @@ enum SocketCommand {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Print every identity: number, kind, addresses carrying it, labels.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Print a pod of this node as the policy maps hold it: identity,
+    /// isolation, and every entry of its policy with the rule it came from.
+    Get {
+        /// The pod, `namespace/name`.
+        pod: String,
+    },
+    /// Whether this node's maps allow a flow (after any service
+    /// translation), and by which rules. The first line of the answer is
+    /// `allowed` or `denied: <why>`; the exit status is 0 or 1 accordingly.
+    Trace {
+        /// The source: a pod (`namespace/name`) or an address.
+        #[arg(long)]
+        from: String,
+        /// The destination: `<namespace/name|address>:<port>/<tcp|udp|sctp>`.
+        #[arg(long)]
+        to: FlowTarget,
+    },
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
@@ -87,6 +128,27 @@ fn main() -> Result<()> {
                 .context("reading the socket translations")?;
             print!("{}", tables::socket_table(&names, &translations));
         }
+        Command::Identity {
+            command: IdentityCommand::List,
+        } => print!(
+            "{}",
+            explain::identity_table(&policy_tables(&args.bpffs_dir)?)
+        ),
+        Command::Policy {
+            command: PolicyCommand::Get { pod },
+        } => print!(
+            "{}",
+            explain::endpoint_report(&policy_tables(&args.bpffs_dir)?, &pod)?
+        ),
+        Command::Policy {
+            command: PolicyCommand::Trace { from, to },
+        } => {
+            let trace = explain::trace(&policy_tables(&args.bpffs_dir)?, &from, &to)?;
+            print!("{}", trace.text);
+            if !trace.allowed {
+                std::process::exit(1);
+            }
+        }
         Command::Drops { agent } => {
             let records: Vec<DropRecord> = serde_json::from_str(&get(agent, "/drops")?)
                 .context("reading the agent's drop reports")?;
@@ -97,6 +159,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the policy maps pinned in `dir` hold.
+fn policy_tables(dir: &Path) -> Result<PolicyTables> {
+    AyaPolicyMaps::open_pinned(dir)
+        .and_then(|maps| maps.dump())
+        .context("reading the policy maps")
 }
 
 /// The body of a 200 answer to `GET path` from the agent.

@@ -9,13 +9,18 @@
 //!   trait, with the aya implementation ([`AyaServiceMaps`]), an in-memory
 //!   one ([`fake::FakeServiceMaps`]) and one that injects failures
 //!   ([`faulty::FaultyServiceMaps`]) for the reconciler's tests.
+//! - [`policy_maps`]: the policy maps, behind the [`PolicyMaps`] trait
+//!   ([`AyaPolicyMaps`]; in memory and failing on purpose in
+//!   [`fake_policy`]).
 //!
 //! Every failure is a [`KernelError`] naming the map, program, link or path
 //! involved.
 
 pub mod fake;
+pub mod fake_policy;
 pub mod faulty;
 pub mod pins;
+pub mod policy_maps;
 pub mod service_maps;
 pub mod socket_programs;
 pub mod tc_programs;
@@ -30,6 +35,7 @@ use aya::{
     EbpfError,
 };
 
+pub use policy_maps::{AyaPolicyMaps, PolicyMaps};
 pub use service_maps::{AyaServiceMaps, ServiceMaps};
 
 /// Errors of the kernel shell.

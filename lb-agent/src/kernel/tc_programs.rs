@@ -33,6 +33,7 @@ use tracing::info;
 
 use super::{
     ignore_missing, pins,
+    policy_maps::AyaPolicyMaps,
     service_maps::{entries, MapSource, TcMaps},
     socket_programs::counter_sums,
     KernelError, OnMap,
@@ -125,6 +126,10 @@ pub struct CtOccupancy {
     pub deleted: usize,
     /// Capacity of the map.
     pub capacity: u32,
+    /// Policy conntrack entries left.
+    pub policy_live: usize,
+    /// Expired policy conntrack entries deleted.
+    pub policy_deleted: usize,
 }
 
 /// The loaded tc programs and the maps only they use.
@@ -351,10 +356,15 @@ impl TcPrograms {
         self.config.set(0, config, 0).on(maps::TC_CONFIG)
     }
 
-    /// Deletes the conntrack entries expired at `now_ns` (`CLOCK_BOOTTIME`)
-    /// and reports the occupancy, for a metric. The walk runs in the kernel
-    /// (the `lb_ct_gc` program), so a full table costs milliseconds, not a
-    /// syscall pair per entry.
+    /// The policy maps of the loaded object.
+    pub fn policy_maps(&mut self) -> Result<AyaPolicyMaps, KernelError> {
+        AyaPolicyMaps::take(&mut self.ebpf)
+    }
+
+    /// Deletes the conntrack entries (service and policy) expired at
+    /// `now_ns` (`CLOCK_BOOTTIME`) and reports the occupancy, for a metric.
+    /// The walk runs in the kernel (the `lb_ct_gc` program), so a full table
+    /// costs milliseconds, not a syscall pair per entry.
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<CtOccupancy, KernelError> {
         let request = CtGcState {
             now_ns,
@@ -363,10 +373,13 @@ impl TcPrograms {
         self.gc.set(0, request, 0).on(maps::CT_GC)?;
         self.run(GC_PROGRAM, &GC_FRAME)?;
         let result = self.gc.get(&0, 0).on(maps::CT_GC)?;
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Ok(CtOccupancy {
-            live: usize::try_from(result.live).unwrap_or(usize::MAX),
-            deleted: usize::try_from(result.deleted).unwrap_or(usize::MAX),
+            live: count(result.live),
+            deleted: count(result.deleted),
             capacity: self.conntrack_capacity,
+            policy_live: count(result.policy_live),
+            policy_deleted: count(result.policy_deleted),
         })
     }
 

@@ -1,9 +1,11 @@
-//! The kind of a network interface ("veth", "netkit", "bridge", ...), asked of
-//! the kernel over rtnetlink in the agent's own network namespace (sysfs may
-//! show another namespace's devices). The message building and parsing are
-//! plain functions over bytes; [`link_kind`] is the thin socket shell.
+//! Questions for the kernel over rtnetlink, in the agent's own network
+//! namespace (sysfs may show another namespace's devices): the kind and
+//! name of a network interface ("veth", "netkit", "bridge", ...), and the
+//! route that carries packets to an address. The message building and
+//! parsing are plain functions over bytes; [`link`] and [`route_to`] are
+//! thin socket shells.
 
-use std::{io, os::fd::AsRawFd};
+use std::{io, net::IpAddr, os::fd::AsRawFd};
 
 use nix::sys::socket::{
     bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
@@ -19,8 +21,19 @@ pub(crate) const NLM_F_REQUEST: u16 = 1;
 const IFINFOMSG_LEN: usize = 16;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
+const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTMSG_LEN: usize = 12;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+/// `rtm_flags`: answer with the FIB entry that matched (its real prefix
+/// length), not a route made up for the one address asked.
+const RTM_F_FIB_MATCH: u32 = 0x2000;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// Attribute types carry two flag bits (nested, network byte order).
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -70,13 +83,39 @@ fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
     None
 }
 
-/// What an answer to [`get_link_request`] says.
+/// An interface, as an answer to [`get_link_request`] describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    /// Its name.
+    pub name: String,
+    /// Its kind; `None` for a device without one (a physical NIC).
+    pub kind: Option<String>,
+}
+
+/// A route, as an answer to [`get_route_request`] describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The prefix length of the FIB entry that matched.
+    pub prefix_len: u8,
+    /// The interface packets leave by, if the route names one.
+    pub ifindex: Option<u32>,
+}
+
+/// What an answer says.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
-    /// The link's kind; `None` for a device without one (a physical NIC).
-    Kind(Option<String>),
+    /// An interface.
+    Link(Link),
+    /// A route.
+    Route(Route),
     /// The kernel refused, with this errno.
     Error(i32),
+}
+
+/// A NUL-terminated string attribute.
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 fn parse_answer(msg: &[u8]) -> Option<Answer> {
@@ -88,19 +127,45 @@ fn parse_answer(msg: &[u8]) -> Option<Answer> {
             let attrs = msg.get(NLMSG_HDR_LEN + IFINFOMSG_LEN..)?;
             let kind = attribute(attrs, IFLA_LINKINFO)
                 .and_then(|info| attribute(info, IFLA_INFO_KIND))
-                .map(|kind| {
-                    let end = kind.iter().position(|&b| b == 0).unwrap_or(kind.len());
-                    String::from_utf8_lossy(&kind[..end]).into_owned()
-                });
-            Some(Answer::Kind(kind))
+                .map(text);
+            let name = attribute(attrs, IFLA_IFNAME).map(text).unwrap_or_default();
+            Some(Answer::Link(Link { name, kind }))
+        }
+        RTM_NEWROUTE => {
+            let prefix_len = *msg.get(NLMSG_HDR_LEN + 1)?;
+            let attrs = msg.get(NLMSG_HDR_LEN + RTMSG_LEN..)?;
+            let ifindex = attribute(attrs, RTA_OIF).and_then(|oif| u32_at(oif, 0));
+            Some(Answer::Route(Route {
+                prefix_len,
+                ifindex,
+            }))
         }
         _ => None,
     }
 }
 
-/// The kind of interface `ifindex` in the caller's network namespace, e.g.
-/// `Some("veth")`; `None` for a device without one.
-pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+/// The RTM_GETROUTE request for the route to `addr`, answered with the FIB
+/// entry that matched.
+fn get_route_request(addr: IpAddr, seq: u32) -> Vec<u8> {
+    let (family, bytes): (u8, Vec<u8>) = match addr {
+        IpAddr::V4(v4) => (AF_INET, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (AF_INET6, v6.octets().to_vec()),
+    };
+    let attr_len = 4 + bytes.len();
+    let len = NLMSG_HDR_LEN + RTMSG_LEN + attr_len;
+    let mut msg = Vec::with_capacity(len);
+    push_header(&mut msg, len, RTM_GETROUTE, NLM_F_REQUEST, seq);
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    msg.extend([family, (bytes.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+    msg.extend(RTM_F_FIB_MATCH.to_ne_bytes());
+    msg.extend((attr_len as u16).to_ne_bytes());
+    msg.extend(RTA_DST.to_ne_bytes());
+    msg.extend(bytes);
+    msg
+}
+
+/// Sends one request and parses the one answer.
+fn ask(request: &[u8]) -> io::Result<Answer> {
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -109,16 +174,43 @@ pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
     )?;
     let fd = sock.as_raw_fd();
     bind(fd, &NetlinkAddr::new(0, 0))?;
-    send(fd, &get_link_request(ifindex, 1), MsgFlags::empty())?;
+    send(fd, request, MsgFlags::empty())?;
     let mut buf = vec![0u8; 16 * 1024];
     let n = recv(fd, &mut buf, MsgFlags::empty())?;
     match parse_answer(&buf[..n]) {
-        Some(Answer::Kind(kind)) => Ok(kind),
         Some(Answer::Error(errno)) => Err(io::Error::from_raw_os_error(errno)),
+        Some(answer) => Ok(answer),
         None => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "unexpected rtnetlink answer",
         )),
+    }
+}
+
+fn unexpected() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "unexpected rtnetlink answer")
+}
+
+/// Interface `ifindex` in the caller's network namespace: its name and
+/// kind, e.g. `Some("veth")`.
+pub fn link(ifindex: u32) -> io::Result<Link> {
+    match ask(&get_link_request(ifindex, 1))? {
+        Answer::Link(link) => Ok(link),
+        _ => Err(unexpected()),
+    }
+}
+
+/// The kind of interface `ifindex`, e.g. `Some("veth")`; `None` for a
+/// device without one.
+pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+    link(ifindex).map(|link| link.kind)
+}
+
+/// The route the caller's network namespace takes to `addr`.
+pub fn route_to(addr: IpAddr) -> io::Result<Route> {
+    match ask(&get_route_request(addr, 1))? {
+        Answer::Route(route) => Ok(route),
+        _ => Err(unexpected()),
     }
 }
 
@@ -165,10 +257,13 @@ mod tests {
         body.extend(attr(IFLA_LINKINFO | 0x8000, &info));
         assert_eq!(
             parse_answer(&answer(RTM_NEWLINK, &body)),
-            Some(Answer::Kind(Some("veth".into())))
+            Some(Answer::Link(Link {
+                name: "eth0".into(),
+                kind: Some("veth".into())
+            }))
         );
         let plain = answer(RTM_NEWLINK, &[0u8; IFINFOMSG_LEN]);
-        assert_eq!(parse_answer(&plain), Some(Answer::Kind(None)));
+        assert_eq!(parse_answer(&plain), Some(Answer::Link(Link::default())));
     }
 
     #[test]
@@ -180,8 +275,37 @@ mod tests {
         bad.extend([200, 0, 1, 0]);
         assert_eq!(
             parse_answer(&answer(RTM_NEWLINK, &bad)),
-            Some(Answer::Kind(None))
+            Some(Answer::Link(Link::default()))
         );
+    }
+
+    #[test]
+    fn a_route_request_asks_for_the_matching_entry_and_its_answer_names_the_interface() {
+        let req = get_route_request("10.1.2.3".parse().unwrap(), 5);
+        assert_eq!(u16_at(&req, 4), Some(RTM_GETROUTE));
+        assert_eq!(req[NLMSG_HDR_LEN], AF_INET);
+        assert_eq!(u32_at(&req, NLMSG_HDR_LEN + 8), Some(RTM_F_FIB_MATCH));
+        assert_eq!(&req[req.len() - 4..], &[10, 1, 2, 3]);
+        let v6 = get_route_request("fd00::1".parse().unwrap(), 5);
+        assert_eq!(v6[NLMSG_HDR_LEN + 1], 128);
+
+        let mut body = vec![AF_INET, 32, 0, 0, 254, 0, 0, 1, 0, 0, 0, 0];
+        body.extend(attr(RTA_DST, &[10, 1, 2, 3]));
+        body.extend(attr(RTA_OIF, &9u32.to_ne_bytes()));
+        assert_eq!(
+            parse_answer(&answer(RTM_NEWROUTE, &body)),
+            Some(Answer::Route(Route {
+                prefix_len: 32,
+                ifindex: Some(9)
+            }))
+        );
+    }
+
+    #[test]
+    fn the_loopback_route_leaves_by_the_loopback_interface() {
+        let route = route_to("127.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(route.ifindex, Some(1));
+        assert_eq!(link(1).unwrap().name, "lo");
     }
 
     #[test]

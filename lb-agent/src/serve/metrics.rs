@@ -7,7 +7,9 @@ use prometheus::{
 };
 
 use lb_common::outcome::{Counted, Outcome};
+use lb_common::policy::ENDPOINT_FAIL_CLOSED;
 use lb_core::plan::{Applied, Capacity};
+use lb_policy::{plan::PolicyCapacity, tables::PolicyTables};
 
 /// Every metric the agent exports.
 #[derive(Clone)]
@@ -51,6 +53,22 @@ pub struct Metrics {
     /// Which sockets the socket programs translate (2 all, 1 the node's
     /// network namespace, 0 none).
     pub socket_path_scope: IntGauge,
+    /// Security identities in use (label and CIDR identities).
+    pub policy_identities: IntGauge,
+    /// This node's pods programmed as policy endpoints (by address).
+    pub policy_endpoints: IntGauge,
+    /// Endpoints refusing new flows because their policy could not be
+    /// programmed (a full map, a failed write).
+    pub policy_endpoints_fail_closed: IntGauge,
+    /// Endpoints whose host interface was not found (not enforced at
+    /// their own interface yet).
+    pub policy_endpoints_without_interface: IntGauge,
+    /// The policy revision in the kernel.
+    pub policy_revision: IntGauge,
+    /// Policy map writes that failed.
+    pub policy_write_errors: IntCounter,
+    /// Time from snapshot to programmed policy maps.
+    pub policy_reconcile_seconds: Histogram,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -169,6 +187,44 @@ impl Metrics {
                 "Sockets the socket programs translate: 2 every socket of the cgroup, 1 those \
                  of the node's own network namespace (socketLb false), 0 none",
             ),
+            policy_identities: gauge(
+                "lb_policy_identities",
+                "Security identities in use: one per distinct set of identity-relevant labels, \
+                 one per CIDR a policy names",
+            ),
+            policy_endpoints: gauge(
+                "lb_policy_endpoints",
+                "Addresses of this node's pods programmed as policy endpoints",
+            ),
+            policy_endpoints_fail_closed: gauge(
+                "lb_policy_endpoints_fail_closed",
+                "Endpoints refusing new flows because their policy could not be programmed \
+                 (full policy map or failed write); retried on every pass",
+            ),
+            policy_endpoints_without_interface: gauge(
+                "lb_policy_endpoints_without_interface",
+                "Endpoints whose host-side interface was not found (no /32 or /128 route to a \
+                 veth or netkit device): their own packets are not checked at their interface",
+            ),
+            policy_revision: gauge(
+                "lb_policy_revision",
+                "Policy revision in the kernel; flows are checked again after each bump",
+            ),
+            policy_write_errors: counter(
+                "lb_policy_write_errors_total",
+                "Policy map writes that failed",
+            ),
+            policy_reconcile_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lb_policy_reconcile_duration_seconds",
+                        "From snapshot to programmed policy maps (compile, plan, writes)",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18).expect("valid")),
+                )
+                .expect("valid"),
+            ),
             last_sync_seconds: gauge(
                 "lb_last_sync_timestamp_seconds",
                 "Unix time of the last successful reconciliation",
@@ -186,6 +242,37 @@ impl Metrics {
             ("backends", applied.backends.len(), capacity.backends),
             ("backend_slots", applied.slot_count(), capacity.slots),
             ("maglev", applied.maglev_entries(), capacity.maglev_entries),
+        ] {
+            self.map_entries
+                .with_label_values(&[map])
+                .set(entries as i64);
+            self.map_capacity.with_label_values(&[map]).set(cap as i64);
+        }
+    }
+
+    /// Sets the policy gauges from what the policy maps hold.
+    pub fn observe_policy(&self, tables: &PolicyTables, capacity: &PolicyCapacity) {
+        self.policy_identities.set(tables.identities.len() as i64);
+        self.policy_endpoints.set(tables.endpoints.len() as i64);
+        self.policy_endpoints_fail_closed.set(
+            tables
+                .endpoints
+                .values()
+                .filter(|ep| ep.flags & ENDPOINT_FAIL_CLOSED != 0)
+                .count() as i64,
+        );
+        self.policy_endpoints_without_interface.set(
+            tables
+                .endpoints
+                .values()
+                .filter(|ep| ep.ifindex == 0)
+                .count() as i64,
+        );
+        self.policy_revision.set(i64::from(tables.state.revision));
+        for (map, entries, cap) in [
+            ("ipcache", tables.ipcache.len(), capacity.ipcache),
+            ("endpoints", tables.endpoints.len(), capacity.endpoints),
+            ("policy", tables.entry_count(), capacity.entries),
         ] {
             self.map_entries
                 .with_label_values(&[map])
