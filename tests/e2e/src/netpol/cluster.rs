@@ -12,7 +12,9 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{Arc, Mutex, MutexGuard},
     thread,
@@ -28,7 +30,7 @@ use super::{
     probe::{parse_outcomes, Outcome},
 };
 use crate::{
-    agent::{Agent, Binaries},
+    agent::Binaries,
     controlplane::ControlPlane,
     kubelet::Kubelet,
     lab::{Lab, Node, Pod},
@@ -64,6 +66,87 @@ pub struct ClusterPod {
     pub cluster_ip: String,
 }
 
+/// The agent of one node, started in the node's network namespace and
+/// cgroup as a hostNetwork DaemonSet pod runs, with the Kubernetes API as
+/// its source (reached through [`Lab::forward_to_root`]); killed on drop.
+///
+/// Not [`crate::agent::Agent::start_api`]: that one runs the agent in the root network
+/// namespace (where the e2e API server listens), where the routes to the
+/// node's pods, and so their interfaces, cannot be seen.
+pub struct NodeAgent {
+    child: Child,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+impl NodeAgent {
+    /// Starts lb-agent for `node` with `kubeconfig` and waits until it is ready.
+    pub fn start(lab: &Lab, bins: &Binaries, node: &Node, kubeconfig: &Path) -> Result<Self> {
+        let log = lab.work_dir().join(format!("{}-agent.log", node.name));
+        let mut command = lab.command_in(node, &bins.agent)?;
+        let child = command
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--node-name", &node.name])
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(["--healthz-address", "127.0.0.1:0"])
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting lb-agent")?;
+        let agent = Self { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent.log_text().contains("ready:") {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {} never became ready:\n{}",
+                    node.name,
+                    agent.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A copy of the control plane's kubeconfig for processes of `node`, whose
+/// API server address is a relay in the node's network namespace.
+fn node_kubeconfig(lab: &Lab, cp: &ControlPlane, node: &Node) -> Result<PathBuf> {
+    let server = cp.server()?;
+    let target: SocketAddr = server
+        .strip_prefix("https://")
+        .with_context(|| format!("API server URL {server}"))?
+        .parse()
+        .with_context(|| format!("API server URL {server}"))?;
+    let relay = lab.forward_to_root(node, target)?;
+    let text = fs::read_to_string(cp.kubeconfig())?;
+    if !text.contains(&server) {
+        bail!("{} does not name {server}", cp.kubeconfig().display());
+    }
+    let path = lab.work_dir().join(format!("{}-kubeconfig", node.name));
+    fs::write(&path, text.replace(&server, &format!("https://{relay}")))?;
+    Ok(path)
+}
+
 /// A label change to undo: `kubectl label KIND NAME [-n NS] ARGS --overwrite`.
 #[derive(Clone, Debug)]
 struct Undo {
@@ -78,7 +161,7 @@ struct Undo {
 /// The shared cluster. Fields drop in order: the agents and kubelets stop
 /// before the lab is torn down.
 pub struct Cluster {
-    agents: Vec<Agent>,
+    agents: Vec<NodeAgent>,
     kubelets: Vec<Kubelet>,
     nodes: Vec<Node>,
     /// The 9 pods, in the catalogue's order.
@@ -164,7 +247,11 @@ impl Cluster {
             .collect::<Result<Vec<_>>>()?;
         let agents = nodes
             .iter()
-            .map(|node| Agent::start_api(&lock(&lab), &bins, node, cp.kubeconfig()))
+            .map(|node| {
+                let lab = lock(&lab);
+                let kubeconfig = node_kubeconfig(&lab, cp, node)?;
+                NodeAgent::start(&lab, &bins, node, &kubeconfig)
+            })
             .collect::<Result<Vec<_>>>()?;
 
         let ids = catalogue.pod_ids()?;
