@@ -16,13 +16,15 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
-        Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
     },
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -114,6 +116,8 @@ pub struct Lab {
     pods: Vec<Pod>,
     pods_per_node: BTreeMap<u8, u8>,
     children: Mutex<Vec<Child>>,
+    /// Tells the relays of [`Lab::forward_to_root`] to stop.
+    relays_stop: Arc<AtomicBool>,
 }
 
 /// Spawns `command` and waits until a line of its output contains `needle`;
@@ -320,6 +324,7 @@ impl Lab {
             pods: Vec::new(),
             pods_per_node: BTreeMap::new(),
             children: Mutex::new(Vec::new()),
+            relays_stop: Arc::new(AtomicBool::new(false)),
         };
         run("ip", &["netns", "add", &fabric])?;
         ip_batch(
@@ -600,8 +605,73 @@ impl Lab {
     }
 }
 
+/// Copies one direction of a relayed connection, then closes the other
+/// side's writing half so that the peer sees the end.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Lab {
+    /// Makes `target`, an address of this process's own network namespace
+    /// (such as the e2e API server on 127.0.0.1 of the root namespace),
+    /// reachable from `place`: returns the address of a listener on
+    /// 127.0.0.1 in `place`'s network namespace whose connections are
+    /// relayed to `target`. A process of a node (an agent running there
+    /// as a hostNetwork DaemonSet pod does) then reaches the API server as
+    /// on a real node. Relays until the lab is dropped.
+    pub fn forward_to_root(&self, place: &dyn Place, target: SocketAddr) -> Result<SocketAddr> {
+        let netns = fs::File::open(format!("/var/run/netns/{}", place.netns()))
+            .with_context(|| format!("netns of {}", place.name()))?;
+        // setns(2) changes the calling thread only: bind from a thread of
+        // its own that ends right after; the socket stays in that namespace.
+        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
+            // SAFETY: setns(2) on a descriptor this closure owns, for this
+            // short-lived thread only; no memory is involved.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpListener::bind("127.0.0.1:0")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the relay's binding thread panicked"))?
+        .with_context(|| format!("listening in {}", place.name()))?;
+        let address = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = self.relays_stop.clone();
+        std::thread::Builder::new()
+            .name(format!("relay-{}", place.name()))
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((inbound, _)) => {
+                            let Ok(outbound) = TcpStream::connect(target) else {
+                                continue;
+                            };
+                            let (Ok(()), Ok(in2), Ok(out2)) = (
+                                inbound.set_nonblocking(false),
+                                inbound.try_clone(),
+                                outbound.try_clone(),
+                            ) else {
+                                continue;
+                            };
+                            std::thread::spawn(move || pump(inbound, outbound));
+                            std::thread::spawn(move || pump(out2, in2));
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        Ok(address)
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.relays_stop.store(true, Ordering::SeqCst);
         for child in self.children.get_mut().expect("not poisoned").iter_mut() {
             let _ = child.kill();
             let _ = child.wait();

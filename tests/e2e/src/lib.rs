@@ -11,5 +11,6 @@ pub mod controlplane;
 pub mod kubelet;
 pub mod lab;
 pub mod manifests;
+pub mod netpol;
 pub mod probe;
 pub mod scenario;

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_e2e::probe::Attempt;
+use lb_e2e::{netpol::probe::Outcome, probe::Attempt};
 
 #[derive(Parser)]
 struct Args {
@@ -82,6 +82,22 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         udp_size: usize,
     },
+    /// Probe every target once, all at the same time, and print one JSON
+    /// line per target (see `lb_e2e::netpol::probe::Outcome`), in the order
+    /// given. A TCP probe connects and reads the server's greeting; a UDP
+    /// probe sends a datagram and waits for the answer. Any failure (refused,
+    /// timed out, no answer) is reported, never fatal.
+    Probe {
+        /// tcp or udp.
+        #[arg(long)]
+        protocol: String,
+        /// Timeout of each step (connect, read) in milliseconds.
+        #[arg(long, default_value_t = 400)]
+        timeout_ms: u64,
+        /// LABEL=ADDRESS:PORT; the label is echoed back in the output line.
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -93,6 +109,11 @@ fn main() -> Result<()> {
             udp,
             http,
         } => serve(&name, &bind, &tcp, &udp, &http),
+        Command::Probe {
+            protocol,
+            timeout_ms,
+            targets,
+        } => probe(&protocol, Duration::from_millis(timeout_ms), &targets),
         Command::Connect {
             target,
             count,
@@ -136,6 +157,55 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `labpod probe`: one thread per target, results printed in target order.
+fn probe(protocol: &str, timeout: Duration, targets: &[String]) -> Result<()> {
+    if protocol != "tcp" && protocol != "udp" {
+        anyhow::bail!("unknown protocol {protocol} (tcp or udp)");
+    }
+    let mut parsed = Vec::new();
+    for spec in targets {
+        let (label, address) = spec
+            .rsplit_once('=')
+            .with_context(|| format!("target {spec:?} is not LABEL=ADDRESS:PORT"))?;
+        let address: SocketAddr = address
+            .parse()
+            .with_context(|| format!("target {spec:?}: bad address"))?;
+        parsed.push((label.to_string(), address));
+    }
+    let handles: Vec<_> = parsed
+        .into_iter()
+        .map(|(label, address)| {
+            let protocol = protocol.to_string();
+            thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let attempt = if protocol == "tcp" {
+                    tcp_attempt(address, timeout, false, Duration::ZERO)
+                } else {
+                    UdpClient::new(address, timeout, false, 0, 4).attempt()
+                };
+                Outcome {
+                    label,
+                    ok: attempt.ok,
+                    backend: attempt.backend,
+                    served_on: attempt.served_on,
+                    error: attempt.error,
+                    ms: started.elapsed().as_millis() as u64,
+                }
+            })
+        })
+        .collect();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for handle in handles {
+        let outcome = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("a probe thread panicked"))?;
+        writeln!(out, "{}", serde_json::to_string(&outcome)?)?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn serve(name: &str, bind: &str, tcp: &[u16], udp: &[u16], http: &[u16]) -> Result<()> {
