@@ -10,3 +10,4 @@
 pub mod crr;
 pub mod driver;
 pub mod kubeproxy;
+pub mod policy_objects;

@@ -97,7 +97,10 @@ fn peer_flag(name: &str) -> u32 {
         return 0;
     };
     match netlink::link_kind(ifindex) {
-        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => POD_INTERFACE_PEER,
+        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => {
+            info!(interface = %name, kind = %kind, "packets to the pod interface are handed to its peer");
+            POD_INTERFACE_PEER
+        }
         Ok(_) => 0,
         Err(err) => {
             warn!(interface = %name, error = %err, "interface kind unknown; no peer redirect to it");

@@ -9,6 +9,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::policy_objects::Synthetic;
+
 /// The candidates this driver knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -17,6 +19,10 @@ pub enum CandidateKind {
     Direct,
     /// Our socket-level path: lb-agent's cgroup connect hooks.
     SocketLb,
+    /// The socket-level path with NetworkPolicy enforced on the pods'
+    /// interfaces: the flow allowed by one rule, many other policies and
+    /// identities loaded.
+    SocketLbPolicy,
     /// Our tc path: socket translation off, ClusterIPs translated per packet
     /// by the tc programs on the pod interfaces.
     Tc,
@@ -28,9 +34,10 @@ pub enum CandidateKind {
 
 impl CandidateKind {
     /// Every candidate, in table order.
-    pub const ALL: [CandidateKind; 5] = [
+    pub const ALL: [CandidateKind; 6] = [
         CandidateKind::Direct,
         CandidateKind::SocketLb,
+        CandidateKind::SocketLbPolicy,
         CandidateKind::Tc,
         CandidateKind::Iptables,
         CandidateKind::Nftables,
@@ -41,6 +48,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Direct => "direct",
             CandidateKind::SocketLb => "socket-lb",
+            CandidateKind::SocketLbPolicy => "socket-lb+policy",
             CandidateKind::Tc => "tc",
             CandidateKind::Iptables => "iptables",
             CandidateKind::Nftables => "nftables",
@@ -53,6 +61,12 @@ impl CandidateKind {
             CandidateKind::Direct => "client to the server pod IP, no service layer (physical limit)",
             CandidateKind::SocketLb => {
                 "lb-agent's cgroup connect4 translation, client to the Service VIP"
+            }
+            CandidateKind::SocketLbPolicy => {
+                "socket-lb with NetworkPolicy enforced: the server pod isolated for ingress \
+                 and the flow allowed by one rule, checked by the tc programs on both pods' \
+                 interfaces; 1,000 other policies and 10,000 other identities (pods on other \
+                 nodes) loaded"
             }
             CandidateKind::Tc => {
                 "lb-agent with socket translation off: tc programs on the pod interfaces \
@@ -112,6 +126,9 @@ pub struct Config {
     pub crr: Option<PathBuf>,
     /// Whether this is the quick mode (recorded in the report).
     pub quick: bool,
+    /// The synthetic cluster loaded next to the policy candidate's own
+    /// rule: pods elsewhere (as many identities) and policies.
+    pub policy_scale: Synthetic,
 }
 
 /// Slices of 200 ms: the CPU a shared 2-vCPU guest gets drifts over
@@ -138,6 +155,11 @@ impl Config {
             out,
             crr: None,
             quick: false,
+            policy_scale: Synthetic {
+                pods: 10_000,
+                policies: 1_000,
+                nodes: 50,
+            },
         }
     }
 
@@ -149,6 +171,11 @@ impl Config {
             duration: Duration::from_secs(1),
             bulk: None,
             quick: true,
+            policy_scale: Synthetic {
+                pods: 100,
+                policies: 10,
+                nodes: 5,
+            },
             ..Config::full(out)
         }
     }

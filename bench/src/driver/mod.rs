@@ -66,10 +66,10 @@ pub use summary::{Ratio, Row};
 
 use lb_e2e::scenario::is_root;
 use measure::{measurement_pairs, run_client, run_iperf, run_taking_turns, Cell, Mode};
-use render::{render_report, render_svg, render_table, Machine};
+use render::{render_policy_cost, render_report, render_svg, render_table, Machine};
 use services::ServiceSet;
 use stands::{build_candidate, Candidate};
-use summary::summarize;
+use summary::{policy_cost, summarize};
 
 /// What a run produced.
 #[derive(Debug)]
@@ -121,6 +121,7 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
             &bins,
             &crr,
             cfg.bulk.is_some(),
+            cfg.policy_scale,
         )?);
     }
     let lab = &lab;
@@ -214,7 +215,8 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
     let elapsed = started.elapsed();
 
     let rows = summarize(&cfg.counts, &kinds, &cells);
-    let table = render_table(&rows);
+    let costs = policy_cost(&cfg.counts, &kinds, &cells);
+    let table = render_table(&rows) + &render_policy_cost(&costs, &cfg.policy_scale);
     fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let machine = Machine::probe();
     fs::write(
@@ -234,6 +236,7 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
             "quick": cfg.quick,
         },
         "rows": rows,
+        "policy_cost": costs,
         "cells": cells.iter().map(|((count, i), cell)| serde_json::json!({
             "services": count,
             "candidate": kinds[*i],

@@ -19,7 +19,7 @@ use super::{
     processes::{flush_conntrack, run_with_input},
     services::{ServiceSet, CRR_SERVICE_PORT, CRR_TARGET_PORT, IPERF_PORT, MEASURED_VIP},
 };
-use crate::kubeproxy;
+use crate::{kubeproxy, policy_objects::Synthetic};
 
 /// One candidate's node with its server and client pods; the servers are
 /// killed on drop.
@@ -162,6 +162,52 @@ impl SocketLb {
     }
 }
 
+/// The pods of the policy candidate's stand, as Pod objects.
+fn stand_pod(pod: &Pod, node: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {name}\n  labels: {{app: {app}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: x\n    ports:\n    - {{name: crr, containerPort: {CRR_TARGET_PORT}}}\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}, {{ip: \"{ip6}\"}}]\n",
+        name = pod.name,
+        ip = pod.ip,
+        ip6 = pod.ip6,
+    )
+}
+
+/// The one rule that allows the measured flow: the server accepts the
+/// client on the CRR port (iperf3 too).
+const SERVER_POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: crr-server\n  namespace: default\nspec:\n  podSelector:\n    matchLabels: {app: crr-server}\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels: {app: crr-client}\n    ports:\n    - port: crr\n    - {port: 5201}\n";
+
+impl SocketLb {
+    /// Writes the stand's pods, the server's policy and the synthetic
+    /// cluster's (`scale`: pods elsewhere, other policies), and waits until
+    /// both pods are programmed endpoints with their interfaces found.
+    fn enforce_policy(&self, scale: Synthetic) -> Result<()> {
+        let node = &self.stand.node.name;
+        let mut yaml = scale.yaml();
+        yaml.push_str(&stand_pod(&self.stand.server, node, "crr-server"));
+        yaml.push_str("---\n");
+        yaml.push_str(&stand_pod(&self.stand.client, node, "crr-client"));
+        yaml.push_str("---\n");
+        yaml.push_str(SERVER_POLICY);
+        self.agent.write_manifest("policy.yaml", &yaml)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let log = self.agent.log_text();
+            let programmed = log.lines().any(|l| {
+                l.contains("policy reconciled")
+                    && l.contains(" endpoints=4 ")
+                    && l.contains(" entries=")
+            });
+            if programmed && !log.contains("no interface of its own") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent never programmed the stand's policy:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Candidate for SocketLb {
     fn kind(&self) -> CandidateKind {
         self.kind
@@ -259,6 +305,7 @@ pub(super) fn build_candidate(
     bins: &Binaries,
     crr: &Path,
     iperf: bool,
+    policy_scale: Synthetic,
 ) -> Result<Box<dyn Candidate>> {
     let stand = Stand::new(lab, kind.name(), crr, iperf)?;
     Ok(match kind {
@@ -271,6 +318,19 @@ pub(super) fn build_candidate(
                 stand,
                 frontends_per_port: 1,
             })
+        }
+        CandidateKind::SocketLbPolicy => {
+            let mut args = AGENT_DEBOUNCE.to_vec();
+            args.extend(["--node-name", stand.node.name.as_str()]);
+            let agent = Agent::start_with(lab, bins, &stand.node, &args)?;
+            let candidate = SocketLb {
+                kind,
+                agent,
+                stand,
+                frontends_per_port: 1,
+            };
+            candidate.enforce_policy(policy_scale)?;
+            Box::new(candidate)
         }
         CandidateKind::Tc => {
             let mut args = AGENT_DEBOUNCE.to_vec();

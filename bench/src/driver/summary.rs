@@ -121,6 +121,81 @@ fn paired_ratio(
     })
 }
 
+/// The cost of policy enforcement at one service count: the per-round
+/// ratio of `socket-lb+policy`'s value to `socket-lb`'s, each over the
+/// direct value measured together with it in that round.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyCost {
+    /// Number of services.
+    pub services: usize,
+    /// CRR connections/s, with policy over without.
+    pub crr: Option<Ratio>,
+    /// CRR p99 latency, with policy over without.
+    pub p99: Option<Ratio>,
+    /// RR transactions/s, with policy over without.
+    pub rr: Option<Ratio>,
+}
+
+/// The median and interval of the per-round ratios of `with`'s ratio to
+/// direct over `without`'s.
+fn ratio_of_ratios(
+    with: (&[ClientSample], &[ClientSample]),
+    without: (&[ClientSample], &[ClientSample]),
+    field: fn(&ClientSample) -> f64,
+) -> Option<Ratio> {
+    let per_round = |(samples, direct): (&[ClientSample], &[ClientSample])| {
+        samples
+            .iter()
+            .zip(direct)
+            .map(|(s, d)| (field(d) > 0.0).then(|| field(s) / field(d)))
+            .collect::<Vec<_>>()
+    };
+    let mut ratios: Vec<f64> = per_round(with)
+        .into_iter()
+        .zip(per_round(without))
+        .filter_map(|(w, o)| Some(w? / o.filter(|o| *o > 0.0)?))
+        .collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    Some(Ratio {
+        interval: median_interval(&ratios),
+        median: median(ratios),
+    })
+}
+
+/// What policy enforcement costs, per service count, when both
+/// `socket-lb+policy` and `socket-lb` were measured (with direct).
+pub(super) fn policy_cost(
+    counts: &[usize],
+    kinds: &[CandidateKind],
+    cells: &BTreeMap<(usize, usize), Cell>,
+) -> Vec<PolicyCost> {
+    let position = |kind| kinds.iter().position(|k| *k == kind);
+    let (Some(with), Some(without), true) = (
+        position(CandidateKind::SocketLbPolicy),
+        position(CandidateKind::SocketLb),
+        kinds.contains(&CandidateKind::Direct),
+    ) else {
+        return Vec::new();
+    };
+    counts
+        .iter()
+        .filter_map(|&count| {
+            let (w, o) = (cells.get(&(count, with))?, cells.get(&(count, without))?);
+            Some(PolicyCost {
+                services: count,
+                crr: ratio_of_ratios((&w.crr, &w.crr_direct), (&o.crr, &o.crr_direct), |s| s.tps),
+                p99: ratio_of_ratios((&w.crr, &w.crr_direct), (&o.crr, &o.crr_direct), |s| {
+                    s.p99_us
+                }),
+                rr: ratio_of_ratios((&w.rr, &w.rr_direct), (&o.rr, &o.rr_direct), |s| s.tps),
+            })
+        })
+        .collect()
+}
+
 /// Medians and paired ratios to direct.
 pub(super) fn summarize(
     counts: &[usize],
@@ -192,6 +267,27 @@ mod tests {
             paired_ratio(CandidateKind::Tc, &samples, &[], |s| s.tps),
             None
         );
+    }
+
+    #[test]
+    fn the_policy_cost_divides_the_paired_ratios_of_each_round() {
+        let sample = |tps: f64| ClientSample {
+            tps,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            transactions: 1,
+            errors: 0,
+        };
+        let with = [sample(90.0), sample(45.0)];
+        let with_direct = [sample(100.0), sample(50.0)];
+        let without = [sample(95.0), sample(60.0)];
+        let without_direct = [sample(100.0), sample(60.0)];
+        let r = ratio_of_ratios((&with, &with_direct), (&without, &without_direct), |s| {
+            s.tps
+        })
+        .unwrap();
+        // Rounds: 0.9 / 0.95 and 0.9 / 1.0.
+        assert!((r.median - (0.9 / 0.95 + 0.9) / 2.0).abs() < 1e-9, "{r:?}");
     }
 
     #[test]

@@ -129,8 +129,9 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
 }
 
 /// The verdict on an ICMP error of an allowed flow (translated with it when
-/// the flow was), or on IPv6 discovery; `None` for other ICMP messages,
-/// which policy checks as flows of their own.
+/// the flow was; every error while policy is not enforced), or on IPv6
+/// discovery; `None` for other ICMP messages, which policy checks as flows
+/// of their own.
 #[inline(always)]
 fn control_message(
     ctx: &TcContext,
@@ -149,7 +150,10 @@ fn control_message(
         }
     }
     let mut quoted = CtKey::new([0; 4], [0; 4], 0, 0, 0);
-    if !icmp::quoted_flow(ctx, pkt, &mut quoted) || !policy::related(&quoted, now) {
+    if !icmp::quoted_flow(ctx, pkt, &mut quoted) {
+        return None;
+    }
+    if policy::enforcing().is_some() && !policy::related(&quoted, now) {
         return None;
     }
     if !policy::source_ok(&pkt.tuple.saddr, origin) {
