@@ -310,7 +310,7 @@ pub fn trace(tables: &PolicyTables, from: &str, to: &FlowTarget) -> Result<Trace
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::{borrow::Cow, sync::Arc};
 
     use ipnetwork::IpNetwork;
     use lb_common::policy::{EndpointValue, IpcacheValue};
@@ -427,15 +427,15 @@ mod tests {
         // Tables that a plan wrote read the same as hand-made ones.
         let t = tables();
         let mut target = PolicyTarget {
-            identities: t.identities.clone(),
+            identities: Cow::Owned(t.identities.clone()),
             rules: t.rules.clone(),
-            ipcache: t.ipcache.clone(),
+            ipcache: Cow::Owned(t.ipcache.clone()),
             endpoints: t.endpoints.clone(),
-            pod_names: t.pod_names.clone(),
+            pod_names: Cow::Owned(t.pod_names.clone()),
             enforcing: true,
             ..PolicyTarget::default()
         };
-        target.sets.insert(
+        target.sets.to_mut().insert(
             1,
             Arc::new(crate::desired::SetContent {
                 entries: t.sets[&1].entries.clone(),

@@ -35,7 +35,7 @@ use lb_common::{
 
 use crate::{
     desired::{Entry, IdentityInfo, PolicyLookup},
-    tables::{AppliedSet, PolicyTables, PolicyTarget},
+    tables::{name_kept, AppliedSet, PolicyTables, PolicyTarget},
 };
 
 /// One policy map write.
@@ -127,6 +127,37 @@ impl PolicyPlan {
     }
 }
 
+/// A key of two sorted maps: in the first only, the second only, or both.
+enum Side<'a, K, A, B> {
+    Old(&'a K),
+    New(&'a K, &'a B),
+    Both(&'a K, &'a A, &'a B),
+}
+
+/// The keys of two sorted maps in order, each with where it is: one walk of
+/// both (the plan of a pass that changed little costs no lookups).
+fn merge<'a, K: Ord, A, B>(
+    old: &'a BTreeMap<K, A>,
+    new: &'a BTreeMap<K, B>,
+) -> impl Iterator<Item = Side<'a, K, A, B>> {
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    std::iter::from_fn(move || match (old.peek(), new.peek()) {
+        (Some((ok, _)), Some((nk, _))) => match ok.cmp(nk) {
+            std::cmp::Ordering::Less => old.next().map(|(k, _)| Side::Old(k)),
+            std::cmp::Ordering::Greater => new.next().map(|(k, b)| Side::New(k, b)),
+            std::cmp::Ordering::Equal => {
+                let (k, a) = old.next()?;
+                let (_, b) = new.next()?;
+                Some(Side::Both(k, a, b))
+            }
+        },
+        (Some(_), None) => old.next().map(|(k, _)| Side::Old(k)),
+        (None, Some(_)) => new.next().map(|(k, b)| Side::New(k, b)),
+        (None, None) => None,
+    })
+}
+
 fn single(op: PolicyOp) -> PolicyGroup {
     PolicyGroup {
         set: None,
@@ -147,10 +178,14 @@ pub fn plan(
     let mut changes_verdicts = false;
 
     // 1. Display data.
-    for (id, info) in &target.identities {
-        if applied.identities.get(id).map(|i| i.digest) != Some(info.digest) {
-            out.groups
-                .push(single(PolicyOp::PutIdentity(*id, info.clone())));
+    let mut gone_identities = Vec::new();
+    for side in merge(&applied.identities, &target.identities) {
+        match side {
+            Side::Old(id) => gone_identities.push(*id),
+            Side::Both(_, old, new) if old.digest == new.digest => {}
+            Side::New(id, info) | Side::Both(id, _, info) => out
+                .groups
+                .push(single(PolicyOp::PutIdentity(*id, info.clone()))),
         }
     }
     for (id, name) in &target.rules {
@@ -162,7 +197,7 @@ pub fn plan(
 
     // 2. New or changed sets, in number order, while they fit.
     let mut entries_used = applied.entry_count();
-    for (number, content) in &target.sets {
+    for (number, content) in target.sets.iter() {
         let current = applied.sets.get(number);
         if current.and_then(|s| s.digest) == Some(content.digest) {
             continue;
@@ -208,33 +243,48 @@ pub fn plan(
     // their new identities: the sets in use know nothing of those, so they
     // judge the flows as before. Addresses in a new prefix inside an older
     // one keep the older CIDR identity until the endpoints have moved.
+    // Step 5 and 6's ipcache writes are found in the same walk.
     let mut ipcache_used = applied.ipcache.len();
-    let mut staged: BTreeMap<IpNetwork, IpcacheValue> = BTreeMap::new();
-    for (prefix, value) in &target.ipcache {
-        let early = match applied.ipcache.get(prefix) {
-            None if ipcache_used >= capacity.ipcache => {
+    let mut later_ipcache = Vec::new();
+    let mut gone_prefixes = Vec::new();
+    for side in merge(&applied.ipcache, &target.ipcache) {
+        let (prefix, value, early) = match side {
+            Side::Old(prefix) => {
+                gone_prefixes.push(*prefix);
+                continue;
+            }
+            Side::Both(_, current, value) if current == value => continue,
+            Side::Both(prefix, current, value)
+                if current.identity == value.identity && current.cidr_identity == IDENTITY_WORLD =>
+            {
+                (prefix, value, *value)
+            }
+            Side::Both(prefix, _, value) => {
+                later_ipcache.push((*prefix, *value));
+                changes_verdicts = true;
+                continue;
+            }
+            Side::New(_, _) if ipcache_used >= capacity.ipcache => {
                 out.left_out += 1;
                 continue;
             }
-            None if value.identity == value.cidr_identity => IpcacheValue {
-                identity: value.identity,
-                cidr_identity: applied.identities(prefix.network()).cidr_identity,
-            },
-            None => *value,
-            Some(current)
-                if current.identity == value.identity
-                    && current.cidr_identity == IDENTITY_WORLD
-                    && current != value =>
-            {
-                *value
+            Side::New(prefix, value) if value.identity == value.cidr_identity => {
+                let covering = applied.identities(prefix.network()).cidr_identity;
+                let transitional = IpcacheValue {
+                    identity: value.identity,
+                    cidr_identity: covering,
+                };
+                (prefix, value, transitional)
             }
-            Some(_) => continue,
+            Side::New(prefix, value) => (prefix, value, *value),
         };
         if !applied.ipcache.contains_key(prefix) {
             ipcache_used += 1;
         }
         changes_verdicts = true;
-        staged.insert(*prefix, early);
+        if early != *value {
+            later_ipcache.push((*prefix, *value));
+        }
         out.groups
             .push(single(PolicyOp::PutIpcache(*prefix, early)));
     }
@@ -262,30 +312,35 @@ pub fn plan(
         }
     }
     let mut names_used = applied.pod_names.len();
-    for (ip, name) in &target.pod_names {
-        match applied.pod_names.get(ip) {
-            Some(current) if current == name => continue,
-            Some(_) => {}
+    let mut gone_names = Vec::new();
+    for side in merge(&applied.pod_names, &target.pod_names) {
+        let (ip, name) = match side {
+            Side::Old(ip) => {
+                gone_names.push(*ip);
+                continue;
+            }
+            Side::Both(ip, current, name) => {
+                if current == name_kept(name) {
+                    continue;
+                }
+                (ip, name)
+            }
             // Names are for display: one left out is not worth a retry.
-            None if names_used >= capacity.ipcache => continue,
-            None => names_used += 1,
-        }
+            Side::New(_, _) if names_used >= capacity.ipcache => continue,
+            Side::New(ip, name) => {
+                names_used += 1;
+                (ip, name)
+            }
+        };
         out.groups
-            .push(single(PolicyOp::PutPodName(*ip, name.clone())));
+            .push(single(PolicyOp::PutPodName(*ip, name_kept(name).to_string())));
     }
 
     // 5. The other ipcache changes (relabels, whose old identities the
     // new sets still allow for this update), and the final values of what
     // step 3 wrote for the transition.
-    for (prefix, value) in &target.ipcache {
-        let Some(current) = staged.get(prefix).or(applied.ipcache.get(prefix)) else {
-            continue;
-        };
-        if current != value {
-            changes_verdicts = true;
-            out.groups
-                .push(single(PolicyOp::PutIpcache(*prefix, *value)));
-        }
+    for (prefix, value) in later_ipcache {
+        out.groups.push(single(PolicyOp::PutIpcache(prefix, value)));
     }
 
     // 6. Deletions.
@@ -295,16 +350,12 @@ pub fn plan(
             changes_verdicts = true;
         }
     }
-    for ip in applied.pod_names.keys() {
-        if !target.pod_names.contains_key(ip) {
-            out.groups.push(single(PolicyOp::DeletePodName(*ip)));
-        }
+    for ip in gone_names {
+        out.groups.push(single(PolicyOp::DeletePodName(ip)));
     }
-    for prefix in applied.ipcache.keys() {
-        if !target.ipcache.contains_key(prefix) {
-            out.groups.push(single(PolicyOp::DeleteIpcache(*prefix)));
-            changes_verdicts = true;
-        }
+    for prefix in gone_prefixes {
+        out.groups.push(single(PolicyOp::DeleteIpcache(prefix)));
+        changes_verdicts = true;
     }
     // (The executor keeps a set an endpoint still uses, if its move failed.)
     for (number, set) in &applied.sets {
@@ -331,10 +382,8 @@ pub fn plan(
             out.groups.push(single(PolicyOp::DeleteRule(*id)));
         }
     }
-    for id in applied.identities.keys() {
-        if !target.identities.contains_key(id) {
-            out.groups.push(single(PolicyOp::DeleteIdentity(*id)));
-        }
+    for id in gone_identities {
+        out.groups.push(single(PolicyOp::DeleteIdentity(id)));
     }
 
     // 7. The revision.

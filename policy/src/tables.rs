@@ -7,6 +7,7 @@
 //! [`PolicyDesired`] and the interfaces the agent found for its pods.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     net::{IpAddr, Ipv6Addr},
     sync::Arc,
@@ -99,21 +100,23 @@ impl PolicyLookup for PolicyTables {
     }
 }
 
-/// What the policy maps should hold.
+/// What the policy maps should hold. The cluster-wide parts borrow the
+/// compiler's state (no copy per pass); tests build them owned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyTarget {
+pub struct PolicyTarget<'a> {
     /// Identities.
-    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub identities: Cow<'a, BTreeMap<u32, IdentityInfo>>,
     /// Rule names, truncated as the map keeps them.
     pub rules: BTreeMap<u32, String>,
     /// Policy sets.
-    pub sets: BTreeMap<u32, Arc<SetContent>>,
+    pub sets: Cow<'a, BTreeMap<u32, Arc<SetContent>>>,
     /// Addresses and prefixes to identities.
-    pub ipcache: BTreeMap<IpNetwork, IpcacheValue>,
+    pub ipcache: Cow<'a, BTreeMap<IpNetwork, IpcacheValue>>,
     /// This node's pods by address.
     pub endpoints: BTreeMap<IpAddr, EndpointValue>,
-    /// The cluster's pods' names by address, truncated as the map keeps them.
-    pub pod_names: BTreeMap<IpAddr, String>,
+    /// The cluster's pods' names by address (the map keeps them truncated:
+    /// see [`name_value`]).
+    pub pod_names: Cow<'a, BTreeMap<IpAddr, String>>,
     /// Whether policy is enforced on this node's pod interfaces.
     pub enforcing: bool,
     /// Whether the socket programs refuse at `connect()` what a pod's egress
@@ -121,11 +124,11 @@ pub struct PolicyTarget {
     pub at_connect: bool,
 }
 
-impl PolicyTarget {
+impl<'a> PolicyTarget<'a> {
     /// The target for `desired`, with the host end of each endpoint's
     /// interface as `interface` finds it (0 while unknown).
     pub fn new(
-        desired: &PolicyDesired,
+        desired: &'a PolicyDesired,
         interface: impl Fn(IpAddr) -> Option<u32>,
         enforcing: bool,
         at_connect: bool,
@@ -143,22 +146,17 @@ impl PolicyTarget {
                 (*ip, value)
             })
             .collect();
-        let pod_names = desired
-            .pod_names
-            .iter()
-            .map(|(ip, name)| (*ip, truncated(name, POLICY_NAME_LEN - 1)))
-            .collect();
         Self {
-            identities: desired.identities.clone(),
+            identities: Cow::Borrowed(&desired.identities),
             rules: desired
                 .rules
                 .iter()
-                .map(|(id, name)| (*id, truncated(name, POLICY_NAME_LEN - 1)))
+                .map(|(id, name)| (*id, name_kept(name).to_string()))
                 .collect(),
-            sets: desired.sets.clone(),
-            ipcache: desired.ipcache.clone(),
+            sets: Cow::Borrowed(&desired.sets),
+            ipcache: Cow::Borrowed(&desired.ipcache),
             endpoints,
-            pod_names,
+            pod_names: Cow::Borrowed(&desired.pod_names),
             enforcing,
             at_connect,
         }
@@ -183,12 +181,18 @@ impl PolicyTarget {
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.
-pub fn truncated(text: &str, max: usize) -> String {
+pub fn truncated(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_string()
+    &text[..end]
+}
+
+/// A display name as the maps keep it (NUL-terminated in
+/// [`POLICY_NAME_LEN`] bytes).
+pub fn name_kept(name: &str) -> &str {
+    truncated(name, POLICY_NAME_LEN - 1)
 }
 
 /// An address as the maps store it (IPv4-mapped for IPv4).
@@ -316,7 +320,7 @@ pub fn set_value(digest: [u8; 16]) -> PolicySetValue {
 /// A display name as the maps keep it.
 pub fn name_value(name: &str) -> PolicyName {
     let mut bytes = [0u8; POLICY_NAME_LEN];
-    let text = truncated(name, POLICY_NAME_LEN - 1);
+    let text = name_kept(name);
     bytes[..text.len()].copy_from_slice(text.as_bytes());
     PolicyName { bytes }
 }

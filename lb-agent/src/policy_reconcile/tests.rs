@@ -37,14 +37,14 @@ fn set(allowed: &[u32]) -> Arc<SetContent> {
 
 /// Two isolated endpoints: 10.0.0.1 (set `first`) and 10.0.0.2 (set 9,
 /// allowing 301); a peer 10.0.1.1 with identity 301.
-fn target(first: (u32, Arc<SetContent>)) -> PolicyTarget {
+fn target(first: (u32, Arc<SetContent>)) -> PolicyTarget<'static> {
     let mut target = PolicyTarget {
         enforcing: true,
         ..PolicyTarget::default()
     };
-    target.sets.insert(first.0, first.1);
-    target.sets.insert(9, set(&[301]));
-    target.ipcache.insert(
+    target.sets.to_mut().insert(first.0, first.1);
+    target.sets.to_mut().insert(9, set(&[301]));
+    target.ipcache.to_mut().insert(
         IpNetwork::from(ip("10.0.1.1")),
         IpcacheValue {
             identity: 301,
@@ -59,7 +59,7 @@ fn target(first: (u32, Arc<SetContent>)) -> PolicyTarget {
             flags: ENDPOINT_INGRESS_ISOLATED,
         };
         target.endpoints.insert(ip(addr), value);
-        target.pod_names.insert(ip(addr), addr.into());
+        target.pod_names.to_mut().insert(ip(addr), addr.into());
     }
     target
 }

@@ -36,13 +36,13 @@ fn set(allowed: &[u32]) -> Arc<SetContent> {
 
 /// A node with one isolated endpoint (10.0.0.1, identity 300, set `set`)
 /// and peers 10.0.1.1 (identity 301) and 10.0.1.2 (identity 302).
-fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget {
+fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget<'static> {
     let mut target = PolicyTarget {
         enforcing: true,
         ..PolicyTarget::default()
     };
     for (id, text) in [(300, "app=web"), (301, "app=a"), (302, "app=b")] {
-        target.identities.insert(
+        target.identities.to_mut().insert(
             id,
             IdentityInfo {
                 digest: digest(text),
@@ -51,9 +51,9 @@ fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget {
         );
     }
     target.rules.insert(1, "x/allow ingress[0]".into());
-    target.sets.insert(number, content);
+    target.sets.to_mut().insert(number, content);
     for (addr, id) in [("10.0.0.1", 300), ("10.0.1.1", 301), ("10.0.1.2", 302)] {
-        target.ipcache.insert(
+        target.ipcache.to_mut().insert(
             IpNetwork::from(ip(addr)),
             IpcacheValue {
                 identity: id,
@@ -70,7 +70,7 @@ fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget {
             flags: ENDPOINT_INGRESS_ISOLATED,
         },
     );
-    target.pod_names.insert(ip("10.0.0.1"), "x/web".into());
+    target.pod_names.to_mut().insert(ip("10.0.0.1"), "x/web".into());
     target
 }
 
@@ -177,7 +177,7 @@ fn a_set_that_does_not_fit_fails_its_endpoints_closed_only() {
     );
     let mut after = target(6, set(&[301, 302, IDENTITY_ANY]));
     // A second endpoint whose set fits.
-    after.sets.insert(5, set(&[301]));
+    after.sets.to_mut().insert(5, set(&[301]));
     after.endpoints.insert(
         ip("10.0.0.2"),
         EndpointValue {
