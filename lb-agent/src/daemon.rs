@@ -201,7 +201,6 @@ pub fn run(settings: Settings) -> Result<()> {
         SourceKind::Manifests(dir) => files::watch(dir.clone(), period, latest.clone()),
         SourceKind::Kubernetes(kubeconfig) => kubernetes::watch(
             kubeconfig.clone(),
-            settings.node_name.clone(),
             period,
             latest.clone(),
             out.metrics.clone(),

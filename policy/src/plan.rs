@@ -255,7 +255,8 @@ pub fn plan(
             }
             Side::Both(_, current, value) if current == value => continue,
             Side::Both(prefix, current, value)
-                if current.identity == value.identity && current.cidr_identity == IDENTITY_WORLD =>
+                if current.identity == value.identity
+                    && current.cidr_identity == IDENTITY_WORLD =>
             {
                 (prefix, value, *value)
             }
@@ -332,8 +333,10 @@ pub fn plan(
                 (ip, name)
             }
         };
-        out.groups
-            .push(single(PolicyOp::PutPodName(*ip, name_kept(name).to_string())));
+        out.groups.push(single(PolicyOp::PutPodName(
+            *ip,
+            name_kept(name).to_string(),
+        )));
     }
 
     // 5. The other ipcache changes (relabels, whose old identities the

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -27,7 +27,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use lb_core::intent::{Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+use lb_core::intent::{
+    Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION,
+};
 use tracing::{error, info, warn};
 
 use super::{Latest, Snapshot};
@@ -56,7 +58,6 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<Client> {
 /// Starts watching in a thread of its own; snapshots go to `out`.
 pub fn watch(
     kubeconfig: Option<PathBuf>,
-    node_name: Option<String>,
     debounce: Duration,
     out: Arc<Latest>,
     metrics: Metrics,
@@ -69,15 +70,18 @@ pub fn watch(
     let client = runtime.block_on(client(kubeconfig))?;
     std::thread::Builder::new()
         .name("k8s-source".into())
-        .spawn(move || runtime.block_on(run(client, node_name, debounce, out, metrics)))?;
+        .spawn(move || runtime.block_on(run(client, debounce, out, metrics)))?;
     Ok(())
 }
 
-/// Drives one watch into a store, counting restarts, waking `changed` on every event.
+/// Drives one watch into a store, counting restarts, waking `changed` on
+/// every event. `strip` removes what the agent never reads from each object
+/// before it is stored (kube-rs keeps every object of the cluster).
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     resource: &'static str,
+    strip: fn(&mut K),
     changed: Arc<Notify>,
     metrics: Metrics,
 ) -> Store<K>
@@ -93,7 +97,9 @@ where
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(api, config).backoff(WatchBackoff::default()),
+        watcher(api, config)
+            .backoff(WatchBackoff::default())
+            .modify(strip),
     );
     tokio::spawn(drive(stream, resource, changed, metrics));
     reader
@@ -149,6 +155,68 @@ where
     }
 }
 
+/// Keeps only an object's metadata the agent reads: no managed fields, no
+/// annotations but the pod opt-out.
+fn strip_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| key == SOCKET_LB_ANNOTATION);
+    }
+}
+
+/// What policy and the opt-out read of a Pod: metadata, node, host
+/// network, named container ports, phase and addresses. The rest (volumes,
+/// environment, images, conditions, container statuses...) is most of a
+/// Pod's size and is dropped before the store keeps it.
+fn strip_pod(pod: &mut Pod) {
+    strip_metadata(pod);
+    if let Some(spec) = pod.spec.take() {
+        let containers = spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect();
+        pod.spec = Some(PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            containers,
+            ..PodSpec::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..PodStatus::default()
+        });
+    }
+}
+
+/// What the agent reads of a Node: its name, labels (zone) and addresses.
+fn strip_node(node: &mut Node) {
+    strip_metadata(node);
+    node.spec = None;
+    if let Some(status) = node.status.take() {
+        node.status = Some(NodeStatus {
+            addresses: status.addresses,
+            ..NodeStatus::default()
+        });
+    }
+}
+
+/// A Namespace's name and labels.
+fn strip_namespace(namespace: &mut Namespace) {
+    strip_metadata(namespace);
+    namespace.spec = None;
+    namespace.status = None;
+}
+
 fn namespaced<K>(client: &Client) -> Api<K>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
@@ -171,19 +239,14 @@ where
         .collect()
 }
 
-async fn run(
-    client: Client,
-    node_name: Option<String>,
-    debounce: Duration,
-    out: Arc<Latest>,
-    metrics: Metrics,
-) {
+async fn run(client: Client, debounce: Duration, out: Arc<Latest>, metrics: Metrics) {
     let changed = Arc::new(Notify::new());
     let proxied = watcher::Config::default().labels(&proxied_selector());
     let services = spawn_reflector(
         namespaced::<Service>(&client),
         proxied.clone(),
         "services",
+        strip_metadata,
         changed.clone(),
         metrics.clone(),
     );
@@ -191,17 +254,17 @@ async fn run(
         namespaced::<EndpointSlice>(&client),
         proxied,
         "endpointslices",
+        strip_metadata,
         changed.clone(),
         metrics.clone(),
     );
-    let node_config = match &node_name {
-        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
-        None => watcher::Config::default(),
-    };
+    // Every node: this one for its zone, the others for the remote-node
+    // identity of their addresses.
     let nodes = spawn_reflector(
         Api::<Node>::all(client.clone()),
-        node_config,
+        watcher::Config::default(),
         "nodes",
+        strip_node,
         changed.clone(),
         metrics.clone(),
     );
@@ -209,6 +272,7 @@ async fn run(
         namespaced::<Pod>(&client),
         watcher::Config::default(),
         "pods",
+        strip_pod,
         changed.clone(),
         metrics.clone(),
     );
@@ -216,6 +280,7 @@ async fn run(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
         "namespaces",
+        strip_namespace,
         changed.clone(),
         metrics.clone(),
     );
@@ -223,6 +288,7 @@ async fn run(
         namespaced::<NetworkPolicy>(&client),
         watcher::Config::default(),
         "networkpolicies",
+        strip_metadata,
         changed.clone(),
         metrics.clone(),
     );

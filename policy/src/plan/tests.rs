@@ -70,7 +70,10 @@ fn target(number: u32, content: Arc<SetContent>) -> PolicyTarget<'static> {
             flags: ENDPOINT_INGRESS_ISOLATED,
         },
     );
-    target.pod_names.to_mut().insert(ip("10.0.0.1"), "x/web".into());
+    target
+        .pod_names
+        .to_mut()
+        .insert(ip("10.0.0.1"), "x/web".into());
     target
 }
 
