@@ -106,6 +106,13 @@ pub struct Args {
     /// and time out; the tc check stays the authority [default: true].
     #[arg(long)]
     pub policy_at_connect: Option<bool>,
+    /// [policyMark] A packet mark bit for the pod programs: set on a packet
+    /// between two pods of this node once its policy was checked where it
+    /// left its pod, so the destination's program skips it; 0 checks every
+    /// packet at both pods. Pick a bit no other component of the node uses
+    /// [default: 0x10].
+    #[arg(long, value_parser = parse_mark)]
+    pub policy_mark: Option<u32>,
     /// [identityExcludedLabels] Pod label keys left out of security
     /// identities (unless a policy selector names them) [default: the
     /// rollout labels: pod-template-hash, controller-revision-hash, ...].
@@ -163,6 +170,8 @@ pub struct FileConfig {
     pub network_policy: Option<bool>,
     /// See [`Args::policy_at_connect`].
     pub policy_at_connect: Option<bool>,
+    /// See [`Args::policy_mark`].
+    pub policy_mark: Option<u32>,
     /// See [`Args::identity_excluded_labels`].
     pub identity_excluded_labels: Option<Vec<String>>,
     /// See [`Args::log_format`].
@@ -213,6 +222,8 @@ pub struct Settings {
     pub network_policy: bool,
     /// Whether denied connections fail at connect().
     pub policy_at_connect: bool,
+    /// The mark bit of packets checked at their source pod.
+    pub policy_mark: u32,
     /// Pod label keys left out of identities.
     pub identity_excluded_labels: Vec<String>,
     /// How log lines are written.
@@ -309,6 +320,7 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
             .policy_at_connect
             .or(file.policy_at_connect)
             .unwrap_or(true),
+        policy_mark: args.policy_mark.or(file.policy_mark).unwrap_or(0x10),
         identity_excluded_labels: if args.identity_excluded_labels.is_empty() {
             file.identity_excluded_labels
                 .unwrap_or_else(|| IdentityConfig::default().excluded)
@@ -318,6 +330,19 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_level: args.log_level.or(file.log_level),
     }
+}
+
+/// A mark bit: one bit, in decimal or `0x` hexadecimal, or 0 for none.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let value = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| e.to_string())?;
+    if value.count_ones() > 1 {
+        return Err(format!("{text} is more than one bit"));
+    }
+    Ok(value)
 }
 
 /// A list flag given on the command line replaces the file's list.
@@ -372,6 +397,9 @@ mod tests {
         assert!(defaults
             .identity_excluded_labels
             .contains(&"pod-template-hash".to_string()));
+        assert_eq!(defaults.policy_mark, 0x10);
+        assert_eq!(parse_mark("0x400"), Ok(0x400));
+        assert!(parse_mark("0x3").is_err());
         let file = parse_file(
             "networkPolicy: false\npolicyAtConnect: false\nidentityExcludedLabels: [build]\n",
         )

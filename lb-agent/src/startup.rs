@@ -139,7 +139,7 @@ pub fn load_tc_path(settings: &Settings) -> Result<Option<TcPath>> {
         snat_v4: snat(true),
         snat_v6: snat(false),
         flags: TC_CONFIG_FIB_REDIRECT | pod_lb,
-        pad: 0,
+        policy_mark: settings.policy_mark,
     })?;
     info!(
         interfaces = ?settings.tc_interfaces,

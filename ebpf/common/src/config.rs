@@ -53,10 +53,16 @@ pub struct TcConfig {
     pub snat_v6: Addr,
     /// `TC_CONFIG_*` bits.
     pub flags: u32,
-    /// Explicit padding.
-    pub pad: u32,
+    /// The packet mark bit the pod programs set on a packet whose flow's
+    /// policy they checked for both of its pods, so that the destination
+    /// pod's egress program, on the same node, skips it (0: never skip).
+    /// The bit cannot come from a pod: a packet's mark is cleared when it
+    /// leaves a network namespace.
+    pub policy_mark: u32,
 }
-assert_layout!(TcConfig, 48, { maglev_seed: 0, snat_v4: 8, snat_v6: 24, flags: 40, pad: 44 });
+assert_layout!(TcConfig, 48, {
+    maglev_seed: 0, snat_v4: 8, snat_v6: 24, flags: 40, policy_mark: 44,
+});
 
 #[cfg(feature = "user")]
 crate::user_pod!(SockConfig, TcConfig);

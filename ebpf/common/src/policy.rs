@@ -203,6 +203,9 @@ pub const POLICY_CT_ALLOWED: u8 = 1 << 1;
 /// [`PolicyCtValue::flags`]: the node itself opened the flow (its host
 /// identity counts when the flow is checked again).
 pub const POLICY_CT_LOCAL_OPENER: u8 = 1 << 2;
+/// [`PolicyCtValue::flags`]: the packets matching the entry go to a pod of
+/// this node, whose egress program would check them again.
+pub const POLICY_CT_TO_LOCAL_POD: u8 = 1 << 3;
 
 /// A flow's policy verdict, kept with the revision it was made under.
 #[repr(C)]

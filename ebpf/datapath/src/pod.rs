@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    config::TC_CONFIG_POD_LB,
+    config::{TcConfig, TC_CONFIG_POD_LB},
     conntrack::{CtKey, CtValue, CT_FLAG_REPLY},
     net::{PROTO_TCP, PROTO_UDP},
     outcome::Outcome,
@@ -30,17 +30,25 @@ use crate::{
 };
 
 /// Runs the pod programs: `hook` is [`Hook::FromPod`] or [`Hook::ToPod`].
+/// A packet between two pods of this node whose policy its source pod's
+/// program checked for both of them (it carries the policy mark) is not
+/// checked again at the destination.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
+    let config = CONFIG.get(0).copied().unwrap_or(NO_CONFIG);
+    let checked = hook == Hook::ToPod && take_mark(ctx, config.policy_mark);
+    if checked && config.flags & TC_CONFIG_POD_LB == 0 {
+        return TC_ACT_OK;
+    }
     let Some(pkt) = parse_flow(ctx) else {
         return unparsed(ctx);
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if translates_services(&pkt) {
+    if translates_services(&pkt, &config) {
         match service_entry(ctx, &pkt, hook, now) {
             Service::Translate(entry) => {
-                if !police_translated(ctx, &pkt, entry, hook, now) {
+                if !checked && !police_translated(ctx, &pkt, entry, hook, now) {
                     return TC_ACT_SHOT;
                 }
                 return translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now);
@@ -49,7 +57,49 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             Service::Untranslated => {}
         }
     }
+    if checked {
+        return TC_ACT_OK;
+    }
     police(ctx, &pkt, hook, now)
+}
+
+/// A configuration that translates nothing and marks nothing, should the
+/// one-entry array ever be missing.
+const NO_CONFIG: TcConfig = TcConfig {
+    maglev_seed: 0,
+    snat_v4: [0; 4],
+    snat_v6: [0; 4],
+    flags: 0,
+    policy_mark: 0,
+};
+
+/// Whether the packet carries the policy mark `bit` (0: none), clearing it.
+#[inline(always)]
+fn take_mark(ctx: &TcContext, bit: u32) -> bool {
+    // SAFETY: the context is the kernel's; `mark` is readable and writable
+    // by tc programs.
+    unsafe {
+        let mark = (*ctx.skb.skb).mark;
+        if bit == 0 || mark & bit == 0 {
+            return false;
+        }
+        (*ctx.skb.skb).mark = mark & !bit;
+    }
+    true
+}
+
+/// Marks a packet whose policy was checked for both of its pods, when the
+/// destination is a pod of this node whose program would check it again.
+#[inline(always)]
+fn mark_checked(ctx: &TcContext, hook: Hook, verdict: &Verdict) {
+    if hook != Hook::FromPod || !verdict.to_local_pod {
+        return;
+    }
+    let bit = CONFIG.get(0).map_or(0, |config| config.policy_mark);
+    if bit != 0 {
+        // SAFETY: as in `take_mark`.
+        unsafe { (*ctx.skb.skb).mark |= bit };
+    }
 }
 
 /// Policy for a packet the service path translates with `entry`, on the
@@ -74,18 +124,18 @@ fn police_translated(
     let verdict = policy::check(&pods_side, pkt.tcp_flags, origin(ctx, hook), now);
     if !verdict.allowed() {
         refuse(&verdict, &pods_side);
+        return false;
     }
-    verdict.allowed()
+    mark_checked(ctx, hook, &verdict);
+    true
 }
 
 /// Whether `pkt` may be for a ClusterIP translated per packet here.
 #[inline(always)]
-fn translates_services(pkt: &Packet) -> bool {
+fn translates_services(pkt: &Packet, config: &TcConfig) -> bool {
     pkt.ports_known
         && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
-        && CONFIG
-            .get(0)
-            .is_some_and(|config| config.flags & TC_CONFIG_POD_LB != 0)
+        && config.flags & TC_CONFIG_POD_LB != 0
 }
 
 /// Where a packet at `hook` comes from: the pod, for its own packets; for
@@ -121,11 +171,11 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
         }
     }
     let verdict = policy::check(&pkt.tuple, pkt.tcp_flags, origin, now);
-    if verdict.allowed() {
-        TC_ACT_OK
-    } else {
-        refuse(&verdict, &pkt.tuple)
+    if !verdict.allowed() {
+        return refuse(&verdict, &pkt.tuple);
     }
+    mark_checked(ctx, hook, &verdict);
+    TC_ACT_OK
 }
 
 /// The verdict on an ICMP error of an allowed flow (translated with it when

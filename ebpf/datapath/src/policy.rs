@@ -27,7 +27,8 @@ use lb_common::{
         allowed_by, EndpointValue, IpcacheKey, IpcacheValue, PolicyCtValue, PolicyKey, PolicyState,
         DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED,
         ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_CT_ALLOWED,
-        POLICY_CT_LOCAL_OPENER, POLICY_CT_REPLY, POLICY_PREFIX_FULL, POLICY_STATE_ENFORCING,
+        POLICY_CT_LOCAL_OPENER, POLICY_CT_REPLY, POLICY_CT_TO_LOCAL_POD, POLICY_PREFIX_FULL,
+        POLICY_STATE_ENFORCING,
     },
 };
 
@@ -51,6 +52,9 @@ pub struct Verdict {
     /// For an allowed flow, the host end of the destination pod's
     /// interface (its replies come from there), or 0.
     reply_ifindex: u32,
+    /// Allowed, and the packet goes to a pod of this node whose egress
+    /// program need not check it again.
+    pub to_local_pod: bool,
 }
 
 impl Verdict {
@@ -68,6 +72,7 @@ impl Verdict {
             src_identity: 0,
             dst_identity: 0,
             reply_ifindex: 0,
+            to_local_pod: false,
         }
     }
 
@@ -175,6 +180,7 @@ fn evaluate(tuple: &CtKey, local: bool) -> Verdict {
         },
         dst_identity: dst_ep.identity,
         reply_ifindex: dst_ep.ifindex,
+        to_local_pod: dst_ep.ifindex != 0,
     };
     if (src_ep.flags | dst_ep.flags) & ENDPOINT_FAIL_CLOSED != 0 {
         verdict.outcome = Outcome::PolicyFailClosed;
@@ -252,14 +258,16 @@ fn remember(
     tcp_flags: u8,
     now: u64,
 ) {
+    let opener = if origin == Origin::NODE {
+        POLICY_CT_ALLOWED | POLICY_CT_LOCAL_OPENER
+    } else {
+        POLICY_CT_ALLOWED
+    };
+    let to_local_pod = |local: bool| if local { POLICY_CT_TO_LOCAL_POD } else { 0 };
     let mut value = PolicyCtValue {
         revision,
         ifindex: origin.pod_ifindex(),
-        flags: if origin == Origin::NODE {
-            POLICY_CT_ALLOWED | POLICY_CT_LOCAL_OPENER
-        } else {
-            POLICY_CT_ALLOWED
-        },
+        flags: opener | to_local_pod(verdict.reply_ifindex != 0),
         state: CT_STATE_NEW,
         fins: 0,
         outcome: 0,
@@ -271,7 +279,7 @@ fn remember(
     // A full LRU evicts its oldest entry: that flow is checked again.
     let _ = POLICY_CT.insert(tuple, &value, 0);
     value.ifindex = verdict.reply_ifindex;
-    value.flags |= POLICY_CT_REPLY;
+    value.flags = opener | POLICY_CT_REPLY | to_local_pod(origin.pod_ifindex() != 0);
     let _ = POLICY_CT.insert(&tuple.reversed(), &value, 0);
 }
 
@@ -317,6 +325,7 @@ fn recorded_denial(value: &PolicyCtValue) -> Verdict {
         src_identity: u32::from(value.src_identity),
         dst_identity: u32::from(value.dst_identity),
         reply_ifindex: 0,
+        to_local_pod: false,
     };
     if value.flags & POLICY_CT_REPLY != 0 {
         verdict.reversed()
@@ -357,7 +366,10 @@ pub fn check(tuple: &CtKey, tcp_flags: u8, origin: Origin, now: u64) -> Verdict 
                 return recorded_denial(&value);
             }
             touch(entry, &value, tuple, tcp_flags, now);
-            return PASS;
+            return Verdict {
+                to_local_pod: value.flags & POLICY_CT_TO_LOCAL_POD != 0,
+                ..PASS
+            };
         }
     }
     if pod_ifindex != 0 && !source_allowed(&tuple.saddr, pod_ifindex) {
@@ -384,6 +396,10 @@ fn recheck(
     if verdict.allowed() {
         touch(entry, value, tuple, tcp_flags, now);
     }
+    let verdict = Verdict {
+        to_local_pod: value.flags & POLICY_CT_TO_LOCAL_POD != 0,
+        ..verdict
+    };
     if reply {
         verdict.reversed()
     } else {
@@ -415,7 +431,10 @@ fn new_flow(tuple: &CtKey, tcp_flags: u8, origin: Origin, revision: u32, now: u6
     }
     count(Outcome::PolicyAllowed);
     remember(&opened, Origin::FORWARDED, &reply, revision, 0, now);
-    reply.reversed()
+    Verdict {
+        to_local_pod: false,
+        ..reply.reversed()
+    }
 }
 
 /// Records a packet on a flow's entry and its partner: at once on a change

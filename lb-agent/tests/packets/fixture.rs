@@ -128,7 +128,7 @@ impl Node {
             snat_v4: addr_from_ip(NODE4.into()),
             snat_v6: addr_from_ip(NODE6.into()),
             flags: 0,
-            pad: 0,
+            policy_mark: 0,
         })
         .unwrap();
         Self {

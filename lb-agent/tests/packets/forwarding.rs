@@ -53,7 +53,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
                 snat_v4: addr_from_ip(NODE4.into()),
                 snat_v6: addr_from_ip(NODE6.into()),
                 flags: TC_CONFIG_FIB_REDIRECT,
-                pad: 0,
+                policy_mark: 0,
             })
             .unwrap();
         // Only backend 1 has a neighbour: find flows Maglev sends there and

@@ -350,6 +350,43 @@ fn a_pod_cannot_borrow_another_pods_address() -> Result<()> {
     );
     let after = s.metric("lb_tc_packets{outcome=\"policy_spoofed_source\"}")?;
     assert!(after >= before + 3.0, "spoofed drops {before} -> {after}");
+    // Nor can a pod forge the mark that spares a checked packet the second
+    // check: the mark is cleared as the packet leaves the pod's namespace.
+    let forged = [
+        "netns",
+        "exec",
+        &lab.intruder.netns,
+        "iptables",
+        "-t",
+        "mangle",
+        "-A",
+        "OUTPUT",
+        "-j",
+        "MARK",
+        "--set-mark",
+        "0x10",
+    ];
+    run("ip", &forged)?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.intruder.netns,
+            "ip",
+            "route",
+            "replace",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "src",
+            &lab.intruder.ip,
+        ],
+    )?;
+    let marked = lab.attempt(&lab.intruder, &format!("{}:8080", s.ip(1)), "tcp")?;
+    assert!(!marked.ok, "a forged mark got through: {marked:?}");
     // The real client is unaffected.
     assert!(
         lab.attempt(&s.client, &format!("{}:8080", s.ip(1)), "tcp")?
