@@ -239,8 +239,61 @@ pub fn has_ports(proto: u8) -> bool {
     proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP
 }
 
+/// Bytes from the ethertype to the TCP flags of the most common packet:
+/// the ethertype, an IPv4 header without options and the first 14 bytes of
+/// a TCP header (or a UDP header and 6 bytes of payload). Plain bytes: a
+/// struct would have padding after the ethertype.
+const V4_HEADERS_LEN: usize = 2 + IPV4_LEN + 14;
+/// Offsets in those bytes.
+const AT_VERSION_IHL: usize = 2;
+const AT_FRAG_OFF: usize = 8;
+const AT_PROTO: usize = 11;
+const AT_SADDR: usize = 14;
+const AT_DADDR: usize = 18;
+const AT_PORTS: usize = 22;
+const AT_TCP_FLAGS: usize = 35;
+
+/// An unfragmented IPv4 TCP or UDP packet without IP options, long enough
+/// for [`V4_HEADERS_LEN`] bytes: parsed from one load (the general path
+/// takes one per header).
+#[inline(always)]
+fn parse_v4_common(ctx: &TcContext) -> Option<Packet> {
+    let b: [u8; V4_HEADERS_LEN] = ctx.load(12).ok()?;
+    let word = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let half = |at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let proto = b[AT_PROTO];
+    let common = u16::from_be(half(0)) == ETH_P_IP
+        && b[AT_VERSION_IHL] == 0x45
+        && u16::from_be(half(AT_FRAG_OFF)) & IPV4_MF_OFFSET == 0
+        && (proto == PROTO_TCP || proto == PROTO_UDP);
+    if !common {
+        return None;
+    }
+    Some(Packet {
+        tuple: CtKey::new(
+            v4_mapped(word(AT_SADDR)),
+            v4_mapped(word(AT_DADDR)),
+            half(AT_PORTS),
+            half(AT_PORTS + 2),
+            proto,
+        ),
+        v4: true,
+        l4_off: ETH_LEN + IPV4_LEN,
+        l4: true,
+        tcp_flags: if proto == PROTO_TCP {
+            b[AT_TCP_FLAGS]
+        } else {
+            0
+        },
+        ports_known: true,
+    })
+}
+
 #[inline(always)]
 fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
+    if let Some(pkt) = parse_v4_common(ctx) {
+        return Some(pkt);
+    }
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
     let (v4, saddr, daddr, proto, l4_off, fragment) = if ethertype == ETH_P_IP {
         let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
