@@ -1,8 +1,10 @@
 //! The policy compiler: Pods, Namespaces, Nodes and NetworkPolicies in,
 //! [`PolicyDesired`] out, incrementally.
 //!
-//! - Every pod of the cluster with an address gets the identity of its
-//!   [`IdentityLabels`]; every CIDR a policy names gets a CIDR identity.
+//! - Every pod address of the cluster gets the identity of its
+//!   [`IdentityLabels`] (those of a pod's addresses differ only when
+//!   egress rules to an ipBlock on a named port tell them apart); every
+//!   CIDR a policy names gets a CIDR identity.
 //! - The ipcache maps each pod address to its identity and to the identity
 //!   of the longest policy CIDR covering it, node addresses to the host or
 //!   remote-node identity, and each policy CIDR to its own identity.
@@ -16,22 +18,29 @@
 //! selectors once; a pod's set is rebuilt only when a policy selecting it,
 //! or the membership of a peer those policies name, changed.
 //!
-//! An identity, or a CIDR, that nothing uses any more is kept for one more
-//! update (it is [`PolicyUpdate::follow_up`] to make one): the addresses that
-//! had it may still carry it in the kernel until the ipcache writes of this
-//! update are done, and sets keep allowing it meanwhile exactly when they
-//! allowed it before. A relabeled pod therefore never loses an allow that it
-//! has both before and after.
+//! An update that moves addresses to other identities (a relabel, a CIDR
+//! that comes or goes) is written in two: its sets judge the identities
+//! that addresses leave or get partly as the old sets did (see
+//! the `transition` module), and [`PolicyUpdate::follow_up`] asks for one more
+//! update, which writes the final sets once the addresses have moved. A
+//! label identity that nothing uses any more is kept for that one more
+//! update as well, and so is a CIDR's identity (its prefix leaves the
+//! ipcache at once). A relabeled pod therefore never loses, nor gains, a
+//! verdict that is the same before and after, while the writes go in.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
 };
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 use lb_common::{
     net::{PROTO_TCP, PROTO_UDP},
     policy::{
@@ -43,9 +52,13 @@ use lb_common::{
 use lb_core::intent::{ObjectError, Objects};
 use rustc_hash::{FxHashMap, FxHasher};
 
+mod transition;
+
+use transition::Movement;
+
 use crate::{
     desired::{isolation_flags, EndpointInfo, Entry, IdentityInfo, PolicyDesired, SetContent, L4},
-    labels::{digest, IdentityConfig, IdentityLabels, NamedPorts, NAMESPACE_NAME_LABEL},
+    labels::{digest, Block, IdentityConfig, IdentityLabels, NamedPorts, NAMESPACE_NAME_LABEL},
     numbers::Numbers,
     ports::port_prefixes,
     rules::{parse_policy, within, Namespaces, Peer, Policy, PolicyRef, PortMatch},
@@ -68,8 +81,10 @@ pub struct PolicyUpdate {
     pub errors: Vec<ObjectError>,
     /// Whether the desired state changed.
     pub changed: bool,
-    /// Whether an identity or CIDR left this update: another update (with
-    /// the same objects) releases it once the kernel no longer uses it.
+    /// Whether this update's sets are for the transition (addresses moved
+    /// to other identities) or an identity or CIDR left: another update
+    /// (with the same objects), once this one is written, writes the final
+    /// sets and releases what left.
     pub follow_up: bool,
 }
 
@@ -86,6 +101,12 @@ struct PodFacts {
     named_ports: NamedPorts,
 }
 
+/// A Namespace object, and its labels.
+type CachedNamespace = (Arc<Namespace>, Arc<BTreeMap<String, String>>);
+
+/// A NetworkPolicy object, and what it validated to.
+type CachedPolicy = (Arc<NetworkPolicy>, Option<Arc<Policy>>, Vec<ObjectError>);
+
 /// A pod the last update saw, by the address of its object.
 struct PodCached {
     /// Held so that the object's address, which keys the cache, is not
@@ -94,7 +115,8 @@ struct PodCached {
     /// The address of its namespace's object when compiled.
     namespace: usize,
     facts: Arc<PodFacts>,
-    labels: Arc<IdentityLabels>,
+    /// The identity labels of each of its addresses (`facts.ips`).
+    labels: Vec<Arc<IdentityLabels>>,
 }
 
 /// A selector of pod peers, with the identities it matches.
@@ -121,23 +143,26 @@ struct ClassCached {
 pub struct PolicyCompiler {
     config: PolicyConfig,
     pods: FxHashMap<usize, PodCached>,
-    namespaces: FxHashMap<String, (usize, Arc<BTreeMap<String, String>>)>,
-    policies: BTreeMap<PolicyRef, (usize, Option<Arc<Policy>>, Vec<ObjectError>)>,
+    /// Namespaces by name: the object (held, so that its address is not
+    /// reused while cached) and its labels.
+    namespaces: FxHashMap<String, CachedNamespace>,
+    /// Policies: the object (held), and what it validated to.
+    policies: BTreeMap<PolicyRef, CachedPolicy>,
     /// Every node's addresses, by name.
     nodes: BTreeMap<String, Vec<IpAddr>>,
-    /// Excluded label keys some selector names, and named ports some egress
-    /// rule names: both change what identities stand for.
-    identity_inputs: (BTreeSet<String>, BTreeSet<(String, u8)>),
+    /// What policies say that changes what identities stand for.
+    identity_inputs: IdentityInputs,
     label_numbers: Numbers,
     cidr_numbers: Numbers,
     set_numbers: Numbers,
     rule_numbers: Numbers,
     /// Label identities in use or retiring, by number.
     identities: FxHashMap<u32, Arc<IdentityLabels>>,
-    /// Identities and CIDRs nothing used in the last update: released now
-    /// unless used again.
-    retiring: (BTreeSet<u32>, BTreeSet<IpNetwork>),
-    /// Every CIDR the policies name (and retiring ones), with its identity.
+    /// Label identities nothing used in the last update, released now
+    /// unless used again; CIDRs the policies named until the last update,
+    /// with their identity.
+    retiring: (BTreeSet<u32>, BTreeMap<IpNetwork, u32>),
+    /// Every CIDR the policies name, with its identity.
     cidrs: BTreeMap<IpNetwork, u32>,
     cidr_version: u64,
     /// Bumped when identities are added or released.
@@ -145,7 +170,20 @@ pub struct PolicyCompiler {
     members: FxHashMap<(Namespaces, Selector), Membership>,
     classes: FxHashMap<ClassKey, ClassCached>,
     desired: PolicyDesired,
+    /// Whether some set of the desired state is one of transition.
+    transitional: bool,
     version: u64,
+}
+
+/// The parts of policies that change what identities stand for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct IdentityInputs {
+    /// Excluded label keys some selector names.
+    selected: BTreeSet<String>,
+    /// Named ports (name, protocol) some egress rule names.
+    egress_named: BTreeSet<(String, u8)>,
+    /// The ipBlocks of egress rules with named ports, with those ports.
+    blocks: BTreeMap<Block, BTreeSet<(String, u8)>>,
 }
 
 /// The numbers of what was found in the kernel after a restart.
@@ -158,6 +196,10 @@ pub struct Adopted {
     /// Rules and their names.
     pub rules: Vec<(u32, String)>,
 }
+
+/// The name of the rule of the entries that keep, for one update, what
+/// endpoints allowed the identities that retire in it.
+pub const TRANSITION_RULE: &str = "(allowed before, while identities change)";
 
 /// The rule name of a policy's rule.
 fn rule_name(policy: &PolicyRef, direction: u8, index: usize) -> String {
@@ -214,6 +256,7 @@ impl PolicyCompiler {
             members: FxHashMap::default(),
             classes: FxHashMap::default(),
             desired: PolicyDesired::default(),
+            transitional: false,
             version: 0,
         }
     }
@@ -251,37 +294,39 @@ impl PolicyCompiler {
 
         // Identities: those in use now, plus last update's leavers for one
         // more update; anything older is released.
-        let (released_ids, released_cidrs) = std::mem::take(&mut self.retiring);
+        let (released_ids, _) = std::mem::take(&mut self.retiring);
         let mut in_use: FxHashMap<Arc<IdentityLabels>, u32> = FxHashMap::default();
         let mut exhausted = false;
         for cached in self.pods.values() {
-            if cached.facts.host_network || cached.facts.ips.is_empty() {
+            if cached.facts.host_network {
                 continue;
             }
-            if in_use.contains_key(&cached.labels) {
-                continue;
-            }
-            match self
-                .label_numbers
-                .number(digest(&cached.labels.canonical()))
-            {
-                Ok(number) => {
-                    in_use.insert(cached.labels.clone(), number);
+            for labels in &cached.labels {
+                if in_use.contains_key(labels) {
+                    continue;
                 }
-                Err(full) => {
-                    if !exhausted {
-                        errors.push(ObjectError {
-                            origin: "policy".into(),
-                            object: format!("Pod {}/{}", cached.facts.namespace, cached.facts.name),
-                            field: "metadata.labels".into(),
-                            reason: format!(
-                                "no identity left ({} label sets in use): the pod's \
-                                 addresses count as the world for policy",
-                                full.capacity
-                            ),
-                        });
+                match self.label_numbers.number(digest(&labels.canonical())) {
+                    Ok(number) => {
+                        in_use.insert(labels.clone(), number);
                     }
-                    exhausted = true;
+                    Err(full) => {
+                        if !exhausted {
+                            errors.push(ObjectError {
+                                origin: "policy".into(),
+                                object: format!(
+                                    "Pod {}/{}",
+                                    cached.facts.namespace, cached.facts.name
+                                ),
+                                field: "metadata.labels".into(),
+                                reason: format!(
+                                    "no identity left ({} label sets in use): the pod's \
+                                     addresses count as the world for policy",
+                                    full.capacity
+                                ),
+                            });
+                        }
+                        exhausted = true;
+                    }
                 }
             }
         }
@@ -323,13 +368,16 @@ impl PolicyCompiler {
             .filter_map(|(_, policy, _)| policy.as_ref())
             .flat_map(|policy| policy_cidrs(policy))
             .collect();
-        let leaving_cidrs: BTreeSet<IpNetwork> = self
+        // A CIDR that leaves goes from the ipcache at once: the sets judge
+        // its identity as before for one more update, while addresses move
+        // off it.
+        let leaving_cidrs: BTreeMap<IpNetwork, u32> = self
             .cidrs
-            .keys()
-            .filter(|c| !named.contains(c) && !released_cidrs.contains(c))
-            .copied()
+            .iter()
+            .filter(|(c, _)| !named.contains(c))
+            .map(|(c, n)| (*c, *n))
             .collect();
-        let wanted: BTreeSet<IpNetwork> = named.union(&leaving_cidrs).copied().collect();
+        let wanted = named;
         let before: BTreeSet<IpNetwork> = self.cidrs.keys().copied().collect();
         if wanted != before {
             self.cidr_version += 1;
@@ -351,10 +399,12 @@ impl PolicyCompiler {
                 }
             }
             self.cidrs = cidrs;
-            self.cidr_numbers
-                .retain(|number, _| self.cidrs.values().any(|n| *n == number));
         }
         self.retiring.1 = leaving_cidrs;
+        self.cidr_numbers.retain(|number, _| {
+            self.cidrs.values().any(|n| *n == number)
+                || self.retiring.1.values().any(|n| *n == number)
+        });
 
         self.update_members(&added, &released);
         let desired = self.build(&mut errors);
@@ -369,7 +419,9 @@ impl PolicyCompiler {
         PolicyUpdate {
             errors,
             changed,
-            follow_up: !self.retiring.0.is_empty() || !self.retiring.1.is_empty(),
+            follow_up: !self.retiring.0.is_empty()
+                || !self.retiring.1.is_empty()
+                || self.transitional,
         }
     }
 
@@ -382,15 +434,14 @@ impl PolicyCompiler {
             let Some(name) = sourced.object.metadata.name.clone() else {
                 continue;
             };
-            let address = object_address(&sourced.object);
             let labels = match self.namespaces.get(&name) {
-                Some((old, labels)) if *old == address => labels.clone(),
+                Some((old, labels)) if Arc::ptr_eq(old, &sourced.object) => labels.clone(),
                 _ => {
                     changed.insert(name.clone());
                     Arc::new(namespace_labels(&name, Some(&sourced.object)))
                 }
             };
-            namespaces.insert(name, (address, labels));
+            namespaces.insert(name, (sourced.object.clone(), labels));
         }
         for name in self.namespaces.keys() {
             if !namespaces.contains_key(name) {
@@ -411,14 +462,13 @@ impl PolicyCompiler {
                 namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
                 name: meta.name.clone().unwrap_or_default(),
             };
-            let address = object_address(&sourced.object);
             let entry = match self.policies.remove(&id) {
-                Some(cached) if cached.0 == address => cached,
+                Some(cached) if Arc::ptr_eq(&cached.0, &sourced.object) => cached,
                 _ => {
                     changed = true;
                     let mut errors = Vec::new();
                     let policy = parse_policy(&sourced.origin, &sourced.object, &mut errors);
-                    (address, policy.map(Arc::new), errors)
+                    (sourced.object.clone(), policy.map(Arc::new), errors)
                 }
             };
             policies.insert(id, entry);
@@ -444,13 +494,16 @@ impl PolicyCompiler {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            let namespace_address = self.namespaces.get(&namespace).map_or(0, |(a, _)| *a);
+            let namespace_address = self
+                .namespaces
+                .get(&namespace)
+                .map_or(0, |(object, _)| object_address(object));
             let reusable = !inputs_changed && !namespaces_changed.contains(&namespace);
             let cached = match self.pods.remove(&address) {
                 Some(cached) if reusable && cached.namespace == namespace_address => cached,
                 _ => {
                     let facts = Arc::new(pod_facts(&sourced.object, &namespace));
-                    let labels = Arc::new(self.identity_labels_of(&facts));
+                    let labels = self.identity_labels_of(&facts);
                     PodCached {
                         _held: sourced.object.clone(),
                         namespace: namespace_address,
@@ -464,8 +517,13 @@ impl PolicyCompiler {
         self.pods = pods;
     }
 
-    fn identity_labels_of(&self, facts: &PodFacts) -> IdentityLabels {
-        let (selected, egress_named) = &self.identity_inputs;
+    /// The identity labels of each of a pod's addresses.
+    fn identity_labels_of(&self, facts: &PodFacts) -> Vec<Arc<IdentityLabels>> {
+        let IdentityInputs {
+            selected,
+            egress_named,
+            blocks,
+        } = &self.identity_inputs;
         let excluded = &self.config.identity.excluded;
         let pod_labels = facts
             .labels
@@ -477,18 +535,44 @@ impl PolicyCompiler {
             Some((_, labels)) => (**labels).clone(),
             None => namespace_labels(&facts.namespace, None),
         };
-        let named_ports = facts
+        let named_ports: NamedPorts = facts
             .named_ports
             .iter()
             .filter(|(key, _)| egress_named.contains(key))
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        IdentityLabels {
+        // Only blocks of rules naming one of the pod's ports split it.
+        let blocks: Vec<&Block> = blocks
+            .iter()
+            .filter(|(_, names)| names.iter().any(|n| named_ports.contains_key(n)))
+            .map(|(block, _)| block)
+            .collect();
+        let base = Arc::new(IdentityLabels {
             namespace: facts.namespace.clone(),
             namespace_labels,
             pod_labels,
             named_ports,
-        }
+            blocks: BTreeSet::new(),
+        });
+        facts
+            .ips
+            .iter()
+            .map(|ip| {
+                let inside: BTreeSet<Block> = blocks
+                    .iter()
+                    .filter(|b| b.contains(*ip))
+                    .map(|b| (*b).clone())
+                    .collect();
+                if inside.is_empty() {
+                    base.clone()
+                } else {
+                    Arc::new(IdentityLabels {
+                        blocks: inside,
+                        ..(*base).clone()
+                    })
+                }
+            })
+            .collect()
     }
 
     /// Keeps peer memberships current: new identities are matched against
@@ -554,7 +638,7 @@ impl PolicyCompiler {
                 },
             );
         }
-        for (cidr, id) in &self.cidrs {
+        for (cidr, id) in self.cidrs.iter().chain(&self.retiring.1) {
             let text = cidr_text(cidr);
             desired.identities.insert(
                 *id,
@@ -563,6 +647,8 @@ impl PolicyCompiler {
                     text,
                 },
             );
+        }
+        for (cidr, id) in &self.cidrs {
             desired.ipcache.insert(
                 *cidr,
                 IpcacheValue {
@@ -573,7 +659,7 @@ impl PolicyCompiler {
         }
         // Longest first, to find the CIDR identity of an address.
         let mut by_length: Vec<(&IpNetwork, &u32)> = self.cidrs.iter().collect();
-        by_length.sort_by(|a, b| b.0.prefix().cmp(&a.0.prefix()));
+        by_length.sort_by_key(|(cidr, _)| std::cmp::Reverse(cidr.prefix()));
         let cidr_identity = |ip: IpAddr| {
             by_length
                 .iter()
@@ -590,11 +676,8 @@ impl PolicyCompiler {
             if facts.host_network {
                 continue;
             }
-            let identity = number_of
-                .get(&*cached.labels)
-                .copied()
-                .unwrap_or(IDENTITY_WORLD);
-            for ip in &facts.ips {
+            for (ip, labels) in facts.ips.iter().zip(&cached.labels) {
+                let identity = number_of.get(&**labels).copied().unwrap_or(IDENTITY_WORLD);
                 desired.ipcache.insert(
                     IpNetwork::from(*ip),
                     IpcacheValue {
@@ -628,20 +711,60 @@ impl PolicyCompiler {
         }
 
         // Endpoints: this node's pods, by class.
+        let movement = Movement::between(&self.desired.ipcache, &desired.ipcache);
+        self.transitional = false;
+        let transition_rule = if movement.is_empty() {
+            None
+        } else {
+            match self.rule_numbers.number(digest(TRANSITION_RULE)) {
+                Ok(rule) => Some(rule),
+                Err(_) => {
+                    errors.push(ObjectError {
+                        origin: "policy".into(),
+                        object: "NetworkPolicy".into(),
+                        field: "spec".into(),
+                        reason: "no rule number left; pods whose identity changes may see \
+                                 drops until the change is written"
+                            .into(),
+                    });
+                    None
+                }
+            }
+        };
         let mut classes = FxHashMap::default();
+        let mut transitions: FxHashMap<(ClassKey, u32, u32), Arc<SetContent>> =
+            FxHashMap::default();
         let mut used_sets: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
         let mut used_rules: BTreeSet<u32> = BTreeSet::new();
-        let local_pods: Vec<(Arc<PodFacts>, u32)> = self
+        // Each address with its identity; an address without one (none
+        // left) is no endpoint.
+        type AddressIdentities = Vec<(IpAddr, u32)>;
+        let local_pods: Vec<(Arc<PodFacts>, AddressIdentities)> = self
             .pods
             .values()
             .filter(|c| {
                 let f = &c.facts;
                 this_node.is_some() && f.node.as_deref() == this_node && !f.host_network
             })
-            .filter_map(|c| number_of.get(&*c.labels).map(|id| (c.facts.clone(), *id)))
+            .map(|c| {
+                let ips = c
+                    .facts
+                    .ips
+                    .iter()
+                    .zip(&c.labels)
+                    .filter_map(|(ip, labels)| Some((*ip, *number_of.get(&**labels)?)))
+                    .collect();
+                (c.facts.clone(), ips)
+            })
             .collect();
         drop(number_of);
-        for (facts, identity) in local_pods {
+        for (facts, ips) in local_pods {
+            // The identities of a pod's addresses differ at most in their
+            // blocks, which its set does not depend on: the first stands
+            // for all.
+            let Some(&(_, identity)) = ips.first() else {
+                continue;
+            };
             let key = ClassKey {
                 identity,
                 named_ports: facts.named_ports.clone(),
@@ -653,26 +776,58 @@ impl PolicyCompiler {
                     classes.entry(key.clone()).or_insert(class)
                 }
             };
-            let set = match &class.content {
-                Some(content) => match self.set_numbers.number(content.digest) {
-                    Ok(number) => {
-                        used_sets.insert(number, content.clone());
-                        used_rules.extend(content.entries.values().copied());
-                        number
+            let (flags, class_content) = (class.flags, class.content.clone());
+            for (ip, identity) in ips {
+                // While addresses move, the endpoint's set judges their
+                // identities as `transition` says.
+                let old = self
+                    .desired
+                    .endpoints
+                    .get(&ip)
+                    .map(|ep| (ep.set, ep.flags))
+                    .filter(|_| !movement.is_empty());
+                let content = match (&class_content, old, transition_rule) {
+                    (Some(content), Some((old_set, old_flags)), Some(rule)) => {
+                        let transition_key = (key.clone(), old_set, old_flags);
+                        let content = transitions.entry(transition_key).or_insert_with(|| {
+                            let old = self.desired.sets.get(&old_set).map(|s| &**s);
+                            let entries = movement.entries(
+                                &content.entries,
+                                Some((old, old_flags)),
+                                flags,
+                                rule,
+                            );
+                            if entries == content.entries {
+                                content.clone()
+                            } else {
+                                Arc::new(set_content(entries))
+                            }
+                        });
+                        self.transitional |=
+                            !Arc::ptr_eq(content, class_content.as_ref().unwrap_or(content));
+                        Some(content.clone())
                     }
-                    Err(_) => 0,
-                },
-                None => 0,
-            };
-            for ip in &facts.ips {
+                    (content, _, _) => content.clone(),
+                };
+                let set = match &content {
+                    Some(content) => match self.set_numbers.number(content.digest) {
+                        Ok(number) => {
+                            used_sets.insert(number, content.clone());
+                            used_rules.extend(content.entries.values().copied());
+                            number
+                        }
+                        Err(_) => 0,
+                    },
+                    None => 0,
+                };
                 desired.endpoints.insert(
-                    *ip,
+                    ip,
                     EndpointInfo {
                         name: format!("{}/{}", facts.namespace, facts.name),
                         uid: facts.uid.clone(),
                         identity,
                         set,
-                        flags: class.flags,
+                        flags,
                     },
                 );
             }
@@ -700,6 +855,7 @@ impl PolicyCompiler {
                     .chain(egress)
                     .map(move |(dir, index)| rule_name(id, dir, index))
             })
+            .chain(std::iter::once(TRANSITION_RULE.to_string()))
             .filter_map(|name| Some((self.rule_numbers.get(&digest(&name))?, name)))
             .filter(|(number, _)| used_rules.contains(number))
             .collect();
@@ -731,10 +887,11 @@ impl PolicyCompiler {
             if !policy_cidrs(policy).is_empty() {
                 self.cidr_version.hash(&mut hasher);
             }
-            if names_ports_for_any_peer(policy) {
+            if names_ports_by_identity(policy) {
                 self.identities_version.hash(&mut hasher);
             }
         }
+        self.retiring.hash(&mut hasher);
         let fingerprint = hasher.finish();
         if let Some(cached) = self
             .classes
@@ -783,33 +940,39 @@ impl PolicyCompiler {
                 }
             }
         }
-        let mut text = String::new();
-        for (entry, rule) in &entries {
-            text.push_str(&format!("{entry:?}={rule};"));
-        }
-        let content = SetContent {
-            entries,
-            digest: digest(&text),
-        };
         ClassCached {
             fingerprint,
             flags,
-            content: Some(Arc::new(content)),
+            content: Some(Arc::new(set_content(entries))),
         }
     }
 
     /// The entries of one rule for an endpoint of class `key`.
+    ///
+    /// Retiring identities are left out: no address has them once this
+    /// update is written, and until then the sets judge them as the old
+    /// sets did (see [`transition_entries`]).
     fn rule_entries(&self, direction: u8, rule: &crate::rules::Rule, key: &ClassKey) -> Vec<Entry> {
-        // Peer identities; `None` stands for any peer.
+        let retiring = &self.retiring.0;
+        // Peer identities; `None` stands for any peer. Pods are peers by
+        // their label identity, and also by their CIDR identity in a block;
+        // a named port resolves on pods only, by their label identity:
+        // `pod_peers` are the label identities of the peers (`None`: every
+        // one).
+        let mut pod_peers: Option<BTreeSet<u32>> = None;
         let peers: Vec<u32> = match &rule.peers {
             None => vec![IDENTITY_ANY],
             Some(peers) => {
                 let mut ids = BTreeSet::new();
+                let mut pod_ids = BTreeSet::new();
                 for peer in peers {
                     match peer {
                         Peer::Pods { namespaces, pods } => {
                             if let Some(m) = self.members.get(&(namespaces.clone(), pods.clone())) {
-                                ids.extend(m.identities.iter().copied());
+                                let current =
+                                    m.identities.iter().filter(|id| !retiring.contains(id));
+                                ids.extend(current.clone());
+                                pod_ids.extend(current);
                             }
                         }
                         Peer::Block { cidr, except } => {
@@ -821,9 +984,24 @@ impl PolicyCompiler {
                                     })
                                     .map(|(_, id)| *id),
                             );
+                            if direction == DIRECTION_EGRESS {
+                                let block = Block {
+                                    cidr: *cidr,
+                                    except: except.clone(),
+                                };
+                                pod_ids.extend(
+                                    self.identities
+                                        .iter()
+                                        .filter(|(id, labels)| {
+                                            labels.blocks.contains(&block) && !retiring.contains(id)
+                                        })
+                                        .map(|(id, _)| *id),
+                                );
+                            }
                         }
                     }
                 }
+                pod_peers = Some(pod_ids);
                 ids.into_iter().collect()
             }
         };
@@ -857,47 +1035,41 @@ impl PolicyCompiler {
                         }
                         PortMatch::Named(name) => {
                             let named = (name.clone(), port.proto);
-                            for id in &peers {
-                                // Ingress: the port is this endpoint's;
-                                // egress: the destination's, which its
-                                // identity carries.
-                                let number = if direction == DIRECTION_INGRESS {
-                                    key.named_ports.get(&named).copied()
-                                } else if *id == IDENTITY_ANY {
-                                    None
-                                } else {
-                                    self.identities
-                                        .get(id)
-                                        .and_then(|l| l.named_ports.get(&named).copied())
-                                };
-                                if let Some(number) = number {
-                                    out.push(Entry {
-                                        direction,
-                                        identity: *id,
-                                        l4: L4::Ports {
-                                            proto: port.proto,
-                                            port: number,
-                                            prefix: 16,
-                                        },
-                                    });
+                            let entry = |identity: u32, number: u16| Entry {
+                                direction,
+                                identity,
+                                l4: L4::Ports {
+                                    proto: port.proto,
+                                    port: number,
+                                    prefix: 16,
+                                },
+                            };
+                            if direction == DIRECTION_INGRESS {
+                                // The port is this endpoint's.
+                                if let Some(number) = key.named_ports.get(&named) {
+                                    out.extend(peers.iter().map(|id| entry(*id, *number)));
                                 }
+                                continue;
                             }
-                            // An egress named port to any peer: every pod
-                            // identity that has the port.
-                            if direction == DIRECTION_EGRESS && peers == [IDENTITY_ANY] {
-                                for (id, labels) in &self.identities {
-                                    if let Some(number) = labels.named_ports.get(&named) {
-                                        out.push(Entry {
-                                            direction,
-                                            identity: *id,
-                                            l4: L4::Ports {
-                                                proto: port.proto,
-                                                port: *number,
-                                                prefix: 16,
-                                            },
-                                        });
-                                    }
-                                }
+                            // Egress: the destination's, which its label
+                            // identity carries.
+                            let number_of = |id: &u32| {
+                                self.identities
+                                    .get(id)
+                                    .and_then(|l| l.named_ports.get(&named).copied())
+                            };
+                            match &pod_peers {
+                                None => out.extend(
+                                    self.identities
+                                        .keys()
+                                        .filter(|id| !retiring.contains(id))
+                                        .filter_map(|id| {
+                                            number_of(id).map(|number| entry(*id, number))
+                                        }),
+                                ),
+                                Some(ids) => out.extend(ids.iter().filter_map(|id| {
+                                    number_of(id).map(|number| entry(*id, number))
+                                })),
                             }
                         }
                     }
@@ -908,14 +1080,28 @@ impl PolicyCompiler {
     }
 }
 
-/// The label-keyed inputs identities depend on: excluded keys a selector
-/// names, and the (name, protocol) of every named port in an egress rule.
+/// A set of `entries`, with its digest.
+fn set_content(entries: BTreeMap<Entry, u32>) -> SetContent {
+    let mut text = String::new();
+    for (entry, rule) in &entries {
+        let _ = write!(text, "{entry:?}={rule};");
+    }
+    SetContent {
+        digest: digest(&text),
+        entries,
+    }
+}
+
+/// The inputs identities depend on: excluded keys a selector names, the
+/// (name, protocol) of every named port in an egress rule, and the ipBlocks
+/// of egress rules with named ports.
 fn identity_inputs<'a>(
     config: &IdentityConfig,
-    policies: impl Iterator<Item = &'a (usize, Option<Arc<Policy>>, Vec<ObjectError>)>,
-) -> (BTreeSet<String>, BTreeSet<(String, u8)>) {
+    policies: impl Iterator<Item = &'a CachedPolicy>,
+) -> IdentityInputs {
     let mut selected = BTreeSet::new();
     let mut named = BTreeSet::new();
+    let mut blocks: BTreeMap<Block, BTreeSet<(String, u8)>> = BTreeMap::new();
     for policy in policies.filter_map(|(_, p, _)| p.as_ref()) {
         let mut note = |selector: &Selector| {
             for key in selector.keys() {
@@ -932,21 +1118,48 @@ fn identity_inputs<'a>(
             }
         }
         for rule in policy.egress.iter().flatten() {
-            for port in rule.ports.iter().flatten() {
-                if let PortMatch::Named(name) = &port.port {
-                    named.insert((name.clone(), port.proto));
+            let names: BTreeSet<(String, u8)> = rule
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|port| match &port.port {
+                    PortMatch::Named(name) => Some((name.clone(), port.proto)),
+                    _ => None,
+                })
+                .collect();
+            if names.is_empty() {
+                continue;
+            }
+            for peer in rule.peers.iter().flatten() {
+                if let Peer::Block { cidr, except } = peer {
+                    let block = Block {
+                        cidr: *cidr,
+                        except: except.clone(),
+                    };
+                    blocks
+                        .entry(block)
+                        .or_default()
+                        .extend(names.iter().cloned());
                 }
             }
+            named.extend(names);
         }
     }
-    (selected, named)
+    IdentityInputs {
+        selected,
+        egress_named: named,
+        blocks,
+    }
 }
 
-/// Whether a policy has an egress rule to any peer on a named port: its
-/// entries list every identity that has the port.
-fn names_ports_for_any_peer(policy: &Policy) -> bool {
+/// Whether a policy has an egress rule to any peer or to an ipBlock on a
+/// named port: its entries list every identity that has the port (and is
+/// in the block).
+fn names_ports_by_identity(policy: &Policy) -> bool {
     policy.egress.iter().flatten().any(|rule| {
-        rule.peers.is_none()
+        rule.peers
+            .as_ref()
+            .is_none_or(|peers| peers.iter().any(|peer| matches!(peer, Peer::Block { .. })))
             && rule
                 .ports
                 .iter()

@@ -24,6 +24,10 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
+use lb_common::policy::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED,
+    ENDPOINT_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD,
+};
 use lb_core::intent::{Objects, Sourced};
 use lb_policy::{
     compile::{Adopted, PolicyCompiler, PolicyConfig},
@@ -175,6 +179,7 @@ impl Cluster<'_> {
 
     /// Whether `rule` (peers, ports) of `policy` matches a flow whose peer
     /// is `peer` and whose destination is `dst`.
+    #[allow(clippy::too_many_arguments)]
     fn rule_matches(
         &self,
         policy: &NetworkPolicy,
@@ -678,37 +683,80 @@ proptest! {
         );
         let mut tables = PolicyTables::default();
         let flows = sample_flows(&before, &after);
-        for (world, passes) in [(&before, 2), (&after, 2)] {
+        for world in [&before, &after] {
             let objects = Shared::new(world).objects();
-            // Each update is planned and written like the agent does, and
-            // then a follow-up releases what the update retired.
-            for _ in 0..passes {
+            // The update is planned and written like the agent does, and
+            // then a follow-up releases what the update retired: the
+            // writes of both keep every flow that has one verdict before
+            // the first and after the second.
+            let mut ops = Vec::new();
+            let mut end = tables.clone();
+            for _ in 0..2 {
                 compiler.update(&objects);
                 let target = PolicyTarget::new(compiler.desired(), |_| Some(1), true);
-                let plan = plan(&tables, &target, &PolicyCapacity::default(), &Default::default());
-                let mut end = tables.clone();
+                let plan = plan(&end, &target, &PolicyCapacity::default(), &Default::default());
                 for op in plan.ops() {
                     end.apply(op);
+                    ops.push(op.clone());
                 }
-                let mut midway = tables.clone();
-                for op in plan.ops() {
-                    midway.apply(op);
-                    for &(src, dst, proto, port) in &flows {
-                        let allowed = |t: &PolicyTables| {
-                            matches!(t.verdict(src, dst, proto, port, false), Verdict::Allowed { .. })
-                        };
-                        let (first, last, now) = (allowed(&tables), allowed(&end), allowed(&midway));
+            }
+            let mut midway = tables.clone();
+            for op in &ops {
+                midway.apply(op);
+                for &(src, dst, proto, port) in &flows {
+                    for (side, judge) in [("egress", egress_ok as Judge), ("ingress", ingress_ok)] {
+                        let (first, last, now) = (
+                            judge(&tables, src, dst, proto, port),
+                            judge(&end, src, dst, proto, port),
+                            judge(&midway, src, dst, proto, port),
+                        );
                         prop_assert!(
                             now == first || first != last,
-                            "{src} -> {dst} proto {proto} port {port}: {} before and after, \
-                             but not after {op:?}", if first { "allowed" } else { "denied" }
+                            "{src} -> {dst} proto {proto} port {port}: {} by {side} before and \
+                             after, but not after {op:?}",
+                            if first { "allowed" } else { "denied" }
                         );
                     }
                 }
-                tables = end;
             }
+            tables = end;
         }
         check_all_flows(&after, compiler.desired())?;
+    }
+}
+
+/// Whether one side of a flow lets it through.
+type Judge = fn(&PolicyTables, IpAddr, IpAddr, u8, u16) -> bool;
+
+/// The source pod's side of a flow: its egress policy. (The flow also
+/// needs the destination's side: the two sides of a flow between two pods
+/// of the node switch sets in separate writes, so only each side, not
+/// their conjunction, is kept across the writes; see
+/// `both_sides_switch_in_separate_writes`.)
+fn egress_ok(tables: &PolicyTables, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
+    match tables.endpoint(src) {
+        Some((_, flags)) if flags & ENDPOINT_FAIL_CLOSED != 0 => false,
+        Some((set, flags)) if flags & ENDPOINT_EGRESS_ISOLATED != 0 => tables
+            .allows(set, DIRECTION_EGRESS, tables.identities(dst), proto, port)
+            .is_some(),
+        _ => true,
+    }
+}
+
+/// The destination pod's side of a flow: its ingress policy.
+fn ingress_ok(tables: &PolicyTables, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
+    match tables.endpoint(dst) {
+        Some((_, flags)) if flags & ENDPOINT_FAIL_CLOSED != 0 => false,
+        Some((set, flags)) if flags & ENDPOINT_INGRESS_ISOLATED != 0 => {
+            let mut peer = tables.identities(src);
+            if peer.identity == IDENTITY_HOST {
+                peer.identity = IDENTITY_WORLD;
+            }
+            tables
+                .allows(set, DIRECTION_INGRESS, peer, proto, port)
+                .is_some()
+        }
+        _ => true,
     }
 }
 
