@@ -10,28 +10,37 @@
 //!   remote-node identity, and each policy CIDR to its own identity.
 //! - Each of this node's pods gets a policy set: the entries of every
 //!   policy selecting it, expanded to peer identities and port prefixes.
-//!   Pods with the same identity and named ports share one set, and sets
-//!   with the same entries are one set.
+//!   Pods selected by the same policies share one set (see the `sets`
+//!   module), and sets with the same entries are one set.
 //!
-//! Work is proportional to what changed: an unchanged object (the same
-//! `Arc`) keeps its identity; a new identity is matched against the peer
-//! selectors once; a pod's set is rebuilt only when a policy selecting it,
-//! or the membership of a peer those policies name, changed.
+//! Work is proportional to what changed. Objects are compared by their
+//! `Arc` (the sources hand over unchanged objects as they were): only new
+//! objects are read. Identities are counted by the addresses that have
+//! them; the ipcache is rewritten where an address's claims changed; a new
+//! identity is matched against the peer selectors once, a new peer against
+//! the identities of its namespace (or all, for a namespace selector); a
+//! set is recomputed only when a policy it comes from, the members of a
+//! peer those name, or the CIDRs (for ipBlocks) changed. [`PolicyStats`]
+//! counts that work.
 //!
 //! An update that moves addresses to other identities (a relabel, a CIDR
 //! that comes or goes) is written in two: its sets judge the identities
-//! that addresses leave or get partly as the old sets did (see
-//! the `transition` module), and [`PolicyUpdate::follow_up`] asks for one more
+//! that addresses leave or get partly as the old sets did (see the
+//! `transition` module), and [`PolicyUpdate::follow_up`] asks for one more
 //! update, which writes the final sets once the addresses have moved. A
 //! label identity that nothing uses any more is kept for that one more
 //! update as well, and so is a CIDR's identity (its prefix leaves the
 //! ipcache at once). A relabeled pod therefore never loses, nor gains, a
 //! verdict that is the same before and after, while the writes go in.
 
+mod cidrs;
+mod identities;
+mod objects;
+mod sets;
+mod transition;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
-    hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
 };
@@ -41,28 +50,25 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
-use lb_common::{
-    net::{PROTO_TCP, PROTO_UDP},
-    policy::{
-        IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR,
-        IDENTITY_FIRST_LABELS, IDENTITY_HOST, IDENTITY_MAX, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
-        PROTO_SCTP,
-    },
+use lb_common::policy::{
+    IpcacheValue, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, IDENTITY_HOST, IDENTITY_MAX,
+    IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
 };
-use lb_core::intent::{ObjectError, Objects};
-use rustc_hash::{FxHashMap, FxHasher};
+use lb_core::intent::{ObjectError, Objects, Sourced};
+use rustc_hash::{FxHashMap, FxHashSet};
 
-mod transition;
-
-use transition::Movement;
-
+use self::{
+    cidrs::CidrIndex,
+    identities::{Identities, Slot},
+    objects::{namespace_labels, peer_matches, pod_facts, IdentityInputs, PodFacts},
+    sets::{ByAddress, Compiled, Inputs, Membership, PeerKey, Recipe, RecipeKey, RuleNumbers},
+    transition::{Movement, WORLD},
+};
 use crate::{
-    desired::{isolation_flags, EndpointInfo, Entry, IdentityInfo, PolicyDesired, SetContent, L4},
-    labels::{digest, Block, IdentityConfig, IdentityLabels, NamedPorts, NAMESPACE_NAME_LABEL},
+    desired::{EndpointInfo, IdentityInfo, PolicyDesired, SetContent},
+    labels::{digest, IdentityConfig, IdentityLabels},
     numbers::Numbers,
-    ports::port_prefixes,
-    rules::{parse_policy, within, Namespaces, Peer, Policy, PolicyRef, PortMatch},
-    selector::Selector,
+    rules::{parse_policy, Namespaces, PolicyRef},
 };
 
 /// Where the compiler runs and how it groups pods.
@@ -88,102 +94,28 @@ pub struct PolicyUpdate {
     pub follow_up: bool,
 }
 
-/// A pod, as far as policy is concerned.
-#[derive(Clone, Debug)]
-struct PodFacts {
-    namespace: String,
-    name: String,
-    uid: String,
-    ips: Vec<IpAddr>,
-    node: Option<String>,
-    host_network: bool,
-    labels: BTreeMap<String, String>,
-    named_ports: NamedPorts,
-}
-
-/// A Namespace object, and its labels.
-type CachedNamespace = (Arc<Namespace>, Arc<BTreeMap<String, String>>);
-
-/// A NetworkPolicy object, and what it validated to.
-type CachedPolicy = (Arc<NetworkPolicy>, Option<Arc<Policy>>, Vec<ObjectError>);
-
-/// A pod the last update saw, by the address of its object.
-struct PodCached {
-    /// Held so that the object's address, which keys the cache, is not
-    /// reused while cached.
-    _held: Arc<Pod>,
-    /// The address of its namespace's object when compiled.
-    namespace: usize,
-    facts: Arc<PodFacts>,
-    /// The identity labels of each of its addresses (`facts.ips`).
-    labels: Vec<Arc<IdentityLabels>>,
-}
-
-/// A selector of pod peers, with the identities it matches.
-struct Membership {
-    identities: BTreeSet<u32>,
-    version: u64,
-}
-
-/// A group of this node's pods sharing a set: one identity, one set of
-/// named ports (ingress named ports resolve on the pod).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ClassKey {
-    identity: u32,
-    named_ports: NamedPorts,
-}
-
-struct ClassCached {
-    fingerprint: u64,
-    flags: u32,
-    content: Option<Arc<SetContent>>,
-}
-
-/// The incremental policy compiler.
-pub struct PolicyCompiler {
-    config: PolicyConfig,
-    pods: FxHashMap<usize, PodCached>,
-    /// Namespaces by name: the object (held, so that its address is not
-    /// reused while cached) and its labels.
-    namespaces: FxHashMap<String, CachedNamespace>,
-    /// Policies: the object (held), and what it validated to.
-    policies: BTreeMap<PolicyRef, CachedPolicy>,
-    /// Every node's addresses, by name.
-    nodes: BTreeMap<String, Vec<IpAddr>>,
-    /// What policies say that changes what identities stand for.
-    identity_inputs: IdentityInputs,
-    label_numbers: Numbers,
-    cidr_numbers: Numbers,
-    set_numbers: Numbers,
-    rule_numbers: Numbers,
-    /// Label identities in use or retiring, by number.
-    identities: FxHashMap<u32, Arc<IdentityLabels>>,
-    /// Label identities nothing used in the last update, released now
-    /// unless used again; CIDRs the policies named until the last update,
-    /// with their identity.
-    retiring: (BTreeSet<u32>, BTreeMap<IpNetwork, u32>),
-    /// Every CIDR the policies name, with its identity.
-    cidrs: BTreeMap<IpNetwork, u32>,
-    cidr_version: u64,
-    /// Bumped when identities are added or released.
-    identities_version: u64,
-    members: FxHashMap<(Namespaces, Selector), Membership>,
-    classes: FxHashMap<ClassKey, ClassCached>,
-    desired: PolicyDesired,
-    /// Whether some set of the desired state is one of transition.
-    transitional: bool,
-    version: u64,
-}
-
-/// The parts of policies that change what identities stand for.
+/// The work one update did: what it read, matched and recomputed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct IdentityInputs {
-    /// Excluded label keys some selector names.
-    selected: BTreeSet<String>,
-    /// Named ports (name, protocol) some egress rule names.
-    egress_named: BTreeSet<(String, u8)>,
-    /// The ipBlocks of egress rules with named ports, with those ports.
-    blocks: BTreeMap<Block, BTreeSet<(String, u8)>>,
+pub struct PolicyStats {
+    /// Pod objects read (new or changed).
+    pub pods_read: usize,
+    /// Pods whose identity labels were worked out again for a namespace
+    /// or policy change (their objects unchanged).
+    pub pods_relabeled: usize,
+    /// NetworkPolicy objects parsed (new or changed).
+    pub policies_parsed: usize,
+    /// Identities numbered.
+    pub identities_added: usize,
+    /// Identities released.
+    pub identities_released: usize,
+    /// Peer selectors matched against an identity's labels.
+    pub peer_matches: usize,
+    /// ipcache entries written or deleted.
+    pub ipcache_writes: usize,
+    /// Policy sets computed (not taken from the cache).
+    pub sets_computed: usize,
+    /// Endpoints written or deleted.
+    pub endpoint_writes: usize,
 }
 
 /// The numbers of what was found in the kernel after a restart.
@@ -198,18 +130,8 @@ pub struct Adopted {
 }
 
 /// The name of the rule of the entries that keep, for one update, what
-/// endpoints allowed the identities that retire in it.
+/// endpoints allowed the identities that addresses leave in it.
 pub const TRANSITION_RULE: &str = "(allowed before, while identities change)";
-
-/// The rule name of a policy's rule.
-fn rule_name(policy: &PolicyRef, direction: u8, index: usize) -> String {
-    let side = if direction == DIRECTION_INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    };
-    format!("{policy} {side}[{index}]")
-}
 
 /// What a CIDR identity stands for, as text.
 fn cidr_text(cidr: &IpNetwork) -> String {
@@ -218,6 +140,106 @@ fn cidr_text(cidr: &IpNetwork) -> String {
 
 fn object_address<T>(object: &Arc<T>) -> usize {
     Arc::as_ptr(object) as usize
+}
+
+/// Whether `objects` are the objects of `addresses`, in order.
+fn same_objects<T>(objects: &[Sourced<T>], addresses: &[usize]) -> bool {
+    objects.len() == addresses.len()
+        && objects
+            .iter()
+            .zip(addresses)
+            .all(|(o, a)| object_address(&o.object) == *a)
+}
+
+/// A Namespace object (held, so that its address is not reused while
+/// cached), and its labels.
+struct CachedNamespace {
+    _object: Arc<Namespace>,
+    labels: Arc<BTreeMap<String, String>>,
+}
+
+/// A NetworkPolicy object (held), what it validated to, and its errors.
+struct CachedPolicy {
+    object: Arc<NetworkPolicy>,
+    compiled: Option<Arc<Compiled>>,
+    errors: Vec<ObjectError>,
+}
+
+/// A pod the compiler holds, by the address of its object.
+struct PodCached {
+    /// Held so that the address, which keys the cache, is not reused.
+    _object: Arc<Pod>,
+    /// The last update that saw the object.
+    seen: u64,
+    facts: Arc<PodFacts>,
+    /// The identity slot of each of its addresses (`facts.ips`); none for
+    /// a hostNetwork pod.
+    slots: Vec<Slot>,
+    /// The identity labels of its first address (a pod's addresses differ
+    /// only in their blocks).
+    labels: Option<Arc<IdentityLabels>>,
+    /// The recipe of its set, and the version of its namespace's policies
+    /// it was found with.
+    recipe: Option<(u64, RecipeKey)>,
+}
+
+/// A pod that claims an address.
+struct Owner {
+    pod: usize,
+    slot: Slot,
+    facts: Arc<PodFacts>,
+}
+
+/// The incremental policy compiler.
+pub struct PolicyCompiler {
+    config: PolicyConfig,
+    /// Counts updates.
+    version: u64,
+    stats: PolicyStats,
+
+    namespace_objects: Vec<usize>,
+    namespaces: FxHashMap<String, CachedNamespace>,
+    policy_objects: Vec<usize>,
+    policies: BTreeMap<PolicyRef, CachedPolicy>,
+    /// Per namespace, the update in which its policies last changed.
+    policy_versions: FxHashMap<String, u64>,
+    inputs: IdentityInputs,
+    pod_objects: Vec<usize>,
+    pods: FxHashMap<usize, PodCached>,
+    /// This node's pods (not hostNetwork).
+    local_pods: FxHashSet<usize>,
+    node_objects: Vec<usize>,
+    /// Node addresses, and whether they are this node's.
+    node_addresses: FxHashMap<IpAddr, bool>,
+
+    identities: Identities,
+    /// Bumped when identities are numbered or released.
+    identities_version: u64,
+    /// Pod addresses and the pods that claim them (normally one).
+    pod_addresses: FxHashMap<IpAddr, Vec<Owner>>,
+    cidr_numbers: Numbers,
+    /// Every CIDR the policies name, with its identity.
+    cidrs: BTreeMap<IpNetwork, u32>,
+    cidr_index: CidrIndex,
+    /// CIDRs the policies named until the last update, with their identity.
+    retiring_cidrs: BTreeMap<IpNetwork, u32>,
+    cidr_version: u64,
+
+    members: FxHashMap<PeerKey, Membership>,
+    recipes: FxHashMap<RecipeKey, Recipe>,
+    set_numbers: Numbers,
+    rules: RuleNumbers,
+    desired: PolicyDesired,
+    /// Whether some set of the desired state is one of transition.
+    transitional: bool,
+}
+
+/// The ipcache writes of one update: the keys to work out again, and the
+/// value each changed key had before the update.
+#[derive(Default)]
+struct Writes {
+    dirty: FxHashSet<IpNetwork>,
+    before: FxHashMap<IpNetwork, Option<IpcacheValue>>,
 }
 
 impl PolicyCompiler {
@@ -239,25 +261,36 @@ impl PolicyCompiler {
         );
         Self {
             config,
-            pods: FxHashMap::default(),
+            version: 0,
+            stats: PolicyStats::default(),
+            namespace_objects: Vec::new(),
             namespaces: FxHashMap::default(),
+            policy_objects: Vec::new(),
             policies: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-            identity_inputs: Default::default(),
-            label_numbers,
-            cidr_numbers,
-            set_numbers,
-            rule_numbers,
-            identities: FxHashMap::default(),
-            retiring: Default::default(),
-            cidrs: BTreeMap::new(),
-            cidr_version: 0,
+            policy_versions: FxHashMap::default(),
+            inputs: IdentityInputs::default(),
+            pod_objects: Vec::new(),
+            pods: FxHashMap::default(),
+            local_pods: FxHashSet::default(),
+            node_objects: Vec::new(),
+            node_addresses: FxHashMap::default(),
+            identities: Identities::new(label_numbers),
             identities_version: 0,
+            pod_addresses: FxHashMap::default(),
+            cidr_numbers,
+            cidrs: BTreeMap::new(),
+            cidr_index: CidrIndex::default(),
+            retiring_cidrs: BTreeMap::new(),
+            cidr_version: 0,
             members: FxHashMap::default(),
-            classes: FxHashMap::default(),
+            recipes: FxHashMap::default(),
+            set_numbers,
+            rules: RuleNumbers {
+                numbers: rule_numbers,
+                names: FxHashMap::default(),
+            },
             desired: PolicyDesired::default(),
             transitional: false,
-            version: 0,
         }
     }
 
@@ -268,194 +301,157 @@ impl PolicyCompiler {
 
     /// The labels of a label identity, if it is in use.
     pub fn identity_labels(&self, identity: u32) -> Option<&IdentityLabels> {
-        self.identities.get(&identity).map(|labels| &**labels)
+        self.identities.labels(identity).map(|labels| &**labels)
+    }
+
+    /// The work the last update did.
+    pub fn stats(&self) -> &PolicyStats {
+        &self.stats
     }
 
     /// Brings the desired state up to date with `objects`.
     pub fn update(&mut self, objects: &Objects) -> PolicyUpdate {
         self.version += 1;
+        self.stats = PolicyStats::default();
         let mut errors = Vec::new();
+        let mut writes = Writes::default();
+        let mut changed = false;
+
         let namespaces_changed = self.update_namespaces(objects);
         let policies_changed = self.update_policies(objects);
-        let inputs = identity_inputs(&self.config.identity, self.policies.values());
-        let inputs_changed = inputs != self.identity_inputs;
-        self.identity_inputs = inputs;
-        self.update_pods(objects, &namespaces_changed, inputs_changed);
-        self.nodes = objects
-            .nodes
-            .iter()
-            .filter_map(|n| {
-                Some((
-                    n.object.metadata.name.clone()?,
-                    addresses_of_node(&n.object),
-                ))
-            })
-            .collect();
+        let mut inputs_changed = false;
+        if policies_changed {
+            let inputs = IdentityInputs::of(&self.config.identity, self.compiled());
+            inputs_changed = inputs != self.inputs;
+            self.inputs = inputs;
+        }
+        self.update_pods(objects, &namespaces_changed, inputs_changed, &mut writes);
 
-        // Identities: those in use now, plus last update's leavers for one
-        // more update; anything older is released.
-        let (released_ids, _) = std::mem::take(&mut self.retiring);
-        let mut in_use: FxHashMap<Arc<IdentityLabels>, u32> = FxHashMap::default();
-        let mut exhausted = false;
-        for cached in self.pods.values() {
-            if cached.facts.host_network {
-                continue;
-            }
-            for labels in &cached.labels {
-                if in_use.contains_key(labels) {
-                    continue;
-                }
-                match self.label_numbers.number(digest(&labels.canonical())) {
-                    Ok(number) => {
-                        in_use.insert(labels.clone(), number);
-                    }
-                    Err(full) => {
-                        if !exhausted {
-                            errors.push(ObjectError {
-                                origin: "policy".into(),
-                                object: format!(
-                                    "Pod {}/{}",
-                                    cached.facts.namespace, cached.facts.name
-                                ),
-                                field: "metadata.labels".into(),
-                                reason: format!(
-                                    "no identity left ({} label sets in use): the pod's \
-                                     addresses count as the world for policy",
-                                    full.capacity
-                                ),
-                            });
-                        }
-                        exhausted = true;
-                    }
-                }
-            }
-        }
-        let numbers_in_use: BTreeSet<u32> = in_use.values().copied().collect();
-        let leaving: BTreeSet<u32> = self
-            .identities
-            .keys()
-            .copied()
-            .filter(|id| !numbers_in_use.contains(id) && !released_ids.contains(id))
-            .collect();
-        let added: Vec<(u32, Arc<IdentityLabels>)> = in_use
-            .iter()
-            .filter(|(_, number)| !self.identities.contains_key(number))
-            .map(|(labels, number)| (*number, labels.clone()))
-            .collect();
-        let released: Vec<u32> = self
-            .identities
-            .keys()
-            .copied()
-            .filter(|id| !numbers_in_use.contains(id) && !leaving.contains(id))
-            .collect();
-        for id in &released {
-            self.identities.remove(id);
-        }
-        for (number, labels) in &added {
-            self.identities.insert(*number, labels.clone());
-        }
-        if !added.is_empty() || !released.is_empty() {
+        // Identities: number the new, retire the unused, release the
+        // retired.
+        let settled = self.identities.settle(&mut errors);
+        self.stats.identities_added = settled.added.len();
+        self.stats.identities_released = settled.released.len();
+        if !settled.added.is_empty() || !settled.released.is_empty() {
             self.identities_version += 1;
+            changed = true;
         }
-        self.label_numbers
-            .retain(|number, _| self.identities.contains_key(&number));
-        self.retiring.0 = leaving;
-
-        // CIDRs named by policies, plus last update's leavers.
-        let named: BTreeSet<IpNetwork> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .flat_map(|policy| policy_cidrs(policy))
-            .collect();
-        // A CIDR that leaves goes from the ipcache at once: the sets judge
-        // its identity as before for one more update, while addresses move
-        // off it.
-        let leaving_cidrs: BTreeMap<IpNetwork, u32> = self
-            .cidrs
-            .iter()
-            .filter(|(c, _)| !named.contains(c))
-            .map(|(c, n)| (*c, *n))
-            .collect();
-        let wanted = named;
-        let before: BTreeSet<IpNetwork> = self.cidrs.keys().copied().collect();
-        if wanted != before {
-            self.cidr_version += 1;
-            let mut cidrs = BTreeMap::new();
-            for cidr in &wanted {
-                match self.cidr_numbers.number(digest(&cidr_text(cidr))) {
-                    Ok(number) => {
-                        cidrs.insert(*cidr, number);
-                    }
-                    Err(full) => errors.push(ObjectError {
-                        origin: "policy".into(),
-                        object: format!("CIDR {cidr}"),
-                        field: "ipBlock".into(),
-                        reason: format!(
-                            "no CIDR identity left ({} in use); rules naming it match nothing",
-                            full.capacity
-                        ),
-                    }),
-                }
-            }
-            self.cidrs = cidrs;
+        for number in &settled.released {
+            self.desired.identities.remove(number);
         }
-        self.retiring.1 = leaving_cidrs;
-        self.cidr_numbers.retain(|number, _| {
-            self.cidrs.values().any(|n| *n == number)
-                || self.retiring.1.values().any(|n| *n == number)
-        });
+        for (number, labels) in &settled.added {
+            let text = labels.canonical();
+            self.desired.identities.insert(
+                *number,
+                IdentityInfo {
+                    digest: digest(&text),
+                    text,
+                },
+            );
+        }
+        if settled.late {
+            // Identities that waited for a number: their addresses change.
+            writes
+                .dirty
+                .extend(self.pod_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+        }
 
-        self.update_members(&added, &released);
-        let desired = self.build(&mut errors);
-        for (_, _, policy_errors) in self.policies.values() {
-            errors.extend(policy_errors.iter().cloned());
+        let (old_cidr_index, cidrs_changed) =
+            self.update_cidrs(policies_changed, &mut writes, &mut errors);
+        changed |= cidrs_changed;
+        self.update_nodes(objects, &mut writes);
+        self.write_ipcache(&mut writes);
+        changed |= !writes.before.is_empty();
+        self.update_members(policies_changed, &settled.added, &settled.released);
+
+        // The value of the longest CIDR strictly holding a prefix.
+        let covering = |index: &CidrIndex, prefix: &IpNetwork| {
+            let at_most = prefix.prefix().checked_sub(1)?;
+            let id = index.longest_within(prefix.network(), at_most)?;
+            Some(IpcacheValue {
+                identity: id,
+                cidr_identity: id,
+            })
+        };
+        let old_index = old_cidr_index.as_ref().unwrap_or(&self.cidr_index);
+        let movement = Movement::from_changes(
+            writes
+                .before
+                .iter()
+                .map(|(key, before)| (key, *before, self.desired.ipcache.get(key).copied())),
+            |p| covering(old_index, p).unwrap_or(WORLD),
+            |p| covering(&self.cidr_index, p).unwrap_or(WORLD),
+        );
+        changed |= self.update_endpoints(&movement, &mut errors);
+
+        let enforcing = self.policies.values().any(|p| p.compiled.is_some());
+        changed |= enforcing != self.desired.enforcing;
+        self.desired.enforcing = enforcing;
+
+        for policy in self.policies.values() {
+            errors.extend(policy.errors.iter().cloned());
         }
         errors.sort_by(|a, b| {
             (&a.origin, &a.object, &a.field).cmp(&(&b.origin, &b.object, &b.field))
         });
-        let changed = desired != self.desired || policies_changed;
-        self.desired = desired;
         PolicyUpdate {
             errors,
-            changed,
-            follow_up: !self.retiring.0.is_empty()
-                || !self.retiring.1.is_empty()
+            changed: changed || policies_changed,
+            follow_up: !self.identities.retiring().is_empty()
+                || !self.retiring_cidrs.is_empty()
                 || self.transitional,
         }
     }
 
+    /// The valid policies.
+    fn compiled(&self) -> impl Iterator<Item = &Compiled> + '_ {
+        self.policies.values().filter_map(|p| p.compiled.as_deref())
+    }
+
     /// Takes the namespaces' labels; returns the names whose labels (object)
     /// changed, appeared or went.
-    fn update_namespaces(&mut self, objects: &Objects) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
+    fn update_namespaces(&mut self, objects: &Objects) -> FxHashSet<String> {
+        let mut changed = FxHashSet::default();
+        if same_objects(&objects.namespaces, &self.namespace_objects) {
+            return changed;
+        }
         let mut namespaces = FxHashMap::default();
         for sourced in &objects.namespaces {
             let Some(name) = sourced.object.metadata.name.clone() else {
                 continue;
             };
-            let labels = match self.namespaces.get(&name) {
-                Some((old, labels)) if Arc::ptr_eq(old, &sourced.object) => labels.clone(),
+            let labels = match self.namespaces.remove(&name) {
+                Some(cached) if Arc::ptr_eq(&cached._object, &sourced.object) => cached.labels,
                 _ => {
                     changed.insert(name.clone());
                     Arc::new(namespace_labels(&name, Some(&sourced.object)))
                 }
             };
-            namespaces.insert(name, (sourced.object.clone(), labels));
+            namespaces.insert(
+                name,
+                CachedNamespace {
+                    _object: sourced.object.clone(),
+                    labels,
+                },
+            );
         }
-        for name in self.namespaces.keys() {
-            if !namespaces.contains_key(name) {
-                changed.insert(name.clone());
-            }
-        }
+        changed.extend(self.namespaces.drain().map(|(name, _)| name));
         self.namespaces = namespaces;
+        self.namespace_objects = objects
+            .namespaces
+            .iter()
+            .map(|s| object_address(&s.object))
+            .collect();
         changed
     }
 
     /// Parses new and changed policies; returns whether any changed.
     fn update_policies(&mut self, objects: &Objects) -> bool {
+        if same_objects(&objects.network_policies, &self.policy_objects) {
+            return false;
+        }
         let mut policies = BTreeMap::new();
-        let mut changed = false;
+        let mut touched: FxHashSet<String> = FxHashSet::default();
         for sourced in &objects.network_policies {
             let meta = &sourced.object.metadata;
             let id = PolicyRef {
@@ -463,810 +459,625 @@ impl PolicyCompiler {
                 name: meta.name.clone().unwrap_or_default(),
             };
             let entry = match self.policies.remove(&id) {
-                Some(cached) if Arc::ptr_eq(&cached.0, &sourced.object) => cached,
+                Some(cached) if Arc::ptr_eq(&cached.object, &sourced.object) => cached,
                 _ => {
-                    changed = true;
+                    touched.insert(id.namespace.clone());
+                    self.stats.policies_parsed += 1;
                     let mut errors = Vec::new();
                     let policy = parse_policy(&sourced.origin, &sourced.object, &mut errors);
-                    (sourced.object.clone(), policy.map(Arc::new), errors)
+                    CachedPolicy {
+                        object: sourced.object.clone(),
+                        compiled: policy.map(|p| Arc::new(Compiled::new(p))),
+                        errors,
+                    }
                 }
             };
             policies.insert(id, entry);
         }
-        changed |= !self.policies.is_empty();
+        touched.extend(self.policies.keys().map(|id| id.namespace.clone()));
         self.policies = policies;
-        changed
+        self.policy_objects = objects
+            .network_policies
+            .iter()
+            .map(|s| object_address(&s.object))
+            .collect();
+        for namespace in &touched {
+            self.policy_versions.insert(namespace.clone(), self.version);
+        }
+        !touched.is_empty()
     }
 
-    /// Recomputes the facts and identity labels of new and changed pods.
+    /// Takes new and changed pods, drops those that went, and works out the
+    /// identity labels again where namespaces or policies changed them.
     fn update_pods(
         &mut self,
         objects: &Objects,
-        namespaces_changed: &BTreeSet<String>,
+        namespaces_changed: &FxHashSet<String>,
         inputs_changed: bool,
+        writes: &mut Writes,
     ) {
-        let mut pods = FxHashMap::with_capacity_and_hasher(objects.pods.len(), Default::default());
-        for sourced in &objects.pods {
-            let address = object_address(&sourced.object);
-            let namespace = sourced
-                .object
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let namespace_address = self
-                .namespaces
-                .get(&namespace)
-                .map_or(0, |(object, _)| object_address(object));
-            let reusable = !inputs_changed && !namespaces_changed.contains(&namespace);
-            let cached = match self.pods.remove(&address) {
-                Some(cached) if reusable && cached.namespace == namespace_address => cached,
-                _ => {
-                    let facts = Arc::new(pod_facts(&sourced.object, &namespace));
-                    let labels = self.identity_labels_of(&facts);
-                    PodCached {
-                        _held: sourced.object.clone(),
-                        namespace: namespace_address,
-                        facts,
-                        labels,
-                    }
+        if !same_objects(&objects.pods, &self.pod_objects) {
+            let seen = self.version;
+            let mut added: Vec<&Sourced<Pod>> = Vec::new();
+            for sourced in &objects.pods {
+                match self.pods.get_mut(&object_address(&sourced.object)) {
+                    Some(cached) => cached.seen = seen,
+                    None => added.push(sourced),
                 }
-            };
-            pods.insert(address, cached);
+            }
+            let gone: Vec<usize> = self
+                .pods
+                .iter()
+                .filter(|(_, cached)| cached.seen != seen)
+                .map(|(address, _)| *address)
+                .collect();
+            for address in gone {
+                let cached = self.pods.remove(&address).expect("pod held");
+                self.unclaim(address, &cached, writes);
+                self.local_pods.remove(&address);
+            }
+            for sourced in added {
+                let address = object_address(&sourced.object);
+                if self.pods.contains_key(&address) {
+                    continue; // listed twice
+                }
+                self.stats.pods_read += 1;
+                let namespace = sourced
+                    .object
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                let facts = Arc::new(pod_facts(&sourced.object, &namespace));
+                let local = self.config.node.is_some()
+                    && facts.node == self.config.node
+                    && !facts.host_network;
+                let mut cached = PodCached {
+                    _object: sourced.object.clone(),
+                    seen,
+                    facts,
+                    slots: Vec::new(),
+                    labels: None,
+                    recipe: None,
+                };
+                self.claim(address, &mut cached, writes);
+                self.pods.insert(address, cached);
+                if local {
+                    self.local_pods.insert(address);
+                }
+            }
+            self.pod_objects = objects
+                .pods
+                .iter()
+                .map(|s| object_address(&s.object))
+                .collect();
         }
-        self.pods = pods;
+        if inputs_changed || !namespaces_changed.is_empty() {
+            let affected: Vec<usize> = self
+                .pods
+                .iter()
+                .filter(|(_, c)| inputs_changed || namespaces_changed.contains(&c.facts.namespace))
+                .map(|(address, _)| *address)
+                .collect();
+            for address in affected {
+                let mut cached = self.pods.remove(&address).expect("pod held");
+                self.unclaim(address, &cached, writes);
+                self.claim(address, &mut cached, writes);
+                self.pods.insert(address, cached);
+                self.stats.pods_relabeled += 1;
+            }
+        }
     }
 
-    /// The identity labels of each of a pod's addresses.
-    fn identity_labels_of(&self, facts: &PodFacts) -> Vec<Arc<IdentityLabels>> {
-        let IdentityInputs {
-            selected,
-            egress_named,
-            blocks,
-        } = &self.identity_inputs;
-        let excluded = &self.config.identity.excluded;
-        let pod_labels = facts
-            .labels
-            .iter()
-            .filter(|(key, _)| !excluded.contains(key) || selected.contains(*key))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let namespace_labels = match self.namespaces.get(&facts.namespace) {
-            Some((_, labels)) => (**labels).clone(),
-            None => namespace_labels(&facts.namespace, None),
+    /// Counts a pod's addresses with their identity labels.
+    fn claim(&mut self, address: usize, cached: &mut PodCached, writes: &mut Writes) {
+        cached.slots.clear();
+        cached.labels = None;
+        cached.recipe = None;
+        let facts = cached.facts.clone();
+        if facts.host_network || facts.ips.is_empty() {
+            return;
+        }
+        let namespace = match self.namespaces.get(&facts.namespace) {
+            Some(cached) => cached.labels.clone(),
+            None => Arc::new(namespace_labels(&facts.namespace, None)),
         };
-        let named_ports: NamedPorts = facts
-            .named_ports
-            .iter()
-            .filter(|(key, _)| egress_named.contains(key))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        // Only blocks of rules naming one of the pod's ports split it.
-        let blocks: Vec<&Block> = blocks
-            .iter()
-            .filter(|(_, names)| names.iter().any(|n| named_ports.contains_key(n)))
-            .map(|(block, _)| block)
-            .collect();
-        let base = Arc::new(IdentityLabels {
-            namespace: facts.namespace.clone(),
-            namespace_labels,
-            pod_labels,
-            named_ports,
-            blocks: BTreeSet::new(),
-        });
-        facts
-            .ips
-            .iter()
-            .map(|ip| {
-                let inside: BTreeSet<Block> = blocks
-                    .iter()
-                    .filter(|b| b.contains(*ip))
-                    .map(|b| (*b).clone())
-                    .collect();
-                if inside.is_empty() {
-                    base.clone()
-                } else {
-                    Arc::new(IdentityLabels {
-                        blocks: inside,
-                        ..(*base).clone()
-                    })
+        let labels = self
+            .inputs
+            .labels_of(&self.config.identity, &facts, &namespace);
+        for (ip, labels) in facts.ips.iter().zip(labels) {
+            let (slot, labels) = self
+                .identities
+                .hold(labels, || format!("Pod {}/{}", facts.namespace, facts.name));
+            cached.labels.get_or_insert(labels);
+            cached.slots.push(slot);
+            self.pod_addresses.entry(*ip).or_default().push(Owner {
+                pod: address,
+                slot,
+                facts: facts.clone(),
+            });
+            writes.dirty.insert(IpNetwork::from(*ip));
+        }
+    }
+
+    /// Stops counting a pod's addresses.
+    fn unclaim(&mut self, address: usize, cached: &PodCached, writes: &mut Writes) {
+        for (ip, slot) in cached.facts.ips.iter().zip(&cached.slots) {
+            self.identities.release(*slot);
+            if let Some(owners) = self.pod_addresses.get_mut(ip) {
+                owners.retain(|o| o.pod != address);
+                if owners.is_empty() {
+                    self.pod_addresses.remove(ip);
                 }
-            })
-            .collect()
+            }
+            writes.dirty.insert(IpNetwork::from(*ip));
+        }
+    }
+
+    /// Takes the CIDRs the policies name when they changed, and releases
+    /// the retired ones. Returns the index of the CIDRs before, when they
+    /// changed, and whether CIDR identities changed.
+    fn update_cidrs(
+        &mut self,
+        policies_changed: bool,
+        writes: &mut Writes,
+        errors: &mut Vec<ObjectError>,
+    ) -> (Option<CidrIndex>, bool) {
+        let released = std::mem::take(&mut self.retiring_cidrs);
+        let mut old_index = None;
+        if policies_changed {
+            let named: BTreeSet<IpNetwork> = self
+                .compiled()
+                .flat_map(|policy| policy.cidrs.iter().copied())
+                .collect();
+            if !named.iter().eq(self.cidrs.keys()) {
+                self.cidr_version += 1;
+                let mut cidrs = BTreeMap::new();
+                for cidr in &named {
+                    match self.cidr_numbers.number(digest(&cidr_text(cidr))) {
+                        Ok(number) => {
+                            cidrs.insert(*cidr, number);
+                        }
+                        Err(full) => errors.push(ObjectError {
+                            origin: "policy".into(),
+                            object: format!("CIDR {cidr}"),
+                            field: "ipBlock".into(),
+                            reason: format!(
+                                "no CIDR identity left ({} in use); rules naming it match \
+                                 nothing",
+                                full.capacity
+                            ),
+                        }),
+                    }
+                }
+                // A CIDR that goes leaves the ipcache at once: the sets
+                // judge its identity as before for one more update, while
+                // addresses move off it.
+                let old = std::mem::replace(&mut self.cidrs, cidrs);
+                for (cidr, number) in &old {
+                    if !self.cidrs.contains_key(cidr) {
+                        self.retiring_cidrs.insert(*cidr, *number);
+                    }
+                }
+                for (cidr, number) in &self.cidrs {
+                    if !old.contains_key(cidr) {
+                        let text = cidr_text(cidr);
+                        self.desired.identities.insert(
+                            *number,
+                            IdentityInfo {
+                                digest: digest(&text),
+                                text,
+                            },
+                        );
+                    }
+                }
+                writes.dirty.extend(old.keys().chain(self.cidrs.keys()));
+                writes
+                    .dirty
+                    .extend(self.pod_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+                writes
+                    .dirty
+                    .extend(self.node_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+                old_index = Some(std::mem::replace(
+                    &mut self.cidr_index,
+                    CidrIndex::new(&self.cidrs),
+                ));
+            }
+        }
+        let mut changed = old_index.is_some();
+        for (cidr, number) in released {
+            if !self.cidrs.contains_key(&cidr) && !self.retiring_cidrs.contains_key(&cidr) {
+                self.cidr_numbers.free(number);
+                self.desired.identities.remove(&number);
+                changed = true;
+            }
+        }
+        (old_index, changed)
+    }
+
+    /// Takes the nodes' addresses.
+    fn update_nodes(&mut self, objects: &Objects, writes: &mut Writes) {
+        if same_objects(&objects.nodes, &self.node_objects) {
+            return;
+        }
+        let mut addresses: FxHashMap<IpAddr, bool> = FxHashMap::default();
+        for node in &objects.nodes {
+            let Some(name) = node.object.metadata.name.as_deref() else {
+                continue;
+            };
+            let local = self.config.node.as_deref() == Some(name);
+            for ip in addresses_of_node(&node.object) {
+                *addresses.entry(ip).or_default() |= local;
+            }
+        }
+        for (ip, local) in &addresses {
+            if self.node_addresses.get(ip) != Some(local) {
+                writes.dirty.insert(IpNetwork::from(*ip));
+            }
+        }
+        for ip in self.node_addresses.keys() {
+            if !addresses.contains_key(ip) {
+                writes.dirty.insert(IpNetwork::from(*ip));
+            }
+        }
+        self.node_addresses = addresses;
+        self.node_objects = objects
+            .nodes
+            .iter()
+            .map(|s| object_address(&s.object))
+            .collect();
+    }
+
+    /// The ipcache value of `key`: a node address, else a pod address,
+    /// else a policy CIDR.
+    fn ipcache_value(&self, key: &IpNetwork) -> Option<IpcacheValue> {
+        let host = u8::try_from(if key.is_ipv4() { 32 } else { 128 }).unwrap_or(128);
+        if key.prefix() == host {
+            let ip = key.ip();
+            let cidr_identity = self.cidr_index.longest(ip).unwrap_or(IDENTITY_WORLD);
+            if let Some(local) = self.node_addresses.get(&ip) {
+                let identity = if *local {
+                    IDENTITY_HOST
+                } else {
+                    IDENTITY_REMOTE_NODE
+                };
+                return Some(IpcacheValue {
+                    identity,
+                    cidr_identity,
+                });
+            }
+            if let Some(owner) = self.owner(ip) {
+                return Some(IpcacheValue {
+                    identity: self.identities.number(owner.slot).unwrap_or(IDENTITY_WORLD),
+                    cidr_identity,
+                });
+            }
+        }
+        self.cidrs.get(key).map(|id| IpcacheValue {
+            identity: *id,
+            cidr_identity: *id,
+        })
+    }
+
+    /// The pod an address is of (the first by name when several claim it).
+    fn owner(&self, ip: IpAddr) -> Option<&Owner> {
+        self.pod_addresses.get(&ip)?.iter().min_by(|a, b| {
+            (&a.facts.namespace, &a.facts.name, a.pod).cmp(&(
+                &b.facts.namespace,
+                &b.facts.name,
+                b.pod,
+            ))
+        })
+    }
+
+    /// Writes the ipcache entries of the dirty keys.
+    fn write_ipcache(&mut self, writes: &mut Writes) {
+        for key in std::mem::take(&mut writes.dirty) {
+            let value = self.ipcache_value(&key);
+            let before = self.desired.ipcache.get(&key).copied();
+            if value == before {
+                continue;
+            }
+            writes.before.entry(key).or_insert(before);
+            self.stats.ipcache_writes += 1;
+            match value {
+                Some(value) => self.desired.ipcache.insert(key, value),
+                None => self.desired.ipcache.remove(&key),
+            };
+        }
+        writes
+            .before
+            .retain(|key, before| self.desired.ipcache.get(key) != before.as_ref());
     }
 
     /// Keeps peer memberships current: new identities are matched against
-    /// every peer, released ones removed, new peers matched against every
-    /// identity, peers no policy names dropped.
-    fn update_members(&mut self, added: &[(u32, Arc<IdentityLabels>)], released: &[u32]) {
-        let peers: BTreeSet<(Namespaces, Selector)> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .flat_map(|policy| pod_peers(policy))
-            .collect();
-        self.members.retain(|peer, _| peers.contains(peer));
+    /// every peer that may hold them, released ones removed, new peers
+    /// matched against the identities that may be theirs, peers no policy
+    /// names dropped.
+    fn update_members(
+        &mut self,
+        policies_changed: bool,
+        added: &[(u32, Arc<IdentityLabels>)],
+        released: &[u32],
+    ) {
         let version = self.version;
-        for peer in peers {
-            match self.members.get_mut(&peer) {
-                Some(membership) => {
-                    let mut changed = false;
-                    for id in released {
-                        changed |= membership.identities.remove(id);
-                    }
-                    for (id, labels) in added {
-                        if peer_matches(&peer, labels) {
-                            changed |= membership.identities.insert(*id);
+        let mut new_peers: FxHashSet<PeerKey> = FxHashSet::default();
+        if policies_changed {
+            let peers: FxHashSet<PeerKey> = self
+                .compiled()
+                .flat_map(|policy| policy.peers.iter().cloned())
+                .collect();
+            self.members.retain(|peer, _| peers.contains(peer));
+            new_peers = peers
+                .into_iter()
+                .filter(|peer| !self.members.contains_key(peer))
+                .collect();
+        }
+        // Known peers: the identities that came and went.
+        if !added.is_empty() || !released.is_empty() {
+            let mut matches = 0;
+            for (peer, membership) in &mut self.members {
+                let mut changed = false;
+                for id in released {
+                    changed |= membership.identities.remove(id);
+                }
+                for (id, labels) in added {
+                    if let Namespaces::Own(namespace) = &peer.0 {
+                        if *namespace != labels.namespace {
+                            continue;
                         }
                     }
-                    if changed {
-                        membership.version = version;
+                    matches += 1;
+                    if peer_matches(peer, labels) {
+                        changed |= membership.identities.insert(*id);
                     }
                 }
-                None => {
-                    let identities = self
-                        .identities
-                        .iter()
-                        .filter(|(_, labels)| peer_matches(&peer, labels))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    self.members.insert(
-                        peer,
-                        Membership {
-                            identities,
-                            version,
-                        },
-                    );
+                if changed {
+                    membership.version = version;
                 }
             }
+            self.stats.peer_matches += matches;
         }
-    }
-
-    /// Builds the desired state from the caches.
-    fn build(&mut self, errors: &mut Vec<ObjectError>) -> PolicyDesired {
-        let mut desired = PolicyDesired {
-            enforcing: self.policies.values().any(|(_, p, _)| p.is_some()),
-            ..PolicyDesired::default()
-        };
-        for (id, labels) in &self.identities {
-            let text = labels.canonical();
-            desired.identities.insert(
-                *id,
-                IdentityInfo {
-                    digest: digest(&text),
-                    text,
-                },
-            );
-        }
-        for (cidr, id) in self.cidrs.iter().chain(&self.retiring.1) {
-            let text = cidr_text(cidr);
-            desired.identities.insert(
-                *id,
-                IdentityInfo {
-                    digest: digest(&text),
-                    text,
-                },
-            );
-        }
-        for (cidr, id) in &self.cidrs {
-            desired.ipcache.insert(
-                *cidr,
-                IpcacheValue {
-                    identity: *id,
-                    cidr_identity: *id,
-                },
-            );
-        }
-        // Longest first, to find the CIDR identity of an address.
-        let mut by_length: Vec<(&IpNetwork, &u32)> = self.cidrs.iter().collect();
-        by_length.sort_by_key(|(cidr, _)| std::cmp::Reverse(cidr.prefix()));
-        let cidr_identity = |ip: IpAddr| {
-            by_length
-                .iter()
-                .find(|(cidr, _)| cidr.is_ipv4() == ip.is_ipv4() && cidr.contains(ip))
-                .map_or(IDENTITY_WORLD, |(_, id)| **id)
-        };
-        let number_of: FxHashMap<&IdentityLabels, u32> = self
-            .identities
-            .iter()
-            .map(|(id, labels)| (&**labels, *id))
-            .collect();
-        for cached in self.pods.values() {
-            let facts = &cached.facts;
-            if facts.host_network {
-                continue;
+        // New peers: every identity that may be theirs.
+        if !new_peers.is_empty() {
+            let mut by_namespace: FxHashMap<&str, Vec<(u32, &IdentityLabels)>> =
+                FxHashMap::default();
+            for (id, labels) in self.identities.iter() {
+                by_namespace
+                    .entry(labels.namespace.as_str())
+                    .or_default()
+                    .push((id, labels));
             }
-            for (ip, labels) in facts.ips.iter().zip(&cached.labels) {
-                let identity = number_of.get(&**labels).copied().unwrap_or(IDENTITY_WORLD);
-                desired.ipcache.insert(
-                    IpNetwork::from(*ip),
-                    IpcacheValue {
-                        identity,
-                        cidr_identity: cidr_identity(*ip),
+            let all: Vec<(u32, &IdentityLabels)> =
+                by_namespace.values().flatten().copied().collect();
+            for peer in new_peers {
+                let candidates = match &peer.0 {
+                    Namespaces::Own(namespace) => by_namespace
+                        .get(namespace.as_str())
+                        .map_or(&[][..], |v| &v[..]),
+                    Namespaces::Matching(_) => &all[..],
+                };
+                self.stats.peer_matches += candidates.len();
+                let identities = candidates
+                    .iter()
+                    .filter(|(_, labels)| peer_matches(&peer, labels))
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.members.insert(
+                    peer,
+                    Membership {
+                        identities,
+                        version,
                     },
                 );
             }
         }
-        // Node addresses last: a hostNetwork pod shares them.
-        let this_node = self.config.node.clone();
-        let this_node = this_node.as_deref();
-        let mut nodes: Vec<(bool, IpAddr)> = Vec::new();
-        for (name, addresses) in &self.nodes {
-            let local = Some(name.as_str()) == this_node;
-            nodes.extend(addresses.iter().map(|a| (local, *a)));
-        }
-        for (local, ip) in nodes {
-            let identity = if local {
-                IDENTITY_HOST
-            } else {
-                IDENTITY_REMOTE_NODE
-            };
-            desired.ipcache.insert(
-                IpNetwork::from(ip),
-                IpcacheValue {
-                    identity,
-                    cidr_identity: cidr_identity(ip),
-                },
-            );
+    }
+
+    /// The recipe of a local pod's set.
+    fn recipe_key(&self, cached: &PodCached) -> Option<RecipeKey> {
+        let labels = cached.labels.as_ref()?;
+        let namespace = &cached.facts.namespace;
+        let start = PolicyRef {
+            namespace: namespace.clone(),
+            name: String::new(),
+        };
+        let policies: Vec<ByAddress> = self
+            .policies
+            .range(start..)
+            .take_while(|(id, _)| id.namespace == *namespace)
+            .filter_map(|(_, p)| p.compiled.clone())
+            .filter(|p| p.policy.pod_selector.matches(&labels.pod_labels))
+            .map(ByAddress)
+            .collect();
+        let named_ports = if policies.iter().any(|p| p.0.ingress_named) {
+            cached.facts.named_ports.clone()
+        } else {
+            Default::default()
+        };
+        Some(RecipeKey {
+            policies,
+            named_ports,
+        })
+    }
+
+    /// Brings the endpoints (this node's pods), their sets and the rules
+    /// up to date; returns whether they changed.
+    fn update_endpoints(&mut self, movement: &Movement, errors: &mut Vec<ObjectError>) -> bool {
+        // Each local pod's recipe, found again where its namespace's
+        // policies changed.
+        let mut locals: Vec<usize> = self.local_pods.iter().copied().collect();
+        locals.sort_by(|a, b| {
+            let (a, b) = (&self.pods[a].facts, &self.pods[b].facts);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        for address in &locals {
+            let cached = &self.pods[address];
+            let version = self
+                .policy_versions
+                .get(&cached.facts.namespace)
+                .copied()
+                .unwrap_or(0);
+            if cached.recipe.as_ref().is_some_and(|(v, _)| *v == version) {
+                continue;
+            }
+            let key = self.recipe_key(cached);
+            if let Some(cached) = self.pods.get_mut(address) {
+                cached.recipe = key.map(|key| (version, key));
+            }
         }
 
-        // Endpoints: this node's pods, by class.
-        let movement = Movement::between(&self.desired.ipcache, &desired.ipcache);
+        // The recipes in use, computed again where their inputs changed.
+        let mut recipes: FxHashMap<RecipeKey, Recipe> = FxHashMap::default();
+        {
+            let inputs = Inputs {
+                members: &self.members,
+                cidrs: &self.cidrs,
+                cidr_version: self.cidr_version,
+                identities: &self.identities,
+                identities_version: self.identities_version,
+            };
+            for address in &locals {
+                let Some((_, key)) = &self.pods[address].recipe else {
+                    continue;
+                };
+                if recipes.contains_key(key) {
+                    continue;
+                }
+                let fingerprint = key.fingerprint(&inputs);
+                let recipe = match self.recipes.remove(key) {
+                    Some(recipe) if recipe.fingerprint == fingerprint => recipe,
+                    _ => {
+                        self.stats.sets_computed += 1;
+                        key.compute(&inputs, &mut self.rules, errors)
+                    }
+                };
+                recipes.insert(key.clone(), recipe);
+            }
+        }
+        self.recipes = recipes;
+
+        // Endpoints, with the sets of the transition while addresses move.
         self.transitional = false;
         let transition_rule = if movement.is_empty() {
             None
         } else {
-            match self.rule_numbers.number(digest(TRANSITION_RULE)) {
-                Ok(rule) => Some(rule),
-                Err(_) => {
-                    errors.push(ObjectError {
-                        origin: "policy".into(),
-                        object: "NetworkPolicy".into(),
-                        field: "spec".into(),
-                        reason: "no rule number left; pods whose identity changes may see \
-                                 drops until the change is written"
-                            .into(),
-                    });
-                    None
-                }
+            let rule = self.rules.number(TRANSITION_RULE);
+            if rule.is_none() {
+                errors.push(ObjectError {
+                    origin: "policy".into(),
+                    object: "NetworkPolicy".into(),
+                    field: "spec".into(),
+                    reason: "no rule number left; pods whose identity changes may see drops \
+                             until the change is written"
+                        .into(),
+                });
             }
+            rule
         };
-        let mut classes = FxHashMap::default();
-        let mut transitions: FxHashMap<(ClassKey, u32, u32), Arc<SetContent>> =
+        let mut transitions: FxHashMap<(&RecipeKey, u32, u32), Arc<SetContent>> =
             FxHashMap::default();
-        let mut used_sets: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
-        let mut used_rules: BTreeSet<u32> = BTreeSet::new();
-        // Each address with its identity; an address without one (none
-        // left) is no endpoint.
-        type AddressIdentities = Vec<(IpAddr, u32)>;
-        let local_pods: Vec<(Arc<PodFacts>, AddressIdentities)> = self
-            .pods
-            .values()
-            .filter(|c| {
-                let f = &c.facts;
-                this_node.is_some() && f.node.as_deref() == this_node && !f.host_network
-            })
-            .map(|c| {
-                let ips = c
-                    .facts
-                    .ips
-                    .iter()
-                    .zip(&c.labels)
-                    .filter_map(|(ip, labels)| Some((*ip, *number_of.get(&**labels)?)))
-                    .collect();
-                (c.facts.clone(), ips)
-            })
-            .collect();
-        drop(number_of);
-        for (facts, ips) in local_pods {
-            // The identities of a pod's addresses differ at most in their
-            // blocks, which its set does not depend on: the first stands
-            // for all.
-            let Some(&(_, identity)) = ips.first() else {
+        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
+        let mut used: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
+        for address in &locals {
+            let cached = &self.pods[address];
+            let Some((_, key)) = &cached.recipe else {
                 continue;
             };
-            let key = ClassKey {
-                identity,
-                named_ports: facts.named_ports.clone(),
-            };
-            let class = match classes.get(&key) {
-                Some(class) => class,
-                None => {
-                    let class = self.class(&key, errors);
-                    classes.entry(key.clone()).or_insert(class)
+            let recipe = &self.recipes[key];
+            let facts = &cached.facts;
+            for (ip, slot) in facts.ips.iter().zip(&cached.slots) {
+                let Some(identity) = self.identities.number(*slot) else {
+                    continue; // no identity: no endpoint
+                };
+                if self.owner(*ip).is_some_and(|o| o.pod != *address) {
+                    continue; // another pod's address
                 }
-            };
-            let (flags, class_content) = (class.flags, class.content.clone());
-            for (ip, identity) in ips {
-                // While addresses move, the endpoint's set judges their
-                // identities as `transition` says.
-                let old = self
-                    .desired
-                    .endpoints
-                    .get(&ip)
-                    .map(|ep| (ep.set, ep.flags))
-                    .filter(|_| !movement.is_empty());
-                let content = match (&class_content, old, transition_rule) {
+                let old = self.desired.endpoints.get(ip).map(|ep| (ep.set, ep.flags));
+                let content = match (&recipe.content, old, transition_rule) {
                     (Some(content), Some((old_set, old_flags)), Some(rule)) => {
-                        let transition_key = (key.clone(), old_set, old_flags);
-                        let content = transitions.entry(transition_key).or_insert_with(|| {
-                            let old = self.desired.sets.get(&old_set).map(|s| &**s);
-                            let entries = movement.entries(
-                                &content.entries,
-                                Some((old, old_flags)),
-                                flags,
-                                rule,
-                            );
-                            if entries == content.entries {
-                                content.clone()
-                            } else {
-                                Arc::new(set_content(entries))
-                            }
-                        });
+                        let content = transitions
+                            .entry((key, old_set, old_flags))
+                            .or_insert_with(|| {
+                                let old = self.desired.sets.get(&old_set).map(|s| &**s);
+                                match movement.entries(
+                                    &content.entries,
+                                    Some((old, old_flags)),
+                                    recipe.flags,
+                                    rule,
+                                ) {
+                                    Some(entries) => Arc::new(sets::set_content(entries)),
+                                    None => content.clone(),
+                                }
+                            })
+                            .clone();
                         self.transitional |=
-                            !Arc::ptr_eq(content, class_content.as_ref().unwrap_or(content));
-                        Some(content.clone())
+                            !Arc::ptr_eq(&content, recipe.content.as_ref().unwrap_or(&content));
+                        Some(content)
                     }
                     (content, _, _) => content.clone(),
                 };
-                let set = match &content {
+                let set = match content {
                     Some(content) => match self.set_numbers.number(content.digest) {
                         Ok(number) => {
-                            used_sets.insert(number, content.clone());
-                            used_rules.extend(content.entries.values().copied());
+                            used.entry(number).or_insert(content);
                             number
                         }
                         Err(_) => 0,
                     },
                     None => 0,
                 };
-                desired.endpoints.insert(
-                    ip,
+                endpoints.insert(
+                    *ip,
                     EndpointInfo {
                         name: format!("{}/{}", facts.namespace, facts.name),
                         uid: facts.uid.clone(),
                         identity,
                         set,
-                        flags,
+                        flags: recipe.flags,
                     },
                 );
             }
         }
-        self.classes = classes;
-        self.set_numbers
-            .retain(|number, _| used_sets.contains_key(&number));
-        desired.sets = used_sets;
-        let names: BTreeMap<u32, String> = self
-            .policies
-            .iter()
-            .filter_map(|(id, (_, policy, _))| Some((id, policy.as_ref()?)))
-            .flat_map(|(id, policy)| {
-                let ingress = policy
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(move |r| (DIRECTION_INGRESS, r.index));
-                let egress = policy
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(move |r| (DIRECTION_EGRESS, r.index));
-                ingress
-                    .chain(egress)
-                    .map(move |(dir, index)| rule_name(id, dir, index))
-            })
-            .chain(std::iter::once(TRANSITION_RULE.to_string()))
-            .filter_map(|name| Some((self.rule_numbers.get(&digest(&name))?, name)))
-            .filter(|(number, _)| used_rules.contains(number))
-            .collect();
-        self.rule_numbers
-            .retain(|number, _| used_rules.contains(&number));
-        desired.rules = names;
-        desired
-    }
+        drop(transitions);
 
-    /// The set of a class of endpoints: cached while nothing it depends on
-    /// changed.
-    fn class(&mut self, key: &ClassKey, errors: &mut Vec<ObjectError>) -> ClassCached {
-        let labels = self.identities[&key.identity].clone();
-        let selecting: Vec<Arc<Policy>> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .filter(|p| {
-                p.id.namespace == labels.namespace && p.pod_selector.matches(&labels.pod_labels)
-            })
-            .cloned()
-            .collect();
-        let mut hasher = FxHasher::default();
-        for policy in &selecting {
-            (Arc::as_ptr(policy) as usize).hash(&mut hasher);
-            for peer in pod_peers(policy) {
-                self.members.get(&peer).map(|m| m.version).hash(&mut hasher);
-            }
-            if !policy_cidrs(policy).is_empty() {
-                self.cidr_version.hash(&mut hasher);
-            }
-            if names_ports_by_identity(policy) {
-                self.identities_version.hash(&mut hasher);
-            }
-        }
-        self.retiring.hash(&mut hasher);
-        let fingerprint = hasher.finish();
-        if let Some(cached) = self
-            .classes
-            .get(key)
-            .filter(|c| c.fingerprint == fingerprint)
-        {
-            return ClassCached {
-                fingerprint,
-                flags: cached.flags,
-                content: cached.content.clone(),
-            };
-        }
-        let ingress = selecting.iter().any(|p| p.ingress.is_some());
-        let egress = selecting.iter().any(|p| p.egress.is_some());
-        let flags = isolation_flags(ingress, egress);
-        if flags == 0 {
-            return ClassCached {
-                fingerprint,
-                flags,
-                content: None,
-            };
-        }
-        let mut entries: BTreeMap<Entry, u32> = BTreeMap::new();
-        for policy in &selecting {
-            for (direction, rules) in [
-                (DIRECTION_INGRESS, &policy.ingress),
-                (DIRECTION_EGRESS, &policy.egress),
-            ] {
-                for rule in rules.iter().flatten() {
-                    let name = rule_name(&policy.id, direction, rule.index);
-                    let Ok(rule_id) = self.rule_numbers.number(digest(&name)) else {
-                        errors.push(ObjectError {
-                            origin: "policy".into(),
-                            object: format!("NetworkPolicy {}", policy.id),
-                            field: "spec".into(),
-                            reason: "no rule number left; the rule matches nothing".into(),
-                        });
-                        continue;
-                    };
-                    for entry in self.rule_entries(direction, rule, key) {
-                        entries
-                            .entry(entry)
-                            .and_modify(|r| *r = (*r).min(rule_id))
-                            .or_insert(rule_id);
-                    }
-                }
-            }
-        }
-        ClassCached {
-            fingerprint,
-            flags,
-            content: Some(Arc::new(set_content(entries))),
-        }
-    }
-
-    /// The entries of one rule for an endpoint of class `key`.
-    ///
-    /// Retiring identities are left out: no address has them once this
-    /// update is written, and until then the sets judge them as the old
-    /// sets did (see [`transition_entries`]).
-    fn rule_entries(&self, direction: u8, rule: &crate::rules::Rule, key: &ClassKey) -> Vec<Entry> {
-        let retiring = &self.retiring.0;
-        // Peer identities; `None` stands for any peer. Pods are peers by
-        // their label identity, and also by their CIDR identity in a block;
-        // a named port resolves on pods only, by their label identity:
-        // `pod_peers` are the label identities of the peers (`None`: every
-        // one).
-        let mut pod_peers: Option<BTreeSet<u32>> = None;
-        let peers: Vec<u32> = match &rule.peers {
-            None => vec![IDENTITY_ANY],
-            Some(peers) => {
-                let mut ids = BTreeSet::new();
-                let mut pod_ids = BTreeSet::new();
-                for peer in peers {
-                    match peer {
-                        Peer::Pods { namespaces, pods } => {
-                            if let Some(m) = self.members.get(&(namespaces.clone(), pods.clone())) {
-                                let current =
-                                    m.identities.iter().filter(|id| !retiring.contains(id));
-                                ids.extend(current.clone());
-                                pod_ids.extend(current);
-                            }
-                        }
-                        Peer::Block { cidr, except } => {
-                            ids.extend(
-                                self.cidrs
-                                    .iter()
-                                    .filter(|(p, _)| {
-                                        within(p, cidr) && !except.iter().any(|e| within(p, e))
-                                    })
-                                    .map(|(_, id)| *id),
-                            );
-                            if direction == DIRECTION_EGRESS {
-                                let block = Block {
-                                    cidr: *cidr,
-                                    except: except.clone(),
-                                };
-                                pod_ids.extend(
-                                    self.identities
-                                        .iter()
-                                        .filter(|(id, labels)| {
-                                            labels.blocks.contains(&block) && !retiring.contains(id)
-                                        })
-                                        .map(|(id, _)| *id),
-                                );
-                            }
-                        }
-                    }
-                }
-                pod_peers = Some(pod_ids);
-                ids.into_iter().collect()
-            }
-        };
-        let mut out = Vec::new();
-        match &rule.ports {
-            None => out.extend(peers.iter().map(|id| Entry {
-                direction,
-                identity: *id,
-                l4: L4::Any,
-            })),
-            Some(ports) => {
-                for port in ports {
-                    match &port.port {
-                        PortMatch::Any => out.extend(peers.iter().map(|id| Entry {
-                            direction,
-                            identity: *id,
-                            l4: L4::Proto(port.proto),
-                        })),
-                        PortMatch::Range(first, last) => {
-                            for (start, prefix) in port_prefixes(*first, *last) {
-                                out.extend(peers.iter().map(|id| Entry {
-                                    direction,
-                                    identity: *id,
-                                    l4: L4::Ports {
-                                        proto: port.proto,
-                                        port: start,
-                                        prefix,
-                                    },
-                                }));
-                            }
-                        }
-                        PortMatch::Named(name) => {
-                            let named = (name.clone(), port.proto);
-                            let entry = |identity: u32, number: u16| Entry {
-                                direction,
-                                identity,
-                                l4: L4::Ports {
-                                    proto: port.proto,
-                                    port: number,
-                                    prefix: 16,
-                                },
-                            };
-                            if direction == DIRECTION_INGRESS {
-                                // The port is this endpoint's.
-                                if let Some(number) = key.named_ports.get(&named) {
-                                    out.extend(peers.iter().map(|id| entry(*id, *number)));
-                                }
-                                continue;
-                            }
-                            // Egress: the destination's, which its label
-                            // identity carries.
-                            let number_of = |id: &u32| {
-                                self.identities
-                                    .get(id)
-                                    .and_then(|l| l.named_ports.get(&named).copied())
-                            };
-                            match &pod_peers {
-                                None => out.extend(
-                                    self.identities
-                                        .keys()
-                                        .filter(|id| !retiring.contains(id))
-                                        .filter_map(|id| {
-                                            number_of(id).map(|number| entry(*id, number))
-                                        }),
-                                ),
-                                Some(ids) => out.extend(ids.iter().filter_map(|id| {
-                                    number_of(id).map(|number| entry(*id, number))
-                                })),
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// A set of `entries`, with its digest.
-fn set_content(entries: BTreeMap<Entry, u32>) -> SetContent {
-    let mut text = String::new();
-    for (entry, rule) in &entries {
-        let _ = write!(text, "{entry:?}={rule};");
-    }
-    SetContent {
-        digest: digest(&text),
-        entries,
-    }
-}
-
-/// The inputs identities depend on: excluded keys a selector names, the
-/// (name, protocol) of every named port in an egress rule, and the ipBlocks
-/// of egress rules with named ports.
-fn identity_inputs<'a>(
-    config: &IdentityConfig,
-    policies: impl Iterator<Item = &'a CachedPolicy>,
-) -> IdentityInputs {
-    let mut selected = BTreeSet::new();
-    let mut named = BTreeSet::new();
-    let mut blocks: BTreeMap<Block, BTreeSet<(String, u8)>> = BTreeMap::new();
-    for policy in policies.filter_map(|(_, p, _)| p.as_ref()) {
-        let mut note = |selector: &Selector| {
-            for key in selector.keys() {
-                if config.excluded.iter().any(|e| e == key) {
-                    selected.insert(key.to_string());
-                }
-            }
-        };
-        note(&policy.pod_selector);
-        for (namespaces, pods) in pod_peers(policy) {
-            note(&pods);
-            if let Namespaces::Matching(selector) = namespaces {
-                note(&selector);
-            }
-        }
-        for rule in policy.egress.iter().flatten() {
-            let names: BTreeSet<(String, u8)> = rule
-                .ports
+        let mut changed = false;
+        if endpoints != self.desired.endpoints {
+            self.stats.endpoint_writes = endpoints
                 .iter()
-                .flatten()
-                .filter_map(|port| match &port.port {
-                    PortMatch::Named(name) => Some((name.clone(), port.proto)),
-                    _ => None,
-                })
+                .filter(|(ip, ep)| self.desired.endpoints.get(ip) != Some(ep))
+                .count()
+                + self
+                    .desired
+                    .endpoints
+                    .keys()
+                    .filter(|ip| !endpoints.contains_key(ip))
+                    .count();
+            self.desired.endpoints = endpoints;
+            changed = true;
+        }
+        let same_sets = used.len() == self.desired.sets.len()
+            && used
+                .iter()
+                .zip(&self.desired.sets)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        if !same_sets {
+            self.set_numbers
+                .retain(|number, _| used.contains_key(&number));
+            let mut rules: BTreeSet<u32> = BTreeSet::new();
+            for content in used.values() {
+                rules.extend(content.entries.values().copied());
+            }
+            self.rules.keep(&rules);
+            let names: BTreeMap<u32, String> = rules
+                .iter()
+                .filter_map(|rule| Some((*rule, self.rules.names.get(rule)?.clone())))
                 .collect();
-            if names.is_empty() {
-                continue;
-            }
-            for peer in rule.peers.iter().flatten() {
-                if let Peer::Block { cidr, except } = peer {
-                    let block = Block {
-                        cidr: *cidr,
-                        except: except.clone(),
-                    };
-                    blocks
-                        .entry(block)
-                        .or_default()
-                        .extend(names.iter().cloned());
-                }
-            }
-            named.extend(names);
+            changed |= used != self.desired.sets || names != self.desired.rules;
+            self.desired.sets = used;
+            self.desired.rules = names;
         }
-    }
-    IdentityInputs {
-        selected,
-        egress_named: named,
-        blocks,
-    }
-}
-
-/// Whether a policy has an egress rule to any peer or to an ipBlock on a
-/// named port: its entries list every identity that has the port (and is
-/// in the block).
-fn names_ports_by_identity(policy: &Policy) -> bool {
-    policy.egress.iter().flatten().any(|rule| {
-        rule.peers
-            .as_ref()
-            .is_none_or(|peers| peers.iter().any(|peer| matches!(peer, Peer::Block { .. })))
-            && rule
-                .ports
-                .iter()
-                .flatten()
-                .any(|p| matches!(p.port, PortMatch::Named(_)))
-    })
-}
-
-/// Every pod peer a policy names.
-fn pod_peers(policy: &Policy) -> Vec<(Namespaces, Selector)> {
-    policy
-        .ingress
-        .iter()
-        .chain(&policy.egress)
-        .flatten()
-        .flat_map(|rule| rule.peers.iter().flatten())
-        .filter_map(|peer| match peer {
-            Peer::Pods { namespaces, pods } => Some((namespaces.clone(), pods.clone())),
-            Peer::Block { .. } => None,
-        })
-        .collect()
-}
-
-/// Every CIDR a policy names, blocks and exceptions.
-fn policy_cidrs(policy: &Policy) -> Vec<IpNetwork> {
-    policy
-        .ingress
-        .iter()
-        .chain(&policy.egress)
-        .flatten()
-        .flat_map(|rule| rule.peers.iter().flatten())
-        .flat_map(|peer| match peer {
-            Peer::Block { cidr, except } => {
-                let mut all = vec![*cidr];
-                all.extend(except.iter().copied());
-                all
-            }
-            Peer::Pods { .. } => Vec::new(),
-        })
-        .collect()
-}
-
-/// Whether an identity's pods are peers of a pod peer.
-fn peer_matches((namespaces, pods): &(Namespaces, Selector), labels: &IdentityLabels) -> bool {
-    let namespace_ok = match namespaces {
-        Namespaces::Own(namespace) => *namespace == labels.namespace,
-        Namespaces::Matching(selector) => selector.matches(&labels.namespace_labels),
-    };
-    namespace_ok && pods.matches(&labels.pod_labels)
-}
-
-/// A namespace's labels, with the name label the API server sets (also when
-/// a YAML directory has no Namespace object for it).
-fn namespace_labels(name: &str, namespace: Option<&Namespace>) -> BTreeMap<String, String> {
-    let mut labels = namespace
-        .and_then(|n| n.metadata.labels.clone())
-        .unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
-    labels
-}
-
-/// What policy needs of a pod.
-fn pod_facts(pod: &Pod, namespace: &str) -> PodFacts {
-    let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
-    let terminal = status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if !terminal {
-        let listed = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|ip| ip.ip.as_str())
-            .chain(status.and_then(|s| s.pod_ip.as_deref()));
-        for text in listed {
-            if let Ok(ip) = text.parse::<IpAddr>() {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-        }
-    }
-    let mut named_ports = NamedPorts::new();
-    for container in spec.into_iter().flat_map(|s| &s.containers) {
-        for port in container.ports.iter().flatten() {
-            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
-                continue;
-            };
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => PROTO_UDP,
-                "SCTP" => PROTO_SCTP,
-                _ => PROTO_TCP,
-            };
-            named_ports.entry((name.clone(), proto)).or_insert(number);
-        }
-    }
-    PodFacts {
-        namespace: namespace.to_string(),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        ips,
-        node: spec.and_then(|s| s.node_name.clone()),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        named_ports,
+        changed
     }
 }
 

@@ -98,6 +98,13 @@ impl Numbers {
         }
     }
 
+    /// Frees one number.
+    pub fn free(&mut self, number: u32) {
+        if let Some(digest) = self.by_number.remove(&number) {
+            self.by_digest.remove(&digest);
+        }
+    }
+
     /// How many numbers are in use.
     pub fn len(&self) -> usize {
         self.by_number.len()

@@ -58,7 +58,7 @@ fn parts(value: IpcacheValue) -> impl Iterator<Item = u32> {
 }
 
 /// The identities of a range no ipcache prefix covers.
-const WORLD: IpcacheValue = IpcacheValue {
+pub(super) const WORLD: IpcacheValue = IpcacheValue {
     identity: IDENTITY_WORLD,
     cidr_identity: IDENTITY_WORLD,
 };
@@ -68,46 +68,29 @@ fn is_cidr(value: &IpcacheValue) -> bool {
     value.identity >= IDENTITY_FIRST_CIDR && value.identity == value.cidr_identity
 }
 
-/// The value of the longest CIDR entry of `ipcache` that holds all of
-/// `prefix` and is shorter.
-fn covering(ipcache: &[(IpNetwork, IpcacheValue)], prefix: &IpNetwork) -> IpcacheValue {
-    ipcache
-        .iter()
-        .filter(|(p, _)| {
-            p.is_ipv4() == prefix.is_ipv4()
-                && p.prefix() < prefix.prefix()
-                && p.contains(prefix.network())
-        })
-        .max_by_key(|(p, _)| p.prefix())
-        .map_or(WORLD, |(_, v)| *v)
-}
-
 impl Movement {
-    /// The movement from the ipcache `old` to `new`: addresses whose
-    /// identities change, and ranges of CIDRs that come or go. (Addresses
-    /// that come or go are pods that start or end: they had no flows.)
-    pub(super) fn between(
-        old: &BTreeMap<IpNetwork, IpcacheValue>,
-        new: &BTreeMap<IpNetwork, IpcacheValue>,
+    /// The movement of an update from the ipcache entries it changed, each
+    /// with its value before and after: addresses whose identities change,
+    /// and ranges of CIDRs that come or go (`covering_before` and
+    /// `covering_after` give the value of the longest CIDR entry strictly
+    /// holding a prefix, before and after). Addresses that come or go are
+    /// pods that start or end: they had no flows.
+    pub(super) fn from_changes<'a>(
+        changes: impl Iterator<Item = (&'a IpNetwork, Option<IpcacheValue>, Option<IpcacheValue>)>,
+        covering_before: impl Fn(&IpNetwork) -> IpcacheValue,
+        covering_after: impl Fn(&IpNetwork) -> IpcacheValue,
     ) -> Self {
         let mut movement = Movement::default();
-        let cidrs = |map: &BTreeMap<IpNetwork, IpcacheValue>| -> Vec<(IpNetwork, IpcacheValue)> {
-            map.iter()
-                .filter(|(_, v)| is_cidr(v))
-                .map(|(p, v)| (*p, *v))
-                .collect()
-        };
-        let (old_cidrs, new_cidrs) = (cidrs(old), cidrs(new));
-        for (prefix, after) in new {
-            match old.get(prefix) {
-                Some(before) if before != after => movement.add(*before, *after),
-                None if is_cidr(after) => movement.add(covering(&old_cidrs, prefix), *after),
+        for (prefix, before, after) in changes {
+            match (before, after) {
+                (Some(before), Some(after)) if before != after => movement.add(before, after),
+                (None, Some(after)) if is_cidr(&after) => {
+                    movement.add(covering_before(prefix), after)
+                }
+                (Some(before), None) if is_cidr(&before) => {
+                    movement.add(before, covering_after(prefix))
+                }
                 _ => {}
-            }
-        }
-        for (prefix, before) in old {
-            if is_cidr(before) && !new.contains_key(prefix) {
-                movement.add(*before, covering(&new_cidrs, prefix));
             }
         }
         movement
@@ -137,21 +120,19 @@ impl Movement {
     }
 
     /// The entries of an endpoint's set for this update: `fin`, its final
-    /// entries, with the identities that move judged as the module says.
-    /// `old` is what the endpoint held before (`None`: it is new, and has
-    /// no flows to keep), `flags` its isolation now; entries kept from the
-    /// old set get rule `rule`.
+    /// entries, with the identities that move judged as the module says;
+    /// `None` when that is `fin` itself. `old` is what the endpoint held
+    /// before (`None`: it is new, and has no flows to keep), `flags` its
+    /// isolation now; entries kept from the old set get rule `rule`.
     pub(super) fn entries(
         &self,
         fin: &BTreeMap<Entry, u32>,
         old: Option<(Option<&SetContent>, u32)>,
         flags: u32,
         rule: u32,
-    ) -> BTreeMap<Entry, u32> {
-        let Some((old_set, old_flags)) = old else {
-            return fin.clone();
-        };
-        let mut entries = fin.clone();
+    ) -> Option<BTreeMap<Entry, u32>> {
+        let (old_set, old_flags) = old?;
+        let mut entries: Option<BTreeMap<Entry, u32>> = None;
         for (direction, bit) in [
             (DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED),
             (DIRECTION_EGRESS, ENDPOINT_EGRESS_ISOLATED),
@@ -166,22 +147,19 @@ impl Movement {
                 if old_flags & bit == 0 {
                     return vec![L4::Any];
                 }
-                old_set
-                    .into_iter()
-                    .flat_map(|s| s.entries.keys())
-                    .filter(|e| {
-                        e.direction == direction && (e.identity == id || e.identity == IDENTITY_ANY)
-                    })
-                    .map(|e| e.l4)
-                    .collect()
+                let Some(set) = old_set else {
+                    return Vec::new();
+                };
+                let mut l4s: Vec<L4> = of(&set.entries, direction, id).map(|(e, _)| e.l4).collect();
+                if id != IDENTITY_ANY {
+                    l4s.extend(of(&set.entries, direction, IDENTITY_ANY).map(|(e, _)| e.l4));
+                }
+                l4s
             };
             for (&id, moves) in &self.identities {
                 let before = old_of(id);
-                let after: Vec<(L4, u32)> = fin
-                    .iter()
-                    .filter(|(e, _)| e.direction == direction && e.identity == id)
-                    .map(|(e, r)| (e.l4, *r))
-                    .collect();
+                let after: Vec<(L4, u32)> =
+                    of(fin, direction, id).map(|(e, r)| (e.l4, *r)).collect();
                 let mut judged: BTreeMap<L4, u32> = BTreeMap::new();
                 for a in &before {
                     for (b, r) in &after {
@@ -200,6 +178,14 @@ impl Movement {
                         judged.insert(*b, *r);
                     }
                 }
+                if judged
+                    .iter()
+                    .map(|(l4, r)| (*l4, *r))
+                    .eq(after.iter().copied())
+                {
+                    continue;
+                }
+                let entries = entries.get_or_insert_with(|| fin.clone());
                 let key = |l4| Entry {
                     direction,
                     identity: id,
@@ -213,6 +199,29 @@ impl Movement {
         }
         entries
     }
+}
+
+/// The entries of `entries` for `identity` in `direction`.
+pub(super) fn of(
+    entries: &BTreeMap<Entry, u32>,
+    direction: u8,
+    identity: u32,
+) -> impl Iterator<Item = (&Entry, &u32)> {
+    let first = Entry {
+        direction,
+        identity,
+        l4: L4::Any,
+    };
+    let last = Entry {
+        direction,
+        identity,
+        l4: L4::Ports {
+            proto: u8::MAX,
+            port: u16::MAX,
+            prefix: u8::MAX,
+        },
+    };
+    entries.range(first..=last)
 }
 
 /// Whether `outer` matches every packet `inner` matches.
@@ -254,6 +263,37 @@ fn intersection(a: &L4, b: &L4) -> Option<L4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The value of the longest CIDR entry of `ipcache` strictly holding
+    /// `prefix`.
+    fn covering(ipcache: &BTreeMap<IpNetwork, IpcacheValue>, prefix: &IpNetwork) -> IpcacheValue {
+        ipcache
+            .iter()
+            .filter(|(p, v)| {
+                is_cidr(v)
+                    && p.is_ipv4() == prefix.is_ipv4()
+                    && p.prefix() < prefix.prefix()
+                    && p.contains(prefix.network())
+            })
+            .max_by_key(|(p, _)| p.prefix())
+            .map_or(WORLD, |(_, v)| *v)
+    }
+
+    impl Movement {
+        fn between(
+            old: &BTreeMap<IpNetwork, IpcacheValue>,
+            new: &BTreeMap<IpNetwork, IpcacheValue>,
+        ) -> Self {
+            let keys: std::collections::BTreeSet<&IpNetwork> =
+                old.keys().chain(new.keys()).collect();
+            Movement::from_changes(
+                keys.into_iter()
+                    .map(|k| (k, old.get(k).copied(), new.get(k).copied())),
+                |p| covering(old, p),
+                |p| covering(new, p),
+            )
+        }
+    }
 
     const TCP: u8 = 6;
 
@@ -305,7 +345,9 @@ mod tests {
         let movement = Movement::between(&old, &new);
         // The endpoint was not isolated; now it allows 301 on TCP.
         let fin = BTreeMap::from([(entry(301, L4::Proto(TCP)), 7)]);
-        let entries = movement.entries(&fin, Some((None, 0)), ENDPOINT_INGRESS_ISOLATED, 99);
+        let entries = movement
+            .entries(&fin, Some((None, 0)), ENDPOINT_INGRESS_ISOLATED, 99)
+            .unwrap();
         // 300 is judged as before (everything), 301 as after, and the
         // world, which the address keeps, as before too.
         assert_eq!(
@@ -319,7 +361,7 @@ mod tests {
         // A new endpoint has nothing to keep.
         assert_eq!(
             movement.entries(&fin, None, ENDPOINT_INGRESS_ISOLATED, 99),
-            fin
+            None
         );
     }
 
@@ -352,7 +394,7 @@ mod tests {
             ENDPOINT_INGRESS_ISOLATED,
             99,
         );
-        assert_eq!(entries, BTreeMap::from([(entry(300, tcp80), 2)]));
+        assert_eq!(entries, Some(BTreeMap::from([(entry(300, tcp80), 2)])));
     }
 
     #[test]
