@@ -24,7 +24,7 @@ use lb_policy::{
 #[path = "support/cluster.rs"]
 mod cluster;
 
-use cluster::{extra_policy, generate, relabeled, Shape, THIS_NODE};
+use cluster::{extra_policy, generate, pod_index, relabeled, Shape, THIS_NODE};
 
 /// The compiler and what the maps hold, as the agent keeps them.
 struct Agent {
@@ -124,7 +124,11 @@ fn bench(c: &mut Criterion) {
     // maps is timed, its follow-up is not.
     let mut group = c.benchmark_group("policy");
     group.sample_size(50);
-    for (name, index) in [("relabel remote pod", 105), ("relabel local pod", 150)] {
+    let pods = [
+        ("relabel remote pod", pod_index(&objects, "backend", false)),
+        ("relabel local pod", pod_index(&objects, "backend", true)),
+    ];
+    for (name, index) in pods {
         let mut objects = objects.clone();
         let original = objects.pods[index].clone();
         let mut agent = Agent::new();

@@ -51,8 +51,8 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use lb_common::policy::{
-    IpcacheValue, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, IDENTITY_HOST, IDENTITY_MAX,
-    IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
+    IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS,
+    IDENTITY_HOST, IDENTITY_MAX, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
 };
 use lb_core::intent::{ObjectError, Objects, Sourced};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -61,14 +61,14 @@ use self::{
     cidrs::CidrIndex,
     identities::{Identities, Slot},
     objects::{namespace_labels, peer_matches, pod_facts, IdentityInputs, PodFacts},
-    sets::{ByAddress, Compiled, Inputs, Membership, PeerKey, Recipe, RecipeKey, RuleNumbers},
+    sets::{rule_name, ByAddress, Compiled, Inputs, Membership, Recipe, RecipeKey, RuleNumbers},
     transition::{Movement, WORLD},
 };
 use crate::{
     desired::{EndpointInfo, IdentityInfo, PolicyDesired, SetContent},
     labels::{digest, IdentityConfig, IdentityLabels},
     numbers::Numbers,
-    rules::{parse_policy, Namespaces, PolicyRef},
+    rules::{parse_policy, Namespaces, PodPeer, PolicyRef},
 };
 
 /// Where the compiler runs and how it groups pods.
@@ -112,8 +112,10 @@ pub struct PolicyStats {
     pub peer_matches: usize,
     /// ipcache entries written or deleted.
     pub ipcache_writes: usize,
-    /// Policy sets computed (not taken from the cache).
+    /// Policy sets computed whole (new recipes, or CIDRs changed).
     pub sets_computed: usize,
+    /// Policy sets patched where identities changed.
+    pub sets_patched: usize,
     /// Endpoints written or deleted.
     pub endpoint_writes: usize,
 }
@@ -132,6 +134,9 @@ pub struct Adopted {
 /// The name of the rule of the entries that keep, for one update, what
 /// endpoints allowed the identities that addresses leave in it.
 pub const TRANSITION_RULE: &str = "(allowed before, while identities change)";
+
+/// The first set number of sets that are not a recipe's.
+const FIRST_OTHER_SET: u32 = 0x8000_0000;
 
 /// What a CIDR identity stands for, as text.
 fn cidr_text(cidr: &IpNetwork) -> String {
@@ -213,8 +218,6 @@ pub struct PolicyCompiler {
     node_addresses: FxHashMap<IpAddr, bool>,
 
     identities: Identities,
-    /// Bumped when identities are numbered or released.
-    identities_version: u64,
     /// Pod addresses and the pods that claim them (normally one).
     pod_addresses: FxHashMap<IpAddr, Vec<Owner>>,
     cidr_numbers: Numbers,
@@ -225,9 +228,18 @@ pub struct PolicyCompiler {
     retiring_cidrs: BTreeMap<IpNetwork, u32>,
     cidr_version: u64,
 
-    members: FxHashMap<PeerKey, Membership>,
+    members: FxHashMap<PodPeer, Membership>,
     recipes: FxHashMap<RecipeKey, Recipe>,
-    set_numbers: Numbers,
+    /// Numbers of the sets of recipes (each recipe keeps its number while
+    /// in use, and its set changes in place), by an owner key per recipe;
+    /// sets found in the kernel at start are keyed by their digest until a
+    /// recipe with that content takes them.
+    recipe_sets: Numbers,
+    /// Gives each recipe its owner key.
+    recipe_serial: u64,
+    /// Numbers of the sets of the transition that are not a recipe's, by
+    /// digest.
+    other_sets: Numbers,
     rules: RuleNumbers,
     desired: PolicyDesired,
     /// Whether some set of the desired state is one of transition.
@@ -250,8 +262,10 @@ impl PolicyCompiler {
         let mut cidr_numbers = Numbers::new(IDENTITY_FIRST_CIDR, IDENTITY_MAX);
         label_numbers.adopt(adopted.identities.iter().copied());
         cidr_numbers.adopt(adopted.identities.iter().copied());
-        let mut set_numbers = Numbers::new(1, u32::MAX);
-        set_numbers.adopt(adopted.sets.iter().copied());
+        let mut recipe_sets = Numbers::new(1, FIRST_OTHER_SET - 1);
+        recipe_sets.adopt(adopted.sets.iter().copied());
+        let mut other_sets = Numbers::new(FIRST_OTHER_SET, u32::MAX);
+        other_sets.adopt(adopted.sets.iter().copied());
         let mut rule_numbers = Numbers::new(1, u32::MAX);
         rule_numbers.adopt(
             adopted
@@ -275,7 +289,6 @@ impl PolicyCompiler {
             node_objects: Vec::new(),
             node_addresses: FxHashMap::default(),
             identities: Identities::new(label_numbers),
-            identities_version: 0,
             pod_addresses: FxHashMap::default(),
             cidr_numbers,
             cidrs: BTreeMap::new(),
@@ -284,7 +297,9 @@ impl PolicyCompiler {
             cidr_version: 0,
             members: FxHashMap::default(),
             recipes: FxHashMap::default(),
-            set_numbers,
+            recipe_sets,
+            recipe_serial: 0,
+            other_sets,
             rules: RuleNumbers {
                 numbers: rule_numbers,
                 names: FxHashMap::default(),
@@ -333,7 +348,6 @@ impl PolicyCompiler {
         self.stats.identities_added = settled.added.len();
         self.stats.identities_released = settled.released.len();
         if !settled.added.is_empty() || !settled.released.is_empty() {
-            self.identities_version += 1;
             changed = true;
         }
         for number in &settled.released {
@@ -362,7 +376,26 @@ impl PolicyCompiler {
         self.update_nodes(objects, &mut writes);
         self.write_ipcache(&mut writes);
         changed |= !writes.before.is_empty();
-        self.update_members(policies_changed, &settled.added, &settled.released);
+        let gone: Vec<u32> = settled
+            .deactivated
+            .iter()
+            .chain(&settled.released)
+            .copied()
+            .collect();
+        self.update_members(policies_changed, &settled.activated, &gone);
+        // The identities whose entries may differ in the sets. Those that
+        // retire keep theirs until they are released (or active again): no
+        // address has them meanwhile, and the sets of the transition judge
+        // them as before anyway.
+        let touched: BTreeSet<u32> = settled
+            .activated
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(settled.released.iter().copied())
+            .collect();
+        if policies_changed {
+            changed |= self.prune_rules();
+        }
 
         // The value of the longest CIDR strictly holding a prefix.
         let covering = |index: &CidrIndex, prefix: &IpNetwork| {
@@ -382,7 +415,7 @@ impl PolicyCompiler {
             |p| covering(old_index, p).unwrap_or(WORLD),
             |p| covering(&self.cidr_index, p).unwrap_or(WORLD),
         );
-        changed |= self.update_endpoints(&movement, &mut errors);
+        changed |= self.update_endpoints(&movement, &touched, &mut errors);
 
         let enforcing = self.policies.values().any(|p| p.compiled.is_some());
         changed |= enforcing != self.desired.enforcing;
@@ -790,20 +823,19 @@ impl PolicyCompiler {
             .retain(|key, before| self.desired.ipcache.get(key) != before.as_ref());
     }
 
-    /// Keeps peer memberships current: new identities are matched against
-    /// every peer that may hold them, released ones removed, new peers
-    /// matched against the identities that may be theirs, peers no policy
-    /// names dropped.
+    /// Keeps peer memberships current: identities that became active are
+    /// matched against every peer that may hold them, inactive ones
+    /// removed, new peers matched against the active identities that may be
+    /// theirs, peers no policy names dropped.
     fn update_members(
         &mut self,
         policies_changed: bool,
-        added: &[(u32, Arc<IdentityLabels>)],
-        released: &[u32],
+        activated: &[(u32, Arc<IdentityLabels>)],
+        gone: &[u32],
     ) {
-        let version = self.version;
-        let mut new_peers: FxHashSet<PeerKey> = FxHashSet::default();
+        let mut new_peers: FxHashSet<PodPeer> = FxHashSet::default();
         if policies_changed {
-            let peers: FxHashSet<PeerKey> = self
+            let peers: FxHashSet<PodPeer> = self
                 .compiled()
                 .flat_map(|policy| policy.peers.iter().cloned())
                 .collect();
@@ -814,44 +846,43 @@ impl PolicyCompiler {
                 .collect();
         }
         // Known peers: the identities that came and went.
-        if !added.is_empty() || !released.is_empty() {
+        if !activated.is_empty() || !gone.is_empty() {
             let mut matches = 0;
             for (peer, membership) in &mut self.members {
-                let mut changed = false;
-                for id in released {
-                    changed |= membership.identities.remove(id);
+                for id in gone {
+                    membership.identities.remove(id);
                 }
-                for (id, labels) in added {
-                    if let Namespaces::Own(namespace) = &peer.0 {
+                for (id, labels) in activated {
+                    if let Namespaces::Own(namespace) = &peer.namespaces {
                         if *namespace != labels.namespace {
                             continue;
                         }
                     }
                     matches += 1;
                     if peer_matches(peer, labels) {
-                        changed |= membership.identities.insert(*id);
+                        membership.identities.insert(*id);
                     }
-                }
-                if changed {
-                    membership.version = version;
                 }
             }
             self.stats.peer_matches += matches;
         }
-        // New peers: every identity that may be theirs.
+        // New peers: every active identity that may be theirs.
         if !new_peers.is_empty() {
+            let retiring = self.identities.retiring();
             let mut by_namespace: FxHashMap<&str, Vec<(u32, &IdentityLabels)>> =
                 FxHashMap::default();
             for (id, labels) in self.identities.iter() {
-                by_namespace
-                    .entry(labels.namespace.as_str())
-                    .or_default()
-                    .push((id, labels));
+                if !retiring.contains(&id) {
+                    by_namespace
+                        .entry(labels.namespace.as_str())
+                        .or_default()
+                        .push((id, labels));
+                }
             }
             let all: Vec<(u32, &IdentityLabels)> =
                 by_namespace.values().flatten().copied().collect();
             for peer in new_peers {
-                let candidates = match &peer.0 {
+                let candidates = match &peer.namespaces {
                     Namespaces::Own(namespace) => by_namespace
                         .get(namespace.as_str())
                         .map_or(&[][..], |v| &v[..]),
@@ -863,15 +894,49 @@ impl PolicyCompiler {
                     .filter(|(_, labels)| peer_matches(&peer, labels))
                     .map(|(id, _)| *id)
                     .collect();
-                self.members.insert(
-                    peer,
-                    Membership {
-                        identities,
-                        version,
-                    },
-                );
+                self.members.insert(peer, Membership { identities });
             }
         }
+    }
+
+    /// Frees the numbers of rules no policy has any more; returns whether
+    /// the rule names changed.
+    fn prune_rules(&mut self) -> bool {
+        let mut names: BTreeSet<String> = BTreeSet::from([TRANSITION_RULE.to_string()]);
+        for policy in self.compiled() {
+            let policy = &policy.policy;
+            for (direction, rules) in [
+                (DIRECTION_INGRESS, &policy.ingress),
+                (DIRECTION_EGRESS, &policy.egress),
+            ] {
+                for rule in rules.iter().flatten() {
+                    names.insert(rule_name(&policy.id, direction, rule.index));
+                }
+            }
+        }
+        self.rules.keep(&names);
+        self.sync_rule_names()
+    }
+
+    /// Makes the desired rule names those of the numbered rules; returns
+    /// whether they changed.
+    fn sync_rule_names(&mut self) -> bool {
+        if self.rules.names.len() == self.desired.rules.len()
+            && self
+                .rules
+                .names
+                .iter()
+                .all(|(n, name)| self.desired.rules.get(n) == Some(name))
+        {
+            return false;
+        }
+        self.desired.rules = self
+            .rules
+            .names
+            .iter()
+            .map(|(n, name)| (*n, name.clone()))
+            .collect();
+        true
     }
 
     /// The recipe of a local pod's set.
@@ -903,7 +968,12 @@ impl PolicyCompiler {
 
     /// Brings the endpoints (this node's pods), their sets and the rules
     /// up to date; returns whether they changed.
-    fn update_endpoints(&mut self, movement: &Movement, errors: &mut Vec<ObjectError>) -> bool {
+    fn update_endpoints(
+        &mut self,
+        movement: &Movement,
+        touched: &BTreeSet<u32>,
+        errors: &mut Vec<ObjectError>,
+    ) -> bool {
         // Each local pod's recipe, found again where its namespace's
         // policies changed.
         let mut locals: Vec<usize> = self.local_pods.iter().copied().collect();
@@ -927,7 +997,29 @@ impl PolicyCompiler {
             }
         }
 
-        // The recipes in use, computed again where their inputs changed.
+        // What the sets held before, as far as the transition needs it (the
+        // entries of the identities that move, and the wildcard's), and
+        // their digests; the sets themselves are let go, so that recipes
+        // patch theirs in place.
+        let old_digests: Vec<(u32, [u8; 16])> = self
+            .desired
+            .sets
+            .iter()
+            .map(|(number, content)| (*number, content.digest))
+            .collect();
+        let old_sets: FxHashMap<u32, SetContent> = if movement.is_empty() {
+            FxHashMap::default()
+        } else {
+            self.desired
+                .sets
+                .iter()
+                .map(|(number, content)| (*number, movement.relevant(content)))
+                .collect()
+        };
+        self.desired.sets.clear();
+
+        // The recipes in use, patched where identities changed, computed
+        // when new or when CIDRs changed under them.
         let mut recipes: FxHashMap<RecipeKey, Recipe> = FxHashMap::default();
         {
             let inputs = Inputs {
@@ -935,7 +1027,7 @@ impl PolicyCompiler {
                 cidrs: &self.cidrs,
                 cidr_version: self.cidr_version,
                 identities: &self.identities,
-                identities_version: self.identities_version,
+                version: self.version,
             };
             for address in &locals {
                 let Some((_, key)) = &self.pods[address].recipe else {
@@ -944,18 +1036,36 @@ impl PolicyCompiler {
                 if recipes.contains_key(key) {
                     continue;
                 }
-                let fingerprint = key.fingerprint(&inputs);
                 let recipe = match self.recipes.remove(key) {
-                    Some(recipe) if recipe.fingerprint == fingerprint => recipe,
-                    _ => {
+                    Some(mut recipe) if key.patchable(&recipe, &inputs) => {
+                        if key.patch(&mut recipe, touched, &inputs, &mut self.rules, errors) {
+                            self.stats.sets_patched += 1;
+                        }
+                        recipe
+                    }
+                    old => {
                         self.stats.sets_computed += 1;
-                        key.compute(&inputs, &mut self.rules, errors)
+                        let mut recipe = key.compute(&inputs, &mut self.rules, errors);
+                        match old {
+                            Some(old) => (recipe.owner, recipe.number) = (old.owner, old.number),
+                            None => {
+                                self.recipe_serial += 1;
+                                recipe.owner[..8]
+                                    .copy_from_slice(&self.recipe_serial.to_be_bytes());
+                                recipe.owner[8..].copy_from_slice(b"recipe\0\0");
+                            }
+                        }
+                        recipe
                     }
                 };
                 recipes.insert(key.clone(), recipe);
             }
         }
-        self.recipes = recipes;
+        for (_, gone) in std::mem::replace(&mut self.recipes, recipes) {
+            if let Some(number) = gone.number {
+                self.recipe_sets.free(number);
+            }
+        }
 
         // Endpoints, with the sets of the transition while addresses move.
         self.transitional = false;
@@ -975,10 +1085,20 @@ impl PolicyCompiler {
             }
             rule
         };
+        // Each endpoint's content: its recipe's set, or one of the
+        // transition.
+        struct Planned<'a> {
+            ip: IpAddr,
+            key: &'a RecipeKey,
+            content: Option<Arc<SetContent>>,
+            info: EndpointInfo,
+        }
         let mut transitions: FxHashMap<(&RecipeKey, u32, u32), Arc<SetContent>> =
             FxHashMap::default();
-        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
-        let mut used: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
+        let mut planned: Vec<Planned<'_>> = Vec::new();
+        // The content each recipe's number carries in this update: that of
+        // the endpoints that had it (they all had the same), else its set.
+        let mut carried: FxHashMap<&RecipeKey, Arc<SetContent>> = FxHashMap::default();
         for address in &locals {
             let cached = &self.pods[address];
             let Some((_, key)) = &cached.recipe else {
@@ -999,12 +1119,13 @@ impl PolicyCompiler {
                         let content = transitions
                             .entry((key, old_set, old_flags))
                             .or_insert_with(|| {
-                                let old = self.desired.sets.get(&old_set).map(|s| &**s);
+                                let old = old_sets.get(&old_set);
                                 match movement.entries(
                                     &content.entries,
                                     Some((old, old_flags)),
                                     recipe.flags,
                                     rule,
+                                    |r| self.rules.names.contains_key(&r),
                                 ) {
                                     Some(entries) => Arc::new(sets::set_content(entries)),
                                     None => content.clone(),
@@ -1017,29 +1138,73 @@ impl PolicyCompiler {
                     }
                     (content, _, _) => content.clone(),
                 };
-                let set = match content {
-                    Some(content) => match self.set_numbers.number(content.digest) {
-                        Ok(number) => {
-                            used.entry(number).or_insert(content);
-                            number
-                        }
-                        Err(_) => 0,
-                    },
-                    None => 0,
-                };
-                endpoints.insert(
-                    *ip,
-                    EndpointInfo {
+                if let (Some(content), Some((old_set, _))) = (&content, old) {
+                    if recipe.number == Some(old_set) {
+                        carried.entry(key).or_insert_with(|| content.clone());
+                    }
+                }
+                planned.push(Planned {
+                    ip: *ip,
+                    key,
+                    content,
+                    info: EndpointInfo {
                         name: format!("{}/{}", facts.namespace, facts.name),
                         uid: facts.uid.clone(),
                         identity,
-                        set,
+                        set: 0,
                         flags: recipe.flags,
                     },
-                );
+                });
             }
         }
         drop(transitions);
+
+        // Numbers: a recipe's number for the content it carries (in place:
+        // the plan writes what changed), another by digest for the rest.
+        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
+        let mut used: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
+        let mut numbers: FxHashMap<&RecipeKey, Option<u32>> = FxHashMap::default();
+        for Planned {
+            ip,
+            key,
+            content,
+            mut info,
+        } in planned
+        {
+            if let Some(content) = content {
+                let recipe = &self.recipes[key];
+                let own = carried
+                    .get(key)
+                    .or(recipe.content.as_ref())
+                    .is_some_and(|c| c.digest == content.digest);
+                let number = if own {
+                    *numbers.entry(key).or_insert_with(|| {
+                        let recipe = &self.recipes[key];
+                        recipe.number.or_else(|| {
+                            // A set found in the kernel with this content,
+                            // else a new number.
+                            if let Some(adopted) = self.recipe_sets.get(&content.digest) {
+                                self.recipe_sets.free(adopted);
+                                self.recipe_sets.claim(adopted, recipe.owner);
+                            }
+                            self.recipe_sets.number(recipe.owner).ok()
+                        })
+                    })
+                } else {
+                    self.other_sets.number(content.digest).ok()
+                };
+                if let Some(number) = number {
+                    used.entry(number).or_insert(content);
+                    info.set = number;
+                }
+            }
+            endpoints.insert(ip, info);
+        }
+        for (key, number) in numbers {
+            if let Some(recipe) = self.recipes.get_mut(key) {
+                recipe.number = number;
+            }
+        }
 
         let mut changed = false;
         if endpoints != self.desired.endpoints {
@@ -1056,27 +1221,18 @@ impl PolicyCompiler {
             self.desired.endpoints = endpoints;
             changed = true;
         }
-        let same_sets = used.len() == self.desired.sets.len()
+        let same_sets = used.len() == old_digests.len()
             && used
                 .iter()
-                .zip(&self.desired.sets)
-                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+                .zip(&old_digests)
+                .all(|((a, x), (b, y))| a == b && x.digest == *y);
         if !same_sets {
-            self.set_numbers
+            self.other_sets
                 .retain(|number, _| used.contains_key(&number));
-            let mut rules: BTreeSet<u32> = BTreeSet::new();
-            for content in used.values() {
-                rules.extend(content.entries.values().copied());
-            }
-            self.rules.keep(&rules);
-            let names: BTreeMap<u32, String> = rules
-                .iter()
-                .filter_map(|rule| Some((*rule, self.rules.names.get(rule)?.clone())))
-                .collect();
-            changed |= used != self.desired.sets || names != self.desired.rules;
-            self.desired.sets = used;
-            self.desired.rules = names;
+            changed = true;
         }
+        self.desired.sets = used;
+        changed |= self.sync_rule_names();
         changed
     }
 }

@@ -6,7 +6,11 @@
 //! The interpreter below reads the Kubernetes objects directly and shares
 //! no code with the compiler.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::{
@@ -575,6 +579,68 @@ fn addresses(world: &World) -> Vec<IpAddr> {
     all
 }
 
+/// What an endpoint's set allows: (direction, peer's identity text, ports,
+/// rule name).
+type NamedEntries = BTreeSet<(u8, String, String, String)>;
+
+/// A desired state with identities, sets and rules by what they stand for
+/// rather than by number: identities, ipcache, endpoints (name, identity,
+/// flags, entries), enforcing.
+#[allow(clippy::type_complexity)]
+fn normalized(
+    desired: &PolicyDesired,
+) -> (
+    BTreeSet<String>,
+    BTreeMap<String, (String, String)>,
+    BTreeMap<IpAddr, (String, String, u32, NamedEntries)>,
+    bool,
+) {
+    let text = |id: &u32| match desired.identities.get(id) {
+        Some(info) => info.text.clone(),
+        None => format!("reserved {id}"),
+    };
+    let identities = desired
+        .identities
+        .values()
+        .map(|i| i.text.clone())
+        .collect();
+    let ipcache = desired
+        .ipcache
+        .iter()
+        .map(|(prefix, v)| {
+            (
+                prefix.to_string(),
+                (text(&v.identity), text(&v.cidr_identity)),
+            )
+        })
+        .collect();
+    let endpoints = desired
+        .endpoints
+        .iter()
+        .map(|(ip, ep)| {
+            let entries: NamedEntries = desired
+                .sets
+                .get(&ep.set)
+                .iter()
+                .flat_map(|set| &set.entries)
+                .map(|(e, rule)| {
+                    (
+                        e.direction,
+                        text(&e.identity),
+                        format!("{:?}", e.l4),
+                        desired.rules.get(rule).cloned().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            (
+                *ip,
+                (ep.name.clone(), text(&ep.identity), ep.flags, entries),
+            )
+        })
+        .collect();
+    (identities, ipcache, endpoints, desired.enforcing)
+}
+
 fn same_verdict(a: Verdict, b: Verdict) -> bool {
     matches!(
         (a, b),
@@ -668,8 +734,15 @@ proptest! {
             compiler.update(&shared.objects());
         }
         compiler.update(&shared.objects());
-        compiler.update(&shared.objects());
+        let settled = compiler.update(&shared.objects());
+        prop_assert!(!settled.follow_up, "one follow-up settles an update");
         check_all_flows(&after, compiler.desired())?;
+        // Not only the verdicts: the same contents as a fresh compile,
+        // numbers aside.
+        prop_assert_eq!(
+            normalized(compiler.desired()),
+            normalized(&compile(&Shared::new(&after).objects()))
+        );
     }
 
     #[test]

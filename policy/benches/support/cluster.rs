@@ -193,7 +193,12 @@ pub fn workload_labels(
 }
 
 /// Pod `i` of the cluster.
-fn pod(shape: &Shape, i: usize, hashes: &BTreeMap<(usize, usize, bool), String>) -> Pod {
+fn pod(
+    shape: &Shape,
+    i: usize,
+    hashes: &BTreeMap<(usize, usize, bool), String>,
+    slots: &mut [usize],
+) -> Pod {
     let n = i % shape.namespaces;
     let w = (i / shape.namespaces) % shape.workloads;
     // One pod in ten is of a newer version, as during rollouts.
@@ -204,8 +209,10 @@ fn pod(shape: &Shape, i: usize, hashes: &BTreeMap<(usize, usize, bool), String>)
     if pod_labels.contains_key("controller-revision-hash") {
         pod_labels.insert("statefulset.kubernetes.io/pod-name".into(), name.clone());
     }
-    let node = i % shape.nodes;
-    let slot = i / shape.nodes;
+    // Spread every namespace's pods over the nodes (the scheduler does).
+    let node = (n + i / shape.namespaces) % shape.nodes;
+    let slot = slots[node];
+    slots[node] += 1;
     let ip = format!("10.{}.{}.{}", 244 + node / 200, node % 200, slot % 250 + 2);
     Pod {
         metadata: meta(&name, Some(&namespace_name(n)), pod_labels),
@@ -464,13 +471,14 @@ pub fn generate(shape: &Shape) -> Objects {
         }
     }
     let per_namespace = shape.policies.div_ceil(shape.namespaces);
+    let mut slots = vec![0; shape.nodes];
     Objects {
         namespaces: (0..shape.namespaces)
             .map(|n| sourced(namespace(n)))
             .collect(),
         nodes: (0..shape.nodes).map(|i| sourced(node(i))).collect(),
         pods: (0..shape.pods)
-            .map(|i| sourced(pod(shape, i, &hashes)))
+            .map(|i| sourced(pod(shape, i, &hashes, &mut slots)))
             .collect(),
         network_policies: (0..shape.policies)
             .map(|i| {
@@ -495,12 +503,30 @@ pub fn relabeled(objects: &Objects, index: usize, version: &str) -> Sourced<Pod>
     sourced(pod)
 }
 
-/// A policy that is not in a generated cluster, in namespace `n`.
+/// A policy that is not in a generated cluster, in namespace `n`: every
+/// pod of it lets in the frontends of another team on its metrics port.
 pub fn extra_policy(n: usize) -> Sourced<NetworkPolicy> {
     let mut policy = policy(n, 8);
     policy.metadata.name = Some("extra-cross-team".into());
     if let Some(spec) = policy.spec.as_mut() {
-        spec.pod_selector = selector(&[("tier", "cache")]);
+        spec.pod_selector = Some(LabelSelector::default());
+        for rule in spec.ingress.iter_mut().flatten() {
+            rule.ports = Some(vec![named("metrics")]);
+        }
     }
     sourced(policy)
+}
+
+/// The first pod of tier `tier` that is (or is not) on this node.
+pub fn pod_index(objects: &Objects, tier: &str, local: bool) -> usize {
+    objects
+        .pods
+        .iter()
+        .position(|p| {
+            let labels = p.object.metadata.labels.as_ref();
+            let node = p.object.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            labels.and_then(|l| l.get("tier")).map(String::as_str) == Some(tier)
+                && (node == Some(THIS_NODE)) == local
+        })
+        .expect("a pod of the tier")
 }

@@ -29,11 +29,17 @@ struct LabelSlot {
     holder: String,
 }
 
-/// What an update changed in the numbered identities.
+/// What an update changed in the numbered identities. An identity is
+/// active while an address has it.
 #[derive(Debug, Default)]
 pub(super) struct Settled {
     /// Identities numbered in this update.
     pub added: Vec<(u32, Arc<IdentityLabels>)>,
+    /// Identities active again (or new) in this update.
+    pub activated: Vec<(u32, Arc<IdentityLabels>)>,
+    /// Identities no address has any more (retiring, or released at once
+    /// when they had no number).
+    pub deactivated: Vec<u32>,
     /// Identities released in this update.
     pub released: Vec<u32>,
     /// Whether a label set used before this update got its number only
@@ -147,12 +153,21 @@ impl Identities {
         let mut settled = Settled::default();
         let previous = std::mem::take(&mut self.retiring);
         self.retiring_numbers.clear();
+        for slot in &previous {
+            let entry = &self.slots[slot];
+            if entry.refs > 0 {
+                if let Some(number) = entry.number {
+                    settled.activated.push((number, entry.labels.clone()));
+                }
+            }
+        }
         for slot in std::mem::take(&mut self.unused) {
             let number = self.slots[&slot].number;
             if number.is_some() && !previous.contains(&slot) {
                 // Kept for this update.
                 self.retiring.insert(slot);
                 self.retiring_numbers.extend(number);
+                settled.deactivated.extend(number);
                 self.unused.insert(slot);
                 continue;
             }
@@ -176,6 +191,7 @@ impl Identities {
                     numbered.push(slot);
                     settled.late |= !self.fresh.contains(&slot);
                     settled.added.push((number, entry.labels.clone()));
+                    settled.activated.push((number, entry.labels.clone()));
                 }
                 Err(full) => {
                     if !exhausted {

@@ -16,7 +16,7 @@ use lb_common::{
 use super::sets::Compiled;
 use crate::{
     labels::{Block, IdentityConfig, IdentityLabels, NamedPorts, NAMESPACE_NAME_LABEL},
-    rules::{Namespaces, Peer, PortMatch},
+    rules::{Namespaces, Peer, PodPeer, PortMatch},
     selector::Selector,
 };
 
@@ -126,9 +126,9 @@ impl IdentityInputs {
                 }
             };
             note(&policy.pod_selector);
-            for (namespaces, pods) in &compiled.peers {
-                note(pods);
-                if let Namespaces::Matching(selector) = namespaces {
+            for peer in &compiled.peers {
+                note(&peer.pods);
+                if let Namespaces::Matching(selector) = &peer.namespaces {
                     note(selector);
                 }
             }
@@ -222,13 +222,10 @@ impl IdentityInputs {
 }
 
 /// Whether an identity's pods are peers of a pod peer.
-pub(super) fn peer_matches(
-    (namespaces, pods): &(Namespaces, Selector),
-    labels: &IdentityLabels,
-) -> bool {
-    let namespace_ok = match namespaces {
+pub(super) fn peer_matches(peer: &PodPeer, labels: &IdentityLabels) -> bool {
+    let namespace_ok = match &peer.namespaces {
         Namespaces::Own(namespace) => *namespace == labels.namespace,
         Namespaces::Matching(selector) => selector.matches(&labels.namespace_labels),
     };
-    namespace_ok && pods.matches(&labels.pod_labels)
+    namespace_ok && peer.pods.matches(&labels.pod_labels)
 }

@@ -2,10 +2,11 @@
 //! to peer identities and port prefixes.
 //!
 //! Pods selected by the same policies (and, when an ingress rule names a
-//! port, with the same named ports) get the same entries: a [`Recipe`],
-//! computed once per update at most, and only when something it depends on
-//! changed (a policy object, the members of a peer it names, the CIDRs, the
-//! identities when it resolves ports by identity).
+//! port, with the same named ports) get the same entries: a [`Recipe`].
+//! A recipe in use is computed once; after that, an update patches the
+//! entries of the identities that came, went or changed membership in it
+//! (what a peer selector matches only changes with those), and computes it
+//! again only when the CIDRs change under one of its ipBlocks.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,10 +14,12 @@ use std::{
     sync::Arc,
 };
 
+use super::transition::of;
+
 use ipnetwork::IpNetwork;
 use lb_common::policy::{DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY};
 use lb_core::intent::ObjectError;
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::FxHashMap;
 
 use super::identities::Identities;
 use crate::{
@@ -24,24 +27,17 @@ use crate::{
     labels::{digest, Block, NamedPorts},
     numbers::Numbers,
     ports::port_prefixes,
-    rules::{within, Namespaces, Peer, Policy, PolicyRef, PortMatch, Rule},
-    selector::Selector,
+    rules::{within, Peer, PodPeer, Policy, PolicyRef, PortMatch, Rule},
 };
-
-/// A pod peer: the namespaces and the pod selector.
-pub(super) type PeerKey = (Namespaces, Selector);
 
 /// A validated policy with what the compiler derives from it once.
 #[derive(Debug)]
 pub(super) struct Compiled {
     pub policy: Policy,
     /// Every pod peer it names, each once.
-    pub peers: Vec<PeerKey>,
+    pub peers: Vec<PodPeer>,
     /// Every CIDR it names (blocks and exceptions).
     pub cidrs: Vec<IpNetwork>,
-    /// Whether an egress rule to any peer or to an ipBlock names a port:
-    /// its entries list identities by the ports they have.
-    pub by_identity: bool,
     /// Whether an ingress rule names a port (resolved on the selected pod).
     pub ingress_named: bool,
 }
@@ -49,10 +45,10 @@ pub(super) struct Compiled {
 impl Compiled {
     pub(super) fn new(policy: Policy) -> Self {
         let rules = || policy.ingress.iter().chain(&policy.egress).flatten();
-        let mut peers: Vec<PeerKey> = rules()
+        let mut peers: Vec<PodPeer> = rules()
             .flat_map(|rule| rule.peers.iter().flatten())
             .filter_map(|peer| match peer {
-                Peer::Pods { namespaces, pods } => Some((namespaces.clone(), pods.clone())),
+                Peer::Pods(pods) => Some(pods.clone()),
                 Peer::Block { .. } => None,
             })
             .collect();
@@ -64,7 +60,7 @@ impl Compiled {
                 Peer::Block { cidr, except } => std::iter::once(*cidr)
                     .chain(except.iter().copied())
                     .collect(),
-                Peer::Pods { .. } => Vec::new(),
+                Peer::Pods(_) => Vec::new(),
             })
             .collect();
         cidrs.sort();
@@ -75,19 +71,11 @@ impl Compiled {
                 .flatten()
                 .any(|p| matches!(p.port, PortMatch::Named(_)))
         };
-        let by_identity = policy.egress.iter().flatten().any(|rule| {
-            named(rule)
-                && rule
-                    .peers
-                    .as_ref()
-                    .is_none_or(|peers| peers.iter().any(|peer| matches!(peer, Peer::Block { .. })))
-        });
         let ingress_named = policy.ingress.iter().flatten().any(named);
         Self {
             policy,
             peers,
             cidrs,
-            by_identity,
             ingress_named,
         }
     }
@@ -121,32 +109,37 @@ pub(super) struct RecipeKey {
     pub named_ports: NamedPorts,
 }
 
-/// A recipe's set, and what it was computed from.
+/// A recipe's set, when it was brought up to date, and its number.
 #[derive(Clone, Debug)]
 pub(super) struct Recipe {
-    pub fingerprint: u64,
+    /// The update it was last brought up to date in.
+    pub as_of: u64,
+    /// The CIDRs' version it was computed with.
+    pub cidr_version: u64,
     pub flags: u32,
     /// `None` when the pods are not isolated.
     pub content: Option<Arc<SetContent>>,
+    /// The number its set has in the kernel, once used.
+    pub number: Option<u32>,
+    /// Its key in the allocator of recipe set numbers.
+    pub owner: [u8; 16],
 }
 
-/// A selector of pod peers, with the identities it matches.
+/// A selector of pod peers, with the active identities it matches.
 #[derive(Debug)]
 pub(super) struct Membership {
     pub identities: BTreeSet<u32>,
-    /// The update in which they last changed.
-    pub version: u64,
 }
 
 /// What recipes are computed from.
 pub(super) struct Inputs<'a> {
-    pub members: &'a FxHashMap<PeerKey, Membership>,
+    pub members: &'a FxHashMap<PodPeer, Membership>,
     /// The policy CIDRs and their identities.
     pub cidrs: &'a BTreeMap<IpNetwork, u32>,
     pub cidr_version: u64,
     pub identities: &'a Identities,
-    /// Bumped when identities are numbered or released.
-    pub identities_version: u64,
+    /// This update.
+    pub version: u64,
 }
 
 /// The rule name of a policy's rule.
@@ -160,27 +153,52 @@ pub(super) fn rule_name(policy: &PolicyRef, direction: u8, index: usize) -> Stri
 }
 
 impl RecipeKey {
-    /// What the recipe's set depends on, as one number.
-    pub(super) fn fingerprint(&self, inputs: &Inputs<'_>) -> u64 {
-        let mut hasher = FxHasher::default();
-        for policy in &self.policies {
-            policy.hash(&mut hasher);
-            for peer in &policy.0.peers {
-                inputs
-                    .members
-                    .get(peer)
-                    .map(|m| m.version)
-                    .hash(&mut hasher);
-            }
-            if !policy.0.cidrs.is_empty() {
-                inputs.cidr_version.hash(&mut hasher);
-            }
-            if policy.0.by_identity {
-                inputs.identities_version.hash(&mut hasher);
+    /// Whether one of its policies names a CIDR.
+    fn has_blocks(&self) -> bool {
+        self.policies.iter().any(|p| !p.0.cidrs.is_empty())
+    }
+
+    /// Whether `recipe`, up to date as of the last update, can be patched
+    /// (else it is computed again).
+    pub(super) fn patchable(&self, recipe: &Recipe, inputs: &Inputs<'_>) -> bool {
+        recipe.as_of + 1 == inputs.version
+            && (recipe.cidr_version == inputs.cidr_version || !self.has_blocks())
+    }
+
+    /// The flags of its pods.
+    fn flags(&self) -> u32 {
+        let selecting = || self.policies.iter().map(|p| &p.0.policy);
+        let ingress = selecting().any(|p| p.ingress.is_some());
+        let egress = selecting().any(|p| p.egress.is_some());
+        isolation_flags(ingress, egress)
+    }
+
+    /// Calls `each` with every rule of its policies, its direction and its
+    /// number.
+    fn rules(
+        &self,
+        rules: &mut RuleNumbers,
+        errors: &mut Vec<ObjectError>,
+        mut each: impl FnMut(u8, &Rule, u32),
+    ) {
+        for policy in self.policies.iter().map(|p| &p.0.policy) {
+            for (direction, list) in [
+                (DIRECTION_INGRESS, &policy.ingress),
+                (DIRECTION_EGRESS, &policy.egress),
+            ] {
+                for rule in list.iter().flatten() {
+                    match rules.number(&rule_name(&policy.id, direction, rule.index)) {
+                        Some(number) => each(direction, rule, number),
+                        None => errors.push(ObjectError {
+                            origin: "policy".into(),
+                            object: format!("NetworkPolicy {}", policy.id),
+                            field: "spec".into(),
+                            reason: "no rule number left; the rule matches nothing".into(),
+                        }),
+                    }
+                }
             }
         }
-        inputs.identities.retiring().hash(&mut hasher);
-        hasher.finish()
     }
 
     /// Computes the recipe's set.
@@ -190,58 +208,181 @@ impl RecipeKey {
         rules: &mut RuleNumbers,
         errors: &mut Vec<ObjectError>,
     ) -> Recipe {
-        let fingerprint = self.fingerprint(inputs);
-        let selecting = || self.policies.iter().map(|p| &p.0.policy);
-        let ingress = selecting().any(|p| p.ingress.is_some());
-        let egress = selecting().any(|p| p.egress.is_some());
-        let flags = isolation_flags(ingress, egress);
+        let flags = self.flags();
+        let mut recipe = Recipe {
+            as_of: inputs.version,
+            cidr_version: inputs.cidr_version,
+            flags,
+            content: None,
+            number: None,
+            owner: [0; 16],
+        };
         if flags == 0 {
-            return Recipe {
-                fingerprint,
-                flags,
-                content: None,
-            };
+            return recipe;
         }
         let mut entries: Vec<(Entry, u32)> = Vec::new();
-        for policy in selecting() {
-            for (direction, list) in [
-                (DIRECTION_INGRESS, &policy.ingress),
-                (DIRECTION_EGRESS, &policy.egress),
-            ] {
-                for rule in list.iter().flatten() {
-                    let Some(rule_id) = rules.number(&rule_name(&policy.id, direction, rule.index))
-                    else {
-                        errors.push(ObjectError {
-                            origin: "policy".into(),
-                            object: format!("NetworkPolicy {}", policy.id),
-                            field: "spec".into(),
-                            reason: "no rule number left; the rule matches nothing".into(),
-                        });
-                        continue;
-                    };
-                    let before = entries.len();
-                    rule_entries(inputs, direction, rule, &self.named_ports, &mut entries);
-                    for (_, rule) in &mut entries[before..] {
-                        *rule = rule_id;
-                    }
-                }
+        self.rules(rules, errors, |direction, rule, number| {
+            let before = entries.len();
+            rule_entries(inputs, direction, rule, &self.named_ports, &mut entries);
+            for (_, rule) in &mut entries[before..] {
+                *rule = number;
             }
-        }
+        });
         // Each entry once, with the lowest rule that gives it.
         entries.sort_unstable();
         entries.dedup_by_key(|(entry, _)| *entry);
-        Recipe {
-            fingerprint,
-            flags,
-            content: Some(Arc::new(set_content(entries.into_iter().collect()))),
+        recipe.content = Some(Arc::new(set_content(entries.into_iter().collect())));
+        recipe
+    }
+
+    /// Brings `recipe` up to date where `identities` changed: their entries
+    /// are worked out again (in place, unless the set is shared). Returns
+    /// whether its set changed.
+    pub(super) fn patch(
+        &self,
+        recipe: &mut Recipe,
+        identities: &BTreeSet<u32>,
+        inputs: &Inputs<'_>,
+        rules: &mut RuleNumbers,
+        errors: &mut Vec<ObjectError>,
+    ) -> bool {
+        recipe.as_of = inputs.version;
+        let Some(content) = &mut recipe.content else {
+            return false;
+        };
+        if identities.is_empty() {
+            return false;
+        }
+        let mut fresh: Vec<(Entry, u32)> = Vec::new();
+        self.rules(rules, errors, |direction, rule, number| {
+            for id in identities {
+                let before = fresh.len();
+                identity_entries(inputs, direction, rule, &self.named_ports, *id, &mut fresh);
+                for (_, rule) in &mut fresh[before..] {
+                    *rule = number;
+                }
+            }
+        });
+        fresh.sort_unstable();
+        fresh.dedup_by_key(|(entry, _)| *entry);
+        let current = identities.iter().flat_map(|id| {
+            of(&content.entries, DIRECTION_INGRESS, *id).chain(of(
+                &content.entries,
+                DIRECTION_EGRESS,
+                *id,
+            ))
+        });
+        let mut sorted: Vec<(Entry, u32)> = current.map(|(e, r)| (*e, *r)).collect();
+        sorted.sort_unstable();
+        if sorted == fresh {
+            return false;
+        }
+        patch_content(Arc::make_mut(content), &sorted, fresh);
+        true
+    }
+}
+
+/// Appends the entries one rule gives label identity `id` (with rule 0),
+/// for pods with `named_ports`: those [`rule_entries`] gives it.
+fn identity_entries(
+    inputs: &Inputs<'_>,
+    direction: u8,
+    rule: &Rule,
+    named_ports: &NamedPorts,
+    id: u32,
+    out: &mut Vec<(Entry, u32)>,
+) {
+    let Some(labels) = inputs.identities.labels(id) else {
+        return;
+    };
+    if inputs.identities.retiring().contains(&id) {
+        return;
+    }
+    // Whether it is a peer by its label identity, and whether a named port
+    // resolves on it.
+    let (peer, resolves) = match &rule.peers {
+        None => (false, true),
+        Some(peers) => {
+            let (mut peer, mut resolves) = (false, false);
+            for p in peers {
+                match p {
+                    Peer::Pods(pods) => {
+                        if inputs
+                            .members
+                            .get(pods)
+                            .is_some_and(|m| m.identities.contains(&id))
+                        {
+                            peer = true;
+                            resolves = true;
+                        }
+                    }
+                    Peer::Block { cidr, except } => {
+                        if direction == DIRECTION_EGRESS
+                            && labels
+                                .blocks
+                                .iter()
+                                .any(|b| b.cidr == *cidr && b.except == *except)
+                        {
+                            resolves = true;
+                        }
+                    }
+                }
+            }
+            (peer, resolves)
+        }
+    };
+    let mut push = |l4: L4| {
+        out.push((
+            Entry {
+                direction,
+                identity: id,
+                l4,
+            },
+            0,
+        ))
+    };
+    let Some(ports) = &rule.ports else {
+        if peer {
+            push(L4::Any);
+        }
+        return;
+    };
+    for port in ports {
+        match &port.port {
+            PortMatch::Any if peer => push(L4::Proto(port.proto)),
+            PortMatch::Range(first, last) if peer => {
+                for (start, prefix) in port_prefixes(*first, *last) {
+                    push(L4::Ports {
+                        proto: port.proto,
+                        port: start,
+                        prefix,
+                    });
+                }
+            }
+            PortMatch::Named(name) => {
+                let named = (name.clone(), port.proto);
+                let number = if direction == DIRECTION_INGRESS {
+                    named_ports.get(&named).filter(|_| peer)
+                } else {
+                    labels.named_ports.get(&named).filter(|_| resolves)
+                };
+                if let Some(number) = number {
+                    push(L4::Ports {
+                        proto: port.proto,
+                        port: *number,
+                        prefix: 16,
+                    });
+                }
+            }
+            _ => {}
         }
     }
 }
 
 /// Appends the entries of one rule (with rule 0) for pods with
-/// `named_ports`. Retiring identities are left out: no address has them
-/// once the update is written, and until then the sets judge them as the
-/// transition says.
+/// `named_ports`. Only active identities count (memberships hold no
+/// others): no address has a retiring one once the update is written, and
+/// until then the sets judge it as the transition says.
 fn rule_entries(
     inputs: &Inputs<'_>,
     direction: u8,
@@ -262,11 +403,10 @@ fn rule_entries(
             let mut pod_ids = BTreeSet::new();
             for peer in peers {
                 match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        if let Some(m) = inputs.members.get(&(namespaces.clone(), pods.clone())) {
-                            let current = m.identities.iter().filter(|id| !retiring.contains(id));
-                            ids.extend(current.clone());
-                            pod_ids.extend(current);
+                    Peer::Pods(pods) => {
+                        if let Some(m) = inputs.members.get(pods) {
+                            ids.extend(m.identities.iter().copied());
+                            pod_ids.extend(m.identities.iter().copied());
                         }
                     }
                     Peer::Block { cidr, except } => {
@@ -394,68 +534,77 @@ impl RuleNumbers {
         Some(number)
     }
 
-    /// Frees every number but those of `used`.
-    pub(super) fn keep(&mut self, used: &BTreeSet<u32>) {
-        self.numbers.retain(|number, _| used.contains(&number));
-        self.names.retain(|number, _| used.contains(number));
+    /// Frees the numbers of every rule but those named `names`.
+    pub(super) fn keep(&mut self, names: &BTreeSet<String>) {
+        self.names.retain(|_, name| names.contains(name));
+        self.numbers
+            .retain(|number, _| self.names.contains_key(&number));
     }
 }
 
-/// 128-bit FNV-1a over bytes.
-struct Fnv(u128);
-
-impl Fnv {
-    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u128::from(*b)).wrapping_mul(Self::PRIME);
-        }
-    }
+/// 64-bit finalizer of SplitMix64.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
-/// A set of `entries`, with its digest: FNV-1a 128 over each entry in
-/// order as direction, identity (4 bytes, big-endian), a kind byte (0 any,
-/// 1 protocol, 2 ports), protocol, first port (2 bytes, big-endian) and
-/// prefix length, and rule (4 bytes, big-endian). Stable across versions
-/// and platforms: it names the set in the kernel across restarts.
-pub(super) fn set_content(entries: BTreeMap<Entry, u32>) -> SetContent {
-    let mut fnv = Fnv(Fnv::OFFSET);
-    for (entry, rule) in &entries {
-        let (kind, proto, port, prefix) = match entry.l4 {
-            L4::Any => (0, 0, 0, 0),
-            L4::Proto(proto) => (1, proto, 0, 0),
-            L4::Ports {
-                proto,
-                port,
-                prefix,
-            } => (2, proto, port, prefix),
-        };
-        let id = entry.identity.to_be_bytes();
-        let port = port.to_be_bytes();
-        let rule = rule.to_be_bytes();
-        fnv.write(&[
-            entry.direction,
-            id[0],
-            id[1],
-            id[2],
-            id[3],
-            kind,
+/// The hash of one entry and its rule, of which a set's digest is the sum.
+/// The entry is packed into two words, `a` = direction, kind (0 any,
+/// 1 protocol, 2 ports), protocol and prefix length in its top bytes and
+/// the identity in its low 32 bits, `b` = first port above the rule; the
+/// hash is `mix(a * P ^ b) << 64 | mix(b * Q ^ rotl(a, 32))` (wrapping,
+/// `mix` the SplitMix64 finalizer).
+fn entry_hash(entry: &Entry, rule: u32) -> u128 {
+    const P: u64 = 0x9e37_79b9_7f4a_7c15;
+    const Q: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    let (kind, proto, port, prefix) = match entry.l4 {
+        L4::Any => (0u64, 0u64, 0u64, 0u64),
+        L4::Proto(proto) => (1, u64::from(proto), 0, 0),
+        L4::Ports {
             proto,
-            port[0],
-            port[1],
+            port,
             prefix,
-            rule[0],
-            rule[1],
-            rule[2],
-            rule[3],
-        ]);
-    }
+        } => (2, u64::from(proto), u64::from(port), u64::from(prefix)),
+    };
+    let a = u64::from(entry.direction) << 56
+        | kind << 48
+        | proto << 40
+        | prefix << 32
+        | u64::from(entry.identity);
+    let b = port << 32 | u64::from(rule);
+    let high = mix(a.wrapping_mul(P) ^ b);
+    let low = mix(b.wrapping_mul(Q) ^ a.rotate_left(32));
+    u128::from(high) << 64 | u128::from(low)
+}
+
+/// A set of `entries`, with its digest: the wrapping sum of the entries'
+/// [`entry_hash`], big-endian. Stable across versions and platforms (it
+/// names the set in the kernel across restarts), and kept up to date entry
+/// by entry when a set is patched.
+pub(super) fn set_content(entries: BTreeMap<Entry, u32>) -> SetContent {
+    let sum = entries
+        .iter()
+        .fold(0u128, |sum, (e, r)| sum.wrapping_add(entry_hash(e, *r)));
     SetContent {
-        digest: fnv.0.to_be_bytes(),
+        digest: sum.to_be_bytes(),
         entries,
     }
+}
+
+/// Takes `removed` (which it has) out of `content` and puts `added` (which
+/// it then has not) in, working its digest out from the change.
+fn patch_content(content: &mut SetContent, removed: &[(Entry, u32)], added: Vec<(Entry, u32)>) {
+    let mut sum = u128::from_be_bytes(content.digest);
+    for (entry, rule) in removed {
+        content.entries.remove(entry);
+        sum = sum.wrapping_sub(entry_hash(entry, *rule));
+    }
+    for (entry, rule) in added {
+        sum = sum.wrapping_add(entry_hash(&entry, rule));
+        content.entries.insert(entry, rule);
+    }
+    content.digest = sum.to_be_bytes();
 }
 
 #[cfg(test)]
@@ -463,7 +612,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_digests_are_stable_and_tell_entries_apart() {
+    fn set_digests_are_stable_tell_entries_apart_and_follow_patches() {
         let entry = |identity| Entry {
             direction: DIRECTION_INGRESS,
             identity,
@@ -471,13 +620,18 @@ mod tests {
         };
         let one = set_content(BTreeMap::from([(entry(300), 1)]));
         let other = set_content(BTreeMap::from([(entry(300), 2)]));
-        let empty = set_content(BTreeMap::new());
+        let both = set_content(BTreeMap::from([(entry(300), 1), (entry(301), 1)]));
         assert_ne!(one.digest, other.digest);
-        assert_eq!(u128::from_be_bytes(empty.digest), Fnv::OFFSET);
+        assert_eq!(set_content(BTreeMap::new()).digest, [0; 16]);
         // Pinned: a change renames every set in the kernel.
         assert_eq!(
             u128::from_be_bytes(one.digest),
-            u128::from_be_bytes(set_content(BTreeMap::from([(entry(300), 1)])).digest)
+            0xcebf_703e_67cc_1cad_13e1_1fd4_d1f6_8ab8
         );
+        let mut patched = one.clone();
+        patch_content(&mut patched, &[], vec![(entry(301), 1)]);
+        assert_eq!(patched, both);
+        patch_content(&mut patched, &[(entry(301), 1)], vec![]);
+        assert_eq!(patched, one);
     }
 }

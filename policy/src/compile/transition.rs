@@ -119,17 +119,34 @@ impl Movement {
         self.identities.is_empty()
     }
 
+    /// What [`Movement::entries`] needs of an old set: its entries for the
+    /// identities that move and for any peer.
+    pub(super) fn relevant(&self, set: &SetContent) -> SetContent {
+        let mut entries = BTreeMap::new();
+        for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+            for id in self.identities.keys().chain(&[IDENTITY_ANY]) {
+                entries.extend(of(&set.entries, direction, *id).map(|(e, r)| (*e, *r)));
+            }
+        }
+        SetContent {
+            entries,
+            digest: set.digest,
+        }
+    }
+
     /// The entries of an endpoint's set for this update: `fin`, its final
     /// entries, with the identities that move judged as the module says;
     /// `None` when that is `fin` itself. `old` is what the endpoint held
     /// before (`None`: it is new, and has no flows to keep), `flags` its
-    /// isolation now; entries kept from the old set get rule `rule`.
+    /// isolation now; entries kept from the old set keep their rule where
+    /// `known` knows it still, and get rule `rule` otherwise.
     pub(super) fn entries(
         &self,
         fin: &BTreeMap<Entry, u32>,
         old: Option<(Option<&SetContent>, u32)>,
         flags: u32,
         rule: u32,
+        known: impl Fn(u32) -> bool,
     ) -> Option<BTreeMap<Entry, u32>> {
         let (old_set, old_flags) = old?;
         let mut entries: Option<BTreeMap<Entry, u32>> = None;
@@ -143,16 +160,17 @@ impl Movement {
             // The old judgement of an identity: everything when the
             // endpoint was not isolated, else its entries and the
             // wildcard's.
-            let old_of = |id: u32| -> Vec<L4> {
+            let old_of = |id: u32| -> Vec<(L4, u32)> {
                 if old_flags & bit == 0 {
-                    return vec![L4::Any];
+                    return vec![(L4::Any, rule)];
                 }
                 let Some(set) = old_set else {
                     return Vec::new();
                 };
-                let mut l4s: Vec<L4> = of(&set.entries, direction, id).map(|(e, _)| e.l4).collect();
+                let kept = |(e, r): (&Entry, &u32)| (e.l4, if known(*r) { *r } else { rule });
+                let mut l4s: Vec<(L4, u32)> = of(&set.entries, direction, id).map(kept).collect();
                 if id != IDENTITY_ANY {
-                    l4s.extend(of(&set.entries, direction, IDENTITY_ANY).map(|(e, _)| e.l4));
+                    l4s.extend(of(&set.entries, direction, IDENTITY_ANY).map(kept));
                 }
                 l4s
             };
@@ -161,7 +179,7 @@ impl Movement {
                 let after: Vec<(L4, u32)> =
                     of(fin, direction, id).map(|(e, r)| (e.l4, *r)).collect();
                 let mut judged: BTreeMap<L4, u32> = BTreeMap::new();
-                for a in &before {
+                for (a, _) in &before {
                     for (b, r) in &after {
                         if let Some(both) = intersection(a, b) {
                             judged.entry(both).or_insert(*r);
@@ -169,8 +187,8 @@ impl Movement {
                     }
                 }
                 if moves.held_before && !moves.entered {
-                    for a in &before {
-                        judged.entry(*a).or_insert(rule);
+                    for (a, r) in &before {
+                        judged.entry(*a).or_insert(*r);
                     }
                 }
                 if !moves.left {
@@ -346,7 +364,9 @@ mod tests {
         // The endpoint was not isolated; now it allows 301 on TCP.
         let fin = BTreeMap::from([(entry(301, L4::Proto(TCP)), 7)]);
         let entries = movement
-            .entries(&fin, Some((None, 0)), ENDPOINT_INGRESS_ISOLATED, 99)
+            .entries(&fin, Some((None, 0)), ENDPOINT_INGRESS_ISOLATED, 99, |_| {
+                true
+            })
             .unwrap();
         // 300 is judged as before (everything), 301 as after, and the
         // world, which the address keeps, as before too.
@@ -360,7 +380,7 @@ mod tests {
         );
         // A new endpoint has nothing to keep.
         assert_eq!(
-            movement.entries(&fin, None, ENDPOINT_INGRESS_ISOLATED, 99),
+            movement.entries(&fin, None, ENDPOINT_INGRESS_ISOLATED, 99, |_| true),
             None
         );
     }
@@ -393,6 +413,7 @@ mod tests {
             Some((Some(&old_set), ENDPOINT_INGRESS_ISOLATED)),
             ENDPOINT_INGRESS_ISOLATED,
             99,
+            |_| true,
         );
         assert_eq!(entries, Some(BTreeMap::from([(entry(300, tcp80), 2)])));
     }
