@@ -176,6 +176,8 @@ struct PodCached {
     _object: Arc<Pod>,
     /// The last update that saw the object.
     seen: u64,
+    /// The update that worked out its identity labels last.
+    claimed: u64,
     facts: Arc<PodFacts>,
     /// The identity slot of each of its addresses (`facts.ips`); none for
     /// a hostNetwork pod.
@@ -244,6 +246,13 @@ pub struct PolicyCompiler {
     desired: PolicyDesired,
     /// Whether some set of the desired state is one of transition.
     transitional: bool,
+}
+
+/// The valid policies that came and went in an update.
+#[derive(Default)]
+struct PolicyDelta {
+    came: Vec<Arc<Compiled>>,
+    gone: Vec<Arc<Compiled>>,
 }
 
 /// The ipcache writes of one update: the keys to work out again, and the
@@ -333,7 +342,8 @@ impl PolicyCompiler {
         let mut changed = false;
 
         let namespaces_changed = self.update_namespaces(objects);
-        let policies_changed = self.update_policies(objects);
+        let policy_delta = self.update_policies(objects);
+        let policies_changed = policy_delta.is_some();
         let mut inputs_changed = false;
         if policies_changed {
             let inputs = IdentityInputs::of(&self.config.identity, self.compiled());
@@ -382,7 +392,7 @@ impl PolicyCompiler {
             .chain(&settled.released)
             .copied()
             .collect();
-        self.update_members(policies_changed, &settled.activated, &gone);
+        self.update_members(policy_delta.as_ref(), &settled.activated, &gone);
         // The identities whose entries may differ in the sets. Those that
         // retire keep theirs until they are released (or active again): no
         // address has them meanwhile, and the sets of the transition judge
@@ -393,8 +403,8 @@ impl PolicyCompiler {
             .map(|(id, _)| *id)
             .chain(settled.released.iter().copied())
             .collect();
-        if policies_changed {
-            changed |= self.prune_rules();
+        if let Some(delta) = &policy_delta {
+            changed |= self.prune_rules(delta);
         }
 
         // The value of the longest CIDR strictly holding a prefix.
@@ -478,11 +488,13 @@ impl PolicyCompiler {
         changed
     }
 
-    /// Parses new and changed policies; returns whether any changed.
-    fn update_policies(&mut self, objects: &Objects) -> bool {
+    /// Parses new and changed policies; returns the valid ones that came
+    /// and went (a changed one does both), or `None` when none changed.
+    fn update_policies(&mut self, objects: &Objects) -> Option<PolicyDelta> {
         if same_objects(&objects.network_policies, &self.policy_objects) {
-            return false;
+            return None;
         }
+        let mut delta = PolicyDelta::default();
         let mut policies = BTreeMap::new();
         let mut touched: FxHashSet<String> = FxHashSet::default();
         for sourced in &objects.network_policies {
@@ -493,22 +505,30 @@ impl PolicyCompiler {
             };
             let entry = match self.policies.remove(&id) {
                 Some(cached) if Arc::ptr_eq(&cached.object, &sourced.object) => cached,
-                _ => {
+                old => {
                     touched.insert(id.namespace.clone());
                     self.stats.policies_parsed += 1;
+                    delta.gone.extend(old.and_then(|old| old.compiled));
                     let mut errors = Vec::new();
                     let policy = parse_policy(&sourced.origin, &sourced.object, &mut errors);
+                    let compiled = policy.map(|p| Arc::new(Compiled::new(p)));
+                    delta.came.extend(compiled.clone());
                     CachedPolicy {
                         object: sourced.object.clone(),
-                        compiled: policy.map(|p| Arc::new(Compiled::new(p))),
+                        compiled,
                         errors,
                     }
                 }
             };
-            policies.insert(id, entry);
+            // (A later object of the same name wins.)
+            if let Some(displaced) = policies.insert(id, entry) {
+                delta.gone.extend(displaced.compiled);
+            }
         }
-        touched.extend(self.policies.keys().map(|id| id.namespace.clone()));
-        self.policies = policies;
+        for (id, cached) in std::mem::replace(&mut self.policies, policies) {
+            touched.insert(id.namespace);
+            delta.gone.extend(cached.compiled);
+        }
         self.policy_objects = objects
             .network_policies
             .iter()
@@ -517,7 +537,7 @@ impl PolicyCompiler {
         for namespace in &touched {
             self.policy_versions.insert(namespace.clone(), self.version);
         }
-        !touched.is_empty()
+        (!touched.is_empty()).then_some(delta)
     }
 
     /// Takes new and changed pods, drops those that went, and works out the
@@ -568,6 +588,7 @@ impl PolicyCompiler {
                 let mut cached = PodCached {
                     _object: sourced.object.clone(),
                     seen,
+                    claimed: 0,
                     facts,
                     slots: Vec::new(),
                     labels: None,
@@ -586,9 +607,11 @@ impl PolicyCompiler {
                 .collect();
         }
         if inputs_changed || !namespaces_changed.is_empty() {
+            // (Pods read in this update have their labels as they are now.)
             let affected: Vec<usize> = self
                 .pods
                 .iter()
+                .filter(|(_, c)| c.claimed != self.version)
                 .filter(|(_, c)| inputs_changed || namespaces_changed.contains(&c.facts.namespace))
                 .map(|(address, _)| *address)
                 .collect();
@@ -604,6 +627,7 @@ impl PolicyCompiler {
 
     /// Counts a pod's addresses with their identity labels.
     fn claim(&mut self, address: usize, cached: &mut PodCached, writes: &mut Writes) {
+        cached.claimed = self.version;
         cached.slots.clear();
         cached.labels = None;
         cached.recipe = None;
@@ -829,26 +853,47 @@ impl PolicyCompiler {
     /// theirs, peers no policy names dropped.
     fn update_members(
         &mut self,
-        policies_changed: bool,
+        policies: Option<&PolicyDelta>,
         activated: &[(u32, Arc<IdentityLabels>)],
         gone: &[u32],
     ) {
-        let mut new_peers: FxHashSet<PodPeer> = FxHashSet::default();
-        if policies_changed {
-            let peers: FxHashSet<PodPeer> = self
-                .compiled()
-                .flat_map(|policy| policy.peers.iter().cloned())
-                .collect();
-            self.members.retain(|peer, _| peers.contains(peer));
-            new_peers = peers
-                .into_iter()
-                .filter(|peer| !self.members.contains_key(peer))
-                .collect();
+        // Peers are counted by the policies that name them.
+        let mut new_peers: Vec<PodPeer> = Vec::new();
+        for policy in policies.iter().flat_map(|d| &d.came) {
+            for peer in &policy.peers {
+                match self.members.get_mut(peer) {
+                    Some(membership) => membership.users += 1,
+                    None => {
+                        self.members.insert(
+                            peer.clone(),
+                            Membership {
+                                identities: BTreeSet::new(),
+                                users: 1,
+                            },
+                        );
+                        new_peers.push(peer.clone());
+                    }
+                }
+            }
         }
+        for policy in policies.iter().flat_map(|d| &d.gone) {
+            for peer in &policy.peers {
+                if let Some(membership) = self.members.get_mut(peer) {
+                    membership.users -= 1;
+                    if membership.users == 0 {
+                        self.members.remove(peer);
+                    }
+                }
+            }
+        }
+        new_peers.retain(|peer| self.members.contains_key(peer));
         // Known peers: the identities that came and went.
         if !activated.is_empty() || !gone.is_empty() {
             let mut matches = 0;
             for (peer, membership) in &mut self.members {
+                if new_peers.contains(peer) {
+                    continue;
+                }
                 for id in gone {
                     membership.identities.remove(id);
                 }
@@ -894,27 +939,47 @@ impl PolicyCompiler {
                     .filter(|(_, labels)| peer_matches(&peer, labels))
                     .map(|(id, _)| *id)
                     .collect();
-                self.members.insert(peer, Membership { identities });
+                if let Some(membership) = self.members.get_mut(&peer) {
+                    membership.identities = identities;
+                }
             }
         }
     }
 
-    /// Frees the numbers of rules no policy has any more; returns whether
-    /// the rule names changed.
-    fn prune_rules(&mut self) -> bool {
-        let mut names: BTreeSet<String> = BTreeSet::from([TRANSITION_RULE.to_string()]);
-        for policy in self.compiled() {
+    /// Frees the numbers of the rules of policies that went or changed,
+    /// that the policies now have no more; returns whether the rule names
+    /// changed.
+    fn prune_rules(&mut self, delta: &PolicyDelta) -> bool {
+        let mut gone: BTreeSet<String> = BTreeSet::new();
+        for policy in &delta.gone {
             let policy = &policy.policy;
-            for (direction, rules) in [
-                (DIRECTION_INGRESS, &policy.ingress),
-                (DIRECTION_EGRESS, &policy.egress),
+            let now = self
+                .policies
+                .get(&policy.id)
+                .and_then(|p| p.compiled.as_ref());
+            for (direction, rules, kept) in [
+                (
+                    DIRECTION_INGRESS,
+                    &policy.ingress,
+                    now.and_then(|p| p.policy.ingress.as_ref()),
+                ),
+                (
+                    DIRECTION_EGRESS,
+                    &policy.egress,
+                    now.and_then(|p| p.policy.egress.as_ref()),
+                ),
             ] {
                 for rule in rules.iter().flatten() {
-                    names.insert(rule_name(&policy.id, direction, rule.index));
+                    if !kept.is_some_and(|k| k.iter().any(|r| r.index == rule.index)) {
+                        gone.insert(rule_name(&policy.id, direction, rule.index));
+                    }
                 }
             }
         }
-        self.rules.keep(&names);
+        if gone.is_empty() {
+            return false;
+        }
+        self.rules.forget(&gone);
         self.sync_rule_names()
     }
 

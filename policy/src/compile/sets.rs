@@ -129,6 +129,8 @@ pub(super) struct Recipe {
 #[derive(Debug)]
 pub(super) struct Membership {
     pub identities: BTreeSet<u32>,
+    /// The policies that name it.
+    pub users: u32,
 }
 
 /// What recipes are computed from.
@@ -228,8 +230,9 @@ impl RecipeKey {
                 *rule = number;
             }
         });
-        // Each entry once, with the lowest rule that gives it.
-        entries.sort_unstable();
+        // Each entry once, with the first rule that gives it (policies in
+        // name order, ingress before egress): the same however it came.
+        entries.sort_by_key(|(entry, _)| *entry);
         entries.dedup_by_key(|(entry, _)| *entry);
         recipe.content = Some(Arc::new(set_content(entries.into_iter().collect())));
         recipe
@@ -263,7 +266,7 @@ impl RecipeKey {
                 }
             }
         });
-        fresh.sort_unstable();
+        fresh.sort_by_key(|(entry, _)| *entry);
         fresh.dedup_by_key(|(entry, _)| *entry);
         let current = identities.iter().flat_map(|id| {
             of(&content.entries, DIRECTION_INGRESS, *id).chain(of(
@@ -534,11 +537,15 @@ impl RuleNumbers {
         Some(number)
     }
 
-    /// Frees the numbers of every rule but those named `names`.
-    pub(super) fn keep(&mut self, names: &BTreeSet<String>) {
-        self.names.retain(|_, name| names.contains(name));
-        self.numbers
-            .retain(|number, _| self.names.contains_key(&number));
+    /// Frees the numbers of the rules named `names`.
+    pub(super) fn forget(&mut self, names: &BTreeSet<String>) {
+        self.names.retain(|number, name| {
+            let keep = !names.contains(name);
+            if !keep {
+                self.numbers.free(*number);
+            }
+            keep
+        });
     }
 }
 
