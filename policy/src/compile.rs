@@ -11,17 +11,18 @@
 //! - Each of this node's pods gets a policy set: the entries of every
 //!   policy selecting it, expanded to peer identities and port prefixes.
 //!   Pods selected by the same policies share one set (see the `sets`
-//!   module), and sets with the same entries are one set.
+//!   module). A set keeps its number while its policies select pods here,
+//!   and changes in place: the plan writes only the entries that changed.
 //!
 //! Work is proportional to what changed. Objects are compared by their
 //! `Arc` (the sources hand over unchanged objects as they were): only new
 //! objects are read. Identities are counted by the addresses that have
-//! them; the ipcache is rewritten where an address's claims changed; a new
-//! identity is matched against the peer selectors once, a new peer against
-//! the identities of its namespace (or all, for a namespace selector); a
-//! set is recomputed only when a policy it comes from, the members of a
-//! peer those name, or the CIDRs (for ipBlocks) changed. [`PolicyStats`]
-//! counts that work.
+//! them; the ipcache is rewritten where an address's claims changed; an
+//! identity that becomes active is matched against the peer selectors
+//! once, a new peer against the active identities of its namespace (or
+//! all, for a namespace selector); a set is patched where identities came
+//! or went, and computed whole only when new or when the CIDRs change
+//! under its ipBlocks. [`PolicyStats`] counts that work.
 //!
 //! An update that moves addresses to other identities (a relabel, a CIDR
 //! that comes or goes) is written in two: its sets judge the identities
