@@ -1,55 +1,75 @@
 //! The policy compiler: Pods, Namespaces, Nodes and NetworkPolicies in,
 //! [`PolicyDesired`] out, incrementally.
 //!
-//! - Every pod of the cluster with an address gets the identity of its
-//!   [`IdentityLabels`]; every CIDR a policy names gets a CIDR identity.
+//! - Every pod address of the cluster gets the identity of its
+//!   [`IdentityLabels`] (those of a pod's addresses differ only when
+//!   egress rules to an ipBlock on a named port tell them apart); every
+//!   CIDR a policy names gets a CIDR identity.
 //! - The ipcache maps each pod address to its identity and to the identity
 //!   of the longest policy CIDR covering it, node addresses to the host or
 //!   remote-node identity, and each policy CIDR to its own identity.
 //! - Each of this node's pods gets a policy set: the entries of every
 //!   policy selecting it, expanded to peer identities and port prefixes.
-//!   Pods with the same identity and named ports share one set, and sets
-//!   with the same entries are one set.
+//!   Pods selected by the same policies share one set (see the `sets`
+//!   module). A set keeps its number while its policies select pods here,
+//!   and changes in place: the plan writes only the entries that changed.
 //!
-//! Work is proportional to what changed: an unchanged object (the same
-//! `Arc`) keeps its identity; a new identity is matched against the peer
-//! selectors once; a pod's set is rebuilt only when a policy selecting it,
-//! or the membership of a peer those policies name, changed.
+//! Work is proportional to what changed. Objects are compared by their
+//! `Arc` (the sources hand over unchanged objects as they were): only new
+//! objects are read. Identities are counted by the addresses that have
+//! them; the ipcache is rewritten where an address's claims changed; an
+//! identity that becomes active is matched against the peer selectors
+//! once, a new peer against the active identities of its namespace (or
+//! all, for a namespace selector); a set is patched where identities came
+//! or went, and computed whole only when new or when the CIDRs change
+//! under its ipBlocks. [`PolicyStats`] counts that work.
 //!
-//! An identity, or a CIDR, that nothing uses any more is kept for one more
-//! update (it is [`PolicyUpdate::follow_up`] to make one): the addresses that
-//! had it may still carry it in the kernel until the ipcache writes of this
-//! update are done, and sets keep allowing it meanwhile exactly when they
-//! allowed it before. A relabeled pod therefore never loses an allow that it
-//! has both before and after.
+//! An update that moves addresses to other identities (a relabel, a CIDR
+//! that comes or goes) is written in two: its sets judge the identities
+//! that addresses leave or get partly as the old sets did (see the
+//! `transition` module), and [`PolicyUpdate::follow_up`] asks for one more
+//! update, which writes the final sets once the addresses have moved. A
+//! label identity that nothing uses any more is kept for that one more
+//! update as well, and so is a CIDR's identity (its prefix leaves the
+//! ipcache at once). A relabeled pod therefore never loses, nor gains, a
+//! verdict that is the same before and after, while the writes go in.
+
+mod cidrs;
+mod identities;
+mod objects;
+mod sets;
+mod transition;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
 };
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use lb_common::{
-    net::{PROTO_TCP, PROTO_UDP},
-    policy::{
-        IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR,
-        IDENTITY_FIRST_LABELS, IDENTITY_HOST, IDENTITY_MAX, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
-        PROTO_SCTP,
-    },
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
 };
-use lb_core::intent::{ObjectError, Objects};
-use rustc_hash::{FxHashMap, FxHasher};
+use lb_common::policy::{
+    IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS,
+    IDENTITY_HOST, IDENTITY_MAX, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
+};
+use lb_core::intent::{ObjectError, Objects, Sourced};
+use rustc_hash::{FxHashMap, FxHashSet};
 
+use self::{
+    cidrs::CidrIndex,
+    identities::{Identities, Slot},
+    objects::{namespace_labels, peer_matches, pod_facts, IdentityInputs, PodFacts},
+    sets::{rule_name, ByAddress, Compiled, Inputs, Membership, Recipe, RecipeKey, RuleNumbers},
+    transition::{Movement, WORLD},
+};
 use crate::{
-    desired::{isolation_flags, EndpointInfo, Entry, IdentityInfo, PolicyDesired, SetContent, L4},
-    labels::{digest, IdentityConfig, IdentityLabels, NamedPorts, NAMESPACE_NAME_LABEL},
+    desired::{EndpointInfo, IdentityInfo, PolicyDesired, SetContent},
+    labels::{digest, IdentityConfig, IdentityLabels},
     numbers::Numbers,
-    ports::port_prefixes,
-    rules::{parse_policy, within, Namespaces, Peer, Policy, PolicyRef, PortMatch},
-    selector::Selector,
+    rules::{parse_policy, Namespaces, PodPeer, PolicyRef},
 };
 
 /// Where the compiler runs and how it groups pods.
@@ -68,84 +88,37 @@ pub struct PolicyUpdate {
     pub errors: Vec<ObjectError>,
     /// Whether the desired state changed.
     pub changed: bool,
-    /// Whether an identity or CIDR left this update: another update (with
-    /// the same objects) releases it once the kernel no longer uses it.
+    /// Whether this update's sets are for the transition (addresses moved
+    /// to other identities) or an identity or CIDR left: another update
+    /// (with the same objects), once this one is written, writes the final
+    /// sets and releases what left.
     pub follow_up: bool,
 }
 
-/// A pod, as far as policy is concerned.
-#[derive(Clone, Debug)]
-struct PodFacts {
-    namespace: String,
-    name: String,
-    uid: String,
-    ips: Vec<IpAddr>,
-    node: Option<String>,
-    host_network: bool,
-    labels: BTreeMap<String, String>,
-    named_ports: NamedPorts,
-}
-
-/// A pod the last update saw, by the address of its object.
-struct PodCached {
-    /// Held so that the object's address, which keys the cache, is not
-    /// reused while cached.
-    _held: Arc<Pod>,
-    /// The address of its namespace's object when compiled.
-    namespace: usize,
-    facts: Arc<PodFacts>,
-    labels: Arc<IdentityLabels>,
-}
-
-/// A selector of pod peers, with the identities it matches.
-struct Membership {
-    identities: BTreeSet<u32>,
-    version: u64,
-}
-
-/// A group of this node's pods sharing a set: one identity, one set of
-/// named ports (ingress named ports resolve on the pod).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ClassKey {
-    identity: u32,
-    named_ports: NamedPorts,
-}
-
-struct ClassCached {
-    fingerprint: u64,
-    flags: u32,
-    content: Option<Arc<SetContent>>,
-}
-
-/// The incremental policy compiler.
-pub struct PolicyCompiler {
-    config: PolicyConfig,
-    pods: FxHashMap<usize, PodCached>,
-    namespaces: FxHashMap<String, (usize, Arc<BTreeMap<String, String>>)>,
-    policies: BTreeMap<PolicyRef, (usize, Option<Arc<Policy>>, Vec<ObjectError>)>,
-    /// Every node's addresses, by name.
-    nodes: BTreeMap<String, Vec<IpAddr>>,
-    /// Excluded label keys some selector names, and named ports some egress
-    /// rule names: both change what identities stand for.
-    identity_inputs: (BTreeSet<String>, BTreeSet<(String, u8)>),
-    label_numbers: Numbers,
-    cidr_numbers: Numbers,
-    set_numbers: Numbers,
-    rule_numbers: Numbers,
-    /// Label identities in use or retiring, by number.
-    identities: FxHashMap<u32, Arc<IdentityLabels>>,
-    /// Identities and CIDRs nothing used in the last update: released now
-    /// unless used again.
-    retiring: (BTreeSet<u32>, BTreeSet<IpNetwork>),
-    /// Every CIDR the policies name (and retiring ones), with its identity.
-    cidrs: BTreeMap<IpNetwork, u32>,
-    cidr_version: u64,
-    /// Bumped when identities are added or released.
-    identities_version: u64,
-    members: FxHashMap<(Namespaces, Selector), Membership>,
-    classes: FxHashMap<ClassKey, ClassCached>,
-    desired: PolicyDesired,
-    version: u64,
+/// The work one update did: what it read, matched and recomputed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// Pod objects read (new or changed).
+    pub pods_read: usize,
+    /// Pods whose identity labels were worked out again for a namespace
+    /// or policy change (their objects unchanged).
+    pub pods_relabeled: usize,
+    /// NetworkPolicy objects parsed (new or changed).
+    pub policies_parsed: usize,
+    /// Identities numbered.
+    pub identities_added: usize,
+    /// Identities released.
+    pub identities_released: usize,
+    /// Peer selectors matched against an identity's labels.
+    pub peer_matches: usize,
+    /// ipcache entries written or deleted.
+    pub ipcache_writes: usize,
+    /// Policy sets computed whole (new recipes, or CIDRs changed).
+    pub sets_computed: usize,
+    /// Policy sets patched where identities changed.
+    pub sets_patched: usize,
+    /// Endpoints written or deleted.
+    pub endpoint_writes: usize,
 }
 
 /// The numbers of what was found in the kernel after a restart.
@@ -159,15 +132,12 @@ pub struct Adopted {
     pub rules: Vec<(u32, String)>,
 }
 
-/// The rule name of a policy's rule.
-fn rule_name(policy: &PolicyRef, direction: u8, index: usize) -> String {
-    let side = if direction == DIRECTION_INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    };
-    format!("{policy} {side}[{index}]")
-}
+/// The name of the rule of the entries that keep, for one update, what
+/// endpoints allowed the identities that addresses leave in it.
+pub const TRANSITION_RULE: &str = "(allowed before, while identities change)";
+
+/// The first set number of sets that are not a recipe's.
+const FIRST_OTHER_SET: u32 = 0x8000_0000;
 
 /// What a CIDR identity stands for, as text.
 fn cidr_text(cidr: &IpNetwork) -> String {
@@ -178,6 +148,122 @@ fn object_address<T>(object: &Arc<T>) -> usize {
     Arc::as_ptr(object) as usize
 }
 
+/// Whether `objects` are the objects of `addresses`, in order.
+fn same_objects<T>(objects: &[Sourced<T>], addresses: &[usize]) -> bool {
+    objects.len() == addresses.len()
+        && objects
+            .iter()
+            .zip(addresses)
+            .all(|(o, a)| object_address(&o.object) == *a)
+}
+
+/// A Namespace object (held, so that its address is not reused while
+/// cached), and its labels.
+struct CachedNamespace {
+    _object: Arc<Namespace>,
+    labels: Arc<BTreeMap<String, String>>,
+}
+
+/// A NetworkPolicy object (held), what it validated to, and its errors.
+struct CachedPolicy {
+    object: Arc<NetworkPolicy>,
+    compiled: Option<Arc<Compiled>>,
+    errors: Vec<ObjectError>,
+}
+
+/// A pod the compiler holds, by the address of its object.
+struct PodCached {
+    /// Held so that the address, which keys the cache, is not reused.
+    _object: Arc<Pod>,
+    /// The last update that saw the object.
+    seen: u64,
+    /// The update that worked out its identity labels last.
+    claimed: u64,
+    facts: Arc<PodFacts>,
+    /// The identity slot of each of its addresses (`facts.ips`); none for
+    /// a hostNetwork pod.
+    slots: Vec<Slot>,
+    /// The identity labels of its first address (a pod's addresses differ
+    /// only in their blocks).
+    labels: Option<Arc<IdentityLabels>>,
+    /// The recipe of its set, and the version of its namespace's policies
+    /// it was found with.
+    recipe: Option<(u64, RecipeKey)>,
+}
+
+/// A pod that claims an address.
+struct Owner {
+    pod: usize,
+    slot: Slot,
+    facts: Arc<PodFacts>,
+}
+
+/// The incremental policy compiler.
+pub struct PolicyCompiler {
+    config: PolicyConfig,
+    /// Counts updates.
+    version: u64,
+    stats: PolicyStats,
+
+    namespace_objects: Vec<usize>,
+    namespaces: FxHashMap<String, CachedNamespace>,
+    policy_objects: Vec<usize>,
+    policies: BTreeMap<PolicyRef, CachedPolicy>,
+    /// Per namespace, the update in which its policies last changed.
+    policy_versions: FxHashMap<String, u64>,
+    inputs: IdentityInputs,
+    pod_objects: Vec<usize>,
+    pods: FxHashMap<usize, PodCached>,
+    /// This node's pods (not hostNetwork).
+    local_pods: FxHashSet<usize>,
+    node_objects: Vec<usize>,
+    /// Node addresses, and whether they are this node's.
+    node_addresses: FxHashMap<IpAddr, bool>,
+
+    identities: Identities,
+    /// Pod addresses and the pods that claim them (normally one).
+    pod_addresses: FxHashMap<IpAddr, Vec<Owner>>,
+    cidr_numbers: Numbers,
+    /// Every CIDR the policies name, with its identity.
+    cidrs: BTreeMap<IpNetwork, u32>,
+    cidr_index: CidrIndex,
+    /// CIDRs the policies named until the last update, with their identity.
+    retiring_cidrs: BTreeMap<IpNetwork, u32>,
+    cidr_version: u64,
+
+    members: FxHashMap<PodPeer, Membership>,
+    recipes: FxHashMap<RecipeKey, Recipe>,
+    /// Numbers of the sets of recipes (each recipe keeps its number while
+    /// in use, and its set changes in place), by an owner key per recipe;
+    /// sets found in the kernel at start are keyed by their digest until a
+    /// recipe with that content takes them.
+    recipe_sets: Numbers,
+    /// Gives each recipe its owner key.
+    recipe_serial: u64,
+    /// Numbers of the sets of the transition that are not a recipe's, by
+    /// digest.
+    other_sets: Numbers,
+    rules: RuleNumbers,
+    desired: PolicyDesired,
+    /// Whether some set of the desired state is one of transition.
+    transitional: bool,
+}
+
+/// The valid policies that came and went in an update.
+#[derive(Default)]
+struct PolicyDelta {
+    came: Vec<Arc<Compiled>>,
+    gone: Vec<Arc<Compiled>>,
+}
+
+/// The ipcache writes of one update: the keys to work out again, and the
+/// value each changed key had before the update.
+#[derive(Default)]
+struct Writes {
+    dirty: FxHashSet<IpNetwork>,
+    before: FxHashMap<IpNetwork, Option<IpcacheValue>>,
+}
+
 impl PolicyCompiler {
     /// A compiler for `config` that keeps the numbers a previous agent
     /// gave (`adopted`).
@@ -186,8 +272,10 @@ impl PolicyCompiler {
         let mut cidr_numbers = Numbers::new(IDENTITY_FIRST_CIDR, IDENTITY_MAX);
         label_numbers.adopt(adopted.identities.iter().copied());
         cidr_numbers.adopt(adopted.identities.iter().copied());
-        let mut set_numbers = Numbers::new(1, u32::MAX);
-        set_numbers.adopt(adopted.sets.iter().copied());
+        let mut recipe_sets = Numbers::new(1, FIRST_OTHER_SET - 1);
+        recipe_sets.adopt(adopted.sets.iter().copied());
+        let mut other_sets = Numbers::new(FIRST_OTHER_SET, u32::MAX);
+        other_sets.adopt(adopted.sets.iter().copied());
         let mut rule_numbers = Numbers::new(1, u32::MAX);
         rule_numbers.adopt(
             adopted
@@ -197,24 +285,37 @@ impl PolicyCompiler {
         );
         Self {
             config,
-            pods: FxHashMap::default(),
-            namespaces: FxHashMap::default(),
-            policies: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-            identity_inputs: Default::default(),
-            label_numbers,
-            cidr_numbers,
-            set_numbers,
-            rule_numbers,
-            identities: FxHashMap::default(),
-            retiring: Default::default(),
-            cidrs: BTreeMap::new(),
-            cidr_version: 0,
-            identities_version: 0,
-            members: FxHashMap::default(),
-            classes: FxHashMap::default(),
-            desired: PolicyDesired::default(),
             version: 0,
+            stats: PolicyStats::default(),
+            namespace_objects: Vec::new(),
+            namespaces: FxHashMap::default(),
+            policy_objects: Vec::new(),
+            policies: BTreeMap::new(),
+            policy_versions: FxHashMap::default(),
+            inputs: IdentityInputs::default(),
+            pod_objects: Vec::new(),
+            pods: FxHashMap::default(),
+            local_pods: FxHashSet::default(),
+            node_objects: Vec::new(),
+            node_addresses: FxHashMap::default(),
+            identities: Identities::new(label_numbers),
+            pod_addresses: FxHashMap::default(),
+            cidr_numbers,
+            cidrs: BTreeMap::new(),
+            cidr_index: CidrIndex::default(),
+            retiring_cidrs: BTreeMap::new(),
+            cidr_version: 0,
+            members: FxHashMap::default(),
+            recipes: FxHashMap::default(),
+            recipe_sets,
+            recipe_serial: 0,
+            other_sets,
+            rules: RuleNumbers {
+                numbers: rule_numbers,
+                names: FxHashMap::default(),
+            },
+            desired: PolicyDesired::default(),
+            transitional: false,
         }
     }
 
@@ -225,838 +326,995 @@ impl PolicyCompiler {
 
     /// The labels of a label identity, if it is in use.
     pub fn identity_labels(&self, identity: u32) -> Option<&IdentityLabels> {
-        self.identities.get(&identity).map(|labels| &**labels)
+        self.identities.labels(identity).map(|labels| &**labels)
+    }
+
+    /// The work the last update did.
+    pub fn stats(&self) -> &PolicyStats {
+        &self.stats
     }
 
     /// Brings the desired state up to date with `objects`.
     pub fn update(&mut self, objects: &Objects) -> PolicyUpdate {
         self.version += 1;
+        self.stats = PolicyStats::default();
         let mut errors = Vec::new();
+        let mut writes = Writes::default();
+        let mut changed = false;
+
         let namespaces_changed = self.update_namespaces(objects);
-        let policies_changed = self.update_policies(objects);
-        let inputs = identity_inputs(&self.config.identity, self.policies.values());
-        let inputs_changed = inputs != self.identity_inputs;
-        self.identity_inputs = inputs;
-        self.update_pods(objects, &namespaces_changed, inputs_changed);
-        self.nodes = objects
-            .nodes
+        let policy_delta = self.update_policies(objects);
+        let policies_changed = policy_delta.is_some();
+        let mut inputs_changed = false;
+        if policies_changed {
+            let inputs = IdentityInputs::of(&self.config.identity, self.compiled());
+            inputs_changed = inputs != self.inputs;
+            self.inputs = inputs;
+        }
+        self.update_pods(objects, &namespaces_changed, inputs_changed, &mut writes);
+
+        // Identities: number the new, retire the unused, release the
+        // retired.
+        let settled = self.identities.settle(&mut errors);
+        self.stats.identities_added = settled.added.len();
+        self.stats.identities_released = settled.released.len();
+        if !settled.added.is_empty() || !settled.released.is_empty() {
+            changed = true;
+        }
+        for number in &settled.released {
+            self.desired.identities.remove(number);
+        }
+        for (number, labels) in &settled.added {
+            let text = labels.canonical();
+            self.desired.identities.insert(
+                *number,
+                IdentityInfo {
+                    digest: digest(&text),
+                    text,
+                },
+            );
+        }
+        if settled.late {
+            // Identities that waited for a number: their addresses change.
+            writes
+                .dirty
+                .extend(self.pod_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+        }
+
+        let (old_cidr_index, cidrs_changed) =
+            self.update_cidrs(policies_changed, &mut writes, &mut errors);
+        changed |= cidrs_changed;
+        self.update_nodes(objects, &mut writes);
+        self.write_ipcache(&mut writes);
+        changed |= !writes.before.is_empty();
+        let gone: Vec<u32> = settled
+            .deactivated
             .iter()
-            .filter_map(|n| {
-                Some((
-                    n.object.metadata.name.clone()?,
-                    addresses_of_node(&n.object),
-                ))
+            .chain(&settled.released)
+            .copied()
+            .collect();
+        self.update_members(policy_delta.as_ref(), &settled.activated, &gone);
+        // The identities whose entries may differ in the sets. Those that
+        // retire keep theirs until they are released (or active again): no
+        // address has them meanwhile, and the sets of the transition judge
+        // them as before anyway.
+        let touched: BTreeSet<u32> = settled
+            .activated
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(settled.released.iter().copied())
+            .collect();
+        if let Some(delta) = &policy_delta {
+            changed |= self.prune_rules(delta);
+        }
+
+        // The value of the longest CIDR strictly holding a prefix.
+        let covering = |index: &CidrIndex, prefix: &IpNetwork| {
+            let at_most = prefix.prefix().checked_sub(1)?;
+            let id = index.longest_within(prefix.network(), at_most)?;
+            Some(IpcacheValue {
+                identity: id,
+                cidr_identity: id,
             })
-            .collect();
+        };
+        let old_index = old_cidr_index.as_ref().unwrap_or(&self.cidr_index);
+        let movement = Movement::from_changes(
+            writes
+                .before
+                .iter()
+                .map(|(key, before)| (key, *before, self.desired.ipcache.get(key).copied())),
+            |p| covering(old_index, p).unwrap_or(WORLD),
+            |p| covering(&self.cidr_index, p).unwrap_or(WORLD),
+        );
+        changed |= self.update_endpoints(&movement, &touched, &mut errors);
 
-        // Identities: those in use now, plus last update's leavers for one
-        // more update; anything older is released.
-        let (released_ids, released_cidrs) = std::mem::take(&mut self.retiring);
-        let mut in_use: FxHashMap<Arc<IdentityLabels>, u32> = FxHashMap::default();
-        let mut exhausted = false;
-        for cached in self.pods.values() {
-            if cached.facts.host_network || cached.facts.ips.is_empty() {
-                continue;
-            }
-            if in_use.contains_key(&cached.labels) {
-                continue;
-            }
-            match self
-                .label_numbers
-                .number(digest(&cached.labels.canonical()))
-            {
-                Ok(number) => {
-                    in_use.insert(cached.labels.clone(), number);
-                }
-                Err(full) => {
-                    if !exhausted {
-                        errors.push(ObjectError {
-                            origin: "policy".into(),
-                            object: format!("Pod {}/{}", cached.facts.namespace, cached.facts.name),
-                            field: "metadata.labels".into(),
-                            reason: format!(
-                                "no identity left ({} label sets in use): the pod's \
-                                 addresses count as the world for policy",
-                                full.capacity
-                            ),
-                        });
-                    }
-                    exhausted = true;
-                }
-            }
-        }
-        let numbers_in_use: BTreeSet<u32> = in_use.values().copied().collect();
-        let leaving: BTreeSet<u32> = self
-            .identities
-            .keys()
-            .copied()
-            .filter(|id| !numbers_in_use.contains(id) && !released_ids.contains(id))
-            .collect();
-        let added: Vec<(u32, Arc<IdentityLabels>)> = in_use
-            .iter()
-            .filter(|(_, number)| !self.identities.contains_key(number))
-            .map(|(labels, number)| (*number, labels.clone()))
-            .collect();
-        let released: Vec<u32> = self
-            .identities
-            .keys()
-            .copied()
-            .filter(|id| !numbers_in_use.contains(id) && !leaving.contains(id))
-            .collect();
-        for id in &released {
-            self.identities.remove(id);
-        }
-        for (number, labels) in &added {
-            self.identities.insert(*number, labels.clone());
-        }
-        if !added.is_empty() || !released.is_empty() {
-            self.identities_version += 1;
-        }
-        self.label_numbers
-            .retain(|number, _| self.identities.contains_key(&number));
-        self.retiring.0 = leaving;
+        let enforcing = self.policies.values().any(|p| p.compiled.is_some());
+        changed |= enforcing != self.desired.enforcing;
+        self.desired.enforcing = enforcing;
 
-        // CIDRs named by policies, plus last update's leavers.
-        let named: BTreeSet<IpNetwork> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .flat_map(|policy| policy_cidrs(policy))
-            .collect();
-        let leaving_cidrs: BTreeSet<IpNetwork> = self
-            .cidrs
-            .keys()
-            .filter(|c| !named.contains(c) && !released_cidrs.contains(c))
-            .copied()
-            .collect();
-        let wanted: BTreeSet<IpNetwork> = named.union(&leaving_cidrs).copied().collect();
-        let before: BTreeSet<IpNetwork> = self.cidrs.keys().copied().collect();
-        if wanted != before {
-            self.cidr_version += 1;
-            let mut cidrs = BTreeMap::new();
-            for cidr in &wanted {
-                match self.cidr_numbers.number(digest(&cidr_text(cidr))) {
-                    Ok(number) => {
-                        cidrs.insert(*cidr, number);
-                    }
-                    Err(full) => errors.push(ObjectError {
-                        origin: "policy".into(),
-                        object: format!("CIDR {cidr}"),
-                        field: "ipBlock".into(),
-                        reason: format!(
-                            "no CIDR identity left ({} in use); rules naming it match nothing",
-                            full.capacity
-                        ),
-                    }),
-                }
-            }
-            self.cidrs = cidrs;
-            self.cidr_numbers
-                .retain(|number, _| self.cidrs.values().any(|n| *n == number));
-        }
-        self.retiring.1 = leaving_cidrs;
-
-        self.update_members(&added, &released);
-        let desired = self.build(&mut errors);
-        for (_, _, policy_errors) in self.policies.values() {
-            errors.extend(policy_errors.iter().cloned());
+        for policy in self.policies.values() {
+            errors.extend(policy.errors.iter().cloned());
         }
         errors.sort_by(|a, b| {
             (&a.origin, &a.object, &a.field).cmp(&(&b.origin, &b.object, &b.field))
         });
-        let changed = desired != self.desired || policies_changed;
-        self.desired = desired;
         PolicyUpdate {
             errors,
-            changed,
-            follow_up: !self.retiring.0.is_empty() || !self.retiring.1.is_empty(),
+            changed: changed || policies_changed,
+            follow_up: !self.identities.retiring().is_empty()
+                || !self.retiring_cidrs.is_empty()
+                || self.transitional,
         }
+    }
+
+    /// The valid policies.
+    fn compiled(&self) -> impl Iterator<Item = &Compiled> + '_ {
+        self.policies.values().filter_map(|p| p.compiled.as_deref())
     }
 
     /// Takes the namespaces' labels; returns the names whose labels (object)
     /// changed, appeared or went.
-    fn update_namespaces(&mut self, objects: &Objects) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
+    fn update_namespaces(&mut self, objects: &Objects) -> FxHashSet<String> {
+        let mut changed = FxHashSet::default();
+        if same_objects(&objects.namespaces, &self.namespace_objects) {
+            return changed;
+        }
         let mut namespaces = FxHashMap::default();
         for sourced in &objects.namespaces {
             let Some(name) = sourced.object.metadata.name.clone() else {
                 continue;
             };
-            let address = object_address(&sourced.object);
-            let labels = match self.namespaces.get(&name) {
-                Some((old, labels)) if *old == address => labels.clone(),
+            let labels = match self.namespaces.remove(&name) {
+                Some(cached) if Arc::ptr_eq(&cached._object, &sourced.object) => cached.labels,
                 _ => {
                     changed.insert(name.clone());
                     Arc::new(namespace_labels(&name, Some(&sourced.object)))
                 }
             };
-            namespaces.insert(name, (address, labels));
+            namespaces.insert(
+                name,
+                CachedNamespace {
+                    _object: sourced.object.clone(),
+                    labels,
+                },
+            );
         }
-        for name in self.namespaces.keys() {
-            if !namespaces.contains_key(name) {
-                changed.insert(name.clone());
-            }
-        }
+        changed.extend(self.namespaces.drain().map(|(name, _)| name));
         self.namespaces = namespaces;
+        self.namespace_objects = objects
+            .namespaces
+            .iter()
+            .map(|s| object_address(&s.object))
+            .collect();
         changed
     }
 
-    /// Parses new and changed policies; returns whether any changed.
-    fn update_policies(&mut self, objects: &Objects) -> bool {
+    /// Parses new and changed policies; returns the valid ones that came
+    /// and went (a changed one does both), or `None` when none changed.
+    fn update_policies(&mut self, objects: &Objects) -> Option<PolicyDelta> {
+        if same_objects(&objects.network_policies, &self.policy_objects) {
+            return None;
+        }
+        let mut delta = PolicyDelta::default();
         let mut policies = BTreeMap::new();
-        let mut changed = false;
+        let mut touched: FxHashSet<String> = FxHashSet::default();
         for sourced in &objects.network_policies {
             let meta = &sourced.object.metadata;
             let id = PolicyRef {
                 namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
                 name: meta.name.clone().unwrap_or_default(),
             };
-            let address = object_address(&sourced.object);
             let entry = match self.policies.remove(&id) {
-                Some(cached) if cached.0 == address => cached,
-                _ => {
-                    changed = true;
+                Some(cached) if Arc::ptr_eq(&cached.object, &sourced.object) => cached,
+                old => {
+                    touched.insert(id.namespace.clone());
+                    self.stats.policies_parsed += 1;
+                    delta.gone.extend(old.and_then(|old| old.compiled));
                     let mut errors = Vec::new();
                     let policy = parse_policy(&sourced.origin, &sourced.object, &mut errors);
-                    (address, policy.map(Arc::new), errors)
+                    let compiled = policy.map(|p| Arc::new(Compiled::new(p)));
+                    delta.came.extend(compiled.clone());
+                    CachedPolicy {
+                        object: sourced.object.clone(),
+                        compiled,
+                        errors,
+                    }
                 }
             };
-            policies.insert(id, entry);
+            // (A later object of the same name wins.)
+            if let Some(displaced) = policies.insert(id, entry) {
+                delta.gone.extend(displaced.compiled);
+            }
         }
-        changed |= !self.policies.is_empty();
-        self.policies = policies;
-        changed
+        for (id, cached) in std::mem::replace(&mut self.policies, policies) {
+            touched.insert(id.namespace);
+            delta.gone.extend(cached.compiled);
+        }
+        self.policy_objects = objects
+            .network_policies
+            .iter()
+            .map(|s| object_address(&s.object))
+            .collect();
+        for namespace in &touched {
+            self.policy_versions.insert(namespace.clone(), self.version);
+        }
+        (!touched.is_empty()).then_some(delta)
     }
 
-    /// Recomputes the facts and identity labels of new and changed pods.
+    /// Takes new and changed pods, drops those that went, and works out the
+    /// identity labels again where namespaces or policies changed them.
     fn update_pods(
         &mut self,
         objects: &Objects,
-        namespaces_changed: &BTreeSet<String>,
+        namespaces_changed: &FxHashSet<String>,
         inputs_changed: bool,
+        writes: &mut Writes,
     ) {
-        let mut pods = FxHashMap::with_capacity_and_hasher(objects.pods.len(), Default::default());
-        for sourced in &objects.pods {
-            let address = object_address(&sourced.object);
-            let namespace = sourced
-                .object
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let namespace_address = self.namespaces.get(&namespace).map_or(0, |(a, _)| *a);
-            let reusable = !inputs_changed && !namespaces_changed.contains(&namespace);
-            let cached = match self.pods.remove(&address) {
-                Some(cached) if reusable && cached.namespace == namespace_address => cached,
-                _ => {
-                    let facts = Arc::new(pod_facts(&sourced.object, &namespace));
-                    let labels = Arc::new(self.identity_labels_of(&facts));
-                    PodCached {
-                        _held: sourced.object.clone(),
-                        namespace: namespace_address,
-                        facts,
-                        labels,
-                    }
+        if !same_objects(&objects.pods, &self.pod_objects) {
+            let seen = self.version;
+            let mut added: Vec<&Sourced<Pod>> = Vec::new();
+            for sourced in &objects.pods {
+                match self.pods.get_mut(&object_address(&sourced.object)) {
+                    Some(cached) => cached.seen = seen,
+                    None => added.push(sourced),
                 }
-            };
-            pods.insert(address, cached);
+            }
+            let gone: Vec<usize> = self
+                .pods
+                .iter()
+                .filter(|(_, cached)| cached.seen != seen)
+                .map(|(address, _)| *address)
+                .collect();
+            for address in gone {
+                let cached = self.pods.remove(&address).expect("pod held");
+                self.unclaim(address, &cached, writes);
+                self.local_pods.remove(&address);
+            }
+            for sourced in added {
+                let address = object_address(&sourced.object);
+                if self.pods.contains_key(&address) {
+                    continue; // listed twice
+                }
+                self.stats.pods_read += 1;
+                let namespace = sourced
+                    .object
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                let facts = Arc::new(pod_facts(&sourced.object, &namespace));
+                let local = self.config.node.is_some()
+                    && facts.node == self.config.node
+                    && !facts.host_network;
+                let mut cached = PodCached {
+                    _object: sourced.object.clone(),
+                    seen,
+                    claimed: 0,
+                    facts,
+                    slots: Vec::new(),
+                    labels: None,
+                    recipe: None,
+                };
+                self.claim(address, &mut cached, writes);
+                self.pods.insert(address, cached);
+                if local {
+                    self.local_pods.insert(address);
+                }
+            }
+            self.pod_objects = objects
+                .pods
+                .iter()
+                .map(|s| object_address(&s.object))
+                .collect();
         }
-        self.pods = pods;
-    }
-
-    fn identity_labels_of(&self, facts: &PodFacts) -> IdentityLabels {
-        let (selected, egress_named) = &self.identity_inputs;
-        let excluded = &self.config.identity.excluded;
-        let pod_labels = facts
-            .labels
-            .iter()
-            .filter(|(key, _)| !excluded.contains(key) || selected.contains(*key))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let namespace_labels = match self.namespaces.get(&facts.namespace) {
-            Some((_, labels)) => (**labels).clone(),
-            None => namespace_labels(&facts.namespace, None),
-        };
-        let named_ports = facts
-            .named_ports
-            .iter()
-            .filter(|(key, _)| egress_named.contains(key))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        IdentityLabels {
-            namespace: facts.namespace.clone(),
-            namespace_labels,
-            pod_labels,
-            named_ports,
-        }
-    }
-
-    /// Keeps peer memberships current: new identities are matched against
-    /// every peer, released ones removed, new peers matched against every
-    /// identity, peers no policy names dropped.
-    fn update_members(&mut self, added: &[(u32, Arc<IdentityLabels>)], released: &[u32]) {
-        let peers: BTreeSet<(Namespaces, Selector)> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .flat_map(|policy| pod_peers(policy))
-            .collect();
-        self.members.retain(|peer, _| peers.contains(peer));
-        let version = self.version;
-        for peer in peers {
-            match self.members.get_mut(&peer) {
-                Some(membership) => {
-                    let mut changed = false;
-                    for id in released {
-                        changed |= membership.identities.remove(id);
-                    }
-                    for (id, labels) in added {
-                        if peer_matches(&peer, labels) {
-                            changed |= membership.identities.insert(*id);
-                        }
-                    }
-                    if changed {
-                        membership.version = version;
-                    }
-                }
-                None => {
-                    let identities = self
-                        .identities
-                        .iter()
-                        .filter(|(_, labels)| peer_matches(&peer, labels))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    self.members.insert(
-                        peer,
-                        Membership {
-                            identities,
-                            version,
-                        },
-                    );
-                }
+        if inputs_changed || !namespaces_changed.is_empty() {
+            // (Pods read in this update have their labels as they are now.)
+            let affected: Vec<usize> = self
+                .pods
+                .iter()
+                .filter(|(_, c)| c.claimed != self.version)
+                .filter(|(_, c)| inputs_changed || namespaces_changed.contains(&c.facts.namespace))
+                .map(|(address, _)| *address)
+                .collect();
+            for address in affected {
+                let mut cached = self.pods.remove(&address).expect("pod held");
+                self.unclaim(address, &cached, writes);
+                self.claim(address, &mut cached, writes);
+                self.pods.insert(address, cached);
+                self.stats.pods_relabeled += 1;
             }
         }
     }
 
-    /// Builds the desired state from the caches.
-    fn build(&mut self, errors: &mut Vec<ObjectError>) -> PolicyDesired {
-        let mut desired = PolicyDesired {
-            enforcing: self.policies.values().any(|(_, p, _)| p.is_some()),
-            ..PolicyDesired::default()
-        };
-        for (id, labels) in &self.identities {
-            let text = labels.canonical();
-            desired.identities.insert(
-                *id,
-                IdentityInfo {
-                    digest: digest(&text),
-                    text,
-                },
-            );
+    /// Counts a pod's addresses with their identity labels.
+    fn claim(&mut self, address: usize, cached: &mut PodCached, writes: &mut Writes) {
+        cached.claimed = self.version;
+        cached.slots.clear();
+        cached.labels = None;
+        cached.recipe = None;
+        let facts = cached.facts.clone();
+        if facts.host_network || facts.ips.is_empty() {
+            return;
         }
-        for (cidr, id) in &self.cidrs {
-            let text = cidr_text(cidr);
-            desired.identities.insert(
-                *id,
-                IdentityInfo {
-                    digest: digest(&text),
-                    text,
-                },
-            );
-            desired.ipcache.insert(
-                *cidr,
-                IpcacheValue {
-                    identity: *id,
-                    cidr_identity: *id,
-                },
-            );
-        }
-        // Longest first, to find the CIDR identity of an address.
-        let mut by_length: Vec<(&IpNetwork, &u32)> = self.cidrs.iter().collect();
-        by_length.sort_by(|a, b| b.0.prefix().cmp(&a.0.prefix()));
-        let cidr_identity = |ip: IpAddr| {
-            by_length
-                .iter()
-                .find(|(cidr, _)| cidr.is_ipv4() == ip.is_ipv4() && cidr.contains(ip))
-                .map_or(IDENTITY_WORLD, |(_, id)| **id)
+        let namespace = match self.namespaces.get(&facts.namespace) {
+            Some(cached) => cached.labels.clone(),
+            None => Arc::new(namespace_labels(&facts.namespace, None)),
         };
-        let number_of: FxHashMap<&IdentityLabels, u32> = self
-            .identities
+        let labels = self
+            .inputs
+            .labels_of(&self.config.identity, &facts, &namespace);
+        for (ip, labels) in facts.ips.iter().zip(labels) {
+            let (slot, labels) = self
+                .identities
+                .hold(labels, || format!("Pod {}/{}", facts.namespace, facts.name));
+            cached.labels.get_or_insert(labels);
+            cached.slots.push(slot);
+            self.pod_addresses.entry(*ip).or_default().push(Owner {
+                pod: address,
+                slot,
+                facts: facts.clone(),
+            });
+            writes.dirty.insert(IpNetwork::from(*ip));
+        }
+    }
+
+    /// Stops counting a pod's addresses.
+    fn unclaim(&mut self, address: usize, cached: &PodCached, writes: &mut Writes) {
+        for (ip, slot) in cached.facts.ips.iter().zip(&cached.slots) {
+            self.identities.release(*slot);
+            if let Some(owners) = self.pod_addresses.get_mut(ip) {
+                owners.retain(|o| o.pod != address);
+                if owners.is_empty() {
+                    self.pod_addresses.remove(ip);
+                }
+            }
+            writes.dirty.insert(IpNetwork::from(*ip));
+        }
+    }
+
+    /// Takes the CIDRs the policies name when they changed, and releases
+    /// the retired ones. Returns the index of the CIDRs before, when they
+    /// changed, and whether CIDR identities changed.
+    fn update_cidrs(
+        &mut self,
+        policies_changed: bool,
+        writes: &mut Writes,
+        errors: &mut Vec<ObjectError>,
+    ) -> (Option<CidrIndex>, bool) {
+        let released = std::mem::take(&mut self.retiring_cidrs);
+        let mut old_index = None;
+        if policies_changed {
+            let named: BTreeSet<IpNetwork> = self
+                .compiled()
+                .flat_map(|policy| policy.cidrs.iter().copied())
+                .collect();
+            if !named.iter().eq(self.cidrs.keys()) {
+                self.cidr_version += 1;
+                let mut cidrs = BTreeMap::new();
+                for cidr in &named {
+                    match self.cidr_numbers.number(digest(&cidr_text(cidr))) {
+                        Ok(number) => {
+                            cidrs.insert(*cidr, number);
+                        }
+                        Err(full) => errors.push(ObjectError {
+                            origin: "policy".into(),
+                            object: format!("CIDR {cidr}"),
+                            field: "ipBlock".into(),
+                            reason: format!(
+                                "no CIDR identity left ({} in use); rules naming it match \
+                                 nothing",
+                                full.capacity
+                            ),
+                        }),
+                    }
+                }
+                // A CIDR that goes leaves the ipcache at once: the sets
+                // judge its identity as before for one more update, while
+                // addresses move off it.
+                let old = std::mem::replace(&mut self.cidrs, cidrs);
+                for (cidr, number) in &old {
+                    if !self.cidrs.contains_key(cidr) {
+                        self.retiring_cidrs.insert(*cidr, *number);
+                    }
+                }
+                for (cidr, number) in &self.cidrs {
+                    if !old.contains_key(cidr) {
+                        let text = cidr_text(cidr);
+                        self.desired.identities.insert(
+                            *number,
+                            IdentityInfo {
+                                digest: digest(&text),
+                                text,
+                            },
+                        );
+                    }
+                }
+                writes.dirty.extend(old.keys().chain(self.cidrs.keys()));
+                writes
+                    .dirty
+                    .extend(self.pod_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+                writes
+                    .dirty
+                    .extend(self.node_addresses.keys().map(|ip| IpNetwork::from(*ip)));
+                old_index = Some(std::mem::replace(
+                    &mut self.cidr_index,
+                    CidrIndex::new(&self.cidrs),
+                ));
+            }
+        }
+        let mut changed = old_index.is_some();
+        for (cidr, number) in released {
+            if !self.cidrs.contains_key(&cidr) && !self.retiring_cidrs.contains_key(&cidr) {
+                self.cidr_numbers.free(number);
+                self.desired.identities.remove(&number);
+                changed = true;
+            }
+        }
+        (old_index, changed)
+    }
+
+    /// Takes the nodes' addresses.
+    fn update_nodes(&mut self, objects: &Objects, writes: &mut Writes) {
+        if same_objects(&objects.nodes, &self.node_objects) {
+            return;
+        }
+        let mut addresses: FxHashMap<IpAddr, bool> = FxHashMap::default();
+        for node in &objects.nodes {
+            let Some(name) = node.object.metadata.name.as_deref() else {
+                continue;
+            };
+            let local = self.config.node.as_deref() == Some(name);
+            for ip in addresses_of_node(&node.object) {
+                *addresses.entry(ip).or_default() |= local;
+            }
+        }
+        for (ip, local) in &addresses {
+            if self.node_addresses.get(ip) != Some(local) {
+                writes.dirty.insert(IpNetwork::from(*ip));
+            }
+        }
+        for ip in self.node_addresses.keys() {
+            if !addresses.contains_key(ip) {
+                writes.dirty.insert(IpNetwork::from(*ip));
+            }
+        }
+        self.node_addresses = addresses;
+        self.node_objects = objects
+            .nodes
             .iter()
-            .map(|(id, labels)| (&**labels, *id))
+            .map(|s| object_address(&s.object))
             .collect();
-        for cached in self.pods.values() {
-            let facts = &cached.facts;
-            if facts.host_network {
+    }
+
+    /// The ipcache value of `key`: a node address, else a pod address,
+    /// else a policy CIDR.
+    fn ipcache_value(&self, key: &IpNetwork) -> Option<IpcacheValue> {
+        let host = u8::try_from(if key.is_ipv4() { 32 } else { 128 }).unwrap_or(128);
+        if key.prefix() == host {
+            let ip = key.ip();
+            let cidr_identity = self.cidr_index.longest(ip).unwrap_or(IDENTITY_WORLD);
+            if let Some(local) = self.node_addresses.get(&ip) {
+                let identity = if *local {
+                    IDENTITY_HOST
+                } else {
+                    IDENTITY_REMOTE_NODE
+                };
+                return Some(IpcacheValue {
+                    identity,
+                    cidr_identity,
+                });
+            }
+            if let Some(owner) = self.owner(ip) {
+                return Some(IpcacheValue {
+                    identity: self.identities.number(owner.slot).unwrap_or(IDENTITY_WORLD),
+                    cidr_identity,
+                });
+            }
+        }
+        self.cidrs.get(key).map(|id| IpcacheValue {
+            identity: *id,
+            cidr_identity: *id,
+        })
+    }
+
+    /// The pod an address is of (the first by name when several claim it).
+    fn owner(&self, ip: IpAddr) -> Option<&Owner> {
+        self.pod_addresses.get(&ip)?.iter().min_by(|a, b| {
+            (&a.facts.namespace, &a.facts.name, a.pod).cmp(&(
+                &b.facts.namespace,
+                &b.facts.name,
+                b.pod,
+            ))
+        })
+    }
+
+    /// Writes the ipcache entries (and pod names) of the dirty keys.
+    fn write_ipcache(&mut self, writes: &mut Writes) {
+        for key in std::mem::take(&mut writes.dirty) {
+            let host = if key.is_ipv4() { 32 } else { 128 };
+            let name = (key.prefix() == host)
+                .then(|| self.owner(key.ip()))
+                .flatten()
+                .map(|owner| format!("{}/{}", owner.facts.namespace, owner.facts.name));
+            match name {
+                Some(name) => {
+                    if self.desired.pod_names.get(&key.ip()) != Some(&name) {
+                        self.desired.pod_names.insert(key.ip(), name);
+                    }
+                }
+                None => {
+                    self.desired.pod_names.remove(&key.ip());
+                }
+            }
+            let value = self.ipcache_value(&key);
+            let before = self.desired.ipcache.get(&key).copied();
+            if value == before {
                 continue;
             }
-            let identity = number_of
-                .get(&*cached.labels)
-                .copied()
-                .unwrap_or(IDENTITY_WORLD);
-            for ip in &facts.ips {
-                desired.ipcache.insert(
-                    IpNetwork::from(*ip),
-                    IpcacheValue {
-                        identity,
-                        cidr_identity: cidr_identity(*ip),
-                    },
-                );
-                desired
-                    .pod_names
-                    .insert(*ip, format!("{}/{}", facts.namespace, facts.name));
+            writes.before.entry(key).or_insert(before);
+            self.stats.ipcache_writes += 1;
+            match value {
+                Some(value) => self.desired.ipcache.insert(key, value),
+                None => self.desired.ipcache.remove(&key),
+            };
+        }
+        writes
+            .before
+            .retain(|key, before| self.desired.ipcache.get(key) != before.as_ref());
+    }
+
+    /// Keeps peer memberships current: identities that became active are
+    /// matched against every peer that may hold them, inactive ones
+    /// removed, new peers matched against the active identities that may be
+    /// theirs, peers no policy names dropped.
+    fn update_members(
+        &mut self,
+        policies: Option<&PolicyDelta>,
+        activated: &[(u32, Arc<IdentityLabels>)],
+        gone: &[u32],
+    ) {
+        // Peers are counted by the policies that name them.
+        let mut new_peers: Vec<PodPeer> = Vec::new();
+        for policy in policies.iter().flat_map(|d| &d.came) {
+            for peer in &policy.peers {
+                match self.members.get_mut(peer) {
+                    Some(membership) => membership.users += 1,
+                    None => {
+                        self.members.insert(
+                            peer.clone(),
+                            Membership {
+                                identities: BTreeSet::new(),
+                                users: 1,
+                            },
+                        );
+                        new_peers.push(peer.clone());
+                    }
+                }
             }
         }
-        // Node addresses last: a hostNetwork pod shares them.
-        let this_node = self.config.node.clone();
-        let this_node = this_node.as_deref();
-        let mut nodes: Vec<(bool, IpAddr)> = Vec::new();
-        for (name, addresses) in &self.nodes {
-            let local = Some(name.as_str()) == this_node;
-            nodes.extend(addresses.iter().map(|a| (local, *a)));
+        for policy in policies.iter().flat_map(|d| &d.gone) {
+            for peer in &policy.peers {
+                if let Some(membership) = self.members.get_mut(peer) {
+                    membership.users -= 1;
+                    if membership.users == 0 {
+                        self.members.remove(peer);
+                    }
+                }
+            }
         }
-        for (local, ip) in nodes {
-            let identity = if local {
-                IDENTITY_HOST
-            } else {
-                IDENTITY_REMOTE_NODE
-            };
-            desired.ipcache.insert(
-                IpNetwork::from(ip),
-                IpcacheValue {
-                    identity,
-                    cidr_identity: cidr_identity(ip),
-                },
-            );
+        new_peers.retain(|peer| self.members.contains_key(peer));
+        // Known peers: the identities that came and went.
+        if !activated.is_empty() || !gone.is_empty() {
+            let mut matches = 0;
+            for (peer, membership) in &mut self.members {
+                if new_peers.contains(peer) {
+                    continue;
+                }
+                for id in gone {
+                    membership.identities.remove(id);
+                }
+                for (id, labels) in activated {
+                    if let Namespaces::Own(namespace) = &peer.namespaces {
+                        if *namespace != labels.namespace {
+                            continue;
+                        }
+                    }
+                    matches += 1;
+                    if peer_matches(peer, labels) {
+                        membership.identities.insert(*id);
+                    }
+                }
+            }
+            self.stats.peer_matches += matches;
+        }
+        // New peers: every active identity that may be theirs.
+        if !new_peers.is_empty() {
+            let retiring = self.identities.retiring();
+            let mut by_namespace: FxHashMap<&str, Vec<(u32, &IdentityLabels)>> =
+                FxHashMap::default();
+            for (id, labels) in self.identities.iter() {
+                if !retiring.contains(&id) {
+                    by_namespace
+                        .entry(labels.namespace.as_str())
+                        .or_default()
+                        .push((id, labels));
+                }
+            }
+            let all: Vec<(u32, &IdentityLabels)> =
+                by_namespace.values().flatten().copied().collect();
+            for peer in new_peers {
+                let candidates = match &peer.namespaces {
+                    Namespaces::Own(namespace) => by_namespace
+                        .get(namespace.as_str())
+                        .map_or(&[][..], |v| &v[..]),
+                    Namespaces::Matching(_) => &all[..],
+                };
+                self.stats.peer_matches += candidates.len();
+                let identities = candidates
+                    .iter()
+                    .filter(|(_, labels)| peer_matches(&peer, labels))
+                    .map(|(id, _)| *id)
+                    .collect();
+                if let Some(membership) = self.members.get_mut(&peer) {
+                    membership.identities = identities;
+                }
+            }
+        }
+    }
+
+    /// Frees the numbers of the rules of policies that went or changed,
+    /// that the policies now have no more; returns whether the rule names
+    /// changed.
+    fn prune_rules(&mut self, delta: &PolicyDelta) -> bool {
+        let mut gone: BTreeSet<String> = BTreeSet::new();
+        for policy in &delta.gone {
+            let policy = &policy.policy;
+            let now = self
+                .policies
+                .get(&policy.id)
+                .and_then(|p| p.compiled.as_ref());
+            for (direction, rules, kept) in [
+                (
+                    DIRECTION_INGRESS,
+                    &policy.ingress,
+                    now.and_then(|p| p.policy.ingress.as_ref()),
+                ),
+                (
+                    DIRECTION_EGRESS,
+                    &policy.egress,
+                    now.and_then(|p| p.policy.egress.as_ref()),
+                ),
+            ] {
+                for rule in rules.iter().flatten() {
+                    if !kept.is_some_and(|k| k.iter().any(|r| r.index == rule.index)) {
+                        gone.insert(rule_name(&policy.id, direction, rule.index));
+                    }
+                }
+            }
+        }
+        if gone.is_empty() {
+            return false;
+        }
+        self.rules.forget(&gone);
+        self.sync_rule_names()
+    }
+
+    /// Makes the desired rule names those of the numbered rules; returns
+    /// whether they changed.
+    fn sync_rule_names(&mut self) -> bool {
+        if self.rules.names.len() == self.desired.rules.len()
+            && self
+                .rules
+                .names
+                .iter()
+                .all(|(n, name)| self.desired.rules.get(n) == Some(name))
+        {
+            return false;
+        }
+        self.desired.rules = self
+            .rules
+            .names
+            .iter()
+            .map(|(n, name)| (*n, name.clone()))
+            .collect();
+        true
+    }
+
+    /// The recipe of a local pod's set.
+    fn recipe_key(&self, cached: &PodCached) -> Option<RecipeKey> {
+        let labels = cached.labels.as_ref()?;
+        let namespace = &cached.facts.namespace;
+        let start = PolicyRef {
+            namespace: namespace.clone(),
+            name: String::new(),
+        };
+        let policies: Vec<ByAddress> = self
+            .policies
+            .range(start..)
+            .take_while(|(id, _)| id.namespace == *namespace)
+            .filter_map(|(_, p)| p.compiled.clone())
+            .filter(|p| p.policy.pod_selector.matches(&labels.pod_labels))
+            .map(ByAddress)
+            .collect();
+        let named_ports = if policies.iter().any(|p| p.0.ingress_named) {
+            cached.facts.named_ports.clone()
+        } else {
+            Default::default()
+        };
+        Some(RecipeKey {
+            policies,
+            named_ports,
+        })
+    }
+
+    /// Brings the endpoints (this node's pods), their sets and the rules
+    /// up to date; returns whether they changed.
+    fn update_endpoints(
+        &mut self,
+        movement: &Movement,
+        touched: &BTreeSet<u32>,
+        errors: &mut Vec<ObjectError>,
+    ) -> bool {
+        // Each local pod's recipe, found again where its namespace's
+        // policies changed.
+        let mut locals: Vec<usize> = self.local_pods.iter().copied().collect();
+        locals.sort_by(|a, b| {
+            let (a, b) = (&self.pods[a].facts, &self.pods[b].facts);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        for address in &locals {
+            let cached = &self.pods[address];
+            let version = self
+                .policy_versions
+                .get(&cached.facts.namespace)
+                .copied()
+                .unwrap_or(0);
+            if cached.recipe.as_ref().is_some_and(|(v, _)| *v == version) {
+                continue;
+            }
+            let key = self.recipe_key(cached);
+            if let Some(cached) = self.pods.get_mut(address) {
+                cached.recipe = key.map(|key| (version, key));
+            }
         }
 
-        // Endpoints: this node's pods, by class.
-        let mut classes = FxHashMap::default();
-        let mut used_sets: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
-        let mut used_rules: BTreeSet<u32> = BTreeSet::new();
-        let local_pods: Vec<(Arc<PodFacts>, u32)> = self
-            .pods
-            .values()
-            .filter(|c| {
-                let f = &c.facts;
-                this_node.is_some() && f.node.as_deref() == this_node && !f.host_network
-            })
-            .filter_map(|c| number_of.get(&*c.labels).map(|id| (c.facts.clone(), *id)))
+        // What the sets held before, as far as the transition needs it (the
+        // entries of the identities that move, and the wildcard's), and
+        // their digests; the sets themselves are let go, so that recipes
+        // patch theirs in place.
+        let old_digests: Vec<(u32, [u8; 16])> = self
+            .desired
+            .sets
+            .iter()
+            .map(|(number, content)| (*number, content.digest))
             .collect();
-        drop(number_of);
-        for (facts, identity) in local_pods {
-            let key = ClassKey {
-                identity,
-                named_ports: facts.named_ports.clone(),
+        let old_sets: FxHashMap<u32, SetContent> = if movement.is_empty() {
+            FxHashMap::default()
+        } else {
+            self.desired
+                .sets
+                .iter()
+                .map(|(number, content)| (*number, movement.relevant(content)))
+                .collect()
+        };
+        self.desired.sets.clear();
+
+        // The recipes in use, patched where identities changed, computed
+        // when new or when CIDRs changed under them.
+        let mut recipes: FxHashMap<RecipeKey, Recipe> = FxHashMap::default();
+        {
+            let inputs = Inputs {
+                members: &self.members,
+                cidrs: &self.cidrs,
+                cidr_version: self.cidr_version,
+                identities: &self.identities,
+                version: self.version,
             };
-            let class = match classes.get(&key) {
-                Some(class) => class,
-                None => {
-                    let class = self.class(&key, errors);
-                    classes.entry(key.clone()).or_insert(class)
+            for address in &locals {
+                let Some((_, key)) = &self.pods[address].recipe else {
+                    continue;
+                };
+                if recipes.contains_key(key) {
+                    continue;
                 }
-            };
-            let set = match &class.content {
-                Some(content) => match self.set_numbers.number(content.digest) {
-                    Ok(number) => {
-                        used_sets.insert(number, content.clone());
-                        used_rules.extend(content.entries.values().copied());
-                        number
+                let recipe = match self.recipes.remove(key) {
+                    Some(mut recipe) if key.patchable(&recipe, &inputs) => {
+                        if key.patch(&mut recipe, touched, &inputs, &mut self.rules, errors) {
+                            self.stats.sets_patched += 1;
+                        }
+                        recipe
                     }
-                    Err(_) => 0,
-                },
-                None => 0,
+                    old => {
+                        self.stats.sets_computed += 1;
+                        let mut recipe = key.compute(&inputs, &mut self.rules, errors);
+                        match old {
+                            Some(old) => (recipe.owner, recipe.number) = (old.owner, old.number),
+                            None => {
+                                self.recipe_serial += 1;
+                                recipe.owner[..8]
+                                    .copy_from_slice(&self.recipe_serial.to_be_bytes());
+                                recipe.owner[8..].copy_from_slice(b"recipe\0\0");
+                            }
+                        }
+                        recipe
+                    }
+                };
+                recipes.insert(key.clone(), recipe);
+            }
+        }
+        for (_, gone) in std::mem::replace(&mut self.recipes, recipes) {
+            if let Some(number) = gone.number {
+                self.recipe_sets.free(number);
+            }
+        }
+
+        // Endpoints, with the sets of the transition while addresses move.
+        self.transitional = false;
+        let transition_rule = if movement.is_empty() {
+            None
+        } else {
+            let rule = self.rules.number(TRANSITION_RULE);
+            if rule.is_none() {
+                errors.push(ObjectError {
+                    origin: "policy".into(),
+                    object: "NetworkPolicy".into(),
+                    field: "spec".into(),
+                    reason: "no rule number left; pods whose identity changes may see drops \
+                             until the change is written"
+                        .into(),
+                });
+            }
+            rule
+        };
+        // Each endpoint's content: its recipe's set, or one of the
+        // transition.
+        struct Planned<'a> {
+            ip: IpAddr,
+            key: &'a RecipeKey,
+            content: Option<Arc<SetContent>>,
+            info: EndpointInfo,
+        }
+        let mut transitions: FxHashMap<(&RecipeKey, u32, u32), Arc<SetContent>> =
+            FxHashMap::default();
+        let mut planned: Vec<Planned<'_>> = Vec::new();
+        // The content each recipe's number carries in this update: that of
+        // the endpoints that had it (they all had the same), else its set.
+        let mut carried: FxHashMap<&RecipeKey, Arc<SetContent>> = FxHashMap::default();
+        for address in &locals {
+            let cached = &self.pods[address];
+            let Some((_, key)) = &cached.recipe else {
+                continue;
             };
-            for ip in &facts.ips {
-                desired.endpoints.insert(
-                    *ip,
-                    EndpointInfo {
+            let recipe = &self.recipes[key];
+            let facts = &cached.facts;
+            for (ip, slot) in facts.ips.iter().zip(&cached.slots) {
+                let Some(identity) = self.identities.number(*slot) else {
+                    continue; // no identity: no endpoint
+                };
+                if self.owner(*ip).is_some_and(|o| o.pod != *address) {
+                    continue; // another pod's address
+                }
+                let old = self.desired.endpoints.get(ip).map(|ep| (ep.set, ep.flags));
+                let content = match (&recipe.content, old, transition_rule) {
+                    (Some(content), Some((old_set, old_flags)), Some(rule)) => {
+                        let content = transitions
+                            .entry((key, old_set, old_flags))
+                            .or_insert_with(|| {
+                                let old = old_sets.get(&old_set);
+                                match movement.entries(
+                                    &content.entries,
+                                    Some((old, old_flags)),
+                                    recipe.flags,
+                                    rule,
+                                    |r| self.rules.names.contains_key(&r),
+                                ) {
+                                    Some(entries) => Arc::new(sets::set_content(entries)),
+                                    None => content.clone(),
+                                }
+                            })
+                            .clone();
+                        self.transitional |=
+                            !Arc::ptr_eq(&content, recipe.content.as_ref().unwrap_or(&content));
+                        Some(content)
+                    }
+                    (content, _, _) => content.clone(),
+                };
+                if let (Some(content), Some((old_set, _))) = (&content, old) {
+                    if recipe.number == Some(old_set) {
+                        carried.entry(key).or_insert_with(|| content.clone());
+                    }
+                }
+                planned.push(Planned {
+                    ip: *ip,
+                    key,
+                    content,
+                    info: EndpointInfo {
                         name: format!("{}/{}", facts.namespace, facts.name),
                         uid: facts.uid.clone(),
                         identity,
-                        set,
-                        flags: class.flags,
+                        set: 0,
+                        flags: recipe.flags,
                     },
-                );
+                });
             }
         }
-        self.classes = classes;
-        self.set_numbers
-            .retain(|number, _| used_sets.contains_key(&number));
-        desired.sets = used_sets;
-        let names: BTreeMap<u32, String> = self
-            .policies
-            .iter()
-            .filter_map(|(id, (_, policy, _))| Some((id, policy.as_ref()?)))
-            .flat_map(|(id, policy)| {
-                let ingress = policy
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(move |r| (DIRECTION_INGRESS, r.index));
-                let egress = policy
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(move |r| (DIRECTION_EGRESS, r.index));
-                ingress
-                    .chain(egress)
-                    .map(move |(dir, index)| rule_name(id, dir, index))
-            })
-            .filter_map(|name| Some((self.rule_numbers.get(&digest(&name))?, name)))
-            .filter(|(number, _)| used_rules.contains(number))
-            .collect();
-        self.rule_numbers
-            .retain(|number, _| used_rules.contains(&number));
-        desired.rules = names;
-        desired
-    }
+        drop(transitions);
 
-    /// The set of a class of endpoints: cached while nothing it depends on
-    /// changed.
-    fn class(&mut self, key: &ClassKey, errors: &mut Vec<ObjectError>) -> ClassCached {
-        let labels = self.identities[&key.identity].clone();
-        let selecting: Vec<Arc<Policy>> = self
-            .policies
-            .values()
-            .filter_map(|(_, policy, _)| policy.as_ref())
-            .filter(|p| {
-                p.id.namespace == labels.namespace && p.pod_selector.matches(&labels.pod_labels)
-            })
-            .cloned()
-            .collect();
-        let mut hasher = FxHasher::default();
-        for policy in &selecting {
-            (Arc::as_ptr(policy) as usize).hash(&mut hasher);
-            for peer in pod_peers(policy) {
-                self.members.get(&peer).map(|m| m.version).hash(&mut hasher);
-            }
-            if !policy_cidrs(policy).is_empty() {
-                self.cidr_version.hash(&mut hasher);
-            }
-            if names_ports_for_any_peer(policy) {
-                self.identities_version.hash(&mut hasher);
-            }
-        }
-        let fingerprint = hasher.finish();
-        if let Some(cached) = self
-            .classes
-            .get(key)
-            .filter(|c| c.fingerprint == fingerprint)
+        // Numbers: a recipe's number for the content it carries (in place:
+        // the plan writes what changed), another by digest for the rest.
+        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
+        let mut used: BTreeMap<u32, Arc<SetContent>> = BTreeMap::new();
+        let mut numbers: FxHashMap<&RecipeKey, Option<u32>> = FxHashMap::default();
+        for Planned {
+            ip,
+            key,
+            content,
+            mut info,
+        } in planned
         {
-            return ClassCached {
-                fingerprint,
-                flags: cached.flags,
-                content: cached.content.clone(),
-            };
-        }
-        let ingress = selecting.iter().any(|p| p.ingress.is_some());
-        let egress = selecting.iter().any(|p| p.egress.is_some());
-        let flags = isolation_flags(ingress, egress);
-        if flags == 0 {
-            return ClassCached {
-                fingerprint,
-                flags,
-                content: None,
-            };
-        }
-        let mut entries: BTreeMap<Entry, u32> = BTreeMap::new();
-        for policy in &selecting {
-            for (direction, rules) in [
-                (DIRECTION_INGRESS, &policy.ingress),
-                (DIRECTION_EGRESS, &policy.egress),
-            ] {
-                for rule in rules.iter().flatten() {
-                    let name = rule_name(&policy.id, direction, rule.index);
-                    let Ok(rule_id) = self.rule_numbers.number(digest(&name)) else {
-                        errors.push(ObjectError {
-                            origin: "policy".into(),
-                            object: format!("NetworkPolicy {}", policy.id),
-                            field: "spec".into(),
-                            reason: "no rule number left; the rule matches nothing".into(),
-                        });
-                        continue;
-                    };
-                    for entry in self.rule_entries(direction, rule, key) {
-                        entries
-                            .entry(entry)
-                            .and_modify(|r| *r = (*r).min(rule_id))
-                            .or_insert(rule_id);
-                    }
+            if let Some(content) = content {
+                let recipe = &self.recipes[key];
+                let own = carried
+                    .get(key)
+                    .or(recipe.content.as_ref())
+                    .is_some_and(|c| c.digest == content.digest);
+                let number = if own {
+                    *numbers.entry(key).or_insert_with(|| {
+                        let recipe = &self.recipes[key];
+                        recipe.number.or_else(|| {
+                            // A set found in the kernel with this content,
+                            // else a new number.
+                            if let Some(adopted) = self.recipe_sets.get(&content.digest) {
+                                self.recipe_sets.free(adopted);
+                                self.recipe_sets.claim(adopted, recipe.owner);
+                            }
+                            self.recipe_sets.number(recipe.owner).ok()
+                        })
+                    })
+                } else {
+                    self.other_sets.number(content.digest).ok()
+                };
+                if let Some(number) = number {
+                    used.entry(number).or_insert(content);
+                    info.set = number;
                 }
             }
+            endpoints.insert(ip, info);
         }
-        let mut text = String::new();
-        for (entry, rule) in &entries {
-            text.push_str(&format!("{entry:?}={rule};"));
+        for (key, number) in numbers {
+            if let Some(recipe) = self.recipes.get_mut(key) {
+                recipe.number = number;
+            }
         }
-        let content = SetContent {
-            entries,
-            digest: digest(&text),
-        };
-        ClassCached {
-            fingerprint,
-            flags,
-            content: Some(Arc::new(content)),
-        }
-    }
 
-    /// The entries of one rule for an endpoint of class `key`.
-    fn rule_entries(&self, direction: u8, rule: &crate::rules::Rule, key: &ClassKey) -> Vec<Entry> {
-        // Peer identities; `None` stands for any peer.
-        let peers: Vec<u32> = match &rule.peers {
-            None => vec![IDENTITY_ANY],
-            Some(peers) => {
-                let mut ids = BTreeSet::new();
-                for peer in peers {
-                    match peer {
-                        Peer::Pods { namespaces, pods } => {
-                            if let Some(m) = self.members.get(&(namespaces.clone(), pods.clone())) {
-                                ids.extend(m.identities.iter().copied());
-                            }
-                        }
-                        Peer::Block { cidr, except } => {
-                            ids.extend(
-                                self.cidrs
-                                    .iter()
-                                    .filter(|(p, _)| {
-                                        within(p, cidr) && !except.iter().any(|e| within(p, e))
-                                    })
-                                    .map(|(_, id)| *id),
-                            );
-                        }
-                    }
-                }
-                ids.into_iter().collect()
-            }
-        };
-        let mut out = Vec::new();
-        match &rule.ports {
-            None => out.extend(peers.iter().map(|id| Entry {
-                direction,
-                identity: *id,
-                l4: L4::Any,
-            })),
-            Some(ports) => {
-                for port in ports {
-                    match &port.port {
-                        PortMatch::Any => out.extend(peers.iter().map(|id| Entry {
-                            direction,
-                            identity: *id,
-                            l4: L4::Proto(port.proto),
-                        })),
-                        PortMatch::Range(first, last) => {
-                            for (start, prefix) in port_prefixes(*first, *last) {
-                                out.extend(peers.iter().map(|id| Entry {
-                                    direction,
-                                    identity: *id,
-                                    l4: L4::Ports {
-                                        proto: port.proto,
-                                        port: start,
-                                        prefix,
-                                    },
-                                }));
-                            }
-                        }
-                        PortMatch::Named(name) => {
-                            let named = (name.clone(), port.proto);
-                            for id in &peers {
-                                // Ingress: the port is this endpoint's;
-                                // egress: the destination's, which its
-                                // identity carries.
-                                let number = if direction == DIRECTION_INGRESS {
-                                    key.named_ports.get(&named).copied()
-                                } else if *id == IDENTITY_ANY {
-                                    None
-                                } else {
-                                    self.identities
-                                        .get(id)
-                                        .and_then(|l| l.named_ports.get(&named).copied())
-                                };
-                                if let Some(number) = number {
-                                    out.push(Entry {
-                                        direction,
-                                        identity: *id,
-                                        l4: L4::Ports {
-                                            proto: port.proto,
-                                            port: number,
-                                            prefix: 16,
-                                        },
-                                    });
-                                }
-                            }
-                            // An egress named port to any peer: every pod
-                            // identity that has the port.
-                            if direction == DIRECTION_EGRESS && peers == [IDENTITY_ANY] {
-                                for (id, labels) in &self.identities {
-                                    if let Some(number) = labels.named_ports.get(&named) {
-                                        out.push(Entry {
-                                            direction,
-                                            identity: *id,
-                                            l4: L4::Ports {
-                                                proto: port.proto,
-                                                port: *number,
-                                                prefix: 16,
-                                            },
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// The label-keyed inputs identities depend on: excluded keys a selector
-/// names, and the (name, protocol) of every named port in an egress rule.
-fn identity_inputs<'a>(
-    config: &IdentityConfig,
-    policies: impl Iterator<Item = &'a (usize, Option<Arc<Policy>>, Vec<ObjectError>)>,
-) -> (BTreeSet<String>, BTreeSet<(String, u8)>) {
-    let mut selected = BTreeSet::new();
-    let mut named = BTreeSet::new();
-    for policy in policies.filter_map(|(_, p, _)| p.as_ref()) {
-        let mut note = |selector: &Selector| {
-            for key in selector.keys() {
-                if config.excluded.iter().any(|e| e == key) {
-                    selected.insert(key.to_string());
-                }
-            }
-        };
-        note(&policy.pod_selector);
-        for (namespaces, pods) in pod_peers(policy) {
-            note(&pods);
-            if let Namespaces::Matching(selector) = namespaces {
-                note(&selector);
-            }
-        }
-        for rule in policy.egress.iter().flatten() {
-            for port in rule.ports.iter().flatten() {
-                if let PortMatch::Named(name) = &port.port {
-                    named.insert((name.clone(), port.proto));
-                }
-            }
-        }
-    }
-    (selected, named)
-}
-
-/// Whether a policy has an egress rule to any peer on a named port: its
-/// entries list every identity that has the port.
-fn names_ports_for_any_peer(policy: &Policy) -> bool {
-    policy.egress.iter().flatten().any(|rule| {
-        rule.peers.is_none()
-            && rule
-                .ports
+        let mut changed = false;
+        if endpoints != self.desired.endpoints {
+            self.stats.endpoint_writes = endpoints
                 .iter()
-                .flatten()
-                .any(|p| matches!(p.port, PortMatch::Named(_)))
-    })
-}
-
-/// Every pod peer a policy names.
-fn pod_peers(policy: &Policy) -> Vec<(Namespaces, Selector)> {
-    policy
-        .ingress
-        .iter()
-        .chain(&policy.egress)
-        .flatten()
-        .flat_map(|rule| rule.peers.iter().flatten())
-        .filter_map(|peer| match peer {
-            Peer::Pods { namespaces, pods } => Some((namespaces.clone(), pods.clone())),
-            Peer::Block { .. } => None,
-        })
-        .collect()
-}
-
-/// Every CIDR a policy names, blocks and exceptions.
-fn policy_cidrs(policy: &Policy) -> Vec<IpNetwork> {
-    policy
-        .ingress
-        .iter()
-        .chain(&policy.egress)
-        .flatten()
-        .flat_map(|rule| rule.peers.iter().flatten())
-        .flat_map(|peer| match peer {
-            Peer::Block { cidr, except } => {
-                let mut all = vec![*cidr];
-                all.extend(except.iter().copied());
-                all
-            }
-            Peer::Pods { .. } => Vec::new(),
-        })
-        .collect()
-}
-
-/// Whether an identity's pods are peers of a pod peer.
-fn peer_matches((namespaces, pods): &(Namespaces, Selector), labels: &IdentityLabels) -> bool {
-    let namespace_ok = match namespaces {
-        Namespaces::Own(namespace) => *namespace == labels.namespace,
-        Namespaces::Matching(selector) => selector.matches(&labels.namespace_labels),
-    };
-    namespace_ok && pods.matches(&labels.pod_labels)
-}
-
-/// A namespace's labels, with the name label the API server sets (also when
-/// a YAML directory has no Namespace object for it).
-fn namespace_labels(name: &str, namespace: Option<&Namespace>) -> BTreeMap<String, String> {
-    let mut labels = namespace
-        .and_then(|n| n.metadata.labels.clone())
-        .unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
-    labels
-}
-
-/// What policy needs of a pod.
-fn pod_facts(pod: &Pod, namespace: &str) -> PodFacts {
-    let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
-    let terminal = status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if !terminal {
-        let listed = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|ip| ip.ip.as_str())
-            .chain(status.and_then(|s| s.pod_ip.as_deref()));
-        for text in listed {
-            if let Ok(ip) = text.parse::<IpAddr>() {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
+                .filter(|(ip, ep)| self.desired.endpoints.get(ip) != Some(ep))
+                .count()
+                + self
+                    .desired
+                    .endpoints
+                    .keys()
+                    .filter(|ip| !endpoints.contains_key(ip))
+                    .count();
+            self.desired.endpoints = endpoints;
+            changed = true;
         }
-    }
-    let mut named_ports = NamedPorts::new();
-    for container in spec.into_iter().flat_map(|s| &s.containers) {
-        for port in container.ports.iter().flatten() {
-            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
-                continue;
-            };
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => PROTO_UDP,
-                "SCTP" => PROTO_SCTP,
-                _ => PROTO_TCP,
-            };
-            named_ports.entry((name.clone(), proto)).or_insert(number);
+        let same_sets = used.len() == old_digests.len()
+            && used
+                .iter()
+                .zip(&old_digests)
+                .all(|((a, x), (b, y))| a == b && x.digest == *y);
+        if !same_sets {
+            self.other_sets
+                .retain(|number, _| used.contains_key(&number));
+            changed = true;
         }
-    }
-    PodFacts {
-        namespace: namespace.to_string(),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        ips,
-        node: spec.and_then(|s| s.node_name.clone()),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        named_ports,
+        self.desired.sets = used;
+        changed |= self.sync_rule_names();
+        changed
     }
 }
 

@@ -1,9 +1,15 @@
 //! The labels an identity stands for: a pod's identity-relevant labels, its
 //! namespace's name and labels, and the numbers of the named ports that
-//! egress rules refer to. Pods with equal [`IdentityLabels`] share one
-//! identity.
+//! egress rules refer to. Pod addresses with equal [`IdentityLabels`]
+//! share one identity.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::{self, Write as _},
+    net::IpAddr,
+};
+
+use ipnetwork::IpNetwork;
 
 /// The label the API server puts on every namespace, with its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -43,6 +49,33 @@ impl Default for IdentityConfig {
 /// A named port's number, for a protocol.
 pub type NamedPorts = BTreeMap<(String, u8), u16>;
 
+/// An ipBlock: the addresses in `cidr` but in none of `except`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Block {
+    /// The block.
+    pub cidr: IpNetwork,
+    /// Blocks inside it that are left out, sorted.
+    pub except: Vec<IpNetwork>,
+}
+
+impl Block {
+    /// Whether `ip` is in the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let inside = |net: &IpNetwork| net.is_ipv4() == ip.is_ipv4() && net.contains(ip);
+        inside(&self.cidr) && !self.except.iter().any(inside)
+    }
+}
+
+impl fmt::Display for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.cidr)?;
+        for except in &self.except {
+            write!(f, "!{except}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything a label identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityLabels {
@@ -56,6 +89,12 @@ pub struct IdentityLabels {
     /// a named port resolves on the destination pod, so pods that resolve
     /// it differently must not share an identity.
     pub named_ports: NamedPorts,
+    /// The ipBlocks holding the address, of egress rules to one of the
+    /// pod's [`named_ports`](Self::named_ports): such a rule matches the
+    /// pods in the block on the port of that name, and the datapath finds
+    /// the entry by one identity, so addresses in and out of the block must
+    /// not share one. Empty unless such rules exist.
+    pub blocks: BTreeSet<Block>,
 }
 
 impl IdentityLabels {
@@ -72,6 +111,9 @@ impl IdentityLabels {
         }
         for ((name, proto), number) in &self.named_ports {
             let _ = write!(out, ",port:{name}/{proto}={number}");
+        }
+        for block in &self.blocks {
+            let _ = write!(out, ",block:{block}");
         }
         out
     }
@@ -106,10 +148,15 @@ mod tests {
             namespace_labels: labels(&[(NAMESPACE_NAME_LABEL, "x"), ("team", "a")]),
             pod_labels: labels(&[("pod", "b"), ("app", "web")]),
             named_ports: [(("http".to_string(), 6), 8080)].into(),
+            blocks: [Block {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: vec!["10.1.0.0/16".parse().unwrap()],
+            }]
+            .into(),
         };
         assert_eq!(
             id.canonical(),
-            "ns=x,app=web,pod=b,ns:team=a,port:http/6=8080"
+            "ns=x,app=web,pod=b,ns:team=a,port:http/6=8080,block:10.0.0.0/8!10.1.0.0/16"
         );
         assert_ne!(digest(&id.canonical()), digest("ns=x"));
         // FNV-1a 128 of the empty string is its offset basis.

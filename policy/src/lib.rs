@@ -8,7 +8,7 @@
 //! - [`compile`]: the incremental compiler, objects to [`desired`] contents
 //!   (identities, ipcache, endpoints, policy sets), with [`ports`] ranges
 //!   as trie prefixes.
-//! - [`desired::PolicyDesired::verdict`]: the verdict those contents give a
+//! - [`desired::PolicyLookup::verdict`]: the verdict those contents give a
 //!   flow, as the datapath computes it.
 //! - [`tables`]: the maps' contents as data; [`plan`]: the ordered,
 //!   make-before-break writes from what they hold to what they should;

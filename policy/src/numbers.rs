@@ -98,6 +98,26 @@ impl Numbers {
         }
     }
 
+    /// Gives `number`, which must be free and in range, to `digest`;
+    /// returns whether it could.
+    pub fn claim(&mut self, number: u32, digest: [u8; 16]) -> bool {
+        let free = (self.first..=self.last).contains(&number)
+            && !self.by_number.contains_key(&number)
+            && !self.by_digest.contains_key(&digest);
+        if free {
+            self.by_digest.insert(digest, number);
+            self.by_number.insert(number, digest);
+        }
+        free
+    }
+
+    /// Frees one number.
+    pub fn free(&mut self, number: u32) {
+        if let Some(digest) = self.by_number.remove(&number) {
+            self.by_digest.remove(&digest);
+        }
+    }
+
     /// How many numbers are in use.
     pub fn len(&self) -> usize {
         self.by_number.len()

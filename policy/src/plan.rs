@@ -204,11 +204,7 @@ pub fn plan(
         }
         let empty = AppliedSet::default();
         let current = current.unwrap_or(&empty);
-        let added = content
-            .entries
-            .keys()
-            .filter(|e| !current.entries.contains_key(e))
-            .count();
+        let (puts, deletes, added) = entry_changes(&current.entries, &content.entries);
         if unwritable.contains(number) || entries_used + added > capacity.entries {
             out.unfit_sets.insert(*number);
             continue;
@@ -216,19 +212,19 @@ pub fn plan(
         entries_used += added;
         let mut ops = Vec::new();
         if current.digest.is_some() {
-            // Reused number (a pass that failed half-way): no longer complete.
+            // Changed in place (or a pass failed half-way): not complete
+            // until its new digest is written.
             ops.push(PolicyOp::DeleteSet(*number));
         }
-        for (entry, rule) in &content.entries {
-            if current.entries.get(entry) != Some(rule) {
-                ops.push(PolicyOp::PutEntry(*number, *entry, *rule));
-            }
-        }
-        for entry in current.entries.keys() {
-            if !content.entries.contains_key(entry) {
-                ops.push(PolicyOp::DeleteEntry(*number, *entry));
-            }
-        }
+        ops.extend(
+            puts.into_iter()
+                .map(|(entry, rule)| PolicyOp::PutEntry(*number, entry, rule)),
+        );
+        ops.extend(
+            deletes
+                .into_iter()
+                .map(|entry| PolicyOp::DeleteEntry(*number, entry)),
+        );
         ops.push(PolicyOp::PutSet(*number, content.digest));
         changes_verdicts = true;
         out.groups.push(PolicyGroup {
@@ -398,6 +394,32 @@ pub fn plan(
         })));
     }
     out
+}
+
+/// The entries to put (new, or with another rule) and to delete to take a
+/// set from `current` to `wanted`, each in order, and how many are new:
+/// one walk over both (a changed set is often large and changed little).
+fn entry_changes(
+    current: &BTreeMap<Entry, u32>,
+    wanted: &BTreeMap<Entry, u32>,
+) -> (Vec<(Entry, u32)>, Vec<Entry>, usize) {
+    let (mut puts, mut deletes, mut added) = (Vec::new(), Vec::new(), 0);
+    let mut have = current.iter().peekable();
+    for (entry, rule) in wanted {
+        while let Some((old, _)) = have.next_if(|(old, _)| *old < entry) {
+            deletes.push(*old);
+        }
+        match have.next_if(|(old, _)| *old == entry) {
+            Some((_, old_rule)) if old_rule == rule => {}
+            Some(_) => puts.push((*entry, *rule)),
+            None => {
+                puts.push((*entry, *rule));
+                added += 1;
+            }
+        }
+    }
+    deletes.extend(have.map(|(old, _)| *old));
+    (puts, deletes, added)
 }
 
 impl PolicyTables {

@@ -43,16 +43,20 @@ pub enum Namespaces {
     Matching(Selector),
 }
 
+/// Pods matching `pods` in the namespaces `namespaces` names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPeer {
+    /// The namespaces.
+    pub namespaces: Namespaces,
+    /// The pod selector.
+    pub pods: Selector,
+}
+
 /// Who a rule lets in (ingress) or out to (egress).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Peer {
-    /// Pods matching `pods` in the namespaces `namespaces` names.
-    Pods {
-        /// The namespaces.
-        namespaces: Namespaces,
-        /// The pod selector.
-        pods: Selector,
-    },
+    /// Pods of some namespaces.
+    Pods(PodPeer),
     /// Addresses in `cidr` but in none of `except`.
     Block {
         /// The block.
@@ -298,14 +302,14 @@ fn parse_peer(
             );
             None
         }
-        (pods, None) => Some(Peer::Pods {
+        (pods, None) => Some(Peer::Pods(PodPeer {
             namespaces: Namespaces::Own(id.namespace.clone()),
             pods: pods.unwrap_or_default(),
-        }),
-        (pods, Some(namespaces)) => Some(Peer::Pods {
+        })),
+        (pods, Some(namespaces)) => Some(Peer::Pods(PodPeer {
             namespaces: Namespaces::Matching(namespaces),
             pods: pods.unwrap_or_default(),
-        }),
+        })),
     }
 }
 
@@ -503,14 +507,14 @@ spec:
         let rule = &policy.unwrap().ingress.unwrap()[0];
         let peers = rule.peers.as_ref().unwrap();
         assert!(
-            matches!(&peers[0], Peer::Pods { namespaces: Namespaces::Own(ns), .. } if ns == "x")
+            matches!(&peers[0], Peer::Pods(PodPeer { namespaces: Namespaces::Own(ns), .. }) if ns == "x")
         );
         assert!(matches!(
             &peers[1],
-            Peer::Pods {
+            Peer::Pods(PodPeer {
                 namespaces: Namespaces::Matching(_),
                 pods
-            } if pods.is_everything()
+            }) if pods.is_everything()
         ));
         assert_eq!(
             peers[2],
