@@ -329,6 +329,6 @@ mod tests {
     fn identity_ranges_fit_sixteen_bits() {
         const _: () = assert!(IDENTITY_FIRST_LABELS < IDENTITY_FIRST_CIDR);
         const _: () = assert!(IDENTITY_MAX == u16::MAX as u32);
-        assert!(IDENTITY_REMOTE_NODE < IDENTITY_FIRST_LABELS);
+        const _: () = assert!(IDENTITY_REMOTE_NODE < IDENTITY_FIRST_LABELS);
     }
 }
