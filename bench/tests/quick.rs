@@ -47,6 +47,10 @@ fn quick_mode_measures_every_candidate() {
     }
     let report = std::fs::read_to_string(out.join("latest.md")).expect("latest.md");
     assert!(report.contains(table.as_str()));
+    assert!(
+        report.contains("### Cost of NetworkPolicy enforcement"),
+        "{report}"
+    );
     let svg = std::fs::read_to_string(out.join("crr.svg")).expect("crr.svg");
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
     let raw: serde_json::Value =

@@ -64,9 +64,9 @@ impl CandidateKind {
             }
             CandidateKind::SocketLbPolicy => {
                 "socket-lb with NetworkPolicy enforced: the server pod isolated for ingress \
-                 and the flow allowed by one rule, checked by the tc programs on both pods' \
-                 interfaces; 1,000 other policies and 10,000 other identities (pods on other \
-                 nodes) loaded"
+                 and the flow allowed by one rule; the pod programs run on both pods' \
+                 interfaces, each packet checked at the pod it leaves; other policies and \
+                 identities (pods on other nodes) loaded, see below"
             }
             CandidateKind::Tc => {
                 "lb-agent with socket translation off: tc programs on the pod interfaces \
