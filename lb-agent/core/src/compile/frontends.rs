@@ -51,6 +51,7 @@ pub(super) fn compile_service(
     let Some(ips) = cluster_ips(svc, &report, errors) else {
         return output;
     };
+    output.cluster_addresses = ips.iter().map(|ip| addr_from_ip(*ip)).collect();
     let ports = service_ports(svc, &report, errors);
     let options = service_options(svc, &report, errors);
     if let Some(port) = health_check_port(svc, &report, errors) {

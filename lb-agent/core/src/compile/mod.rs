@@ -8,6 +8,8 @@
 //! Invalid objects or fields are reported as [`ObjectError`]s and skipped;
 //! they never affect other objects.
 
+#[cfg(test)]
+mod claim_tests;
 mod endpoints;
 mod frontends;
 mod node;
@@ -15,10 +17,13 @@ mod node;
 mod tests;
 mod validation;
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::service::ServiceKey;
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use lb_common::{net::Addr, service::ServiceKey};
 use rustc_hash::FxHashMap;
 
 pub use validation::DEFAULT_AFFINITY_TIMEOUT_S;
@@ -59,6 +64,9 @@ pub fn compile(objects: &Objects, node: &NodeContext) -> Compiled {
 #[derive(Default)]
 pub(super) struct ServiceOutput {
     pub(super) frontends: Vec<(ServiceKey, Frontend)>,
+    /// The Service's own cluster IPs: a claim on one of them outranks any
+    /// external address claim on the same frontend.
+    pub(super) cluster_addresses: Vec<Addr>,
     pub(super) health: Option<(u16, ServiceHealth)>,
     pub(super) errors: Vec<ObjectError>,
 }
@@ -67,6 +75,8 @@ pub(super) struct ServiceOutput {
 /// its address cannot be reused by another object while cached).
 struct Cached {
     service: Arc<Service>,
+    /// Where the Service came from (file or API), for conflict reports.
+    origin: Arc<str>,
     /// [`fingerprint_add`] over the Service's slices.
     fingerprint: (u64, u32),
     output: ServiceOutput,
@@ -120,7 +130,12 @@ pub struct Compiler {
     /// Which entry each EndpointSlice object (by address) of the last
     /// snapshot belongs to; holding the object keeps its address unique.
     slice_owner: FxHashMap<usize, (u32, Arc<EndpointSlice>)>,
-    owners: FxHashMap<ServiceKey, u32>,
+    /// Every compiled Service claiming each frontend, the owner first.
+    claims: FxHashMap<ServiceKey, Vec<u32>>,
+    /// Every compiled Service claiming each healthCheckNodePort, the owner first.
+    health_claims: FxHashMap<u16, Vec<u32>>,
+    /// Frontends and health ports with more than one claimant.
+    contested: BTreeSet<Claimed>,
     update_count: u64,
     /// Whether ClusterIPs are currently also served per packet.
     per_packet: bool,
@@ -138,7 +153,9 @@ impl Compiler {
             by_name: FxHashMap::default(),
             by_object: FxHashMap::default(),
             slice_owner: FxHashMap::default(),
-            owners: FxHashMap::default(),
+            claims: FxHashMap::default(),
+            health_claims: FxHashMap::default(),
+            contested: BTreeSet::new(),
             update_count: 0,
             per_packet: false,
             desired: DesiredState::default(),
@@ -244,6 +261,27 @@ impl Compiler {
             }
         }
 
+        // Services that left the snapshot go first, so that a Service
+        // taking over an address in the same update finds it free; names
+        // nothing refers to any more are recycled.
+        for index in 0..self.entries.len() as u32 {
+            let entry = &self.entries[index as usize];
+            if entry.seen != now && entry.cached.is_some() {
+                self.forget(index, &mut update.changed);
+            }
+            let entry = &self.entries[index as usize];
+            let unused = entry.seen != now && !fingerprints.contains_key(&index);
+            if unused {
+                // A recycled entry keeps its old name, which a newer entry
+                // may hold now: only the entry the name points to goes.
+                let name = format!("{}/{}", entry.id.0, entry.id.1);
+                if self.by_name.get(&name) == Some(&index) {
+                    self.by_name.remove(&name);
+                    self.free.push(index);
+                }
+            }
+        }
+
         if !dirty.is_empty() {
             let wanted: FxHashMap<u32, usize> = dirty
                 .iter()
@@ -271,33 +309,16 @@ impl Compiler {
                     localhost_node_ports: self.node.localhost_node_ports,
                     per_packet_cluster_ips: self.per_packet,
                 };
-                let mut output = compile_service(sourced, &id, &own_slices, &locality);
-                self.install(index, &mut output, &mut update.changed);
+                let output = compile_service(sourced, &id, &own_slices, &locality);
                 self.by_object
                     .insert(Arc::as_ptr(&sourced.object) as usize, index);
                 self.entries[index as usize].cached = Some(Cached {
                     service: sourced.object.clone(),
+                    origin: sourced.origin.clone(),
                     fingerprint: fingerprints.get(&index).copied().unwrap_or_default(),
                     output,
                 });
-            }
-        }
-
-        // Services that left the snapshot; names nothing refers to any more.
-        for index in 0..self.entries.len() as u32 {
-            let entry = &self.entries[index as usize];
-            if entry.seen != now && entry.cached.is_some() {
-                self.forget(index, &mut update.changed);
-            }
-            let entry = &self.entries[index as usize];
-            let unused = entry.seen != now && !fingerprints.contains_key(&index);
-            if unused
-                && self
-                    .by_name
-                    .remove(&format!("{}/{}", entry.id.0, entry.id.1))
-                    .is_some()
-            {
-                self.free.push(index);
+                self.install(index, &mut update.changed);
             }
         }
 
@@ -307,13 +328,15 @@ impl Compiler {
                 .filter_map(|e| e.cached.as_ref())
                 .flat_map(|c| c.output.errors.iter().cloned()),
         );
+        self.report_conflicts(&mut update.errors);
         update.errors.sort_by(|a, b| {
             (&a.origin, &a.object, &a.field).cmp(&(&b.origin, &b.object, &b.field))
         });
         update
     }
 
-    /// Removes a Service's contribution to the desired state.
+    /// Removes a Service's contribution to the desired state; what it owned
+    /// goes to the next claimant in rank.
     fn forget(&mut self, index: u32, changed: &mut BTreeSet<ServiceKey>) {
         let Some(cached) = self.entries[index as usize].cached.take() else {
             return;
@@ -321,78 +344,221 @@ impl Compiler {
         self.by_object
             .remove(&(Arc::as_ptr(&cached.service) as usize));
         for (key, _) in &cached.output.frontends {
-            if self.owners.get(key) == Some(&index) {
-                self.owners.remove(key);
-                self.desired.frontends.remove(key);
-                changed.insert(*key);
-            }
+            self.release(Claimed::Frontend(*key), index, changed);
         }
         if let Some((port, _)) = &cached.output.health {
-            let id = &self.entries[index as usize].id;
-            let owned = self
-                .desired
-                .health_checks
-                .get(port)
-                .is_some_and(|h| h.namespace == id.0 && h.name == id.1);
-            if owned {
-                self.desired.health_checks.remove(port);
+            self.release(Claimed::HealthPort(*port), index, changed);
+        }
+    }
+
+    /// Adds a freshly compiled (and cached) Service's claims; each frontend
+    /// or health port goes to it if it outranks the current owner.
+    fn install(&mut self, index: u32, changed: &mut BTreeSet<ServiceKey>) {
+        let Some(cached) = &self.entries[index as usize].cached else {
+            return;
+        };
+        let mut claimed: Vec<Claimed> = cached
+            .output
+            .frontends
+            .iter()
+            .map(|(key, _)| Claimed::Frontend(*key))
+            .collect();
+        claimed.extend(
+            cached
+                .output
+                .health
+                .as_ref()
+                .map(|(port, _)| Claimed::HealthPort(*port)),
+        );
+        for what in claimed {
+            let claimants = self.claimants(what);
+            if claimants.contains(&index) {
+                // The same frontend twice in one Service (a cluster IP also
+                // listed as an externalIP): the first one stands.
+                continue;
+            }
+            claimants.push(index);
+            let last = claimants.len() - 1;
+            let owner = claimants[0];
+            if last > 0 {
+                self.contested.insert(what);
+            }
+            if last == 0
+                || claim_rank(&self.entries, index, what) < claim_rank(&self.entries, owner, what)
+            {
+                self.claimants(what).swap(0, last);
+                self.program(what, changed);
             }
         }
     }
 
-    /// Adds a freshly compiled Service; frontends or health ports another
-    /// Service already owns are reported and left to their owner.
-    fn install(
-        &mut self,
-        index: u32,
-        output: &mut ServiceOutput,
-        changed: &mut BTreeSet<ServiceKey>,
-    ) {
-        let id = self.entries[index as usize].id.clone();
-        let mut conflicts = Vec::new();
-        output.frontends.retain(|(key, frontend)| {
-            match self.owners.get(key).filter(|o| **o != index) {
-                Some(owner) => {
-                    let other = &self.entries[*owner as usize].id;
-                    conflicts.push(format!(
-                        "frontend of {} is already used by {}/{}",
-                        frontend.name, other.0, other.1
-                    ));
-                    false
-                }
-                None => true,
-            }
-        });
-        for (key, frontend) in &output.frontends {
-            self.owners.insert(*key, index);
-            self.desired.frontends.insert(*key, frontend.clone());
-            changed.insert(*key);
+    /// Withdraws one claim of `index`; when it was the owner, the best of
+    /// the remaining claimants takes over.
+    fn release(&mut self, what: Claimed, index: u32, changed: &mut BTreeSet<ServiceKey>) {
+        let claimants = self.claimants(what);
+        let Some(position) = claimants.iter().position(|c| *c == index) else {
+            return;
+        };
+        claimants.swap_remove(position);
+        if claimants.len() < 2 {
+            self.contested.remove(&what);
         }
-        if let Some((port, health)) = &output.health {
-            match self.desired.health_checks.get(port) {
-                Some(other)
-                    if (other.namespace.as_str(), other.name.as_str())
-                        != (id.0.as_str(), id.1.as_str()) =>
-                {
-                    conflicts.push(format!(
-                        "healthCheckNodePort {port} is already used by {}/{}",
-                        other.namespace, other.name
-                    ));
-                    output.health = None;
-                }
-                _ => {
-                    self.desired.health_checks.insert(*port, health.clone());
-                }
+        if position != 0 {
+            return;
+        }
+        let entries = &self.entries;
+        let claimants = match what {
+            Claimed::Frontend(key) => self.claims.get_mut(&key),
+            Claimed::HealthPort(port) => self.health_claims.get_mut(&port),
+        };
+        if let Some(claimants) = claimants {
+            if let Some(best) = (0..claimants.len()).min_by(|a, b| {
+                claim_rank(entries, claimants[*a], what).cmp(&claim_rank(
+                    entries,
+                    claimants[*b],
+                    what,
+                ))
+            }) {
+                claimants.swap(0, best);
             }
         }
-        for reason in conflicts {
-            output.errors.push(ObjectError {
-                origin: String::new(),
-                object: format!("Service {}/{}", id.0, id.1),
-                field: "spec".into(),
-                reason,
-            });
+        self.program(what, changed);
+    }
+
+    /// The claimants of `what`, created empty when there are none.
+    fn claimants(&mut self, what: Claimed) -> &mut Vec<u32> {
+        match what {
+            Claimed::Frontend(key) => self.claims.entry(key).or_default(),
+            Claimed::HealthPort(port) => self.health_claims.entry(port).or_default(),
         }
+    }
+
+    /// Writes the owner's version of `what` into the desired state, or
+    /// removes it when nobody claims it any more.
+    fn program(&mut self, what: Claimed, changed: &mut BTreeSet<ServiceKey>) {
+        let entries = &self.entries;
+        match what {
+            Claimed::Frontend(key) => {
+                changed.insert(key);
+                let frontend = self
+                    .claims
+                    .get(&key)
+                    .and_then(|c| c.first())
+                    .and_then(|owner| entries[*owner as usize].cached.as_ref())
+                    .and_then(|c| c.output.frontends.iter().find(|(k, _)| *k == key))
+                    .map(|(_, frontend)| frontend.clone());
+                match frontend {
+                    Some(frontend) => {
+                        self.desired.frontends.insert(key, frontend);
+                    }
+                    None => {
+                        self.claims.remove(&key);
+                        self.desired.frontends.remove(&key);
+                    }
+                }
+            }
+            Claimed::HealthPort(port) => {
+                let health = self
+                    .health_claims
+                    .get(&port)
+                    .and_then(|c| c.first())
+                    .and_then(|owner| entries[*owner as usize].cached.as_ref())
+                    .and_then(|c| c.output.health.clone());
+                match health {
+                    Some((_, health)) => {
+                        self.desired.health_checks.insert(port, health);
+                    }
+                    None => {
+                        self.health_claims.remove(&port);
+                        self.desired.health_checks.remove(&port);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One error per claim that lost to another Service, on the loser.
+    fn report_conflicts(&self, errors: &mut Vec<ObjectError>) {
+        for what in &self.contested {
+            let claimants = match what {
+                Claimed::Frontend(key) => self.claims.get(key),
+                Claimed::HealthPort(port) => self.health_claims.get(port),
+            };
+            let Some((owner, losers)) = claimants.and_then(|c| c.split_first()) else {
+                continue;
+            };
+            let winner = &self.entries[*owner as usize].id;
+            for loser in losers {
+                let entry = &self.entries[*loser as usize];
+                let Some(cached) = &entry.cached else {
+                    continue;
+                };
+                let reason = match what {
+                    Claimed::Frontend(key) => {
+                        let name = cached
+                            .output
+                            .frontends
+                            .iter()
+                            .find(|(k, _)| k == key)
+                            .map_or("", |(_, f)| f.name.as_str());
+                        format!(
+                            "frontend {} of {name} is already used by {}/{}; it is programmed if that Service goes",
+                            describe_key(key),
+                            winner.0,
+                            winner.1
+                        )
+                    }
+                    Claimed::HealthPort(port) => format!(
+                        "healthCheckNodePort {port} is already used by {}/{}; it is served if that Service goes",
+                        winner.0, winner.1
+                    ),
+                };
+                errors.push(ObjectError {
+                    origin: cached.origin.to_string(),
+                    object: format!("Service {}/{}", entry.id.0, entry.id.1),
+                    field: "spec".into(),
+                    reason,
+                });
+            }
+        }
+    }
+}
+
+/// Something only one Service can own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Claimed {
+    Frontend(ServiceKey),
+    HealthPort(u16),
+}
+
+/// The order among Services claiming one frontend or health port, lowest
+/// first: a claim through the Service's own cluster IP (an external address
+/// never shadows a ClusterIP), then the oldest Service, then namespace and
+/// name. The owner is therefore the same whatever order the objects arrived
+/// in, and a newcomer cannot take an address from a Service already serving it.
+fn claim_rank(entries: &[Entry], index: u32, what: Claimed) -> (bool, Option<&Time>, &str, &str) {
+    let entry = &entries[index as usize];
+    let cached = entry.cached.as_ref();
+    let external = match what {
+        Claimed::Frontend(key) => {
+            !cached.is_some_and(|c| c.output.cluster_addresses.contains(&key.addr))
+        }
+        Claimed::HealthPort(_) => false,
+    };
+    let created = cached.and_then(|c| c.service.metadata.creation_timestamp.as_ref());
+    (external, created, &entry.id.0, &entry.id.1)
+}
+
+/// `address:port/protocol` of a frontend, for error messages.
+fn describe_key(key: &ServiceKey) -> String {
+    let protocol = match key.proto {
+        lb_common::net::PROTO_TCP => "TCP",
+        lb_common::net::PROTO_UDP => "UDP",
+        _ => "other",
+    };
+    match crate::addr::ip_from_addr(&key.addr) {
+        IpAddr::V4(ip) => format!("{ip}:{}/{protocol}", u16::from_be(key.port)),
+        IpAddr::V6(ip) => format!("[{ip}]:{}/{protocol}", u16::from_be(key.port)),
     }
 }
 
