@@ -8,6 +8,7 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
+use ipnetwork::IpNetwork;
 use lb_core::plan::MaglevSettings;
 use lb_policy::labels::IdentityConfig;
 
@@ -71,6 +72,12 @@ pub struct Args {
     /// addresses of the tc interfaces].
     #[arg(long, value_delimiter = ',')]
     pub node_port_addresses: Vec<IpAddr>,
+    /// [serviceCIDRs] The cluster's service CIDRs (the API server's
+    /// `--service-cluster-ip-range`); with --manifests, a Service whose
+    /// clusterIP is outside them is rejected, as the API server would
+    /// [default: any address].
+    #[arg(long = "service-cidrs", value_delimiter = ',')]
+    pub service_cidrs: Vec<IpNetwork>,
     /// [localhostNodePorts] Processes in the node's network namespace also
     /// reach IPv4 NodePorts on 127.0.0.0/8, as with kube-proxy's iptables
     /// mode (socket path only) [default: true].
@@ -155,6 +162,9 @@ pub struct FileConfig {
     /// See [`Args::node_port_addresses`].
     #[serde(default)]
     pub node_port_addresses: Vec<IpAddr>,
+    /// See [`Args::service_cidrs`].
+    #[serde(default, rename = "serviceCIDRs")]
+    pub service_cidrs: Vec<IpNetwork>,
     /// See [`Args::localhost_node_ports`].
     pub localhost_node_ports: Option<bool>,
     /// See [`Args::socket_lb`].
@@ -210,6 +220,8 @@ pub struct Settings {
     pub tc_interfaces: Vec<String>,
     /// Explicit NodePort addresses; empty: those of the tc interfaces.
     pub node_port_addresses: Vec<IpAddr>,
+    /// Service CIDRs YAML-mode clusterIPs must be in; empty: any.
+    pub service_cidrs: Vec<IpNetwork>,
     /// Whether NodePorts also answer on 127.0.0.0/8 in the node's namespace.
     pub localhost_node_ports: bool,
     /// Whether the socket programs are attached.
@@ -299,6 +311,7 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         debounce_ms: args.debounce_ms.or(file.debounce_ms).unwrap_or(100),
         tc_interfaces: non_empty_or(args.tc_interfaces, file.tc_interfaces),
         node_port_addresses: non_empty_or(args.node_port_addresses, file.node_port_addresses),
+        service_cidrs: non_empty_or(args.service_cidrs, file.service_cidrs),
         localhost_node_ports: args
             .localhost_node_ports
             .or(file.localhost_node_ports)

@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context, Result};
 use lb_common::{maps::MAX_POLICY_CT, service::ServiceKey};
 use lb_core::{
+    admission::AdmissionRules,
     compile::Compiler,
     drops::{DropLog, DropRecord},
     intent::{NodeContext, Objects},
@@ -25,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Settings, SourceKind},
     kernel::{
+        pins,
         socket_programs::SocketPrograms,
         tc_programs::{TcHook, TcPrograms},
         AyaServiceMaps,
@@ -131,8 +133,13 @@ impl Retry {
 pub fn run(settings: Settings) -> Result<()> {
     let cgroup: PathBuf = match &settings.cgroup {
         Some(path) => path.clone(),
-        None => mounts::cgroup2_root()?.context("no cgroup v2 mount found; pass --cgroup")?,
+        None => mounts::cgroup2_root()?.context(
+            "no cgroup v2 mount in this mount namespace; pass --cgroup, or mount one with \
+             `mount -t cgroup2 none /sys/fs/cgroup`. `ip netns exec` mounts a fresh /sys \
+             without it: enter a network namespace with `nsenter --net=/run/netns/NAME` instead",
+        )?,
     };
+    pins::check_cgroup(&cgroup)?;
     let mut out = Outputs {
         metrics: Metrics::new(),
         healthz: Healthz::default(),
@@ -198,7 +205,14 @@ pub fn run(settings: Settings) -> Result<()> {
     let latest = Arc::new(Latest::default());
     let period = Duration::from_millis(settings.debounce_ms);
     match &settings.source {
-        SourceKind::Manifests(dir) => files::watch(dir.clone(), period, latest.clone()),
+        SourceKind::Manifests(dir) => files::watch(
+            dir.clone(),
+            AdmissionRules {
+                service_cidrs: settings.service_cidrs.clone(),
+            },
+            period,
+            latest.clone(),
+        ),
         SourceKind::Kubernetes(kubeconfig) => kubernetes::watch(
             kubeconfig.clone(),
             period,

@@ -6,6 +6,8 @@
 //! The pipeline, one module per stage:
 //!
 //! - [`yaml`]: Kubernetes YAML text in, typed objects out.
+//! - [`admission`]: the API server's validation, for objects that did not
+//!   come through one (the YAML source).
 //! - [`intent`]: the objects a source holds ([`intent::Objects`]) and where
 //!   this agent runs ([`intent::NodeContext`]).
 //! - [`compile`]: Services and EndpointSlices to the frontends and backends
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod admission;
 pub mod compile;
 pub mod desired;
 pub mod drops;

@@ -1,8 +1,10 @@
 //! The YAML directory source: reads the manifests of a directory as
 //! `kubectl apply -f DIR` would, and publishes a snapshot whenever a file
-//! changes (polled by name, size and modification time).
+//! changes (polled by name, size and modification time), parsing only the
+//! files that changed.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -11,6 +13,7 @@ use std::{
 };
 
 use lb_core::{
+    admission::{admit, AdmissionRules},
     intent::ObjectError,
     yaml::{parse_documents, Parsed},
 };
@@ -26,70 +29,136 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// Name, modification time and size of every manifest: a cheap change detector.
-pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
-
-/// The manifest files of a directory, sorted by name.
-fn manifest_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && is_manifest(p))
-        .collect();
-    files.sort();
+/// The manifest files of a directory with their stamps (one `stat` each,
+/// following symbolic links, as ConfigMap volumes use them).
+fn manifest_files(dir: &Path) -> io::Result<BTreeMap<PathBuf, Stamp>> {
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if !is_manifest(&path) {
+            continue;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() {
+            let stamp = Stamp {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+            };
+            files.insert(path, stamp);
+        }
+    }
     Ok(files)
 }
 
-/// Fingerprint of a directory's manifests.
-pub fn fingerprint(dir: &Path) -> io::Result<Fingerprint> {
-    manifest_files(dir)?
-        .into_iter()
-        .map(|path| {
-            let meta = fs::metadata(&path)?;
-            Ok((path, meta.modified().ok(), meta.len()))
-        })
-        .collect()
+/// What identifies a file's version without reading it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
 }
 
-/// Parses every manifest of a directory; a file that cannot be read is
-/// reported and skipped.
-pub fn read_dir(dir: &Path) -> io::Result<Parsed> {
-    let mut parsed = Parsed::default();
-    for path in manifest_files(dir)? {
-        let origin = path.display().to_string();
-        match fs::read_to_string(&path) {
-            Ok(text) => parsed.extend(parse_documents(&origin, &text)),
-            Err(err) => parsed.errors.push(ObjectError {
-                origin,
-                object: "document 0".into(),
-                field: ".".into(),
-                reason: format!("unreadable: {err}"),
-            }),
+/// One manifest as last read: its stamp and what it held.
+struct ManifestFile {
+    stamp: Stamp,
+    parsed: Parsed,
+}
+
+/// The manifests of a directory, read as `kubectl apply -f DIR` would and
+/// kept per file: a refresh parses only the files whose size or
+/// modification time changed, so the objects of the others keep their
+/// `Arc` and the compiler skips them. Objects the API server would reject
+/// are dropped whole (see [`admit`]).
+pub struct ManifestDir {
+    dir: PathBuf,
+    rules: AdmissionRules,
+    files: BTreeMap<PathBuf, ManifestFile>,
+}
+
+impl ManifestDir {
+    /// A directory not read yet.
+    pub fn new(dir: PathBuf, rules: AdmissionRules) -> Self {
+        Self {
+            dir,
+            rules,
+            files: BTreeMap::new(),
         }
     }
-    Ok(parsed)
+
+    /// Re-reads the files that changed or appeared and forgets those that
+    /// went; returns whether any did. A directory that cannot be listed is
+    /// an error and changes nothing; a file that cannot be read is reported
+    /// in its place.
+    pub fn refresh(&mut self) -> io::Result<bool> {
+        let present = manifest_files(&self.dir)?;
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains_key(path));
+        let mut changed = self.files.len() != before;
+        for (path, stamp) in present {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            changed = true;
+            let parsed = self.read(&path);
+            self.files.insert(path, ManifestFile { stamp, parsed });
+        }
+        Ok(changed)
+    }
+
+    fn read(&self, path: &Path) -> Parsed {
+        let origin = path.display().to_string();
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let mut parsed = parse_documents(&origin, &text);
+                admit(&mut parsed, &self.rules);
+                parsed
+            }
+            Err(err) => Parsed {
+                errors: vec![ObjectError {
+                    origin,
+                    object: "document 0".into(),
+                    field: ".".into(),
+                    reason: format!("unreadable: {err}"),
+                }],
+                ..Parsed::default()
+            },
+        }
+    }
+
+    /// Every object and error of the directory, files in name order.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut all = Parsed::default();
+        for file in self.files.values() {
+            all.objects.extend(file.parsed.objects.clone());
+            all.errors.extend(file.parsed.errors.iter().cloned());
+        }
+        Snapshot {
+            objects: all.objects,
+            errors: all.errors,
+        }
+    }
 }
 
 /// Polls a manifest directory and publishes a snapshot whenever a file
 /// changes. A directory that cannot be read publishes nothing: the datapath
 /// keeps its last state.
-pub fn watch(dir: PathBuf, period: Duration, out: Arc<Latest>) {
+pub fn watch(dir: PathBuf, rules: AdmissionRules, period: Duration, out: Arc<Latest>) {
     thread::spawn(move || {
-        let mut last_seen: Option<Fingerprint> = None;
+        let mut manifests = ManifestDir::new(dir, rules);
+        // The first snapshot is published even for an empty directory: the
+        // agent waits for one before it is ready.
+        let mut published = false;
         loop {
-            let read = fingerprint(&dir).and_then(|fingerprint| {
-                if last_seen.as_ref() == Some(&fingerprint) {
-                    return Ok(());
+            match manifests.refresh() {
+                Ok(changed) if changed || !published => {
+                    out.publish(manifests.snapshot());
+                    published = true;
                 }
-                let parsed = read_dir(&dir)?;
-                out.publish(Snapshot {
-                    objects: parsed.objects,
-                    errors: parsed.errors,
-                });
-                last_seen = Some(fingerprint);
-                Ok(())
-            });
-            if let Err(err) = read {
-                error!(dir = %dir.display(), error = %err, "cannot read the manifest directory; keeping the current state");
+                Ok(_) => {}
+                Err(err) => {
+                    error!(dir = %manifests.dir.display(), error = %err, "cannot read the manifest directory; keeping the current state");
+                }
             }
             thread::sleep(period);
         }
@@ -100,26 +169,98 @@ pub fn watch(dir: PathBuf, period: Duration, out: Arc<Latest>) {
 mod tests {
     use super::*;
 
+    const SERVICE_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-files-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch directory");
+        dir
+    }
+
     #[test]
     fn only_manifests_are_read_and_unreadable_ones_are_reported() {
-        let dir = std::env::temp_dir().join(format!("lb-files-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(
-            dir.join("a.yaml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n",
-        )
-        .unwrap();
-        fs::write(dir.join("notes.txt"), "kind: Service\n").unwrap();
-        fs::create_dir_all(dir.join("b.yaml")).unwrap();
-        let parsed = read_dir(&dir).unwrap();
-        let fingerprint = fingerprint(&dir).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(parsed.objects.services.len(), 1);
-        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let dir = scratch("kinds");
+        fs::write(dir.join("a.yaml"), SERVICE_A).expect("write");
+        fs::write(dir.join("notes.txt"), "kind: Service\n").expect("write");
+        fs::create_dir_all(dir.join("b.yaml")).expect("mkdir");
+        let mut manifests = ManifestDir::new(dir.clone(), AdmissionRules::default());
+        let changed = manifests.refresh().expect("refresh");
+        let snapshot = manifests.snapshot();
+        fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(changed);
+        assert_eq!(snapshot.objects.services.len(), 1);
+        assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
         assert_eq!(
-            fingerprint.len(),
+            manifests.files.len(),
             1,
             "directories and other files are skipped"
         );
+    }
+
+    #[test]
+    fn a_refresh_parses_only_the_files_that_changed() {
+        let dir = scratch("incremental");
+        fs::write(dir.join("a.yaml"), SERVICE_A).expect("write");
+        fs::write(
+            dir.join("b.yaml"),
+            SERVICE_A
+                .replace("name: a", "name: b")
+                .replace("10.0.0.1", "10.0.0.2"),
+        )
+        .expect("write");
+        let mut manifests = ManifestDir::new(dir.clone(), AdmissionRules::default());
+        manifests.refresh().expect("refresh");
+        let first = manifests.snapshot();
+        assert!(!manifests.refresh().expect("refresh"), "nothing changed");
+
+        fs::write(
+            dir.join("b.yaml"),
+            SERVICE_A
+                .replace("name: a", "name: b")
+                .replace("10.0.0.1", "10.0.0.22"),
+        )
+        .expect("write");
+        assert!(manifests.refresh().expect("refresh"));
+        let second = manifests.snapshot();
+        assert!(
+            Arc::ptr_eq(
+                &first.objects.services[0].object,
+                &second.objects.services[0].object
+            ),
+            "a.yaml was not parsed again"
+        );
+        assert!(!Arc::ptr_eq(
+            &first.objects.services[1].object,
+            &second.objects.services[1].object
+        ));
+
+        fs::remove_file(dir.join("a.yaml")).expect("remove");
+        assert!(manifests.refresh().expect("refresh"));
+        let third = manifests.snapshot();
+        fs::remove_dir_all(&dir).expect("cleanup");
+        assert_eq!(third.objects.services.len(), 1);
+        assert_eq!(
+            third.objects.services[0].object.metadata.name.as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn objects_the_api_server_rejects_are_dropped_whole() {
+        let dir = scratch("admission");
+        fs::write(
+            dir.join("dup.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: dup}\nspec: {clusterIP: 10.0.0.1, ports: [{name: http, port: 80}, {name: http, port: 81}]}\n",
+        )
+        .expect("write");
+        let mut manifests = ManifestDir::new(dir.clone(), AdmissionRules::default());
+        manifests.refresh().expect("refresh");
+        let snapshot = manifests.snapshot();
+        fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(snapshot.objects.services.is_empty());
+        assert_eq!(snapshot.errors.len(), 1, "{:?}", snapshot.errors);
+        assert!(snapshot.errors[0].origin.ends_with("dup.yaml"));
+        assert_eq!(snapshot.errors[0].field, "spec.ports[1].name");
     }
 }

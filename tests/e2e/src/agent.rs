@@ -181,6 +181,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Removes a manifest file.
+    pub fn remove_manifest(&self, name: &str) -> Result<()> {
+        fs::remove_file(self.manifests.join(name))?;
+        Ok(())
+    }
+
     /// `lbctl service list` for this node.
     pub fn service_list(&self) -> Result<String> {
         lbctl(&self.lbctl, &self.bpffs, &["service", "list"])
