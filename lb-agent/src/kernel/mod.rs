@@ -58,8 +58,19 @@ pub enum KernelError {
         source: io::Error,
     },
     /// The pin directory is not on a bpffs mount.
-    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{0} is not on a bpffs mount in this mount namespace; mount one with \
+         `mount -t bpf bpf /sys/fs/bpf`. `ip netns exec` mounts a fresh /sys without \
+         it: enter a network namespace with `nsenter --net=/run/netns/NAME` instead"
+    )]
     NotBpffs(PathBuf),
+    /// The cgroup to attach to is not a cgroup v2 directory.
+    #[error(
+        "{0} is not a cgroup v2 directory; pass --cgroup a directory under the \
+         cgroup2 mount (e.g. /sys/fs/cgroup), or mount one with \
+         `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
+    NotCgroup2(PathBuf),
     /// A map is missing from an object, has another layout, or an operation
     /// on it failed.
     #[error("map {name}: {source}")]

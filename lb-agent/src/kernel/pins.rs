@@ -17,18 +17,39 @@ use tracing::{info, warn};
 use super::{KernelError, OnMap};
 use crate::node::mounts;
 
-/// Creates `pin_dir` (and its `links/`) and checks it is on bpffs, where pins
-/// outlive the agent.
+/// Checks `pin_dir` is on bpffs, where pins outlive the agent, and creates
+/// it (and its `links/`). The check comes first, on the nearest existing
+/// ancestor: without bpffs the directory cannot be created (sysfs refuses),
+/// and "No such file or directory" would hide the reason.
 pub fn prepare(pin_dir: &Path) -> Result<(), KernelError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| KernelError::Io { path, source }
     };
-    fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
-    if !mounts::is_on_fs(pin_dir, "bpf").map_err(io_err(Path::new("/proc/self/mountinfo")))? {
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !mounts::is_on_fs(existing, "bpf").map_err(io_err(Path::new("/proc/self/mountinfo")))? {
         return Err(KernelError::NotBpffs(pin_dir.to_path_buf()));
     }
+    fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
     Ok(())
+}
+
+/// Checks `cgroup` is a directory on a cgroup v2 mount, the only kind the
+/// socket programs attach to.
+pub fn check_cgroup(cgroup: &Path) -> Result<(), KernelError> {
+    let on_cgroup2 = cgroup.is_dir()
+        && mounts::is_on_fs(cgroup, "cgroup2").map_err(|source| KernelError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    if on_cgroup2 {
+        Ok(())
+    } else {
+        Err(KernelError::NotCgroup2(cgroup.to_path_buf()))
+    }
 }
 
 /// Opens the map pinned as `name` in `dir`.

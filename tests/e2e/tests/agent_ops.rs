@@ -236,3 +236,87 @@ fn sigkill_under_load_fails_no_connection_and_restart_reconciles() -> Result<()>
     assert!(connected.iter().all(|a| a.ok), "{connected:?}");
     Ok(())
 }
+
+/// Runs the agent with `prefix` before it and `args` after it; it must exit
+/// with an error within 10 s. Returns its stderr.
+fn failed_start(prefix: &[&str], args: &[&str]) -> Result<String> {
+    let bins = lb_e2e::agent::Binaries::locate()?;
+    let scratch = std::env::temp_dir().join(format!("lb-start-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut command = std::process::Command::new(program);
+            command.args(rest).arg(&bins.agent);
+            command
+        }
+        None => std::process::Command::new(&bins.agent),
+    };
+    let mut child = command
+        .arg("--manifests")
+        .arg(&scratch)
+        .args([
+            "--metrics-address",
+            "0.0.0.0:0",
+            "--healthz-address",
+            "0.0.0.0:0",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("the agent did not stop on a bad start");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output()?;
+    assert!(!output.status.success());
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A start that cannot work says what is wrong and how to fix it, rather
+/// than a bare "No such file or directory": under `ip netns exec` (which
+/// mounts a fresh /sys, hiding bpffs and the cgroup v2 mount), with pins
+/// outside bpffs, and with a --cgroup that is not a cgroup v2 directory.
+#[test]
+fn a_start_that_cannot_work_says_why_and_how_to_fix_it() -> Result<()> {
+    lb_e2e::scenario::require_root();
+    let netns = format!("lb-start-{}", std::process::id());
+    let created = std::process::Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()?;
+    anyhow::ensure!(created.success(), "ip netns add {netns}");
+    let pins = format!("/sys/fs/bpf/lb-start-{}", std::process::id());
+    let under_netns_exec = failed_start(&["ip", "netns", "exec", &netns], &["--bpffs-dir", &pins]);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &netns])
+        .status();
+    let stderr = under_netns_exec?;
+    assert!(stderr.contains("nsenter --net="), "{stderr}");
+    assert!(!stderr.contains("No such file or directory"), "{stderr}");
+
+    let not_bpffs = std::env::temp_dir().join(format!("lb-start-pins-{}", std::process::id()));
+    let stderr = failed_start(&[], &["--bpffs-dir", &not_bpffs.display().to_string()])?;
+    let _ = std::fs::remove_dir_all(&not_bpffs);
+    assert!(
+        stderr.contains("is not on a bpffs mount") && stderr.contains("mount -t bpf"),
+        "{stderr}"
+    );
+
+    let not_a_cgroup = std::env::temp_dir();
+    let stderr = failed_start(
+        &[],
+        &[
+            "--cgroup",
+            &not_a_cgroup.display().to_string(),
+            "--bpffs-dir",
+            &pins,
+        ],
+    )?;
+    let _ = std::fs::remove_dir_all(&pins);
+    assert!(stderr.contains("is not a cgroup v2 directory"), "{stderr}");
+    Ok(())
+}
