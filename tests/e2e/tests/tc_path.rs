@@ -222,6 +222,34 @@ fn node_port_reaches_backends_on_both_nodes_consistently() -> Result<()> {
     Ok(())
 }
 
+/// A restarted agent adopts the pinned Maglev tables as they are: its first
+/// pass writes nothing (kube-proxy's restart leaves unchanged rules alone),
+/// and the NodePort serves across the restart.
+#[test]
+fn a_restarted_agent_writes_nothing_when_nothing_changed() -> Result<()> {
+    let mut t = two_nodes()?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let before = t.agents[0].service_list()?;
+    t.agents[0].kill();
+    all_ok(&t.connect(&format!("{}:30080", NODE_IPS[0]), &["--count", "10"])?);
+    t.agents[0] = Agent::start_with(
+        &t.lab,
+        &t.bins,
+        &t.nodes[0],
+        &["--node-name", "node1", "--tc-interfaces", "eth0"],
+    )?;
+    t.agents[0].wait_for_log("reconciled frontends=", Duration::from_secs(10))?;
+    let log = t.agents[0].log_text();
+    let first_pass = log
+        .lines()
+        .find(|l| l.contains("reconciled frontends="))
+        .unwrap_or_default();
+    assert!(first_pass.contains(" writes=0 "), "{log}");
+    assert_eq!(t.agents[0].service_list()?, before);
+    all_ok(&t.connect(&format!("{}:30080", NODE_IPS[0]), &["--count", "10"])?);
+    Ok(())
+}
+
 /// Upstream: network/loadbalancer.go "should only target nodes with
 /// endpoints" and service.go "should work for type=NodePort" with
 /// externalTrafficPolicy Local: each node uses only its own endpoints, the
