@@ -1,7 +1,9 @@
 //! Control-plane scale benchmark: 10,000 Services with 10 endpoints each, from
 //! the moment the lists are in memory to fully programmed maps (cold start),
 //! then single EndpointSlice changes to map update latency, and the resident
-//! memory. Real kernel maps (root, bpffs); no programs are attached.
+//! memory; then the same Services as a YAML directory (one file per
+//! Service), and one small file changed to map update latency. Real kernel
+//! maps (root, bpffs); no programs are attached.
 //!
 //! `cargo run --release -p lb-bench --bin control-plane -- [--services N] [--endpoints N] [--changes N]`
 
@@ -17,8 +19,10 @@ use clap::Parser;
 use lb_agent::{
     kernel::{socket_programs::SocketPrograms, AyaServiceMaps},
     reconcile::Reconciler,
+    sources::files::ManifestDir,
 };
 use lb_core::{
+    admission::AdmissionRules,
     compile::Compiler,
     intent::{NodeContext, Objects},
     plan::{Capacity, MaglevSettings},
@@ -44,16 +48,23 @@ struct Args {
 fn manifests(services: usize, endpoints: usize) -> String {
     let mut text = String::with_capacity(services * 900);
     for i in 0..services {
-        let (hi, lo) = (i / 250, i % 250 + 1);
-        let _ = write!(
-            text,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: 10.96.{hi}.{lo}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-abc, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
-        );
-        for e in 0..endpoints {
-            let _ = writeln!(text, "- addresses: [\"10.{}.{}.{}\"]", 100 + e, hi, lo);
-        }
-        text.push_str("---\n");
+        text.push_str(&manifest(i, endpoints));
     }
+    text
+}
+
+/// Service `svc-{i}` and its EndpointSlice.
+fn manifest(i: usize, endpoints: usize) -> String {
+    let mut text = String::with_capacity(900);
+    let (hi, lo) = (i / 250, i % 250 + 1);
+    let _ = write!(
+        text,
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: 10.96.{hi}.{lo}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-abc, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+    );
+    for e in 0..endpoints {
+        let _ = writeln!(text, "- addresses: [\"10.{}.{}.{}\"]", 100 + e, hi, lo);
+    }
+    text.push_str("---\n");
     text
 }
 
@@ -77,7 +88,13 @@ fn main() -> Result<()> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
     let result = run(&args, &pin_dir);
     let _ = std::fs::remove_dir_all(&pin_dir);
-    let report = result?;
+    let mut report = result?;
+    let yaml_pins = PathBuf::from(format!("/sys/fs/bpf/lbbench-yaml-{}", std::process::id()));
+    let yaml_dir = std::env::temp_dir().join(format!("lbbench-yaml-{}", std::process::id()));
+    let result = run_yaml(&args, &yaml_pins, &yaml_dir);
+    let _ = std::fs::remove_dir_all(&yaml_pins);
+    let _ = std::fs::remove_dir_all(&yaml_dir);
+    report.push_str(&result?);
     print!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report)?;
@@ -166,6 +183,90 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
         report,
         "| resident memory after | {:.0} MiB | < 150 MB |",
         rss_mib()
+    );
+    Ok(report)
+}
+
+/// The YAML source at the same scale: one file per Service, then one
+/// Service file rewritten (a changed endpoint) at a time, timed from the
+/// write to the programmed maps: re-read, compile, reconcile.
+fn run_yaml(args: &Args, pin_dir: &std::path::Path, dir: &std::path::Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    for i in 0..args.services {
+        std::fs::write(
+            dir.join(format!("svc-{i}.yaml")),
+            manifest(i, args.endpoints),
+        )?;
+    }
+    let (_programs, socket_maps) = SocketPrograms::load(pin_dir).context("needs root and bpffs")?;
+    let mut maps = AyaServiceMaps::new(socket_maps, None);
+    let mut reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
+    let mut compiler = Compiler::new(NodeContext::default());
+    let mut source = ManifestDir::new(dir.to_owned(), AdmissionRules::default());
+
+    let cold_started = Instant::now();
+    source.refresh()?;
+    let snapshot = source.snapshot();
+    anyhow::ensure!(snapshot.errors.is_empty(), "{:?}", snapshot.errors.first());
+    let update = compiler.update(&snapshot.objects);
+    let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+    let cold = cold_started.elapsed();
+    anyhow::ensure!(
+        outcome.frontends == args.services,
+        "programmed {}",
+        outcome.frontends
+    );
+
+    let changes = args.changes.min(100);
+    let mut latencies = Vec::with_capacity(changes);
+    for change in 0..changes {
+        let index = change * 7919 % args.services;
+        let text = manifest(index, args.endpoints).replacen(
+            "- addresses: [\"",
+            &format!(
+                "- addresses: [\"10.98.{}.{}\"]\n- addresses: [\"",
+                change / 250 % 250,
+                change % 250 + 1
+            ),
+            1,
+        );
+        let path = dir.join(format!("svc-{index}.yaml"));
+        let staging = dir.join(".staging");
+        let started = Instant::now();
+        std::fs::write(&staging, text)?;
+        std::fs::rename(&staging, &path)?;
+        anyhow::ensure!(source.refresh()?, "the change was not seen");
+        let snapshot = source.snapshot();
+        let update = compiler.update(&snapshot.objects);
+        let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+        latencies.push(started.elapsed());
+        anyhow::ensure!(
+            outcome.errors.is_empty() && outcome.writes > 0,
+            "{outcome:?}"
+        );
+    }
+    latencies.sort();
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "\n## YAML source: {} Services in {} files\n",
+        args.services, args.services
+    );
+    let _ = writeln!(report, "| measure | value |");
+    let _ = writeln!(report, "|---|---|");
+    let _ = writeln!(
+        report,
+        "| cold start: read, parse, compile, program | {cold:.2?} |"
+    );
+    let _ = writeln!(
+        report,
+        "| one file changed to programmed maps, p50 ({changes} changes) | {:.2?} |",
+        percentile(&latencies, 0.5)
+    );
+    let _ = writeln!(
+        report,
+        "| one file changed to programmed maps, p99 | {:.2?} |",
+        percentile(&latencies, 0.99)
     );
     Ok(report)
 }
