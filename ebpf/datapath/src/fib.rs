@@ -12,9 +12,11 @@
 //! [`crate::conntrack::next_hop_fresh`] for how long that answer is trusted.
 //!
 //! Only called on ingress hooks: `bpf_redirect_peer` works from there only.
-//! While policy is enforced, packets for pods take the plain redirect to the
-//! host end, whose egress program checks them against the pod's policy:
-//! the peer redirect would skip it.
+//! While policy is enforced, translated packets for pods take the plain
+//! redirect to the host end, whose egress program checks them against the
+//! pod's policy: the peer redirect would skip it. A packet between two pods
+//! of this node whose policy was checked for both where it left its pod
+//! ([`to_checked_pod`]) takes the peer redirect.
 
 use aya_ebpf::{
     bindings::{
@@ -69,13 +71,12 @@ fn redirected(verdict: i64) -> i32 {
     verdict as i32
 }
 
-/// Redirects the packet towards `tuple.daddr`, or lets the stack route it.
-/// A lookup that finds the next hop writes it to `learn`, the conntrack
-/// entry of the packet's flow, unless that is null. Returns the tc verdict.
+/// Asks the FIB for the next hop of `tuple` (a packet of `v4` or IPv6 on
+/// the context's interface), filling `params` (all zeroes on entry, in the
+/// caller's frame: a copy would not fit the stack); returns the helper's
+/// answer.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) -> i32 {
-    // SAFETY: a plain C struct for which all zeroes is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+fn lookup(ctx: &TcContext, tuple: &CtKey, v4: bool, params: &mut bpf_fib_lookup) -> i64 {
     params.family = if v4 { AF_INET } else { AF_INET6 };
     params.l4_protocol = tuple.proto;
     params.sport = tuple.sport;
@@ -92,14 +93,52 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) ->
     }
     // SAFETY: a helper available to tc programs, given the context and a
     // stack buffer of the size passed.
-    let ret = unsafe {
+    unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
-    };
+    }
+}
+
+/// Hands a packet whose policy was checked for both of its pods straight
+/// to the destination pod of this node: the peer end of the interface the
+/// FIB routes it to, with the next hop's Ethernet addresses, skipping the
+/// node's routing and the program on that interface (which would only see
+/// the checked mark). `None` when the FIB's answer is not a pod interface
+/// with a known neighbour: the stack delivers the packet then. A call of
+/// its own: its frame is not added to the policy check's.
+#[inline(never)]
+pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool) -> Option<i32> {
+    // SAFETY: a plain C struct for which all zeroes is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    if lookup(ctx, tuple, v4, &mut params) != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let interface = unsafe { POD_INTERFACES.get(&params.ifindex) }.copied()?;
+    if interface & POD_INTERFACE_PEER == 0 {
+        return None;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    ctx.store(0, &macs, 0).ok()?;
+    // SAFETY: a helper available to tc programs on ingress hooks; the
+    // target is an interface the agent found to be a veth or netkit host end.
+    Some(redirected(unsafe { bpf_redirect_peer(params.ifindex, 0) }))
+}
+
+/// Redirects the packet towards `tuple.daddr`, or lets the stack route it.
+/// A lookup that finds the next hop writes it to `learn`, the conntrack
+/// entry of the packet's flow, unless that is null. Returns the tc verdict.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) -> i32 {
+    // SAFETY: a plain C struct for which all zeroes is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let ret = lookup(ctx, tuple, v4, &mut params);
     if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);

@@ -22,7 +22,7 @@ use lb_common::{
 };
 
 use crate::{
-    events, icmp,
+    events, fib, icmp,
     maps::{count, CONFIG},
     parse::{parse_flow, Packet, ETH_P_IP, ETH_P_IPV6, PROTO_ICMP, PROTO_ICMPV6},
     policy::{self, Origin, Verdict},
@@ -173,6 +173,16 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
     let verdict = policy::check(&pkt.tuple, pkt.tcp_flags, origin, now);
     if !verdict.allowed() {
         return refuse(&verdict, &pkt.tuple);
+    }
+    // Straight to the destination pod, unless its program may have a reply
+    // to translate back (per-packet ClusterIPs).
+    let translating = CONFIG
+        .get(0)
+        .is_none_or(|config| config.flags & TC_CONFIG_POD_LB != 0);
+    if hook == Hook::FromPod && verdict.to_local_pod && !translating {
+        if let Some(redirected) = fib::to_checked_pod(ctx, &pkt.tuple, pkt.v4) {
+            return redirected;
+        }
     }
     mark_checked(ctx, hook, &verdict);
     TC_ACT_OK

@@ -184,6 +184,21 @@ fn ingress_policy_gives_the_same_verdict_through_a_cluster_ip_and_the_pod_ip() -
         let denied = lab.attempt(&lab.intruder, target, "tcp")?;
         assert!(!denied.ok, "intruder -> {target}: {denied:?}");
     }
+    // Checked for both pods where they left the client, the allowed
+    // packets were handed straight to the server's side of its interface.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s
+        .metric("lb_tc_packets{outcome=\"fib_redirect\"}")
+        .unwrap_or(0.0)
+        == 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no packet between the pods was redirected:\n{}",
+            s.metrics()?
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Other ports and protocols of the isolated pods are closed to all.
     assert!(
         !lab.attempt(&s.client, &format!("{}:9090", s.ip(1)), "tcp")?
