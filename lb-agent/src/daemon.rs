@@ -233,6 +233,7 @@ pub fn run(settings: Settings) -> Result<()> {
     let mut last_gc = Instant::now();
     let mut retry = Retry::new();
     loop {
+        out.healthz.turned();
         if let Some(tc) = kernel.tc.as_mut() {
             if last_gc.elapsed() >= CONNTRACK_GC_PERIOD {
                 last_gc = Instant::now();
@@ -367,7 +368,9 @@ fn compile(
     opt_out: &mut OptOut,
     out: &Outputs,
 ) -> BTreeSet<ServiceKey> {
+    out.healthz.queued();
     let update = compiler.update(&snapshot.objects);
+    out.healthz.set_node_eligible(update.node_eligible);
     let policy_errors = policy
         .map(|policy| policy.compile(&snapshot.objects))
         .unwrap_or_default();

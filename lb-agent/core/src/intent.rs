@@ -22,6 +22,9 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const SOCKET_LB_ANNOTATION: &str = "lb.dev/socket-lb";
 /// Node label naming the node's zone, for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to delete;
+/// kube-proxy then reports the node not eligible for new traffic.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// A Kubernetes object together with where it came from, for error reports.
 /// Shared (`Arc`) so snapshots of large clusters are cheap to take.

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, RwLock},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use lb_core::desired::ServiceHealth;
@@ -34,35 +34,111 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
-/// Whether the agent has programmed the datapath, and when it last did.
-#[derive(Clone, Default)]
+/// How long a change may wait to be programmed before `/healthz` reports the
+/// agent unhealthy: kube-proxy's health timeout (twice its 30 s sync period).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the main loop may go without turning before `/livez` fails and
+/// the kubelet restarts the agent. The loop turns at least once a second
+/// when idle; a full reconciliation of 10,000 Services takes seconds.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What `/healthz` and `/livez` report on.
+struct HealthState {
+    /// The last time the datapath was brought up to date.
+    last_updated: Option<SystemTime>,
+    /// When the oldest change not yet programmed arrived.
+    pending_since: Option<Instant>,
+    /// The main loop's last turn.
+    last_turn: Instant,
+    /// Whether the node should get new load-balancer traffic.
+    node_eligible: bool,
+}
+
+/// The agent's health as kube-proxy defines it: `/healthz` (readiness, and
+/// what cloud load balancers probe) is 200 once the datapath is programmed,
+/// while no change has waited longer than [`HEALTH_TIMEOUT`] and the node
+/// is eligible; `/livez` is 200 while the main loop turns, whether or not
+/// it has synced (an API server down at start must not become a restart
+/// loop), and ignores node eligibility.
+#[derive(Clone)]
 pub struct Healthz {
-    last_updated: Arc<Mutex<Option<SystemTime>>>,
+    state: Arc<Mutex<HealthState>>,
+}
+
+impl Default for Healthz {
+    fn default() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(HealthState {
+                last_updated: None,
+                pending_since: None,
+                last_turn: Instant::now(),
+                node_eligible: true,
+            })),
+        }
+    }
 }
 
 impl Healthz {
-    /// Records a successful reconciliation.
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().expect("not poisoned")
+    }
+
+    /// Records a turn of the main loop.
+    pub fn turned(&self) {
+        self.state().last_turn = Instant::now();
+    }
+
+    /// Records a change waiting to be programmed.
+    pub fn queued(&self) {
+        self.state().pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Records a reconciliation: everything queued so far is programmed.
     pub fn updated(&self) {
-        *self.last_updated.lock().expect("not poisoned") = Some(SystemTime::now());
+        let mut state = self.state();
+        state.last_updated = Some(SystemTime::now());
+        state.pending_since = None;
     }
 
-    /// kube-proxy's answer: 200 once the datapath is programmed, 503 before.
-    pub fn response(&self) -> Response {
-        let last = *self.last_updated.lock().expect("not poisoned");
-        let now = SystemTime::now();
+    /// Records whether the node should get new load-balancer traffic.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.state().node_eligible = eligible;
+    }
+
+    /// `/healthz` at `now` (wall clock `wall`).
+    fn healthz_at(&self, now: Instant, wall: SystemTime) -> Response {
+        let state = self.state();
+        let synced = state.last_updated.is_some();
+        let stale = state
+            .pending_since
+            .is_some_and(|since| now.saturating_duration_since(since) > HEALTH_TIMEOUT);
+        let healthy = synced && !stale && state.node_eligible;
         let body = serde_json::json!({
-            "lastUpdated": last.map(rfc3339).unwrap_or_default(),
-            "currentTime": rfc3339(now),
-            "nodeEligible": true,
+            "lastUpdated": state.last_updated.map(rfc3339).unwrap_or_default(),
+            "currentTime": rfc3339(wall),
+            "nodeEligible": state.node_eligible,
         });
-        Response::json(if last.is_some() { 200 } else { 503 }, body.to_string())
+        Response::json(if healthy { 200 } else { 503 }, body.to_string())
     }
 
-    /// A handler for `/healthz` (and `/livez`).
+    /// `/livez` at `now` (wall clock `wall`).
+    fn livez_at(&self, now: Instant, wall: SystemTime) -> Response {
+        let state = self.state();
+        let turning = now.saturating_duration_since(state.last_turn) <= LIVENESS_TIMEOUT;
+        let body = serde_json::json!({
+            "lastUpdated": state.last_updated.map(rfc3339).unwrap_or_default(),
+            "currentTime": rfc3339(wall),
+        });
+        Response::json(if turning { 200 } else { 503 }, body.to_string())
+    }
+
+    /// A handler for `/healthz` and `/livez`.
     pub fn handler(&self, extra: Option<Handler>) -> Handler {
         let health = self.clone();
         Arc::new(move |path| match path {
-            "/healthz" | "/livez" => Some(health.response()),
+            "/healthz" => Some(health.healthz_at(Instant::now(), SystemTime::now())),
+            "/livez" => Some(health.livez_at(Instant::now(), SystemTime::now())),
             other => extra.as_ref().and_then(|h| h(other)),
         })
     }
@@ -160,14 +236,64 @@ mod tests {
     #[test]
     fn healthz_is_unavailable_until_the_first_sync() {
         let healthz = Healthz::default();
-        assert_eq!(healthz.response().status, 503);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        assert_eq!(healthz.healthz_at(now, wall).status, 503);
+        assert_eq!(
+            healthz.livez_at(now, wall).status,
+            200,
+            "alive before the first sync: an API server down at start is no reason to restart"
+        );
         healthz.updated();
-        let response = healthz.response();
+        let response = healthz.healthz_at(Instant::now(), wall);
         assert_eq!(response.status, 200);
         assert!(
             response.body.contains("\"lastUpdated\":\"20"),
             "{}",
             response.body
         );
+    }
+
+    #[test]
+    fn a_change_waiting_too_long_makes_healthz_fail_until_it_is_programmed() {
+        let healthz = Healthz::default();
+        healthz.updated();
+        healthz.queued();
+        let wall = SystemTime::now();
+        let soon = Instant::now() + Duration::from_secs(5);
+        assert_eq!(healthz.healthz_at(soon, wall).status, 200);
+        let late = Instant::now() + HEALTH_TIMEOUT + Duration::from_secs(1);
+        assert_eq!(healthz.healthz_at(late, wall).status, 503);
+        healthz.updated();
+        assert_eq!(healthz.healthz_at(late, wall).status, 200);
+    }
+
+    #[test]
+    fn a_stuck_main_loop_fails_livez() {
+        let healthz = Healthz::default();
+        healthz.updated();
+        let wall = SystemTime::now();
+        let stuck = Instant::now() + LIVENESS_TIMEOUT + Duration::from_secs(1);
+        assert_eq!(healthz.livez_at(stuck, wall).status, 503);
+        assert_eq!(
+            healthz.healthz_at(stuck, wall).status,
+            200,
+            "nothing was waiting to be programmed"
+        );
+    }
+
+    #[test]
+    fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let healthz = Healthz::default();
+        healthz.updated();
+        healthz.set_node_eligible(false);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let response = healthz.healthz_at(now, wall);
+        assert_eq!(response.status, 503);
+        assert!(
+            response.body.contains("\"nodeEligible\":false"),
+            "{}",
+            response.body
+        );
+        assert_eq!(healthz.livez_at(now, wall).status, 200);
     }
 }

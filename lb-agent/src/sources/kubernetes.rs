@@ -9,7 +9,10 @@ use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Service},
+        core::v1::{
+            Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
+            Taint,
+        },
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -29,6 +32,7 @@ use tokio::sync::Notify;
 
 use lb_core::intent::{
     Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION,
+    TO_BE_DELETED_TAINT,
 };
 use tracing::{error, info, warn};
 
@@ -201,7 +205,21 @@ fn strip_pod(pod: &mut Pod) {
 /// What the agent reads of a Node: its name, labels (zone) and addresses.
 fn strip_node(node: &mut Node) {
     strip_metadata(node);
-    node.spec = None;
+    // Only the autoscaler's deletion taint is read (node eligibility).
+    let taints: Vec<Taint> = node
+        .spec
+        .take()
+        .and_then(|spec| spec.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|taint| taint.key == TO_BE_DELETED_TAINT)
+        .collect();
+    if !taints.is_empty() {
+        node.spec = Some(NodeSpec {
+            taints: Some(taints),
+            ..NodeSpec::default()
+        });
+    }
     if let Some(status) = node.status.take() {
         node.status = Some(NodeStatus {
             addresses: status.addresses,

@@ -31,7 +31,7 @@ pub use validation::DEFAULT_AFFINITY_TIMEOUT_S;
 use self::{
     endpoints::{borrowed_slice_service, slice_service},
     frontends::compile_service,
-    node::{node_zone, opted_out_pods, Locality},
+    node::{node_eligible, node_zone, opted_out_pods, Locality},
     validation::Reporter,
 };
 use crate::{
@@ -112,6 +112,9 @@ pub struct Update {
     pub opted_out_pods: BTreeSet<String>,
     /// Every invalid object or field in the current objects.
     pub errors: Vec<ObjectError>,
+    /// Whether this node should get new load-balancer traffic (its Node
+    /// is not being deleted).
+    pub node_eligible: bool,
 }
 
 /// Compiles snapshots incrementally: a Service is recompiled only when it,
@@ -197,6 +200,7 @@ impl Compiler {
         self.update_count += 1;
         let now = self.update_count;
         let zone = node_zone(objects, &self.node);
+        update.node_eligible = node_eligible(objects, &self.node);
         update.opted_out_pods = opted_out_pods(objects, &self.node, &mut update.errors);
         // Per-packet ClusterIP frontends exist when the socket path is off,
         // or while a pod of this node opted out of it.

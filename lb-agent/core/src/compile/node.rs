@@ -5,7 +5,9 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use super::validation::Reporter;
-use crate::intent::{NodeContext, ObjectError, Objects, SOCKET_LB_ANNOTATION, ZONE_LABEL};
+use crate::intent::{
+    NodeContext, ObjectError, Objects, SOCKET_LB_ANNOTATION, TO_BE_DELETED_TAINT, ZONE_LABEL,
+};
 
 /// Where this agent runs, for Local traffic policies and topology hints.
 pub(super) struct Locality<'a> {
@@ -67,4 +69,28 @@ pub(super) fn node_zone(objects: &Objects, node: &NodeContext) -> Option<String>
         .get(ZONE_LABEL)
         .filter(|z| !z.is_empty())
         .cloned()
+}
+
+/// Whether this node should get new load-balancer traffic, as kube-proxy's
+/// `/healthz` reports it (`nodeEligible`): not once its Node object is being
+/// deleted or the cluster autoscaler has tainted it for deletion. Without a
+/// Node object (a YAML directory without one) it is.
+pub(super) fn node_eligible(objects: &Objects, node: &NodeContext) -> bool {
+    let Some(name) = node.name.as_deref() else {
+        return true;
+    };
+    let Some(found) = objects
+        .nodes
+        .iter()
+        .find(|n| n.object.metadata.name.as_deref() == Some(name))
+    else {
+        return true;
+    };
+    let object = &found.object;
+    let tainted = object
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    object.metadata.deletion_timestamp.is_none() && !tainted
 }

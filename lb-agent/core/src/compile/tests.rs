@@ -516,3 +516,29 @@ fn client_ip_affinity_defaults_to_three_hours() {
         .iter()
         .all(|&(_, flag, timeout)| flag == SERVICE_FLAG_AFFINITY && timeout == 5));
 }
+
+#[test]
+fn a_node_being_deleted_is_not_eligible_for_new_traffic() {
+    let eligible = |node_yaml: &str| {
+        let parsed = parse_documents("test.yaml", node_yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut compiler = Compiler::new(NodeContext {
+            name: Some("node1".into()),
+            ..NodeContext::default()
+        });
+        compiler.update(&parsed.objects).node_eligible
+    };
+    assert!(eligible(""), "no Node object: eligible");
+    assert!(eligible(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\n"
+    ));
+    assert!(eligible(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node2, deletionTimestamp: '2026-12-06T10:00:00Z'}\n"
+    ));
+    assert!(!eligible(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node1, deletionTimestamp: '2026-12-06T10:00:00Z'}\n"
+    ));
+    assert!(!eligible(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1733480000', effect: NoSchedule}]\n"
+    ));
+}
