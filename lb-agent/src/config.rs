@@ -15,7 +15,7 @@ use lb_policy::labels::IdentityConfig;
 use crate::logging::LogFormat;
 
 /// Default address of the Prometheus metrics endpoint (kube-proxy's port).
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10249";
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
 /// Default address of `/healthz` (kube-proxy's port).
 pub const DEFAULT_HEALTHZ_ADDRESS: &str = "0.0.0.0:10256";
 /// Default bpffs directory.
@@ -54,7 +54,9 @@ pub struct Args {
     /// [bpffsDir] bpffs directory for pinned maps and links [default: /sys/fs/bpf/lb].
     #[arg(long, env = "LB_BPFFS_DIR")]
     pub bpffs_dir: Option<PathBuf>,
-    /// [metricsAddress] Prometheus metrics address [default: 0.0.0.0:10249].
+    /// [metricsAddress] Prometheus metrics and `/drops` (which carry client
+    /// addresses) address; kube-proxy's default, this node only
+    /// [default: 127.0.0.1:10249].
     #[arg(long)]
     pub metrics_address: Option<SocketAddr>,
     /// [healthzAddress] /healthz address [default: 0.0.0.0:10256].
@@ -392,6 +394,25 @@ mod tests {
         assert_eq!(settings.source, SourceKind::Kubernetes(None));
         assert_eq!(settings.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
         assert!(settings.localhost_node_ports, "kube-proxy's default");
+        assert_eq!(
+            settings.metrics_address,
+            "127.0.0.1:10249".parse().unwrap(),
+            "metrics and drop reports (client addresses) stay on the node, as kube-proxy's"
+        );
+    }
+
+    #[test]
+    fn service_cidrs_come_from_the_file_or_flags() {
+        let file = parse_file(
+            "serviceCIDRs: [10.96.0.0/12, 'fd00:10:96::/112']
+",
+        )
+        .unwrap();
+        let settings = resolve(Args::parse_from(["lb-agent"]), file);
+        assert_eq!(settings.service_cidrs.len(), 2);
+        let args = Args::parse_from(["lb-agent", "--service-cidrs", "10.0.0.0/16"]);
+        let settings = resolve(args, FileConfig::default());
+        assert_eq!(settings.service_cidrs, ["10.0.0.0/16".parse().unwrap()]);
     }
 
     #[test]

@@ -64,6 +64,17 @@ pub enum KernelError {
          it: enter a network namespace with `nsenter --net=/run/netns/NAME` instead"
     )]
     NotBpffs(PathBuf),
+    /// The pin directory is not a directory the agent owns.
+    #[error(
+        "{path} is owned by uid {uid} (or is not a directory): another user could \
+         replace the agent's pins; remove it, or `chown root` and `chmod 700` it"
+    )]
+    PinDirNotOwned {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
     /// The cgroup to attach to is not a cgroup v2 directory.
     #[error(
         "{0} is not a cgroup v2 directory; pass --cgroup a directory under the \

@@ -34,6 +34,32 @@ pub fn prepare(pin_dir: &Path) -> Result<(), KernelError> {
         return Err(KernelError::NotBpffs(pin_dir.to_path_buf()));
     }
     fs::create_dir_all(pin_dir.join("links")).map_err(io_err(pin_dir))?;
+    check_owned(pin_dir)?;
+    check_owned(&pin_dir.join("links"))
+}
+
+/// Checks that the agent owns `dir` and that no one else may write or list
+/// it: on a bpffs mounted world-writable, another user could pre-create the
+/// pin directory or replace pins in it. A directory of ours that is open
+/// to others (an older agent created it 0755) is closed to 0700.
+pub fn check_owned(dir: &Path) -> Result<(), KernelError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io_err = |source| KernelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(io_err)?;
+    let owner = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != owner {
+        return Err(KernelError::PinDirNotOwned {
+            path: dir.to_path_buf(),
+            uid: meta.uid(),
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        info!(dir = %dir.display(), "closed the pin directory to other users (mode 0700)");
+    }
     Ok(())
 }
 
@@ -123,5 +149,40 @@ pub fn remove_stale_maps(pin_dir: &Path) {
                 Err(err) => warn!(pin = %name, error = %err, "cannot remove stale map pin"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn a_pin_directory_of_another_user_is_refused_and_an_open_one_closed() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (it gives a directory to another user); run it as root"
+        );
+        let base = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
+        let (theirs, open) = (base.join("theirs"), base.join("open"));
+        fs::create_dir_all(&theirs).expect("mkdir");
+        fs::create_dir_all(&open).expect("mkdir");
+        std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).expect("chown");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let refused = check_owned(&theirs);
+        let closed = check_owned(&open);
+        let mode = fs::metadata(&open).expect("stat").mode() & 0o777;
+        fs::remove_dir_all(&base).expect("cleanup");
+        assert!(
+            matches!(
+                refused,
+                Err(KernelError::PinDirNotOwned { uid: 65_534, .. })
+            ),
+            "{refused:?}"
+        );
+        assert!(closed.is_ok(), "{closed:?}");
+        assert_eq!(mode, 0o700);
     }
 }

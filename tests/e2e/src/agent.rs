@@ -73,7 +73,13 @@ impl Agent {
         let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
         fs::create_dir_all(&manifests)?;
         let mut command = lab.command_in(node, &bins.agent)?;
-        command.arg("--manifests").arg(&manifests).args(extra);
+        // The lab's probes ask for /metrics from pods: on every address, as
+        // a cluster with Prometheus elsewhere configures it.
+        command
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--metrics-address", "0.0.0.0:10249"])
+            .args(extra);
         Self::spawn(command, lab, bins, node, manifests, Duration::from_secs(20))
     }
 

@@ -2,7 +2,7 @@
 
 use std::{process::Stdio, thread, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_e2e::{
     agent::Agent,
     manifests::{service, slice, Endpoint},
@@ -319,4 +319,74 @@ fn a_start_that_cannot_work_says_why_and_how_to_fix_it() -> Result<()> {
     let _ = std::fs::remove_dir_all(&pins);
     assert!(stderr.contains("is not a cgroup v2 directory"), "{stderr}");
     Ok(())
+}
+
+/// The status code of `GET path` on `address`, from the test's own
+/// network namespace.
+fn status_of(address: &str, path: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status line in {response:?}"))?;
+    Ok(code)
+}
+
+/// kube-proxy's health semantics: with the API server unreachable at start,
+/// the agent is alive (`/livez` 200: restarting it would not help) but not
+/// ready (`/healthz` 503: nothing is programmed yet).
+#[test]
+fn an_agent_started_without_its_api_server_is_alive_but_not_ready() -> Result<()> {
+    lb_e2e::scenario::require_root();
+    let bins = lb_e2e::agent::Binaries::locate()?;
+    let id = std::process::id();
+    let scratch = std::env::temp_dir().join(format!("lb-livez-{id}"));
+    std::fs::create_dir_all(&scratch)?;
+    let kubeconfig = scratch.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n\
+         users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )?;
+    let healthz = format!("127.0.0.1:{}", 20_000 + id % 20_000);
+    let pins = format!("/sys/fs/bpf/lb-livez-{id}");
+    let mut agent = std::process::Command::new(&bins.agent)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--node-name", "node1", "--metrics-address", "127.0.0.1:0"])
+        .args(["--healthz-address", &healthz, "--bpffs-dir", &pins])
+        .args(["--network-policy", "false"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(scratch.join("agent.log"))?)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match (
+                status_of(&healthz, "/livez"),
+                status_of(&healthz, "/healthz"),
+            ) {
+                (Ok(200), Ok(503)) => return Ok(()),
+                other if std::time::Instant::now() > deadline => anyhow::bail!(
+                    "/livez and /healthz answered {other:?}; agent log:\n{}",
+                    std::fs::read_to_string(scratch.join("agent.log")).unwrap_or_default()
+                ),
+                _ => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }
