@@ -156,7 +156,7 @@ map_names! { $
     POLICY = "LB_POLICY_V1";
     /// Flows' verdicts: LRU of [`CtKey`](crate::conntrack::CtKey) ->
     /// [`PolicyCtValue`](crate::policy::PolicyCtValue), two entries per flow.
-    POLICY_CT = "LB_POLCT_V1";
+    POLICY_CT = "LB_POLCT_V2";
     /// The policy revision: array of one
     /// [`PolicyState`](crate::policy::PolicyState).
     POLICY_STATE = "LB_POLSTATE_V1";

@@ -235,10 +235,16 @@ pub struct PolicyCtValue {
     pub dst_identity: u16,
     /// `bpf_ktime_get_boot_ns` of the last packet in either direction.
     pub last_seen_ns: u64,
+    /// For packets going to a pod of this node: the host end of its
+    /// interface, whose peer the packets are handed to, or 0 while not
+    /// known (asked of the FIB again when the entry is refreshed).
+    pub hop_ifindex: u32,
+    /// The Ethernet destination and source addresses for `hop_ifindex`.
+    pub hop_macs: [u8; 12],
 }
-assert_layout!(PolicyCtValue, 24, {
+assert_layout!(PolicyCtValue, 40, {
     revision: 0, ifindex: 4, flags: 8, state: 9, fins: 10, outcome: 11, src_identity: 12,
-    dst_identity: 14, last_seen_ns: 16,
+    dst_identity: 14, last_seen_ns: 16, hop_ifindex: 24, hop_macs: 28,
 });
 
 impl PolicyCtValue {

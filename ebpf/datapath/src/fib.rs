@@ -36,6 +36,7 @@ use lb_common::{
 use crate::{
     maps::{count, POD_INTERFACES},
     parse::ETH_LEN,
+    policy::Verdict,
 };
 
 const AF_INET: u8 = 2;
@@ -107,11 +108,20 @@ fn lookup(ctx: &TcContext, tuple: &CtKey, v4: bool, params: &mut bpf_fib_lookup)
 /// to the destination pod of this node: the peer end of the interface the
 /// FIB routes it to, with the next hop's Ethernet addresses, skipping the
 /// node's routing and the program on that interface (which would only see
-/// the checked mark). `None` when the FIB's answer is not a pod interface
-/// with a known neighbour: the stack delivers the packet then. A call of
-/// its own: its frame is not added to the policy check's.
+/// the checked mark). The flow's policy entry remembers the answer
+/// (`verdict.hop_ifindex`), so later packets skip the FIB. `None` when the
+/// FIB's answer is not a pod interface with a known neighbour: the stack
+/// delivers the packet then. A call of its own: its frame is not added to
+/// the policy check's.
 #[inline(never)]
-pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool) -> Option<i32> {
+pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool, verdict: &Verdict) -> Option<i32> {
+    if verdict.hop_ifindex != 0 {
+        ctx.store(0, &verdict.hop_macs, 0).ok()?;
+        // SAFETY: as below; the remembered interface passed the same check.
+        return Some(redirected(unsafe {
+            bpf_redirect_peer(verdict.hop_ifindex, 0)
+        }));
+    }
     // SAFETY: a plain C struct for which all zeroes is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     if lookup(ctx, tuple, v4, &mut params) != BPF_FIB_LKUP_RET_SUCCESS as i64 {
@@ -126,6 +136,7 @@ pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool) -> Option<i32> {
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
     ctx.store(0, &macs, 0).ok()?;
+    crate::policy::learn_hop(tuple, params.ifindex, &macs);
     // SAFETY: a helper available to tc programs on ingress hooks; the
     // target is an interface the agent found to be a veth or netkit host end.
     Some(redirected(unsafe { bpf_redirect_peer(params.ifindex, 0) }))

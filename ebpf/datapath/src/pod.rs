@@ -180,7 +180,7 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
         .get(0)
         .is_none_or(|config| config.flags & TC_CONFIG_POD_LB != 0);
     if hook == Hook::FromPod && verdict.to_local_pod && !translating {
-        if let Some(redirected) = fib::to_checked_pod(ctx, &pkt.tuple, pkt.v4) {
+        if let Some(redirected) = fib::to_checked_pod(ctx, &pkt.tuple, pkt.v4, &verdict) {
             return redirected;
         }
     }

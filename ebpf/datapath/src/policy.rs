@@ -55,6 +55,11 @@ pub struct Verdict {
     /// Allowed, and the packet goes to a pod of this node whose egress
     /// program need not check it again.
     pub to_local_pod: bool,
+    /// The flow's remembered hand-over to that pod (see
+    /// [`PolicyCtValue::hop_ifindex`]), 0 when not known.
+    pub hop_ifindex: u32,
+    /// The Ethernet addresses for `hop_ifindex`.
+    pub hop_macs: [u8; 12],
 }
 
 impl Verdict {
@@ -73,6 +78,8 @@ impl Verdict {
             dst_identity: 0,
             reply_ifindex: 0,
             to_local_pod: false,
+            hop_ifindex: 0,
+            hop_macs: [0; 12],
         }
     }
 
@@ -181,6 +188,8 @@ fn evaluate(tuple: &CtKey, local: bool) -> Verdict {
         dst_identity: dst_ep.identity,
         reply_ifindex: dst_ep.ifindex,
         to_local_pod: dst_ep.ifindex != 0,
+        hop_ifindex: 0,
+        hop_macs: [0; 12],
     };
     if (src_ep.flags | dst_ep.flags) & ENDPOINT_FAIL_CLOSED != 0 {
         verdict.outcome = Outcome::PolicyFailClosed;
@@ -274,6 +283,8 @@ fn remember(
         src_identity: verdict.src_identity as u16,
         dst_identity: verdict.dst_identity as u16,
         last_seen_ns: now,
+        hop_ifindex: 0,
+        hop_macs: [0; 12],
     };
     value.state = value.step(tuple.proto, tcp_flags).state;
     // A full LRU evicts its oldest entry: that flow is checked again.
@@ -321,11 +332,9 @@ fn recorded_denial(value: &PolicyCtValue) -> Verdict {
         Outcome::PolicyDeniedIngress
     };
     let verdict = Verdict {
-        outcome,
         src_identity: u32::from(value.src_identity),
         dst_identity: u32::from(value.dst_identity),
-        reply_ifindex: 0,
-        to_local_pod: false,
+        ..Verdict::refused(outcome)
     };
     if value.flags & POLICY_CT_REPLY != 0 {
         verdict.reversed()
@@ -368,6 +377,8 @@ pub fn check(tuple: &CtKey, tcp_flags: u8, origin: Origin, now: u64) -> Verdict 
             touch(entry, &value, tuple, tcp_flags, now);
             return Verdict {
                 to_local_pod: value.flags & POLICY_CT_TO_LOCAL_POD != 0,
+                hop_ifindex: value.hop_ifindex,
+                hop_macs: value.hop_macs,
                 ..PASS
             };
         }
@@ -448,10 +459,8 @@ fn touch(entry: *mut PolicyCtValue, seen: &PolicyCtValue, tuple: &CtKey, tcp_fla
         let _ = POLICY_CT.remove(&tuple.reversed());
         return;
     }
-    if step.state == seen.state
-        && step.fins == seen.fins
-        && now.wrapping_sub(seen.last_seen_ns) < REFRESH_INTERVAL_NS
-    {
+    let stale = now.wrapping_sub(seen.last_seen_ns) >= REFRESH_INTERVAL_NS;
+    if step.state == seen.state && step.fins == seen.fins && !stale {
         return;
     }
     let write = |entry: *mut PolicyCtValue| {
@@ -461,11 +470,31 @@ fn touch(entry: *mut PolicyCtValue, seen: &PolicyCtValue, tuple: &CtKey, tcp_fla
             (*entry).last_seen_ns = now;
             (*entry).state = step.state;
             (*entry).fins = step.fins;
+            // A remembered hand-over is asked of the FIB again once a
+            // refresh interval passed (a pod's neighbour entry may change).
+            if stale {
+                (*entry).hop_ifindex = 0;
+            }
         }
     };
     write(entry);
     if let Some(partner) = POLICY_CT.get_ptr_mut(&tuple.reversed()) {
         write(partner);
+    }
+}
+
+/// Remembers on the entry of `tuple` the hand-over the FIB gave for its
+/// packets: the host end `ifindex` of the destination pod's interface and
+/// the Ethernet addresses `macs`.
+#[inline(always)]
+pub fn learn_hop(tuple: &CtKey, ifindex: u32, macs: &[u8; 12]) {
+    if let Some(entry) = POLICY_CT.get_ptr_mut(tuple) {
+        // SAFETY: a pointer from a successful lookup; concurrent packets of
+        // the flow write the same answer with plain stores.
+        unsafe {
+            (*entry).hop_macs = *macs;
+            (*entry).hop_ifindex = ifindex;
+        }
     }
 }
 
