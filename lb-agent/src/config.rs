@@ -80,6 +80,12 @@ pub struct Args {
     /// [default: any address].
     #[arg(long = "service-cidrs", value_delimiter = ',')]
     pub service_cidrs: Vec<IpNetwork>,
+    /// [externalIPCIDRs] The ranges Services' `spec.externalIPs` may use;
+    /// others are reported and not served (anyone who may create a Service
+    /// could otherwise capture traffic to any address, CVE-2020-8554)
+    /// [default: none, as Kubernetes' DenyServiceExternalIPs].
+    #[arg(long = "external-ip-cidrs", value_delimiter = ',')]
+    pub external_ip_cidrs: Vec<IpNetwork>,
     /// [localhostNodePorts] Processes in the node's network namespace also
     /// reach IPv4 NodePorts on 127.0.0.0/8, as with kube-proxy's iptables
     /// mode (socket path only) [default: true].
@@ -167,6 +173,9 @@ pub struct FileConfig {
     /// See [`Args::service_cidrs`].
     #[serde(default, rename = "serviceCIDRs")]
     pub service_cidrs: Vec<IpNetwork>,
+    /// See [`Args::external_ip_cidrs`].
+    #[serde(default, rename = "externalIPCIDRs")]
+    pub external_ip_cidrs: Vec<IpNetwork>,
     /// See [`Args::localhost_node_ports`].
     pub localhost_node_ports: Option<bool>,
     /// See [`Args::socket_lb`].
@@ -224,6 +233,8 @@ pub struct Settings {
     pub node_port_addresses: Vec<IpAddr>,
     /// Service CIDRs YAML-mode clusterIPs must be in; empty: any.
     pub service_cidrs: Vec<IpNetwork>,
+    /// Ranges externalIPs may use; empty: none.
+    pub external_ip_cidrs: Vec<IpNetwork>,
     /// Whether NodePorts also answer on 127.0.0.0/8 in the node's namespace.
     pub localhost_node_ports: bool,
     /// Whether the socket programs are attached.
@@ -314,6 +325,7 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         tc_interfaces: non_empty_or(args.tc_interfaces, file.tc_interfaces),
         node_port_addresses: non_empty_or(args.node_port_addresses, file.node_port_addresses),
         service_cidrs: non_empty_or(args.service_cidrs, file.service_cidrs),
+        external_ip_cidrs: non_empty_or(args.external_ip_cidrs, file.external_ip_cidrs),
         localhost_node_ports: args
             .localhost_node_ports
             .or(file.localhost_node_ports)
@@ -402,14 +414,22 @@ mod tests {
     }
 
     #[test]
-    fn service_cidrs_come_from_the_file_or_flags() {
+    fn service_and_external_ip_cidrs_come_from_the_file_or_flags() {
         let file = parse_file(
-            "serviceCIDRs: [10.96.0.0/12, 'fd00:10:96::/112']
-",
+            "serviceCIDRs: [10.96.0.0/12, 'fd00:10:96::/112']\nexternalIPCIDRs: [192.0.2.0/24]\n",
         )
         .unwrap();
         let settings = resolve(Args::parse_from(["lb-agent"]), file);
         assert_eq!(settings.service_cidrs.len(), 2);
+        assert_eq!(
+            settings.external_ip_cidrs,
+            ["192.0.2.0/24".parse().unwrap()]
+        );
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        assert!(
+            defaults.external_ip_cidrs.is_empty(),
+            "no externalIP is allowed by default"
+        );
         let args = Args::parse_from(["lb-agent", "--service-cidrs", "10.0.0.0/16"]);
         let settings = resolve(args, FileConfig::default());
         assert_eq!(settings.service_cidrs, ["10.0.0.0/16".parse().unwrap()]);

@@ -226,6 +226,7 @@ pub fn run(settings: Settings) -> Result<()> {
         node_port_addresses,
         localhost_node_ports,
         per_packet_cluster_ips: !settings.socket_lb,
+        external_ip_cidrs: settings.external_ip_cidrs.clone(),
     });
     let mut pod_interfaces = PodInterfaces::default();
     let mut opt_out = OptOut::default();

@@ -5,6 +5,7 @@
 
 use std::{fmt, net::IpAddr, sync::Arc};
 
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -89,6 +90,10 @@ pub struct NodeContext {
     /// Also serve ClusterIPs per packet (tc on pod interfaces), for pods
     /// whose sockets are not translated.
     pub per_packet_cluster_ips: bool,
+    /// The ranges `spec.externalIPs` may use; empty: none, as with the
+    /// Kubernetes `DenyServiceExternalIPs` admission plugin (anyone who may
+    /// create a Service could otherwise capture any address, CVE-2020-8554).
+    pub external_ip_cidrs: Vec<IpNetwork>,
 }
 
 /// An object, or part of one, that cannot be programmed; the rest still is.

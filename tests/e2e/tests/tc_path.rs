@@ -61,7 +61,14 @@ fn two_nodes() -> Result<TwoNodes> {
                 &lab,
                 &bins,
                 node,
-                &["--node-name", &node.name, "--tc-interfaces", "eth0"],
+                &[
+                    "--node-name",
+                    &node.name,
+                    "--tc-interfaces",
+                    "eth0",
+                    "--external-ip-cidrs",
+                    "192.0.2.0/24",
+                ],
             )
         })
         .collect::<Result<Vec<_>>>()?;
@@ -236,7 +243,14 @@ fn a_restarted_agent_writes_nothing_when_nothing_changed() -> Result<()> {
         &t.lab,
         &t.bins,
         &t.nodes[0],
-        &["--node-name", "node1", "--tc-interfaces", "eth0"],
+        &[
+            "--node-name",
+            "node1",
+            "--tc-interfaces",
+            "eth0",
+            "--external-ip-cidrs",
+            "192.0.2.0/24",
+        ],
     )?;
     t.agents[0].wait_for_log("reconciled frontends=", Duration::from_secs(10))?;
     let log = t.agents[0].log_text();
@@ -989,5 +1003,54 @@ fn the_nodes_processes_reach_node_ports_on_localhost_and_pods_keep_their_loopbac
             assert_eq!(a.backend.as_deref(), Some("web-1-loopback"), "{proto}");
         }
     }
+    Ok(())
+}
+
+/// CVE-2020-8554: whoever may create a Service must not capture traffic to
+/// an address outside the ranges the operator allows for externalIPs (the
+/// lab allows 192.0.2.0/24): such an address is reported and served
+/// neither to pods and host processes nor from outside. (Loopback and other
+/// special addresses are refused by the YAML source's admission, and by the
+/// compiler for objects from the API: unit tests.)
+#[test]
+fn an_external_ip_outside_the_allowed_ranges_is_not_served() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish(
+        "  externalIPs: [192.0.2.50, 198.51.100.77]\n",
+        &[(0, "node1"), (1, "node2")],
+    )?;
+    for agent in &t.agents {
+        agent.wait_for_log(
+            "object=Service default/web field=spec.externalIPs[1] reason=198.51.100.77 is outside externalIPCIDRs",
+            Duration::from_secs(5),
+        )?;
+        let table = agent.service_list()?;
+        assert!(table.contains("192.0.2.50:80"), "{table}");
+        assert!(!table.contains("198.51.100.77"), "{table}");
+    }
+    // From a pod of the node: the allowed address is translated, the other
+    // is left to the network (no backend answers it).
+    let connect = |target: &str| -> Result<Vec<Attempt>> {
+        let output = t.lab.run_in(
+            &t.web[0],
+            &t.bins.labpod,
+            &[
+                "connect",
+                "--target",
+                target,
+                "--count",
+                "3",
+                "--timeout-ms",
+                "300",
+            ],
+        )?;
+        parse_attempts(&output.stdout)
+    };
+    all_ok(&connect("192.0.2.50:80")?);
+    let captured = connect("198.51.100.77:80")?;
+    assert!(
+        captured.iter().all(|a| !a.ok && a.backend.is_none()),
+        "{captured:?}"
+    );
     Ok(())
 }

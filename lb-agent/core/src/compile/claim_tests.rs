@@ -45,6 +45,7 @@ fn objects(services: &[Sourced<Service>]) -> Objects {
 fn node() -> NodeContext {
     NodeContext {
         node_port_addresses: vec!["192.168.1.10".parse().expect("address")],
+        external_ip_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
         ..NodeContext::default()
     }
 }

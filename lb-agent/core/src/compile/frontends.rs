@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     addr::{addr_from_ip, port_to_be},
+    admission::special_address,
     desired::{Frontend, ServiceHealth},
     intent::Sourced,
 };
@@ -167,12 +168,11 @@ fn external_frontends(
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut addresses: Vec<(IpAddr, Way)> = Vec::new();
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
-        match text.parse::<IpAddr>() {
+        match external_ip(text, locality.external_ip_cidrs) {
             Ok(ip) => addresses.push((ip, Way::NodeOrExternalIp)),
-            Err(_) => output.errors.push(report.error(
-                &format!("spec.externalIPs[{i}]"),
-                format!("{text:?} is not an IP address"),
-            )),
+            Err(reason) => output
+                .errors
+                .push(report.error(&format!("spec.externalIPs[{i}]"), reason)),
         }
     }
     if kind == "LoadBalancer" {
@@ -315,4 +315,23 @@ fn external_frontends(
             frontend_for(*address, port.port, *way);
         }
     }
+}
+
+/// An externalIP the node may serve: an address, not one the API server
+/// refuses (unspecified, loopback, link-local, multicast, or their
+/// IPv4-mapped forms), and inside the allowed `externalIPCIDRs`.
+fn external_ip(text: &str, allowed: &[ipnetwork::IpNetwork]) -> Result<IpAddr, String> {
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IP address"))?;
+    if let Some(kind) = special_address(ip) {
+        return Err(format!("{ip} is a {kind} address; not served"));
+    }
+    if !allowed.iter().any(|cidr| cidr.contains(ip)) {
+        return Err(format!(
+            "{ip} is outside externalIPCIDRs (none are allowed unless set, as with the \
+             DenyServiceExternalIPs admission plugin); not served"
+        ));
+    }
+    Ok(ip)
 }

@@ -16,6 +16,7 @@ pub(super) struct Locality<'a> {
     pub(super) node_port_addresses: &'a [IpAddr],
     pub(super) localhost_node_ports: bool,
     pub(super) per_packet_cluster_ips: bool,
+    pub(super) external_ip_cidrs: &'a [ipnetwork::IpNetwork],
 }
 
 /// UIDs of this node's pods annotated to opt out of socket-level translation.

@@ -29,6 +29,7 @@ fn compile_on(text: &str, node: Option<&str>) -> Compiled {
             node_port_addresses: Vec::new(),
             localhost_node_ports: false,
             per_packet_cluster_ips: false,
+            external_ip_cidrs: Vec::new(),
         },
     )
 }
@@ -369,6 +370,7 @@ fn node_ports_external_ips_and_load_balancer_ips_become_tc_and_local_client_fron
         node_port_addresses: vec![ip("192.168.100.1"), ip("fd00:100::1")],
         localhost_node_ports: true,
         per_packet_cluster_ips: false,
+        external_ip_cidrs: vec!["192.0.2.0/24".parse().expect("cidr")],
     };
     let compiled = compile(&parsed.objects, &node);
     assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
@@ -488,6 +490,7 @@ fn client_ip_affinity_defaults_to_three_hours() {
         node_port_addresses: vec![ip("192.168.100.1")],
         localhost_node_ports: false,
         per_packet_cluster_ips: true,
+        external_ip_cidrs: Vec::new(),
     };
     let compiled = compile(&parsed.objects, &node);
     assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
@@ -541,4 +544,53 @@ fn a_node_being_deleted_is_not_eligible_for_new_traffic() {
     assert!(!eligible(
         "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1733480000', effect: NoSchedule}]\n"
     ));
+}
+
+#[test]
+fn external_ips_are_served_only_inside_the_allowed_ranges_and_never_special_ones() {
+    let text = WEB.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.7, 203.0.113.9, 127.0.0.1, 169.254.169.254, 0.0.0.0, 224.0.0.5, '::ffff:127.0.0.1']\n",
+    );
+    let parsed = parse_documents("test.yaml", &text);
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let served = |allowed: &[&str]| {
+        let node = NodeContext {
+            node_port_addresses: vec![ip("192.168.100.1")],
+            external_ip_cidrs: allowed.iter().map(|c| c.parse().expect("cidr")).collect(),
+            ..NodeContext::default()
+        };
+        let compiled = compile(&parsed.objects, &node);
+        let addresses: std::collections::BTreeSet<IpAddr> = compiled
+            .desired
+            .frontends
+            .keys()
+            .filter(|k| k.scope == SCOPE_TC_EXTERNAL)
+            .map(|k| crate::addr::ip_from_addr(&k.addr))
+            .collect();
+        let fields: Vec<String> = compiled.errors.iter().map(|e| e.field.clone()).collect();
+        (addresses, fields)
+    };
+    let (none, errors) = served(&[]);
+    assert!(none.is_empty(), "none allowed by default: {none:?}");
+    assert_eq!(errors.len(), 7, "{errors:?}");
+    let (some, errors) = served(&["192.0.2.0/24"]);
+    assert_eq!(some.into_iter().collect::<Vec<_>>(), vec![ip("192.0.2.7")]);
+    assert_eq!(errors.len(), 6, "{errors:?}");
+    let (all, errors) = served(&["0.0.0.0/0", "::/0"]);
+    assert_eq!(
+        all.into_iter().collect::<Vec<_>>(),
+        vec![ip("192.0.2.7"), ip("203.0.113.9")],
+        "special addresses are never served"
+    );
+    assert_eq!(
+        errors,
+        [
+            "spec.externalIPs[2]",
+            "spec.externalIPs[3]",
+            "spec.externalIPs[4]",
+            "spec.externalIPs[5]",
+            "spec.externalIPs[6]"
+        ]
+    );
 }
