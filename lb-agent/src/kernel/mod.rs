@@ -105,6 +105,22 @@ pub enum KernelError {
         /// The underlying error.
         source: ProgramError,
     },
+    /// A socket program could not be loaded or attached to its cgroup
+    /// hook; an older kernel lacks the hook.
+    #[error(
+        "program {name}: the kernel refused the cgroup/{name} hook, which needs \
+         Linux {since} or later (this kernel: {running}): {source}"
+    )]
+    Hook {
+        /// Program name, also the hook's.
+        name: &'static str,
+        /// The first kernel release with the hook.
+        since: &'static str,
+        /// The running kernel's release.
+        running: String,
+        /// The underlying error.
+        source: Box<ProgramError>,
+    },
     /// A link could not be taken over or adopted.
     #[error("link {path}: {source}")]
     Link {

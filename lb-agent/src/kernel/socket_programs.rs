@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{links::CgroupAttachMode, CgroupSock, CgroupSockAddr},
+    programs::{links::CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -44,6 +44,32 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 /// `cgroup/sock` programs of the socket object.
 const SOCK_PROGRAMS: [&str; 1] = ["sock_release"];
+
+/// The first Linux release with the cgroup hook of the socket program
+/// `name`.
+fn hook_since(name: &str) -> &'static str {
+    match name {
+        "connect4" | "connect6" => "4.17",
+        "sendmsg4" | "sendmsg6" => "4.18",
+        "recvmsg4" | "recvmsg6" => "5.2",
+        "getpeername4" | "getpeername6" => "5.8",
+        _ => "5.9",
+    }
+}
+
+/// A load or attach failure of the socket program `name`, with the kernel
+/// its hook needs and the running one's release.
+fn hook_error(name: &'static str, source: ProgramError) -> KernelError {
+    let running = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    KernelError::Hook {
+        name,
+        since: hook_since(name),
+        running,
+        source: Box::new(source),
+    }
+}
 
 /// The first `len` counters of a per-CPU array, each summed over CPUs.
 pub(crate) fn counter_sums(
@@ -152,8 +178,10 @@ impl SocketPrograms {
                         .ok_or(KernelError::MissingProgram(name))?
                         .try_into()
                         .map_err(program_err)?;
-                    program.load().map_err(program_err)?;
-                    let link_id = program.attach(&cgroup_file, mode).map_err(program_err)?;
+                    program.load().map_err(|source| hook_error(name, source))?;
+                    let link_id = program
+                        .attach(&cgroup_file, mode)
+                        .map_err(|source| hook_error(name, source))?;
                     let link = program.take_link(link_id).map_err(program_err)?;
                     let link = link.try_into().map_err(link_err(&self.pin_dir, name))?;
                     pins::replace_link(&self.pin_dir, name, link)?;
@@ -240,5 +268,28 @@ impl SocketPrograms {
             .try_fold(0, |n, key| key.map(|_| n + 1))
             .on(maps::OPT_OUT)?;
         self.write_opt_out_count(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_hook_names_the_kernel_it_needs() {
+        let refused = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_prog_load",
+            io_error: std::io::Error::from_raw_os_error(libc::EINVAL),
+        });
+        let message = hook_error("getpeername4", refused).to_string();
+        assert!(
+            message.contains("cgroup/getpeername4 hook, which needs Linux 5.8 or later"),
+            "{message}"
+        );
+        assert!(message.contains("this kernel: "), "{message}");
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(&SOCK_PROGRAMS) {
+            assert!(!hook_since(name).is_empty());
+        }
+        assert_eq!(hook_since("sock_release"), "5.9");
     }
 }
