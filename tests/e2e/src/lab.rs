@@ -613,6 +613,36 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 }
 
 impl Lab {
+    /// Runs `f` on a thread of its own in `place`'s network namespace
+    /// (setns(2) changes the calling thread only); the sockets it makes stay
+    /// in that namespace.
+    fn in_netns<T: Send + 'static>(
+        place: &dyn Place,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let netns = fs::File::open(format!("/var/run/netns/{}", place.netns()))
+            .with_context(|| format!("netns of {}", place.name()))?;
+        std::thread::spawn(move || -> std::io::Result<T> {
+            // SAFETY: setns(2) on a descriptor this closure owns, for this
+            // short-lived thread only; no memory is involved.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in {}'s namespace panicked", place.name()))?
+        .with_context(|| format!("in {}", place.name()))
+    }
+
+    /// Opens a TCP connection from `place`'s network namespace to `target`,
+    /// as a process there would.
+    pub fn tcp_connect_from(&self, place: &dyn Place, target: SocketAddr) -> Result<TcpStream> {
+        Self::in_netns(place, move || {
+            TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
+        })
+    }
+
     /// Makes `target`, an address of this process's own network namespace
     /// (such as the e2e API server on 127.0.0.1 of the root namespace),
     /// reachable from `place`: returns the address of a listener on
@@ -621,21 +651,7 @@ impl Lab {
     /// as a hostNetwork DaemonSet pod does) then reaches the API server as
     /// on a real node. Relays until the lab is dropped.
     pub fn forward_to_root(&self, place: &dyn Place, target: SocketAddr) -> Result<SocketAddr> {
-        let netns = fs::File::open(format!("/var/run/netns/{}", place.netns()))
-            .with_context(|| format!("netns of {}", place.name()))?;
-        // setns(2) changes the calling thread only: bind from a thread of
-        // its own that ends right after; the socket stays in that namespace.
-        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
-            // SAFETY: setns(2) on a descriptor this closure owns, for this
-            // short-lived thread only; no memory is involved.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            TcpListener::bind("127.0.0.1:0")
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the relay's binding thread panicked"))?
-        .with_context(|| format!("listening in {}", place.name()))?;
+        let listener = Self::in_netns(place, || TcpListener::bind("127.0.0.1:0"))?;
         let address = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = self.relays_stop.clone();

@@ -145,6 +145,32 @@ fn health_check_node_port_reports_local_endpoints() -> Result<()> {
         |t| t.contains("default/web:http"),
     )?;
     let url = format!("http://{}:32100/", s.node.ip);
+    // Slow clients on both the probe port and the healthCheckNodePort (a
+    // byte now and then, never a whole request) do not keep either from
+    // answering.
+    let mut slow = Vec::new();
+    for port in [10256, 32100] {
+        let target: std::net::SocketAddr = format!("{}:{port}", s.node.ip).parse()?;
+        for _ in 0..40 {
+            let mut stream = s.lab.tcp_connect_from(&s.client, target)?;
+            std::io::Write::write_all(&mut stream, b"GET / HTTP/1.1\r\n")?;
+            slow.push(stream);
+        }
+    }
+    for _ in 0..3 {
+        for stream in &mut slow {
+            let _ = std::io::Write::write_all(stream, b"X");
+        }
+        let livez = http_get(
+            &s.client.netns,
+            &format!("http://{}:10256/livez", s.node.ip),
+        )?;
+        assert_eq!(livez.0, 200, "{}", livez.1);
+        let (status, body) = http_get(&s.client.netns, &url)?;
+        assert_eq!(status, 200, "{body}");
+        thread::sleep(Duration::from_millis(700));
+    }
+    drop(slow);
     let (status, body) = http_get(&s.client.netns, &url)?;
     assert_eq!(status, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body)?;
