@@ -383,7 +383,10 @@ fn an_agent_started_without_its_api_server_is_alive_but_not_ready() -> Result<()
         "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n\
          users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
     )?;
-    let healthz = format!("127.0.0.1:{}", 20_000 + id % 20_000);
+    // A port free right now (the kernel's pick), for the agent to bind.
+    let healthz = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
     let pins = format!("/sys/fs/bpf/lb-livez-{id}");
     let mut agent = std::process::Command::new(&bins.agent)
         .arg("--kubeconfig")
