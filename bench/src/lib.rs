@@ -7,6 +7,7 @@
     reason = "sched_setaffinity, clock_gettime and setns in the benchmark harness"
 )]
 
+pub mod control_plane;
 pub mod crr;
 pub mod driver;
 pub mod kubeproxy;

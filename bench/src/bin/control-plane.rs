@@ -18,9 +18,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_agent::{
     kernel::{socket_programs::SocketPrograms, AyaServiceMaps},
-    reconcile::Reconciler,
+    reconcile::{Reconciled, Reconciler},
     sources::files::ManifestDir,
 };
+use lb_bench::control_plane::{percentile, publish, rss_mib};
 use lb_core::{
     admission::AdmissionRules,
     compile::Compiler,
@@ -68,21 +69,6 @@ fn manifest(i: usize, endpoints: usize) -> String {
     text
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-cp-{}", std::process::id()));
@@ -95,11 +81,44 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&yaml_pins);
     let _ = std::fs::remove_dir_all(&yaml_dir);
     report.push_str(&result?);
-    print!("{report}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &report)?;
-    }
+    publish(&report, args.out.as_deref())?;
     Ok(())
+}
+
+/// The socket path's maps with a compiler and a reconciler in front, as
+/// the agent drives them (no programs attached).
+struct Stand {
+    _programs: SocketPrograms,
+    maps: AyaServiceMaps,
+    reconciler: Reconciler,
+    compiler: Compiler,
+}
+
+impl Stand {
+    fn load(pin_dir: &std::path::Path) -> Result<Self> {
+        let (programs, socket_maps) =
+            SocketPrograms::load(pin_dir).context("needs root and bpffs")?;
+        let maps = AyaServiceMaps::new(socket_maps, None);
+        let reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
+        Ok(Self {
+            _programs: programs,
+            maps,
+            reconciler,
+            compiler: Compiler::new(NodeContext::default()),
+        })
+    }
+
+    /// Compiles `objects` and programs the result; returns the time the
+    /// compiler took and the pass's outcome.
+    fn apply(&mut self, objects: &Objects) -> (Duration, Reconciled) {
+        let started = Instant::now();
+        let update = self.compiler.update(objects);
+        let compiled = started.elapsed();
+        let outcome =
+            self.reconciler
+                .reconcile(&mut self.maps, self.compiler.desired(), &update.changed);
+        (compiled, outcome)
+    }
 }
 
 fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
@@ -109,15 +128,10 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
     let mut objects: Objects = parsed.objects;
     let parse_time = parse_started.elapsed();
 
-    let (_programs, socket_maps) = SocketPrograms::load(pin_dir).context("needs root and bpffs")?;
-    let mut maps = AyaServiceMaps::new(socket_maps, None);
-    let mut reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
-    let mut compiler = Compiler::new(NodeContext::default());
+    let mut stand = Stand::load(pin_dir)?;
 
     let cold_started = Instant::now();
-    let update = compiler.update(&objects);
-    let compile_time = cold_started.elapsed();
-    let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+    let (compile_time, outcome) = stand.apply(&objects);
     let cold = cold_started.elapsed();
     anyhow::ensure!(outcome.errors.is_empty(), "{:?}", outcome.errors);
     anyhow::ensure!(
@@ -136,9 +150,8 @@ fn run(args: &Args, pin_dir: &std::path::Path) -> Result<String> {
         endpoint.addresses[0] = format!("10.99.{}.{}", change / 250 % 250, change % 250 + 1);
         slice.object = Arc::new(updated);
         let started = Instant::now();
-        let update = compiler.update(&objects);
-        compile_latencies.push(started.elapsed());
-        let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+        let (compile_time, outcome) = stand.apply(&objects);
+        compile_latencies.push(compile_time);
         latencies.push(started.elapsed());
         anyhow::ensure!(
             outcome.errors.is_empty() && outcome.writes > 0,
@@ -198,18 +211,14 @@ fn run_yaml(args: &Args, pin_dir: &std::path::Path, dir: &std::path::Path) -> Re
             manifest(i, args.endpoints),
         )?;
     }
-    let (_programs, socket_maps) = SocketPrograms::load(pin_dir).context("needs root and bpffs")?;
-    let mut maps = AyaServiceMaps::new(socket_maps, None);
-    let mut reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
-    let mut compiler = Compiler::new(NodeContext::default());
+    let mut stand = Stand::load(pin_dir)?;
     let mut source = ManifestDir::new(dir.to_owned(), AdmissionRules::default());
 
     let cold_started = Instant::now();
     source.refresh()?;
     let snapshot = source.snapshot();
     anyhow::ensure!(snapshot.errors.is_empty(), "{:?}", snapshot.errors.first());
-    let update = compiler.update(&snapshot.objects);
-    let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+    let (_, outcome) = stand.apply(&snapshot.objects);
     let cold = cold_started.elapsed();
     anyhow::ensure!(
         outcome.frontends == args.services,
@@ -236,9 +245,7 @@ fn run_yaml(args: &Args, pin_dir: &std::path::Path, dir: &std::path::Path) -> Re
         std::fs::write(&staging, text)?;
         std::fs::rename(&staging, &path)?;
         anyhow::ensure!(source.refresh()?, "the change was not seen");
-        let snapshot = source.snapshot();
-        let update = compiler.update(&snapshot.objects);
-        let outcome = reconciler.reconcile(&mut maps, compiler.desired(), &update.changed);
+        let (_, outcome) = stand.apply(&source.snapshot().objects);
         latencies.push(started.elapsed());
         anyhow::ensure!(
             outcome.errors.is_empty() && outcome.writes > 0,

@@ -10,7 +10,7 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{ensure, Context, Result};
@@ -19,6 +19,7 @@ use lb_agent::{
     kernel::tc_programs::{TcOptions, TcPrograms},
     policy_reconcile::PolicyReconciler,
 };
+use lb_bench::control_plane::{percentile, publish, rss_mib};
 use lb_bench::policy_objects::Synthetic;
 use lb_core::{intent::Objects, yaml::parse_documents};
 use lb_policy::{
@@ -46,31 +47,13 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbbench-pcp-{}", std::process::id()));
     let result = run(&args, &pin_dir);
     let _ = std::fs::remove_dir_all(&pin_dir);
     let report = result?;
-    print!("{report}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &report)?;
-    }
+    publish(&report, args.out.as_deref())?;
     Ok(())
 }
 
