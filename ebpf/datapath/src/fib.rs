@@ -104,6 +104,16 @@ fn lookup(ctx: &TcContext, tuple: &CtKey, v4: bool, params: &mut bpf_fib_lookup)
     }
 }
 
+/// The Ethernet header's addresses for the next hop a lookup found:
+/// destination then source, as they sit in the frame.
+#[inline(always)]
+fn next_hop_macs(params: &bpf_fib_lookup) -> [u8; 12] {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    macs
+}
+
 /// Hands a packet whose policy was checked for both of its pods straight
 /// to the destination pod of this node: the peer end of the interface the
 /// FIB routes it to, with the next hop's Ethernet addresses, skipping the
@@ -132,9 +142,7 @@ pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool, verdict: &Verdic
     if interface & POD_INTERFACE_PEER == 0 {
         return None;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
+    let macs = next_hop_macs(&params);
     ctx.store(0, &macs, 0).ok()?;
     crate::policy::learn_hop(tuple, params.ifindex, &macs);
     // SAFETY: a helper available to tc programs on ingress hooks; the
@@ -151,9 +159,7 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) ->
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let ret = lookup(ctx, tuple, v4, &mut params);
     if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&params.dmac);
-        macs[6..].copy_from_slice(&params.smac);
+        let macs = next_hop_macs(&params);
         // SAFETY: copied out at once.
         let interface = unsafe { POD_INTERFACES.get(&params.ifindex) }.copied();
         let hop = if interface.is_some_and(|flags| flags & POD_INTERFACE_PEER != 0) {

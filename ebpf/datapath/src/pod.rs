@@ -88,14 +88,14 @@ fn take_mark(ctx: &TcContext, bit: u32) -> bool {
     true
 }
 
-/// Marks a packet whose policy was checked for both of its pods, when the
-/// destination is a pod of this node whose program would check it again.
+/// Marks a packet whose policy was checked for both of its pods with the
+/// policy mark `bit` (0: none), when the destination is a pod of this node
+/// whose program would check it again.
 #[inline(always)]
-fn mark_checked(ctx: &TcContext, hook: Hook, verdict: &Verdict) {
+fn mark_checked(ctx: &TcContext, hook: Hook, verdict: &Verdict, bit: u32) {
     if hook != Hook::FromPod || !verdict.to_local_pod {
         return;
     }
-    let bit = CONFIG.get(0).map_or(0, |config| config.policy_mark);
     if bit != 0 {
         // SAFETY: as in `take_mark`.
         unsafe { (*ctx.skb.skb).mark |= bit };
@@ -126,7 +126,9 @@ fn police_translated(
         refuse(&verdict, &pods_side);
         return false;
     }
-    mark_checked(ctx, hook, &verdict);
+    // Its five arguments are the most a call may have: the mark is read here.
+    let bit = CONFIG.get(0).map_or(0, |config| config.policy_mark);
+    mark_checked(ctx, hook, &verdict, bit);
     true
 }
 
@@ -155,7 +157,9 @@ pub fn origin(ctx: &TcContext, hook: Hook) -> Origin {
     }
 }
 
-/// Policy for a packet the service path does not translate here.
+/// Policy for a packet the service path does not translate here. (The
+/// configuration is read once more here: passed in from [`handle`], it made
+/// the verifier's combined stack of this call chain too large.)
 #[inline(never)]
 fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
     if !pkt.ports_known {
@@ -176,15 +180,14 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
     }
     // Straight to the destination pod, unless its program may have a reply
     // to translate back (per-packet ClusterIPs).
-    let translating = CONFIG
-        .get(0)
-        .is_none_or(|config| config.flags & TC_CONFIG_POD_LB != 0);
+    let config = CONFIG.get(0).copied().unwrap_or(NO_CONFIG);
+    let translating = config.flags & TC_CONFIG_POD_LB != 0;
     if hook == Hook::FromPod && verdict.to_local_pod && !translating {
         if let Some(redirected) = fib::to_checked_pod(ctx, &pkt.tuple, pkt.v4, &verdict) {
             return redirected;
         }
     }
-    mark_checked(ctx, hook, &verdict);
+    mark_checked(ctx, hook, &verdict, config.policy_mark);
     TC_ACT_OK
 }
 
