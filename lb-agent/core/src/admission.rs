@@ -20,6 +20,7 @@ use k8s_openapi::{
 };
 
 use crate::{
+    compile::Reporter,
     intent::{ObjectError, Sourced},
     yaml::Parsed,
 };
@@ -52,35 +53,24 @@ pub fn admit(parsed: &mut Parsed, rules: &AdmissionRules) {
 
 /// Collects the violations of one object.
 struct Violations<'a> {
-    origin: &'a str,
-    object: String,
+    report: Reporter<'a>,
     found: Vec<ObjectError>,
 }
 
 impl<'a> Violations<'a> {
     fn new(origin: &'a str, kind: &str, meta: &ObjectMeta) -> Self {
-        let namespace = meta.namespace.as_deref().unwrap_or("default");
-        let object = match &meta.name {
-            Some(name) => format!("{kind} {namespace}/{name}"),
-            None => format!("{kind} (unnamed)"),
-        };
         Self {
-            origin,
-            object,
+            report: Reporter::new(origin, kind, meta),
             found: Vec::new(),
         }
     }
 
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.found.push(ObjectError {
-            origin: self.origin.to_owned(),
-            object: self.object.clone(),
-            field: field.into(),
-            reason: format!(
-                "{}; the API server rejects this object, so none of it is programmed",
-                reason.into()
-            ),
-        });
+        let reason = format!(
+            "{}; the API server rejects this object, so none of it is programmed",
+            reason.into()
+        );
+        self.found.push(self.report.error(&field.into(), reason));
     }
 
     /// `metadata.name` (checked by `name_rule`) and `metadata.namespace`.

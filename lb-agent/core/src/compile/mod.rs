@@ -26,13 +26,13 @@ use k8s_openapi::{
 use lb_common::{net::Addr, service::ServiceKey};
 use rustc_hash::FxHashMap;
 
+pub(crate) use validation::Reporter;
 pub use validation::DEFAULT_AFFINITY_TIMEOUT_S;
 
 use self::{
     endpoints::{borrowed_slice_service, slice_service},
     frontends::compile_service,
     node::{node_eligible, node_zone, opted_out_pods, Locality},
-    validation::Reporter,
 };
 use crate::{
     desired::{DesiredState, Frontend, ServiceHealth},
@@ -400,7 +400,14 @@ impl Compiler {
     /// Withdraws one claim of `index`; when it was the owner, the best of
     /// the remaining claimants takes over.
     fn release(&mut self, what: Claimed, index: u32, changed: &mut BTreeSet<ServiceKey>) {
-        let claimants = self.claimants(what);
+        let entries = &self.entries;
+        let claimants = match what {
+            Claimed::Frontend(key) => self.claims.get_mut(&key),
+            Claimed::HealthPort(port) => self.health_claims.get_mut(&port),
+        };
+        let Some(claimants) = claimants else {
+            return;
+        };
         let Some(position) = claimants.iter().position(|c| *c == index) else {
             return;
         };
@@ -411,26 +418,15 @@ impl Compiler {
         if position != 0 {
             return;
         }
-        let entries = &self.entries;
-        let claimants = match what {
-            Claimed::Frontend(key) => self.claims.get_mut(&key),
-            Claimed::HealthPort(port) => self.health_claims.get_mut(&port),
-        };
-        if let Some(claimants) = claimants {
-            if let Some(best) = (0..claimants.len()).min_by(|a, b| {
-                claim_rank(entries, claimants[*a], what).cmp(&claim_rank(
-                    entries,
-                    claimants[*b],
-                    what,
-                ))
-            }) {
-                claimants.swap(0, best);
-            }
+        let rank = |i: &usize| claim_rank(entries, claimants[*i], what);
+        if let Some(best) = (0..claimants.len()).min_by(|a, b| rank(a).cmp(&rank(b))) {
+            claimants.swap(0, best);
         }
         self.program(what, changed);
     }
 
-    /// The claimants of `what`, created empty when there are none.
+    /// The claimants of `what`, created empty when there are none (only a
+    /// new claim creates them; a release never does).
     fn claimants(&mut self, what: Claimed) -> &mut Vec<u32> {
         match what {
             Claimed::Frontend(key) => self.claims.entry(key).or_default(),

@@ -202,14 +202,14 @@ pub(super) fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
 }
 
 /// Builds [`ObjectError`]s for one object.
-pub(super) struct Reporter<'a> {
+pub(crate) struct Reporter<'a> {
     origin: &'a str,
     object: String,
     identity: Option<ServiceId>,
 }
 
 impl<'a> Reporter<'a> {
-    pub(super) fn new(origin: &'a str, kind: &str, meta: &ObjectMeta) -> Self {
+    pub(crate) fn new(origin: &'a str, kind: &str, meta: &ObjectMeta) -> Self {
         let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
         let identity = meta.name.clone().map(|name| (namespace.clone(), name));
         let object = match &identity {
@@ -223,7 +223,7 @@ impl<'a> Reporter<'a> {
         }
     }
 
-    pub(super) fn error(&self, field: &str, reason: impl Into<String>) -> ObjectError {
+    pub(crate) fn error(&self, field: &str, reason: impl Into<String>) -> ObjectError {
         ObjectError {
             origin: self.origin.to_string(),
             object: self.object.clone(),
