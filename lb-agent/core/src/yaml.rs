@@ -14,6 +14,9 @@ pub struct Parsed {
     pub objects: Objects,
     /// Documents or objects that were skipped, with the reason.
     pub errors: Vec<ObjectError>,
+    /// The text as a whole could not be read (a YAML syntax error): no
+    /// object of it is known, not even which documents it held.
+    pub unusable: bool,
 }
 
 impl Parsed {
@@ -21,6 +24,7 @@ impl Parsed {
     pub fn extend(&mut self, other: Parsed) {
         self.objects.extend(other.objects);
         self.errors.extend(other.errors);
+        self.unusable |= other.unusable;
     }
 }
 
@@ -51,6 +55,7 @@ pub fn parse_documents(origin: &str, text: &str) -> Parsed {
             parsed
                 .errors
                 .push(document_error(origin, 0, "", err.to_string()));
+            parsed.unusable = true;
             return parsed;
         }
     };
@@ -239,6 +244,7 @@ spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
     fn a_syntax_error_is_reported_with_the_file() {
         let parsed = parse_documents("broken.yaml", "kind: Service\nmetadata: {name: [\n");
         assert!(parsed.objects.services.is_empty());
+        assert!(parsed.unusable);
         assert_eq!(parsed.errors.len(), 1);
         assert_eq!(parsed.errors[0].origin, "broken.yaml");
     }

@@ -88,8 +88,8 @@ impl ManifestDir {
 
     /// Re-reads the files that changed or appeared and forgets those that
     /// went; returns whether any did. A directory that cannot be listed is
-    /// an error and changes nothing; a file that cannot be read is reported
-    /// in its place.
+    /// an error and changes nothing; a file that cannot be read or parsed is
+    /// reported, and keeps the objects it last held when it was good.
     pub fn refresh(&mut self) -> io::Result<bool> {
         let present = manifest_files(&self.dir)?;
         let before = self.files.len();
@@ -100,7 +100,20 @@ impl ManifestDir {
                 continue;
             }
             changed = true;
-            let parsed = self.read(&path);
+            let mut parsed = self.read(&path);
+            if parsed.unusable {
+                if let Some(last_good) = self.files.get(&path) {
+                    // A half-saved edit or a stray tab must not withdraw
+                    // every Service of the file: its last good objects stay
+                    // programmed and the error is reported until it is fixed.
+                    parsed.objects = last_good.parsed.objects.clone();
+                    for error in &mut parsed.errors {
+                        error
+                            .reason
+                            .push_str("; keeping the file's last good objects");
+                    }
+                }
+            }
             self.files.insert(path, ManifestFile { stamp, parsed });
         }
         Ok(changed)
@@ -121,6 +134,7 @@ impl ManifestDir {
                     field: ".".into(),
                     reason: format!("unreadable: {err}"),
                 }],
+                unusable: true,
                 ..Parsed::default()
             },
         }
@@ -243,6 +257,46 @@ mod tests {
         assert_eq!(
             third.objects.services[0].object.metadata.name.as_deref(),
             Some("b")
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_the_files_last_good_objects() {
+        let dir = scratch("syntax");
+        let path = dir.join("a.yaml");
+        fs::write(&path, SERVICE_A).expect("write");
+        let mut manifests = ManifestDir::new(dir.clone(), AdmissionRules::default());
+        manifests.refresh().expect("refresh");
+
+        fs::write(
+            &path,
+            format!("{SERVICE_A}---\nkind: Service\nmetadata: {{name: [\n"),
+        )
+        .expect("write");
+        assert!(manifests.refresh().expect("refresh"));
+        let broken = manifests.snapshot();
+        assert_eq!(broken.objects.services.len(), 1, "a.yaml's Service stays");
+        assert_eq!(broken.errors.len(), 1, "{:?}", broken.errors);
+        assert!(broken.errors[0].origin.ends_with("a.yaml"));
+        assert!(
+            broken.errors[0].reason.contains("last good"),
+            "{}",
+            broken.errors[0].reason
+        );
+        assert!(!manifests.refresh().expect("refresh"), "not parsed again");
+
+        fs::write(&path, SERVICE_A.replace("10.0.0.1", "10.0.0.9")).expect("write");
+        manifests.refresh().expect("refresh");
+        let fixed = manifests.snapshot();
+        fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(fixed.errors.is_empty(), "{:?}", fixed.errors);
+        assert_eq!(
+            fixed.objects.services[0]
+                .object
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.as_deref()),
+            Some("10.0.0.9")
         );
     }
 
