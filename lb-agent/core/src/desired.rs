@@ -5,12 +5,18 @@ use std::{collections::BTreeMap, net::IpAddr};
 use lb_common::service::{Backend, ServiceKey};
 
 /// One frontend to program: a (VIP, port, protocol) and its chosen backends.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
     /// Display name, `namespace/name:port-name` (or `namespace/name` for an unnamed port).
     pub name: String,
-    /// Backends in a stable order, without duplicates.
+    /// Backends in a stable order, without duplicates: where new
+    /// connections go.
     pub backends: Vec<Backend>,
+    /// Backends whose endpoints are still listed but no longer chosen
+    /// (terminating or not ready), sorted: kept in the backend map so that
+    /// their established tc-path flows finish where they started; never
+    /// given a new flow.
+    pub draining: Vec<Backend>,
     /// `SERVICE_FLAG_*` bits.
     pub flags: u32,
     /// ClientIP affinity timeout in seconds (with `SERVICE_FLAG_AFFINITY`).

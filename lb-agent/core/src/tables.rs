@@ -226,9 +226,7 @@ mod tests {
                 Frontend {
                     name: "default/web:http".into(),
                     backends,
-                    flags: 0,
-                    affinity_timeout_s: 0,
-                    source_ranges: Vec::new(),
+                    ..Frontend::default()
                 },
             )]
             .into(),

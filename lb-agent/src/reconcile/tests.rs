@@ -58,9 +58,7 @@ fn frontend(backends: &[u8]) -> Frontend {
     Frontend {
         name: "default/svc".into(),
         backends: backends.iter().map(|b| backend(*b)).collect(),
-        flags: 0,
-        affinity_timeout_s: 0,
-        source_ranges: Vec::new(),
+        ..Frontend::default()
     }
 }
 

@@ -86,6 +86,15 @@ impl TwoNodes {
     /// Writes a NodePort Service (TCP and UDP on nodePort 30080) to every
     /// agent, with `endpoints` (web index, node), and waits until programmed.
     fn publish(&self, extra_spec: &str, endpoints: &[(usize, &str)]) -> Result<()> {
+        let eps: Vec<Endpoint> = endpoints
+            .iter()
+            .map(|(i, node)| Endpoint::ready(&self.web[*i].ip).on(node))
+            .collect();
+        self.publish_endpoints(extra_spec, &eps)
+    }
+
+    /// As [`publish`](Self::publish), with endpoints in any condition.
+    fn publish_endpoints(&self, extra_spec: &str, eps: &[Endpoint]) -> Result<()> {
         let svc = service(
             "web",
             "10.96.0.10",
@@ -99,17 +108,13 @@ impl TwoNodes {
             "    targetPort: 8080\n",
             "    targetPort: 8080\n    nodePort: 30080\n",
         );
-        let eps: Vec<Endpoint> = endpoints
-            .iter()
-            .map(|(i, node)| Endpoint::ready(&self.web[*i].ip).on(node))
-            .collect();
         let text = format!(
             "{svc}---\n{}",
             slice(
                 "web",
                 "web-a",
                 &[("tcp", 8080, "TCP"), ("udp", 8080, "UDP")],
-                &eps
+                eps
             )
         );
         self.publish_text(&text, ":30080/UDP (external)")
@@ -318,7 +323,22 @@ fn established_connections_survive_other_backends_changing() -> Result<()> {
     )?;
     t.web.push(extra);
     t.publish("", &[(0, "node1"), (1, "node2")])?;
-    let held: Vec<_> = (0..8)
+    let held = hold_connections(&t, 8, 2500)?;
+    std::thread::sleep(Duration::from_millis(700));
+    t.publish("", &[(0, "node1"), (1, "node2"), (2, "node1")])?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    for child in held {
+        let attempts = parse_attempts(&child.wait_with_output()?.stdout)?;
+        all_ok(&attempts);
+        assert_ne!(attempts[0].backend.as_deref(), Some("web-3"));
+    }
+    Ok(())
+}
+
+/// Holds `count` connections to the NodePorts (alternating nodes); each
+/// answers once, waits `hold_ms`, then must echo a byte on the same backend.
+fn hold_connections(t: &TwoNodes, count: usize, hold_ms: u64) -> Result<Vec<std::process::Child>> {
+    (0..count)
         .map(|i| {
             let target = format!("{}:30080", NODE_IPS[i % 2]);
             t.lab
@@ -328,22 +348,68 @@ fn established_connections_survive_other_backends_changing() -> Result<()> {
                     "--target",
                     &target,
                     "--hold-ms",
-                    "2500",
+                    &hold_ms.to_string(),
                     "--timeout-ms",
-                    "5000",
+                    "3000",
                 ])
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .map_err(anyhow::Error::from)
         })
-        .collect::<Result<_>>()?;
-    std::thread::sleep(Duration::from_millis(700));
-    t.publish("", &[(0, "node1"), (1, "node2"), (2, "node1")])?;
+        .collect()
+}
+
+/// kube-proxy keeps the conntrack entries of a terminating endpoint, so a
+/// rolling update does not reset long-lived connections (issue 22, item 3):
+/// a NodePort connection whose pod starts terminating keeps working on that
+/// pod while new connections go to the ready one, and ends only once the
+/// endpoint leaves the slice.
+#[test]
+fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<()> {
+    let mut t = two_nodes()?;
+    let node1 = t.nodes[0].clone();
+    let extra = t.lab.add_pod(&node1, "web-3")?;
+    t.lab.spawn_server(
+        &extra,
+        &t.bins.labpod,
+        &["serve", "--name", "web-3", "--tcp", "8080", "--udp", "8080"],
+    )?;
+    t.web.push(extra);
     t.publish("", &[(0, "node1"), (1, "node2")])?;
-    for child in held {
+    let survivors = hold_connections(&t, 8, 2500)?;
+    let ended = hold_connections(&t, 8, 6000)?;
+    std::thread::sleep(Duration::from_millis(700));
+
+    // Rolling update: web-1 and web-2 terminate, web-3 is ready.
+    let (old1, old2, new) = (&t.web[0].ip, &t.web[1].ip, &t.web[2].ip);
+    t.publish_endpoints(
+        "",
+        &[
+            Endpoint::terminating(old1).on("node1"),
+            Endpoint::terminating(old2).on("node2"),
+            Endpoint::ready(new).on("node1"),
+        ],
+    )?;
+    let fresh = t.connect(&format!("{}:30080", NODE_IPS[1]), &["--count", "4"])?;
+    all_ok(&fresh);
+    assert!(
+        fresh.iter().all(|a| a.backend.as_deref() == Some("web-3")),
+        "new connections go to the ready endpoint only: {fresh:?}"
+    );
+    for child in survivors {
         let attempts = parse_attempts(&child.wait_with_output()?.stdout)?;
         all_ok(&attempts);
         assert_ne!(attempts[0].backend.as_deref(), Some("web-3"));
+    }
+
+    // The terminating endpoints leave the slice: their connections end.
+    t.publish_endpoints("", &[Endpoint::ready(new).on("node1")])?;
+    for child in ended {
+        let attempts = parse_attempts(&child.wait_with_output()?.stdout)?;
+        assert!(
+            attempts.iter().all(|a| !a.ok),
+            "a connection outlived its endpoint: {attempts:?}"
+        );
     }
     Ok(())
 }

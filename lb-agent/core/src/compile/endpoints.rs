@@ -163,6 +163,17 @@ fn slice_ports(
     Some(out)
 }
 
+/// The backends of one frontend: those new connections go to, and those
+/// only their existing connections keep.
+pub(super) struct Selected {
+    /// kube-proxy's choice, for new connections.
+    pub(super) backends: Vec<Backend>,
+    /// The other endpoints still listed for the port (terminating or not
+    /// ready): their established flows on the tc path carry on, as
+    /// kube-proxy's conntrack entries do, until they leave the slice.
+    pub(super) draining: Vec<Backend>,
+}
+
 /// kube-proxy's choice (pkg/proxy/topology.go): ready endpoints, narrowed to
 /// this node's under a Local internal traffic policy, or to this zone's when
 /// topology hints apply; when none is ready, the ones still serving while
@@ -173,7 +184,7 @@ pub(super) fn select_backends(
     port: &PortSpec,
     local_only: bool,
     locality: &Locality<'_>,
-) -> Vec<Backend> {
+) -> Selected {
     let candidates: Vec<(&EndpointSpec, u16)> = endpoints
         .iter()
         .filter(|ep| ep.ip.is_ipv4() == frontend_ip.is_ipv4())
@@ -200,7 +211,11 @@ pub(super) fn select_backends(
     if chosen.is_empty() {
         chosen = pick(&|ep| ep.serving && ep.terminating);
     }
-    chosen.into_iter().collect()
+    let draining = pick(&|_| true).difference(&chosen).copied().collect();
+    Selected {
+        backends: chosen.into_iter().collect(),
+        draining,
+    }
 }
 
 pub(super) fn is_local(ep: &EndpointSpec, locality: &Locality<'_>) -> bool {

@@ -16,7 +16,7 @@ use lb_common::service::{
 };
 
 use super::{
-    endpoints::{is_local, select_backends, slice_endpoints, EndpointSpec},
+    endpoints::{is_local, select_backends, slice_endpoints, EndpointSpec, Selected},
     node::Locality,
     validation::{
         cluster_ips, health_check_port, is_proxied, parse_cidr, service_options, service_ports,
@@ -82,7 +82,8 @@ pub(super) fn compile_service(
                 Some(port_name) => format!("{}/{}:{}", id.0, id.1, port_name),
                 None => format!("{}/{}", id.0, id.1),
             };
-            let backends = select_backends(&endpoints, ip, port, options.internal_local, locality);
+            let Selected { backends, draining } =
+                select_backends(&endpoints, ip, port, options.internal_local, locality);
             let mut flags = 0;
             if options.affinity_timeout_s.is_some() {
                 flags |= SERVICE_FLAG_AFFINITY;
@@ -93,6 +94,7 @@ pub(super) fn compile_service(
             let frontend = Frontend {
                 name,
                 backends,
+                draining,
                 flags,
                 affinity_timeout_s: options.affinity_timeout_s.unwrap_or(0),
                 source_ranges: Vec::new(),
@@ -221,7 +223,8 @@ fn external_frontends(
                 return;
             }
             let lb = way == Way::LoadBalancer;
-            let backends = select_backends(endpoints, &ip, port, local, locality);
+            let Selected { backends, draining } =
+                select_backends(endpoints, &ip, port, local, locality);
             let source_ranges: Vec<(IpAddr, u8)> = if lb {
                 ranges
                     .iter()
@@ -258,7 +261,8 @@ fn external_frontends(
             // hole on a node without endpoints). A source-ranged LoadBalancer
             // IP is left to the network path, where the ranges are checked.
             if !lb || ranges.is_empty() {
-                let backends = select_backends(endpoints, &ip, port, false, locality);
+                let Selected { backends, draining } =
+                    select_backends(endpoints, &ip, port, false, locality);
                 let flags = flags & SERVICE_FLAG_AFFINITY;
                 output.frontends.push((
                     ServiceKey {
@@ -268,6 +272,7 @@ fn external_frontends(
                     Frontend {
                         name: name.clone(),
                         backends,
+                        draining,
                         flags,
                         affinity_timeout_s: affinity_timeout_s.unwrap_or(0),
                         source_ranges: Vec::new(),
@@ -282,6 +287,7 @@ fn external_frontends(
                 Frontend {
                     name: name.clone(),
                     backends,
+                    draining,
                     flags,
                     affinity_timeout_s: affinity_timeout_s.unwrap_or(0),
                     source_ranges,

@@ -110,6 +110,27 @@ fn terminating_serving_endpoints_are_used_only_when_none_is_ready() {
 }
 
 #[test]
+fn endpoints_listed_but_not_chosen_drain() {
+    let compiled = compile_yaml(WEB);
+    let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+    let draining: Vec<IpAddr> = http
+        .draining
+        .iter()
+        .map(|b| crate::addr::ip_from_addr(&b.addr))
+        .collect();
+    assert_eq!(draining, ["10.0.0.3".parse::<IpAddr>().unwrap()]);
+    assert_eq!(u16::from_be(http.draining[0].port), 8080);
+    // Once the terminating pod left the slice, nothing drains.
+    let gone = WEB.replace(
+        "- addresses: [10.0.0.3]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+        "",
+    );
+    let compiled = compile_yaml(&gone);
+    let http = &compiled.desired.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
+    assert!(http.draining.is_empty());
+}
+
+#[test]
 fn service_without_endpoints_is_a_frontend_with_no_backends() {
     let text = WEB.split("---").next().unwrap();
     let compiled = compile_yaml(text);

@@ -71,6 +71,11 @@ pub struct AppliedFrontend {
     pub affinity_timeout_s: u32,
     /// Source ranges written for it (tc frontends).
     pub source_ranges: Vec<(IpAddr, u8)>,
+    /// Backends kept in the backend map for the frontend's established
+    /// flows (its desired `draining` backends that were in the map), in no
+    /// slot or table. Not stored in the maps: a restart finds them among
+    /// the backends nothing refers to, and the first plan claims them.
+    pub draining: Vec<Backend>,
     /// False when a dump found slots, backends or table entries missing, or
     /// a table other than the one its backends give: rewrite it.
     pub complete: bool,
@@ -118,6 +123,10 @@ pub struct Applied {
     pub(super) wrapped: bool,
     /// Deletions owed for entries found in a dump that nothing references.
     pub(super) orphans: Vec<Op>,
+    /// Backends found in a dump that no slot or table uses: a frontend's
+    /// draining backends before the restart, or leftovers. The next plan
+    /// keeps those a desired frontend still drains and deletes the rest.
+    pub(super) unclaimed: Vec<Backend>,
 }
 
 impl Applied {
@@ -176,6 +185,7 @@ impl Applied {
                 flags: value.flags,
                 affinity_timeout_s: value.affinity_timeout_s,
                 source_ranges,
+                draining: Vec::new(),
                 complete: true,
             };
             if uses_maglev(key.scope) {
@@ -240,11 +250,13 @@ impl Applied {
             }
         }
         for (id, backend) in &backends_by_id {
-            let referenced = applied.refs.contains_key(backend);
-            if !referenced || applied.backends.contains_key(backend) {
+            if applied.backends.contains_key(backend) {
                 applied.orphans.push(Op::DeleteBackend(*id));
-            } else {
-                applied.backends.insert(*backend, *id);
+                continue;
+            }
+            applied.backends.insert(*backend, *id);
+            if !applied.refs.contains_key(backend) {
+                applied.unclaimed.push(*backend);
             }
         }
         let max_id = [
@@ -298,7 +310,7 @@ impl Applied {
 
     /// Whether deletions of entries nothing refers to are still owed.
     pub fn has_orphans(&self) -> bool {
-        !self.orphans.is_empty()
+        !self.orphans.is_empty() || !self.unclaimed.is_empty()
     }
 
     /// Allocates a fresh id, never 0. Service ids, backend ids and generations
@@ -331,7 +343,7 @@ impl Applied {
         }
         self.slot_count += frontend.slots;
         self.maglev_entries += table_entries(frontend.table);
-        for backend in &frontend.backends {
+        for backend in frontend.backends.iter().chain(&frontend.draining) {
             *self.refs.entry(*backend).or_default() += 1;
         }
         self.frontends.insert(key, frontend);
@@ -344,7 +356,17 @@ impl Applied {
         Some(old)
     }
 
-    /// Whether a backend is still used by some frontend.
+    /// Those of `wanted` the backend map holds: a draining backend is kept,
+    /// never added (no flow can know one the map never had).
+    pub(super) fn present(&self, wanted: &[Backend]) -> Vec<Backend> {
+        wanted
+            .iter()
+            .filter(|b| self.backends.contains_key(b))
+            .copied()
+            .collect()
+    }
+
+    /// Whether a backend is still used (or drained) by some frontend.
     pub(super) fn is_referenced(&self, backend: &Backend) -> bool {
         self.refs.contains_key(backend)
     }
@@ -352,7 +374,7 @@ impl Applied {
     fn forget_refs(&mut self, frontend: &AppliedFrontend) {
         self.slot_count -= frontend.slots;
         self.maglev_entries -= table_entries(frontend.table);
-        for backend in &frontend.backends {
+        for backend in frontend.backends.iter().chain(&frontend.draining) {
             if let Some(count) = self.refs.get_mut(backend) {
                 *count -= 1;
                 if *count == 0 {

@@ -207,7 +207,8 @@ pub fn plan(
     let mut replaced = Vec::new();
     let mut cleanup = std::mem::take(&mut applied.orphans);
     // Backends whose last user may be going away.
-    let mut touched: BTreeSet<Backend> = BTreeSet::new();
+    let mut touched: BTreeSet<Backend> =
+        std::mem::take(&mut applied.unclaimed).into_iter().collect();
 
     let candidates: Vec<ServiceKey> = match scope {
         Scope::All => applied
@@ -237,7 +238,7 @@ pub fn plan(
         );
         ops.push(Op::DeleteRevNat(old.service_id));
         ops.push(Op::DeleteName(old.service_id));
-        touched.extend(old.backends.iter().copied());
+        touched.extend(old.backends.iter().chain(&old.draining).copied());
         replaced.push((*key, old));
         groups.push(Group {
             frontend: Some(*key),
@@ -255,8 +256,15 @@ pub fn plan(
             continue;
         };
         let current = applied.frontends.get(key).cloned();
+        let draining = applied.present(&frontend.draining);
         if let Some(cur) = &current {
             if cur.complete && cur.backends == frontend.backends {
+                if cur.draining != draining {
+                    touched.extend(cur.draining.iter().copied());
+                    let mut entry = cur.clone();
+                    entry.draining = draining;
+                    applied.insert_frontend(*key, entry);
+                }
                 let mut ops = Vec::new();
                 let entry = applied.frontends.get_mut(key).expect("present");
                 if cur.name != frontend.name {
@@ -435,12 +443,13 @@ pub fn plan(
             flags: frontend.flags,
             affinity_timeout_s: frontend.affinity_timeout_s,
             source_ranges: frontend.source_ranges.clone(),
+            draining,
             complete: true,
         };
         ops.push(Op::PutService(*key, entry.value()));
         if let Some(cur) = current {
             ops.extend(retire_backend_set(key, &cur));
-            touched.extend(cur.backends.iter().copied());
+            touched.extend(cur.backends.iter().chain(&cur.draining).copied());
             replaced.push((*key, cur));
         }
         applied.insert_frontend(*key, entry);

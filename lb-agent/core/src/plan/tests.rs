@@ -44,9 +44,7 @@ fn frontend(name: &str, backends: &[u8]) -> Frontend {
     Frontend {
         name: name.into(),
         backends: backends.iter().map(|b| backend(*b)).collect(),
-        flags: 0,
-        affinity_timeout_s: 0,
-        source_ranges: Vec::new(),
+        ..Frontend::default()
     }
 }
 
@@ -465,4 +463,82 @@ fn memory_maps_refuse_flips_to_incomplete_sets() {
         }),
         Some(&3)
     );
+}
+
+/// `desired` with the first frontend's backends split: `serving` take new
+/// connections, `draining` only keep theirs.
+fn draining(serving: &[u8], draining: &[u8]) -> DesiredState {
+    let mut d = desired(&[(1, serving)]);
+    let fe = d.frontends.get_mut(&key(1)).unwrap();
+    fe.draining = draining.iter().map(|b| backend(*b)).collect();
+    d
+}
+
+fn backend_id(maps: &MemoryMaps, last: u8) -> Option<u32> {
+    maps.backends
+        .iter()
+        .find(|(_, b)| **b == backend(last))
+        .map(|(id, _)| *id)
+}
+
+fn run(maps: &mut MemoryMaps, applied: &mut Applied, d: &DesiredState) -> Plan {
+    let p = plan(applied, d, &Capacity::default(), &SETTINGS, Scope::All);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    execute(maps, &p);
+    p
+}
+
+#[test]
+fn a_draining_backend_stays_in_the_map_until_its_endpoint_leaves() {
+    let mut maps = MemoryMaps::default();
+    let mut applied = step(&mut maps, &Applied::default(), &desired(&[(1, &[1, 2])]));
+    let id = backend_id(&maps, 2).expect("backend 2 programmed");
+
+    // Backend 2's endpoint starts terminating: out of the slots, same id in
+    // the backend map, so conntrack still finds its flows' backend.
+    run(&mut maps, &mut applied, &draining(&[1], &[2]));
+    assert_eq!(maps.slots.len(), 1);
+    assert_eq!(backend_id(&maps, 2), Some(id));
+
+    // A restart in the middle of the drain keeps it too.
+    let mut adopted = Applied::adopt(&maps.dump(), &SETTINGS);
+    assert!(
+        adopted.has_orphans(),
+        "an unreferenced backend is owed a decision"
+    );
+    let p = run(&mut maps, &mut adopted, &draining(&[1], &[2]));
+    assert!(p.is_empty(), "{:?}", p.groups);
+    assert_eq!(backend_id(&maps, 2), Some(id));
+
+    // A draining backend the map never had is not added.
+    run(&mut maps, &mut adopted, &draining(&[1], &[2, 9]));
+    assert_eq!(backend_id(&maps, 9), None);
+
+    // The endpoint leaves the slice: the backend goes.
+    run(&mut maps, &mut adopted, &draining(&[1], &[]));
+    assert_eq!(backend_id(&maps, 2), None);
+    assert_eq!(maps.backends.len(), 1);
+}
+
+#[test]
+fn a_restart_deletes_backends_no_frontend_drains() {
+    let mut maps = MemoryMaps::default();
+    let mut applied = step(&mut maps, &Applied::default(), &desired(&[(1, &[1, 2])]));
+    run(&mut maps, &mut applied, &draining(&[1], &[2]));
+    // The agent restarts after the endpoint left the slice.
+    let mut adopted = Applied::adopt(&maps.dump(), &SETTINGS);
+    run(&mut maps, &mut adopted, &draining(&[1], &[]));
+    assert_eq!(backend_id(&maps, 2), None);
+    assert!(!adopted.has_orphans());
+}
+
+#[test]
+fn a_draining_backend_that_is_ready_again_keeps_its_id() {
+    let mut maps = MemoryMaps::default();
+    let mut applied = step(&mut maps, &Applied::default(), &desired(&[(1, &[1, 2])]));
+    let id = backend_id(&maps, 2);
+    run(&mut maps, &mut applied, &draining(&[1], &[2]));
+    run(&mut maps, &mut applied, &draining(&[1, 2], &[]));
+    assert_eq!(backend_id(&maps, 2), id);
+    assert_eq!(maps.slots.len(), 2);
 }
