@@ -476,6 +476,14 @@ fn collect_conntrack(tc: &mut TcPrograms, metrics: &Metrics) {
                 .set(i64::from(occupancy.capacity));
             metrics
                 .map_entries
+                .with_label_values(&["conntrack_unconfirmed"])
+                .set(occupancy.pending_live as i64);
+            metrics
+                .map_capacity
+                .with_label_values(&["conntrack_unconfirmed"])
+                .set(i64::from(occupancy.pending_capacity));
+            metrics
+                .map_entries
                 .with_label_values(&["policy_conntrack"])
                 .set(occupancy.policy_live as i64);
             metrics

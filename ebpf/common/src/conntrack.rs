@@ -10,6 +10,15 @@
 //! so connection churn does not fill the LRU with dead flows
 //! ([`CtValue::step`]).
 //!
+//! A flow starts in a second, smaller LRU of unconfirmed flows
+//! ([`CtPendingValue`], flag [`CT_FLAG_PENDING`]): only a SYN (or a UDP
+//! datagram) opens one, and it moves to the conntrack table once confirmed,
+//! by the client's ACK of the backend's SYN-ACK (its acknowledgment number
+//! checked against the backend's initial sequence number) or, for UDP, by
+//! the backend's first answer. A flood of spoofed SYNs or datagrams can
+//! only evict other unconfirmed flows, which live [`CT_PENDING_TIMEOUT_S`]
+//! without a packet; established flows are out of its reach.
+//!
 //! Timestamps are `bpf_ktime_get_boot_ns` (`CLOCK_BOOTTIME`).
 
 use crate::{
@@ -25,6 +34,10 @@ pub const CT_TCP_ESTABLISHED_TIMEOUT_S: u64 = 21_600;
 pub const CT_TCP_CLOSING_TIMEOUT_S: u64 = 10;
 /// UDP conntrack lifetime since the last packet of either direction.
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
+/// Lifetime of an unconfirmed flow since its last packet: a TCP client
+/// retransmits its SYN within 8 s three times, and an unanswered UDP flow
+/// that goes quiet longer simply starts again.
+pub const CT_PENDING_TIMEOUT_S: u64 = 10;
 
 /// [`CtValue::flags`]: rewrite the source to `new_saddr:new_sport`.
 pub const CT_FLAG_REWRITE_SRC: u8 = 1 << 0;
@@ -38,6 +51,9 @@ pub const CT_FLAG_REPLY: u8 = 1 << 2;
 /// pod (the hook that checks them against the pod's policy on the tuple the
 /// backend sent), not where they enter the node.
 pub const CT_FLAG_AT_POD: u8 = 1 << 3;
+/// [`CtValue::flags`]: the entry is in the table of unconfirmed flows, as
+/// the `entry` of a [`CtPendingValue`].
+pub const CT_FLAG_PENDING: u8 = 1 << 4;
 
 /// [`CtValue::state`]: TCP handshake in progress (also the state after the
 /// first packet of a TCP flow that was not a plain ACK).
@@ -224,6 +240,44 @@ impl CtValueV1 {
     }
 }
 
+/// A flow not confirmed yet: its conntrack entry, and what confirms it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtPendingValue {
+    /// The entry, with [`CT_FLAG_PENDING`]; first, so that a pointer to the
+    /// value is a pointer to the entry.
+    pub entry: CtValue,
+    /// On the client's entry of a TCP flow, once `answered`: the
+    /// acknowledgment number (host order) the client's ACK of the backend's
+    /// SYN-ACK carries, its initial sequence number plus one.
+    pub expected_ack: u32,
+    /// 1 once the backend's SYN-ACK was seen and `expected_ack` set.
+    pub answered: u32,
+}
+assert_layout!(CtPendingValue, 80, { entry: 0, expected_ack: 72, answered: 76 });
+
+impl CtPendingValue {
+    /// An unconfirmed flow's entry.
+    #[inline(always)]
+    pub const fn new(mut entry: CtValue) -> Self {
+        entry.flags |= CT_FLAG_PENDING;
+        Self {
+            entry,
+            expected_ack: 0,
+            answered: 0,
+        }
+    }
+
+    /// Whether a client packet with `tcp_flags` and acknowledgment number
+    /// `ack` (host order) completes the handshake this entry waits for.
+    #[inline(always)]
+    pub const fn confirmed_by(&self, tcp_flags: u8, ack: u32) -> bool {
+        self.answered == 1
+            && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+            && ack == self.expected_ack
+    }
+}
+
 /// [`CtValue::hop`]: not resolved; the next packet asks the FIB.
 pub const NEXT_HOP_NONE: u8 = 0;
 /// [`CtValue::hop`]: redirect to `hop_ifindex` (`bpf_redirect`).
@@ -253,7 +307,11 @@ impl CtValue {
     /// How long the entry lives after its last packet, in nanoseconds.
     #[inline(always)]
     pub const fn lifetime_ns(&self, proto: u8) -> u64 {
-        lifetime_ns(proto, self.state)
+        if self.flags & CT_FLAG_PENDING != 0 {
+            CT_PENDING_TIMEOUT_S * 1_000_000_000
+        } else {
+            lifetime_ns(proto, self.state)
+        }
     }
 
     /// The tuple a packet of `tuple` carries once this entry rewrote it.
@@ -283,8 +341,8 @@ impl CtValue {
     /// it rewrites back to `tuple.reversed()`.
     #[inline(always)]
     pub const fn partner(&self, tuple: &CtKey, now_ns: u64) -> CtValue {
-        let mut flags =
-            ((self.flags & CT_FLAG_REPLY) ^ CT_FLAG_REPLY) | (self.flags & CT_FLAG_AT_POD);
+        let mut flags = ((self.flags & CT_FLAG_REPLY) ^ CT_FLAG_REPLY)
+            | (self.flags & (CT_FLAG_AT_POD | CT_FLAG_PENDING));
         if self.flags & CT_FLAG_REWRITE_DST != 0 {
             flags |= CT_FLAG_REWRITE_SRC;
         }
@@ -312,7 +370,7 @@ impl CtValue {
     /// seen "in the future" (a concurrent refresh) has not.
     #[inline(always)]
     pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
-        expired(proto, self.state, self.last_seen_ns, now_ns)
+        outlived(self.last_seen_ns, now_ns, self.lifetime_ns(proto))
     }
 }
 
@@ -365,11 +423,17 @@ pub const fn lifetime_ns(proto: u8, state: u8) -> u64 {
 }
 
 /// Whether a flow of `proto` in `state` last seen at `last_seen_ns` has
-/// expired at `now_ns` (`CLOCK_BOOTTIME`). One seen "in the future" (a
-/// concurrent refresh) has not.
+/// expired at `now_ns` (`CLOCK_BOOTTIME`).
 #[inline(always)]
 pub const fn expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns > last_seen_ns && now_ns - last_seen_ns > lifetime_ns(proto, state)
+    outlived(last_seen_ns, now_ns, lifetime_ns(proto, state))
+}
+
+/// Whether more than `lifetime_ns` passed from `last_seen_ns` to `now_ns`.
+/// An entry seen "in the future" (a concurrent refresh) has not expired.
+#[inline(always)]
+const fn outlived(last_seen_ns: u64, now_ns: u64, lifetime_ns: u64) -> bool {
+    now_ns > last_seen_ns && now_ns - last_seen_ns > lifetime_ns
 }
 
 /// One conntrack garbage collection run by the `lb_ct_gc` program, over the
@@ -388,13 +452,18 @@ pub struct CtGcState {
     pub policy_live: u64,
     /// Policy conntrack entries deleted.
     pub policy_deleted: u64,
+    /// Unconfirmed flows' entries kept.
+    pub pending_live: u64,
+    /// Unconfirmed flows' entries deleted.
+    pub pending_deleted: u64,
 }
-assert_layout!(CtGcState, 40, {
-    now_ns: 0, live: 8, deleted: 16, policy_live: 24, policy_deleted: 32,
+assert_layout!(CtGcState, 56, {
+    now_ns: 0, live: 8, deleted: 16, policy_live: 24, policy_deleted: 32, pending_live: 40,
+    pending_deleted: 48,
 });
 
 #[cfg(feature = "user")]
-crate::user_pod!(CtKey, CtValue, CtValueV1, CtGcState);
+crate::user_pod!(CtKey, CtValue, CtValueV1, CtPendingValue, CtGcState);
 
 #[cfg(test)]
 mod tests {

@@ -103,6 +103,10 @@ map_names! { $
     /// [`CtValueV1`](crate::conntrack::CtValueV1). A new agent carries its
     /// flows over into [`CONNTRACK`] and removes it.
     CONNTRACK_V1 = "LB_CT_V1";
+    /// Flows not confirmed yet (see [`crate::conntrack`]): LRU of
+    /// [`CtKey`](crate::conntrack::CtKey) ->
+    /// [`CtPendingValue`](crate::conntrack::CtPendingValue).
+    CT_PENDING = "LB_CTNEW_V1";
     /// loadBalancerSourceRanges: LPM trie of
     /// [`SourceRangeKey`](crate::source_range::SourceRangeKey) -> `u32` (1).
     SOURCE_RANGES = "LB_SRCRANGE_V1";
@@ -245,6 +249,9 @@ pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 22;
 /// Default capacity of [`CONNTRACK`] (two entries per flow); the agent may
 /// create it with another.
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Default capacity of [`CT_PENDING`] (two entries per unconfirmed flow);
+/// the agent may create it with another.
+pub const MAX_CT_PENDING: u32 = 1 << 16;
 /// Capacity of [`SOURCE_RANGES`].
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Capacity of [`FRAGMENTS`]: datagrams whose fragments are in flight.

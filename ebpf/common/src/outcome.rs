@@ -85,11 +85,19 @@ pub enum Outcome {
     /// `connect()`/`sendmsg()` refused with EPERM: the pod's egress policy
     /// does not allow the (translated) destination.
     SocketPolicyDenied = 21,
+    /// Dropped: a TCP segment other than a SYN, to a frontend, of no known
+    /// connection (only a SYN opens a flow: a spoofed ACK flood creates no
+    /// state, and a flow whose entry is gone is not moved to another backend
+    /// mid-stream).
+    DropNoConnection = 22,
+    /// A flow's handshake completed (TCP) or its backend answered (UDP): it
+    /// moved from the table of unconfirmed flows to the conntrack table.
+    FlowConfirmed = 23,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 22] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::Forward,
         Outcome::Reply,
         Outcome::NewFlow,
@@ -112,6 +120,8 @@ impl Outcome {
         Outcome::PolicyFailClosed,
         Outcome::PolicyUnparsed,
         Outcome::SocketPolicyDenied,
+        Outcome::DropNoConnection,
+        Outcome::FlowConfirmed,
     ];
 
     /// Its counter's index in its program set's counter array, and its code
@@ -151,6 +161,7 @@ impl Outcome {
                 | Outcome::FibRedirect
                 | Outcome::IcmpError
                 | Outcome::PolicyAllowed
+                | Outcome::FlowConfirmed
         )
     }
 
@@ -179,6 +190,8 @@ impl Outcome {
             Outcome::PolicyFailClosed => "policy_fail_closed",
             Outcome::PolicyUnparsed => "policy_unparsed",
             Outcome::SocketPolicyDenied => "policy_denied",
+            Outcome::DropNoConnection => "drop_no_connection",
+            Outcome::FlowConfirmed => "flow_confirmed",
         }
     }
 
@@ -237,6 +250,12 @@ impl Outcome {
             Outcome::SocketPolicyDenied => {
                 "refused at connect(): the pod's egress network policy does not allow the \
                  destination (EPERM)"
+            }
+            Outcome::DropNoConnection => {
+                "dropped: a TCP segment other than a SYN for a frontend, of no known connection"
+            }
+            Outcome::FlowConfirmed => {
+                "a flow's handshake completed or its backend answered: confirmed"
             }
         }
     }

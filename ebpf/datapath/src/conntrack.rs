@@ -1,22 +1,30 @@
 //! Conntrack: two LRU entries per translated flow (client side and backend
 //! side), each saying how to rewrite the packets it matches. Both are
-//! refreshed by the packets of either direction, so they age together.
+//! refreshed by the packets of either direction, so they age together. A
+//! flow's entries start in [`CT_PENDING`] and move to [`CONNTRACK`] once the
+//! flow is confirmed (see `lb_common::conntrack`).
 
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem, programs::TcContext};
 use lb_common::{
     conntrack::{
-        next_state, CtGcState, CtKey, CtStep, CtValue, CT_FLAG_REPLY, CT_STATE_CLOSING,
-        CT_STATE_NEW, NEXT_HOP_NONE,
+        next_state, CtGcState, CtKey, CtPendingValue, CtStep, CtValue, CT_FLAG_PENDING,
+        CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW, NEXT_HOP_NONE,
     },
-    net::{TCP_ACK, TCP_SYN},
+    net::{PROTO_TCP, TCP_ACK, TCP_SYN},
+    outcome::Outcome,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, CT_GC},
+    maps::{count, BACKENDS, CONNTRACK, CT_GC, CT_PENDING},
     parse::{addr_eq, Packet},
 };
+
+/// Offset of the sequence number in a TCP header.
+const TCP_SEQ_OFF: usize = 4;
+/// Offset of the acknowledgment number in a TCP header.
+const TCP_ACK_OFF: usize = 8;
 
 /// The state of a new flow's entries after its first packet.
 #[inline(always)]
@@ -24,13 +32,35 @@ pub fn initial_state(proto: u8, tcp_flags: u8) -> u8 {
     next_state(CT_STATE_NEW, proto, tcp_flags)
 }
 
-/// The entry for this packet's tuple, if it still applies: not expired, not
-/// a closed TCP connection whose tuple a new SYN reuses, and, for a client
-/// entry, its backend still present with the same address and port (a
-/// deleted backend's flows pick a new one). When the entry is due for a
-/// refresh (see [`touch`]) its partner is checked too: one the LRU evicted
-/// under pressure is put back, so that the other direction of a live flow
-/// (the SYN-ACK of a retransmitted SYN, say) is translated again.
+/// Whether an entry still applies to a packet: not expired, not a closed
+/// TCP connection whose tuple a new SYN reuses, and, for a client entry,
+/// its backend still present with the same address and port (a deleted
+/// backend's flows pick a new one).
+#[inline(always)]
+fn applies(value: &CtValue, pkt: &Packet, now: u64) -> bool {
+    if value.expired(pkt.tuple.proto, now) {
+        return false;
+    }
+    let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if value.state == CT_STATE_CLOSING && syn_only {
+        return false;
+    }
+    if value.flags & CT_FLAG_REPLY != 0 {
+        return true;
+    }
+    // SAFETY: copied out at once.
+    match unsafe { BACKENDS.get(value.backend_id) } {
+        Some(backend) => {
+            addr_eq(&backend.addr, &value.new_daddr) && backend.port == value.new_dport
+        }
+        None => false,
+    }
+}
+
+/// The conntrack entry for this packet's tuple, if it still applies (see
+/// [`applies`]). When the entry is due for a refresh (see [`touch`]) its
+/// partner is checked too: one the LRU evicted under pressure is put back,
+/// so that the other direction of a live flow is translated again.
 ///
 /// A call of its own, returning a pointer: its frame is not added to the
 /// new-flow path's share of the 512-byte stack.
@@ -40,19 +70,8 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
     // SAFETY: a pointer from a successful lookup; the value is plain data,
     // copied out at once.
     let value = unsafe { *entry };
-    if value.expired(pkt.tuple.proto, now) {
+    if !applies(&value, pkt, now) {
         return None;
-    }
-    let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if value.state == CT_STATE_CLOSING && syn_only {
-        return None;
-    }
-    if value.flags & CT_FLAG_REPLY == 0 {
-        // SAFETY: copied out at once.
-        let backend = unsafe { BACKENDS.get(value.backend_id) }.copied()?;
-        if !addr_eq(&backend.addr, &value.new_daddr) || backend.port != value.new_dport {
-            return None;
-        }
     }
     if now.wrapping_sub(value.last_seen_ns) >= REFRESH_INTERVAL_NS {
         let partner_key = value.apply(&pkt.tuple).reversed();
@@ -63,6 +82,86 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<*mut CtValue> {
         }
     }
     Some(entry)
+}
+
+/// The unconfirmed flow's entry for this packet, if it still applies. The
+/// backend's SYN-ACK records the acknowledgment number that completes the
+/// handshake on the client's entry; the client's ACK carrying it, or a UDP
+/// flow's first answer, confirms the flow ([`confirm`]). Called when
+/// [`lookup`] found nothing, not from it: their frames do not add up.
+#[inline(never)]
+pub fn pending(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<*mut CtValue> {
+    let slot = CT_PENDING.get_ptr_mut(&pkt.tuple)?;
+    // SAFETY: a pointer from a successful lookup, read in this program run;
+    // not copied: this frame is on the deepest call chain.
+    let value = unsafe { &(*slot).entry };
+    if !applies(value, pkt, now) {
+        return None;
+    }
+    let tcp = pkt.tuple.proto == PROTO_TCP;
+    if value.flags & CT_FLAG_REPLY != 0 {
+        if !tcp {
+            return confirm(&pkt.tuple, value, now);
+        }
+        if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            let seq = ctx.load::<u32>(pkt.l4_off + TCP_SEQ_OFF).ok()?;
+            let client_key = value.apply(&pkt.tuple).reversed();
+            if let Some(client) = CT_PENDING.get_ptr_mut(&client_key) {
+                // SAFETY: a pointer from a successful lookup; plain stores.
+                unsafe {
+                    (*client).expected_ack = u32::from_be(seq).wrapping_add(1);
+                    (*client).answered = 1;
+                }
+            }
+        }
+    } else if tcp {
+        // SAFETY: as above.
+        let answered = unsafe { (*slot).answered } == 1;
+        if answered {
+            let ack = ctx.load::<u32>(pkt.l4_off + TCP_ACK_OFF).ok()?;
+            // SAFETY: as above.
+            if unsafe { (*slot).confirmed_by(pkt.tcp_flags, u32::from_be(ack)) } {
+                return confirm(&pkt.tuple, value, now);
+            }
+        }
+    }
+    Some(slot.cast::<CtValue>())
+}
+
+/// Moves a confirmed flow's entries, `value` of `tuple` and its partner,
+/// from the unconfirmed flows to the conntrack table; returns the one of
+/// `tuple` there.
+#[inline(never)]
+fn confirm(tuple: &CtKey, value: &CtValue, now: u64) -> Option<*mut CtValue> {
+    let partner_key = value.apply(tuple).reversed();
+    // One buffer for both entries: this frame is on the deepest call chain.
+    let mut moved = match CT_PENDING.get_ptr(&partner_key) {
+        // SAFETY: a pointer from a successful lookup; copied out at once.
+        Some(found) => unsafe { (*found).entry },
+        None => value.partner(tuple, now),
+    };
+    moved.flags &= !CT_FLAG_PENDING;
+    let partner_moved = CONNTRACK.insert(&partner_key, &moved, 0).is_ok();
+    moved = *value;
+    moved.flags &= !CT_FLAG_PENDING;
+    if !partner_moved || CONNTRACK.insert(tuple, &moved, 0).is_err() {
+        count(Outcome::ConntrackInsertFailed);
+        return None;
+    }
+    let _ = CT_PENDING.remove(&partner_key);
+    let _ = CT_PENDING.remove(tuple);
+    count(Outcome::FlowConfirmed);
+    CONNTRACK.get_ptr_mut(tuple)
+}
+
+/// The pointer to an entry of the table `flags` says it is in.
+#[inline(always)]
+fn entry_in_its_table(key: &CtKey, flags: u8) -> Option<*mut CtValue> {
+    if flags & CT_FLAG_PENDING != 0 {
+        CT_PENDING.get_ptr_mut(key).map(|p| p.cast::<CtValue>())
+    } else {
+        CONNTRACK.get_ptr_mut(key)
+    }
 }
 
 /// Whether the next hop `value` remembers may be used at `now`: one was
@@ -100,7 +199,7 @@ pub fn touch(entry: *mut CtValue, seen: &CtValue, step: &CtStep, rewritten: &CtK
         (*entry).state = step.state;
         (*entry).fins = step.fins;
     }
-    if let Some(partner) = CONNTRACK.get_ptr_mut(&rewritten.reversed()) {
+    if let Some(partner) = entry_in_its_table(&rewritten.reversed(), seen.flags) {
         // SAFETY: as above.
         unsafe {
             (*partner).last_seen_ns = now;
@@ -110,16 +209,22 @@ pub fn touch(entry: *mut CtValue, seen: &CtValue, step: &CtStep, rewritten: &CtK
     }
 }
 
-/// Deletes a closed flow's entries: the one of `tuple` and its partner,
-/// keyed by the `rewritten` tuple reversed.
+/// Deletes a closed flow's entries (with `flags`): the one of `tuple` and
+/// its partner, keyed by the `rewritten` tuple reversed.
 #[inline(always)]
-pub fn forget(tuple: &CtKey, rewritten: &CtKey) {
-    let _ = CONNTRACK.remove(tuple);
-    let _ = CONNTRACK.remove(&rewritten.reversed());
+pub fn forget(tuple: &CtKey, rewritten: &CtKey, flags: u8) {
+    if flags & CT_FLAG_PENDING != 0 {
+        let _ = CT_PENDING.remove(tuple);
+        let _ = CT_PENDING.remove(&rewritten.reversed());
+    } else {
+        let _ = CONNTRACK.remove(tuple);
+        let _ = CONNTRACK.remove(&rewritten.reversed());
+    }
 }
 
 /// Deletes the entries expired at the time the agent put in [`CT_GC`], of
-/// the service conntrack and the policy conntrack, and writes back how many
+/// the service conntrack, the unconfirmed flows and the policy conntrack,
+/// and writes back how many
 /// were kept and deleted. Walking the table in the
 /// kernel costs a fraction of what a walk with two syscalls per entry
 /// costs the agent.
@@ -140,6 +245,15 @@ pub fn collect() {
         bpf_for_each_map_elem(
             core::ptr::addr_of!(CONNTRACK) as *mut c_void,
             visit as *const () as *mut c_void,
+            (&mut walk as *mut CtGcState).cast(),
+            0,
+        );
+    }
+    // SAFETY: as above, for the unconfirmed flows.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::addr_of!(CT_PENDING) as *mut c_void,
+            visit_pending as *const () as *mut c_void,
             (&mut walk as *mut CtGcState).cast(),
             0,
         );
@@ -172,6 +286,31 @@ unsafe extern "C" fn visit(
         }
     } else {
         walk.live += 1;
+    }
+    0
+}
+
+/// One entry of the unconfirmed flows in a [`collect`] walk; 0 continues.
+///
+/// # Safety
+///
+/// As [`visit`], for the map of unconfirmed flows.
+unsafe extern "C" fn visit_pending(
+    _map: *mut c_void,
+    key: *const CtKey,
+    value: *const CtPendingValue,
+    walk: *mut CtGcState,
+) -> u64 {
+    // SAFETY: see the function's contract; copied to the stack.
+    let (key, entry) = unsafe { (*key, (*value).entry) };
+    // SAFETY: as above.
+    let walk = unsafe { &mut *walk };
+    if entry.expired(key.proto, walk.now_ns) {
+        if CT_PENDING.remove(&key).is_ok() {
+            walk.pending_deleted += 1;
+        }
+    } else {
+        walk.pending_live += 1;
     }
     0
 }

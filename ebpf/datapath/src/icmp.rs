@@ -21,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, CT_PENDING},
     nat::{csum_diff, replace, sum_words},
     parse::{
         addr_eq, has_ports, load_into, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, ETH_P_IP,
@@ -81,7 +81,11 @@ pub fn translate(ctx: &TcContext, now: u64, out: &mut Translated) -> bool {
 /// packet as the flow's other side sees it.
 #[inline(always)]
 fn flow_entry(key: &CtKey, now: u64) -> Option<&'static CtValue> {
-    let value = CONNTRACK.get_ptr(key)?;
+    // An unconfirmed flow's entry is the first field of its pending value.
+    let value = match CONNTRACK.get_ptr(key) {
+        Some(value) => value,
+        None => CT_PENDING.get_ptr(key)?.cast::<CtValue>(),
+    };
     // SAFETY: a pointer from a successful lookup; the value is plain data
     // read at once, in this program run.
     let value = unsafe { &*value };

@@ -58,12 +58,12 @@ use aya_ebpf::{
 use lb_common::{
     config::TC_CONFIG_FIB_REDIRECT,
     conntrack::{
-        CtKey, CtValue, CT_FLAG_AT_POD, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
-        NEXT_HOP_NONE,
+        CtKey, CtPendingValue, CtValue, CT_FLAG_AT_POD, CT_FLAG_PENDING, CT_FLAG_REPLY,
+        CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC, NEXT_HOP_NONE,
     },
     maglev::flow_hash,
     nat::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
-    net::{is_v4_mapped, Addr},
+    net::{is_v4_mapped, Addr, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
     outcome::Outcome,
     service::{
         BACKEND_FLAG_LOCAL, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS,
@@ -72,14 +72,15 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{forget, initial_state, lookup, next_hop_fresh, touch},
-    maps::{count, CONFIG, CONNTRACK},
+    conntrack::{forget, initial_state, lookup, next_hop_fresh, pending, touch},
+    maps::{count, CONFIG, CONNTRACK, CT_PENDING},
     nat::rewrite,
     parse::{addr_eq, parse, Packet},
 };
 
-/// Ports tried for the SNAT of one new flow before giving up.
-const SNAT_ATTEMPTS: u32 = 4;
+/// Ports tried for the SNAT of one new flow before taking one from an
+/// unconfirmed flow.
+const SNAT_ATTEMPTS: u32 = 8;
 
 /// Where a program runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -162,7 +163,11 @@ pub enum Service {
 /// packet of a flow to a frontend.
 #[inline(always)]
 pub fn service_entry(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> Service {
-    match lookup(pkt, now) {
+    let found = match lookup(pkt, now) {
+        Some(entry) => Some(entry),
+        None => pending(ctx, pkt, now),
+    };
+    match found {
         // SAFETY: a pointer from a successful lookup.
         Some(entry) if applies_at(unsafe { (*entry).flags }, hook) => Service::Translate(entry),
         Some(_) => Service::Untranslated,
@@ -173,8 +178,9 @@ pub fn service_entry(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> Ser
             // Looked up again, so that the first packet remembers its next
             // hop on the entry as later ones do (one lookup instead of a
             // FIB lookup on the flow's second packet).
-            NewFlow::Created => match CONNTRACK.get_ptr_mut(&pkt.tuple) {
-                Some(entry) => Service::Translate(entry),
+            NewFlow::Created => match CT_PENDING.get_ptr_mut(&pkt.tuple) {
+                // The entry is the pending value's first field.
+                Some(slot) => Service::Translate(slot.cast::<CtValue>()),
                 None => {
                     count(Outcome::ConntrackInsertFailed);
                     Service::Done(TC_ACT_SHOT)
@@ -215,7 +221,7 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
         return TC_ACT_SHOT;
     };
     if step.closes {
-        forget(&pkt.tuple, &rewritten);
+        forget(&pkt.tuple, &rewritten, value.flags);
     } else {
         touch(entry, value, &step, &rewritten, now);
     }
@@ -323,6 +329,9 @@ fn new_flow(pkt: &Packet, hook: Hook, now: u64) -> NewFlow {
     {
         return dropped(Outcome::DropSourceRange, service.service_id);
     }
+    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+        return dropped(Outcome::DropNoConnection, service.service_id);
+    }
     // A one-entry array: index 0 always exists.
     let Some(config) = CONFIG.get(0) else {
         return NewFlow::Untranslated;
@@ -346,9 +355,9 @@ fn new_flow(pkt: &Packet, hook: Hook, now: u64) -> NewFlow {
         new_sport: t.sport,
         new_dport: backend.port,
         flags: if from_pod {
-            CT_FLAG_REWRITE_DST | CT_FLAG_AT_POD
+            CT_FLAG_REWRITE_DST | CT_FLAG_AT_POD | CT_FLAG_PENDING
         } else {
-            CT_FLAG_REWRITE_DST
+            CT_FLAG_REWRITE_DST | CT_FLAG_PENDING
         },
         state,
         fins: 0,
@@ -373,43 +382,66 @@ fn new_flow(pkt: &Packet, hook: Hook, now: u64) -> NewFlow {
         forward.new_saddr = *node;
         reply_key.daddr = *node;
         // The reply entry does not depend on the port chosen.
-        let reply = forward.partner(t, now);
+        let reply = CtPendingValue::new(forward.partner(t, now));
         let Some(port) = claim_snat_port(&mut reply_key, &reply, hash) else {
             return dropped(Outcome::DropSnatPortsExhausted, service.service_id);
         };
         forward.new_sport = port;
-    } else if CONNTRACK
-        .insert(&reply_key, &forward.partner(t, now), 0)
+    } else {
+        // A closed flow's entries for the same tuples would shadow the new
+        // flow's while it is unconfirmed.
+        let _ = CONNTRACK.remove(&reply_key);
+        if CT_PENDING
+            .insert(&reply_key, &CtPendingValue::new(forward.partner(t, now)), 0)
+            .is_err()
+        {
+            return dropped(Outcome::ConntrackInsertFailed, service.service_id);
+        }
+    }
+    let _ = CONNTRACK.remove(&pkt.tuple);
+    if CT_PENDING
+        .insert(&pkt.tuple, &CtPendingValue::new(forward), 0)
         .is_err()
     {
-        return dropped(Outcome::ConntrackInsertFailed, service.service_id);
-    }
-    if CONNTRACK.insert(&pkt.tuple, &forward, 0).is_err() {
         return dropped(Outcome::ConntrackInsertFailed, service.service_id);
     }
     count(Outcome::NewFlow);
     NewFlow::Created
 }
 
-/// Finds a free SNAT port for a flow and inserts its reply entry with it
-/// (`reply_key.dport` is set to the port). The first port tried derives from
-/// the flow hash, the next ones are random. Returns the port, network order.
+/// Finds a free SNAT port for a flow and inserts its (unconfirmed) reply
+/// entry with it (`reply_key.dport` is set to the port). The first port
+/// tried derives from the flow hash, the next ones are random; a port is
+/// free when no flow, confirmed or not, holds it. When every port tried is
+/// held and the last one only by an unconfirmed flow, that flow gives it
+/// up (its entries go; a real client's retransmitted SYN opens it again):
+/// a flood of spoofed SYNs cannot starve confirmed flows nor new ones of
+/// ports. Returns the port, network order.
 #[inline(always)]
-fn claim_snat_port(reply_key: &mut CtKey, reply: &CtValue, hash: u32) -> Option<u16> {
+fn claim_snat_port(reply_key: &mut CtKey, reply: &CtPendingValue, hash: u32) -> Option<u16> {
     let mut seed = hash;
     for _ in 0..SNAT_ATTEMPTS {
         let port = (SNAT_PORT_MIN + (seed % SNAT_PORT_COUNT as u32) as u16).to_be();
         reply_key.dport = port;
-        if CONNTRACK
-            .insert(&*reply_key, reply, BPF_NOEXIST as u64)
-            .is_ok()
+        if CONNTRACK.get_ptr(&*reply_key).is_none()
+            && CT_PENDING
+                .insert(&*reply_key, reply, BPF_NOEXIST as u64)
+                .is_ok()
         {
             return Some(port);
         }
         // SAFETY: a helper without arguments.
         seed = unsafe { bpf_get_prandom_u32() };
     }
-    None
+    if CONNTRACK.get_ptr(&*reply_key).is_some() {
+        return None;
+    }
+    let holder = CT_PENDING.get_ptr(&*reply_key)?;
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let holder = unsafe { (*holder).entry };
+    let _ = CT_PENDING.remove(&holder.apply(reply_key).reversed());
+    CT_PENDING.insert(&*reply_key, reply, 0).ok()?;
+    Some(reply_key.dport)
 }
 
 #[cfg(not(test))]

@@ -10,15 +10,15 @@ use aya_ebpf::{
 use lb_common::{
     affinity::{AffinityValue, TcAffinityKey},
     config::TcConfig,
-    conntrack::{CtGcState, CtKey, CtValue},
+    conntrack::{CtGcState, CtKey, CtPendingValue, CtValue},
     events::{ReportBudget, EVENTS_BYTES},
     fragment::{FragKey, FragPorts},
     kernel_map,
     maglev::MaglevKey,
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_IDENTITIES, MAX_IPCACHE,
-        MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_RULES, MAX_POLICY_SETS,
-        MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_PENDING, MAX_FRAGMENTS, MAX_IDENTITIES,
+        MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_RULES,
+        MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
     },
     net::Addr,
     outcome::Outcome,
@@ -52,6 +52,14 @@ kernel_map!(
     CONNTRACK,
     /// Conntrack: two entries per translated flow.
     pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+);
+
+kernel_map!(
+    CT_PENDING,
+    /// Flows not confirmed yet: two entries each, until the handshake
+    /// completes or the backend answers.
+    pub static CT_PENDING: LruHashMap<CtKey, CtPendingValue> =
+        LruHashMap::pinned(MAX_CT_PENDING, 0);
 );
 
 kernel_map!(

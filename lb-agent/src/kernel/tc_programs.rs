@@ -24,9 +24,9 @@ use aya::{
 };
 use lb_common::{
     config::TcConfig,
-    conntrack::{CtGcState, CtKey, CtValue, CtValueV1},
+    conntrack::{CtGcState, CtKey, CtPendingValue, CtValue, CtValueV1},
     events::{DropEvent, ReportBudget},
-    maps::{self, MAX_CONNTRACK},
+    maps::{self, MAX_CONNTRACK, MAX_CT_PENDING},
     outcome::{Counted, Outcome},
 };
 use tracing::info;
@@ -107,12 +107,16 @@ pub struct TcOptions {
     /// Capacity of the conntrack LRU (two entries per flow). Only used when
     /// the map is created; a pinned map keeps its capacity.
     pub conntrack_capacity: u32,
+    /// Capacity of the LRU of unconfirmed flows (two entries per flow), with
+    /// the same rule.
+    pub pending_capacity: u32,
 }
 
 impl Default for TcOptions {
     fn default() -> Self {
         Self {
             conntrack_capacity: MAX_CONNTRACK,
+            pending_capacity: MAX_CT_PENDING,
         }
     }
 }
@@ -130,12 +134,19 @@ pub struct CtOccupancy {
     pub policy_live: usize,
     /// Expired policy conntrack entries deleted.
     pub policy_deleted: usize,
+    /// Unconfirmed flows' entries left.
+    pub pending_live: usize,
+    /// Expired unconfirmed flows' entries deleted.
+    pub pending_deleted: usize,
+    /// Capacity of the map of unconfirmed flows.
+    pub pending_capacity: u32,
 }
 
 /// The loaded tc programs and the maps only they use.
 pub struct TcPrograms {
     ebpf: Ebpf,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    pending: HashMap<MapData, CtKey, CtPendingValue>,
     gc: Array<MapData, CtGcState>,
     config: Array<MapData, TcConfig>,
     stats: PerCpuArray<MapData, u64>,
@@ -146,6 +157,7 @@ pub struct TcPrograms {
     /// until its flows are carried over (see [`TcPrograms::load`]).
     older_conntrack: Option<HashMap<MapData, CtKey, CtValueV1>>,
     conntrack_capacity: u32,
+    pending_capacity: u32,
     pin_dir: PathBuf,
 }
 
@@ -211,6 +223,7 @@ impl TcPrograms {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::CONNTRACK, options.conntrack_capacity)
+            .map_max_entries(maps::CT_PENDING, options.pending_capacity)
             .load(TC_OBJECT)
             .map_err(|source| KernelError::Load {
                 object: "tc",
@@ -236,8 +249,16 @@ impl TcPrograms {
             .info()
             .map(|info| info.max_entries())
             .on(maps::CONNTRACK)?;
+        let pending: HashMap<MapData, CtKey, CtPendingValue> = take(&mut ebpf, maps::CT_PENDING)?;
+        let pending_capacity = pending
+            .map()
+            .info()
+            .map(|info| info.max_entries())
+            .on(maps::CT_PENDING)?;
         let mut tc = Self {
             conntrack,
+            pending,
+            pending_capacity,
             gc: take(&mut ebpf, maps::CT_GC)?,
             config: take(&mut ebpf, maps::TC_CONFIG)?,
             stats: take(&mut ebpf, maps::TC_STATS)?,
@@ -380,6 +401,9 @@ impl TcPrograms {
             capacity: self.conntrack_capacity,
             policy_live: count(result.policy_live),
             policy_deleted: count(result.policy_deleted),
+            pending_live: count(result.pending_live),
+            pending_deleted: count(result.pending_deleted),
+            pending_capacity: self.pending_capacity,
         })
     }
 
@@ -401,6 +425,11 @@ impl TcPrograms {
     /// Every conntrack entry, for `lbctl` and tests.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, KernelError> {
         entries(&self.conntrack, maps::CONNTRACK)
+    }
+
+    /// Every entry of the unconfirmed flows, for `lbctl` and tests.
+    pub fn pending_entries(&self) -> Result<Vec<(CtKey, CtPendingValue)>, KernelError> {
+        entries(&self.pending, maps::CT_PENDING)
     }
 
     /// The counters of the tc path's outcomes, summed over CPUs.

@@ -33,7 +33,7 @@ use lb_core::addr::{addr_from_ip, ip_from_addr};
 use crate::{
     fixture::{
         backend4, fresh_dir, isolated, node_with_local_backends, nodeport, pinned_hash, Node,
-        CLIENT4, NODE4, NODE_PORT, TABLE_SIZE, TC_ACT_OK,
+        CLIENT4, NODE4, NODE_PORT, TABLE_SIZE, TC_ACT_OK, TC_ACT_SHOT,
     },
     frames::{parse, Pkt},
 };
@@ -46,7 +46,13 @@ fn conntrack_keeps_a_flow_on_its_backend() {
     let (_, again) = node.ingress(&syn);
     assert_eq!(first.dst, again.dst);
     assert_eq!(node.stat(Outcome::NewFlow), 1);
-    // Two entries: client side and backend side.
+    // Two entries, client side and backend side, unconfirmed until the
+    // handshake completes.
+    assert_eq!(node.tc.pending_entries().unwrap().len(), 2);
+    assert!(node.tc.conntrack_entries().unwrap().is_empty());
+    node.handshake_local(&syn);
+    assert_eq!(node.stat(Outcome::FlowConfirmed), 1);
+    assert!(node.tc.pending_entries().unwrap().is_empty());
     let entries = node.tc.conntrack_entries().unwrap();
     assert_eq!(entries.len(), 2);
     assert_eq!(
@@ -72,14 +78,19 @@ fn conntrack_keeps_a_flow_on_its_backend() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(kept.dst, first.dst);
 
-    // Once the backend is deleted, the flow moves to a backend of the table.
+    // Once the backend is deleted (its endpoint left the slice), the flow
+    // ends: its next segment is dropped, not sent mid-stream to a backend
+    // that never saw the handshake; a new SYN on the same tuple gets a
+    // backend of the table.
     let gone = (1..=3u32)
         .find(|&i| backend4(i as u8) == first.dst)
         .unwrap();
     node.backends.remove(&gone).unwrap();
-    let (verdict, moved) = node.ingress(&ack);
+    let (verdict, _) = node.ingress(&ack);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.stat(Outcome::DropNoConnection), 1);
+    let (verdict, moved) = node.ingress(&syn);
     assert_eq!(verdict, TC_ACT_OK);
-    assert_ne!(moved.dst, first.dst);
     assert!(others.iter().any(|&i| backend4(i as u8) == moved.dst));
 }
 
@@ -118,7 +129,7 @@ fn a_completed_close_deletes_the_flow_and_a_reset_does_not() {
         // closing timeout.
         node.ingress(&client(45001, SYN));
         node.ingress(&client(45001, RST));
-        let entries = node.tc.conntrack_entries().unwrap();
+        let entries = node.flow_entries();
         assert_eq!(entries.len(), 2);
         assert!(entries.iter().all(|(_, v)| v.state == CT_STATE_CLOSING));
     });
@@ -137,17 +148,23 @@ fn conntrack_gc_deletes_expired_entries() {
         ));
     }
     // One flow completes its handshake: established, long timeout.
-    node.ingress(&Pkt::tcp(CLIENT4.into(), 50000, fe.ip, NODE_PORT, ACK));
+    node.handshake_local(&Pkt::tcp(CLIENT4.into(), 50000, fe.ip, NODE_PORT, SYN));
     let now = boottime_ns().unwrap();
     let report = node.tc.conntrack_gc(now).unwrap();
     assert_eq!(
-        (report.live, report.deleted, report.capacity),
-        (10, 0, 4096)
+        (report.live, report.pending_live, report.deleted),
+        (2, 8, 0)
     );
-    // 61 s later the half-open flows (SYN timeout 60 s) are gone.
-    let report = node.tc.conntrack_gc(now + 61_000_000_000).unwrap();
-    assert_eq!((report.live, report.deleted), (2, 8));
-    assert_eq!(node.tc.conntrack_entries().unwrap().len(), 2);
+    assert_eq!((report.capacity, report.pending_capacity), (4096, 4096));
+    // 11 s later the unconfirmed flows (10 s without a packet) are gone.
+    let report = node.tc.conntrack_gc(now + 11_000_000_000).unwrap();
+    assert_eq!(
+        (report.live, report.pending_live, report.pending_deleted),
+        (2, 0, 8)
+    );
+    // 6 hours later the established one is too.
+    let report = node.tc.conntrack_gc(now + 21_601_000_000_000).unwrap();
+    assert_eq!((report.live, report.deleted), (0, 2));
 }
 
 /// The collector walks the whole table in the kernel: with live and expired
@@ -156,6 +173,7 @@ fn conntrack_gc_deletes_expired_entries() {
 fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 65_536,
+        pending_capacity: 4096,
     });
     let mut conntrack: HashMap<MapData, CtKey, CtValue> = pinned_hash(&node.dir, maps::CONNTRACK);
     let now = boottime_ns().unwrap();
@@ -202,9 +220,10 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
 }
 
 #[test]
-fn full_conntrack_evicts_instead_of_failing() {
+fn a_full_table_of_unconfirmed_flows_evicts_instead_of_failing() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 64,
+        pending_capacity: 64,
     });
     node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
     let fe = nodeport(NODE4.into(), PROTO_TCP);
@@ -220,21 +239,20 @@ fn full_conntrack_evicts_instead_of_failing() {
         assert_eq!((verdict, out.dst), (TC_ACT_OK, backend4(1)));
     }
     let report = node.tc.conntrack_gc(boottime_ns().unwrap()).unwrap();
-    assert!(report.live <= 64, "{report:?}");
-    assert_eq!(report.capacity, 64);
+    assert!(report.pending_live <= 64, "{report:?}");
+    assert_eq!(report.pending_capacity, 64);
 }
 
 /// An entry the LRU evicted under pressure while its partner lived on is put
 /// back by the first packet of the flow a second or more later: here the
-/// client's retransmitted SYN after the reply entry vanished, so the
-/// server's answer is translated again instead of leaving the connection
-/// stuck.
+/// client's next segment after the reply entry vanished, so the server's
+/// answer is translated again instead of leaving the connection stuck.
 #[test]
 fn an_evicted_partner_entry_is_restored() {
     let (mut node, fe) = node_with_local_backends();
     let mut conntrack: HashMap<MapData, CtKey, CtValue> = pinned_hash(&node.dir, maps::CONNTRACK);
     let syn = Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, SYN);
-    let (_, forward) = node.ingress(&syn);
+    let forward = node.handshake_local(&syn);
     let reply_key = conntrack
         .iter()
         .map(Result::unwrap)
@@ -245,7 +263,7 @@ fn an_evicted_partner_entry_is_restored() {
     conntrack.remove(&reply_key).unwrap();
 
     std::thread::sleep(std::time::Duration::from_millis(1050));
-    node.ingress(&syn);
+    node.ingress(&Pkt::tcp(CLIENT4.into(), 45000, fe.ip, NODE_PORT, ACK));
     let restored = conntrack.get(&reply_key, 0).unwrap();
     assert_eq!(
         (
@@ -265,7 +283,7 @@ fn an_evicted_partner_entry_is_restored() {
             reply_value.backend_id
         )
     );
-    let answer = Pkt::tcp(forward.dst, 8080, CLIENT4.into(), 45000, SYN | ACK);
+    let answer = Pkt::tcp(forward.dst, 8080, CLIENT4.into(), 45000, ACK);
     let (verdict, out) = node.egress(&answer);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!((out.src, out.sport), (fe.ip, NODE_PORT));
@@ -282,7 +300,7 @@ fn reloading_reuses_pinned_maps_and_adopts_state() {
         .0;
     let (_, out) = again.test_run(TcHook::Ingress, &syn.frame()).unwrap();
     assert_eq!(parse(&out).dst, first.dst);
-    assert_eq!(again.conntrack_entries().unwrap().len(), 2);
+    assert_eq!(again.pending_entries().unwrap().len(), 2);
     assert_eq!(ip_from_addr(&addr_from_ip(first.dst)), first.dst);
 }
 

@@ -16,9 +16,10 @@ use lb_agent::kernel::{
 };
 use lb_common::{
     config::TcConfig,
+    conntrack::{CtKey, CtValue},
     maglev::flow_hash,
     maps,
-    net::PROTO_TCP,
+    net::{PROTO_TCP, TCP_ACK, TCP_SYN},
     outcome::Outcome,
     service::{Backend, ServiceKey, ServiceValue, BACKEND_FLAG_LOCAL, SCOPE_TC_EXTERNAL},
 };
@@ -110,6 +111,7 @@ impl Node {
     pub(crate) fn new() -> Self {
         Self::with_options(&TcOptions {
             conntrack_capacity: 4096,
+            pending_capacity: 4096,
         })
     }
 
@@ -202,6 +204,36 @@ impl Node {
     pub(crate) fn egress(&mut self, pkt: &Pkt<'_>) -> (i32, Parsed) {
         let (verdict, out) = self.run(TcHook::Egress, pkt);
         (verdict, parse(&out))
+    }
+
+    /// Every flow entry, confirmed or not.
+    pub(crate) fn flow_entries(&self) -> Vec<(CtKey, CtValue)> {
+        let mut all = self.tc.conntrack_entries().unwrap();
+        all.extend(
+            self.tc
+                .pending_entries()
+                .unwrap()
+                .into_iter()
+                .map(|(key, pending)| (key, pending.entry)),
+        );
+        all
+    }
+
+    /// Opens and confirms a flow to a local backend: the client's SYN, the
+    /// backend's SYN-ACK leaving through the uplink, the client's ACK.
+    /// Returns the SYN as the backend got it.
+    pub(crate) fn handshake_local(&mut self, syn: &Pkt<'_>) -> Parsed {
+        let (_, forwarded) = self.ingress(syn);
+        let answer = Pkt::tcp(
+            forwarded.dst,
+            forwarded.dport,
+            forwarded.src,
+            forwarded.sport,
+            TCP_SYN | TCP_ACK,
+        );
+        self.egress(&answer);
+        self.ingress(&Pkt::tcp(syn.src, syn.sport, syn.dst, syn.dport, TCP_ACK));
+        forwarded
     }
 
     pub(crate) fn stat(&self, outcome: Outcome) -> u64 {

@@ -81,9 +81,7 @@ fn fib_lookup_redirects_to_the_next_hop() {
         // entry is refreshed, at most a second of packets later.
         let hops = |node: &Node| -> Vec<(u8, u32, [u8; 12])> {
             let mut hops: Vec<_> = node
-                .tc
-                .conntrack_entries()
-                .unwrap()
+                .flow_entries()
                 .into_iter()
                 .filter(|(_, v)| v.hop != NEXT_HOP_NONE)
                 .map(|(_, v)| (v.hop, v.hop_ifindex, v.hop_macs))
@@ -94,11 +92,18 @@ fn fib_lookup_redirects_to_the_next_hop() {
         let lbfib0 = nix::net::if_::if_nametoindex("lbfib0").unwrap();
         let old_macs = [2, 0, 0, 0, 0, 0xaa, 2, 0, 0, 0, 0, 1];
         assert_eq!(hops(&node), [(NEXT_HOP_REDIRECT, lbfib0, old_macs)]);
+        // The backend answers, so the client's ACK below confirms the flow;
+        // its entries keep their next hop as they move.
+        node.run(
+            TcHook::Egress,
+            &Pkt::tcp(backend4(1), 8080, CLIENT4.into(), sport, SYN | ACK),
+        );
         ip("neigh replace 10.244.1.1 lladdr 02:00:00:00:00:bb dev lbfib0 nud permanent");
         let ack = Pkt::tcp(CLIENT4.into(), sport, fe.ip, NODE_PORT, ACK);
         let (verdict, out) = node.run(TcHook::Ingress, &ack);
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(out[..12], old_macs);
+        assert_eq!(node.stat(Outcome::FlowConfirmed), 1);
         // Due for a refresh: the packet asks the FIB again.
         let mut conntrack: HashMap<MapData, CtKey, CtValue> =
             pinned_hash(&node.dir, maps::CONNTRACK);

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::net::{PROTO_TCP, PROTO_UDP};
+use lb_common::net::{PROTO_TCP, PROTO_UDP, TCP_ACK as ACK};
 
 /// Ones' complement sum of big-endian 16-bit words.
 pub(crate) fn sum16(bytes: &[u8]) -> u32 {
@@ -57,10 +57,17 @@ pub(crate) struct Pkt<'a> {
     pub(crate) proto: u8,
     pub(crate) flags: u8,
     pub(crate) seq: u32,
+    pub(crate) ack: u32,
     pub(crate) payload: &'a [u8],
 }
 
+/// The initial sequence number of every TCP peer of the tests.
+pub(crate) const ISN: u32 = 1000;
+
 impl<'a> Pkt<'a> {
+    /// A TCP segment; with ACK, it acknowledges the other side's SYN (both
+    /// sides start at [`ISN`]), so a SYN, SYN-ACK, ACK exchange completes a
+    /// handshake.
     pub(crate) fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
         Self {
             src,
@@ -69,7 +76,8 @@ impl<'a> Pkt<'a> {
             dport,
             proto: PROTO_TCP,
             flags,
-            seq: 1000,
+            seq: ISN,
+            ack: if flags & ACK != 0 { ISN + 1 } else { 0 },
             payload: &[],
         }
     }
@@ -83,6 +91,7 @@ impl<'a> Pkt<'a> {
             proto: PROTO_UDP,
             flags: 0,
             seq: 0,
+            ack: 0,
             payload,
         }
     }
@@ -94,7 +103,7 @@ impl<'a> Pkt<'a> {
         l4.extend(self.dport.to_be_bytes());
         if self.proto == PROTO_TCP {
             l4.extend(self.seq.to_be_bytes());
-            l4.extend(0u32.to_be_bytes());
+            l4.extend(self.ack.to_be_bytes());
             l4.extend([5 << 4, self.flags]);
             l4.extend(64240u16.to_be_bytes());
             l4.extend([0, 0, 0, 0]);

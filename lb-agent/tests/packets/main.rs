@@ -11,6 +11,7 @@
 
 mod conntrack;
 mod fixture;
+mod flood;
 mod forwarding;
 mod fragments;
 mod frames;

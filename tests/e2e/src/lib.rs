@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod controlplane;
+pub mod flood;
 pub mod kubelet;
 pub mod lab;
 pub mod manifests;

@@ -414,6 +414,66 @@ fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<(
     Ok(())
 }
 
+/// The value of `series` in the `/metrics` of the agent at `node_ip`, read
+/// from the outside client.
+fn agent_metric(t: &TwoNodes, node_ip: &str, series: &str) -> Result<f64> {
+    let (_, metrics) = http_get(&t.client.netns, &format!("http://{node_ip}:10249/metrics"))?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {series} in /metrics:\n{metrics}"))
+}
+
+/// Hostile traffic from outside (issue 22, item 2): while the outside client
+/// floods node1's NodePort with spoofed SYNs and bare ACKs, held
+/// connections keep echoing on their backends and new connections, through
+/// either backend (one of them SNATed to node2), get through. The ACKs open
+/// no flow (`drop_no_connection`) and the SYNs stay in the table of
+/// unconfirmed flows.
+#[test]
+fn a_spoofed_flood_breaks_no_connection_and_blocks_no_new_one() -> Result<()> {
+    let t = two_nodes()?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let target = format!("{}:30080", NODE_IPS[0]);
+    let held = hold_connections(&t, 4, 3500)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = t
+        .lab
+        .command_in(&t.client, &t.bins.labpod)?
+        .args([
+            "flood",
+            "--target",
+            &target,
+            "--sources",
+            "203.0.0.0/16",
+            "--duration-ms",
+            "2500",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let during = t.connect(&target, &["--count", "20"])?;
+    let flood = flood.wait_with_output()?;
+    anyhow::ensure!(flood.status.success(), "the flood failed: {flood:?}");
+    let sent: serde_json::Value = serde_json::from_slice(&flood.stdout)?;
+    let sent = sent["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 20_000, "the flood sent only {sent} segments");
+    eprintln!("flood: {sent} spoofed segments in 2.5 s");
+    all_ok(&during);
+    let backends: BTreeSet<_> = during.iter().filter_map(|a| a.backend.clone()).collect();
+    assert_eq!(backends.len(), 2, "both backends answer: {backends:?}");
+    for child in held {
+        all_ok(&parse_attempts(&child.wait_with_output()?.stdout)?);
+    }
+    let dropped = agent_metric(
+        &t,
+        NODE_IPS[0],
+        "lb_tc_packets{outcome=\"drop_no_connection\"}",
+    )?;
+    assert!(dropped > 0.0, "no bare ACK was dropped");
+    Ok(())
+}
+
 /// Upstream: network/loadbalancer.go "should only allow access from service
 /// loadbalancer source ranges": a LoadBalancer IP answers listed sources only.
 #[test]

@@ -82,6 +82,20 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         udp_size: usize,
     },
+    /// Send spoofed TCP SYNs and bare ACKs to a target from random addresses
+    /// of a prefix for a while (see `lb_e2e::flood`), then print
+    /// `{"sent": N}`. Needs a raw socket (root in the pod's namespace).
+    Flood {
+        /// Target IPv4 address:port.
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        /// Prefix the spoofed sources are drawn from.
+        #[arg(long)]
+        sources: ipnetwork::Ipv4Network,
+        /// How long to send, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+    },
     /// Probe every target once, all at the same time, and print one JSON
     /// line per target (see `lb_e2e::netpol::probe::Outcome`), in the order
     /// given. A TCP probe connects and reads the server's greeting; a UDP
@@ -114,6 +128,16 @@ fn main() -> Result<()> {
             timeout_ms,
             targets,
         } => probe(&protocol, Duration::from_millis(timeout_ms), &targets),
+        Command::Flood {
+            target,
+            sources,
+            duration_ms,
+        } => {
+            let sent = lb_e2e::flood::flood(target, sources, Duration::from_millis(duration_ms))
+                .context("flooding")?;
+            println!("{}", serde_json::json!({ "sent": sent }));
+            Ok(())
+        }
         Command::Connect {
             target,
             count,
