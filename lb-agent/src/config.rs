@@ -12,7 +12,7 @@ use ipnetwork::IpNetwork;
 use lb_core::plan::MaglevSettings;
 use lb_policy::labels::IdentityConfig;
 
-use crate::logging::LogFormat;
+use crate::{kernel::tc_programs::TcOptions, logging::LogFormat};
 
 /// Default address of the Prometheus metrics endpoint (kube-proxy's port).
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
@@ -107,6 +107,21 @@ pub struct Args {
     /// 4093, 8191, 16381, 32749, 65537 or 131071; identical on every node [default: 16381].
     #[arg(long)]
     pub maglev_table_size: Option<usize>,
+    /// [maglevCapacity] Entries of the Maglev map, every table together
+    /// (each Service port on the tc path takes 100 per endpoint, at least
+    /// 252, at most maglevTableSize + 1); only used when the map is created
+    /// [default: 4194304].
+    #[arg(long)]
+    pub maglev_capacity: Option<u32>,
+    /// [conntrackCapacity] Entries of the tc path's conntrack, two per
+    /// connection; only used when the map is created [default: 262144].
+    #[arg(long)]
+    pub conntrack_capacity: Option<u32>,
+    /// [unconfirmedFlowCapacity] Entries of the tc path's table of flows
+    /// whose handshake has not completed, two per flow; only used when the
+    /// map is created [default: 65536].
+    #[arg(long)]
+    pub unconfirmed_flow_capacity: Option<u32>,
     /// [maglevSeed] Maglev seed; identical on every node so a flow reaches the
     /// same backend through any node [default: built in].
     #[arg(long)]
@@ -185,6 +200,12 @@ pub struct FileConfig {
     pub pod_interfaces: Vec<String>,
     /// See [`Args::maglev_table_size`].
     pub maglev_table_size: Option<usize>,
+    /// See [`Args::maglev_capacity`].
+    pub maglev_capacity: Option<u32>,
+    /// See [`Args::conntrack_capacity`].
+    pub conntrack_capacity: Option<u32>,
+    /// See [`Args::unconfirmed_flow_capacity`].
+    pub unconfirmed_flow_capacity: Option<u32>,
     /// See [`Args::maglev_seed`].
     pub maglev_seed: Option<u64>,
     /// See [`Args::network_policy`].
@@ -243,6 +264,8 @@ pub struct Settings {
     pub pod_interfaces: Vec<String>,
     /// Maglev settings.
     pub maglev: MaglevSettings,
+    /// Capacities of the tc path's own maps.
+    pub tc: TcOptions,
     /// Whether NetworkPolicy is enforced.
     pub network_policy: bool,
     /// Whether denied connections fail at connect().
@@ -342,6 +365,20 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                 .or(file.maglev_seed)
                 .unwrap_or(MaglevSettings::default().seed),
         },
+        tc: TcOptions {
+            conntrack_capacity: args
+                .conntrack_capacity
+                .or(file.conntrack_capacity)
+                .unwrap_or(TcOptions::default().conntrack_capacity),
+            pending_capacity: args
+                .unconfirmed_flow_capacity
+                .or(file.unconfirmed_flow_capacity)
+                .unwrap_or(TcOptions::default().pending_capacity),
+            maglev_capacity: args
+                .maglev_capacity
+                .or(file.maglev_capacity)
+                .unwrap_or(TcOptions::default().maglev_capacity),
+        },
         network_policy: args.network_policy.or(file.network_policy).unwrap_or(true),
         policy_at_connect: args
             .policy_at_connect
@@ -398,6 +435,23 @@ mod tests {
         assert_eq!(settings.metrics_address, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(settings.healthz_address, "0.0.0.0:10256".parse().unwrap());
         assert_eq!(settings.source, SourceKind::Manifests("/etc/lb".into()));
+    }
+
+    #[test]
+    fn map_capacities_come_from_the_file_or_flags() {
+        let file = parse_file("maglevCapacity: 1048576\nconntrackCapacity: 524288\n").unwrap();
+        let args = Args::parse_from(["lb-agent", "--unconfirmed-flow-capacity", "131072"]);
+        let tc = resolve(args, file).tc;
+        assert_eq!(
+            (
+                tc.maglev_capacity,
+                tc.conntrack_capacity,
+                tc.pending_capacity
+            ),
+            (1_048_576, 524_288, 131_072)
+        );
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).tc;
+        assert_eq!(defaults, TcOptions::default());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::{
     opt_out::OptOut,
     pod_interfaces::PodInterfaces,
     policy::PolicyAgent,
-    reconcile::Reconciler,
+    reconcile::{ReconcileError, Reconciler},
     serve::{
         health::{HealthCheckServers, Healthz},
         http::{Handler, Response, Server},
@@ -157,6 +157,7 @@ pub fn run(settings: Settings) -> Result<()> {
 
     maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
+    check_capacities(&settings)?;
     let (mut socket, socket_maps) =
         SocketPrograms::load(&settings.bpffs_dir).with_context(|| {
             format!(
@@ -193,7 +194,16 @@ pub fn run(settings: Settings) -> Result<()> {
         maps: AyaServiceMaps::new(socket_maps, tc_maps),
         policy,
     };
-    let mut reconciler = Reconciler::adopt(&kernel.maps, Capacity::default(), settings.maglev)?;
+    let capacity = Capacity {
+        maglev_entries: kernel
+            .tc
+            .as_ref()
+            .map_or(Capacity::default().maglev_entries, |tc| {
+                tc.maglev_capacity() as usize
+            }),
+        ..Capacity::default()
+    };
+    let mut reconciler = Reconciler::adopt(&kernel.maps, capacity, settings.maglev)?;
     out.metrics
         .observe_state(reconciler.applied(), reconciler.capacity());
     info!(
@@ -436,6 +446,16 @@ fn reconcile(
     metrics.reconcile_seconds.observe(elapsed.as_secs_f64());
     metrics.observe_state(reconciler.applied(), reconciler.capacity());
     metrics.frontends_pending.set(reconciler.pending() as i64);
+    // Every pass plans the frontends still waiting, so this lists them all.
+    metrics.frontends_not_programmed.reset();
+    for err in &pass.errors {
+        if let ReconcileError::Capacity(full) = err {
+            metrics
+                .frontends_not_programmed
+                .with_label_values(&[full.name.as_str(), full.map])
+                .set(1);
+        }
+    }
     warn_undersized(reconciler.undersized_maglev_tables(), out);
     // The datapath was brought as close to the snapshot as it can be; what
     // could not be programmed is in the log and the error counter.
@@ -454,6 +474,25 @@ fn reconcile(
         "reconciled"
     );
     clean
+}
+
+/// Refuses capacities the tc path cannot work with: a Maglev map without
+/// room for one largest table and the swap of another, a conntrack table
+/// without room for a flow.
+fn check_capacities(settings: &Settings) -> anyhow::Result<()> {
+    let largest_table = settings.maglev.size as u64 + 1;
+    anyhow::ensure!(
+        u64::from(settings.tc.maglev_capacity) >= 2 * largest_table,
+        "maglevCapacity {} is below twice a table of maglevTableSize {} (and its size \
+         entry): no Service could change its backends",
+        settings.tc.maglev_capacity,
+        settings.maglev.size
+    );
+    anyhow::ensure!(
+        settings.tc.conntrack_capacity >= 2 && settings.tc.pending_capacity >= 2,
+        "conntrackCapacity and unconfirmedFlowCapacity hold two entries per flow: at least 2"
+    );
+    Ok(())
 }
 
 fn collect_conntrack(tc: &mut TcPrograms, metrics: &Metrics) {

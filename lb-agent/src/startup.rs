@@ -12,11 +12,7 @@ use tracing::{error, info};
 
 use crate::{
     config::Settings,
-    kernel::{
-        service_maps::TcMaps,
-        socket_programs::SocketPrograms,
-        tc_programs::{TcOptions, TcPrograms},
-    },
+    kernel::{service_maps::TcMaps, socket_programs::SocketPrograms, tc_programs::TcPrograms},
     node::{interfaces, netns},
     serve::metrics::Metrics,
 };
@@ -125,8 +121,8 @@ pub fn load_tc_path(settings: &Settings) -> Result<Option<TcPath>> {
         "no address on {:?} for NodePorts; set nodePortAddresses",
         settings.tc_interfaces
     );
-    let (mut programs, maps) = TcPrograms::load(&settings.bpffs_dir, &TcOptions::default())
-        .context("loading the tc datapath")?;
+    let (mut programs, maps) =
+        TcPrograms::load(&settings.bpffs_dir, &settings.tc).context("loading the tc datapath")?;
     let snat = |v4: bool| {
         addresses
             .iter()

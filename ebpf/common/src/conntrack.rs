@@ -178,18 +178,41 @@ pub struct CtValue {
     /// Their destination and source MAC addresses there, in Ethernet header
     /// order.
     pub hop_macs: [u8; 12],
+    /// TCP: the acknowledgment number (host order) of the last segment
+    /// matching the entry, that is the next sequence number its sender
+    /// expects from the other side; 0 until one was seen. A reset from the
+    /// other side is believed only near it ([`reset_in_window`]).
+    pub peer_ack: u32,
+    /// Explicit padding.
+    pub pad: u32,
 }
-assert_layout!(CtValue, 72, {
+assert_layout!(CtValue, 80, {
     new_saddr: 0, new_daddr: 16, new_sport: 32, new_dport: 34, flags: 36, state: 37, fins: 38,
     hop: 39, service_id: 40, backend_id: 44, last_seen_ns: 48, hop_ifindex: 56, hop_macs: 60,
+    peer_ack: 72, pad: 76,
 });
 
-/// The conntrack value of [`map_names::CONNTRACK_V1`]: a [`CtValue`]
-/// without the next hop. Read only by the agent, to carry an older agent's
+/// How far past the acknowledgment number its receiver last sent a reset's
+/// sequence number may be: data in flight that the receiver has not
+/// acknowledged yet (16 MiB: a 10 Gbit/s path with 13 ms of round trip). A
+/// blind sender guessing a sequence number succeeds once in 256 tries, where
+/// any reset used to do.
+pub const RESET_WINDOW: u32 = 1 << 24;
+
+/// Whether a TCP reset with sequence number `seq` (host order) may be real,
+/// given the acknowledgment number `receiver_ack` its receiver last sent (0
+/// when none was seen: nothing to check against).
+#[inline(always)]
+pub const fn reset_in_window(seq: u32, receiver_ack: u32) -> bool {
+    receiver_ack == 0 || seq.wrapping_sub(receiver_ack) < RESET_WINDOW
+}
+
+/// The conntrack value of [`map_names::CONNTRACK_V2`]: a [`CtValue`]
+/// without `peer_ack`. Read only by the agent, to carry an older agent's
 /// flows over.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtValueV1 {
+pub struct CtValueV2 {
     /// As [`CtValue::new_saddr`].
     pub new_saddr: Addr,
     /// As [`CtValue::new_daddr`].
@@ -204,23 +227,27 @@ pub struct CtValueV1 {
     pub state: u8,
     /// As [`CtValue::fins`].
     pub fins: u8,
-    /// Explicit padding.
-    pub pad: u8,
+    /// As [`CtValue::hop`].
+    pub hop: u8,
     /// As [`CtValue::service_id`].
     pub service_id: u32,
     /// As [`CtValue::backend_id`].
     pub backend_id: u32,
     /// As [`CtValue::last_seen_ns`].
     pub last_seen_ns: u64,
+    /// As [`CtValue::hop_ifindex`].
+    pub hop_ifindex: u32,
+    /// As [`CtValue::hop_macs`].
+    pub hop_macs: [u8; 12],
 }
-assert_layout!(CtValueV1, 56, {
+assert_layout!(CtValueV2, 72, {
     new_saddr: 0, new_daddr: 16, new_sport: 32, new_dport: 34, flags: 36, state: 37, fins: 38,
-    pad: 39, service_id: 40, backend_id: 44, last_seen_ns: 48,
+    hop: 39, service_id: 40, backend_id: 44, last_seen_ns: 48, hop_ifindex: 56, hop_macs: 60,
 });
 
-impl CtValueV1 {
-    /// The same entry in the current layout; its next hop is found by its
-    /// flow's next packet.
+impl CtValueV2 {
+    /// The same entry in the current layout; the flow's next segments
+    /// record the acknowledgment numbers.
     pub const fn upgraded(&self) -> CtValue {
         CtValue {
             new_saddr: self.new_saddr,
@@ -230,12 +257,14 @@ impl CtValueV1 {
             flags: self.flags,
             state: self.state,
             fins: self.fins,
-            hop: NEXT_HOP_NONE,
+            hop: self.hop,
             service_id: self.service_id,
             backend_id: self.backend_id,
             last_seen_ns: self.last_seen_ns,
-            hop_ifindex: 0,
-            hop_macs: [0; 12],
+            hop_ifindex: self.hop_ifindex,
+            hop_macs: self.hop_macs,
+            peer_ack: 0,
+            pad: 0,
         }
     }
 }
@@ -254,7 +283,7 @@ pub struct CtPendingValue {
     /// 1 once the backend's SYN-ACK was seen and `expected_ack` set.
     pub answered: u32,
 }
-assert_layout!(CtPendingValue, 80, { entry: 0, expected_ack: 72, answered: 76 });
+assert_layout!(CtPendingValue, 88, { entry: 0, expected_ack: 80, answered: 84 });
 
 impl CtPendingValue {
     /// An unconfirmed flow's entry.
@@ -363,6 +392,8 @@ impl CtValue {
             last_seen_ns: now_ns,
             hop_ifindex: 0,
             hop_macs: [0; 12],
+            peer_ack: 0,
+            pad: 0,
         }
     }
 
@@ -463,7 +494,7 @@ assert_layout!(CtGcState, 56, {
 });
 
 #[cfg(feature = "user")]
-crate::user_pod!(CtKey, CtValue, CtValueV1, CtPendingValue, CtGcState);
+crate::user_pod!(CtKey, CtValue, CtValueV2, CtPendingValue, CtGcState);
 
 #[cfg(test)]
 mod tests {
@@ -496,6 +527,8 @@ mod tests {
             last_seen_ns: 1,
             hop_ifindex: 0,
             hop_macs: [0; 12],
+            peer_ack: 0,
+            pad: 0,
         };
         let sent = forward.apply(&client);
         assert_eq!((sent.saddr, sent.sport), (a(3), 61000));
@@ -526,6 +559,8 @@ mod tests {
             last_seen_ns: 0,
             hop_ifindex: 0,
             hop_macs: [0; 12],
+            peer_ack: 0,
+            pad: 0,
         }
     }
 
@@ -615,6 +650,8 @@ mod tests {
             last_seen_ns: 1_000,
             hop_ifindex: 0,
             hop_macs: [0; 12],
+            peer_ack: 0,
+            pad: 0,
         };
         let s = 1_000_000_000;
         assert!(!v.expired(PROTO_TCP, 1_000 + 60 * s));

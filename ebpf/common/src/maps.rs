@@ -8,7 +8,7 @@
 //! version, so a new agent never reuses a pinned map of the older layout; it
 //! builds the new one, and removes the older pin once its own programs are
 //! attached (carrying entries over where flows depend on them, as for
-//! [`CONNTRACK_V1`]). The kernel limits names to 15 bytes.
+//! [`CONNTRACK_V2`]). The kernel limits names to 15 bytes.
 
 use crate::{outcome::OUTCOME_SLOTS, socket::BACKEND_PORT_WORDS};
 
@@ -97,12 +97,12 @@ map_names! { $
     MAGLEV = "LB_MAGLEV_V1";
     /// Conntrack: [`CtKey`](crate::conntrack::CtKey) ->
     /// [`CtValue`](crate::conntrack::CtValue).
-    CONNTRACK = "LB_CT_V2";
-    /// Conntrack of agents from before next hops were remembered:
-    /// [`CtKey`](crate::conntrack::CtKey) ->
-    /// [`CtValueV1`](crate::conntrack::CtValueV1). A new agent carries its
+    CONNTRACK = "LB_CT_V3";
+    /// Conntrack of agents from before resets were checked against the
+    /// acknowledgment numbers: [`CtKey`](crate::conntrack::CtKey) ->
+    /// [`CtValueV2`](crate::conntrack::CtValueV2). A new agent carries its
     /// flows over into [`CONNTRACK`] and removes it.
-    CONNTRACK_V1 = "LB_CT_V1";
+    CONNTRACK_V2 = "LB_CT_V2";
     /// Flows not confirmed yet (see [`crate::conntrack`]): LRU of
     /// [`CtKey`](crate::conntrack::CtKey) ->
     /// [`CtPendingValue`](crate::conntrack::CtPendingValue).

@@ -93,11 +93,15 @@ pub enum Outcome {
     /// A flow's handshake completed (TCP) or its backend answered (UDP): it
     /// moved from the table of unconfirmed flows to the conntrack table.
     FlowConfirmed = 23,
+    /// Dropped: a TCP reset of a confirmed flow whose sequence number is not
+    /// near the acknowledgment number its receiver last sent (a blind
+    /// reset; the flow keeps its state).
+    DropResetOutOfWindow = 24,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 24] = [
+    pub const ALL: [Outcome; 25] = [
         Outcome::Forward,
         Outcome::Reply,
         Outcome::NewFlow,
@@ -122,6 +126,7 @@ impl Outcome {
         Outcome::SocketPolicyDenied,
         Outcome::DropNoConnection,
         Outcome::FlowConfirmed,
+        Outcome::DropResetOutOfWindow,
     ];
 
     /// Its counter's index in its program set's counter array, and its code
@@ -192,6 +197,7 @@ impl Outcome {
             Outcome::SocketPolicyDenied => "policy_denied",
             Outcome::DropNoConnection => "drop_no_connection",
             Outcome::FlowConfirmed => "flow_confirmed",
+            Outcome::DropResetOutOfWindow => "drop_reset_out_of_window",
         }
     }
 
@@ -256,6 +262,9 @@ impl Outcome {
             }
             Outcome::FlowConfirmed => {
                 "a flow's handshake completed or its backend answered: confirmed"
+            }
+            Outcome::DropResetOutOfWindow => {
+                "dropped: a TCP reset with a sequence number out of the receiver's window"
             }
         }
     }

@@ -9,14 +9,15 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_for_each_map_elem, programs::TcContext};
 use lb_common::{
     conntrack::{
-        next_state, CtGcState, CtKey, CtPendingValue, CtStep, CtValue, CT_FLAG_PENDING,
-        CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW, NEXT_HOP_NONE,
+        next_state, reset_in_window, CtGcState, CtKey, CtPendingValue, CtStep, CtValue,
+        CT_FLAG_PENDING, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW, NEXT_HOP_NONE,
     },
-    net::{PROTO_TCP, TCP_ACK, TCP_SYN},
+    net::{PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
     outcome::Outcome,
 };
 
 use crate::{
+    events,
     maps::{count, BACKENDS, CONNTRACK, CT_GC, CT_PENDING},
     parse::{addr_eq, Packet},
 };
@@ -152,6 +153,44 @@ fn confirm(tuple: &CtKey, value: &CtValue, now: u64) -> Option<*mut CtValue> {
     let _ = CT_PENDING.remove(tuple);
     count(Outcome::FlowConfirmed);
     CONNTRACK.get_ptr_mut(tuple)
+}
+
+/// Whether `pkt` is a TCP reset of the confirmed flow of `entry` that no
+/// endpoint sent: its sequence number is not near the acknowledgment number
+/// the other side last sent (recorded on the partner entry, see
+/// [`CtValue::peer_ack`]). Such a reset is counted and reported, and must be
+/// dropped: the flow keeps its state. A call of its own, off the
+/// translation's frame.
+#[inline(never)]
+pub fn blind_reset(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue) -> bool {
+    if pkt.tuple.proto != PROTO_TCP || pkt.tcp_flags & TCP_RST == 0 {
+        return false;
+    }
+    // SAFETY: a pointer from a successful lookup; fields read at once.
+    let value = unsafe { &*entry };
+    if value.flags & CT_FLAG_PENDING != 0 {
+        return false;
+    }
+    let Ok(seq) = ctx.load::<u32>(pkt.l4_off + TCP_SEQ_OFF) else {
+        return false;
+    };
+    let receiver = value.apply(&pkt.tuple).reversed();
+    let Some(partner) = CONNTRACK.get_ptr(&receiver) else {
+        return false;
+    };
+    // SAFETY: as above.
+    if reset_in_window(u32::from_be(seq), unsafe { (*partner).peer_ack }) {
+        return false;
+    }
+    count(Outcome::DropResetOutOfWindow);
+    events::report(
+        Outcome::DropResetOutOfWindow,
+        &pkt.tuple,
+        value.service_id,
+        0,
+        0,
+    );
+    true
 }
 
 /// The pointer to an entry of the table `flags` says it is in.

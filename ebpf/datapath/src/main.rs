@@ -72,7 +72,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{forget, initial_state, lookup, next_hop_fresh, pending, touch},
+    conntrack::{blind_reset, forget, initial_state, lookup, next_hop_fresh, pending, touch},
     maps::{count, CONFIG, CONNTRACK, CT_PENDING},
     nat::rewrite,
     parse::{addr_eq, parse, Packet},
@@ -143,6 +143,7 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     match service_entry(ctx, &pkt, hook, now) {
+        Service::Translate(entry) if blind_reset(ctx, &pkt, entry) => TC_ACT_SHOT,
         Service::Translate(entry) => translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now),
         Service::Untranslated => TC_ACT_OK,
         Service::Done(verdict) => verdict,
@@ -214,6 +215,10 @@ fn applies_at(flags: u8, hook: Hook) -> bool {
 /// it on.
 #[inline(never)]
 fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
+    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & TCP_ACK != 0 {
+        // SAFETY: a pointer from a successful lookup; a plain store.
+        unsafe { (*entry).peer_ack = pkt.tcp_ack };
+    }
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let value = &unsafe { *entry };
     let step = value.step(pkt.tuple.proto, pkt.tcp_flags);
@@ -367,6 +372,8 @@ fn new_flow(pkt: &Packet, hook: Hook, now: u64) -> NewFlow {
         last_seen_ns: now,
         hop_ifindex: 0,
         hop_macs: [0; 12],
+        peer_ack: 0,
+        pad: 0,
     };
     let mut reply_key = CtKey::new(backend.addr, t.saddr, backend.port, t.sport, t.proto);
     if snat {
@@ -437,9 +444,9 @@ fn claim_snat_port(reply_key: &mut CtKey, reply: &CtPendingValue, hash: u32) -> 
         return None;
     }
     let holder = CT_PENDING.get_ptr(&*reply_key)?;
-    // SAFETY: a pointer from a successful lookup; copied out at once.
-    let holder = unsafe { (*holder).entry };
-    let _ = CT_PENDING.remove(&holder.apply(reply_key).reversed());
+    // SAFETY: a pointer from a successful lookup, read before the entry goes.
+    let holder_client = unsafe { (*holder).entry.apply(reply_key) }.reversed();
+    let _ = CT_PENDING.remove(&holder_client);
     CT_PENDING.insert(&*reply_key, reply, 0).ok()?;
     Some(reply_key.dport)
 }

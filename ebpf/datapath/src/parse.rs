@@ -162,6 +162,8 @@ pub struct Packet {
     pub l4: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP acknowledgment number, host order (0 for UDP).
+    pub tcp_ack: u32,
     /// Whether the ports are known: false for a later fragment whose first
     /// fragment was not seen (only [`parse_flow`] returns such packets).
     pub ports_known: bool,
@@ -251,6 +253,7 @@ const AT_PROTO: usize = 11;
 const AT_SADDR: usize = 14;
 const AT_DADDR: usize = 18;
 const AT_PORTS: usize = 22;
+const AT_TCP_ACK: usize = 30;
 const AT_TCP_FLAGS: usize = 35;
 
 /// An unfragmented IPv4 TCP or UDP packet without IP options, long enough
@@ -282,6 +285,11 @@ fn parse_v4_common(ctx: &TcContext) -> Option<Packet> {
         l4: true,
         tcp_flags: if proto == PROTO_TCP {
             b[AT_TCP_FLAGS]
+        } else {
+            0
+        },
+        tcp_ack: if proto == PROTO_TCP {
+            u32::from_be(word(AT_TCP_ACK))
         } else {
             0
         },
@@ -334,6 +342,7 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
             l4_off,
             l4: fragment.kind != LATER_FRAGMENT,
             tcp_flags: 0,
+            tcp_ack: 0,
             ports_known: true,
         });
     }
@@ -346,6 +355,7 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
     };
     let l4 = fragment.kind != LATER_FRAGMENT;
     let mut ports_known = true;
+    let mut tcp_ack = 0;
     let tcp_flags = if l4 {
         let ports: [u16; 2] = ctx.load(l4_off).ok()?;
         tuple.sport = ports[0];
@@ -360,6 +370,7 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
             let _ = FRAGMENTS.insert(&frag_key, &ports, 0);
         }
         if proto == PROTO_TCP {
+            tcp_ack = u32::from_be(ctx.load::<u32>(l4_off + 8).ok()?);
             ctx.load::<u8>(l4_off + 13).ok()?
         } else {
             0
@@ -382,6 +393,7 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
         l4_off,
         l4,
         tcp_flags,
+        tcp_ack,
         ports_known,
     })
 }

@@ -142,7 +142,7 @@ pub fn remove_stale_maps(pin_dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let current = maps::ALL.contains(&name.as_ref()) && name != maps::CONNTRACK_V1;
+        let current = maps::ALL.contains(&name.as_ref()) && name != maps::CONNTRACK_V2;
         if name.starts_with("LB_") && !current {
             match fs::remove_file(entry.path()) {
                 Ok(()) => info!(pin = %name, "removed map pin of an older layout"),

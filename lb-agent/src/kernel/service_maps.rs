@@ -190,6 +190,14 @@ impl TcMaps {
         })
     }
 
+    /// The Maglev map's capacity, as it was created.
+    pub fn maglev_capacity(&self) -> Result<u32, KernelError> {
+        aya::maps::IterableMap::map(&self.maglev)
+            .info()
+            .map(|info| info.max_entries())
+            .on(maps::MAGLEV)
+    }
+
     /// Writes a complete Maglev table of backend ids under `generation`: the
     /// slots first, the size entry last, so the generation is usable only
     /// once complete.

@@ -24,9 +24,9 @@ use aya::{
 };
 use lb_common::{
     config::TcConfig,
-    conntrack::{CtGcState, CtKey, CtPendingValue, CtValue, CtValueV1},
+    conntrack::{CtGcState, CtKey, CtPendingValue, CtValue, CtValueV2},
     events::{DropEvent, ReportBudget},
-    maps::{self, MAX_CONNTRACK, MAX_CT_PENDING},
+    maps::{self, MAX_CONNTRACK, MAX_CT_PENDING, MAX_MAGLEV_ENTRIES},
     outcome::{Counted, Outcome},
 };
 use tracing::info;
@@ -110,6 +110,9 @@ pub struct TcOptions {
     /// Capacity of the LRU of unconfirmed flows (two entries per flow), with
     /// the same rule.
     pub pending_capacity: u32,
+    /// Capacity of the Maglev map (entries of every table together), with
+    /// the same rule.
+    pub maglev_capacity: u32,
 }
 
 impl Default for TcOptions {
@@ -117,6 +120,7 @@ impl Default for TcOptions {
         Self {
             conntrack_capacity: MAX_CONNTRACK,
             pending_capacity: MAX_CT_PENDING,
+            maglev_capacity: MAX_MAGLEV_ENTRIES,
         }
     }
 }
@@ -155,17 +159,18 @@ pub struct TcPrograms {
     report_budget: PerCpuArray<MapData, ReportBudget>,
     /// An older agent's conntrack, pinned under the older layout's name,
     /// until its flows are carried over (see [`TcPrograms::load`]).
-    older_conntrack: Option<HashMap<MapData, CtKey, CtValueV1>>,
+    older_conntrack: Option<HashMap<MapData, CtKey, CtValueV2>>,
     conntrack_capacity: u32,
     pending_capacity: u32,
+    maglev_capacity: u32,
     pin_dir: PathBuf,
 }
 
 /// The conntrack an older agent pinned under the previous layout, if any.
 fn open_older_conntrack(
     pin_dir: &Path,
-) -> Result<Option<HashMap<MapData, CtKey, CtValueV1>>, KernelError> {
-    let name = maps::CONNTRACK_V1;
+) -> Result<Option<HashMap<MapData, CtKey, CtValueV2>>, KernelError> {
+    let name = maps::CONNTRACK_V2;
     match pins::open_map_if_pinned(pin_dir, name)? {
         Some(map) => HashMap::try_from(map).map(Some).on(name),
         None => Ok(None),
@@ -174,10 +179,10 @@ fn open_older_conntrack(
 
 /// Copies every entry of `older` missing from `conntrack`; returns how many.
 fn carry_over(
-    older: &HashMap<MapData, CtKey, CtValueV1>,
+    older: &HashMap<MapData, CtKey, CtValueV2>,
     conntrack: &mut HashMap<MapData, CtKey, CtValue>,
 ) -> Result<usize, KernelError> {
-    let capacity = older.map().info().on(maps::CONNTRACK_V1)?.max_entries();
+    let capacity = older.map().info().on(maps::CONNTRACK_V2)?.max_entries();
     let mut copied = 0;
     // A walk that loses its place (the entry it stood on was deleted by a
     // packet) starts over from the first key: bounded, duplicates are
@@ -212,7 +217,7 @@ impl TcPrograms {
     /// ones pinned in `pin_dir` (shared with the socket programs). Returns
     /// them with the maps plans write.
     ///
-    /// An older agent's conntrack (`LB_CT_V1`, pinned) is copied into the
+    /// An older agent's conntrack (`LB_CT_V2`, pinned) is copied into the
     /// new map here, while that agent's programs still run on it, and once
     /// more by [`finish_conntrack_carry_over`](Self::finish_conntrack_carry_over)
     /// after this agent's programs replaced them, for the flows that began
@@ -224,6 +229,7 @@ impl TcPrograms {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::CONNTRACK, options.conntrack_capacity)
             .map_max_entries(maps::CT_PENDING, options.pending_capacity)
+            .map_max_entries(maps::MAGLEV, options.maglev_capacity)
             .load(TC_OBJECT)
             .map_err(|source| KernelError::Load {
                 object: "tc",
@@ -243,6 +249,8 @@ impl TcPrograms {
             program.load().map_err(program_err)?;
         }
         let service_maps = TcMaps::take(&mut ebpf)?;
+        // A pinned map keeps the capacity it was made with.
+        let maglev_capacity = service_maps.maglev_capacity()?;
         let conntrack: HashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
         let conntrack_capacity = conntrack
             .map()
@@ -259,6 +267,7 @@ impl TcPrograms {
             conntrack,
             pending,
             pending_capacity,
+            maglev_capacity,
             gc: take(&mut ebpf, maps::CT_GC)?,
             config: take(&mut ebpf, maps::TC_CONFIG)?,
             stats: take(&mut ebpf, maps::TC_STATS)?,
@@ -274,7 +283,7 @@ impl TcPrograms {
             let copied = carry_over(older, &mut tc.conntrack)?;
             info!(
                 copied,
-                from = %maps::CONNTRACK_V1,
+                from = %maps::CONNTRACK_V2,
                 "carried conntrack entries over"
             );
         }
@@ -290,10 +299,10 @@ impl TcPrograms {
             return Ok(0);
         };
         let copied = carry_over(&older, &mut self.conntrack)?;
-        pins::remove(&self.pin_dir.join(maps::CONNTRACK_V1))?;
+        pins::remove(&self.pin_dir.join(maps::CONNTRACK_V2))?;
         info!(
             copied,
-            from = %maps::CONNTRACK_V1,
+            from = %maps::CONNTRACK_V2,
             "carried the last conntrack entries over and removed the older map"
         );
         Ok(copied)
@@ -425,6 +434,11 @@ impl TcPrograms {
     /// Every conntrack entry, for `lbctl` and tests.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, KernelError> {
         entries(&self.conntrack, maps::CONNTRACK)
+    }
+
+    /// The Maglev map's capacity, as created (a pinned map keeps its own).
+    pub fn maglev_capacity(&self) -> u32 {
+        self.maglev_capacity
     }
 
     /// Every entry of the unconfirmed flows, for `lbctl` and tests.

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounter,
     /// Frontends a full map keeps out of the datapath, retried on every pass.
     pub frontends_pending: IntGauge,
+    /// The same frontends by name, with the map that was full (1 each).
+    pub frontends_not_programmed: IntGaugeVec,
     /// Time from snapshot to programmed maps.
     pub reconcile_seconds: Histogram,
     /// Objects (or fields) skipped as invalid in the latest snapshot.
@@ -116,6 +118,18 @@ impl Metrics {
             frontends_pending: gauge(
                 "lb_frontends_pending",
                 "Frontends a full map keeps out of the datapath; retried on every pass",
+            ),
+            frontends_not_programmed: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "lb_frontend_not_programmed",
+                        "1 for each frontend (namespace/service:port) a full map keeps in its \
+                         previous state, with the map",
+                    ),
+                    &["frontend", "map"],
+                )
+                .expect("valid"),
             ),
             reconcile_seconds: register(
                 r,

@@ -21,7 +21,7 @@ use lb_agent::{
 };
 use lb_common::{
     conntrack::{
-        CtKey, CtValue, CtValueV1, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
+        CtKey, CtValue, CtValueV2, CT_FLAG_REPLY, CT_FLAG_REWRITE_DST, CT_FLAG_REWRITE_SRC,
         CT_STATE_CLOSING, CT_STATE_ESTABLISHED, NEXT_HOP_NONE,
     },
     maps,
@@ -174,6 +174,7 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 65_536,
         pending_capacity: 4096,
+        ..TcOptions::default()
     });
     let mut conntrack: HashMap<MapData, CtKey, CtValue> = pinned_hash(&node.dir, maps::CONNTRACK);
     let now = boottime_ns().unwrap();
@@ -202,6 +203,8 @@ fn conntrack_gc_deletes_only_expired_entries_of_a_large_table() {
             last_seen_ns: if i < live { now } else { now - 61_000_000_000 },
             hop_ifindex: 0,
             hop_macs: [0; 12],
+            peer_ack: 0,
+            pad: 0,
         };
         conntrack.insert(key, value, 0).unwrap();
     }
@@ -224,6 +227,7 @@ fn a_full_table_of_unconfirmed_flows_evicts_instead_of_failing() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 64,
         pending_capacity: 64,
+        ..TcOptions::default()
     });
     node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
     let fe = nodeport(NODE4.into(), PROTO_TCP);
@@ -344,8 +348,8 @@ fn create_pinned_lru(path: &std::path::Path, key_size: u32, value_size: u32, max
 }
 
 /// A conntrack value in the older layout.
-fn older(value: &CtValue) -> CtValueV1 {
-    CtValueV1 {
+fn older(value: &CtValue) -> CtValueV2 {
+    CtValueV2 {
         new_saddr: value.new_saddr,
         new_daddr: value.new_daddr,
         new_sport: value.new_sport,
@@ -353,10 +357,12 @@ fn older(value: &CtValue) -> CtValueV1 {
         flags: value.flags,
         state: value.state,
         fins: value.fins,
-        pad: 0,
+        hop: value.hop,
         service_id: value.service_id,
         backend_id: value.backend_id,
         last_seen_ns: value.last_seen_ns,
+        hop_ifindex: value.hop_ifindex,
+        hop_macs: value.hop_macs,
     }
 }
 
@@ -369,9 +375,9 @@ fn an_older_agents_conntrack_is_carried_over() {
     isolated(|| {
         let dir = fresh_dir();
         fs::create_dir_all(&dir).unwrap();
-        create_pinned_lru(&dir.join(maps::CONNTRACK_V1), 40, 56, 1024);
-        let mut older_map: HashMap<MapData, CtKey, CtValueV1> =
-            pinned_hash(&dir, maps::CONNTRACK_V1);
+        create_pinned_lru(&dir.join(maps::CONNTRACK_V2), 40, 72, 1024);
+        let mut older_map: HashMap<MapData, CtKey, CtValueV2> =
+            pinned_hash(&dir, maps::CONNTRACK_V2);
         let now = boottime_ns().unwrap();
         // A flow of the older agent: client -> NodePort, SNATed to a remote
         // backend from port 61234.
@@ -397,6 +403,8 @@ fn an_older_agents_conntrack_is_carried_over() {
                 last_seen_ns: now,
                 hop_ifindex: 0,
                 hop_macs: [0; 12],
+                peer_ack: 0,
+                pad: 0,
             };
             let reply_key = forward.apply(&key).reversed();
             [(key, forward), (reply_key, forward.partner(&key, now))]
@@ -425,7 +433,7 @@ fn an_older_agents_conntrack_is_carried_over() {
             older_map.insert(key, older(&value), 0).unwrap();
         }
         assert_eq!(node.tc.finish_conntrack_carry_over().unwrap(), 2);
-        assert!(!node.dir.join(maps::CONNTRACK_V1).exists());
+        assert!(!node.dir.join(maps::CONNTRACK_V2).exists());
         let reply = Pkt::tcp(backend4(1), 8080, NODE4.into(), 61235, ACK);
         let (_, restored) = node.ingress(&reply);
         assert_eq!(

@@ -112,6 +112,7 @@ impl Node {
         Self::with_options(&TcOptions {
             conntrack_capacity: 4096,
             pending_capacity: 4096,
+            ..TcOptions::default()
         })
     }
 

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use lb_agent::kernel::tc_programs::TcOptions;
 use lb_common::{
+    conntrack::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, RESET_WINDOW},
     nat::SNAT_PORT_COUNT,
     net::{PROTO_TCP, PROTO_UDP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN},
     outcome::Outcome,
@@ -110,6 +111,7 @@ fn a_spoofed_flood_evicts_no_established_flow() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 64,
         pending_capacity: 256,
+        ..TcOptions::default()
     });
     for i in 1..=3 {
         node.add_backend(u32::from(i), backend4(i), 8080, PROTO_TCP, true);
@@ -151,6 +153,7 @@ fn a_spoofed_flood_cannot_exhaust_snat_ports() {
     let mut node = Node::with_options(&TcOptions {
         conntrack_capacity: 4096,
         pending_capacity: 4 * u32::from(SNAT_PORT_COUNT),
+        ..TcOptions::default()
     });
     node.add_backend(1, backend4(1), 8080, PROTO_TCP, false);
     let fe = nodeport(NODE4.into(), PROTO_TCP);
@@ -176,4 +179,46 @@ fn a_spoofed_flood_cannot_exhaust_snat_ports() {
     assert_eq!((reply.dst, reply.dport), (IpAddr::from(CLIENT4), 45000));
     node.ingress(&client(ACK));
     assert_eq!(node.stat(Outcome::FlowConfirmed), 1);
+}
+
+/// A reset no endpoint sent (issue 22, item 2): its sequence number is far
+/// from what the receiver acknowledged, so it is dropped and the flow keeps
+/// its state; the endpoint's own reset still closes the flow.
+#[test]
+fn a_blind_reset_is_dropped_and_the_flow_kept() {
+    let (mut node, fe) = node_with_local_backends();
+    let client = |seq: u32| Pkt {
+        seq,
+        ..Pkt::tcp(CLIENT4.into(), 46000, fe.ip, NODE_PORT, RST)
+    };
+    let backend = node
+        .handshake_local(&Pkt::tcp(CLIENT4.into(), 46000, fe.ip, NODE_PORT, SYN))
+        .dst;
+    let states = |node: &Node| -> Vec<u8> {
+        node.tc
+            .conntrack_entries()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.state)
+            .collect()
+    };
+    assert_eq!(states(&node), [CT_STATE_ESTABLISHED; 2]);
+    // The backend acknowledged ISN + 1: a blind guess far from it, either
+    // way, is dropped, from the outside as from the backend's side.
+    for seq in [ISN + 1 + RESET_WINDOW, ISN.wrapping_sub(1)] {
+        let (verdict, _) = node.ingress(&client(seq));
+        assert_eq!(verdict, TC_ACT_SHOT, "seq {seq}");
+    }
+    let from_backend = Pkt {
+        seq: 0x4000_0000,
+        ..Pkt::tcp(backend, 8080, CLIENT4.into(), 46000, RST)
+    };
+    assert_eq!(node.egress(&from_backend).0, TC_ACT_SHOT);
+    assert_eq!(node.stat(Outcome::DropResetOutOfWindow), 3);
+    assert_eq!(states(&node), [CT_STATE_ESTABLISHED; 2]);
+    // The client's real reset, at the sequence number the backend expects
+    // (or a little ahead, with data in flight), closes the flow.
+    let (verdict, out) = node.ingress(&client(ISN + 1 + 1_000));
+    assert_eq!((verdict, out.dst), (TC_ACT_OK, backend));
+    assert_eq!(states(&node), [CT_STATE_CLOSING; 2]);
 }

@@ -37,6 +37,11 @@ const PER_PACKET_NODE1: [&str; 6] = [
 ];
 
 fn two_nodes() -> Result<TwoNodes> {
+    two_nodes_with(&[])
+}
+
+/// [`two_nodes`] with more agent flags.
+fn two_nodes_with(extra_args: &[&str]) -> Result<TwoNodes> {
     require_root();
     let bins = Binaries::locate()?;
     let mut lab = Lab::new()?;
@@ -62,13 +67,17 @@ fn two_nodes() -> Result<TwoNodes> {
                 &bins,
                 node,
                 &[
-                    "--node-name",
-                    &node.name,
-                    "--tc-interfaces",
-                    "eth0",
-                    "--external-ip-cidrs",
-                    "192.0.2.0/24",
-                ],
+                    &[
+                        "--node-name",
+                        &node.name,
+                        "--tc-interfaces",
+                        "eth0",
+                        "--external-ip-cidrs",
+                        "192.0.2.0/24",
+                    ],
+                    extra_args,
+                ]
+                .concat(),
             )
         })
         .collect::<Result<Vec<_>>>()?;
@@ -471,6 +480,57 @@ fn a_spoofed_flood_breaks_no_connection_and_blocks_no_new_one() -> Result<()> {
         "lb_tc_packets{outcome=\"drop_no_connection\"}",
     )?;
     assert!(dropped > 0.0, "no bare ACK was dropped");
+    Ok(())
+}
+
+/// A full Maglev map (issue 22, item 5): a Service with more external
+/// addresses than fit gets the frontends that fit, the rest are reported per
+/// frontend (`lb_frontend_not_programmed`), and a Service already
+/// programmed still changes its backends, because new frontends leave room
+/// for one table swap.
+#[test]
+fn a_full_maglev_map_refuses_new_frontends_and_keeps_the_others_changing() -> Result<()> {
+    // Five tables of 251 slots and their size entries.
+    let t = two_nodes_with(&["--maglev-table-size", "251", "--maglev-capacity", "1260"])?;
+    t.publish("", &[(0, "node1"), (1, "node2")])?;
+    let hog = service("hog", "10.96.0.20", &[("http", 80, "TCP", "8080")]).replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  externalIPs: [192.0.2.1, 192.0.2.2, 192.0.2.3]\n",
+    );
+    let hog = format!(
+        "{hog}---\n{}",
+        slice(
+            "hog",
+            "hog-a",
+            &[("http", 8080, "TCP")],
+            &[Endpoint::ready(&t.web[0].ip)]
+        )
+    );
+    for agent in &t.agents {
+        agent.write_manifest("hog.yaml", &hog)?;
+        agent.wait_for_services(Duration::from_secs(10), |s| s.contains("192.0.2.2:80"))?;
+    }
+    let refused = "lb_frontend_not_programmed{frontend=\"default/hog:http\",map=\"Maglev table\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent_metric(&t, NODE_IPS[0], refused).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no frontend reported as not programmed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(agent_metric(&t, NODE_IPS[0], refused)?, 1.0);
+
+    // The NodePort, programmed before, moves to one backend.
+    t.publish("", &[(1, "node2")])?;
+    let attempts = t.connect(&format!("{}:30080", NODE_IPS[0]), &["--count", "8"])?;
+    all_ok(&attempts);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.backend.as_deref() == Some("web-2")),
+        "{attempts:?}"
+    );
     Ok(())
 }
 

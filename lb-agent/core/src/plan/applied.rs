@@ -445,19 +445,20 @@ fn adopt_table(
         frontend.complete = resolved && whole;
         return;
     };
-    frontend.complete = resolved && whole && frontend.table == settings.size && {
-        let ids_by_backend: BTreeMap<Backend, u32> = backends_by_id
-            .iter()
-            .filter(|(id, _)| ids.contains(id))
-            .map(|(id, backend)| (*backend, *id))
-            .collect();
-        maglev_table(&frontend.backends, &ids_by_backend, settings).is_ok_and(|table| {
-            table
+    frontend.complete =
+        resolved && whole && frontend.table == settings.table_size(frontend.backends.len()) && {
+            let ids_by_backend: BTreeMap<Backend, u32> = backends_by_id
                 .iter()
-                .enumerate()
-                .all(|(index, id)| entries.get(&(index as u32)) == Some(id))
-        })
-    };
+                .filter(|(id, _)| ids.contains(id))
+                .map(|(id, backend)| (*backend, *id))
+                .collect();
+            maglev_table(&frontend.backends, &ids_by_backend, settings).is_ok_and(|table| {
+                table
+                    .iter()
+                    .enumerate()
+                    .all(|(index, id)| entries.get(&(index as u32)) == Some(id))
+            })
+        };
 }
 
 /// Encodes a display name, truncated to the map's value size on a char boundary.

@@ -133,6 +133,16 @@ pub struct MaglevSettings {
 /// The default Maglev seed ("lbmaglev").
 pub const DEFAULT_MAGLEV_SEED: u64 = 0x6c62_6d61_676c_6576;
 
+impl MaglevSettings {
+    /// The table size of a frontend with `backends` backends: 100 slots per
+    /// backend (the smallest listed size with `M >= 100 * N`), at most
+    /// `size`. Small Services take small tables, so the map holds the
+    /// tables of thousands of them; every node sizes a table alike.
+    pub fn table_size(&self, backends: usize) -> usize {
+        maglev::table_size_for(backends).min(self.size)
+    }
+}
+
 impl Default for MaglevSettings {
     fn default() -> Self {
         Self {
@@ -308,13 +318,22 @@ pub fn plan(
             .collect();
         let external = uses_maglev(key.scope);
         let new_table = external && !frontend.backends.is_empty();
+        let table_size = maglev.table_size(frontend.backends.len());
+        // A frontend new to the map must leave room for the swap of a
+        // largest table: however many frontends one Service adds, the ones
+        // already programmed can still change.
+        let swap_reserve = if current.is_none() {
+            table_entries(maglev.size)
+        } else {
+            0
+        };
         let old_ranges = current.as_ref().map_or(0, |c| c.source_ranges.len());
         let checks = [
             (
                 "Maglev table",
                 applied.maglev_entries
                     + if new_table {
-                        table_entries(maglev.size)
+                        table_entries(table_size) + swap_reserve
                     } else {
                         0
                     },
@@ -354,7 +373,7 @@ pub fn plan(
         // Built before any id is allocated: a table that cannot be built
         // leaves the frontend, and the id counter, as they were.
         let table = if new_table {
-            match maglev::build_table(&maglev_keys(&frontend.backends), maglev.size, maglev.seed) {
+            match maglev::build_table(&maglev_keys(&frontend.backends), table_size, maglev.seed) {
                 Ok(table) => Some(table),
                 Err(err) => {
                     errors.push(CapacityError {
@@ -362,7 +381,7 @@ pub fn plan(
                         name: format!("{}: {err}", frontend.name),
                         map: "Maglev table",
                         needed: frontend.backends.len(),
-                        capacity: maglev.size,
+                        capacity: table_size,
                     });
                     continue;
                 }
@@ -435,7 +454,7 @@ pub fn plan(
             backends: frontend.backends.clone(),
             slots: if external { 0 } else { frontend.backends.len() },
             table: if external && generation != 0 {
-                maglev.size
+                table_size
             } else {
                 0
             },
@@ -548,7 +567,8 @@ fn maglev_table(
     settings: &MaglevSettings,
 ) -> Result<Vec<u32>, maglev::MaglevError> {
     let sorted = sorted_ids(backends, ids);
-    let table = maglev::build_table(&maglev_keys(backends), settings.size, settings.seed)?;
+    let size = settings.table_size(backends.len());
+    let table = maglev::build_table(&maglev_keys(backends), size, settings.seed)?;
     Ok(table
         .into_iter()
         .map(|index| sorted[index as usize])

@@ -416,8 +416,11 @@ fn a_full_maglev_map_is_a_capacity_error_for_that_frontend_only() {
     d.frontends.insert(external(1), frontend("default/a", &[1]));
     d.frontends.insert(external(2), frontend("default/b", &[2]));
     d.frontends.insert(key(3), frontend("default/c", &[3]));
+    // Room for one table and the swap reserve of a largest table, not for
+    // a second new frontend.
+    let table = SETTINGS.size + 1;
     let capacity = Capacity {
-        maglev_entries: SETTINGS.size + 1,
+        maglev_entries: 3 * table - 1,
         ..Capacity::default()
     };
     let (p, next) = plan_all(&Applied::default(), &d, &capacity);
@@ -429,6 +432,45 @@ fn a_full_maglev_map_is_a_capacity_error_for_that_frontend_only() {
     assert!(next.frontends.contains_key(&external(1)));
     assert!(next.frontends.contains_key(&key(3)));
     assert!(!next.frontends.contains_key(&external(2)));
+
+    // The reserve keeps the programmed frontend changeable: its new table
+    // is written before the old one goes.
+    let mut changed = d.clone();
+    changed.frontends.remove(&external(2));
+    changed
+        .frontends
+        .insert(external(1), frontend("default/a", &[1, 4]));
+    let (p, after) = plan_all(&next, &changed, &capacity);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert_eq!(after.frontends[&external(1)].backends.len(), 2);
+}
+
+#[test]
+fn tables_take_100_slots_per_backend_up_to_the_configured_size() {
+    let settings = MaglevSettings {
+        size: 16381,
+        ..SETTINGS
+    };
+    let mut d = DesiredState::default();
+    let many: Vec<u8> = (1..=120).collect();
+    d.frontends
+        .insert(external(1), frontend("default/a", &[1, 2]));
+    d.frontends
+        .insert(external(2), frontend("default/b", &[1, 2, 3]));
+    d.frontends
+        .insert(external(3), frontend("default/c", &many));
+    let mut next = Applied::default();
+    let p = plan(&mut next, &d, &Capacity::default(), &settings, Scope::All);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let sizes: Vec<usize> = (1..=3)
+        .map(|i| next.frontends[&external(i)].table)
+        .collect();
+    assert_eq!(sizes, [251, 509, 16381]);
+    // Every node builds the same tables; a restart adopts them as they are.
+    let mut maps = MemoryMaps::default();
+    execute(&mut maps, &p);
+    let adopted = Applied::adopt(&maps.dump(), &settings);
+    assert!((1..=3).all(|i| adopted.frontends[&external(i)].complete));
 }
 
 #[test]
