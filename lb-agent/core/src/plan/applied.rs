@@ -259,12 +259,17 @@ impl Applied {
                 applied.unclaimed.push(*backend);
             }
         }
+        // Ids of orphans count too: a fresh id equal to an orphan's would be
+        // written by the next plan and then deleted by its cleanup.
         let max_id = [
             used_generations.iter().max(),
             used_ids.iter().max(),
             backends_by_id.keys().max(),
             slots.keys().map(|k| &k.generation).max(),
             tables.keys().max(),
+            dump.rev_nat.iter().map(|(id, _)| id).max(),
+            dump.names.iter().map(|(id, _)| id).max(),
+            dump.source_ranges.iter().map(|r| &r.service_id).max(),
         ]
         .into_iter()
         .flatten()

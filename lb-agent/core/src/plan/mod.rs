@@ -12,6 +12,8 @@
 //! are deleted last.
 
 mod applied;
+#[cfg(test)]
+mod crash_tests;
 pub mod memory;
 #[cfg(test)]
 mod tests;

@@ -584,3 +584,31 @@ fn a_draining_backend_that_is_ready_again_keeps_its_id() {
     assert_eq!(backend_id(&maps, 2), id);
     assert_eq!(maps.slots.len(), 2);
 }
+
+#[test]
+fn a_restart_never_gives_a_new_frontend_the_id_of_an_orphan_it_then_deletes() {
+    let mut maps = MemoryMaps::default();
+    // Without endpoints: no slot or backend written carries an id.
+    let d = desired(&[(1, &[])]);
+    let mut applied = Applied::default();
+    let p = plan(
+        &mut applied,
+        &d,
+        &Capacity::default(),
+        &SETTINGS,
+        Scope::All,
+    );
+    // The agent dies right after writing the reverse translation.
+    for op in p.groups.iter().flat_map(|g| &g.ops) {
+        maps.write(op).unwrap();
+        if matches!(op, Op::PutRevNat(..)) {
+            break;
+        }
+    }
+    let mut adopted = Applied::adopt(&maps.dump(), &SETTINGS);
+    run(&mut maps, &mut adopted, &d);
+    let service_id = maps.services[&key(1)].service_id;
+    assert!(maps.rev_nat.contains_key(&service_id));
+    assert!(maps.names.contains_key(&service_id));
+    assert_eq!(maps.rev_nat.len(), 1);
+}
