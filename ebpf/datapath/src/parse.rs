@@ -248,6 +248,7 @@ pub fn has_ports(proto: u8) -> bool {
 const V4_HEADERS_LEN: usize = 2 + IPV4_LEN + 14;
 /// Offsets in those bytes.
 const AT_VERSION_IHL: usize = 2;
+const AT_TOT_LEN: usize = 4;
 const AT_FRAG_OFF: usize = 8;
 const AT_PROTO: usize = 11;
 const AT_SADDR: usize = 14;
@@ -268,7 +269,13 @@ fn parse_v4_common(ctx: &TcContext) -> Option<Packet> {
     let common = u16::from_be(half(0)) == ETH_P_IP
         && b[AT_VERSION_IHL] == 0x45
         && u16::from_be(half(AT_FRAG_OFF)) & IPV4_MF_OFFSET == 0
-        && (proto == PROTO_TCP || proto == PROTO_UDP);
+        && (proto == PROTO_TCP || proto == PROTO_UDP)
+        && whole_l4_header(
+            ctx,
+            ETH_LEN + IPV4_LEN,
+            proto,
+            ip_end(ctx, ETH_LEN, u16::from_be(half(AT_TOT_LEN))),
+        );
     if !common {
         return None;
     }
@@ -303,7 +310,7 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
         return Some(pkt);
     }
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (v4, saddr, daddr, proto, l4_off, fragment) = if ethertype == ETH_P_IP {
+    let (v4, saddr, daddr, proto, l4_off, fragment, end) = if ethertype == ETH_P_IP {
         let ip: Ipv4Hdr = ctx.load(ETH_LEN).ok()?;
         let ihl = (ip.version_ihl & 0x0f) as usize;
         if ip.version_ihl >> 4 != 4 || ihl < 5 {
@@ -322,11 +329,13 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
             ip.proto,
             ETH_LEN + ihl * 4,
             fragment,
+            ip_end(ctx, ETH_LEN, u16::from_be(ip.tot_len)),
         )
     } else if ethertype == ETH_P_IPV6 {
         let ip: Ipv6Hdr = ctx.load(ETH_LEN).ok()?;
         let (next, off, fragment) = ipv6_extensions(ctx, ip.next_header)?;
-        (false, ip.saddr, ip.daddr, next, off, fragment)
+        let end = ip_end(ctx, ETH_LEN + IPV6_LEN, u16::from_be(ip.payload_len));
+        (false, ip.saddr, ip.daddr, next, off, fragment, end)
     } else {
         return None;
     };
@@ -354,6 +363,11 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
         pad: [0; 3],
     };
     let l4 = fragment.kind != LATER_FRAGMENT;
+    // A header cut short (a truncated packet, a tiny first fragment) cannot
+    // be rewritten: not a flow.
+    if l4 && !whole_l4_header(ctx, l4_off, proto, end) {
+        return None;
+    }
     let mut ports_known = true;
     let mut tcp_ack = 0;
     let tcp_flags = if l4 {
@@ -396,6 +410,32 @@ fn parse_ip(ctx: &TcContext, any_protocol: bool) -> Option<Packet> {
         tcp_ack,
         ports_known,
     })
+}
+
+/// Where an IP packet whose header gives `length` bytes from `start` ends
+/// in the frame: a length of 0 is a BIG TCP packet's (over 64 KiB, its
+/// length in the skb only).
+#[inline(always)]
+fn ip_end(ctx: &TcContext, start: usize, length: u16) -> usize {
+    if length == 0 {
+        ctx.len() as usize
+    } else {
+        start + usize::from(length)
+    }
+}
+
+/// Whether the IP packet, which its header says ends at `ip_end`, holds
+/// the whole fixed header of `proto` (TCP 20 bytes, UDP 8, SCTP 12) at
+/// `l4_off`, and the frame holds the IP packet: the rewrite touches the
+/// transport checksum, and a packet whose lengths lie is not forwarded.
+#[inline(always)]
+fn whole_l4_header(ctx: &TcContext, l4_off: usize, proto: u8, ip_end: usize) -> bool {
+    let header = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => 12,
+    };
+    l4_off + header <= ip_end && ip_end <= ctx.len() as usize
 }
 
 /// Walks the IPv6 extension headers after a fixed header whose next header

@@ -27,7 +27,7 @@ fn quote_of(pkt: &Pkt<'_>) -> Vec<u8> {
 
 /// An ICMP (ICMPv6) error of `kind`/`code` from `src` to `dst` about
 /// `about`, with `rest` as the header's second word and a valid checksum.
-fn icmp_error(
+pub(crate) fn icmp_error(
     src: IpAddr,
     dst: IpAddr,
     (kind, code): (u8, u8),

@@ -15,6 +15,7 @@ mod flood;
 mod forwarding;
 mod fragments;
 mod frames;
+mod fuzz;
 mod icmp_errors;
 mod nodeport;
 mod reject;
