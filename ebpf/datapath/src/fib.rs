@@ -42,12 +42,49 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// Offsets of the IPv4 TTL (with the protocol, one checksummed word) and
+/// header checksum, and of the IPv6 hop limit.
+const IPV4_TTL_OFF: usize = ETH_LEN + 8;
+const IPV4_CSUM_OFF: usize = ETH_LEN + 10;
+const IPV6_HOP_LIMIT_OFF: usize = ETH_LEN + 7;
+
+/// Decrements the TTL (hop limit) of a packet about to be redirected, as
+/// the stack's forwarding would: it crosses this node as a router. False,
+/// and the packet unchanged, when none is left (the stack then answers
+/// with time exceeded) or the header cannot be written.
+#[inline(always)]
+fn count_hop(ctx: &TcContext, v4: bool) -> bool {
+    if !v4 {
+        return match ctx.load::<u8>(IPV6_HOP_LIMIT_OFF) {
+            Ok(limit) if limit > 1 => ctx.store(IPV6_HOP_LIMIT_OFF, &(limit - 1), 0).is_ok(),
+            _ => false,
+        };
+    }
+    let Ok(word) = ctx.load::<[u8; 2]>(IPV4_TTL_OFF) else {
+        return false;
+    };
+    if word[0] <= 1 {
+        return false;
+    }
+    let new = [word[0] - 1, word[1]];
+    // The checksum helper takes the words as they sit in the packet.
+    ctx.store(IPV4_TTL_OFF, &new, 0).is_ok()
+        && ctx
+            .l3_csum_replace(
+                IPV4_CSUM_OFF,
+                u64::from(u16::from_ne_bytes(word)),
+                u64::from(u16::from_ne_bytes(new)),
+                2,
+            )
+            .is_ok()
+}
+
 /// Redirects the packet as its flow's entry remembers: `hop` a
 /// `NEXT_HOP_*` other than none, to `ifindex` with the Ethernet addresses
 /// `macs`. Returns the tc verdict.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, hop: u8, ifindex: u32, macs: &[u8; 12]) -> i32 {
-    if ctx.store(0, macs, 0).is_err() {
+pub fn redirect(ctx: &TcContext, v4: bool, hop: u8, ifindex: u32, macs: &[u8; 12]) -> i32 {
+    if !count_hop(ctx, v4) || ctx.store(0, macs, 0).is_err() {
         return TC_ACT_OK;
     }
     let peer = hop == NEXT_HOP_PEER && crate::policy::enforcing().is_none();
@@ -126,6 +163,9 @@ fn next_hop_macs(params: &bpf_fib_lookup) -> [u8; 12] {
 #[inline(never)]
 pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool, verdict: &Verdict) -> Option<i32> {
     if verdict.hop_ifindex != 0 {
+        if !count_hop(ctx, v4) {
+            return None;
+        }
         ctx.store(0, &verdict.hop_macs, 0).ok()?;
         // SAFETY: as below; the remembered interface passed the same check.
         return Some(redirected(unsafe {
@@ -143,8 +183,11 @@ pub fn to_checked_pod(ctx: &TcContext, tuple: &CtKey, v4: bool, verdict: &Verdic
         return None;
     }
     let macs = next_hop_macs(&params);
-    ctx.store(0, &macs, 0).ok()?;
     crate::policy::learn_hop(tuple, params.ifindex, &macs);
+    if !count_hop(ctx, v4) {
+        return None;
+    }
+    ctx.store(0, &macs, 0).ok()?;
     // SAFETY: a helper available to tc programs on ingress hooks; the
     // target is an interface the agent found to be a veth or netkit host end.
     Some(redirected(unsafe { bpf_redirect_peer(params.ifindex, 0) }))
@@ -177,9 +220,12 @@ pub fn forward(ctx: &TcContext, tuple: &CtKey, v4: bool, learn: *mut CtValue) ->
                 (*learn).hop = hop;
             }
         }
-        return redirect(ctx, hop, params.ifindex, &macs);
+        return redirect(ctx, v4, hop, params.ifindex, &macs);
     }
     let verdict = if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        if !count_hop(ctx, v4) {
+            return TC_ACT_OK;
+        }
         // The lookup left the egress interface and the next hop in `params`.
         let mut next_hop = if v4 {
             bpf_redir_neigh {

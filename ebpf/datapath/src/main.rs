@@ -240,7 +240,7 @@ fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now:
         return TC_ACT_OK;
     }
     if next_hop_fresh(value, now) {
-        return fib::redirect(&ctx, value.hop, value.hop_ifindex, &value.hop_macs);
+        return fib::redirect(&ctx, pkt.v4, value.hop, value.hop_ifindex, &value.hop_macs);
     }
     // A closed flow's entry is gone: nothing to remember the answer in.
     let learn = if step.closes {

@@ -18,9 +18,9 @@ use lb_core::addr::addr_from_ip;
 use crate::{
     fixture::{
         backend4, isolated, maglev_pick, node_with_local_backends, pinned_hash, Node, CLIENT4,
-        NODE4, NODE6, NODE_PORT, SEED, TC_ACT_REDIRECT,
+        NODE4, NODE6, NODE_PORT, SEED, TC_ACT_OK, TC_ACT_REDIRECT,
     },
-    frames::{parse, Pkt},
+    frames::{fold, parse, sum16, Pkt},
 };
 
 /// Runs `ip` with `args` in the calling thread's network namespace.
@@ -67,6 +67,9 @@ fn fib_lookup_redirects_to_the_next_hop() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(out[..12], [2, 0, 0, 0, 0, 0xaa, 2, 0, 0, 0, 0, 1]);
         assert_eq!(parse(&out).dst, backend4(1));
+        // Routed here, so it lost a hop, with a valid header checksum.
+        assert_eq!(out[22], 63);
+        assert_eq!(fold(sum16(&out[14..34])), 0);
         // Without a neighbour entry yet, bpf_redirect_neigh resolves it
         // (the MAC addresses are filled in on transmit).
         let other = Pkt::tcp(CLIENT4.into(), other_sport, fe.ip, NODE_PORT, SYN);
@@ -122,6 +125,18 @@ fn fib_lookup_redirects_to_the_next_hop() {
         let new_macs = [2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 1];
         assert_eq!(out[..12], new_macs);
         assert_eq!(hops(&node), [(NEXT_HOP_REDIRECT, lbfib0, new_macs)]);
+        assert_eq!(node.stat(Outcome::FibRedirect), 4);
+
+        // A packet with no hop left goes to the stack (which answers it
+        // with time exceeded) instead of being redirected.
+        let mut last_hop = ack.frame();
+        last_hop[22] = 1;
+        last_hop[24..26].copy_from_slice(&[0, 0]);
+        let csum = fold(sum16(&last_hop[14..34]));
+        last_hop[24..26].copy_from_slice(&csum.to_be_bytes());
+        let (verdict, out) = node.tc.test_run(TcHook::Ingress, &last_hop).unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out[22], 1);
         assert_eq!(node.stat(Outcome::FibRedirect), 4);
     });
 }
