@@ -107,6 +107,16 @@ pub struct Args {
     /// 4093, 8191, 16381, 32749, 65537 or 131071; identical on every node [default: 16381].
     #[arg(long)]
     pub maglev_table_size: Option<usize>,
+    /// [xdpPrefilter] Attach the XDP prefilter to the tc interfaces (native
+    /// mode where the driver supports it, generic otherwise): it drops
+    /// sources of xdpDenyCIDRs, and sources outside a LoadBalancer IP's
+    /// loadBalancerSourceRanges, before the stack sees them [default: false].
+    #[arg(long)]
+    pub xdp_prefilter: Option<bool>,
+    /// [xdpDenyCIDRs] Source prefixes the XDP prefilter drops (IPv4 and
+    /// IPv6) [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub xdp_deny_cidrs: Vec<IpNetwork>,
     /// [maglevCapacity] Entries of the Maglev map, every table together
     /// (each Service port on the tc path takes 100 per endpoint, at least
     /// 252, at most maglevTableSize + 1); only used when the map is created
@@ -200,6 +210,11 @@ pub struct FileConfig {
     pub pod_interfaces: Vec<String>,
     /// See [`Args::maglev_table_size`].
     pub maglev_table_size: Option<usize>,
+    /// See [`Args::xdp_prefilter`].
+    pub xdp_prefilter: Option<bool>,
+    /// See [`Args::xdp_deny_cidrs`].
+    #[serde(default, rename = "xdpDenyCIDRs")]
+    pub xdp_deny_cidrs: Vec<IpNetwork>,
     /// See [`Args::maglev_capacity`].
     pub maglev_capacity: Option<u32>,
     /// See [`Args::conntrack_capacity`].
@@ -266,6 +281,10 @@ pub struct Settings {
     pub maglev: MaglevSettings,
     /// Capacities of the tc path's own maps.
     pub tc: TcOptions,
+    /// Whether the XDP prefilter runs on the tc interfaces.
+    pub xdp_prefilter: bool,
+    /// Sources the XDP prefilter drops.
+    pub xdp_deny_cidrs: Vec<IpNetwork>,
     /// Whether NetworkPolicy is enforced.
     pub network_policy: bool,
     /// Whether denied connections fail at connect().
@@ -379,6 +398,8 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                 .or(file.maglev_capacity)
                 .unwrap_or(TcOptions::default().maglev_capacity),
         },
+        xdp_prefilter: args.xdp_prefilter.or(file.xdp_prefilter).unwrap_or(false),
+        xdp_deny_cidrs: non_empty_or(args.xdp_deny_cidrs, file.xdp_deny_cidrs),
         network_policy: args.network_policy.or(file.network_policy).unwrap_or(true),
         policy_at_connect: args
             .policy_at_connect

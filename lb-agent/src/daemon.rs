@@ -158,6 +158,13 @@ pub fn run(settings: Settings) -> Result<()> {
     maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
     check_capacities(&settings)?;
+    anyhow::ensure!(
+        !settings.xdp_prefilter || !settings.tc_interfaces.is_empty(),
+        "xdpPrefilter attaches to the tc interfaces: set tcInterfaces too"
+    );
+    if !settings.xdp_prefilter && !settings.xdp_deny_cidrs.is_empty() {
+        warn!("xdpDenyCIDRs has no effect while xdpPrefilter is off");
+    }
     let (mut socket, socket_maps) =
         SocketPrograms::load(&settings.bpffs_dir).with_context(|| {
             format!(
@@ -356,9 +363,20 @@ fn attach(
             .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
     }
     if let Some(tc) = kernel.tc.as_mut() {
+        tc.deny_list()
+            .set(&settings.xdp_deny_cidrs)
+            .context("writing the XDP deny list")?;
         for interface in &settings.tc_interfaces {
             tc.attach(interface, &TcHook::UPLINK)
                 .with_context(|| format!("attaching tc programs to {interface}"))?;
+            if settings.xdp_prefilter {
+                let mode = tc
+                    .attach_prefilter(interface)
+                    .with_context(|| format!("attaching the XDP prefilter to {interface}"))?;
+                info!(interface = %interface, mode = ?mode, "XDP prefilter attached");
+            } else {
+                tc.detach_prefilter(interface)?;
+            }
         }
         let found = policy_interfaces(kernel.policy.as_ref());
         pod_interfaces.sync(tc, &settings.pod_interfaces, &found);

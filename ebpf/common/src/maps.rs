@@ -107,6 +107,9 @@ map_names! { $
     /// [`CtKey`](crate::conntrack::CtKey) ->
     /// [`CtPendingValue`](crate::conntrack::CtPendingValue).
     CT_PENDING = "LB_CTNEW_V1";
+    /// Sources the XDP prefilter drops on the uplinks: LPM trie of `Addr`
+    /// (IPv4-mapped for IPv4, so an IPv4 `/n` is a `/96+n`) -> `u32` (1).
+    XDP_DENY = "LB_XDPDENY_V1";
     /// loadBalancerSourceRanges: LPM trie of
     /// [`SourceRangeKey`](crate::source_range::SourceRangeKey) -> `u32` (1).
     SOURCE_RANGES = "LB_SRCRANGE_V1";
@@ -252,6 +255,8 @@ pub const MAX_CONNTRACK: u32 = 1 << 18;
 /// Default capacity of [`CT_PENDING`] (two entries per unconfirmed flow);
 /// the agent may create it with another.
 pub const MAX_CT_PENDING: u32 = 1 << 16;
+/// Capacity of [`XDP_DENY`]: denied prefixes.
+pub const MAX_XDP_DENY: u32 = 16_384;
 /// Capacity of [`SOURCE_RANGES`].
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Capacity of [`FRAGMENTS`]: datagrams whose fragments are in flight.

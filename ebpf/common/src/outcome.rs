@@ -97,11 +97,17 @@ pub enum Outcome {
     /// near the acknowledgment number its receiver last sent (a blind
     /// reset; the flow keeps its state).
     DropResetOutOfWindow = 24,
+    /// Dropped by the XDP prefilter: the source is in the configured deny
+    /// list.
+    XdpDropDenied = 25,
+    /// Dropped by the XDP prefilter: the source is outside the
+    /// loadBalancerSourceRanges of the LoadBalancer IP it is sent to.
+    XdpDropSourceRange = 26,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 25] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Forward,
         Outcome::Reply,
         Outcome::NewFlow,
@@ -127,6 +133,8 @@ impl Outcome {
         Outcome::DropNoConnection,
         Outcome::FlowConfirmed,
         Outcome::DropResetOutOfWindow,
+        Outcome::XdpDropDenied,
+        Outcome::XdpDropSourceRange,
     ];
 
     /// Its counter's index in its program set's counter array, and its code
@@ -198,6 +206,8 @@ impl Outcome {
             Outcome::DropNoConnection => "drop_no_connection",
             Outcome::FlowConfirmed => "flow_confirmed",
             Outcome::DropResetOutOfWindow => "drop_reset_out_of_window",
+            Outcome::XdpDropDenied => "xdp_drop_denied",
+            Outcome::XdpDropSourceRange => "xdp_drop_source_range",
         }
     }
 
@@ -265,6 +275,12 @@ impl Outcome {
             }
             Outcome::DropResetOutOfWindow => {
                 "dropped: a TCP reset with a sequence number out of the receiver's window"
+            }
+            Outcome::XdpDropDenied => {
+                "dropped at the node's edge (XDP): the source is in the deny list"
+            }
+            Outcome::XdpDropSourceRange => {
+                "dropped at the node's edge (XDP): source address not in loadBalancerSourceRanges"
             }
         }
     }

@@ -19,7 +19,9 @@
 //! translation: one pass for routing and security.
 //!
 //! All of them also translate ICMP errors about the packets of translated
-//! flows.
+//! flows. Before them, `lb_xdp_prefilter` (XDP on the uplinks, when
+//! enabled) drops denied sources and sources outside a LoadBalancer IP's
+//! ranges ([`prefilter`]).
 //!
 //! The layout follows Cilium's bpf/lib: [`parse`] headers, [`lb`] frontends
 //! and Maglev, [`conntrack`], [`nat`] rewriting with checksums, [`icmp`]
@@ -47,13 +49,14 @@ mod nat;
 mod parse;
 mod pod;
 mod policy;
+mod prefilter;
 mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     config::TC_CONFIG_FIB_REDIRECT,
@@ -125,6 +128,12 @@ fn lb_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 fn lb_pod_egress(ctx: TcContext) -> i32 {
     pod::handle(&ctx, Hook::ToPod)
+}
+
+/// The XDP prefilter on the uplinks (see [`prefilter`]).
+#[xdp]
+fn lb_xdp_prefilter(ctx: XdpContext) -> u32 {
+    prefilter::handle(&ctx)
 }
 
 /// Conntrack garbage collection (service and policy conntrack), never

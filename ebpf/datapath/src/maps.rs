@@ -18,7 +18,7 @@ use lb_common::{
     maps::{
         MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_PENDING, MAX_FRAGMENTS, MAX_IDENTITIES,
         MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_RULES,
-        MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, STATS_LEN,
+        MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, MAX_XDP_DENY, STATS_LEN,
     },
     net::Addr,
     outcome::Outcome,
@@ -60,6 +60,12 @@ kernel_map!(
     /// completes or the backend answers.
     pub static CT_PENDING: LruHashMap<CtKey, CtPendingValue> =
         LruHashMap::pinned(MAX_CT_PENDING, 0);
+);
+
+kernel_map!(
+    XDP_DENY,
+    /// Sources the XDP prefilter drops.
+    pub static XDP_DENY: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_XDP_DENY, 0);
 );
 
 kernel_map!(

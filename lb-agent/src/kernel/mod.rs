@@ -21,6 +21,7 @@ pub mod fake_policy;
 pub mod faulty;
 pub mod pins;
 pub mod policy_maps;
+pub mod prefilter;
 pub mod service_maps;
 pub mod socket_programs;
 pub mod tc_programs;

