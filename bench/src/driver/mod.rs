@@ -63,7 +63,7 @@ use anyhow::{ensure, Context, Result};
 use lb_e2e::{agent::Binaries, lab::Lab};
 
 pub use config::{default_out_dir, temp_out_dir, CandidateKind, Config};
-pub use summary::{Ratio, Row};
+pub use summary::{median_interval, Ratio, Row};
 
 use lb_e2e::scenario::is_root;
 use measure::{measurement_pairs, run_client, run_iperf, run_taking_turns, Cell, Mode};

@@ -59,7 +59,7 @@ pub struct Ratio {
 /// on one side of the true median with probability at most 2.5 % (that count
 /// is Binomial(n, 1/2)). `None` for fewer than 6 samples, where even the
 /// extremes cover less than 95 %.
-fn median_interval(sorted: &[f64]) -> Option<(f64, f64)> {
+pub fn median_interval(sorted: &[f64]) -> Option<(f64, f64)> {
     let n = sorted.len();
     let mut tail = 0.0;
     // ln P(Binomial(n, 1/2) = i), in logs so that large n does not underflow.
