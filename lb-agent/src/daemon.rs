@@ -97,6 +97,8 @@ struct Kernel {
     maps: AyaServiceMaps,
     /// Network policy, with the tc programs.
     policy: Option<PolicyAgent>,
+    /// The addresses NodePorts answer on (none without the tc path).
+    node_port_addresses: Vec<IpAddr>,
 }
 
 /// When to retry a pass that could not do everything, doubling the wait
@@ -200,6 +202,7 @@ pub fn run(settings: Settings) -> Result<()> {
         tc,
         maps: AyaServiceMaps::new(socket_maps, tc_maps),
         policy,
+        node_port_addresses: node_port_addresses.clone(),
     };
     let capacity = Capacity {
         maglev_entries: kernel
@@ -436,6 +439,13 @@ fn reconcile(
     let desired = compiler.desired();
     let pass = reconciler.reconcile(&mut kernel.maps, desired, changed);
     let mut clean = pass.errors.is_empty();
+    if let Some(tc) = kernel.tc.as_mut() {
+        let addresses = desired.frontend_only_addresses(&kernel.node_port_addresses);
+        if let Err(err) = tc.set_frontend_addresses(&addresses) {
+            clean = false;
+            error!(error = %err, "writing the frontend addresses");
+        }
+    }
     for err in &pass.errors {
         error!(error = %err, "reconciling");
     }

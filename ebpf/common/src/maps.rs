@@ -107,6 +107,10 @@ map_names! { $
     /// [`CtKey`](crate::conntrack::CtKey) ->
     /// [`CtPendingValue`](crate::conntrack::CtPendingValue).
     CT_PENDING = "LB_CTNEW_V1";
+    /// Addresses that are nothing but tc frontends (LoadBalancer IPs and
+    /// externalIPs, not node addresses): `Addr` -> `u32` (1). A TCP, UDP or
+    /// SCTP packet to one whose headers the parser cannot read is dropped.
+    FRONTEND_ADDRS = "LB_FEADDR_V1";
     /// Sources the XDP prefilter drops on the uplinks: LPM trie of `Addr`
     /// (IPv4-mapped for IPv4, so an IPv4 `/n` is a `/96+n`) -> `u32` (1).
     XDP_DENY = "LB_XDPDENY_V1";
@@ -255,6 +259,8 @@ pub const MAX_CONNTRACK: u32 = 1 << 18;
 /// Default capacity of [`CT_PENDING`] (two entries per unconfirmed flow);
 /// the agent may create it with another.
 pub const MAX_CT_PENDING: u32 = 1 << 16;
+/// Capacity of [`FRONTEND_ADDRS`].
+pub const MAX_FRONTEND_ADDRS: u32 = 16_384;
 /// Capacity of [`XDP_DENY`]: denied prefixes.
 pub const MAX_XDP_DENY: u32 = 16_384;
 /// Capacity of [`SOURCE_RANGES`].

@@ -103,11 +103,15 @@ pub enum Outcome {
     /// Dropped by the XDP prefilter: the source is outside the
     /// loadBalancerSourceRanges of the LoadBalancer IP it is sent to.
     XdpDropSourceRange = 26,
+    /// Dropped: a TCP, UDP or SCTP packet to a LoadBalancer IP or externalIP
+    /// whose headers the datapath cannot read (a later fragment whose first
+    /// was not seen, a header cut short, more than 4 IPv6 extension headers).
+    DropUnparsed = 27,
 }
 
 impl Outcome {
     /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 27] = [
+    pub const ALL: [Outcome; 28] = [
         Outcome::Forward,
         Outcome::Reply,
         Outcome::NewFlow,
@@ -135,6 +139,7 @@ impl Outcome {
         Outcome::DropResetOutOfWindow,
         Outcome::XdpDropDenied,
         Outcome::XdpDropSourceRange,
+        Outcome::DropUnparsed,
     ];
 
     /// Its counter's index in its program set's counter array, and its code
@@ -208,6 +213,7 @@ impl Outcome {
             Outcome::DropResetOutOfWindow => "drop_reset_out_of_window",
             Outcome::XdpDropDenied => "xdp_drop_denied",
             Outcome::XdpDropSourceRange => "xdp_drop_source_range",
+            Outcome::DropUnparsed => "drop_unparsed",
         }
     }
 
@@ -281,6 +287,9 @@ impl Outcome {
             }
             Outcome::XdpDropSourceRange => {
                 "dropped at the node's edge (XDP): source address not in loadBalancerSourceRanges"
+            }
+            Outcome::DropUnparsed => {
+                "dropped: a packet to a LoadBalancer IP or externalIP whose headers cannot be read"
             }
         }
     }

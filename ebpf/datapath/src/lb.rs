@@ -1,11 +1,11 @@
-//! Frontend lookup, loadBalancerSourceRanges, session affinity and Maglev
-//! backend selection.
+//! Frontend lookup, loadBalancerSourceRanges, session affinity, Maglev
+//! backend selection, and packets to frontends the parser gave up on.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use lb_common::{
     affinity::{AffinityValue, TcAffinityKey},
     maglev::{MaglevKey, MAGLEV_SIZE_INDEX},
-    net::Addr,
+    net::{v4_mapped, Addr},
     service::{
         Backend, ServiceKey, ServiceValue, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL,
         SERVICE_FLAG_AFFINITY,
@@ -14,8 +14,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, TC_AFFINITY},
-    parse::Packet,
+    maps::{BACKENDS, FRONTEND_ADDRS, MAGLEV, SERVICES, SOURCE_RANGES, TC_AFFINITY},
+    parse::{has_ports, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, ETH_P_IP, ETH_P_IPV6},
 };
 
 /// The frontend this packet is addressed to: an external one (NodePort,
@@ -36,6 +36,33 @@ pub fn frontend(pkt: &Packet) -> (ServiceKey, Option<ServiceValue>) {
     // SAFETY: as above.
     let value = unsafe { SERVICES.get(&key) }.copied();
     (key, value)
+}
+
+/// Whether a packet the parser gave up on may be a TCP, UDP or SCTP packet
+/// (or an IPv6 one behind extension headers) to an address that is nothing
+/// but a frontend: passed on, it would reach the stack untranslated, past
+/// the frontend's loadBalancerSourceRanges. A call of its own: rare.
+#[inline(never)]
+pub fn unparsed_for_frontend(ctx: &TcContext) -> bool {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return false;
+    };
+    let (daddr, maybe_flow) = match u16::from_be(ethertype) {
+        ETH_P_IP => match ctx.load::<Ipv4Hdr>(ETH_LEN) {
+            Ok(ip) => (v4_mapped(ip.daddr), has_ports(ip.proto)),
+            Err(_) => return false,
+        },
+        ETH_P_IPV6 => match ctx.load::<Ipv6Hdr>(ETH_LEN) {
+            // Hop-by-hop, routing, fragment, destination options.
+            Ok(ip) => (
+                ip.daddr,
+                has_ports(ip.next_header) || matches!(ip.next_header, 0 | 43 | 44 | 60),
+            ),
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    maybe_flow && FRONTEND_ADDRS.get_ptr(&daddr).is_some()
 }
 
 /// Whether `saddr` is in one of the source ranges of `service_id`.

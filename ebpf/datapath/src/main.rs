@@ -147,6 +147,10 @@ fn lb_ct_gc(_ctx: TcContext) -> i32 {
 #[inline(always)]
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let Some(pkt) = parse(ctx) else {
+        if hook == Hook::Ingress && lb::unparsed_for_frontend(ctx) {
+            count(Outcome::DropUnparsed);
+            return TC_ACT_SHOT;
+        }
         return related_error(ctx, hook);
     };
     // SAFETY: a helper without arguments.

@@ -16,9 +16,10 @@ use lb_common::{
     kernel_map,
     maglev::MaglevKey,
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_PENDING, MAX_FRAGMENTS, MAX_IDENTITIES,
-        MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES, MAX_POLICY_CT, MAX_POLICY_RULES,
-        MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES, MAX_XDP_DENY, STATS_LEN,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_PENDING, MAX_FRAGMENTS,
+        MAX_FRONTEND_ADDRS, MAX_IDENTITIES, MAX_IPCACHE, MAX_MAGLEV_ENTRIES, MAX_POD_INTERFACES,
+        MAX_POLICY_CT, MAX_POLICY_RULES, MAX_POLICY_SETS, MAX_SERVICES, MAX_SOURCE_RANGES,
+        MAX_XDP_DENY, STATS_LEN,
     },
     net::Addr,
     outcome::Outcome,
@@ -60,6 +61,12 @@ kernel_map!(
     /// completes or the backend answers.
     pub static CT_PENDING: LruHashMap<CtKey, CtPendingValue> =
         LruHashMap::pinned(MAX_CT_PENDING, 0);
+);
+
+kernel_map!(
+    FRONTEND_ADDRS,
+    /// Addresses that are nothing but tc frontends.
+    pub static FRONTEND_ADDRS: HashMap<Addr, u32> = HashMap::pinned(MAX_FRONTEND_ADDRS, 0);
 );
 
 kernel_map!(

@@ -8,6 +8,7 @@
 //! in `lb_common`.
 
 use std::{
+    collections::BTreeSet,
     io,
     path::{Path, PathBuf},
 };
@@ -27,6 +28,7 @@ use lb_common::{
     conntrack::{CtGcState, CtKey, CtPendingValue, CtValue, CtValueV2},
     events::{DropEvent, ReportBudget},
     maps::{self, MAX_CONNTRACK, MAX_CT_PENDING, MAX_MAGLEV_ENTRIES},
+    net::Addr,
     outcome::{Counted, Outcome},
 };
 use tracing::info;
@@ -151,6 +153,7 @@ pub struct CtOccupancy {
 pub struct TcPrograms {
     ebpf: Ebpf,
     deny_list: DenyList,
+    frontend_addresses: HashMap<MapData, Addr, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     pending: HashMap<MapData, CtKey, CtPendingValue>,
     gc: Array<MapData, CtGcState>,
@@ -269,6 +272,7 @@ impl TcPrograms {
             .on(maps::CT_PENDING)?;
         let mut tc = Self {
             deny_list,
+            frontend_addresses: take(&mut ebpf, maps::FRONTEND_ADDRS)?,
             conntrack,
             pending,
             pending_capacity,
@@ -395,6 +399,28 @@ impl TcPrograms {
     /// Detaches the XDP prefilter from `interface`, if it was attached.
     pub fn detach_prefilter(&self, interface: &str) -> Result<(), KernelError> {
         prefilter::detach(&self.pin_dir, interface)
+    }
+
+    /// Makes the addresses that are nothing but frontends (LoadBalancer
+    /// IPs, externalIPs) exactly `addresses`: a TCP or UDP packet to one
+    /// that the programs cannot parse is dropped.
+    pub fn set_frontend_addresses(
+        &mut self,
+        addresses: &BTreeSet<Addr>,
+    ) -> Result<(), KernelError> {
+        let name = maps::FRONTEND_ADDRS;
+        for addr in addresses {
+            self.frontend_addresses.insert(addr, 1, 0).on(name)?;
+        }
+        let present: Vec<Addr> = self
+            .frontend_addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .on(name)?;
+        for addr in present.iter().filter(|a| !addresses.contains(*a)) {
+            ignore_missing(self.frontend_addresses.remove(addr)).on(name)?;
+        }
+        Ok(())
     }
 
     /// The XDP prefilter's deny list.

@@ -10,11 +10,11 @@ use lb_common::{
     outcome::Outcome,
     service::SERVICE_FLAG_SOURCE_RANGES,
 };
-use lb_core::addr::ip_from_addr;
+use lb_core::addr::{addr_from_ip, ip_from_addr};
 
 use crate::{
     fixture::{backend4, backend6, v4, Frontend, Node, CLIENT4, CLIENT6, TC_ACT_OK, TC_ACT_SHOT},
-    frames::Pkt,
+    frames::{fold, ip_frame, sum16, Pkt},
 };
 
 /// A LoadBalancer frontend (service 12) that admits listed sources only.
@@ -135,4 +135,53 @@ fn drop_reports_are_bounded_per_cpu_and_second() {
     assert!(reported <= REPORTS_PER_SECOND * cpus, "{reported} reports");
     assert!(reported >= REPORTS_PER_SECOND, "{reported} reports");
     assert_eq!(reported + lost, flood);
+}
+
+/// The IPv4 `frame` with its fragment offset field set to `frag_off` and
+/// its header checksum fixed.
+fn with_frag_off(mut frame: Vec<u8>, frag_off: u16) -> Vec<u8> {
+    frame[20..22].copy_from_slice(&frag_off.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let csum = fold(sum16(&frame[14..34]));
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+/// Issue 22, item 9: a packet to a LoadBalancer IP whose headers the
+/// parser cannot read (a later fragment whose first was not seen, a TCP
+/// header cut short) would reach the stack untranslated, past the source
+/// ranges: it is dropped and counted. The same to a node address, or ICMP
+/// to the LoadBalancer IP, passes.
+#[test]
+fn unreadable_packets_to_a_load_balancer_ip_are_dropped() {
+    let mut node = Node::new();
+    node.add_backend(1, backend4(1), 8080, PROTO_TCP, true);
+    let lb = source_ranged_lb4();
+    node.set_frontend(&lb, 1, &[1]);
+    node.tc
+        .set_frontend_addresses(&[addr_from_ip(lb.ip)].into())
+        .unwrap();
+    let later_fragment = with_frag_off(
+        Pkt::udp(CLIENT4.into(), 48000, lb.ip, 443, &[0; 32]).frame(),
+        0x0020,
+    );
+    let (verdict, _) = node.tc.test_run(TcHook::Ingress, &later_fragment).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let mut cut = Pkt::tcp(CLIENT4.into(), 48000, lb.ip, 443, SYN).frame();
+    cut.truncate(14 + 20 + 12);
+    cut[16..18].copy_from_slice(&32u16.to_be_bytes());
+    let (verdict, _) = node.tc.test_run(TcHook::Ingress, &cut).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.stat(Outcome::DropUnparsed), 2);
+
+    let to_node = with_frag_off(
+        Pkt::udp(CLIENT4.into(), 48000, v4(192, 0, 2, 10), 443, &[0; 32]).frame(),
+        0x0020,
+    );
+    let (verdict, _) = node.tc.test_run(TcHook::Ingress, &to_node).unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    let ping = ip_frame(CLIENT4.into(), lb.ip, 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    let (verdict, _) = node.tc.test_run(TcHook::Ingress, &ping).unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(node.stat(Outcome::DropUnparsed), 2);
 }
