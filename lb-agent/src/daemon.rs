@@ -14,11 +14,11 @@ use anyhow::{Context, Result};
 use lb_common::{maps::MAX_POLICY_CT, service::ServiceKey};
 use lb_core::{
     admission::AdmissionRules,
-    compile::Compiler,
+    compile::{service_of_frontend, Compiler},
     drops::{DropLog, DropRecord},
     intent::{NodeContext, Objects},
     maglev,
-    plan::{Capacity, UndersizedTable},
+    plan::{Capacity, CapacityError, UndersizedTable},
 };
 use lb_policy::{compile::PolicyConfig, labels::IdentityConfig};
 use tracing::{error, info, warn};
@@ -41,7 +41,10 @@ use crate::{
         http::{Handler, Response, Server},
         metrics::Metrics,
     },
-    sources::{files, kubernetes, Latest, Snapshot},
+    sources::{
+        events::{EventSink, ServiceEvent},
+        files, kubernetes, Latest, Snapshot,
+    },
     startup::{configure_socket_path, load_tc_path, SocketScope},
 };
 
@@ -88,6 +91,11 @@ struct Outputs {
     drops: Arc<Mutex<DropLog>>,
     /// Undersized Maglev tables already warned about.
     undersized: Vec<UndersizedTable>,
+    /// Kubernetes Events, with the API server as the source.
+    events: Option<EventSink>,
+    /// Frontends a full map kept out at the last pass (an Event is written
+    /// when one joins).
+    not_programmed: BTreeSet<String>,
 }
 
 /// The agent's kernel side.
@@ -148,6 +156,8 @@ pub fn run(settings: Settings) -> Result<()> {
         health_checks: HealthCheckServers::new(all_node_addresses()),
         drops: Arc::new(Mutex::new(DropLog::default())),
         undersized: Vec::new(),
+        events: None,
+        not_programmed: BTreeSet::new(),
     };
     let _metrics_server = Server::start(
         settings.metrics_address,
@@ -233,12 +243,15 @@ pub fn run(settings: Settings) -> Result<()> {
             period,
             latest.clone(),
         ),
-        SourceKind::Kubernetes(kubeconfig) => kubernetes::watch(
-            kubeconfig.clone(),
-            period,
-            latest.clone(),
-            out.metrics.clone(),
-        )?,
+        SourceKind::Kubernetes(kubeconfig) => {
+            out.events = Some(kubernetes::watch(
+                kubeconfig.clone(),
+                period,
+                latest.clone(),
+                out.metrics.clone(),
+                settings.node_name.clone(),
+            )?);
+        }
     }
 
     let mut compiler = Compiler::new(NodeContext {
@@ -476,14 +489,20 @@ fn reconcile(
     metrics.frontends_pending.set(reconciler.pending() as i64);
     // Every pass plans the frontends still waiting, so this lists them all.
     metrics.frontends_not_programmed.reset();
+    let mut not_programmed = BTreeSet::new();
     for err in &pass.errors {
         if let ReconcileError::Capacity(full) = err {
             metrics
                 .frontends_not_programmed
                 .with_label_values(&[full.name.as_str(), full.map])
                 .set(1);
+            if !out.not_programmed.contains(&full.name) {
+                report_not_programmed(compiler, full, out.events.as_ref());
+            }
+            not_programmed.insert(full.name.clone());
         }
     }
+    out.not_programmed = not_programmed;
     warn_undersized(reconciler.undersized_maglev_tables(), out);
     // The datapath was brought as close to the snapshot as it can be; what
     // could not be programmed is in the log and the error counter.
@@ -502,6 +521,20 @@ fn reconcile(
         "reconciled"
     );
     clean
+}
+
+/// Writes a Warning Event on the Service of a frontend a full map keeps out.
+fn report_not_programmed(compiler: &Compiler, full: &CapacityError, events: Option<&EventSink>) {
+    let (Some(events), Some((namespace, name))) = (events, service_of_frontend(&full.name)) else {
+        return;
+    };
+    events.send(ServiceEvent {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        uid: compiler.service_uid(namespace, name),
+        reason: "MapFull",
+        note: full.to_string(),
+    });
 }
 
 /// Refuses capacities the tc path cannot work with: a Maglev map without

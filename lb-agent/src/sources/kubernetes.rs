@@ -36,7 +36,10 @@ use lb_core::intent::{
 };
 use tracing::{error, info, warn};
 
-use super::{Latest, Snapshot};
+use super::{
+    events::{self, EventSink},
+    Latest, Snapshot,
+};
 use crate::serve::metrics::Metrics;
 
 /// kube-proxy watches Services and EndpointSlices with this selector: objects
@@ -59,23 +62,30 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Starts watching in a thread of its own; snapshots go to `out`.
+/// Starts watching in a thread of its own; snapshots go to `out`. Returns
+/// the sink of the Events the agent writes about Services (`node` names
+/// the reporting instance).
 pub fn watch(
     kubeconfig: Option<PathBuf>,
     debounce: Duration,
     out: Arc<Latest>,
     metrics: Metrics,
-) -> Result<()> {
+    node: Option<String>,
+) -> Result<EventSink> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .thread_name("k8s-source")
         .build()?;
     let client = runtime.block_on(client(kubeconfig))?;
+    let events = {
+        let _entered = runtime.enter();
+        events::spawn(client.clone(), node)
+    };
     std::thread::Builder::new()
         .name("k8s-source".into())
         .spawn(move || runtime.block_on(run(client, debounce, out, metrics)))?;
-    Ok(())
+    Ok(events)
 }
 
 /// Drives one watch into a store, counting restarts, waking `changed` on

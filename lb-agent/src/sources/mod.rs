@@ -4,6 +4,7 @@
 //! unread older one, so the queue is bounded and the agent always works on
 //! the latest state.
 
+pub mod events;
 pub mod files;
 pub mod kubernetes;
 

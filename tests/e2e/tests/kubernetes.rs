@@ -128,6 +128,11 @@ struct Cluster<'a> {
 
 impl<'a> Cluster<'a> {
     fn new(cp: &'a ControlPlane, ns: &str) -> Result<Self> {
+        Self::with_agent_args(cp, ns, &[])
+    }
+
+    /// [`Cluster::new`] with more agent flags.
+    fn with_agent_args(cp: &'a ControlPlane, ns: &str, extra: &[&str]) -> Result<Self> {
         require_root();
         let bins = Binaries::locate()?;
         let mut lab = Lab::new()?;
@@ -136,7 +141,7 @@ impl<'a> Cluster<'a> {
         let lab = Arc::new(Mutex::new(lab));
         cp.create_namespace(ns)?;
         let kubelet = Kubelet::start(cp.kubeconfig(), lab.clone(), &node, &bins.labpod)?;
-        let agent = Agent::start_api(&lock(&lab), &bins, &node, cp.kubeconfig())?;
+        let agent = Agent::start_api_with(&lock(&lab), &bins, &node, cp.kubeconfig(), extra)?;
         Ok(Self {
             agent,
             kubelet,
@@ -473,6 +478,50 @@ fn changes_reach_the_datapath_within_a_second() -> Result<()> {
     Ok(())
 }
 
+/// Issue 22, item 5: a Service with more external addresses than the
+/// Maglev map holds gets a Warning Event (`MapFull`) naming the frontend
+/// and the map, where `kubectl describe service` shows it.
+#[test]
+fn a_service_a_full_map_refuses_gets_a_warning_event() -> Result<()> {
+    let _serial = serial();
+    let cp = ControlPlane::shared()?;
+    // Three tables of 251 slots: two frontends and the swap reserve.
+    let c = Cluster::with_agent_args(
+        cp,
+        "svc-full",
+        &[
+            "--tc-interfaces",
+            "eth0",
+            "--maglev-table-size",
+            "251",
+            "--maglev-capacity",
+            "756",
+            "--external-ip-cidrs",
+            "203.0.113.0/24",
+        ],
+    )?;
+    let service = service_yaml("web", "web", 80).replace(
+        "spec:\n",
+        "spec:\n  externalIPs: [203.0.113.1, 203.0.113.2, 203.0.113.3]\n",
+    );
+    c.web_pods(&service)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let described = c.kubectl(&["describe", "service", "web"])?;
+        if described.contains("MapFull") {
+            assert!(described.contains("Maglev table"), "{described}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no MapFull event on the Service:\n{described}\nagent:\n{}",
+            c.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}
+
 /// `kubectl auth can-i VERB RESOURCE` as the agent's ServiceAccount.
 fn agent_can(cp: &ControlPlane, verb: &str, resource: &str) -> Result<bool> {
     let output = cp.kubectl_output(&[
@@ -552,7 +601,14 @@ fn deploy_manifests_are_accepted_and_least_privilege() -> Result<()> {
             assert!(agent_can(cp, verb, resource)?, "cannot {verb} {resource}");
         }
     }
+    for verb in ["create", "patch"] {
+        assert!(
+            agent_can(cp, verb, "events.events.k8s.io")?,
+            "cannot {verb} events"
+        );
+    }
     for (verb, resource) in [
+        ("list", "events.events.k8s.io"),
         ("create", "services"),
         ("update", "services"),
         ("delete", "pods"),

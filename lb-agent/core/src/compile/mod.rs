@@ -48,6 +48,14 @@ pub struct Compiled {
     pub errors: Vec<ObjectError>,
 }
 
+/// The Service (`namespace`, `name`) of a frontend's display name,
+/// `namespace/name:port-name` or `namespace/name`.
+pub fn service_of_frontend(frontend: &str) -> Option<(&str, &str)> {
+    let (namespace, rest) = frontend.split_once('/')?;
+    let name = rest.split(':').next()?;
+    (!namespace.is_empty() && !name.is_empty()).then_some((namespace, name))
+}
+
 /// Compiles objects into the desired state for `node`, from scratch.
 /// Invalid objects or fields are reported in [`Compiled::errors`] and skipped;
 /// they never affect other objects.
@@ -168,6 +176,13 @@ impl Compiler {
     /// The desired state as of the last update.
     pub fn desired(&self) -> &DesiredState {
         &self.desired
+    }
+
+    /// The uid of the Service `namespace/name` as last compiled.
+    pub fn service_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        let index = self.by_name.get(&format!("{namespace}/{name}"))?;
+        let cached = self.entries[*index as usize].cached.as_ref()?;
+        cached.service.metadata.uid.clone()
     }
 
     fn entry_for(&mut self, namespace: &str, name: &str) -> u32 {

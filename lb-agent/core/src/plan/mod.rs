@@ -321,10 +321,10 @@ pub fn plan(
         let external = uses_maglev(key.scope);
         let new_table = external && !frontend.backends.is_empty();
         let table_size = maglev.table_size(frontend.backends.len());
-        // A frontend new to the map must leave room for the swap of a
-        // largest table: however many frontends one Service adds, the ones
-        // already programmed can still change.
-        let swap_reserve = if current.is_none() {
+        // A frontend getting its first table must leave room for the swap
+        // of a largest table: however many frontends one Service adds, the
+        // ones already holding a table can still change.
+        let swap_reserve = if current.as_ref().is_none_or(|c| c.table == 0) {
             table_entries(maglev.size)
         } else {
             0

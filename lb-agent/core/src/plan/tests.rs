@@ -443,6 +443,17 @@ fn a_full_maglev_map_is_a_capacity_error_for_that_frontend_only() {
     let (p, after) = plan_all(&next, &changed, &capacity);
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     assert_eq!(after.frontends[&external(1)].backends.len(), 2);
+
+    // Frontends first programmed without endpoints (no table) are held to
+    // the same reserve when their endpoints arrive.
+    let mut empty = d.clone();
+    for key in [external(1), external(2)] {
+        empty.frontends.insert(key, frontend("default/a", &[]));
+    }
+    let (p, without) = plan_all(&Applied::default(), &empty, &capacity);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let (p, _) = plan_all(&without, &d, &capacity);
+    assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
 }
 
 #[test]
