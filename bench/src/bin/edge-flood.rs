@@ -197,22 +197,7 @@ impl Stand {
     /// Flood packets the dropper has counted so far.
     fn dropped(&self, dropper: Dropper) -> Result<f64> {
         if dropper == Dropper::Iptables {
-            let out = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &self.node.netns,
-                    "iptables",
-                    "-t",
-                    "raw",
-                    "-L",
-                    "PREROUTING",
-                    "-v",
-                    "-x",
-                    "-n",
-                ],
-            )?;
+            let out = self.iptables_raw(&["-L", "PREROUTING", "-v", "-x", "-n"])?;
             let text = String::from_utf8_lossy(&out.stdout);
             let line = text
                 .lines()
@@ -256,24 +241,16 @@ impl Stand {
         }
     }
 
+    /// `iptables -t raw ARGS` in the node's network namespace.
+    fn iptables_raw(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut all = vec!["netns", "exec", &self.node.netns, "iptables", "-t", "raw"];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Inserts (`-I`) or deletes (`-D`) the rule dropping the flood.
     fn iptables(&self, action: &str) -> Result<()> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.node.netns,
-                "iptables",
-                "-t",
-                "raw",
-                action,
-                "PREROUTING",
-                "-s",
-                FLOOD_SOURCES,
-                "-j",
-                "DROP",
-            ],
-        )?;
+        self.iptables_raw(&[action, "PREROUTING", "-s", FLOOD_SOURCES, "-j", "DROP"])?;
         Ok(())
     }
 

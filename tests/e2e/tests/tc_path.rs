@@ -344,6 +344,35 @@ fn established_connections_survive_other_backends_changing() -> Result<()> {
     Ok(())
 }
 
+impl TwoNodes {
+    /// Starts `labpod flood` from the outside client at `target`: spoofed
+    /// SYNs and bare ACKs from 203.0.0.0/16 for `duration_ms`.
+    fn start_flood(&self, target: &str, duration_ms: u64) -> Result<std::process::Child> {
+        Ok(self
+            .lab
+            .command_in(&self.client, &self.bins.labpod)?
+            .args([
+                "flood",
+                "--target",
+                target,
+                "--sources",
+                "203.0.0.0/16",
+                "--duration-ms",
+                &duration_ms.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?)
+    }
+}
+
+/// How many segments a flood sent, once it ends.
+fn flood_sent(flood: std::process::Child) -> Result<f64> {
+    let output = flood.wait_with_output()?;
+    anyhow::ensure!(output.status.success(), "the flood failed: {output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(report["sent"].as_f64().unwrap_or(0.0))
+}
+
 /// Holds `count` connections to the NodePorts (alternating nodes); each
 /// answers once, waits `hold_ms`, then must echo a byte on the same backend.
 fn hold_connections(t: &TwoNodes, count: usize, hold_ms: u64) -> Result<Vec<std::process::Child>> {
@@ -446,27 +475,11 @@ fn a_spoofed_flood_breaks_no_connection_and_blocks_no_new_one() -> Result<()> {
     let target = format!("{}:30080", NODE_IPS[0]);
     let held = hold_connections(&t, 4, 3500)?;
     std::thread::sleep(Duration::from_millis(300));
-    let flood = t
-        .lab
-        .command_in(&t.client, &t.bins.labpod)?
-        .args([
-            "flood",
-            "--target",
-            &target,
-            "--sources",
-            "203.0.0.0/16",
-            "--duration-ms",
-            "2500",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let flood = t.start_flood(&target, 2500)?;
     std::thread::sleep(Duration::from_millis(500));
     let during = t.connect(&target, &["--count", "20"])?;
-    let flood = flood.wait_with_output()?;
-    anyhow::ensure!(flood.status.success(), "the flood failed: {flood:?}");
-    let sent: serde_json::Value = serde_json::from_slice(&flood.stdout)?;
-    let sent = sent["sent"].as_u64().unwrap_or(0);
-    assert!(sent > 20_000, "the flood sent only {sent} segments");
+    let sent = flood_sent(flood)?;
+    assert!(sent > 20_000.0, "the flood sent only {sent} segments");
     eprintln!("flood: {sent} spoofed segments in 2.5 s");
     all_ok(&during);
     let backends: BTreeSet<_> = during.iter().filter_map(|a| a.backend.clone()).collect();
@@ -497,26 +510,10 @@ fn the_xdp_prefilter_drops_a_denied_flood_at_the_edge() -> Result<()> {
     ])?;
     t.publish("", &[(0, "node1"), (1, "node2")])?;
     let target = format!("{}:30080", NODE_IPS[0]);
-    let flood = t
-        .lab
-        .command_in(&t.client, &t.bins.labpod)?
-        .args([
-            "flood",
-            "--target",
-            &target,
-            "--sources",
-            "203.0.0.0/16",
-            "--duration-ms",
-            "1500",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let flood = t.start_flood(&target, 1500)?;
     std::thread::sleep(Duration::from_millis(300));
     let during = t.connect(&target, &["--count", "10"])?;
-    let flood = flood.wait_with_output()?;
-    anyhow::ensure!(flood.status.success(), "the flood failed: {flood:?}");
-    let sent: serde_json::Value = serde_json::from_slice(&flood.stdout)?;
-    let sent = sent["sent"].as_f64().unwrap_or(0.0);
+    let sent = flood_sent(flood)?;
     all_ok(&during);
     // The agent copies the kernel counters on its loop: read until settled.
     let series = "lb_tc_packets{outcome=\"xdp_drop_denied\"}";
