@@ -12,7 +12,10 @@ use ipnetwork::IpNetwork;
 use lb_core::plan::MaglevSettings;
 use lb_policy::labels::IdentityConfig;
 
-use crate::{kernel::tc_programs::TcOptions, logging::LogFormat};
+use crate::{
+    kernel::{service_maps::ServiceCapacities, tc_programs::TcOptions},
+    logging::LogFormat,
+};
 
 /// Default address of the Prometheus metrics endpoint (kube-proxy's port).
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
@@ -123,6 +126,19 @@ pub struct Args {
     /// [default: 4194304].
     #[arg(long)]
     pub maglev_capacity: Option<u32>,
+    /// [serviceCapacity] Frontends (VIP, port, protocol) the maps hold;
+    /// only used when the maps are created [default: 65536].
+    #[arg(long)]
+    pub service_capacity: Option<u32>,
+    /// [backendCapacity] Distinct backends the maps hold; only used when
+    /// the maps are created [default: 131072].
+    #[arg(long)]
+    pub backend_capacity: Option<u32>,
+    /// [backendSlotCapacity] Backend slots of the socket path (a frontend
+    /// takes one per backend, twice while it changes); only used when the
+    /// maps are created [default: 524288].
+    #[arg(long)]
+    pub backend_slot_capacity: Option<u32>,
     /// [conntrackCapacity] Entries of the tc path's conntrack, two per
     /// connection; only used when the map is created [default: 262144].
     #[arg(long)]
@@ -217,6 +233,12 @@ pub struct FileConfig {
     pub xdp_deny_cidrs: Vec<IpNetwork>,
     /// See [`Args::maglev_capacity`].
     pub maglev_capacity: Option<u32>,
+    /// See [`Args::service_capacity`].
+    pub service_capacity: Option<u32>,
+    /// See [`Args::backend_capacity`].
+    pub backend_capacity: Option<u32>,
+    /// See [`Args::backend_slot_capacity`].
+    pub backend_slot_capacity: Option<u32>,
     /// See [`Args::conntrack_capacity`].
     pub conntrack_capacity: Option<u32>,
     /// See [`Args::unconfirmed_flow_capacity`].
@@ -397,6 +419,20 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                 .maglev_capacity
                 .or(file.maglev_capacity)
                 .unwrap_or(TcOptions::default().maglev_capacity),
+            services: ServiceCapacities {
+                services: args
+                    .service_capacity
+                    .or(file.service_capacity)
+                    .unwrap_or(ServiceCapacities::default().services),
+                backends: args
+                    .backend_capacity
+                    .or(file.backend_capacity)
+                    .unwrap_or(ServiceCapacities::default().backends),
+                backend_slots: args
+                    .backend_slot_capacity
+                    .or(file.backend_slot_capacity)
+                    .unwrap_or(ServiceCapacities::default().backend_slots),
+            },
         },
         xdp_prefilter: args.xdp_prefilter.or(file.xdp_prefilter).unwrap_or(false),
         xdp_deny_cidrs: non_empty_or(args.xdp_deny_cidrs, file.xdp_deny_cidrs),
@@ -471,6 +507,10 @@ mod tests {
             ),
             (1_048_576, 524_288, 131_072)
         );
+        let file = parse_file("serviceCapacity: 100000\n").unwrap();
+        let args = Args::parse_from(["lb-agent", "--backend-capacity", "200000"]);
+        let shared = resolve(args, file).tc.services;
+        assert_eq!((shared.services, shared.backends), (100_000, 200_000));
         let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).tc;
         assert_eq!(defaults, TcOptions::default());
     }

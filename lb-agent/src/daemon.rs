@@ -178,7 +178,7 @@ pub fn run(settings: Settings) -> Result<()> {
         warn!("xdpDenyCIDRs has no effect while xdpPrefilter is off");
     }
     let (mut socket, socket_maps) =
-        SocketPrograms::load(&settings.bpffs_dir).with_context(|| {
+        SocketPrograms::load(&settings.bpffs_dir, &settings.tc.services).with_context(|| {
             format!(
                 "loading the socket programs with pins in {}",
                 settings.bpffs_dir.display()
@@ -214,7 +214,11 @@ pub fn run(settings: Settings) -> Result<()> {
         policy,
         node_port_addresses: node_port_addresses.clone(),
     };
+    let shared = kernel.maps.capacities()?;
     let capacity = Capacity {
+        services: shared.services as usize,
+        backends: shared.backends as usize,
+        slots: shared.backend_slots as usize,
         maglev_entries: kernel
             .tc
             .as_ref()

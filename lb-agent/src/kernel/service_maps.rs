@@ -8,8 +8,8 @@
 use std::{net::IpAddr, path::Path};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError},
-    Pod,
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError},
+    EbpfLoader, Pod,
 };
 use lb_common::{
     affinity::{AffinityKey, AffinityValue, TcAffinityKey},
@@ -25,6 +25,45 @@ use lb_core::{
 };
 
 use super::{ignore_missing, pins, KernelError, OnMap};
+
+/// Capacities of the frontend and backend maps both program sets share,
+/// used when the maps are created (a pinned map keeps its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceCapacities {
+    /// Frontends (and their reverse translations, names, round-robin
+    /// positions).
+    pub services: u32,
+    /// Backends.
+    pub backends: u32,
+    /// Backend slots of the socket path.
+    pub backend_slots: u32,
+}
+
+impl Default for ServiceCapacities {
+    fn default() -> Self {
+        Self {
+            services: maps::MAX_SERVICES,
+            backends: maps::MAX_BACKENDS,
+            backend_slots: maps::MAX_BACKEND_SLOTS,
+        }
+    }
+}
+
+impl ServiceCapacities {
+    /// Sets them on a loader (names an object lacks are ignored).
+    pub(crate) fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        for name in [
+            maps::SERVICES,
+            maps::REV_NAT,
+            maps::SERVICE_NAMES,
+            maps::ROUND_ROBIN,
+        ] {
+            loader.map_max_entries(name, self.services);
+        }
+        loader.map_max_entries(maps::BACKENDS, self.backends);
+        loader.map_max_entries(maps::BACKEND_SLOTS, self.backend_slots);
+    }
+}
 
 /// What the reconciler reads and writes.
 pub trait ServiceMaps {
@@ -171,6 +210,16 @@ impl SocketMaps {
     pub fn service_names(&self) -> Result<Vec<(u32, ServiceName)>, KernelError> {
         entries(&self.names, maps::SERVICE_NAMES)
     }
+
+    /// The capacities of the frontend, backend and slot maps, as created.
+    pub fn capacities(&self) -> Result<ServiceCapacities, KernelError> {
+        let max = |map: &MapData, name| map.info().map(|i| i.max_entries()).on(name);
+        Ok(ServiceCapacities {
+            services: max(IterableMap::map(&self.services), maps::SERVICES)?,
+            backends: max(IterableMap::map(&self.backends), maps::BACKENDS)?,
+            backend_slots: max(IterableMap::map(&self.slots), maps::BACKEND_SLOTS)?,
+        })
+    }
 }
 
 /// The maps of the tc object that plans write.
@@ -192,7 +241,7 @@ impl TcMaps {
 
     /// The Maglev map's capacity, as it was created.
     pub fn maglev_capacity(&self) -> Result<u32, KernelError> {
-        aya::maps::IterableMap::map(&self.maglev)
+        IterableMap::map(&self.maglev)
             .info()
             .map(|info| info.max_entries())
             .on(maps::MAGLEV)
@@ -334,6 +383,11 @@ impl AyaServiceMaps {
     /// The maps of freshly loaded objects.
     pub fn new(socket: SocketMaps, tc: Option<TcMaps>) -> Self {
         Self { socket, tc }
+    }
+
+    /// The capacities of the frontend, backend and slot maps, as created.
+    pub fn capacities(&self) -> Result<ServiceCapacities, KernelError> {
+        self.socket.capacities()
     }
 
     /// Opens the maps pinned in `dir` by a running (or past) agent; the tc

@@ -23,7 +23,7 @@ use tracing::info;
 
 use super::{
     ignore_missing, pins,
-    service_maps::{MapSource, SocketMaps},
+    service_maps::{MapSource, ServiceCapacities, SocketMaps},
     KernelError, OnMap,
 };
 
@@ -102,10 +102,15 @@ impl SocketPrograms {
     /// Loads the programs, creating the maps or reusing the ones pinned in
     /// `pin_dir` by a previous agent, so an upgrade keeps every entry.
     /// Returns them with the maps plans write.
-    pub fn load(pin_dir: &Path) -> Result<(Self, SocketMaps), KernelError> {
+    pub fn load(
+        pin_dir: &Path,
+        capacities: &ServiceCapacities,
+    ) -> Result<(Self, SocketMaps), KernelError> {
         pins::prepare(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        capacities.apply(&mut loader);
+        let mut ebpf = loader
             .load(SOCKET_LB_OBJECT)
             .map_err(|source| KernelError::Load {
                 object: "socket",

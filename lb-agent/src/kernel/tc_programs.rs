@@ -37,7 +37,7 @@ use super::{
     ignore_missing, pins,
     policy_maps::AyaPolicyMaps,
     prefilter::{self, Attachment, DenyList},
-    service_maps::{entries, MapSource, TcMaps},
+    service_maps::{entries, MapSource, ServiceCapacities, TcMaps},
     socket_programs::counter_sums,
     KernelError, OnMap,
 };
@@ -116,6 +116,9 @@ pub struct TcOptions {
     /// Capacity of the Maglev map (entries of every table together), with
     /// the same rule.
     pub maglev_capacity: u32,
+    /// The frontend and backend maps shared with the socket programs,
+    /// created by whichever object loads first.
+    pub services: ServiceCapacities,
 }
 
 impl Default for TcOptions {
@@ -124,6 +127,7 @@ impl Default for TcOptions {
             conntrack_capacity: MAX_CONNTRACK,
             pending_capacity: MAX_CT_PENDING,
             maglev_capacity: MAX_MAGLEV_ENTRIES,
+            services: ServiceCapacities::default(),
         }
     }
 }
@@ -230,16 +234,17 @@ impl TcPrograms {
     /// upgrade.
     pub fn load(pin_dir: &Path, options: &TcOptions) -> Result<(Self, TcMaps), KernelError> {
         pins::prepare(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::CONNTRACK, options.conntrack_capacity)
             .map_max_entries(maps::CT_PENDING, options.pending_capacity)
-            .map_max_entries(maps::MAGLEV, options.maglev_capacity)
-            .load(TC_OBJECT)
-            .map_err(|source| KernelError::Load {
-                object: "tc",
-                source,
-            })?;
+            .map_max_entries(maps::MAGLEV, options.maglev_capacity);
+        options.services.apply(&mut loader);
+        let mut ebpf = loader.load(TC_OBJECT).map_err(|source| KernelError::Load {
+            object: "tc",
+            source,
+        })?;
         for name in TcHook::ALL
             .map(TcHook::program)
             .into_iter()

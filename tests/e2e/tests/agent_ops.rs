@@ -419,3 +419,48 @@ fn an_agent_started_without_its_api_server_is_alive_but_not_ready() -> Result<()
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
+
+/// Map capacities are settings (issue 22, item 5): with room for two
+/// frontends, a third Service is reported per frontend and not programmed,
+/// the first two serve, and the third is programmed once another Service
+/// goes.
+#[test]
+fn a_full_service_map_refuses_the_frontend_that_does_not_fit() -> Result<()> {
+    let s = Scenario::new(1, &["--node-name", "node1", "--service-capacity", "2"])?;
+    let eps = [Endpoint::ready(s.ip(1))];
+    let services = |names: &[(&str, &str)]| {
+        names
+            .iter()
+            .map(|(name, vip)| web_yaml(name, vip, "", &eps))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    s.apply(
+        "web.yaml",
+        &services(&[
+            ("a", "10.96.0.11"),
+            ("b", "10.96.0.12"),
+            ("c", "10.96.0.13"),
+        ]),
+        |t| t.contains("default/a:http") && t.contains("default/b:http"),
+    )?;
+    let refused = "lb_frontend_not_programmed{frontend=\"default/c:http\",map=\"service\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric(refused).is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "c was not reported");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.metric("lb_map_capacity{map=\"services\"}")?, 2.0);
+    assert!(!s.agent.service_list()?.contains("default/c:http"));
+    let served = s.connect("10.96.0.11:80", 3, &[])?;
+    assert!(served.iter().all(|a| a.ok), "{served:?}");
+
+    s.apply(
+        "web.yaml",
+        &services(&[("b", "10.96.0.12"), ("c", "10.96.0.13")]),
+        |t| t.contains("default/c:http"),
+    )?;
+    let served = s.connect("10.96.0.13:80", 3, &[])?;
+    assert!(served.iter().all(|a| a.ok), "{served:?}");
+    Ok(())
+}
