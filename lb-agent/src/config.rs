@@ -321,6 +321,35 @@ pub struct Settings {
     pub log_level: Option<String>,
 }
 
+impl Settings {
+    /// Refuses settings the agent cannot work with: a Maglev map without
+    /// room for one largest table and the swap of another, a conntrack
+    /// table without room for a flow, an XDP prefilter without interfaces.
+    /// Warns of a deny list that has no prefilter to use it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let largest_table = self.maglev.size as u64 + 1;
+        anyhow::ensure!(
+            u64::from(self.tc.maglev_capacity) >= 2 * largest_table,
+            "maglevCapacity {} is below twice a table of maglevTableSize {} (and its size \
+             entry): no Service could change its backends",
+            self.tc.maglev_capacity,
+            self.maglev.size
+        );
+        anyhow::ensure!(
+            self.tc.conntrack_capacity >= 2 && self.tc.pending_capacity >= 2,
+            "conntrackCapacity and unconfirmedFlowCapacity hold two entries per flow: at least 2"
+        );
+        anyhow::ensure!(
+            !self.xdp_prefilter || !self.tc_interfaces.is_empty(),
+            "xdpPrefilter attaches to the tc interfaces: set tcInterfaces too"
+        );
+        if !self.xdp_prefilter && !self.xdp_deny_cidrs.is_empty() {
+            tracing::warn!("xdpDenyCIDRs has no effect while xdpPrefilter is off");
+        }
+        Ok(())
+    }
+}
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

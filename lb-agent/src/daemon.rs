@@ -169,14 +169,7 @@ pub fn run(settings: Settings) -> Result<()> {
 
     maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
-    check_capacities(&settings)?;
-    anyhow::ensure!(
-        !settings.xdp_prefilter || !settings.tc_interfaces.is_empty(),
-        "xdpPrefilter attaches to the tc interfaces: set tcInterfaces too"
-    );
-    if !settings.xdp_prefilter && !settings.xdp_deny_cidrs.is_empty() {
-        warn!("xdpDenyCIDRs has no effect while xdpPrefilter is off");
-    }
+    settings.check()?;
     let (mut socket, socket_maps) =
         SocketPrograms::load(&settings.bpffs_dir, &settings.tc.services).with_context(|| {
             format!(
@@ -539,25 +532,6 @@ fn report_not_programmed(compiler: &Compiler, full: &CapacityError, events: Opti
         reason: "MapFull",
         note: full.to_string(),
     });
-}
-
-/// Refuses capacities the tc path cannot work with: a Maglev map without
-/// room for one largest table and the swap of another, a conntrack table
-/// without room for a flow.
-fn check_capacities(settings: &Settings) -> anyhow::Result<()> {
-    let largest_table = settings.maglev.size as u64 + 1;
-    anyhow::ensure!(
-        u64::from(settings.tc.maglev_capacity) >= 2 * largest_table,
-        "maglevCapacity {} is below twice a table of maglevTableSize {} (and its size \
-         entry): no Service could change its backends",
-        settings.tc.maglev_capacity,
-        settings.maglev.size
-    );
-    anyhow::ensure!(
-        settings.tc.conntrack_capacity >= 2 && settings.tc.pending_capacity >= 2,
-        "conntrackCapacity and unconfirmedFlowCapacity hold two entries per flow: at least 2"
-    );
-    Ok(())
 }
 
 fn collect_conntrack(tc: &mut TcPrograms, metrics: &Metrics) {

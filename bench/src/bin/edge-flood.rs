@@ -30,7 +30,7 @@ use lb_e2e::{
     agent::{Agent, Binaries},
     lab::{run, spawn_until, sysctl, Lab, Node, Pod},
     manifests::{service, slice, Endpoint},
-    probe::http_get,
+    probe::{http_get, metric_value, settled},
     scenario::require_root,
 };
 
@@ -220,25 +220,9 @@ impl Stand {
         Ok(series
             .iter()
             .filter_map(|outcome| {
-                let prefix = format!("lb_tc_packets{{outcome=\"{outcome}\"}} ");
-                metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
+                metric_value(&metrics, &format!("lb_tc_packets{{outcome=\"{outcome}\"}}"))
             })
             .sum())
-    }
-
-    /// The counter once the agent has copied the kernel's (on its loop).
-    fn settled_dropped(&self, dropper: Dropper) -> Result<f64> {
-        let mut last = self.dropped(dropper)?;
-        loop {
-            thread::sleep(Duration::from_millis(700));
-            let now = self.dropped(dropper)?;
-            if now == last {
-                return Ok(now);
-            }
-            last = now;
-        }
     }
 
     /// `iptables -t raw ARGS` in the node's network namespace.
@@ -284,7 +268,7 @@ impl Stand {
             let idle_start = softirq_seconds()?;
             thread::sleep(Duration::from_secs_f64(seconds));
             let idle = softirq_seconds()? - idle_start;
-            let before = self.settled_dropped(dropper)?;
+            let before = settled(|| self.dropped(dropper))?;
             let soft_start = softirq_seconds()?;
             let flood = self.flood(seconds)?.wait_with_output()?;
             let soft = softirq_seconds()? - soft_start;
@@ -293,7 +277,7 @@ impl Stand {
             }
             let sent: serde_json::Value = serde_json::from_slice(&flood.stdout)?;
             let sent = sent["sent"].as_f64().unwrap_or(0.0);
-            let dropped = self.settled_dropped(dropper)? - before;
+            let dropped = settled(|| self.dropped(dropper))? - before;
             // Connections through the NodePort without, then during, a flood.
             self.crr(0.5)?;
             let quiet = self.crr(seconds)?;

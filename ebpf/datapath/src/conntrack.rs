@@ -12,7 +12,7 @@ use lb_common::{
         next_state, reset_in_window, CtGcState, CtKey, CtPendingValue, CtStep, CtValue,
         CT_FLAG_PENDING, CT_FLAG_REPLY, CT_STATE_CLOSING, CT_STATE_NEW, NEXT_HOP_NONE,
     },
-    net::{PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
+    net::{PROTO_TCP, TCP_ACK, TCP_SYN},
     outcome::Outcome,
 };
 
@@ -160,10 +160,10 @@ fn confirm(tuple: &CtKey, value: &CtValue, now: u64) -> Option<*mut CtValue> {
 /// the other side last sent (recorded on the partner entry, see
 /// [`CtValue::peer_ack`]). Such a reset is counted and reported, and must be
 /// dropped: the flow keeps its state. A call of its own, off the
-/// translation's frame.
+/// translation's frame, made for packets with the RST flag only.
 #[inline(never)]
 pub fn blind_reset(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue) -> bool {
-    if pkt.tuple.proto != PROTO_TCP || pkt.tcp_flags & TCP_RST == 0 {
+    if pkt.tuple.proto != PROTO_TCP {
         return false;
     }
     // SAFETY: a pointer from a successful lookup; fields read at once.

@@ -156,7 +156,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     match service_entry(ctx, &pkt, hook, now) {
-        Service::Translate(entry) if blind_reset(ctx, &pkt, entry) => TC_ACT_SHOT,
+        // Only a reset pays for the call.
+        Service::Translate(entry)
+            if pkt.tcp_flags & TCP_RST != 0 && blind_reset(ctx, &pkt, entry) =>
+        {
+            TC_ACT_SHOT
+        }
         Service::Translate(entry) => translate(TcContext::new(ctx.skb.skb), &pkt, entry, hook, now),
         Service::Untranslated => TC_ACT_OK,
         Service::Done(verdict) => verdict,
@@ -228,9 +233,15 @@ fn applies_at(flags: u8, hook: Hook) -> bool {
 /// it on.
 #[inline(never)]
 fn translate(ctx: TcContext, pkt: &Packet, entry: *mut CtValue, hook: Hook, now: u64) -> i32 {
-    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & TCP_ACK != 0 {
-        // SAFETY: a pointer from a successful lookup; a plain store.
-        unsafe { (*entry).peer_ack = pkt.tcp_ack };
+    // SAFETY: a pointer from a successful lookup; a plain load and store,
+    // the store only when the number moved (a sender's ACKs repeat it).
+    unsafe {
+        if pkt.tuple.proto == PROTO_TCP
+            && pkt.tcp_flags & TCP_ACK != 0
+            && (*entry).peer_ack != pkt.tcp_ack
+        {
+            (*entry).peer_ack = pkt.tcp_ack;
+        }
     }
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let value = &unsafe { *entry };

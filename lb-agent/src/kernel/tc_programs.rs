@@ -158,6 +158,8 @@ pub struct TcPrograms {
     ebpf: Ebpf,
     deny_list: DenyList,
     frontend_addresses: HashMap<MapData, Addr, u32>,
+    /// What [`Self::frontend_addresses`] holds, as last read or written.
+    frontend_addresses_known: BTreeSet<Addr>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     pending: HashMap<MapData, CtKey, CtPendingValue>,
     gc: Array<MapData, CtGcState>,
@@ -275,9 +277,16 @@ impl TcPrograms {
             .info()
             .map(|info| info.max_entries())
             .on(maps::CT_PENDING)?;
+        let frontend_addresses: HashMap<MapData, Addr, u32> =
+            take(&mut ebpf, maps::FRONTEND_ADDRS)?;
+        let frontend_addresses_known = frontend_addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .on(maps::FRONTEND_ADDRS)?;
         let mut tc = Self {
             deny_list,
-            frontend_addresses: take(&mut ebpf, maps::FRONTEND_ADDRS)?,
+            frontend_addresses,
+            frontend_addresses_known,
             conntrack,
             pending,
             pending_capacity,
@@ -408,24 +417,30 @@ impl TcPrograms {
 
     /// Makes the addresses that are nothing but frontends (LoadBalancer
     /// IPs, externalIPs) exactly `addresses`: a TCP or UDP packet to one
-    /// that the programs cannot parse is dropped.
+    /// that the programs cannot parse is dropped. Writes only what changed
+    /// since the map was last read or written.
     pub fn set_frontend_addresses(
         &mut self,
         addresses: &BTreeSet<Addr>,
     ) -> Result<(), KernelError> {
         let name = maps::FRONTEND_ADDRS;
-        for addr in addresses {
-            self.frontend_addresses.insert(addr, 1, 0).on(name)?;
-        }
-        let present: Vec<Addr> = self
-            .frontend_addresses
-            .keys()
-            .collect::<Result<_, _>>()
-            .on(name)?;
-        for addr in present.iter().filter(|a| !addresses.contains(*a)) {
-            ignore_missing(self.frontend_addresses.remove(addr)).on(name)?;
-        }
-        Ok(())
+        let map = &mut self.frontend_addresses;
+        let known = &mut self.frontend_addresses_known;
+        let written = (|| {
+            for addr in addresses.difference(known) {
+                map.insert(addr, 1, 0).on(name)?;
+            }
+            for addr in known.difference(addresses) {
+                ignore_missing(map.remove(addr)).on(name)?;
+            }
+            Ok(())
+        })();
+        // After a failure the map is read again, so the next call repairs it.
+        *known = match written {
+            Ok(()) => addresses.clone(),
+            Err(_) => map.keys().filter_map(Result::ok).collect(),
+        };
+        written
     }
 
     /// The XDP prefilter's deny list.

@@ -70,3 +70,25 @@ pub fn http_get(netns: &str, url: &str) -> Result<(u16, String)> {
     };
     Ok((status.parse()?, body.to_string()))
 }
+
+/// The value of `series` (a metric name with its labels, as exposed) in a
+/// Prometheus text exposition.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Reads a counter the agent copies from the kernel on its loop until two
+/// reads 700 ms apart agree, and returns it.
+pub fn settled(mut read: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut last = read()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let now = read()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+}

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use crate::{
     agent::{Agent, Binaries},
     lab::{Lab, Node, Place, Pod},
-    probe::{http_get, parse_attempts, Attempt},
+    probe::{http_get, metric_value, parse_attempts, Attempt},
 };
 
 /// Ports every server pod listens on: TCP 8080 and 9090, UDP 8080.
@@ -113,9 +113,7 @@ impl Scenario {
     /// `lb_tc_packets{outcome="new_flow"}`).
     pub fn metric(&self, series: &str) -> Result<f64> {
         let metrics = self.metrics()?;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        metric_value(&metrics, series)
             .with_context(|| format!("no {series} in /metrics:\n{metrics}"))
     }
 

@@ -9,7 +9,7 @@ use lb_e2e::{
     agent::{Agent, Binaries},
     lab::{run, Lab, Node, Pod},
     manifests::{service, slice, Endpoint},
-    probe::{http_get, parse_attempts, per_backend, Attempt},
+    probe::{http_get, metric_value, parse_attempts, per_backend, settled, Attempt},
     scenario::require_root,
 };
 
@@ -40,24 +40,28 @@ fn two_nodes() -> Result<TwoNodes> {
     two_nodes_with(&[])
 }
 
+/// A pod `name` on `node` serving TCP and UDP 8080 (answering with its name).
+fn serve_web(lab: &mut Lab, bins: &Binaries, node: &Node, name: &str) -> Result<Pod> {
+    let pod = lab.add_pod(node, name)?;
+    lab.spawn_server(
+        &pod,
+        &bins.labpod,
+        &["serve", "--name", name, "--tcp", "8080", "--udp", "8080"],
+    )?;
+    Ok(pod)
+}
+
 /// [`two_nodes`] with more agent flags.
 fn two_nodes_with(extra_args: &[&str]) -> Result<TwoNodes> {
     require_root();
     let bins = Binaries::locate()?;
     let mut lab = Lab::new()?;
     let nodes = [lab.add_node("node1")?, lab.add_node("node2")?];
-    let mut web = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let pod = lab.add_pod(node, &format!("web-{}", i + 1))?;
-        lab.spawn_server(
-            &pod,
-            &bins.labpod,
-            &[
-                "serve", "--name", &pod.name, "--tcp", "8080", "--udp", "8080",
-            ],
-        )?;
-        web.push(pod);
-    }
+    let web = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| serve_web(&mut lab, &bins, node, &format!("web-{}", i + 1)))
+        .collect::<Result<Vec<_>>>()?;
     let client = lab.add_external_client("outside")?;
     let agents = nodes
         .iter()
@@ -323,14 +327,8 @@ fn external_traffic_policy_local_preserves_the_client_and_drops_without_endpoint
 #[test]
 fn established_connections_survive_other_backends_changing() -> Result<()> {
     let mut t = two_nodes()?;
-    let node1 = t.nodes[0].clone();
-    let extra = t.lab.add_pod(&node1, "web-3")?;
-    t.lab.spawn_server(
-        &extra,
-        &t.bins.labpod,
-        &["serve", "--name", "web-3", "--tcp", "8080", "--udp", "8080"],
-    )?;
-    t.web.push(extra);
+    let web3 = serve_web(&mut t.lab, &t.bins, &t.nodes[0], "web-3")?;
+    t.web.push(web3);
     t.publish("", &[(0, "node1"), (1, "node2")])?;
     let held = hold_connections(&t, 8, 2500)?;
     std::thread::sleep(Duration::from_millis(700));
@@ -405,14 +403,8 @@ fn hold_connections(t: &TwoNodes, count: usize, hold_ms: u64) -> Result<Vec<std:
 #[test]
 fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<()> {
     let mut t = two_nodes()?;
-    let node1 = t.nodes[0].clone();
-    let extra = t.lab.add_pod(&node1, "web-3")?;
-    t.lab.spawn_server(
-        &extra,
-        &t.bins.labpod,
-        &["serve", "--name", "web-3", "--tcp", "8080", "--udp", "8080"],
-    )?;
-    t.web.push(extra);
+    let web3 = serve_web(&mut t.lab, &t.bins, &t.nodes[0], "web-3")?;
+    t.web.push(web3);
     t.publish("", &[(0, "node1"), (1, "node2")])?;
     let survivors = hold_connections(&t, 8, 2500)?;
     let ended = hold_connections(&t, 8, 6000)?;
@@ -456,9 +448,7 @@ fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<(
 /// from the outside client.
 fn agent_metric(t: &TwoNodes, node_ip: &str, series: &str) -> Result<f64> {
     let (_, metrics) = http_get(&t.client.netns, &format!("http://{node_ip}:10249/metrics"))?;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    metric_value(&metrics, series)
         .ok_or_else(|| anyhow::anyhow!("no {series} in /metrics:\n{metrics}"))
 }
 
@@ -515,17 +505,8 @@ fn the_xdp_prefilter_drops_a_denied_flood_at_the_edge() -> Result<()> {
     let during = t.connect(&target, &["--count", "10"])?;
     let sent = flood_sent(flood)?;
     all_ok(&during);
-    // The agent copies the kernel counters on its loop: read until settled.
     let series = "lb_tc_packets{outcome=\"xdp_drop_denied\"}";
-    let mut dropped = agent_metric(&t, NODE_IPS[0], series)?;
-    loop {
-        std::thread::sleep(Duration::from_millis(700));
-        let now = agent_metric(&t, NODE_IPS[0], series)?;
-        if now == dropped {
-            break;
-        }
-        dropped = now;
-    }
+    let dropped = settled(|| agent_metric(&t, NODE_IPS[0], series))?;
     eprintln!("XDP prefilter: {dropped} of {sent} spoofed segments dropped at the edge");
     assert!(sent > 10_000.0, "the flood sent only {sent} segments");
     assert!(dropped >= 0.99 * sent, "{dropped} of {sent} dropped by XDP");

@@ -601,14 +601,7 @@ fn a_restart_never_gives_a_new_frontend_the_id_of_an_orphan_it_then_deletes() {
     let mut maps = MemoryMaps::default();
     // Without endpoints: no slot or backend written carries an id.
     let d = desired(&[(1, &[])]);
-    let mut applied = Applied::default();
-    let p = plan(
-        &mut applied,
-        &d,
-        &Capacity::default(),
-        &SETTINGS,
-        Scope::All,
-    );
+    let (p, _) = plan_all(&Applied::default(), &d, &Capacity::default());
     // The agent dies right after writing the reverse translation.
     for op in p.groups.iter().flat_map(|g| &g.ops) {
         maps.write(op).unwrap();
