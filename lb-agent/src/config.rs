@@ -106,6 +106,13 @@ pub struct Args {
     /// socket path is off.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
+    /// [podConnectedUdpPerPacket] With podInterfaces set, leave pods'
+    /// connected UDP sockets on the ClusterIP at connect() and translate each
+    /// datagram on the pod's interface, so that a socket keeps working when
+    /// its backend leaves [default: true]. False: translated at connect()
+    /// and terminated (SOCK_DESTROY) when their backend leaves.
+    #[arg(long)]
+    pub pod_connected_udp_per_packet: Option<bool>,
     /// [maglevTableSize] Maglev table size, a prime of 251, 509, 1021, 2039,
     /// 4093, 8191, 16381, 32749, 65537 or 131071; identical on every node [default: 16381].
     #[arg(long)]
@@ -224,6 +231,8 @@ pub struct FileConfig {
     /// See [`Args::pod_interfaces`].
     #[serde(default)]
     pub pod_interfaces: Vec<String>,
+    /// See [`Args::pod_connected_udp_per_packet`].
+    pub pod_connected_udp_per_packet: Option<bool>,
     /// See [`Args::maglev_table_size`].
     pub maglev_table_size: Option<usize>,
     /// See [`Args::xdp_prefilter`].
@@ -299,6 +308,8 @@ pub struct Settings {
     pub socket_lb: bool,
     /// Pod interface name prefixes for per-packet ClusterIP translation.
     pub pod_interfaces: Vec<String>,
+    /// See [`Args::pod_connected_udp_per_packet`].
+    pub pod_connected_udp_per_packet: bool,
     /// Maglev settings.
     pub maglev: MaglevSettings,
     /// Capacities of the tc path's own maps.
@@ -322,6 +333,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Whether pods' connected UDP sockets are translated per datagram:
+    /// asked for, with the socket path on (with it off every pod is served
+    /// per packet anyway) and pod programs on every pod interface (the
+    /// `podInterfaces` prefixes; the interfaces policy finds from known pods
+    /// could miss a pod, whose datagrams would then leave untranslated).
+    pub fn pods_connected_udp_per_packet(&self) -> bool {
+        self.pod_connected_udp_per_packet && self.socket_lb && !self.pod_interfaces.is_empty()
+    }
+
     /// Refuses settings the agent cannot work with: a Maglev map without
     /// room for one largest table and the swap of another, a conntrack
     /// table without room for a flow, an XDP prefilter without interfaces.
@@ -425,6 +445,10 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
             .unwrap_or(true),
         socket_lb: args.socket_lb.or(file.socket_lb).unwrap_or(true),
         pod_interfaces: non_empty_or(args.pod_interfaces, file.pod_interfaces),
+        pod_connected_udp_per_packet: args
+            .pod_connected_udp_per_packet
+            .or(file.pod_connected_udp_per_packet)
+            .unwrap_or(true),
         maglev: MaglevSettings {
             size: args
                 .maglev_table_size

@@ -186,11 +186,11 @@ pub fn run(settings: Settings) -> Result<()> {
         Some(path) => (Some(path.programs), Some(path.maps)),
         None => (None, None),
     };
-    let (socket_scope, node_netns_known) =
-        configure_socket_path(settings.socket_lb, &mut socket, &out.metrics)?;
+    let socket_path = configure_socket_path(&settings, &mut socket, &out.metrics)?;
+    let socket_scope = socket_path.scope;
     let localhost_node_ports = settings.localhost_node_ports
         && socket_scope != SocketScope::Off
-        && node_netns_known
+        && socket_path.node_netns_known
         && !node_port_addresses.is_empty();
     out.metrics
         .localhost_node_ports
@@ -256,6 +256,7 @@ pub fn run(settings: Settings) -> Result<()> {
         node_port_addresses,
         localhost_node_ports,
         per_packet_cluster_ips: !settings.socket_lb,
+        per_packet_udp_cluster_ips: socket_path.pod_connected_udp_per_packet,
         external_ip_cidrs: settings.external_ip_cidrs.clone(),
     });
     let mut pod_interfaces = PodInterfaces::default();

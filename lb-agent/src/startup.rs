@@ -5,7 +5,8 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use lb_common::config::{
-    SockConfig, TcConfig, SOCK_CONFIG_NODE_NETNS_ONLY, TC_CONFIG_FIB_REDIRECT, TC_CONFIG_POD_LB,
+    SockConfig, TcConfig, SOCK_CONFIG_NODE_NETNS_ONLY, SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET,
+    TC_CONFIG_FIB_REDIRECT, TC_CONFIG_POD_LB,
 };
 use lb_core::addr::addr_from_ip;
 use tracing::{error, info};
@@ -41,22 +42,37 @@ pub fn socket_scope(socket_lb: bool, node_netns: Option<u64>) -> SocketScope {
     }
 }
 
-/// Configures the socket programs before they are attached, and returns
-/// their scope and whether they know the node's network namespace. A kernel
-/// that cannot name it (`SO_NETNS_COOKIE` needs Linux 5.14) costs NodePorts
-/// on 127.0.0.1 and, with socketLb false, the node's own processes' Service
-/// translation: logged, and shown by `lb_socket_path_scope` and
+/// How the socket programs were configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketPath {
+    /// Which sockets they translate.
+    pub scope: SocketScope,
+    /// Whether they know the node's network namespace.
+    pub node_netns_known: bool,
+    /// Whether pods' connected UDP sockets are left to the pod programs,
+    /// translated per datagram.
+    pub pod_connected_udp_per_packet: bool,
+}
+
+/// Configures the socket programs before they are attached. A kernel that
+/// cannot name the node's network namespace (`SO_NETNS_COOKIE` needs Linux
+/// 5.14) costs NodePorts on 127.0.0.1, with socketLb false the node's own
+/// processes' Service translation, and the per-datagram translation of
+/// pods' connected UDP sockets (the programs could not tell a pod's socket
+/// from a host process's): logged, and shown by `lb_socket_path_scope` and
 /// `lb_localhost_node_ports`.
 pub fn configure_socket_path(
-    socket_lb: bool,
+    settings: &Settings,
     programs: &mut SocketPrograms,
     metrics: &Metrics,
-) -> Result<(SocketScope, bool)> {
+) -> Result<SocketPath> {
+    let socket_lb = settings.socket_lb;
     let node_netns = match netns::own_cookie() {
         Ok(cookie) => Some(cookie),
         Err(err) => {
             let lost = if socket_lb {
-                "NodePorts will not answer on 127.0.0.1"
+                "NodePorts will not answer on 127.0.0.1, and pods' connected UDP sockets are \
+                 translated at connect()"
             } else {
                 "the node's own processes will not reach Services"
             };
@@ -65,12 +81,18 @@ pub fn configure_socket_path(
         }
     };
     let scope = socket_scope(socket_lb, node_netns);
-    let flags = if scope == SocketScope::NodeNetns {
+    let mut flags = 0;
+    if scope == SocketScope::NodeNetns {
         info!("socket programs translate the node's own network namespace only (socketLb false)");
-        SOCK_CONFIG_NODE_NETNS_ONLY
-    } else {
-        0
-    };
+        flags |= SOCK_CONFIG_NODE_NETNS_ONLY;
+    }
+    let pod_connected_udp_per_packet = scope == SocketScope::All
+        && node_netns.is_some()
+        && settings.pods_connected_udp_per_packet();
+    if pod_connected_udp_per_packet {
+        info!("pods' connected UDP sockets are translated per datagram on their interfaces");
+        flags |= SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET;
+    }
     programs
         .configure(SockConfig {
             node_netns: node_netns.unwrap_or(0),
@@ -83,7 +105,11 @@ pub fn configure_socket_path(
         SocketScope::NodeNetns => 1,
         SocketScope::All => 2,
     });
-    Ok((scope, node_netns.is_some()))
+    Ok(SocketPath {
+        scope,
+        node_netns_known: node_netns.is_some(),
+        pod_connected_udp_per_packet,
+    })
 }
 
 /// The tc path, when interfaces are configured for it or policy is on.

@@ -35,6 +35,7 @@ fn node() -> NodeContext {
         ],
         localhost_node_ports: true,
         per_packet_cluster_ips: false,
+        per_packet_udp_cluster_ips: false,
         external_ip_cidrs: Vec::new(),
     }
 }

@@ -12,7 +12,8 @@
 //! (bench, 1-byte CRR), against about 2.5 % for the LRU's preallocated
 //! entries (insert, lookup on accept, delete on release);
 //! the agent also finds connected UDP sockets in the LRU to terminate them
-//! when their backend goes. The reverse hooks and release look the LRU up
+//! when their backend goes (those the node leaves to the pod programs,
+//! translated per datagram, are not in it and need no terminating). The reverse hooks and release look the LRU up
 //! only for peers on a port some backend had ([`maybe_translated`]): the
 //! server side of a connection, the most common other socket, pays one array
 //! read instead of a cookie and a hash lookup.
@@ -29,16 +30,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    config::SOCK_CONFIG_NODE_NETNS_ONLY,
-    net::{is_v4_loopback, is_v4_mapped, v4_mapped, Addr, V4_LOOPBACK},
+    config::{SOCK_CONFIG_NODE_NETNS_ONLY, SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET},
+    net::{is_v4_loopback, is_v4_mapped, v4_mapped, Addr, PROTO_UDP, V4_LOOPBACK},
     outcome::Outcome,
-    service::{RevNat, ServiceKey, SCOPE_EXTERNAL},
+    service::{RevNat, ServiceKey, SCOPE_EXTERNAL, SCOPE_TC_CLUSTER},
     socket::SockRevNatKey,
 };
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, SOCK_CONFIG, SOCK_REV_NAT},
+    maps::{count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT},
     policy,
 };
 
@@ -55,6 +56,15 @@ const AF_INET: u32 = 2;
 enum Family {
     V4,
     V6,
+}
+
+/// The system call a translation hook runs for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `connect()`: the socket keeps the address it is given.
+    Connect,
+    /// `sendmsg()` of an unconnected UDP socket: one datagram.
+    Sendmsg,
 }
 
 /// The socket's protocol.
@@ -130,10 +140,13 @@ fn opted_out() -> bool {
 }
 
 /// connect/sendmsg: steer a frontend address to a backend, unless the
-/// socket's traffic is translated per packet: its cgroup opted out, or the
-/// node translates only its own network namespace and the socket is a pod's.
+/// socket's traffic is translated per packet: its cgroup opted out, the
+/// node translates only its own network namespace and the socket is a pod's,
+/// or it is a pod's connected UDP socket and the node asks for those to be
+/// translated per datagram (checked once the Service is known to have a
+/// backend, so that a Service without endpoints still fails `connect()`).
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
+fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
     let config = SOCK_CONFIG.get(0).copied().unwrap_or_default();
     // In a pod's namespace 127.0.0.0/8 is the pod's own loopback; in the
     // node's it reaches NodePorts, as with kube-proxy.
@@ -183,6 +196,16 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
         Lookup::Backend { backend, .. } if policy::denies(&backend.addr, backend.port, proto) => {
             refused()
         }
+        Lookup::Backend { .. }
+            if call == Call::Connect
+                && proto == PROTO_UDP
+                && config.flags & SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET != 0
+                && config.node_netns != 0
+                && !in_node_netns()
+                && served_per_packet(&key) =>
+        {
+            ALLOW
+        }
         Lookup::Backend {
             service_id,
             backend,
@@ -208,6 +231,19 @@ fn translate(ctx: &SockAddrContext, family: Family) -> i32 {
     }
 }
 
+/// Whether the pod programs translate packets to the frontend `key`: its
+/// per-packet twin is programmed. A socket left on a frontend without one
+/// would send its datagrams nowhere (a full map, a frontend not written
+/// yet): such a socket is translated here instead.
+#[inline(always)]
+fn served_per_packet(key: &ServiceKey) -> bool {
+    let per_packet = ServiceKey {
+        scope: SCOPE_TC_CLUSTER,
+        ..*key
+    };
+    SERVICES.get_ptr(&per_packet).is_some()
+}
+
 /// getpeername/recvmsg: show the frontend instead of the backend.
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
@@ -228,25 +264,25 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
 /// `connect()` of an IPv4 socket: steer a frontend to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4)
+    translate(&ctx, Family::V4, Call::Connect)
 }
 
 /// `connect()` of an IPv6 socket: steer a frontend to a backend.
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6)
+    translate(&ctx, Family::V6, Call::Connect)
 }
 
 /// `sendmsg()` of an unconnected IPv4 UDP socket: steer each datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V4)
+    translate(&ctx, Family::V4, Call::Sendmsg)
 }
 
 /// `sendmsg()` of an unconnected IPv6 UDP socket: steer each datagram.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Family::V6)
+    translate(&ctx, Family::V6, Call::Sendmsg)
 }
 
 /// `getpeername()` of an IPv4 socket: show the frontend.

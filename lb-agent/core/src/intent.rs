@@ -90,6 +90,11 @@ pub struct NodeContext {
     /// Also serve ClusterIPs per packet (tc on pod interfaces), for pods
     /// whose sockets are not translated.
     pub per_packet_cluster_ips: bool,
+    /// Also serve UDP ClusterIP ports per packet (tc on pod interfaces):
+    /// pods' connected UDP sockets are left on the ClusterIP at `connect()`
+    /// and each datagram is translated, so that a socket outlives its
+    /// backend.
+    pub per_packet_udp_cluster_ips: bool,
     /// The ranges `spec.externalIPs` may use; empty: none, as with the
     /// Kubernetes `DenyServiceExternalIPs` admission plugin (anyone who may
     /// create a Service could otherwise capture any address, CVE-2020-8554).

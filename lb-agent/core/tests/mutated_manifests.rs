@@ -111,6 +111,7 @@ fn node() -> NodeContext {
         node_port_addresses: vec![IpAddr::from([192, 168, 1, 10])],
         localhost_node_ports: true,
         per_packet_cluster_ips: true,
+        per_packet_udp_cluster_ips: true,
         external_ip_cidrs: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
     }
 }

@@ -545,14 +545,11 @@ fn host_network_processes_are_translated() -> Result<()> {
     Ok(())
 }
 
-/// Upstream: network/conntrack.go "should be able to preserve UDP traffic when
-/// server pod cycles for a ClusterIP service" (the stale-UDP-flow problem,
-/// which kube-proxy solves by clearing conntrack). A client keeping one
-/// connected UDP socket must not stay pinned to a removed backend: the agent
-/// destroys the sockets steered to it and the client reconnects.
-#[test]
-fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
-    let s = Scenario::new(2, &[])?;
+/// A client that keeps one connected UDP socket to VIP:53 and sends a query
+/// every 100 ms for 4 s, while the Service's only endpoint moves from
+/// `web-1` to `web-2` 1.2 s in. Returns its attempts and when (ms after it
+/// started) the change was written.
+fn connected_udp_client_across_a_backend_change(s: &Scenario) -> Result<(Vec<Attempt>, u64)> {
     let ports = [("dns", 53, "UDP", "8080")];
     let only = |i: usize| {
         web(
@@ -597,7 +594,6 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
     let changed_ms = started.elapsed().as_millis() as u64;
     let output = client.wait_with_output()?;
     let attempts = lb_e2e::probe::parse_attempts(&output.stdout)?;
-
     let before: Vec<&Attempt> = attempts.iter().filter(|a| a.at_ms < changed_ms).collect();
     assert!(
         before.iter().any(|a| a.backend.as_deref() == Some("web-1")),
@@ -614,9 +610,55 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
             .all(|a| a.backend.as_deref() == Some("web-2")),
         "the long-lived socket stayed pinned: {settled:?}"
     );
+    Ok((attempts, changed_ms))
+}
+
+/// Upstream: network/conntrack.go "should be able to preserve UDP traffic when
+/// server pod cycles for a ClusterIP service" (the stale-UDP-flow problem,
+/// which kube-proxy solves by clearing conntrack). Where no pod program
+/// sees the socket's datagrams (here: no `podInterfaces`), the socket is
+/// translated at `connect()`: the agent destroys the sockets steered to a
+/// removed backend and the client, seeing the error, opens a new one.
+#[test]
+fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    connected_udp_client_across_a_backend_change(&s)?;
     s.agent.wait_for_log(
         "terminated connected UDP sockets of removed backends sockets=1",
         Duration::from_secs(2),
     )?;
+    Ok(())
+}
+
+/// kube-proxy: a connected UDP socket to a ClusterIP keeps working when its
+/// backend goes (the flow's conntrack entry is cleared and the next
+/// datagram picks a live backend); the application does nothing. With the
+/// pod programs on the client's interface the socket stays on the VIP and
+/// each datagram is translated there: every query is answered, all from
+/// one socket (one local port) that always shows the VIP as its peer, and
+/// from the new backend within 1 s of the change; nothing is destroyed.
+#[test]
+fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()> {
+    let s = Scenario::new(2, &["--node-name", "node1", "--pod-interfaces", "p"])?;
+    let (attempts, _) = connected_udp_client_across_a_backend_change(&s)?;
+    all_ok(&attempts);
+    let locals: BTreeSet<_> = attempts.iter().map(|a| a.local.clone()).collect();
+    assert_eq!(
+        locals.len(),
+        1,
+        "the client had to open a new socket: {attempts:?}"
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("10.96.0.10:53")),
+        "{attempts:?}"
+    );
+    assert!(s.metric(r#"lb_tc_packets{outcome="new_flow"}"#)? >= 2.0);
+    let log = s.agent.log_text();
+    assert!(
+        !log.contains("terminated connected UDP sockets"),
+        "a socket was destroyed: {log}"
+    );
     Ok(())
 }

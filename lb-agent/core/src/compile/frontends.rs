@@ -9,10 +9,13 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::service::{
-    ServiceKey, SCOPE_EXTERNAL, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS, SERVICE_FLAG_PRESERVE_SOURCE,
-    SERVICE_FLAG_SOURCE_RANGES,
+use lb_common::{
+    net::PROTO_UDP,
+    service::{
+        ServiceKey, SCOPE_EXTERNAL, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL, SERVICE_FLAG_AFFINITY,
+        SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS, SERVICE_FLAG_PRESERVE_SOURCE,
+        SERVICE_FLAG_SOURCE_RANGES,
+    },
 };
 
 use super::{
@@ -99,7 +102,9 @@ pub(super) fn compile_service(
                 affinity_timeout_s: options.affinity_timeout_s.unwrap_or(0),
                 source_ranges: Vec::new(),
             };
-            if locality.per_packet_cluster_ips {
+            if locality.per_packet_cluster_ips
+                || (locality.per_packet_udp_cluster_ips && port.proto == PROTO_UDP)
+            {
                 // The same choice, made per packet; pods keep their own
                 // address whatever node the backend is on.
                 let per_packet = Frontend {

@@ -327,6 +327,7 @@ impl Compiler {
                     node_port_addresses: &self.node.node_port_addresses,
                     localhost_node_ports: self.node.localhost_node_ports,
                     per_packet_cluster_ips: self.per_packet,
+                    per_packet_udp_cluster_ips: self.node.per_packet_udp_cluster_ips,
                     external_ip_cidrs: &self.node.external_ip_cidrs,
                 };
                 let output = compile_service(sourced, &id, &own_slices, &locality);

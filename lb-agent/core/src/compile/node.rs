@@ -16,6 +16,7 @@ pub(super) struct Locality<'a> {
     pub(super) node_port_addresses: &'a [IpAddr],
     pub(super) localhost_node_ports: bool,
     pub(super) per_packet_cluster_ips: bool,
+    pub(super) per_packet_udp_cluster_ips: bool,
     pub(super) external_ip_cidrs: &'a [ipnetwork::IpNetwork],
 }
 

@@ -4,8 +4,9 @@ use std::net::IpAddr;
 use lb_common::{
     net::{PROTO_TCP, PROTO_UDP},
     service::{
-        ServiceKey, BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_TC_EXTERNAL, SERVICE_FLAG_AFFINITY,
-        SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS, SERVICE_FLAG_SOURCE_RANGES,
+        ServiceKey, BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL,
+        SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL_LOCAL, SERVICE_FLAG_NO_LOCAL_BACKENDS,
+        SERVICE_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -29,6 +30,7 @@ fn compile_on(text: &str, node: Option<&str>) -> Compiled {
             node_port_addresses: Vec::new(),
             localhost_node_ports: false,
             per_packet_cluster_ips: false,
+            per_packet_udp_cluster_ips: false,
             external_ip_cidrs: Vec::new(),
         },
     )
@@ -95,6 +97,40 @@ fn each_service_port_is_a_frontend_with_its_own_target_port() {
     let dns = &compiled.desired.frontends[&key("10.96.0.10", 53, PROTO_UDP)];
     assert_eq!(ips(dns).len(), 2);
     assert!(ips(dns).iter().all(|(_, port)| *port == 5353));
+}
+
+/// Pods' connected UDP sockets are translated per datagram: every UDP
+/// ClusterIP port gets a per-packet frontend with the same backends, TCP
+/// ports none (their sockets are translated once, at `connect()`).
+#[test]
+fn udp_cluster_ip_ports_are_also_served_per_packet_when_asked() {
+    let parsed = parse_documents("test.yaml", WEB);
+    let node = NodeContext {
+        per_packet_udp_cluster_ips: true,
+        ..NodeContext::default()
+    };
+    let compiled = compile(&parsed.objects, &node);
+    assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+    let per_packet: Vec<&ServiceKey> = compiled
+        .desired
+        .frontends
+        .keys()
+        .filter(|k| k.scope == SCOPE_TC_CLUSTER)
+        .collect();
+    let dns = key("10.96.0.10", 53, PROTO_UDP);
+    assert_eq!(
+        per_packet,
+        [&ServiceKey {
+            scope: SCOPE_TC_CLUSTER,
+            ..dns
+        }]
+    );
+    let frontends = &compiled.desired.frontends;
+    assert_eq!(
+        ips(&frontends[per_packet[0]]),
+        ips(&frontends[&dns]),
+        "the same backends either way"
+    );
 }
 
 #[test]
@@ -391,6 +427,7 @@ fn node_ports_external_ips_and_load_balancer_ips_become_tc_and_local_client_fron
         node_port_addresses: vec![ip("192.168.100.1"), ip("fd00:100::1")],
         localhost_node_ports: true,
         per_packet_cluster_ips: false,
+        per_packet_udp_cluster_ips: false,
         external_ip_cidrs: vec!["192.0.2.0/24".parse().expect("cidr")],
     };
     let compiled = compile(&parsed.objects, &node);
@@ -511,6 +548,7 @@ fn client_ip_affinity_defaults_to_three_hours() {
         node_port_addresses: vec![ip("192.168.100.1")],
         localhost_node_ports: false,
         per_packet_cluster_ips: true,
+        per_packet_udp_cluster_ips: false,
         external_ip_cidrs: Vec::new(),
     };
     let compiled = compile(&parsed.objects, &node);
