@@ -259,7 +259,7 @@ pub fn run(settings: Settings) -> Result<()> {
         per_packet_udp_cluster_ips: socket_path.pod_connected_udp_per_packet,
         external_ip_cidrs: settings.external_ip_cidrs.clone(),
     });
-    let mut pod_interfaces = PodInterfaces::default();
+    let mut pod_interfaces = PodInterfaces::new(socket_path.pod_connected_udp_per_packet);
     let mut opt_out = OptOut::default();
     let mut attached = false;
     let mut last_gc = Instant::now();
@@ -273,10 +273,9 @@ pub fn run(settings: Settings) -> Result<()> {
             }
             report_drops(tc, &reconciler, kernel.policy.as_ref(), &out.drops);
             refresh_tc_counters(tc, &out.metrics);
-            if attached {
-                let found = policy_interfaces(kernel.policy.as_ref());
-                pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
-            }
+        }
+        if attached {
+            sync_pod_interfaces(&settings, &mut kernel, &mut pod_interfaces);
         }
         match kernel.socket.refusals() {
             Ok(counts) => out.metrics.set_outcomes(&counts),
@@ -321,9 +320,29 @@ pub fn run(settings: Settings) -> Result<()> {
             )?;
             attached = true;
             info!(cgroup = %cgroup.display(), "ready: programs attached");
-        } else if let Some(tc) = kernel.tc.as_mut() {
-            let found = policy_interfaces(kernel.policy.as_ref());
-            pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
+        } else {
+            sync_pod_interfaces(&settings, &mut kernel, &mut pod_interfaces);
+        }
+    }
+}
+
+/// Attaches the pod programs to new pod interfaces (and detaches them from
+/// those gone), then tells the socket programs which pods' namespaces the
+/// pod programs now serve.
+fn sync_pod_interfaces(
+    settings: &Settings,
+    kernel: &mut Kernel,
+    pod_interfaces: &mut PodInterfaces,
+) {
+    let Some(tc) = kernel.tc.as_mut() else {
+        return;
+    };
+    let found = policy_interfaces(kernel.policy.as_ref());
+    pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
+    if let Some(namespaces) = pod_interfaces.pod_netns_change() {
+        if let Err(err) = kernel.socket.set_pod_netns(&namespaces) {
+            error!(error = %err, "writing the pods' network namespaces");
+            pod_interfaces.netns_not_written();
         }
     }
 }
@@ -392,9 +411,10 @@ fn attach(
                 tc.detach_prefilter(interface)?;
             }
         }
-        let found = policy_interfaces(kernel.policy.as_ref());
-        pod_interfaces.sync(tc, &settings.pod_interfaces, &found);
-        // Every program an older agent attached is replaced now.
+    }
+    sync_pod_interfaces(settings, kernel, pod_interfaces);
+    // Every program an older agent attached is replaced now.
+    if let Some(tc) = kernel.tc.as_mut() {
         if let Err(err) = tc.finish_conntrack_carry_over() {
             error!(error = %err, "carrying the older agent's conntrack over");
         }

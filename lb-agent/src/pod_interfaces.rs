@@ -4,17 +4,29 @@
 //! new one (both hooks: the pod's packets and the packets to it), each is
 //! registered with what the programs need to know of it (a veth or netkit
 //! host end, a known pod's), and the pins of those that went away are
-//! removed.
+//! removed. When pods' connected UDP sockets are translated per datagram,
+//! the network namespace of each attached pair interface's peer is found
+//! too: the socket programs leave such sockets untranslated only in those
+//! namespaces, whose datagrams the pod programs are known to see.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use lb_common::config::{POD_INTERFACE_ENDPOINT, POD_INTERFACE_PEER};
 use tracing::{error, info, warn};
 
 use crate::{
     kernel::tc_programs::{TcHook, TcPrograms},
-    node::{interfaces, netlink},
+    node::{interfaces, netlink, netns},
 };
+
+/// How long pod interfaces whose peer's namespace was not found wait before
+/// the node's namespaces are looked through again.
+const NETNS_RETRY: Duration = Duration::from_secs(10);
 
 /// A pod interface the pod programs are attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,15 +35,107 @@ struct Attached {
     ifindex: Option<u32>,
     /// The `POD_INTERFACE_*` bits registered.
     flags: u32,
+    /// The cookie of its peer's network namespace, once found.
+    netns: Option<u64>,
+    /// Whether its peer's namespace was looked for.
+    looked: bool,
 }
 
 /// Pod interfaces the pod programs are attached to, by name.
-#[derive(Default)]
 pub struct PodInterfaces {
     attached: BTreeMap<String, Attached>,
+    /// Whether the peers' namespaces are wanted (pods' connected UDP
+    /// translated per datagram).
+    find_netns: bool,
+    /// When the node's namespaces were last looked through.
+    last_netns_lookup: Option<Instant>,
+    /// The namespaces last given to the socket programs.
+    netns_written: Option<BTreeSet<u64>>,
 }
 
 impl PodInterfaces {
+    /// No interface yet; `find_netns`: find their peers' namespaces.
+    pub fn new(find_netns: bool) -> Self {
+        Self {
+            attached: BTreeMap::new(),
+            find_netns,
+            last_netns_lookup: None,
+            netns_written: None,
+        }
+    }
+
+    /// The namespaces (cookies) of the attached interfaces' peers, when
+    /// they differ from those last returned (always on the first call,
+    /// so that a previous agent's set is replaced; empty while they are not
+    /// wanted). Interfaces attached since are looked for first.
+    pub fn pod_netns_change(&mut self) -> Option<BTreeSet<u64>> {
+        if self.find_netns {
+            self.find_peer_netns();
+        }
+        let now: BTreeSet<u64> = self.attached.values().filter_map(|a| a.netns).collect();
+        if self.netns_written.as_ref() == Some(&now) {
+            return None;
+        }
+        self.netns_written = Some(now.clone());
+        Some(now)
+    }
+
+    /// Makes the next [`Self::pod_netns_change`] return the set again (its
+    /// write failed).
+    pub fn netns_not_written(&mut self) {
+        self.netns_written = None;
+    }
+
+    /// Looks for the peer namespaces of registered interfaces not looked
+    /// for yet, and of those not found, every [`NETNS_RETRY`].
+    fn find_peer_netns(&mut self) {
+        let unknown = |a: &Attached| a.ifindex.is_some() && a.netns.is_none();
+        let fresh = self.attached.values().any(|a| unknown(a) && !a.looked);
+        let retry = self.attached.values().any(unknown)
+            && self
+                .last_netns_lookup
+                .is_none_or(|at| at.elapsed() >= NETNS_RETRY);
+        if !fresh && !retry {
+            return;
+        }
+        self.last_netns_lookup = Some(Instant::now());
+        let by_nsid = match namespaces_by_nsid() {
+            Ok(found) => found,
+            Err(err) => {
+                error!(error = %err, "listing the node's network namespaces");
+                return;
+            }
+        };
+        for (name, attached) in &mut self.attached {
+            let Some(ifindex) = attached.ifindex.filter(|_| attached.netns.is_none()) else {
+                continue;
+            };
+            attached.looked = true;
+            let peer = netlink::link(ifindex).map(|link| link.peer_netnsid);
+            let path = match peer {
+                Ok(Some(nsid)) => by_nsid.get(&nsid),
+                Ok(None) => None,
+                Err(err) => {
+                    warn!(interface = %name, error = %err, "reading the pod interface's peer");
+                    continue;
+                }
+            };
+            let Some(path) = path else {
+                warn!(interface = %name, "the pod's network namespace was not found; its connected UDP sockets are translated at connect()");
+                continue;
+            };
+            match netns::cookie_of(path) {
+                Ok(cookie) => {
+                    info!(interface = %name, netns = %path.display(), "pod's connected UDP translated per datagram");
+                    attached.netns = Some(cookie);
+                }
+                Err(err) => {
+                    warn!(interface = %name, netns = %path.display(), error = %err, "naming the pod's network namespace")
+                }
+            }
+        }
+    }
+
     /// Attaches the pod programs to the interfaces that `prefixes` name or
     /// that are the known pods' (`endpoints`) and are not attached yet,
     /// registers them, and detaches those that went away or are no longer
@@ -71,7 +175,11 @@ impl PodInterfaces {
                 Some(attached) if attached.flags & POD_INTERFACE_ENDPOINT == endpoint => {}
                 Some(attached) => {
                     let flags = (attached.flags & !POD_INTERFACE_ENDPOINT) | endpoint;
-                    let registered = register(tc, &name, flags);
+                    let mut registered = register(tc, &name, flags);
+                    if registered.ifindex == attached.ifindex {
+                        registered.netns = attached.netns;
+                        registered.looked = attached.looked;
+                    }
                     self.attached.insert(name, registered);
                 }
                 None => match tc.attach(&name, &TcHook::POD) {
@@ -112,22 +220,42 @@ fn peer_flag(name: &str) -> u32 {
 /// Registers `name` with `flags`; what was registered.
 fn register(tc: &mut TcPrograms, name: &str, flags: u32) -> Attached {
     let Some(ifindex) = interfaces::index_of(name) else {
-        return Attached {
-            ifindex: None,
-            flags: 0,
-        };
+        return UNREGISTERED;
     };
     match tc.add_pod_interface(ifindex, flags) {
         Ok(()) => Attached {
             ifindex: Some(ifindex),
             flags,
+            netns: None,
+            looked: false,
         },
         Err(err) => {
             error!(interface = %name, error = %err, "registering pod interface");
-            Attached {
-                ifindex: None,
-                flags: 0,
-            }
+            UNREGISTERED
         }
     }
+}
+
+/// An interface attached but not registered.
+const UNREGISTERED: Attached = Attached {
+    ifindex: None,
+    flags: 0,
+    netns: None,
+    looked: false,
+};
+
+/// The node's network namespaces by the id the agent's namespace knows
+/// them by (those it knows no id for are no pair interface's peer).
+fn namespaces_by_nsid() -> std::io::Result<BTreeMap<i32, PathBuf>> {
+    let mut by_nsid = BTreeMap::new();
+    for path in netns::all()? {
+        // A namespace may go while we look.
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        if let Some(nsid) = netlink::nsid_of(&file)? {
+            by_nsid.entry(nsid).or_insert(path);
+        }
+    }
+    Ok(by_nsid)
 }

@@ -9,7 +9,7 @@ use lb_common::{
     kernel_map,
     maps::{
         BACKEND_PORTS_LEN, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CGROUP_ENDPOINTS,
-        MAX_OPT_OUT, MAX_SERVICES, MAX_SOCK_REV_NAT, STATS_LEN,
+        MAX_OPT_OUT, MAX_POD_NETNS, MAX_SERVICES, MAX_SOCK_REV_NAT, STATS_LEN,
     },
     net::Addr,
     outcome::Outcome,
@@ -84,6 +84,13 @@ kernel_map!(
     OPT_OUT_COUNT,
     /// Entries in [`OPT_OUT`], written by the agent after changing it.
     pub static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
+);
+
+kernel_map!(
+    POD_NETNS,
+    /// Pods' network namespaces whose connected UDP sockets are translated
+    /// per datagram on their interface, by cookie.
+    pub static POD_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_POD_NETNS, 0);
 );
 
 kernel_map!(

@@ -39,7 +39,10 @@ use lb_common::{
 
 use crate::{
     lb::{select, Lookup},
-    maps::{count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT},
+    maps::{
+        count, maybe_translated, OPT_OUT, OPT_OUT_COUNT, POD_NETNS, SERVICES, SOCK_CONFIG,
+        SOCK_REV_NAT,
+    },
     policy,
 };
 
@@ -200,8 +203,7 @@ fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
             if call == Call::Connect
                 && proto == PROTO_UDP
                 && config.flags & SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET != 0
-                && config.node_netns != 0
-                && !in_node_netns()
+                && POD_NETNS.get_ptr(&client()).is_some()
                 && served_per_packet(&key) =>
         {
             ALLOW
@@ -234,7 +236,9 @@ fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
 /// Whether the pod programs translate packets to the frontend `key`: its
 /// per-packet twin is programmed. A socket left on a frontend without one
 /// would send its datagrams nowhere (a full map, a frontend not written
-/// yet): such a socket is translated here instead.
+/// yet): such a socket is translated here instead, as is one whose network
+/// namespace is not in [`POD_NETNS`] (a host process's, or a new pod's
+/// before the agent attached the pod programs to its interface).
 #[inline(always)]
 fn served_per_packet(key: &ServiceKey) -> bool {
     let per_packet = ServiceKey {

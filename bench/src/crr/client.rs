@@ -2,7 +2,7 @@
 //! or not, in their turns' slices, merged into one report.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
@@ -32,6 +32,43 @@ fn connect(target: SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStrea
     socket.set_nodelay(true)?;
     socket.connect(&target.into())?;
     Ok(socket.into())
+}
+
+/// A UDP socket for `target`'s family, connected to it when `connected`.
+fn udp_socket(
+    target: SocketAddr,
+    timeout: Option<Duration>,
+    connected: bool,
+) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket.set_read_timeout(timeout)?;
+    if connected {
+        socket.connect(target)?;
+    }
+    Ok(socket)
+}
+
+/// One UDP request and its answer; a lost datagram is a timeout error.
+fn udp_exchange(
+    socket: &UdpSocket,
+    target: SocketAddr,
+    connected: bool,
+    request: &[u8],
+    response: &mut [u8],
+) -> io::Result<()> {
+    if connected {
+        socket.send(request)?;
+        socket.recv(response)?;
+    } else {
+        socket.send_to(request, target)?;
+        socket.recv_from(response)?;
+    }
+    Ok(())
 }
 
 fn exchange(stream: &mut TcpStream, request: &[u8], response: &mut [u8]) -> io::Result<()> {
@@ -77,6 +114,7 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
     let mut connect_errors = 0u64;
     let mut io_errors = 0u64;
     let mut rr_conn: Option<TcpStream> = None;
+    let mut udp: Option<UdpSocket> = None;
 
     start.wait();
     let schedule = Schedule::new(cfg.duration, monotonic_ns(), cfg.turns);
@@ -122,6 +160,27 @@ fn client_thread(cfg: &ClientConfig, start: &Barrier) -> ThreadResult {
                         if r.is_err() {
                             io_errors += 1;
                             rr_conn = None;
+                        }
+                        r.is_ok()
+                    }
+                    None => false,
+                }
+            }
+            Mode::Udp | Mode::UdpConnected => {
+                let connected = cfg.mode == Mode::UdpConnected;
+                if udp.is_none() {
+                    match udp_socket(cfg.target, cfg.timeout, connected) {
+                        Ok(s) => udp = Some(s),
+                        Err(_) => connect_errors += 1,
+                    }
+                    last = monotonic_ns();
+                }
+                match udp.as_ref() {
+                    Some(socket) => {
+                        let r =
+                            udp_exchange(socket, cfg.target, connected, &request, &mut response);
+                        if r.is_err() {
+                            io_errors += 1;
                         }
                         r.is_ok()
                     }
@@ -330,6 +389,21 @@ mod tests {
         // One connection per client thread, kept open.
         assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 2);
         assert_eq!(server.stats().kept_open.load(Ordering::Relaxed), 2);
+        server.shutdown();
+    }
+
+    #[test]
+    fn udp_on_loopback_unconnected_and_connected() {
+        let server = loopback_server(4);
+        for mode in [Mode::Udp, Mode::UdpConnected] {
+            let before = server.stats().transactions.load(Ordering::Relaxed);
+            let report = run(&server, mode, 4, 2, 0.3);
+            assert!(report.transactions > 0, "{report}");
+            assert_eq!(report.errors, 0, "{report}");
+            let served = server.stats().transactions.load(Ordering::Relaxed) - before;
+            assert!(served >= report.transactions, "{served} {report}");
+        }
+        assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 0);
         server.shutdown();
     }
 

@@ -19,6 +19,13 @@ pub enum Mode {
     Crr,
     /// Request, response on one kept-open connection per thread.
     Rr,
+    /// UDP request, response: each request a `sendto()` of an unconnected
+    /// socket (one per thread), as a DNS resolver sends.
+    Udp,
+    /// UDP request, response on one connected socket per thread.
+    #[serde(rename = "udp-connected")]
+    #[value(name = "udp-connected")]
+    UdpConnected,
 }
 
 impl fmt::Display for Mode {
@@ -26,6 +33,8 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Crr => "crr",
             Mode::Rr => "rr",
+            Mode::Udp => "udp",
+            Mode::UdpConnected => "udp-connected",
         })
     }
 }
@@ -37,7 +46,11 @@ impl FromStr for Mode {
         match s.to_ascii_lowercase().as_str() {
             "crr" => Ok(Mode::Crr),
             "rr" => Ok(Mode::Rr),
-            other => Err(format!("unknown mode {other:?} (expected crr or rr)")),
+            "udp" => Ok(Mode::Udp),
+            "udp-connected" => Ok(Mode::UdpConnected),
+            other => Err(format!(
+                "unknown mode {other:?} (expected crr, rr, udp or udp-connected)"
+            )),
         }
     }
 }
@@ -341,5 +354,8 @@ mod tests {
         assert_eq!("rr".parse::<Mode>().unwrap(), Mode::Rr);
         assert!("stream".parse::<Mode>().is_err());
         assert_eq!(Mode::Rr.to_string(), "rr");
+        for mode in [Mode::Udp, Mode::UdpConnected] {
+            assert_eq!(mode.to_string().parse::<Mode>().unwrap(), mode);
+        }
     }
 }

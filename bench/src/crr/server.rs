@@ -2,7 +2,7 @@
 //! request and handing RR connections to threads of their own.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -86,7 +86,21 @@ impl Server {
 
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServerStats::default());
-        let mut workers = Vec::with_capacity(cfg.workers.max(1));
+        let mut workers = Vec::with_capacity(cfg.workers.max(1) + 1);
+        // UDP on the same port: each datagram answered with `size` bytes.
+        let udp = UdpSocket::bind(local)?;
+        udp.set_read_timeout(Some(UDP_STOP_CHECK))?;
+        {
+            let stop = Arc::clone(&stop);
+            let stats = Arc::clone(&stats);
+            let size = cfg.size;
+            workers.push(
+                thread::Builder::new()
+                    .name("crr-server-udp".into())
+                    .stack_size(SERVER_THREAD_STACK)
+                    .spawn(move || answer_udp(&udp, size, &stop, &stats))?,
+            );
+        }
         for i in 0..cfg.workers.max(1) {
             let listener = listener.try_clone()?;
             let stop = Arc::clone(&stop);
@@ -142,6 +156,30 @@ impl Server {
         }
         for h in self.workers {
             let _ = h.join();
+        }
+    }
+}
+
+/// How often the UDP thread, blocked in `recv_from()`, looks at the stop flag.
+const UDP_STOP_CHECK: Duration = Duration::from_millis(100);
+
+fn answer_udp(socket: &UdpSocket, size: usize, stop: &AtomicBool, stats: &ServerStats) {
+    let response = vec![b'r'; size];
+    let mut buf = vec![0u8; size.max(1)];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                if socket.send_to(&response, peer).is_ok() {
+                    stats.transactions.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

@@ -7,9 +7,10 @@ use crate::{assert_layout, net::Addr};
 /// packet on their interfaces.
 pub const SOCK_CONFIG_NODE_NETNS_ONLY: u32 = 1 << 0;
 /// [`SockConfig::flags`]: a pod's `connect()` of a UDP socket to a Service
-/// leaves the socket on the Service's address: the programs on the pod's
-/// interface translate each datagram, so the socket moves to a live
-/// backend when its own leaves (no `SOCK_DESTROY`).
+/// leaves the socket on the Service's address when the pod's network
+/// namespace is in `POD_NETNS` and the frontend has a per-packet twin: the
+/// programs on the pod's interface translate each datagram, so the socket
+/// moves to a live backend when its own leaves (no `SOCK_DESTROY`).
 pub const SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET: u32 = 1 << 1;
 
 /// How the socket programs serve this node.

@@ -82,6 +82,10 @@ map_names! { $
     /// How many entries [`OPT_OUT`] has: array of one `u32`. While it is 0
     /// the socket programs skip the opt-out lookup.
     OPT_OUT_COUNT = "LB_OPTCNT_V1";
+    /// Network namespaces of this node's pods whose interface carries the
+    /// pod programs, where a connected UDP socket is left on its ClusterIP
+    /// and translated per datagram: netns cookie (`u64`) -> `u32` (1).
+    POD_NETNS = "LB_PODNS_V1";
     /// Counters of the socket programs: per-CPU array of [`OUTCOME_SLOTS`]
     /// `u64`, indexed by [`Outcome::index`](crate::outcome::Outcome::index).
     /// Not pinned: the counters restart with the agent.
@@ -245,6 +249,9 @@ pub const MAX_SOCK_REV_NAT: u32 = 262_144;
 pub const BACKEND_PORTS_LEN: u32 = BACKEND_PORT_WORDS;
 /// Capacity of [`OPT_OUT`].
 pub const MAX_OPT_OUT: u32 = 65_536;
+/// Capacity of [`POD_NETNS`]: pods of one node (Kubernetes' own limit per
+/// node is 110 by default, a few hundred in practice).
+pub const MAX_POD_NETNS: u32 = 16_384;
 /// Capacity of [`AFFINITY`] and [`TC_AFFINITY`].
 pub const MAX_AFFINITY: u32 = 131_072;
 /// Entries of [`SOCK_STATS`] and [`TC_STATS`].

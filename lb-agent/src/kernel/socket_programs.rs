@@ -95,6 +95,7 @@ pub struct SocketPrograms {
     opt_out: HashMap<MapData, u64, u32>,
     opt_out_count: Array<MapData, u32>,
     cgroup_endpoints: HashMap<MapData, u64, Addr>,
+    pod_netns: HashMap<MapData, u64, u32>,
     pin_dir: std::path::PathBuf,
 }
 
@@ -123,12 +124,14 @@ impl SocketPrograms {
             Array::try_from(ebpf.open(maps::OPT_OUT_COUNT)?).on(maps::OPT_OUT_COUNT)?;
         let cgroup_endpoints =
             HashMap::try_from(ebpf.open(maps::CGROUP_ENDPOINTS)?).on(maps::CGROUP_ENDPOINTS)?;
+        let pod_netns = HashMap::try_from(ebpf.open(maps::POD_NETNS)?).on(maps::POD_NETNS)?;
         let mut programs = Self {
             ebpf,
             counters,
             opt_out,
             opt_out_count,
             cgroup_endpoints,
+            pod_netns,
             pin_dir: pin_dir.to_path_buf(),
         };
         programs.sync_opt_out_count()?;
@@ -215,15 +218,7 @@ impl SocketPrograms {
     /// Makes the set of cgroups whose sockets are not translated exactly
     /// `wanted` (cgroup ids). Returns whether anything changed.
     pub fn set_opt_out(&mut self, wanted: &BTreeSet<u64>) -> Result<bool, KernelError> {
-        let name = maps::OPT_OUT;
-        let present: BTreeSet<u64> = self.opt_out.keys().collect::<Result<_, _>>().on(name)?;
-        for id in wanted.difference(&present) {
-            self.opt_out.insert(id, 1, 0).on(name)?;
-        }
-        for id in present.difference(wanted) {
-            ignore_missing(self.opt_out.remove(id)).on(name)?;
-        }
-        let changed = &present != wanted;
+        let changed = sync_set(&mut self.opt_out, maps::OPT_OUT, wanted)?;
         if changed {
             // Last: a count above the entries only costs the programs a
             // lookup that misses; one below them would skip opted-out
@@ -232,6 +227,13 @@ impl SocketPrograms {
             self.write_opt_out_count(wanted.len())?;
         }
         Ok(changed)
+    }
+
+    /// Makes the set of pods' network namespaces whose connected UDP
+    /// sockets are translated per datagram exactly `wanted` (cookies).
+    /// Returns whether anything changed.
+    pub fn set_pod_netns(&mut self, wanted: &BTreeSet<u64>) -> Result<bool, KernelError> {
+        sync_set(&mut self.pod_netns, maps::POD_NETNS, wanted)
     }
 
     /// Makes the map of this node's pods by cgroup hold exactly `wanted`
@@ -274,6 +276,23 @@ impl SocketPrograms {
             .on(maps::OPT_OUT)?;
         self.write_opt_out_count(entries)
     }
+}
+
+/// Makes the set map `name` (key -> 1) hold exactly `wanted`; returns
+/// whether anything changed.
+fn sync_set(
+    map: &mut HashMap<MapData, u64, u32>,
+    name: &'static str,
+    wanted: &BTreeSet<u64>,
+) -> Result<bool, KernelError> {
+    let present: BTreeSet<u64> = map.keys().collect::<Result<_, _>>().on(name)?;
+    for key in wanted.difference(&present) {
+        map.insert(key, 1, 0).on(name)?;
+    }
+    for key in present.difference(wanted) {
+        ignore_missing(map.remove(key)).on(name)?;
+    }
+    Ok(&present != wanted)
 }
 
 #[cfg(test)]

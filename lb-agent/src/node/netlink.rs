@@ -1,11 +1,16 @@
 //! Questions for the kernel over rtnetlink, in the agent's own network
 //! namespace (sysfs may show another namespace's devices): the kind and
-//! name of a network interface ("veth", "netkit", "bridge", ...), and the
-//! route that carries packets to an address. The message building and
-//! parsing are plain functions over bytes; [`link`] and [`route_to`] are
-//! thin socket shells.
+//! name of a network interface ("veth", "netkit", "bridge", ...) and the
+//! namespace its peer lives in, the route that carries packets to an
+//! address, and the id this namespace knows another namespace by. The
+//! message building and parsing are plain functions over bytes; [`link`],
+//! [`route_to`] and [`nsid_of`] are thin socket shells.
 
-use std::{io, net::IpAddr, os::fd::AsRawFd};
+use std::{
+    io,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use nix::sys::socket::{
     bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
@@ -24,6 +29,15 @@ const RTM_GETLINK: u16 = 18;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
+/// The namespace id of a veth or netkit device's peer, when it lives in
+/// another namespace.
+const IFLA_LINK_NETNSID: u16 = 37;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+/// `struct rtgenmsg`, padded to the netlink alignment.
+const RTGENMSG_LEN: usize = 4;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTMSG_LEN: usize = 12;
@@ -90,6 +104,9 @@ pub struct Link {
     pub name: String,
     /// Its kind; `None` for a device without one (a physical NIC).
     pub kind: Option<String>,
+    /// The id (see [`nsid_of`]) of the namespace its peer lives in, for a
+    /// pair device whose peer is in another namespace.
+    pub peer_netnsid: Option<i32>,
 }
 
 /// A route, as an answer to [`get_route_request`] describes it.
@@ -108,6 +125,8 @@ enum Answer {
     Link(Link),
     /// A route.
     Route(Route),
+    /// A namespace id; negative: none assigned.
+    Nsid(i32),
     /// The kernel refused, with this errno.
     Error(i32),
 }
@@ -129,7 +148,19 @@ fn parse_answer(msg: &[u8]) -> Option<Answer> {
                 .and_then(|info| attribute(info, IFLA_INFO_KIND))
                 .map(text);
             let name = attribute(attrs, IFLA_IFNAME).map(text).unwrap_or_default();
-            Some(Answer::Link(Link { name, kind }))
+            let peer_netnsid = attribute(attrs, IFLA_LINK_NETNSID)
+                .and_then(|id| u32_at(id, 0))
+                .map(|id| id as i32);
+            Some(Answer::Link(Link {
+                name,
+                kind,
+                peer_netnsid,
+            }))
+        }
+        RTM_NEWNSID => {
+            let attrs = msg.get(NLMSG_HDR_LEN + RTGENMSG_LEN..)?;
+            let id = attribute(attrs, NETNSA_NSID).and_then(|id| u32_at(id, 0))?;
+            Some(Answer::Nsid(id as i32))
         }
         RTM_NEWROUTE => {
             let prefix_len = *msg.get(NLMSG_HDR_LEN + 1)?;
@@ -161,6 +192,19 @@ fn get_route_request(addr: IpAddr, seq: u32) -> Vec<u8> {
     msg.extend((attr_len as u16).to_ne_bytes());
     msg.extend(RTA_DST.to_ne_bytes());
     msg.extend(bytes);
+    msg
+}
+
+/// The RTM_GETNSID request for the namespace open as `fd`.
+fn get_nsid_request(fd: u32, seq: u32) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + RTGENMSG_LEN + 8;
+    let mut msg = Vec::with_capacity(len);
+    push_header(&mut msg, len, RTM_GETNSID, NLM_F_REQUEST, seq);
+    // rtgenmsg: family AF_UNSPEC, padding.
+    msg.extend([0u8; RTGENMSG_LEN]);
+    msg.extend(8u16.to_ne_bytes());
+    msg.extend(NETNSA_FD.to_ne_bytes());
+    msg.extend(fd.to_ne_bytes());
     msg
 }
 
@@ -214,6 +258,17 @@ pub fn route_to(addr: IpAddr) -> io::Result<Route> {
     }
 }
 
+/// The id the caller's namespace knows the namespace open as `netns` by,
+/// as its pair devices' [`Link::peer_netnsid`] give it; `None` when it has
+/// none (no device of the caller's has its peer there).
+pub fn nsid_of(netns: &impl AsFd) -> io::Result<Option<i32>> {
+    let fd = netns.as_fd().as_raw_fd() as u32;
+    match ask(&get_nsid_request(fd, 1))? {
+        Answer::Nsid(id) => Ok((id >= 0).then_some(id)),
+        _ => Err(unexpected()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,11 +314,37 @@ mod tests {
             parse_answer(&answer(RTM_NEWLINK, &body)),
             Some(Answer::Link(Link {
                 name: "eth0".into(),
-                kind: Some("veth".into())
+                kind: Some("veth".into()),
+                peer_netnsid: None,
             }))
         );
         let plain = answer(RTM_NEWLINK, &[0u8; IFINFOMSG_LEN]);
         assert_eq!(parse_answer(&plain), Some(Answer::Link(Link::default())));
+    }
+
+    #[test]
+    fn a_pair_device_names_its_peers_namespace_by_id() {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend(attr(IFLA_LINK_NETNSID, &3i32.to_ne_bytes()));
+        let Some(Answer::Link(link)) = parse_answer(&answer(RTM_NEWLINK, &body)) else {
+            panic!("not a link");
+        };
+        assert_eq!(link.peer_netnsid, Some(3));
+    }
+
+    #[test]
+    fn an_nsid_request_carries_the_namespace_fd_and_its_answer_the_id() {
+        let req = get_nsid_request(9, 2);
+        assert_eq!(u32_at(&req, 0), Some(req.len() as u32));
+        assert_eq!(u16_at(&req, 4), Some(RTM_GETNSID));
+        let attrs = &req[NLMSG_HDR_LEN + RTGENMSG_LEN..];
+        assert_eq!(attribute(attrs, NETNSA_FD), Some(&9u32.to_ne_bytes()[..]));
+        let mut body = vec![0u8; RTGENMSG_LEN];
+        body.extend(attr(NETNSA_NSID, &(-1i32).to_ne_bytes()));
+        assert_eq!(
+            parse_answer(&answer(RTM_NEWNSID, &body)),
+            Some(Answer::Nsid(-1))
+        );
     }
 
     #[test]

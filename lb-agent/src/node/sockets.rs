@@ -8,12 +8,7 @@
 //! in every network namespace of the node; the application sees an error and
 //! reconnects through the Service again.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fs, io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
-};
+use std::{collections::BTreeSet, fs, io, os::fd::AsRawFd};
 
 use nix::{
     sched::{setns, CloneFlags},
@@ -48,31 +43,13 @@ pub enum TerminateError {
     Panicked,
 }
 
-/// One path per distinct network namespace of the node's processes.
-fn network_namespaces() -> io::Result<Vec<PathBuf>> {
-    let mut by_inode = BTreeMap::new();
-    for entry in fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
-        // Processes come and go while we look; skip the ones that went.
-        if let Ok(meta) = fs::metadata(&path) {
-            by_inode.entry((meta.dev(), meta.ino())).or_insert(path);
-        }
-    }
-    Ok(by_inode.into_values().collect())
-}
-
 /// Destroys the UDP sockets whose cookie is in `cookies`, in every network
 /// namespace. Returns how many were destroyed.
 pub fn destroy_udp_sockets(cookies: &BTreeSet<u64>) -> Result<usize, TerminateError> {
     if cookies.is_empty() {
         return Ok(0);
     }
-    let namespaces = network_namespaces()?;
+    let namespaces = super::netns::all()?;
     let cookies = cookies.clone();
     // setns changes the calling thread only: use a thread that ends afterwards.
     std::thread::spawn(move || {

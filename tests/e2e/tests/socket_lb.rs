@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, thread, time::Duration};
 
 use anyhow::Result;
 use lb_e2e::{
+    lab::Place,
     manifests::{service, slice, Endpoint},
     probe::{per_backend, Attempt},
     scenario::Scenario,
@@ -545,11 +546,15 @@ fn host_network_processes_are_translated() -> Result<()> {
     Ok(())
 }
 
-/// A client that keeps one connected UDP socket to VIP:53 and sends a query
-/// every 100 ms for 4 s, while the Service's only endpoint moves from
-/// `web-1` to `web-2` 1.2 s in. Returns its attempts and when (ms after it
-/// started) the change was written.
-fn connected_udp_client_across_a_backend_change(s: &Scenario) -> Result<(Vec<Attempt>, u64)> {
+/// A client in `from` that keeps one connected UDP socket to VIP:53 (a new
+/// one only after an error) and sends a query every 100 ms for 4 s, while
+/// the Service's only endpoint moves from `web-1` to `web-2` 1.2 s in.
+/// Returns its attempts and when (ms after it started) the change was
+/// written.
+fn connected_udp_client_across_a_backend_change(
+    s: &Scenario,
+    from: &dyn Place,
+) -> Result<(Vec<Attempt>, u64)> {
     let ports = [("dns", 53, "UDP", "8080")];
     let only = |i: usize| {
         web(
@@ -569,7 +574,7 @@ fn connected_udp_client_across_a_backend_change(s: &Scenario) -> Result<(Vec<Att
 
     let client = s
         .lab
-        .command_in(&s.client, &s.bins.labpod)?
+        .command_in(from, &s.bins.labpod)?
         .args([
             "connect",
             "--target",
@@ -622,7 +627,7 @@ fn connected_udp_client_across_a_backend_change(s: &Scenario) -> Result<(Vec<Att
 #[test]
 fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
     let s = Scenario::new(2, &[])?;
-    connected_udp_client_across_a_backend_change(&s)?;
+    connected_udp_client_across_a_backend_change(&s, &s.client)?;
     s.agent.wait_for_log(
         "terminated connected UDP sockets of removed backends sockets=1",
         Duration::from_secs(2),
@@ -637,10 +642,12 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
 /// each datagram is translated there: every query is answered, all from
 /// one socket (one local port) that always shows the VIP as its peer, and
 /// from the new backend within 1 s of the change; nothing is destroyed.
+/// A host process's socket, whose datagrams cross no pod interface, is
+/// still translated at `connect()` and destroyed when its backend leaves.
 #[test]
 fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()> {
     let s = Scenario::new(2, &["--node-name", "node1", "--pod-interfaces", "p"])?;
-    let (attempts, _) = connected_udp_client_across_a_backend_change(&s)?;
+    let (attempts, _) = connected_udp_client_across_a_backend_change(&s, &s.client)?;
     all_ok(&attempts);
     let locals: BTreeSet<_> = attempts.iter().map(|a| a.local.clone()).collect();
     assert_eq!(
@@ -660,5 +667,15 @@ fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()>
         !log.contains("terminated connected UDP sockets"),
         "a socket was destroyed: {log}"
     );
+
+    let (host, _) = connected_udp_client_across_a_backend_change(&s, &s.node)?;
+    assert!(
+        host.iter().any(|a| !a.ok),
+        "the host's socket never failed: {host:?}"
+    );
+    s.agent.wait_for_log(
+        "terminated connected UDP sockets of removed backends sockets=1",
+        Duration::from_secs(2),
+    )?;
     Ok(())
 }
