@@ -22,13 +22,15 @@ demo: build
 	cargo run --quiet -p lb-e2e --bin lb-demo -- --examples examples
 
 ## Datapath benchmarks against direct, kube-proxy iptables and nftables, and the
-## cost of a flood by where it is dropped, and of per-datagram connected UDP
+## cost of a flood by where it is dropped, of per-datagram connected UDP, and
+## the agent's memory at 150,000 Pods
 ## (writes bench/results/).
 bench: bootstrap
 	cargo build --release
 	cargo run --release -p lb-bench --bin lb-bench -- --out bench/results
 	cargo run --release -p lb-bench --bin edge-flood -- --out bench/results
 	cargo run --release -p lb-bench --bin connected-udp -- --out bench/results
+	cargo run --release -p lb-bench --bin agent-memory -- --out bench/results
 
 ## fmt and clippy on every crate: user space, then the kernel crates for the BPF target.
 lint: bootstrap

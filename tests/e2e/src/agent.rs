@@ -105,6 +105,19 @@ impl Agent {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_api_ready_within(lab, bins, node, kubeconfig, extra, Duration::from_secs(30))
+    }
+
+    /// [`Agent::start_api_with`], waiting up to `ready_within` for it to be
+    /// ready (a large cluster takes longer to list).
+    pub fn start_api_ready_within(
+        lab: &Lab,
+        bins: &Binaries,
+        node: &Node,
+        kubeconfig: &Path,
+        extra: &[&str],
+        ready_within: Duration,
+    ) -> Result<Self> {
         let mut command = Command::new(&bins.agent);
         command
             .arg("--kubeconfig")
@@ -113,14 +126,7 @@ impl Agent {
             .args(["--metrics-address", "127.0.0.1:0"])
             .args(["--healthz-address", "127.0.0.1:0"])
             .args(extra);
-        Self::spawn(
-            command,
-            lab,
-            bins,
-            node,
-            PathBuf::new(),
-            Duration::from_secs(30),
-        )
+        Self::spawn(command, lab, bins, node, PathBuf::new(), ready_within)
     }
 
     /// Adds the node's cgroup and bpffs directory to `command`, starts it with
@@ -154,6 +160,11 @@ impl Agent {
         };
         agent.wait_for_log("ready:", ready_within)?;
         Ok(agent)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the agent at once (SIGKILL), as a crash or an OOM kill would.
