@@ -106,11 +106,12 @@ pub struct Args {
     /// socket path is off.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
-    /// [podConnectedUdpPerPacket] With podInterfaces set, leave pods'
-    /// connected UDP sockets on the ClusterIP at connect() and translate each
-    /// datagram on the pod's interface, so that a socket keeps working when
-    /// its backend leaves [default: true]. False: translated at connect()
-    /// and terminated (SOCK_DESTROY) when their backend leaves.
+    /// [podConnectedUdpPerPacket] Leave pods' connected UDP sockets on the
+    /// ClusterIP at connect() and translate each datagram on the pod's
+    /// interface (pod programs: podInterfaces, or network policy), so that a
+    /// socket keeps working when its backend leaves [default: true]. False:
+    /// translated at connect() and terminated (SOCK_DESTROY) when their
+    /// backend leaves.
     #[arg(long)]
     pub pod_connected_udp_per_packet: Option<bool>,
     /// [maglevTableSize] Maglev table size, a prime of 251, 509, 1021, 2039,
@@ -335,11 +336,14 @@ pub struct Settings {
 impl Settings {
     /// Whether pods' connected UDP sockets are translated per datagram:
     /// asked for, with the socket path on (with it off every pod is served
-    /// per packet anyway) and pod programs on every pod interface (the
-    /// `podInterfaces` prefixes; the interfaces policy finds from known pods
-    /// could miss a pod, whose datagrams would then leave untranslated).
+    /// per packet anyway) and pod programs on pod interfaces (those the
+    /// `podInterfaces` prefixes name, and with network policy those of
+    /// known pods). The socket programs still translate at `connect()` in
+    /// any namespace the agent has not found behind such an interface.
     pub fn pods_connected_udp_per_packet(&self) -> bool {
-        self.pod_connected_udp_per_packet && self.socket_lb && !self.pod_interfaces.is_empty()
+        self.pod_connected_udp_per_packet
+            && self.socket_lb
+            && (!self.pod_interfaces.is_empty() || self.network_policy)
     }
 
     /// Refuses settings the agent cannot work with: a Maglev map without

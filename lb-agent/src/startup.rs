@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use lb_common::config::{
     SockConfig, TcConfig, SOCK_CONFIG_NODE_NETNS_ONLY, SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET,
-    TC_CONFIG_FIB_REDIRECT, TC_CONFIG_POD_LB,
+    TC_CONFIG_FIB_REDIRECT, TC_CONFIG_POD_LB, TC_CONFIG_POD_LB_UDP,
 };
 use lb_core::addr::addr_from_ip;
 use tracing::{error, info};
@@ -155,7 +155,13 @@ pub fn load_tc_path(settings: &Settings) -> Result<Option<TcPath>> {
             .find(|a| a.is_ipv4() == v4)
             .map_or([0; 4], |a| addr_from_ip(*a))
     };
-    let pod_lb = if per_packet_pods { TC_CONFIG_POD_LB } else { 0 };
+    let pod_lb = if per_packet_pods {
+        TC_CONFIG_POD_LB
+    } else if settings.pods_connected_udp_per_packet() {
+        TC_CONFIG_POD_LB_UDP
+    } else {
+        0
+    };
     programs.set_config(&TcConfig {
         maglev_seed: settings.maglev.seed,
         snat_v4: snat(true),

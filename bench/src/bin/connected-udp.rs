@@ -1,7 +1,8 @@
 //! `connected-udp`: what serving pods' connected UDP sockets per datagram
-//! costs. One lab node runs the agent with the pod programs on its pod
-//! interfaces (`podInterfaces`), a `crr server` pod behind a ClusterIP
-//! (UDP 53 -> 8080) and a client pod, in two arms:
+//! costs. One lab node runs the agent with its default settings (network
+//! policy on: the pod programs run on the interfaces of the node's known
+//! Pods), a `crr server` pod behind a ClusterIP (UDP 53 -> 8080) and a
+//! client pod, both known as Pod objects, in two arms:
 //! - `per-datagram`: `podConnectedUdpPerPacket` true (the default): a
 //!   connected socket stays on the ClusterIP and the pod programs translate
 //!   each datagram;
@@ -31,7 +32,7 @@ use lb_bench::{control_plane::publish, driver::median_interval};
 use lb_e2e::{
     agent::{Agent, Binaries},
     lab::{spawn_until, Lab, Node, Pod},
-    manifests::{service, slice, Endpoint},
+    manifests::{pod_object, service, slice, Endpoint},
     scenario::require_root,
 };
 
@@ -106,22 +107,28 @@ impl Stand {
             &[
                 "--node-name",
                 "node1",
-                "--pod-interfaces",
-                "p",
                 "--pod-connected-udp-per-packet",
                 &per_datagram.to_string(),
             ],
         )?;
         let eps = [Endpoint::ready(&self.server.ip).on("node1")];
-        let text = format!(
-            "{}---\n{}",
+        let text = [
             service("dns", VIP, &[("dns", 53, "UDP", "8080")]),
-            slice("dns", "dns-a", &[("dns", 8080, "UDP")], &eps)
-        );
+            slice("dns", "dns-a", &[("dns", 8080, "UDP")], &eps),
+            pod_object(&self.server, &[("app", "dns")]),
+            pod_object(&self.client, &[("app", "client")]),
+        ]
+        .join("---\n");
         agent.write_manifest("dns.yaml", &text)?;
         agent.wait_for_services(Duration::from_secs(10), |s| {
             s.contains(&format!("{VIP}:53/UDP")) && s.contains("(per packet)") == per_datagram
         })?;
+        if per_datagram {
+            agent.wait_for_log(
+                "pod's connected UDP translated per datagram",
+                Duration::from_secs(10),
+            )?;
+        }
         Ok(agent)
     }
 
@@ -189,7 +196,8 @@ fn main() -> Result<()> {
     }
     let mut report = String::from(
         "# Pods' connected UDP sockets translated per datagram: the cost\n\n\
-         One lab node with the pod programs on its pod interfaces; a client pod \
+         One lab node, the agent with its default settings (network policy on, \
+         so the pod programs run on both pods' interfaces); a client pod \
          sends 1-byte UDP requests to a ClusterIP (one `crr server` pod behind \
          it) and waits for each answer. Arms: `podConnectedUdpPerPacket` true \
          (a connected socket stays on the ClusterIP and the pod programs \

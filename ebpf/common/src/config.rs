@@ -37,6 +37,11 @@ pub const TC_CONFIG_FIB_REDIRECT: u32 = 1 << 0;
 /// interfaces (the socket path is off for some or all pods); without it the
 /// pod programs only check policy.
 pub const TC_CONFIG_POD_LB: u32 = 1 << 1;
+/// [`TcConfig::flags`]: UDP ClusterIPs are translated per packet on pod
+/// interfaces, for pods' connected UDP sockets that the socket programs
+/// leave on the ClusterIP (see `SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET`);
+/// implied by [`TC_CONFIG_POD_LB`].
+pub const TC_CONFIG_POD_LB_UDP: u32 = 1 << 2;
 
 /// Value bit of `POD_INTERFACES`: the interface is the host end of a veth
 /// or netkit pair, so packets to it are handed to its peer directly.

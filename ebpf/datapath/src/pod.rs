@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    config::{TcConfig, TC_CONFIG_POD_LB},
+    config::{TcConfig, TC_CONFIG_POD_LB, TC_CONFIG_POD_LB_UDP},
     conntrack::{CtKey, CtValue, CT_FLAG_REPLY},
     net::{PROTO_TCP, PROTO_UDP},
     outcome::Outcome,
@@ -37,7 +37,7 @@ use crate::{
 pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let config = CONFIG.get(0).copied().unwrap_or(NO_CONFIG);
     let checked = hook == Hook::ToPod && take_mark(ctx, config.policy_mark);
-    if checked && config.flags & TC_CONFIG_POD_LB == 0 {
+    if checked && config.flags & (TC_CONFIG_POD_LB | TC_CONFIG_POD_LB_UDP) == 0 {
         return TC_ACT_OK;
     }
     let Some(pkt) = parse_flow(ctx) else {
@@ -135,9 +135,19 @@ fn police_translated(
 /// Whether `pkt` may be for a ClusterIP translated per packet here.
 #[inline(always)]
 fn translates_services(pkt: &Packet, config: &TcConfig) -> bool {
-    pkt.ports_known
-        && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
-        && config.flags & TC_CONFIG_POD_LB != 0
+    pkt.ports_known && translates_protocol(config.flags, pkt.tuple.proto)
+}
+
+/// Whether ClusterIPs of `proto` are translated per packet on pod
+/// interfaces, with the configuration `flags`: TCP and UDP for pods
+/// without socket translation, UDP alone for pods' connected UDP sockets.
+#[inline(always)]
+fn translates_protocol(flags: u32, proto: u8) -> bool {
+    match proto {
+        PROTO_TCP => flags & TC_CONFIG_POD_LB != 0,
+        PROTO_UDP => flags & (TC_CONFIG_POD_LB | TC_CONFIG_POD_LB_UDP) != 0,
+        _ => false,
+    }
 }
 
 /// Where a packet at `hook` comes from: the pod, for its own packets; for
@@ -179,9 +189,10 @@ fn police(ctx: &TcContext, pkt: &Packet, hook: Hook, now: u64) -> i32 {
         return refuse(&verdict, &pkt.tuple);
     }
     // Straight to the destination pod, unless its program may have a reply
-    // to translate back (per-packet ClusterIPs).
+    // to translate back (per-packet ClusterIPs; of UDP alone, only UDP).
     let config = CONFIG.get(0).copied().unwrap_or(NO_CONFIG);
-    let translating = config.flags & TC_CONFIG_POD_LB != 0;
+    let translating =
+        config.flags & TC_CONFIG_POD_LB != 0 || translates_protocol(config.flags, pkt.tuple.proto);
     if hook == Hook::FromPod && verdict.to_local_pod && !translating {
         if let Some(redirected) = fib::to_checked_pod(ctx, &pkt.tuple, pkt.v4, &verdict) {
             return redirected;

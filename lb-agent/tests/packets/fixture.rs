@@ -21,7 +21,9 @@ use lb_common::{
     maps,
     net::{PROTO_TCP, TCP_ACK, TCP_SYN},
     outcome::Outcome,
-    service::{Backend, ServiceKey, ServiceValue, BACKEND_FLAG_LOCAL, SCOPE_TC_EXTERNAL},
+    service::{
+        Backend, ServiceKey, ServiceValue, BACKEND_FLAG_LOCAL, SCOPE_TC_CLUSTER, SCOPE_TC_EXTERNAL,
+    },
 };
 use lb_core::{
     addr::addr_from_ip,
@@ -83,12 +85,12 @@ pub(crate) struct Frontend {
 }
 
 impl Frontend {
-    fn key(&self) -> ServiceKey {
+    fn key(&self, scope: u8) -> ServiceKey {
         ServiceKey {
             addr: addr_from_ip(self.ip),
             port: self.port.to_be(),
             proto: self.proto,
-            scope: SCOPE_TC_EXTERNAL,
+            scope,
         }
     }
 }
@@ -177,8 +179,19 @@ impl Node {
     }
 
     /// Writes a Maglev table of `ids` under `generation` and points the
-    /// frontend at it, make before break.
+    /// frontend (a NodePort, ExternalIP or LoadBalancer IP) at it, make
+    /// before break.
     pub(crate) fn set_frontend(&mut self, fe: &Frontend, generation: u32, ids: &[u32]) {
+        self.set_scoped_frontend(fe, SCOPE_TC_EXTERNAL, generation, ids);
+    }
+
+    /// [`Node::set_frontend`] for a ClusterIP translated per packet on pod
+    /// interfaces.
+    pub(crate) fn set_cluster_frontend(&mut self, fe: &Frontend, generation: u32, ids: &[u32]) {
+        self.set_scoped_frontend(fe, SCOPE_TC_CLUSTER, generation, ids);
+    }
+
+    fn set_scoped_frontend(&mut self, fe: &Frontend, scope: u8, generation: u32, ids: &[u32]) {
         if !ids.is_empty() {
             let table = self.table(ids);
             self.maps.write_table(generation, &table).unwrap();
@@ -190,7 +203,7 @@ impl Node {
             flags: fe.flags,
             affinity_timeout_s: fe.affinity_timeout_s,
         };
-        self.services.insert(fe.key(), value, 0).unwrap();
+        self.services.insert(fe.key(scope), value, 0).unwrap();
     }
 
     pub(crate) fn run(&mut self, hook: TcHook, pkt: &Pkt<'_>) -> (i32, Vec<u8>) {

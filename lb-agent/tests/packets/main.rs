@@ -9,6 +9,7 @@
 //! root and bpffs mounted at /sys/fs/bpf. Run as another user, every test
 //! fails at once saying so.
 
+mod connected_udp;
 mod conntrack;
 mod fixture;
 mod flood;

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use crate::lab::Pod;
+
 /// A ServicePort: `(name, port, protocol, targetPort)`.
 pub type PortSpec<'a> = (&'a str, u16, &'a str, &'a str);
 
@@ -118,4 +120,20 @@ pub fn slice(
         }
     }
     text
+}
+
+/// A Pod object for a lab pod: labels, this node, its addresses, and the
+/// container ports the servers listen on (named). Its UID is its name, as
+/// the lab names pod cgroups `pod<name>`.
+pub fn pod_object(pod: &Pod, labels: &[(&str, &str)]) -> String {
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {name}\n  labels:\n{labels}spec:\n  nodeName: node1\n  containers:\n  - name: main\n    image: labpod\n    ports:\n    - name: http\n      containerPort: 8080\n    - name: admin\n      containerPort: 9090\n    - name: dns\n      containerPort: 8080\n      protocol: UDP\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
+        name = pod.name,
+        ip = pod.ip,
+        ip6 = pod.ip6,
+    )
 }

@@ -18,28 +18,12 @@ use std::{
 use anyhow::{bail, Result};
 use lb_e2e::{
     lab::{run, Pod},
-    manifests::{endpoint_slice, service, slice, Endpoint},
+    manifests::{endpoint_slice, pod_object, service, slice, Endpoint},
     probe::Attempt,
     scenario::{Scenario, SERVER_ARGS},
 };
 
 const VIP: &str = "10.96.0.10";
-
-/// A Pod object for a lab pod: labels, this node, its addresses, and the
-/// container ports the servers listen on (named). Its UID is its name, as
-/// the lab names pod cgroups `pod<name>`.
-fn pod_yaml(pod: &Pod, labels: &[(&str, &str)]) -> String {
-    let labels: String = labels
-        .iter()
-        .map(|(k, v)| format!("    {k}: {v}\n"))
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {name}\n  labels:\n{labels}spec:\n  nodeName: node1\n  containers:\n  - name: main\n    image: labpod\n    ports:\n    - name: http\n      containerPort: 8080\n    - name: admin\n      containerPort: 9090\n    - name: dns\n      containerPort: 8080\n      protocol: UDP\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
-        name = pod.name,
-        ip = pod.ip,
-        ip6 = pod.ip6,
-    )
-}
 
 /// A lab with web-1 and web-2 (app=web), the client (app=client) and an
 /// intruder (app=intruder) on node1, all known to the agent as Pods, and
@@ -62,10 +46,10 @@ impl PolicyLab {
         }
         let lab = Self { s, intruder };
         let mut objects = vec![
-            pod_yaml(&lab.s.servers[0], &[("app", "web")]),
-            pod_yaml(&lab.s.servers[1], &[("app", "web")]),
-            pod_yaml(&lab.s.client, &[("app", "client")]),
-            pod_yaml(&lab.intruder, &[("app", "intruder")]),
+            pod_object(&lab.s.servers[0], &[("app", "web")]),
+            pod_object(&lab.s.servers[1], &[("app", "web")]),
+            pod_object(&lab.s.client, &[("app", "client")]),
+            pod_object(&lab.intruder, &[("app", "intruder")]),
             service("web", VIP, &[("http", 80, "TCP", "8080")]),
         ];
         objects.push(endpoint_slice(
@@ -467,10 +451,10 @@ fn the_node_reaches_isolated_pods_and_nodeports_are_checked_after_dnat() -> Resu
             "    targetPort: 8080\n    nodePort: 30080\n",
         );
     let objects = [
-        pod_yaml(&lab.s.servers[0], &[("app", "web")]),
-        pod_yaml(&lab.s.servers[1], &[("app", "web")]),
-        pod_yaml(&lab.s.client, &[("app", "client")]),
-        pod_yaml(&lab.intruder, &[("app", "intruder")]),
+        pod_object(&lab.s.servers[0], &[("app", "web")]),
+        pod_object(&lab.s.servers[1], &[("app", "web")]),
+        pod_object(&lab.s.client, &[("app", "client")]),
+        pod_object(&lab.intruder, &[("app", "intruder")]),
         node_port,
         // Local backends (nodeName): the NodePort does not masquerade.
         slice(

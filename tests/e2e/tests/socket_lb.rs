@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, thread, time::Duration};
 use anyhow::Result;
 use lb_e2e::{
     lab::Place,
-    manifests::{service, slice, Endpoint},
+    manifests::{pod_object, service, slice, Endpoint},
     probe::{per_backend, Attempt},
     scenario::Scenario,
 };
@@ -644,10 +644,8 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
 /// from the new backend within 1 s of the change; nothing is destroyed.
 /// A host process's socket, whose datagrams cross no pod interface, is
 /// still translated at `connect()` and destroyed when its backend leaves.
-#[test]
-fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()> {
-    let s = Scenario::new(2, &["--node-name", "node1", "--pod-interfaces", "p"])?;
-    let (attempts, _) = connected_udp_client_across_a_backend_change(&s, &s.client)?;
+fn connected_udp_sockets_survive_backend_changes(s: &Scenario) -> Result<()> {
+    let (attempts, _) = connected_udp_client_across_a_backend_change(s, &s.client)?;
     all_ok(&attempts);
     let locals: BTreeSet<_> = attempts.iter().map(|a| a.local.clone()).collect();
     assert_eq!(
@@ -668,7 +666,7 @@ fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()>
         "a socket was destroyed: {log}"
     );
 
-    let (host, _) = connected_udp_client_across_a_backend_change(&s, &s.node)?;
+    let (host, _) = connected_udp_client_across_a_backend_change(s, &s.node)?;
     assert!(
         host.iter().any(|a| !a.ok),
         "the host's socket never failed: {host:?}"
@@ -678,4 +676,38 @@ fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()>
         Duration::from_secs(2),
     )?;
     Ok(())
+}
+
+/// [`connected_udp_sockets_survive_backend_changes`] with the pod programs
+/// on every interface named `p...` (`podInterfaces`).
+#[test]
+fn a_pods_connected_udp_socket_moves_to_a_live_backend_by_itself() -> Result<()> {
+    let s = Scenario::new(2, &["--node-name", "node1", "--pod-interfaces", "p"])?;
+    connected_udp_sockets_survive_backend_changes(&s)
+}
+
+/// [`connected_udp_sockets_survive_backend_changes`] with the default
+/// settings: network policy attaches the pod programs to the interfaces of
+/// the node's known Pods, and the agent finds their namespaces.
+#[test]
+fn with_default_settings_a_pods_connected_udp_socket_moves_by_itself() -> Result<()> {
+    let s = Scenario::new(2, &["--node-name", "node1"])?;
+    let pods: Vec<String> = s
+        .servers
+        .iter()
+        .chain([&s.client])
+        .map(|pod| pod_object(pod, &[("app", &pod.name)]))
+        .collect();
+    s.agent.write_manifest("pods.yaml", &pods.join("---\n"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let needle = "pod's connected UDP translated per datagram";
+    while s.agent.log_text().matches(needle).count() < pods.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pods' namespaces were not all found:\n{}",
+            s.agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    connected_udp_sockets_survive_backend_changes(&s)
 }
