@@ -1,6 +1,7 @@
 //! Agent settings: command-line flags over a YAML config file over defaults.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
@@ -13,7 +14,11 @@ use lb_core::plan::MaglevSettings;
 use lb_policy::labels::IdentityConfig;
 
 use crate::{
-    kernel::{service_maps::ServiceCapacities, tc_programs::TcOptions},
+    kernel::{
+        capacities::{CapacityError, MapCapacities},
+        service_maps::ServiceCapacities,
+        tc_programs::TcOptions,
+    },
     logging::LogFormat,
 };
 
@@ -147,6 +152,11 @@ pub struct Args {
     /// maps are created [default: 524288].
     #[arg(long)]
     pub backend_slot_capacity: Option<u32>,
+    /// [mapCapacities] NAME=N: the capacity of a map without a setting of
+    /// its own (its pinned name, e.g. LB_SKNAT_V1=524288; the README lists
+    /// them); repeatable; only used when the map is created.
+    #[arg(long = "map-capacity", value_parser = parse_map_capacity)]
+    pub map_capacities: Vec<(String, u32)>,
     /// [conntrackCapacity] Entries of the tc path's conntrack, two per
     /// connection; only used when the map is created [default: 262144].
     #[arg(long)]
@@ -249,6 +259,9 @@ pub struct FileConfig {
     pub backend_capacity: Option<u32>,
     /// See [`Args::backend_slot_capacity`].
     pub backend_slot_capacity: Option<u32>,
+    /// See [`Args::map_capacities`]: map name -> capacity.
+    #[serde(default)]
+    pub map_capacities: BTreeMap<String, u32>,
     /// See [`Args::conntrack_capacity`].
     pub conntrack_capacity: Option<u32>,
     /// See [`Args::unconfirmed_flow_capacity`].
@@ -393,6 +406,21 @@ pub enum ConfigError {
         /// The error, with its location.
         source: Box<serde_saphyr::Error>,
     },
+    /// A `mapCapacities` entry names a map it cannot size or an
+    /// impossible capacity.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+}
+
+/// Parses `--map-capacity NAME=N`.
+fn parse_map_capacity(text: &str) -> Result<(String, u32), String> {
+    let (name, capacity) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=N"))?;
+    let capacity = capacity
+        .parse()
+        .map_err(|err| format!("{text:?}: capacity {capacity:?}: {err}"))?;
+    Ok((name.to_owned(), capacity))
 }
 
 /// Parses a config file's text.
@@ -415,14 +443,18 @@ pub fn load_file(args: &Args) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Flags win over the file, the file over defaults.
-pub fn resolve(args: Args, file: FileConfig) -> Settings {
+/// Flags win over the file, the file over defaults. Fails on capacities
+/// no map can take.
+pub fn resolve(args: Args, file: FileConfig) -> Result<Settings, ConfigError> {
+    let mut map_capacities = file.map_capacities;
+    map_capacities.extend(args.map_capacities);
+    let sized = MapCapacities::new(map_capacities)?;
     let manifests = args.manifests.or(file.manifests);
     let source = match manifests {
         Some(dir) => SourceKind::Manifests(dir),
         None => SourceKind::Kubernetes(args.kubeconfig.or(file.kubeconfig)),
     };
-    Settings {
+    Ok(Settings {
         node_name: args.node_name.or(file.node_name),
         source,
         cgroup: args.cgroup.or(file.cgroup),
@@ -490,6 +522,7 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
                     .or(file.backend_slot_capacity)
                     .unwrap_or(ServiceCapacities::default().backend_slots),
             },
+            sized,
         },
         xdp_prefilter: args.xdp_prefilter.or(file.xdp_prefilter).unwrap_or(false),
         xdp_deny_cidrs: non_empty_or(args.xdp_deny_cidrs, file.xdp_deny_cidrs),
@@ -507,7 +540,7 @@ pub fn resolve(args: Args, file: FileConfig) -> Settings {
         },
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         log_level: args.log_level.or(file.log_level),
-    }
+    })
 }
 
 /// A mark bit: one bit, in decimal or `0x` hexadecimal, or 0 for none.
@@ -543,7 +576,7 @@ mod tests {
         )
         .unwrap();
         let args = Args::parse_from(["lb-agent", "--node-name", "from-flag"]);
-        let settings = resolve(args, file);
+        let settings = resolve(args, file).unwrap();
         assert_eq!(settings.node_name.as_deref(), Some("from-flag"));
         assert_eq!(settings.bpffs_dir, PathBuf::from("/sys/fs/bpf/x"));
         assert_eq!(settings.metrics_address, "127.0.0.1:9000".parse().unwrap());
@@ -552,10 +585,32 @@ mod tests {
     }
 
     #[test]
+    fn other_maps_are_sized_by_name_and_unknown_names_are_refused() {
+        let file =
+            parse_file("mapCapacities:\n  LB_SKNAT_V1: 1048576\n  LB_IPCACHE_V1: 100\n").unwrap();
+        let args = Args::parse_from(["lb-agent", "--map-capacity", "LB_IPCACHE_V1=2000000"]);
+        let expected = MapCapacities::new(
+            [
+                ("LB_SKNAT_V1".to_owned(), 1 << 20),
+                ("LB_IPCACHE_V1".to_owned(), 2_000_000),
+            ]
+            .into(),
+        )
+        .unwrap();
+        assert_eq!(resolve(args, file).unwrap().tc.sized, expected);
+        let args = Args::parse_from(["lb-agent", "--map-capacity", "LB_SVC_V1=10"]);
+        let refused = resolve(args, FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("LB_SVC_V1"), "{refused}");
+        assert!(Args::try_parse_from(["lb-agent", "--map-capacity", "LB_SKNAT_V1"]).is_err());
+    }
+
+    #[test]
     fn map_capacities_come_from_the_file_or_flags() {
         let file = parse_file("maglevCapacity: 1048576\nconntrackCapacity: 524288\n").unwrap();
         let args = Args::parse_from(["lb-agent", "--unconfirmed-flow-capacity", "131072"]);
-        let tc = resolve(args, file).tc;
+        let tc = resolve(args, file).unwrap().tc;
         assert_eq!(
             (
                 tc.maglev_capacity,
@@ -566,15 +621,17 @@ mod tests {
         );
         let file = parse_file("serviceCapacity: 100000\n").unwrap();
         let args = Args::parse_from(["lb-agent", "--backend-capacity", "200000"]);
-        let shared = resolve(args, file).tc.services;
+        let shared = resolve(args, file).unwrap().tc.services;
         assert_eq!((shared.services, shared.backends), (100_000, 200_000));
-        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).tc;
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default())
+            .unwrap()
+            .tc;
         assert_eq!(defaults, TcOptions::default());
     }
 
     #[test]
     fn without_manifests_the_source_is_the_api_server() {
-        let settings = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        let settings = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).unwrap();
         assert_eq!(settings.source, SourceKind::Kubernetes(None));
         assert_eq!(settings.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
         assert!(settings.localhost_node_ports, "kube-proxy's default");
@@ -591,34 +648,34 @@ mod tests {
             "serviceCIDRs: [10.96.0.0/12, 'fd00:10:96::/112']\nexternalIPCIDRs: [192.0.2.0/24]\n",
         )
         .unwrap();
-        let settings = resolve(Args::parse_from(["lb-agent"]), file);
+        let settings = resolve(Args::parse_from(["lb-agent"]), file).unwrap();
         assert_eq!(settings.service_cidrs.len(), 2);
         assert_eq!(
             settings.external_ip_cidrs,
             ["192.0.2.0/24".parse().unwrap()]
         );
-        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).unwrap();
         assert!(
             defaults.external_ip_cidrs.is_empty(),
             "no externalIP is allowed by default"
         );
         let args = Args::parse_from(["lb-agent", "--service-cidrs", "10.0.0.0/16"]);
-        let settings = resolve(args, FileConfig::default());
+        let settings = resolve(args, FileConfig::default()).unwrap();
         assert_eq!(settings.service_cidrs, ["10.0.0.0/16".parse().unwrap()]);
     }
 
     #[test]
     fn localhost_node_ports_can_be_turned_off_in_the_file_and_back_on_by_flag() {
         let file = || parse_file("localhostNodePorts: false\n").unwrap();
-        let off = resolve(Args::parse_from(["lb-agent"]), file());
+        let off = resolve(Args::parse_from(["lb-agent"]), file()).unwrap();
         assert!(!off.localhost_node_ports);
         let args = Args::parse_from(["lb-agent", "--localhost-node-ports", "true"]);
-        assert!(resolve(args, file()).localhost_node_ports);
+        assert!(resolve(args, file()).unwrap().localhost_node_ports);
     }
 
     #[test]
     fn policy_is_on_by_default_and_its_settings_come_from_the_file() {
-        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default());
+        let defaults = resolve(Args::parse_from(["lb-agent"]), FileConfig::default()).unwrap();
         assert!(defaults.network_policy && defaults.policy_at_connect);
         assert!(defaults
             .identity_excluded_labels
@@ -630,7 +687,7 @@ mod tests {
             "networkPolicy: false\npolicyAtConnect: false\nidentityExcludedLabels: [build]\n",
         )
         .unwrap();
-        let settings = resolve(Args::parse_from(["lb-agent"]), file);
+        let settings = resolve(Args::parse_from(["lb-agent"]), file).unwrap();
         assert!(!settings.network_policy && !settings.policy_at_connect);
         assert_eq!(settings.identity_excluded_labels, ["build"]);
     }

@@ -170,13 +170,17 @@ pub fn run(settings: Settings) -> Result<()> {
     maglev::check_table_size(settings.maglev.size)
         .context("maglevTableSize must be the same listed prime on every node")?;
     settings.check()?;
-    let (mut socket, socket_maps) =
-        SocketPrograms::load(&settings.bpffs_dir, &settings.tc.services).with_context(|| {
-            format!(
-                "loading the socket programs with pins in {}",
-                settings.bpffs_dir.display()
-            )
-        })?;
+    let (mut socket, socket_maps) = SocketPrograms::load(
+        &settings.bpffs_dir,
+        &settings.tc.services,
+        &settings.tc.sized,
+    )
+    .with_context(|| {
+        format!(
+            "loading the socket programs with pins in {}",
+            settings.bpffs_dir.display()
+        )
+    })?;
     let tc_path = load_tc_path(&settings)?;
     let node_port_addresses = tc_path
         .as_ref()
@@ -218,7 +222,10 @@ pub fn run(settings: Settings) -> Result<()> {
             .map_or(Capacity::default().maglev_entries, |tc| {
                 tc.maglev_capacity() as usize
             }),
-        ..Capacity::default()
+        source_ranges: kernel
+            .maps
+            .source_range_capacity()?
+            .map_or(Capacity::default().source_ranges, |n| n as usize),
     };
     let mut reconciler = Reconciler::adopt(&kernel.maps, capacity, settings.maglev)?;
     out.metrics

@@ -126,7 +126,7 @@ impl PolicyAgent {
         enforcing: bool,
         at_connect: bool,
     ) -> Result<Self, KernelError> {
-        let capacity = PolicyCapacity::default();
+        let capacity = maps.capacity()?;
         let reconciler = PolicyReconciler::adopt(maps, capacity)?;
         let tables = reconciler.applied();
         let adopted = Adopted {

@@ -71,7 +71,7 @@ struct Args {
 /// Namespaces the objects are spread over.
 const NAMESPACES: usize = 100;
 /// Requests in flight while creating objects.
-const IN_FLIGHT: usize = 64;
+const IN_FLIGHT: usize = 32;
 /// The budget the issue sets (300 MB).
 const BUDGET_MIB: f64 = 300.0 * 1e6 / (1024.0 * 1024.0);
 
@@ -92,6 +92,46 @@ fn node_of(i: usize, nodes: usize) -> String {
     }
 }
 
+/// Attempts per request: a loaded API server (or this machine's two cores)
+/// may drop one now and then.
+const ATTEMPTS: u32 = 5;
+
+/// Runs `request` until it succeeds, at most [`ATTEMPTS`] times, waiting
+/// 0.2 s, 0.4 s, ... between attempts. An object that already exists (an
+/// attempt whose answer was lost) counts as created.
+async fn with_retry<F, Fut>(mut request: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<()>>,
+{
+    let mut wait = Duration::from_millis(200);
+    for attempt in 1.. {
+        match request().await {
+            Ok(()) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()),
+            Err(err) if attempt >= ATTEMPTS => return Err(err.into()),
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// A client with timeouts long enough for an API server under load.
+async fn client(kubeconfig: &std::path::Path) -> Result<Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    config.read_timeout = Some(Duration::from_secs(60));
+    config.write_timeout = Some(Duration::from_secs(60));
+    Ok(Client::try_from(config)?)
+}
+
 /// Creates every object of `objects` (namespace, JSON) through `client`.
 async fn create_all<K>(client: &Client, objects: Vec<(String, Value)>) -> Result<()>
 where
@@ -106,8 +146,8 @@ where
             let api: Api<K> = Api::namespaced(client.clone(), &ns);
             async move {
                 let object: K = serde_json::from_value(value)?;
-                api.create(&PostParams::default(), &object).await?;
-                anyhow::Ok(())
+                with_retry(|| async { api.create(&PostParams::default(), &object).await.map(drop) })
+                    .await
             }
         })
         .buffer_unordered(IN_FLIGHT)
@@ -180,13 +220,13 @@ async fn populate(client: &Client, args: &Args) -> Result<Duration> {
                     "podIPs": [{"ip": ip}],
                     "conditions": [{"type": "Ready", "status": "True"}],
                 }});
-                api.patch_status(
-                    &format!("pod-{i}"),
-                    &PatchParams::default(),
-                    &Patch::Merge(&status),
-                )
-                .await?;
-                anyhow::Ok(())
+                let name = format!("pod-{i}");
+                with_retry(|| async {
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .map(drop)
+                })
+                .await
             }
         })
         .buffer_unordered(IN_FLIGHT)
@@ -297,7 +337,7 @@ fn main() -> Result<()> {
     let plane = ControlPlane::start().context("starting the control plane")?;
     let runtime = tokio::runtime::Runtime::new()?;
     let filled = runtime.block_on(async {
-        let client = lb_e2e::kubelet::client(plane.kubeconfig()).await?;
+        let client = client(plane.kubeconfig()).await?;
         populate(&client, &args).await
     })?;
     eprintln!("API server filled in {filled:?}");

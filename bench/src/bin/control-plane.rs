@@ -97,7 +97,8 @@ struct Stand {
 impl Stand {
     fn load(pin_dir: &std::path::Path) -> Result<Self> {
         let (programs, socket_maps) =
-            SocketPrograms::load(pin_dir, &Default::default()).context("needs root and bpffs")?;
+            SocketPrograms::load(pin_dir, &Default::default(), &Default::default())
+                .context("needs root and bpffs")?;
         let maps = AyaServiceMaps::new(socket_maps, None);
         let reconciler = Reconciler::adopt(&maps, Capacity::default(), MaglevSettings::default())?;
         Ok(Self {

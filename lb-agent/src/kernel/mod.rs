@@ -2,6 +2,7 @@
 //! (through aya). One module per kernel object kind:
 //!
 //! - [`pins`]: the bpffs directory where maps and links outlive the agent.
+//! - [`capacities`]: the capacities users may give maps (`mapCapacities`).
 //! - [`socket_programs`]: the cgroup `sock_addr` programs (socket path).
 //! - [`tc_programs`]: the tc programs (per-packet path), conntrack and drop
 //!   events.
@@ -16,6 +17,7 @@
 //! Every failure is a [`KernelError`] naming the map, program, link or path
 //! involved.
 
+pub mod capacities;
 pub mod fake;
 pub mod fake_policy;
 pub mod faulty;

@@ -6,7 +6,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, MapData, MapError,
+    Array, HashMap, IterableMap, MapData, MapError,
 };
 use lb_common::{
     conntrack::CtKey,
@@ -18,7 +18,7 @@ use lb_common::{
     },
 };
 use lb_policy::{
-    plan::PolicyOp,
+    plan::{PolicyCapacity, PolicyOp},
     tables::{
         addr_of, entry_key, entry_of, entry_value, identity_info, identity_value, ip_of,
         ipcache_key, ipcache_prefix, name_text, name_value, set_value, PolicyTables,
@@ -27,7 +27,7 @@ use lb_policy::{
 
 use super::{
     ignore_missing,
-    service_maps::{entries, MapSource},
+    service_maps::{capacity_of, entries, MapSource},
     KernelError, OnMap,
 };
 
@@ -95,6 +95,15 @@ impl AyaPolicyMaps {
     /// The policy maps a running agent pinned in `dir`, for `lbctl`.
     pub fn open_pinned(dir: &Path) -> Result<Self, KernelError> {
         Self::take(&mut { dir })
+    }
+
+    /// The capacities of the maps policy plans fill, as they were created.
+    pub fn capacity(&self) -> Result<PolicyCapacity, KernelError> {
+        Ok(PolicyCapacity {
+            entries: capacity_of(IterableMap::map(&self.policy), maps::POLICY)? as usize,
+            ipcache: capacity_of(IterableMap::map(&self.ipcache), maps::IPCACHE)? as usize,
+            endpoints: capacity_of(IterableMap::map(&self.endpoints), maps::ENDPOINTS)? as usize,
+        })
     }
 
     /// The policy conntrack: every flow's verdict, for `lbctl` and tests.

@@ -65,6 +65,11 @@ impl ServiceCapacities {
     }
 }
 
+/// A map's capacity (`max_entries`), as it was created.
+pub(crate) fn capacity_of(map: &MapData, name: &'static str) -> Result<u32, KernelError> {
+    map.info().map(|info| info.max_entries()).on(name)
+}
+
 /// What the reconciler reads and writes.
 pub trait ServiceMaps {
     /// Every entry of every map a plan writes.
@@ -213,11 +218,10 @@ impl SocketMaps {
 
     /// The capacities of the frontend, backend and slot maps, as created.
     pub fn capacities(&self) -> Result<ServiceCapacities, KernelError> {
-        let max = |map: &MapData, name| map.info().map(|i| i.max_entries()).on(name);
         Ok(ServiceCapacities {
-            services: max(IterableMap::map(&self.services), maps::SERVICES)?,
-            backends: max(IterableMap::map(&self.backends), maps::BACKENDS)?,
-            backend_slots: max(IterableMap::map(&self.slots), maps::BACKEND_SLOTS)?,
+            services: capacity_of(IterableMap::map(&self.services), maps::SERVICES)?,
+            backends: capacity_of(IterableMap::map(&self.backends), maps::BACKENDS)?,
+            backend_slots: capacity_of(IterableMap::map(&self.slots), maps::BACKEND_SLOTS)?,
         })
     }
 }
@@ -241,10 +245,12 @@ impl TcMaps {
 
     /// The Maglev map's capacity, as it was created.
     pub fn maglev_capacity(&self) -> Result<u32, KernelError> {
-        IterableMap::map(&self.maglev)
-            .info()
-            .map(|info| info.max_entries())
-            .on(maps::MAGLEV)
+        capacity_of(IterableMap::map(&self.maglev), maps::MAGLEV)
+    }
+
+    /// The source range map's capacity, as it was created.
+    pub fn source_range_capacity(&self) -> Result<u32, KernelError> {
+        capacity_of(IterableMap::map(&self.source_ranges), maps::SOURCE_RANGES)
     }
 
     /// Writes a complete Maglev table of backend ids under `generation`: the
@@ -388,6 +394,15 @@ impl AyaServiceMaps {
     /// The capacities of the frontend, backend and slot maps, as created.
     pub fn capacities(&self) -> Result<ServiceCapacities, KernelError> {
         self.socket.capacities()
+    }
+
+    /// The source range map's capacity, as it was created; `None` without
+    /// the tc path.
+    pub fn source_range_capacity(&self) -> Result<Option<u32>, KernelError> {
+        self.tc
+            .as_ref()
+            .map(TcMaps::source_range_capacity)
+            .transpose()
     }
 
     /// Opens the maps pinned in `dir` by a running (or past) agent; the tc

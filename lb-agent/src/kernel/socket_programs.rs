@@ -22,6 +22,7 @@ use lb_common::{
 use tracing::info;
 
 use super::{
+    capacities::MapCapacities,
     ignore_missing, pins,
     service_maps::{MapSource, ServiceCapacities, SocketMaps},
     KernelError, OnMap,
@@ -106,11 +107,13 @@ impl SocketPrograms {
     pub fn load(
         pin_dir: &Path,
         capacities: &ServiceCapacities,
+        sized: &MapCapacities,
     ) -> Result<(Self, SocketMaps), KernelError> {
         pins::prepare(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         capacities.apply(&mut loader);
+        sized.apply(&mut loader);
         let mut ebpf = loader
             .load(SOCKET_LB_OBJECT)
             .map_err(|source| KernelError::Load {

@@ -34,6 +34,7 @@ use lb_common::{
 use tracing::info;
 
 use super::{
+    capacities::MapCapacities,
     ignore_missing, pins,
     policy_maps::AyaPolicyMaps,
     prefilter::{self, Attachment, DenyList},
@@ -105,7 +106,7 @@ const GC_FRAME: [u8; 14] = [0; 14];
 const INSERT_ONLY: u64 = 1;
 
 /// Options of [`TcPrograms::load`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcOptions {
     /// Capacity of the conntrack LRU (two entries per flow). Only used when
     /// the map is created; a pinned map keeps its capacity.
@@ -119,6 +120,9 @@ pub struct TcOptions {
     /// The frontend and backend maps shared with the socket programs,
     /// created by whichever object loads first.
     pub services: ServiceCapacities,
+    /// Capacities of maps without a setting of their own, for both
+    /// objects (`mapCapacities`).
+    pub sized: MapCapacities,
 }
 
 impl Default for TcOptions {
@@ -128,6 +132,7 @@ impl Default for TcOptions {
             pending_capacity: MAX_CT_PENDING,
             maglev_capacity: MAX_MAGLEV_ENTRIES,
             services: ServiceCapacities::default(),
+            sized: MapCapacities::default(),
         }
     }
 }
@@ -243,6 +248,7 @@ impl TcPrograms {
             .map_max_entries(maps::CT_PENDING, options.pending_capacity)
             .map_max_entries(maps::MAGLEV, options.maglev_capacity);
         options.services.apply(&mut loader);
+        options.sized.apply(&mut loader);
         let mut ebpf = loader.load(TC_OBJECT).map_err(|source| KernelError::Load {
             object: "tc",
             source,

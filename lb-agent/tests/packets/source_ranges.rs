@@ -185,3 +185,43 @@ fn unreadable_packets_to_a_load_balancer_ip_are_dropped() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(node.stat(Outcome::DropUnparsed), 2);
 }
+
+/// `mapCapacities` sizes maps without a setting of their own when they are
+/// created, and the plans read the capacities back from the maps (a map an
+/// earlier agent pinned keeps its own).
+#[test]
+fn map_capacities_size_new_maps_and_plans_read_them_back() {
+    use lb_agent::kernel::{
+        capacities::MapCapacities,
+        tc_programs::{TcOptions, TcPrograms},
+    };
+    use lb_common::maps;
+    let sized = MapCapacities::new(
+        [
+            (maps::SOURCE_RANGES.to_owned(), 64),
+            (maps::IPCACHE.to_owned(), 1000),
+            (maps::POLICY.to_owned(), 2000),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let mut node = Node::with_options(&TcOptions {
+        sized: sized.clone(),
+        ..TcOptions::default()
+    });
+    assert_eq!(node.maps.source_range_capacity().unwrap(), 64);
+    let policy = node.tc.policy_maps().unwrap().capacity().unwrap();
+    assert_eq!((policy.ipcache, policy.entries), (1000, 2000));
+
+    // A new agent asking for other sizes adopts the pinned maps as they are.
+    let bigger = MapCapacities::new([(maps::SOURCE_RANGES.to_owned(), 128)].into()).unwrap();
+    let (_, again) = TcPrograms::load(
+        &node.dir,
+        &TcOptions {
+            sized: bigger,
+            ..TcOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(again.source_range_capacity().unwrap(), 64);
+}
