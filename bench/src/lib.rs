@@ -9,6 +9,7 @@
 
 pub mod control_plane;
 pub mod crr;
+pub mod crr_stand;
 pub mod driver;
 pub mod kubeproxy;
 pub mod policy_objects;

@@ -26,12 +26,12 @@
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
-use lb_bench::{control_plane::publish, driver::median_interval};
+use lb_bench::{control_plane::publish, crr_stand::CrrStand, driver::median_interval};
 use lb_e2e::{
-    agent::{Agent, Binaries},
-    lab::{spawn_until, Lab, Node, Pod},
+    agent::Agent,
+    lab::Pod,
     manifests::{pod_object, service, slice, Endpoint},
     scenario::require_root,
 };
@@ -63,47 +63,24 @@ const MODES: [&str; 2] = ["udp", "udp-connected"];
 
 /// The lab: one node, its server pod, a client pod.
 struct Stand {
-    lab: Lab,
-    bins: Binaries,
-    crr: PathBuf,
-    node: Node,
-    server: Pod,
+    base: CrrStand,
     client: Pod,
 }
 
 impl Stand {
-    fn new() -> Result<(Self, std::process::Child)> {
-        let bins = Binaries::locate()?;
-        let crr = std::env::current_exe()?
-            .parent()
-            .context("executable has no directory")?
-            .join("crr");
-        let mut lab = Lab::new()?;
-        let node = lab.add_node("node1")?;
-        let server = lab.add_pod(&node, "dns")?;
-        let client = lab.add_pod(&node, "client")?;
-        let mut command = lab.command_in(&server, &crr)?;
-        command.args(["server", "--listen", "0.0.0.0:8080"]);
-        let server_process = spawn_until(command, "crr server", "listening")?;
-        Ok((
-            Self {
-                lab,
-                bins,
-                crr,
-                node,
-                server,
-                client,
-            },
-            server_process,
-        ))
+    fn new() -> Result<Self> {
+        let mut base = CrrStand::new("dns")?;
+        let client = base.lab.add_pod(&base.node, "client")?;
+        Ok(Self { base, client })
     }
 
     /// The agent with connected UDP served per datagram or not.
     fn start_agent(&self, per_datagram: bool) -> Result<Agent> {
+        let base = &self.base;
         let agent = Agent::start_with(
-            &self.lab,
-            &self.bins,
-            &self.node,
+            &base.lab,
+            &base.bins,
+            &base.node,
             &[
                 "--node-name",
                 "node1",
@@ -111,11 +88,11 @@ impl Stand {
                 &per_datagram.to_string(),
             ],
         )?;
-        let eps = [Endpoint::ready(&self.server.ip).on("node1")];
+        let eps = [Endpoint::ready(&base.server.ip).on("node1")];
         let text = [
             service("dns", VIP, &[("dns", 53, "UDP", "8080")]),
             slice("dns", "dns-a", &[("dns", 8080, "UDP")], &eps),
-            pod_object(&self.server, &[("app", "dns")]),
+            pod_object(&base.server, &[("app", "dns")]),
             pod_object(&self.client, &[("app", "client")]),
         ]
         .join("---\n");
@@ -134,28 +111,21 @@ impl Stand {
 
     /// Transactions per second of `crr client --mode MODE` for `seconds`.
     fn rate(&self, mode: &str, threads: usize, seconds: f64) -> Result<f64> {
-        let output = self
-            .lab
-            .command_in(&self.client, &self.crr)?
-            .args([
-                "client",
-                "--target",
-                &format!("{VIP}:53"),
+        let (threads, seconds) = (threads.to_string(), seconds.to_string());
+        self.base.rate(
+            &self.client,
+            &format!("{VIP}:53"),
+            &[
                 "--mode",
                 mode,
                 "--threads",
-                &threads.to_string(),
+                &threads,
                 "--duration",
-                &seconds.to_string(),
+                &seconds,
                 "--timeout-ms",
                 "200",
-                "--json",
-            ])
-            .output()
-            .context("running crr client")?;
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("crr client said {output:?}"))?;
-        report["tps"].as_f64().context("no tps in the crr report")
+            ],
+        )
     }
 
     /// Both modes' rates under one arm.
@@ -173,7 +143,7 @@ impl Stand {
 fn main() -> Result<()> {
     let args = Args::parse();
     require_root();
-    let (stand, _server) = Stand::new()?;
+    let stand = Stand::new()?;
     let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..args.rounds {

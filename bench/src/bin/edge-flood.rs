@@ -25,10 +25,10 @@ use std::{fmt::Write as _, path::PathBuf, process::Stdio, thread, time::Duration
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use lb_bench::{control_plane::publish, driver::median_interval};
+use lb_bench::{control_plane::publish, crr_stand::CrrStand, driver::median_interval};
 use lb_e2e::{
-    agent::{Agent, Binaries},
-    lab::{run, spawn_until, sysctl, Lab, Node, Pod},
+    agent::Agent,
+    lab::{run, sysctl, Pod},
     manifests::{service, slice, Endpoint},
     probe::{http_get, metric_value, settled},
     scenario::require_root,
@@ -76,25 +76,14 @@ const FLOOD_SOURCES: &str = "203.0.0.0/16";
 
 /// The lab: one node, its server pod, the outside client.
 struct Stand {
-    lab: Lab,
-    bins: Binaries,
-    crr: PathBuf,
-    node: Node,
-    server: Pod,
+    base: CrrStand,
     client: Pod,
 }
 
 impl Stand {
-    fn new() -> Result<(Self, std::process::Child)> {
-        let bins = Binaries::locate()?;
-        let crr = std::env::current_exe()?
-            .parent()
-            .context("executable has no directory")?
-            .join("crr");
-        let mut lab = Lab::new()?;
-        let node = lab.add_node("node1")?;
-        let server = lab.add_pod(&node, "web")?;
-        let client = lab.add_external_client("outside")?;
+    fn new() -> Result<Self> {
+        let mut base = CrrStand::new("web")?;
+        let client = base.lab.add_external_client("outside")?;
         sysctl(&client.netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
         sysctl(&client.netns, "net.ipv4.tcp_tw_reuse", "1")?;
         run(
@@ -106,29 +95,16 @@ impl Stand {
                 "add",
                 &format!("{LB_IP}/32"),
                 "via",
-                &node.ip,
+                &base.node.ip,
             ],
         )?;
-        let mut command = lab.command_in(&server, &crr)?;
-        command.args(["server", "--listen", "0.0.0.0:8080"]);
-        let server_process = spawn_until(command, "crr server", "listening")?;
-        Ok((
-            Self {
-                lab,
-                bins,
-                crr,
-                node,
-                server,
-                client,
-            },
-            server_process,
-        ))
+        Ok(Self { base, client })
     }
 
     /// The NodePort Service, and the LoadBalancer one unless `iptables`
     /// is to drop its traffic.
     fn manifests(&self, with_lb: bool) -> String {
-        let eps = [Endpoint::ready(&self.server.ip).on("node1")];
+        let eps = [Endpoint::ready(&self.base.server.ip).on("node1")];
         let web = service("web", "10.96.0.10", &[("tcp", 80, "TCP", "8080")])
             .replace("  type: ClusterIP\n", "  type: NodePort\n")
             .replace(
@@ -163,7 +139,7 @@ impl Stand {
         if dropper == Dropper::Xdp {
             args.extend(["--xdp-prefilter", "true"]);
         }
-        let agent = Agent::start_with(&self.lab, &self.bins, &self.node, &args)?;
+        let agent = Agent::start_with(&self.base.lab, &self.base.bins, &self.base.node, &args)?;
         let with_lb = dropper != Dropper::Iptables;
         agent.write_manifest("web.yaml", &self.manifests(with_lb))?;
         agent.wait_for_services(Duration::from_secs(10), |s| {
@@ -174,24 +150,13 @@ impl Stand {
 
     /// Connections per second through the NodePort for `seconds`.
     fn crr(&self, seconds: f64) -> Result<f64> {
-        let output = self
-            .lab
-            .command_in(&self.client, &self.crr)?
-            .args([
-                "client",
-                "--target",
-                &format!("{}:30080", self.node.ip),
-                "--threads",
-                "1",
-                "--duration",
-                &seconds.to_string(),
-                "--json",
-            ])
-            .output()
-            .context("running crr client")?;
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("crr client said {output:?}"))?;
-        report["tps"].as_f64().context("no tps in the crr report")
+        let target = format!("{}:30080", self.base.node.ip);
+        let seconds = seconds.to_string();
+        self.base.rate(
+            &self.client,
+            &target,
+            &["--threads", "1", "--duration", &seconds],
+        )
     }
 
     /// Flood packets the dropper has counted so far.
@@ -211,7 +176,7 @@ impl Stand {
         }
         let (_, metrics) = http_get(
             &self.client.netns,
-            &format!("http://{}:10249/metrics", self.node.ip),
+            &format!("http://{}:10249/metrics", self.base.node.ip),
         )?;
         let series: &[&str] = match dropper {
             Dropper::Xdp => &["xdp_drop_source_range"],
@@ -227,7 +192,14 @@ impl Stand {
 
     /// `iptables -t raw ARGS` in the node's network namespace.
     fn iptables_raw(&self, args: &[&str]) -> Result<std::process::Output> {
-        let mut all = vec!["netns", "exec", &self.node.netns, "iptables", "-t", "raw"];
+        let mut all = vec![
+            "netns",
+            "exec",
+            &self.base.node.netns,
+            "iptables",
+            "-t",
+            "raw",
+        ];
         all.extend_from_slice(args);
         run("ip", &all)
     }
@@ -241,8 +213,9 @@ impl Stand {
     /// Starts the flood for `seconds`.
     fn flood(&self, seconds: f64) -> Result<std::process::Child> {
         Ok(self
+            .base
             .lab
-            .command_in(&self.client, &self.bins.labpod)?
+            .command_in(&self.client, &self.base.bins.labpod)?
             .args([
                 "flood",
                 "--target",
@@ -330,7 +303,7 @@ fn softirq_seconds() -> Result<f64> {
 fn main() -> Result<()> {
     let args = Args::parse();
     require_root();
-    let (stand, _server) = Stand::new()?;
+    let stand = Stand::new()?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Dropper::ALL.len()];
     for round in 0..args.rounds {
         for (i, dropper) in Dropper::ALL.into_iter().enumerate() {
