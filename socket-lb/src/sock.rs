@@ -13,10 +13,11 @@
 //! entries (insert, lookup on accept, delete on release);
 //! the agent also finds connected UDP sockets in the LRU to terminate them
 //! when their backend goes (those the node leaves to the pod programs,
-//! translated per datagram, are not in it and need no terminating). The reverse hooks and release look the LRU up
-//! only for peers on a port some backend had ([`maybe_translated`]): the
-//! server side of a connection, the most common other socket, pays one array
-//! read instead of a cookie and a hash lookup.
+//! translated per datagram, are not in it and need no terminating). The
+//! reverse hooks and release look the LRU up only for peers on a port some
+//! backend had ([`maybe_translated`]): the server side of a connection, the
+//! most common other socket, pays one array read instead of a cookie and a
+//! hash lookup.
 
 use core::ptr::read_volatile;
 
