@@ -43,7 +43,9 @@ use crate::{
     },
     sources::{
         events::{EventSink, ServiceEvent},
-        files, kubernetes, Latest, Snapshot,
+        files,
+        kubernetes::{self, PodScope},
+        Latest, Snapshot,
     },
     startup::{configure_socket_path, load_tc_path, SocketScope},
 };
@@ -254,6 +256,7 @@ pub fn run(settings: Settings) -> Result<()> {
                 latest.clone(),
                 out.metrics.clone(),
                 settings.node_name.clone(),
+                pod_scope(&settings),
             )?);
         }
     }
@@ -378,6 +381,16 @@ fn start_policy(settings: &Settings, tc: &mut TcPrograms) -> Result<PolicyAgent>
         info!("network policy is off (networkPolicy false)");
     }
     Ok(policy)
+}
+
+/// Which Pods the agent watches: every Pod while policy needs their labels
+/// and addresses for identities, else only this node's (the opt-out and
+/// pods' interfaces read no other).
+fn pod_scope(settings: &Settings) -> PodScope {
+    match &settings.node_name {
+        Some(node) if !settings.network_policy => PodScope::Node(node.clone()),
+        _ => PodScope::Cluster,
+    }
 }
 
 /// The interfaces of this node's pods that policy found.

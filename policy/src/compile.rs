@@ -48,14 +48,17 @@ use std::{
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node},
     networking::v1::NetworkPolicy,
 };
 use lb_common::policy::{
     IpcacheValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS,
     IDENTITY_HOST, IDENTITY_MAX, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
 };
-use lb_core::intent::{ObjectError, Objects, Sourced};
+use lb_core::{
+    intent::{ObjectError, Objects, Sourced},
+    pod::PodInfo,
+};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use self::{
@@ -174,7 +177,7 @@ struct CachedPolicy {
 /// A pod the compiler holds, by the address of its object.
 struct PodCached {
     /// Held so that the address, which keys the cache, is not reused.
-    _object: Arc<Pod>,
+    _object: Arc<PodInfo>,
     /// The last update that saw the object.
     seen: u64,
     /// The update that worked out its identity labels last.
@@ -552,7 +555,7 @@ impl PolicyCompiler {
     ) {
         if !same_objects(&objects.pods, &self.pod_objects) {
             let seen = self.version;
-            let mut added: Vec<&Sourced<Pod>> = Vec::new();
+            let mut added: Vec<&Sourced<PodInfo>> = Vec::new();
             for sourced in &objects.pods {
                 match self.pods.get_mut(&object_address(&sourced.object)) {
                     Some(cached) => cached.seen = seen,
@@ -1037,7 +1040,7 @@ impl PolicyCompiler {
             .map(ByAddress)
             .collect();
         let named_ports = if policies.iter().any(|p| p.0.ingress_named) {
-            cached.facts.named_ports.clone()
+            cached.facts.named_ports()
         } else {
             Default::default()
         };

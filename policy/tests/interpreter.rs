@@ -14,10 +14,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Container, ContainerPort, Namespace, Node, NodeAddress, NodeStatus, Pod, PodIP,
-            PodSpec, PodStatus,
-        },
+        core::v1::{ContainerPort, Namespace, Node, NodeAddress, NodeStatus, PodIP},
         networking::v1::{
             IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
             NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -32,7 +29,13 @@ use lb_common::policy::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED,
     ENDPOINT_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD,
 };
+// The Pods as the agent keeps them, under the names of the objects they
+// come from.
 use lb_core::intent::{Objects, Sourced};
+use lb_core::pod::{
+    PodInfo as Pod, PodInfoContainer as Container, PodInfoSpec as PodSpec,
+    PodInfoStatus as PodStatus,
+};
 use lb_policy::{
     compile::{Adopted, PolicyCompiler, PolicyConfig},
     desired::{PolicyDesired, PolicyLookup, Verdict},

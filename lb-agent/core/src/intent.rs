@@ -7,10 +7,12 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
+
+use crate::pod::PodInfo;
 
 /// Label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -55,8 +57,9 @@ pub struct Objects {
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     /// Node objects (for this node's zone).
     pub nodes: Vec<Sourced<Node>>,
-    /// Pods, for label-based security identities.
-    pub pods: Vec<Sourced<Pod>>,
+    /// Pods, for label-based security identities (what the agent keeps of
+    /// them).
+    pub pods: Vec<Sourced<PodInfo>>,
     /// Namespaces, for namespace selectors of policies.
     pub namespaces: Vec<Sourced<Namespace>>,
     /// NetworkPolicies.

