@@ -452,7 +452,6 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
                     containers: vec![Container {
                         name: "c".into(),
                         ports: Some(ports),
-                        ..Container::default()
                     }],
                     ..PodSpec::default()
                 }),
@@ -460,7 +459,6 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
                     pod_ip: Some(ips[0].ip.clone()),
                     pod_ips: Some(ips),
                     phase: Some("Running".into()),
-                    ..PodStatus::default()
                 }),
             }
         })

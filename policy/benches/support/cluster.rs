@@ -226,7 +226,6 @@ fn pod(
             containers: vec![Container {
                 name: "main".into(),
                 ports: Some(ports),
-                ..Container::default()
             }],
             ..PodSpec::default()
         }),
@@ -234,7 +233,6 @@ fn pod(
             phase: Some("Running".into()),
             pod_ip: Some(ip.clone()),
             pod_ips: Some(vec![PodIP { ip }]),
-            ..PodStatus::default()
         }),
     }
 }
