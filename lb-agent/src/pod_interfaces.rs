@@ -110,6 +110,8 @@ impl PodInterfaces {
             let Some(ifindex) = attached.ifindex.filter(|_| attached.netns.is_none()) else {
                 continue;
             };
+            // Said once per interface; the retries are quiet.
+            let first = !attached.looked;
             attached.looked = true;
             let peer = netlink::link(ifindex).map(|link| link.peer_netnsid);
             let path = match peer {
@@ -121,7 +123,9 @@ impl PodInterfaces {
                 }
             };
             let Some(path) = path else {
-                warn!(interface = %name, "the pod's network namespace was not found; its connected UDP sockets are translated at connect()");
+                if first {
+                    warn!(interface = %name, "the pod's network namespace was not found (looked for again every 10 s); its connected UDP sockets are translated at connect()");
+                }
                 continue;
             };
             match netns::cookie_of(path) {
@@ -258,4 +262,33 @@ fn namespaces_by_nsid() -> std::io::Result<BTreeMap<i32, PathBuf>> {
         }
     }
     Ok(by_nsid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_namespace_set_is_given_once_and_then_only_when_it_changes() {
+        let mut off = PodInterfaces::new(false);
+        assert_eq!(off.pod_netns_change(), Some(BTreeSet::new()));
+        assert_eq!(off.pod_netns_change(), None);
+        off.netns_not_written();
+        assert_eq!(off.pod_netns_change(), Some(BTreeSet::new()));
+
+        let mut on = PodInterfaces::new(true);
+        on.attached.insert(
+            "p1".into(),
+            Attached {
+                ifindex: Some(7),
+                flags: 0,
+                netns: Some(42),
+                looked: true,
+            },
+        );
+        assert_eq!(on.pod_netns_change(), Some([42].into()));
+        assert_eq!(on.pod_netns_change(), None);
+        on.attached.clear();
+        assert_eq!(on.pod_netns_change(), Some(BTreeSet::new()));
+    }
 }
