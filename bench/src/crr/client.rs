@@ -400,8 +400,10 @@ mod tests {
             let report = run(&server, mode, 4, 2, 0.3);
             assert!(report.transactions > 0, "{report}");
             assert_eq!(report.errors, 0, "{report}");
+            // The server counts an answer after sending it: each of the
+            // two client threads may have had its last one counted late.
             let served = server.stats().transactions.load(Ordering::Relaxed) - before;
-            assert!(served >= report.transactions, "{served} {report}");
+            assert!(served + 2 >= report.transactions, "{served} {report}");
         }
         assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 0);
         server.shutdown();
