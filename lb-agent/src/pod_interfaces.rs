@@ -35,6 +35,9 @@ struct Attached {
     ifindex: Option<u32>,
     /// The `POD_INTERFACE_*` bits registered.
     flags: u32,
+    /// The id of its peer's network namespace, for a veth or netkit host
+    /// end whose peer is in another namespace (asked once, at attach).
+    peer_nsid: Option<i32>,
     /// The cookie of its peer's network namespace, once found.
     netns: Option<u64>,
     /// Whether its peer's namespace was looked for.
@@ -89,7 +92,7 @@ impl PodInterfaces {
     /// Looks for the peer namespaces of registered interfaces not looked
     /// for yet, and of those not found, every [`NETNS_RETRY`].
     fn find_peer_netns(&mut self) {
-        let unknown = |a: &Attached| a.ifindex.is_some() && a.netns.is_none();
+        let unknown = |a: &Attached| a.peer_nsid.is_some() && a.netns.is_none();
         let fresh = self.attached.values().any(|a| unknown(a) && !a.looked);
         let retry = self.attached.values().any(unknown)
             && self
@@ -107,22 +110,13 @@ impl PodInterfaces {
             }
         };
         for (name, attached) in &mut self.attached {
-            let Some(ifindex) = attached.ifindex.filter(|_| attached.netns.is_none()) else {
+            let Some(nsid) = attached.peer_nsid.filter(|_| attached.netns.is_none()) else {
                 continue;
             };
             // Said once per interface; the retries are quiet.
             let first = !attached.looked;
             attached.looked = true;
-            let peer = netlink::link(ifindex).map(|link| link.peer_netnsid);
-            let path = match peer {
-                Ok(Some(nsid)) => by_nsid.get(&nsid),
-                Ok(None) => None,
-                Err(err) => {
-                    warn!(interface = %name, error = %err, "reading the pod interface's peer");
-                    continue;
-                }
-            };
-            let Some(path) = path else {
+            let Some(path) = by_nsid.get(&nsid) else {
                 if first {
                     warn!(interface = %name, "the pod's network namespace was not found (looked for again every 10 s); its connected UDP sockets are translated at connect()");
                 }
@@ -179,18 +173,16 @@ impl PodInterfaces {
                 Some(attached) if attached.flags & POD_INTERFACE_ENDPOINT == endpoint => {}
                 Some(attached) => {
                     let flags = (attached.flags & !POD_INTERFACE_ENDPOINT) | endpoint;
-                    let mut registered = register(tc, &name, flags);
-                    if registered.ifindex == attached.ifindex {
-                        registered.netns = attached.netns;
-                        registered.looked = attached.looked;
-                    }
-                    self.attached.insert(name, registered);
+                    let registered = match attached.ifindex {
+                        Some(ifindex) => register(tc, &name, ifindex, flags),
+                        None => newly_attached(tc, &name, endpoint),
+                    };
+                    self.attached.insert(name, registered.keeping(&attached));
                 }
                 None => match tc.attach(&name, &TcHook::POD) {
                     Ok(()) => {
                         info!(interface = %name, "pod programs attached");
-                        let flags = endpoint | peer_flag(&name);
-                        let registered = register(tc, &name, flags);
+                        let registered = newly_attached(tc, &name, endpoint);
                         self.attached.insert(name, registered);
                     }
                     Err(err) => {
@@ -202,34 +194,58 @@ impl PodInterfaces {
     }
 }
 
-/// [`POD_INTERFACE_PEER`] if `name` is the host end of a veth or netkit
-/// pair; packets to other interfaces keep the plain redirect.
-fn peer_flag(name: &str) -> u32 {
-    let Some(ifindex) = interfaces::index_of(name) else {
-        return 0;
-    };
-    match netlink::link_kind(ifindex) {
-        Ok(Some(kind)) if kind == "veth" || kind == "netkit" => {
-            info!(interface = %name, kind = %kind, "packets to the pod interface are handed to its peer");
-            POD_INTERFACE_PEER
+impl Attached {
+    /// This registration, with what was found of the same interface
+    /// before (its peer's namespace).
+    fn keeping(self, before: &Attached) -> Attached {
+        if self.ifindex != before.ifindex || self.ifindex.is_none() {
+            return self;
         }
-        Ok(_) => 0,
-        Err(err) => {
-            warn!(interface = %name, error = %err, "interface kind unknown; no peer redirect to it");
-            0
+        Attached {
+            peer_nsid: before.peer_nsid,
+            netns: before.netns,
+            looked: before.looked,
+            ..self
         }
     }
 }
 
-/// Registers `name` with `flags`; what was registered.
-fn register(tc: &mut TcPrograms, name: &str, flags: u32) -> Attached {
+/// Registers an interface the pod programs were just attached to, asking
+/// the kernel once what it is: the host end of a veth or netkit pair gets
+/// [`POD_INTERFACE_PEER`] (packets to it are handed to its peer; others
+/// keep the plain redirect) and remembers its peer's namespace id.
+fn newly_attached(tc: &mut TcPrograms, name: &str, endpoint: u32) -> Attached {
     let Some(ifindex) = interfaces::index_of(name) else {
         return UNREGISTERED;
     };
+    let link = match netlink::link(ifindex) {
+        Ok(link) => link,
+        Err(err) => {
+            warn!(interface = %name, error = %err, "interface kind unknown; no peer redirect to it");
+            netlink::Link::default()
+        }
+    };
+    let kind = link.kind.as_deref().unwrap_or_default();
+    let pair = kind == "veth" || kind == "netkit";
+    let mut flags = endpoint;
+    if pair {
+        info!(interface = %name, kind = %kind, "packets to the pod interface are handed to its peer");
+        flags |= POD_INTERFACE_PEER;
+    }
+    Attached {
+        peer_nsid: link.peer_netnsid.filter(|_| pair),
+        ..register(tc, name, ifindex, flags)
+    }
+}
+
+/// Registers interface `ifindex` (`name`) with `flags`; what was
+/// registered.
+fn register(tc: &mut TcPrograms, name: &str, ifindex: u32, flags: u32) -> Attached {
     match tc.add_pod_interface(ifindex, flags) {
         Ok(()) => Attached {
             ifindex: Some(ifindex),
             flags,
+            peer_nsid: None,
             netns: None,
             looked: false,
         },
@@ -244,6 +260,7 @@ fn register(tc: &mut TcPrograms, name: &str, flags: u32) -> Attached {
 const UNREGISTERED: Attached = Attached {
     ifindex: None,
     flags: 0,
+    peer_nsid: None,
     netns: None,
     looked: false,
 };
@@ -282,6 +299,7 @@ mod tests {
             Attached {
                 ifindex: Some(7),
                 flags: 0,
+                peer_nsid: Some(3),
                 netns: Some(42),
                 looked: true,
             },

@@ -132,6 +132,22 @@ async fn client(kubeconfig: &std::path::Path) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Runs `request` for every item, [`IN_FLIGHT`] at a time; the first
+/// failure (after its retries) ends the run.
+async fn for_each_item<T, Fut>(
+    items: impl IntoIterator<Item = T>,
+    request: impl FnMut(T) -> Fut,
+) -> Result<()>
+where
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    stream::iter(items)
+        .map(request)
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
 /// Creates every object of `objects` (namespace, JSON) through `client`.
 async fn create_all<K>(client: &Client, objects: Vec<(String, Value)>) -> Result<()>
 where
@@ -141,18 +157,15 @@ where
         + serde::Serialize
         + std::fmt::Debug,
 {
-    stream::iter(objects)
-        .map(|(ns, value)| {
-            let api: Api<K> = Api::namespaced(client.clone(), &ns);
-            async move {
-                let object: K = serde_json::from_value(value)?;
-                with_retry(|| async { api.create(&PostParams::default(), &object).await.map(drop) })
-                    .await
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .try_collect::<()>()
-        .await
+    for_each_item(objects, |(ns, value)| {
+        let api: Api<K> = Api::namespaced(client.clone(), &ns);
+        async move {
+            let object: K = serde_json::from_value(value)?;
+            with_retry(|| async { api.create(&PostParams::default(), &object).await.map(drop) })
+                .await
+        }
+    })
+    .await
 }
 
 /// Fills the API server; returns how long it took.
@@ -209,29 +222,26 @@ async fn populate(client: &Client, args: &Args) -> Result<Duration> {
         .collect();
     create_all::<Pod>(client, pods).await?;
     eprintln!("{} pods created in {:?}", args.pods, started.elapsed());
-    stream::iter(0..args.pods)
-        .map(|i| {
-            let api: Api<Pod> = Api::namespaced(client.clone(), &namespace(i));
-            async move {
-                let ip = pod_ip(i);
-                let status = json!({"status": {
-                    "phase": "Running",
-                    "podIP": ip,
-                    "podIPs": [{"ip": ip}],
-                    "conditions": [{"type": "Ready", "status": "True"}],
-                }});
-                let name = format!("pod-{i}");
-                with_retry(|| async {
-                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                        .await
-                        .map(drop)
-                })
-                .await
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .try_collect::<()>()
-        .await?;
+    for_each_item(0..args.pods, |i| {
+        let api: Api<Pod> = Api::namespaced(client.clone(), &namespace(i));
+        async move {
+            let ip = pod_ip(i);
+            let status = json!({"status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }});
+            let name = format!("pod-{i}");
+            with_retry(|| async {
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .map(drop)
+            })
+            .await
+        }
+    })
+    .await?;
     eprintln!("pod addresses written after {:?}", started.elapsed());
     let mut services = Vec::new();
     let mut slices = Vec::new();

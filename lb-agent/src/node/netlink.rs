@@ -244,12 +244,6 @@ pub fn link(ifindex: u32) -> io::Result<Link> {
     }
 }
 
-/// The kind of interface `ifindex`, e.g. `Some("veth")`; `None` for a
-/// device without one.
-pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
-    link(ifindex).map(|link| link.kind)
-}
-
 /// The route the caller's network namespace takes to `addr`.
 pub fn route_to(addr: IpAddr) -> io::Result<Route> {
     match ask(&get_route_request(addr, 1))? {
@@ -391,7 +385,7 @@ mod tests {
 
     #[test]
     fn loopback_has_no_kind_and_a_missing_index_is_an_error() {
-        assert_eq!(link_kind(1).unwrap(), None);
-        assert!(link_kind(u32::MAX >> 1).is_err());
+        assert_eq!(link(1).unwrap().kind, None);
+        assert!(link(u32::MAX >> 1).is_err());
     }
 }
