@@ -57,14 +57,14 @@ use lb_common::policy::{
 };
 use lb_core::{
     intent::{ObjectError, Objects, Sourced},
-    pod::PodInfo,
+    pod::Pod,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use self::{
     cidrs::CidrIndex,
     identities::{Identities, Slot},
-    objects::{namespace_labels, peer_matches, pod_facts, IdentityInputs, PodFacts},
+    objects::{named_ports, namespace_labels, peer_matches, IdentityInputs},
     sets::{rule_name, ByAddress, Compiled, Inputs, Membership, Recipe, RecipeKey, RuleNumbers},
     transition::{Movement, WORLD},
 };
@@ -176,14 +176,14 @@ struct CachedPolicy {
 
 /// A pod the compiler holds, by the address of its object.
 struct PodCached {
-    /// Held so that the address, which keys the cache, is not reused.
-    _object: Arc<PodInfo>,
     /// The last update that saw the object.
     seen: u64,
     /// The update that worked out its identity labels last.
     claimed: u64,
-    facts: Arc<PodFacts>,
-    /// The identity slot of each of its addresses (`facts.ips`); none for
+    /// The pod (held, so that its address, which keys the cache, is not
+    /// reused).
+    pod: Arc<Pod>,
+    /// The identity slot of each of its addresses (`pod.ips`); none for
     /// a hostNetwork pod.
     slots: Vec<Slot>,
     /// The identity labels of its first address (a pod's addresses differ
@@ -198,7 +198,7 @@ struct PodCached {
 struct Owner {
     pod: usize,
     slot: Slot,
-    facts: Arc<PodFacts>,
+    object: Arc<Pod>,
 }
 
 /// The incremental policy compiler.
@@ -555,7 +555,7 @@ impl PolicyCompiler {
     ) {
         if !same_objects(&objects.pods, &self.pod_objects) {
             let seen = self.version;
-            let mut added: Vec<&Sourced<PodInfo>> = Vec::new();
+            let mut added: Vec<&Sourced<Pod>> = Vec::new();
             for sourced in &objects.pods {
                 match self.pods.get_mut(&object_address(&sourced.object)) {
                     Some(cached) => cached.seen = seen,
@@ -579,21 +579,14 @@ impl PolicyCompiler {
                     continue; // listed twice
                 }
                 self.stats.pods_read += 1;
-                let namespace = sourced
-                    .object
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                let facts = Arc::new(pod_facts(&sourced.object, &namespace));
+                let pod = &sourced.object;
                 let local = self.config.node.is_some()
-                    && facts.node == self.config.node
-                    && !facts.host_network;
+                    && pod.node.as_deref() == self.config.node.as_deref()
+                    && !pod.host_network;
                 let mut cached = PodCached {
-                    _object: sourced.object.clone(),
                     seen,
                     claimed: 0,
-                    facts,
+                    pod: pod.clone(),
                     slots: Vec::new(),
                     labels: None,
                     recipe: None,
@@ -616,7 +609,7 @@ impl PolicyCompiler {
                 .pods
                 .iter()
                 .filter(|(_, c)| c.claimed != self.version)
-                .filter(|(_, c)| inputs_changed || namespaces_changed.contains(&c.facts.namespace))
+                .filter(|(_, c)| inputs_changed || namespaces_changed.contains(&*c.pod.namespace))
                 .map(|(address, _)| *address)
                 .collect();
             for address in affected {
@@ -635,27 +628,27 @@ impl PolicyCompiler {
         cached.slots.clear();
         cached.labels = None;
         cached.recipe = None;
-        let facts = cached.facts.clone();
-        if facts.host_network || facts.ips.is_empty() {
+        let pod = cached.pod.clone();
+        if pod.host_network || pod.ips.is_empty() {
             return;
         }
-        let namespace = match self.namespaces.get(&facts.namespace) {
+        let namespace = match self.namespaces.get(&*pod.namespace) {
             Some(cached) => cached.labels.clone(),
-            None => Arc::new(namespace_labels(&facts.namespace, None)),
+            None => Arc::new(namespace_labels(&pod.namespace, None)),
         };
         let labels = self
             .inputs
-            .labels_of(&self.config.identity, &facts, &namespace);
-        for (ip, labels) in facts.ips.iter().zip(labels) {
+            .labels_of(&self.config.identity, &pod, &namespace);
+        for (ip, labels) in pod.ips.iter().zip(labels) {
             let (slot, labels) = self
                 .identities
-                .hold(labels, || format!("Pod {}/{}", facts.namespace, facts.name));
+                .hold(labels, || format!("Pod {}/{}", pod.namespace, pod.name));
             cached.labels.get_or_insert(labels);
             cached.slots.push(slot);
             self.pod_addresses.entry(*ip).or_default().push(Owner {
                 pod: address,
                 slot,
-                facts: facts.clone(),
+                object: pod.clone(),
             });
             writes.dirty.insert(IpNetwork::from(*ip));
         }
@@ -663,7 +656,7 @@ impl PolicyCompiler {
 
     /// Stops counting a pod's addresses.
     fn unclaim(&mut self, address: usize, cached: &PodCached, writes: &mut Writes) {
-        for (ip, slot) in cached.facts.ips.iter().zip(&cached.slots) {
+        for (ip, slot) in cached.pod.ips.iter().zip(&cached.slots) {
             self.identities.release(*slot);
             if let Some(owners) = self.pod_addresses.get_mut(ip) {
                 owners.retain(|o| o.pod != address);
@@ -823,9 +816,9 @@ impl PolicyCompiler {
     /// The pod an address is of (the first by name when several claim it).
     fn owner(&self, ip: IpAddr) -> Option<&Owner> {
         self.pod_addresses.get(&ip)?.iter().min_by(|a, b| {
-            (&a.facts.namespace, &a.facts.name, a.pod).cmp(&(
-                &b.facts.namespace,
-                &b.facts.name,
+            (&a.object.namespace, &a.object.name, a.pod).cmp(&(
+                &b.object.namespace,
+                &b.object.name,
                 b.pod,
             ))
         })
@@ -838,7 +831,7 @@ impl PolicyCompiler {
             let name = (key.prefix() == host)
                 .then(|| self.owner(key.ip()))
                 .flatten()
-                .map(|owner| format!("{}/{}", owner.facts.namespace, owner.facts.name));
+                .map(|owner| format!("{}/{}", owner.object.namespace, owner.object.name));
             match name {
                 Some(name) => {
                     if self.desired.pod_names.get(&key.ip()) != Some(&name) {
@@ -1026,9 +1019,9 @@ impl PolicyCompiler {
     /// The recipe of a local pod's set.
     fn recipe_key(&self, cached: &PodCached) -> Option<RecipeKey> {
         let labels = cached.labels.as_ref()?;
-        let namespace = &cached.facts.namespace;
+        let namespace = &*cached.pod.namespace;
         let start = PolicyRef {
-            namespace: namespace.clone(),
+            namespace: namespace.to_string(),
             name: String::new(),
         };
         let policies: Vec<ByAddress> = self
@@ -1040,7 +1033,7 @@ impl PolicyCompiler {
             .map(ByAddress)
             .collect();
         let named_ports = if policies.iter().any(|p| p.0.ingress_named) {
-            cached.facts.named_ports()
+            named_ports(&cached.pod)
         } else {
             Default::default()
         };
@@ -1062,14 +1055,14 @@ impl PolicyCompiler {
         // policies changed.
         let mut locals: Vec<usize> = self.local_pods.iter().copied().collect();
         locals.sort_by(|a, b| {
-            let (a, b) = (&self.pods[a].facts, &self.pods[b].facts);
+            let (a, b) = (&self.pods[a].pod, &self.pods[b].pod);
             (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
         });
         for address in &locals {
             let cached = &self.pods[address];
             let version = self
                 .policy_versions
-                .get(&cached.facts.namespace)
+                .get(&*cached.pod.namespace)
                 .copied()
                 .unwrap_or(0);
             if cached.recipe.as_ref().is_some_and(|(v, _)| *v == version) {
@@ -1189,8 +1182,8 @@ impl PolicyCompiler {
                 continue;
             };
             let recipe = &self.recipes[key];
-            let facts = &cached.facts;
-            for (ip, slot) in facts.ips.iter().zip(&cached.slots) {
+            let pod = &cached.pod;
+            for (ip, slot) in pod.ips.iter().zip(&cached.slots) {
                 let Some(identity) = self.identities.number(*slot) else {
                     continue; // no identity: no endpoint
                 };
@@ -1232,8 +1225,8 @@ impl PolicyCompiler {
                     key,
                     content,
                     info: EndpointInfo {
-                        name: format!("{}/{}", facts.namespace, facts.name),
-                        uid: facts.uid.clone(),
+                        name: format!("{}/{}", pod.namespace, pod.name),
+                        uid: pod.uid.to_string(),
                         identity,
                         set: 0,
                         flags: recipe.flags,

@@ -101,14 +101,7 @@ fn a_pod_relabel_reads_one_pod_and_patches_the_sets_of_its_new_identity() {
     let update = compiler.update(&objects);
     assert!(update.changed);
     let stats = compiler.stats().clone();
-    let pod_ip = objects.pods[index]
-        .object
-        .status
-        .as_ref()
-        .unwrap()
-        .pod_ip
-        .clone()
-        .unwrap();
+    let pod_ip = objects.pods[index].object.ips[0];
     let new = compiler.desired().ipcache[&format!("{pod_ip}/32").parse().unwrap()].identity;
     assert_eq!(stats.pods_read, 1);
     assert_eq!(stats.pods_relabeled, 0);
@@ -178,14 +171,10 @@ fn a_new_pod_with_known_labels_writes_its_address_and_nothing_else() {
     let mut compiler = settled(&objects);
     let index = pod_index(&objects, "frontend", false);
     let mut pod = (*objects.pods[index].object).clone();
-    pod.metadata.name = Some("frontend-extra".into());
+    pod.name = Arc::from("frontend-extra");
     // An address in the pod CIDR, as its replicas': one outside the
     // ipBlock an egress rule names with a named port would tell it apart.
-    let status = pod.status.as_mut().unwrap();
-    status.pod_ip = Some("10.244.250.1".into());
-    status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP {
-        ip: "10.244.250.1".into(),
-    }]);
+    pod.ips = Box::new(["10.244.250.1".parse().unwrap()]);
     objects.pods.push(Sourced {
         origin: Arc::from("test"),
         object: Arc::new(pod),
@@ -225,7 +214,7 @@ fn a_namespace_relabel_works_out_the_labels_of_its_pods_only() {
     let in_namespace = objects
         .pods
         .iter()
-        .filter(|p| p.object.metadata.namespace.as_deref() == Some(name.as_str()))
+        .filter(|p| *p.object.namespace == *name)
         .count();
     compiler.update(&objects);
     let stats = compiler.stats().clone();
@@ -249,8 +238,8 @@ fn a_new_policy_computes_the_sets_of_the_pods_it_selects_only() {
         .pods
         .iter()
         .filter(|p| {
-            p.object.metadata.namespace.as_deref() == Some(namespace_name(namespace).as_str())
-                && p.object.spec.as_ref().unwrap().node_name.as_deref() == Some(THIS_NODE)
+            *p.object.namespace == *namespace_name(namespace)
+                && p.object.node.as_deref() == Some(THIS_NODE)
         })
         .count();
     assert!(local_in_namespace > 0);

@@ -528,7 +528,7 @@ fn sourced<T>(objects: &[Arc<T>]) -> Vec<Sourced<T>> {
 /// their address across updates, as the sources hand them over).
 struct Shared {
     namespaces: Vec<Arc<Namespace>>,
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<lb_core::pod::Pod>>,
     policies: Vec<Arc<NetworkPolicy>>,
     nodes: Vec<Arc<Node>>,
 }
@@ -537,7 +537,11 @@ impl Shared {
     fn new(world: &World) -> Self {
         Self {
             namespaces: world.namespaces.iter().cloned().map(Arc::new).collect(),
-            pods: world.pods.iter().cloned().map(Arc::new).collect(),
+            pods: world
+                .pods
+                .iter()
+                .map(|pod| Arc::new(pod.clone().into()))
+                .collect(),
             policies: world.policies.iter().cloned().map(Arc::new).collect(),
             nodes: nodes().into_iter().map(Arc::new).collect(),
         }

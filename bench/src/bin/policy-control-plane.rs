@@ -115,14 +115,12 @@ fn run(args: &Args, pin_dir: &Path) -> Result<String> {
         let index = objects
             .pods
             .iter()
-            .position(|p| p.object.metadata.name.as_deref() == Some(&format!("f-{pod}")))
+            .position(|p| *p.object.name == *format!("f-{pod}"))
             .context("the pod")?;
         let mut relabeled = (*objects.pods[index].object).clone();
-        let labels = relabeled
-            .metadata
-            .labels
-            .get_or_insert_with(Default::default);
+        let mut labels = (*relabeled.labels).clone();
         labels.insert("app".into(), format!("a-{}", (pod + change + 1) % 500));
+        relabeled.labels = Arc::new(labels);
         objects.pods[index].object = Arc::new(relabeled);
         let (compiled, took, done, _) = program(&mut compiler, &mut reconciler, &objects);
         ensure!(done.complete() && done.writes > 0, "{done:?}");

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
-use crate::pod::PodInfo;
+use crate::pod::Pod;
 
 /// Label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -59,7 +59,7 @@ pub struct Objects {
     pub nodes: Vec<Sourced<Node>>,
     /// Pods, for label-based security identities (what the agent keeps of
     /// them).
-    pub pods: Vec<Sourced<PodInfo>>,
+    pub pods: Vec<Sourced<Pod>>,
     /// Namespaces, for namespace selectors of policies.
     pub namespaces: Vec<Sourced<Namespace>>,
     /// NetworkPolicies.

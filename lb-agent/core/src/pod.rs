@@ -1,12 +1,17 @@
-//! A Pod as the agent keeps it ([`PodInfo`]): the fields policy, the
-//! socket-translation opt-out and node facts read, with the paths and names
-//! of the Kubernetes object, and nothing else. The full `Pod` type takes
-//! over 4 KiB in memory before any of its strings (its spec alone 1.4 KiB,
-//! each container 2.1 KiB), so a cluster of 150,000 Pods cost the agent
-//! about a gigabyte; decoding straight into this type never allocates the
-//! rest.
+//! Pods as the agent keeps them. [`PodInfo`] is what is decoded from the
+//! API server or a YAML file: the fields policy, the socket-translation
+//! opt-out and node facts read, and nothing else (the full `Pod` type takes
+//! over 4 KiB in memory before any of its strings). [`Pod`] is what is
+//! kept: the same facts parsed once, with the parts thousands of Pods have
+//! in common (namespace, node, label set, named ports) shared through a
+//! [`PodInterner`]. At 150,000 Pods a kept Pod costs a few hundred bytes,
+//! where a stored `PodInfo` with its metadata cost over 1.5 KiB.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::core::v1::{ContainerPort, PodIP},
@@ -14,6 +19,8 @@ use k8s_openapi::{
     NamespaceResourceScope,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::intent::SOCKET_LB_ANNOTATION;
 
 /// What the agent keeps of a Pod.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -91,11 +98,181 @@ impl k8s_openapi::Metadata for PodInfo {
     }
 }
 
-impl PodInfo {
-    /// The Pod's labels (none: empty).
-    pub fn labels(&self) -> &BTreeMap<String, String> {
-        static NONE: BTreeMap<String, String> = BTreeMap::new();
-        self.metadata.labels.as_ref().unwrap_or(&NONE)
+/// A Pod's labels.
+pub type Labels = BTreeMap<String, String>;
+
+/// A named container port, for policies that name a port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NamedPort {
+    /// The port's name.
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP` (`TCP` when not given).
+    pub protocol: String,
+    /// The container port.
+    pub number: u16,
+}
+
+/// What the agent keeps of a Pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// `metadata.namespace` (`default` when not given).
+    pub namespace: Arc<str>,
+    /// `metadata.name`.
+    pub name: Arc<str>,
+    /// `metadata.uid`.
+    pub uid: Box<str>,
+    /// `metadata.labels`.
+    pub labels: Arc<Labels>,
+    /// `spec.nodeName`.
+    pub node: Option<Arc<str>>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// Whether it is annotated to opt out of socket-level translation.
+    pub socket_lb_disabled: bool,
+    /// Its addresses (`status.podIPs`, then `status.podIP`), parsed, each
+    /// once; none once it has ended (`Succeeded` or `Failed`), as its
+    /// addresses may already be another Pod's.
+    pub ips: Box<[IpAddr]>,
+    /// Its named container ports, the first of a name and protocol first.
+    pub named_ports: Arc<[NamedPort]>,
+}
+
+impl Pod {
+    /// Keeps what the agent reads of `info`, sharing common parts through
+    /// `interner`.
+    pub fn keep(info: PodInfo, interner: &mut PodInterner) -> Self {
+        interner.prune_when_grown();
+        let PodInfo {
+            metadata,
+            spec,
+            status,
+        } = info;
+        let socket_lb_disabled = metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
+            .is_some_and(|v| v == "disabled");
+        let spec = spec.unwrap_or_default();
+        let mut named_ports = Vec::new();
+        for port in spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+        {
+            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
+                continue;
+            };
+            named_ports.push(NamedPort {
+                name: name.clone(),
+                protocol: port.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                number,
+            });
+        }
+        Self {
+            namespace: interner.string(metadata.namespace.as_deref().unwrap_or("default")),
+            name: Arc::from(metadata.name.unwrap_or_default()),
+            uid: metadata.uid.unwrap_or_default().into_boxed_str(),
+            labels: interner.labels(metadata.labels.unwrap_or_default()),
+            node: spec.node_name.map(|node| interner.string(&node)),
+            host_network: spec.host_network.unwrap_or(false),
+            socket_lb_disabled,
+            ips: addresses(status.as_ref()).into_boxed_slice(),
+            named_ports: interner.named_ports(named_ports),
+        }
+    }
+}
+
+impl From<PodInfo> for Pod {
+    /// Keeps `info` on its own, sharing nothing (tests, small YAML sets).
+    fn from(info: PodInfo) -> Self {
+        Self::keep(info, &mut PodInterner::default())
+    }
+}
+
+/// A Pod's addresses, none once it has ended.
+fn addresses(status: Option<&PodInfoStatus>) -> Vec<IpAddr> {
+    let Some(status) = status else {
+        return Vec::new();
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Vec::new();
+    }
+    let listed = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|ip| ip.ip.as_str())
+        .chain(status.pod_ip.as_deref());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in listed.filter_map(|text| text.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// Shares the parts many Pods have in common: namespace and node names,
+/// label sets (the replicas of a Deployment have one), named ports. Parts
+/// no kept Pod holds any more are forgotten once the interner has doubled
+/// since it last looked, so its cost stays proportional to what is kept.
+#[derive(Debug, Default)]
+pub struct PodInterner {
+    strings: HashSet<Arc<str>>,
+    labels: HashSet<Arc<Labels>>,
+    named_ports: HashSet<Arc<[NamedPort]>>,
+    /// Entries after the last pruning.
+    kept: usize,
+}
+
+impl PodInterner {
+    fn string(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(text) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    fn labels(&mut self, labels: Labels) -> Arc<Labels> {
+        if let Some(shared) = self.labels.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        self.labels.insert(shared.clone());
+        shared
+    }
+
+    fn named_ports(&mut self, ports: Vec<NamedPort>) -> Arc<[NamedPort]> {
+        if let Some(shared) = self.named_ports.get(ports.as_slice()) {
+            return shared.clone();
+        }
+        let shared: Arc<[NamedPort]> = Arc::from(ports);
+        self.named_ports.insert(shared.clone());
+        shared
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.strings.len() + self.labels.len() + self.named_ports.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn prune_when_grown(&mut self) {
+        const FLOOR: usize = 1024;
+        if self.len() < FLOOR.max(2 * self.kept) {
+            return;
+        }
+        // An entry only the interner holds belongs to no kept Pod.
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+        self.labels.retain(|l| Arc::strong_count(l) > 1);
+        self.named_ports.retain(|p| Arc::strong_count(p) > 1);
+        self.kept = self.len();
     }
 }
 
@@ -117,27 +294,88 @@ mod tests {
                        "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}],
                        "conditions": [{"type": "Ready", "status": "True"}]}
         }"#;
-        let pod: PodInfo = serde_json::from_str(json).unwrap();
-        assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
-        assert_eq!(pod.labels()["app"], "web");
-        let spec = pod.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("node1"));
-        assert_eq!(spec.host_network, Some(false));
-        let ports = spec.containers[0].ports.as_ref().unwrap();
+        let pod = Pod::from(serde_json::from_str::<PodInfo>(json).unwrap());
         assert_eq!(
-            (ports[0].name.as_deref(), ports[0].container_port),
-            (Some("http"), 8080)
+            (&*pod.namespace, &*pod.name, &*pod.uid),
+            ("shop", "web-1", "u1")
         );
-        let status = pod.status.as_ref().unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.5"));
-        assert_eq!(status.pod_ips.as_ref().unwrap().len(), 2);
+        assert_eq!(pod.labels["app"], "web");
+        assert_eq!(pod.node.as_deref(), Some("node1"));
+        assert!(!pod.host_network);
+        assert!(pod.socket_lb_disabled);
+        assert_eq!(
+            &*pod.ips,
+            [
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            &*pod.named_ports,
+            [NamedPort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                number: 8080
+            }]
+        );
+    }
+
+    fn info(name: &str, labels: &[(&str, &str)], phase: &str) -> PodInfo {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels.iter().copied().collect::<BTreeMap<&str, &str>>()},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c"}]},
+            "status": {"phase": phase, "podIP": "10.0.0.7"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_ended_pod_holds_no_address_and_no_namespace_means_default() {
+        let running = Pod::from(info("a", &[], "Running"));
+        assert_eq!(&*running.namespace, "default");
+        assert_eq!(running.ips.len(), 1);
+        for phase in ["Succeeded", "Failed"] {
+            assert!(Pod::from(info("a", &[], phase)).ips.is_empty(), "{phase}");
+        }
+    }
+
+    #[test]
+    fn replicas_share_their_label_set_namespace_and_node() {
+        let mut interner = PodInterner::default();
+        let a = Pod::keep(info("a", &[("app", "web")], "Running"), &mut interner);
+        let b = Pod::keep(info("b", &[("app", "web")], "Running"), &mut interner);
+        let c = Pod::keep(info("c", &[("app", "db")], "Running"), &mut interner);
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert!(!Arc::ptr_eq(&a.labels, &c.labels));
+        assert!(Arc::ptr_eq(&a.namespace, &c.namespace));
+        assert!(Arc::ptr_eq(
+            a.node.as_ref().unwrap(),
+            c.node.as_ref().unwrap()
+        ));
+    }
+
+    #[test]
+    fn the_interner_forgets_what_no_pod_holds() {
+        let mut interner = PodInterner::default();
+        let kept = Pod::keep(info("kept", &[("app", "kept")], "Running"), &mut interner);
+        for i in 0..5_000 {
+            let label = format!("v{i}");
+            drop(Pod::keep(
+                info("gone", &[("app", &label)], "Running"),
+                &mut interner,
+            ));
+        }
+        assert!(interner.len() < 1_100, "{} entries held", interner.len());
+        let again = Pod::keep(info("again", &[("app", "kept")], "Running"), &mut interner);
+        assert!(Arc::ptr_eq(&kept.labels, &again.labels));
     }
 
     #[test]
     fn what_the_agent_keeps_is_a_fraction_of_a_pod() {
-        let kept = std::mem::size_of::<PodInfo>();
+        let kept = std::mem::size_of::<Pod>();
+        let decoded = std::mem::size_of::<PodInfo>();
         let full = std::mem::size_of::<k8s_openapi::api::core::v1::Pod>();
-        assert!(kept * 3 < full, "{kept} of {full} bytes");
+        assert!(decoded * 3 < full, "{decoded} of {full} bytes decoded");
+        assert!(kept <= 128, "{kept} bytes kept");
     }
 }

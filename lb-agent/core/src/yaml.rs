@@ -2,10 +2,20 @@
 //! `kind: List`, parsed into typed objects. Text in, objects out: reading
 //! files is the shell's business.
 
+use std::sync::Arc;
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::intent::{ObjectError, Objects, Sourced};
+use crate::{
+    intent::{ObjectError, Objects, Sourced},
+    pod::PodInfo,
+};
 
 /// Objects parsed from text, with the documents that could not be parsed.
 #[derive(Debug, Default)]
@@ -72,7 +82,7 @@ fn parse_value(origin: &str, index: usize, value: Value, parsed: &mut Parsed) {
     let objects = &mut parsed.objects;
     let errors = &mut parsed.errors;
     match kind.as_deref() {
-        Some("Service") => add(
+        Some("Service") => add::<Service, _>(
             origin,
             index,
             "Service",
@@ -80,7 +90,7 @@ fn parse_value(origin: &str, index: usize, value: Value, parsed: &mut Parsed) {
             errors,
             &mut objects.services,
         ),
-        Some("EndpointSlice") => add(
+        Some("EndpointSlice") => add::<EndpointSlice, _>(
             origin,
             index,
             "EndpointSlice",
@@ -88,9 +98,9 @@ fn parse_value(origin: &str, index: usize, value: Value, parsed: &mut Parsed) {
             errors,
             &mut objects.endpoint_slices,
         ),
-        Some("Node") => add(origin, index, "Node", value, errors, &mut objects.nodes),
-        Some("Pod") => add(origin, index, "Pod", value, errors, &mut objects.pods),
-        Some("Namespace") => add(
+        Some("Node") => add::<Node, _>(origin, index, "Node", value, errors, &mut objects.nodes),
+        Some("Pod") => add::<PodInfo, _>(origin, index, "Pod", value, errors, &mut objects.pods),
+        Some("Namespace") => add::<Namespace, _>(
             origin,
             index,
             "Namespace",
@@ -98,7 +108,7 @@ fn parse_value(origin: &str, index: usize, value: Value, parsed: &mut Parsed) {
             errors,
             &mut objects.namespaces,
         ),
-        Some("NetworkPolicy") => add(
+        Some("NetworkPolicy") => add::<NetworkPolicy, _>(
             origin,
             index,
             "NetworkPolicy",
@@ -118,9 +128,10 @@ fn parse_value(origin: &str, index: usize, value: Value, parsed: &mut Parsed) {
     }
 }
 
-/// Deserializes a document of a kind the agent uses into its list; a schema
-/// error is reported with the object and the path of the field.
-fn add<T: DeserializeOwned>(
+/// Deserializes a document of a kind the agent uses (as `D`, kept as `T`)
+/// into its list; a schema error is reported with the object and the path
+/// of the field.
+fn add<D: DeserializeOwned, T: From<D>>(
     origin: &str,
     index: usize,
     kind: &str,
@@ -137,10 +148,10 @@ fn add<T: DeserializeOwned>(
     };
     let name = metadata("name");
     let namespace = metadata("namespace").unwrap_or_else(|| "default".into());
-    match serde_path_to_error::deserialize::<_, T>(value) {
+    match serde_path_to_error::deserialize::<_, D>(value) {
         Ok(object) => list.push(Sourced {
             origin: origin.into(),
-            object: object.into(),
+            object: Arc::new(T::from(object)),
         }),
         Err(err) => {
             let object = match name {

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryFutureExt, TryStreamExt};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, NodeSpec, NodeStatus, Service, Taint},
@@ -34,6 +34,8 @@ use lb_core::{
     },
     pod::PodInfo,
 };
+
+use super::pod_store::PodStore;
 use tracing::{error, info, warn};
 
 use super::{
@@ -286,14 +288,15 @@ async fn run(
         PodScope::Cluster => watcher::Config::default(),
         PodScope::Node(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
     };
-    let pods = spawn_reflector(
-        namespaced::<PodInfo>(&client),
-        pods_config,
-        "pods",
-        strip_metadata,
-        changed.clone(),
-        metrics.clone(),
-    );
+    let pods = Arc::new(PodStore::new());
+    let pod_events = {
+        let pods = pods.clone();
+        watcher(namespaced::<PodInfo>(&client), pods_config)
+            .backoff(WatchBackoff::default())
+            .map_ok(move |event| pods.apply(event))
+            .try_filter(|changed| std::future::ready(*changed))
+    };
+    tokio::spawn(drive(pod_events, "pods", changed.clone(), metrics.clone()));
     let namespaces = spawn_reflector(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
@@ -313,25 +316,33 @@ async fn run(
 
     // An empty store before its first list would read as "delete everything".
     let ready = futures::try_join!(
-        services.wait_until_ready(),
-        slices.wait_until_ready(),
-        nodes.wait_until_ready(),
-        pods.wait_until_ready(),
-        namespaces.wait_until_ready(),
-        policies.wait_until_ready(),
+        services.wait_until_ready().map_err(drop),
+        slices.wait_until_ready().map_err(drop),
+        nodes.wait_until_ready().map_err(drop),
+        pods.wait_until_listed().map_err(drop),
+        namespaces.wait_until_ready().map_err(drop),
+        policies.wait_until_ready().map_err(drop),
     );
     if ready.is_err() {
         error!("a Kubernetes watch ended before its first list; no state published");
         return;
     }
     info!("initial lists received from the API server");
+    let pod_origin: Arc<str> = Arc::from("api:Pod");
     loop {
         out.publish(Snapshot {
             objects: Objects {
                 services: sourced(&services),
                 endpoint_slices: sourced(&slices),
                 nodes: sourced(&nodes),
-                pods: sourced(&pods),
+                pods: pods
+                    .pods()
+                    .into_iter()
+                    .map(|object| Sourced {
+                        origin: pod_origin.clone(),
+                        object,
+                    })
+                    .collect(),
                 namespaces: sourced(&namespaces),
                 network_policies: sourced(&policies),
             },

@@ -7,6 +7,7 @@
 pub mod events;
 pub mod files;
 pub mod kubernetes;
+mod pod_store;
 
 use std::{
     sync::{Condvar, Mutex},

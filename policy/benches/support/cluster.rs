@@ -28,11 +28,11 @@ use k8s_openapi::{
 };
 use lb_core::{
     intent::{Objects, Sourced},
-    // The Pods as the agent keeps them, under the names of the objects
-    // they come from.
+    // The Pods as the agent decodes them, under the names of the objects
+    // they come from, and as it keeps them.
     pod::{
-        PodInfo as Pod, PodInfoContainer as Container, PodInfoSpec as PodSpec,
-        PodInfoStatus as PodStatus,
+        Pod as KeptPod, PodInfo as Pod, PodInfoContainer as Container, PodInfoSpec as PodSpec,
+        PodInfoStatus as PodStatus, PodInterner,
     },
 };
 
@@ -475,13 +475,19 @@ pub fn generate(shape: &Shape) -> Objects {
     }
     let per_namespace = shape.policies.div_ceil(shape.namespaces);
     let mut slots = vec![0; shape.nodes];
+    let mut interner = PodInterner::default();
     Objects {
         namespaces: (0..shape.namespaces)
             .map(|n| sourced(namespace(n)))
             .collect(),
         nodes: (0..shape.nodes).map(|i| sourced(node(i))).collect(),
         pods: (0..shape.pods)
-            .map(|i| sourced(pod(shape, i, &hashes, &mut slots)))
+            .map(|i| {
+                sourced(KeptPod::keep(
+                    pod(shape, i, &hashes, &mut slots),
+                    &mut interner,
+                ))
+            })
             .collect(),
         network_policies: (0..shape.policies)
             .map(|i| {
@@ -497,12 +503,11 @@ pub fn generate(shape: &Shape) -> Objects {
 
 /// Pod `index` of `objects` with its `version` label set to `version`
 /// (a new object, as a watch hands it over).
-pub fn relabeled(objects: &Objects, index: usize, version: &str) -> Sourced<Pod> {
+pub fn relabeled(objects: &Objects, index: usize, version: &str) -> Sourced<KeptPod> {
     let mut pod = (*objects.pods[index].object).clone();
-    pod.metadata
-        .labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert("version".into(), version.into());
+    let mut labels = (*pod.labels).clone();
+    labels.insert("version".into(), version.into());
+    pod.labels = Arc::new(labels);
     sourced(pod)
 }
 
@@ -526,10 +531,8 @@ pub fn pod_index(objects: &Objects, tier: &str, local: bool) -> usize {
         .pods
         .iter()
         .position(|p| {
-            let labels = p.object.metadata.labels.as_ref();
-            let node = p.object.spec.as_ref().and_then(|s| s.node_name.as_deref());
-            labels.and_then(|l| l.get("tier")).map(String::as_str) == Some(tier)
-                && (node == Some(THIS_NODE)) == local
+            p.object.labels.get("tier").map(String::as_str) == Some(tier)
+                && (p.object.node.as_deref() == Some(THIS_NODE)) == local
         })
         .expect("a pod of the tier")
 }

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     sync::Arc,
 };
 
@@ -12,7 +11,7 @@ use lb_common::{
     net::{PROTO_TCP, PROTO_UDP},
     policy::PROTO_SCTP,
 };
-use lb_core::pod::PodInfo;
+use lb_core::pod::Pod;
 
 use super::sets::Compiled;
 use crate::{
@@ -21,79 +20,20 @@ use crate::{
     selector::Selector,
 };
 
-/// A pod, as far as policy is concerned. Its labels and named ports are
-/// read from the object it holds when they are needed, not copied: at
-/// 150,000 pods a copy of each label map costs about 80 MB.
-#[derive(Clone, Debug)]
-pub(super) struct PodFacts {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    /// Its addresses; none when it has ended.
-    pub ips: Vec<IpAddr>,
-    pub node: Option<String>,
-    pub host_network: bool,
-    pod: Arc<PodInfo>,
-}
-
-impl PodFacts {
-    /// The pod's labels.
-    pub fn labels(&self) -> &BTreeMap<String, String> {
-        self.pod.labels()
-    }
-
-    /// The pod's named container ports (the first of a name and protocol
-    /// wins).
-    pub fn named_ports(&self) -> NamedPorts {
-        let mut named_ports = NamedPorts::new();
-        let containers = self.pod.spec.iter().flat_map(|s| &s.containers);
-        for port in containers.flat_map(|c| c.ports.iter().flatten()) {
-            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
-                continue;
-            };
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => PROTO_UDP,
-                "SCTP" => PROTO_SCTP,
-                _ => PROTO_TCP,
-            };
-            named_ports.entry((name.clone(), proto)).or_insert(number);
-        }
+/// A pod's named container ports (the first of a name and protocol wins).
+pub(super) fn named_ports(pod: &Pod) -> NamedPorts {
+    let mut named_ports = NamedPorts::new();
+    for port in pod.named_ports.iter() {
+        let proto = match port.protocol.as_str() {
+            "UDP" => PROTO_UDP,
+            "SCTP" => PROTO_SCTP,
+            _ => PROTO_TCP,
+        };
         named_ports
+            .entry((port.name.clone(), proto))
+            .or_insert(port.number);
     }
-}
-
-/// What policy needs of a pod.
-pub(super) fn pod_facts(pod: &Arc<PodInfo>, namespace: &str) -> PodFacts {
-    let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
-    let terminal = status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if !terminal {
-        let listed = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|ip| ip.ip.as_str())
-            .chain(status.and_then(|s| s.pod_ip.as_deref()));
-        for text in listed {
-            if let Ok(ip) = text.parse::<IpAddr>() {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-        }
-    }
-    PodFacts {
-        namespace: namespace.to_string(),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        ips,
-        node: spec.and_then(|s| s.node_name.clone()),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        pod: pod.clone(),
-    }
+    named_ports
 }
 
 /// A namespace's labels, with the name label the API server sets (also when
@@ -182,18 +122,17 @@ impl IdentityInputs {
     pub(super) fn labels_of(
         &self,
         config: &IdentityConfig,
-        facts: &PodFacts,
+        pod: &Pod,
         namespace_labels: &BTreeMap<String, String>,
     ) -> Vec<Arc<IdentityLabels>> {
         let excluded = &config.excluded;
-        let pod_labels = facts
-            .labels()
+        let pod_labels = pod
+            .labels
             .iter()
             .filter(|(key, _)| !excluded.contains(key) || self.selected.contains(*key))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let named_ports: NamedPorts = facts
-            .named_ports()
+        let named_ports: NamedPorts = named_ports(pod)
             .into_iter()
             .filter(|(key, _)| self.egress_named.contains(key))
             .collect();
@@ -205,14 +144,13 @@ impl IdentityInputs {
             .map(|(block, _)| block)
             .collect();
         let base = Arc::new(IdentityLabels {
-            namespace: facts.namespace.clone(),
+            namespace: pod.namespace.to_string(),
             namespace_labels: namespace_labels.clone(),
             pod_labels,
             named_ports,
             blocks: BTreeSet::new(),
         });
-        facts
-            .ips
+        pod.ips
             .iter()
             .map(|ip| {
                 let inside: BTreeSet<Block> = blocks

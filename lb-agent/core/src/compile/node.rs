@@ -34,25 +34,22 @@ pub(super) fn opted_out_pods(
     let mut uids = BTreeSet::new();
     for sourced in &objects.pods {
         let pod = &sourced.object;
-        let spec = pod.spec.as_ref();
-        let annotated = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
-            .is_some_and(|v| v == "disabled");
-        if !annotated || spec.and_then(|s| s.node_name.as_deref()) != Some(name) {
+        if !pod.socket_lb_disabled || pod.node.as_deref() != Some(name) {
             continue;
         }
-        if spec.and_then(|s| s.host_network) == Some(true) {
-            errors.push(Reporter::new(&sourced.origin, "Pod", &pod.metadata).error(
+        if pod.host_network {
+            let name = (!pod.name.is_empty()).then_some(&*pod.name);
+            let report = Reporter::named(&sourced.origin, "Pod", &pod.namespace, name);
+            errors.push(report.error(
                 &format!("metadata.annotations[{SOCKET_LB_ANNOTATION}]"),
                 "ignored on a hostNetwork pod: its packets cross no pod interface, \
                  so only socket-level translation serves it",
             ));
             continue;
         }
-        uids.extend(pod.metadata.uid.clone());
+        if !pod.uid.is_empty() {
+            uids.insert(pod.uid.to_string());
+        }
     }
     uids
 }

@@ -210,8 +210,13 @@ pub(crate) struct Reporter<'a> {
 
 impl<'a> Reporter<'a> {
     pub(crate) fn new(origin: &'a str, kind: &str, meta: &ObjectMeta) -> Self {
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        let identity = meta.name.clone().map(|name| (namespace.clone(), name));
+        let namespace = meta.namespace.as_deref().unwrap_or("default");
+        Self::named(origin, kind, namespace, meta.name.as_deref())
+    }
+
+    /// Reports about the object `name` of `namespace` (unnamed: none).
+    pub(crate) fn named(origin: &'a str, kind: &str, namespace: &str, name: Option<&str>) -> Self {
+        let identity = name.map(|name| (namespace.to_string(), name.to_string()));
         let object = match &identity {
             Some((ns, name)) => format!("{kind} {ns}/{name}"),
             None => format!("{kind} (unnamed)"),
