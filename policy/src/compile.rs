@@ -60,6 +60,7 @@ use lb_core::{
     pod::Pod,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 
 use self::{
     cidrs::CidrIndex,
@@ -190,8 +191,9 @@ struct PodCached {
     /// only in their blocks).
     labels: Option<Arc<IdentityLabels>>,
     /// The recipe of its set, and the version of its namespace's policies
-    /// it was found with.
-    recipe: Option<(u64, RecipeKey)>,
+    /// it was found with: only this node's pods have one, so it is boxed
+    /// to keep the other entries small.
+    recipe: Option<Box<(u64, RecipeKey)>>,
 }
 
 /// A pod that claims an address.
@@ -224,8 +226,9 @@ pub struct PolicyCompiler {
     node_addresses: FxHashMap<IpAddr, bool>,
 
     identities: Identities,
-    /// Pod addresses and the pods that claim them (normally one).
-    pod_addresses: FxHashMap<IpAddr, Vec<Owner>>,
+    /// Pod addresses and the pods that claim them (normally one, kept
+    /// inline).
+    pod_addresses: FxHashMap<IpAddr, SmallVec<[Owner; 1]>>,
     cidr_numbers: Numbers,
     /// Every CIDR the policies name, with its identity.
     cidrs: BTreeMap<IpNetwork, u32>,
@@ -1065,12 +1068,16 @@ impl PolicyCompiler {
                 .get(&*cached.pod.namespace)
                 .copied()
                 .unwrap_or(0);
-            if cached.recipe.as_ref().is_some_and(|(v, _)| *v == version) {
+            if cached
+                .recipe
+                .as_ref()
+                .is_some_and(|recipe| recipe.0 == version)
+            {
                 continue;
             }
             let key = self.recipe_key(cached);
             if let Some(cached) = self.pods.get_mut(address) {
-                cached.recipe = key.map(|key| (version, key));
+                cached.recipe = key.map(|key| Box::new((version, key)));
             }
         }
 
@@ -1107,9 +1114,10 @@ impl PolicyCompiler {
                 version: self.version,
             };
             for address in &locals {
-                let Some((_, key)) = &self.pods[address].recipe else {
+                let Some(recipe) = &self.pods[address].recipe else {
                     continue;
                 };
+                let key = &recipe.1;
                 if recipes.contains_key(key) {
                     continue;
                 }
@@ -1178,9 +1186,10 @@ impl PolicyCompiler {
         let mut carried: FxHashMap<&RecipeKey, Arc<SetContent>> = FxHashMap::default();
         for address in &locals {
             let cached = &self.pods[address];
-            let Some((_, key)) = &cached.recipe else {
+            let Some(recipe) = &cached.recipe else {
                 continue;
             };
+            let key = &recipe.1;
             let recipe = &self.recipes[key];
             let pod = &cached.pod;
             for (ip, slot) in pod.ips.iter().zip(&cached.slots) {

@@ -257,10 +257,17 @@ async fn populate(client: &Client, args: &Args) -> Result<Duration> {
         let endpoints: Vec<Value> = (0..10)
             .map(|k| {
                 let pod = (i * 10 + k) % args.pods.max(1);
+                // As the EndpointSlice controller writes an endpoint.
                 json!({
                     "addresses": [pod_ip(pod)],
-                    "conditions": {"ready": true},
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
                     "nodeName": node_of(pod, args.nodes),
+                    "targetRef": {
+                        "kind": "Pod",
+                        "namespace": namespace(pod),
+                        "name": format!("pod-{pod}"),
+                        "uid": format!("{:08x}-0000-4000-8000-{:012x}", pod, pod),
+                    },
                 })
             })
             .collect();

@@ -12,15 +12,13 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use crate::{
     compile::Reporter,
+    endpoint_slice::EndpointSlice,
     intent::{ObjectError, Sourced},
     yaml::Parsed,
 };

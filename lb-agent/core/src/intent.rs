@@ -8,11 +8,10 @@ use std::{fmt, net::IpAddr, sync::Arc};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 
-use crate::pod::Pod;
+use crate::{endpoint_slice::EndpointSlice, pod::Pod};
 
 /// Label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

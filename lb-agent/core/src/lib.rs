@@ -25,6 +25,7 @@ pub mod admission;
 pub mod compile;
 pub mod desired;
 pub mod drops;
+pub mod endpoint_slice;
 pub mod intent;
 pub mod maglev;
 pub mod plan;

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
+    endpoint_slice::EndpointSlice,
     intent::{ObjectError, Objects, Sourced},
     pod::PodInfo,
 };

@@ -10,7 +10,6 @@ use futures::{Stream, StreamExt, TryFutureExt, TryStreamExt};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, NodeSpec, NodeStatus, Service, Taint},
-        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     NamespaceResourceScope,
@@ -28,6 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use lb_core::{
+    endpoint_slice::EndpointSlice,
     intent::{
         Objects, Sourced, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SOCKET_LB_ANNOTATION,
         TO_BE_DELETED_TAINT,

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::endpoint_slice::EndpointSlice;
 use lb_common::service::{Backend, BACKEND_FLAG_LOCAL};
 
 use super::{

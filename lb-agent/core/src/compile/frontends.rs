@@ -8,7 +8,9 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
+
+use crate::endpoint_slice::EndpointSlice;
 use lb_common::{
     net::PROTO_UDP,
     service::{

@@ -19,10 +19,7 @@ mod validation;
 
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::Time};
 use lb_common::{net::Addr, service::ServiceKey};
 use rustc_hash::FxHashMap;
 
@@ -36,6 +33,7 @@ use self::{
 };
 use crate::{
     desired::{DesiredState, Frontend, ServiceHealth},
+    endpoint_slice::EndpointSlice,
     intent::{NodeContext, ObjectError, Objects, Sourced},
 };
 
