@@ -22,6 +22,7 @@
 //! fail-closed (their new flows are refused, with a drop reason) until it
 //! fits. Every other endpoint is unaffected.
 
+use smallvec::{smallvec, SmallVec};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -82,8 +83,9 @@ pub struct PolicyGroup {
     pub set: Option<u32>,
     /// Whether the group deletes its set.
     pub deletes: bool,
-    /// The writes, in order.
-    pub ops: Vec<PolicyOp>,
+    /// The writes, in order. Most groups are one write (a pod's address,
+    /// its name), kept inline: a first plan at 150,000 pods has 300,000.
+    pub ops: SmallVec<[PolicyOp; 1]>,
 }
 
 /// Map capacities the plan respects.
@@ -162,7 +164,7 @@ fn single(op: PolicyOp) -> PolicyGroup {
     PolicyGroup {
         set: None,
         deletes: false,
-        ops: vec![op],
+        ops: smallvec![op],
     }
 }
 
@@ -230,7 +232,7 @@ pub fn plan(
         out.groups.push(PolicyGroup {
             set: Some(*number),
             deletes: false,
-            ops,
+            ops: ops.into(),
         });
     }
 
@@ -373,7 +375,7 @@ pub fn plan(
         out.groups.push(PolicyGroup {
             set: Some(*number),
             deletes: true,
-            ops,
+            ops: ops.into(),
         });
     }
     for id in applied.rules.keys() {
