@@ -184,9 +184,9 @@ struct PodCached {
     /// The pod (held, so that its address, which keys the cache, is not
     /// reused).
     pod: Arc<Pod>,
-    /// The identity slot of each of its addresses (`pod.ips`); none for
-    /// a hostNetwork pod.
-    slots: Vec<Slot>,
+    /// The identity slot of each of its addresses (`pod.ips`), inline for
+    /// the one or two a pod has; none for a hostNetwork pod.
+    slots: SmallVec<[Slot; 2]>,
     /// The identity labels of its first address (a pod's addresses differ
     /// only in their blocks).
     labels: Option<Arc<IdentityLabels>>,
@@ -590,7 +590,7 @@ impl PolicyCompiler {
                     seen,
                     claimed: 0,
                     pod: pod.clone(),
-                    slots: Vec::new(),
+                    slots: SmallVec::new(),
                     labels: None,
                     recipe: None,
                 };

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    fmt,
     net::IpAddr,
     sync::Arc,
 };
@@ -120,7 +121,7 @@ pub struct Pod {
     /// `metadata.name`.
     pub name: Arc<str>,
     /// `metadata.uid`.
-    pub uid: Box<str>,
+    pub uid: Uid,
     /// `metadata.labels`.
     pub labels: Arc<Labels>,
     /// `spec.nodeName`.
@@ -171,7 +172,7 @@ impl Pod {
         Self {
             namespace: interner.string(metadata.namespace.as_deref().unwrap_or("default")),
             name: Arc::from(metadata.name.unwrap_or_default()),
-            uid: metadata.uid.unwrap_or_default().into_boxed_str(),
+            uid: Uid::new(metadata.uid.unwrap_or_default()),
             labels: interner.labels(metadata.labels.unwrap_or_default()),
             node: spec.node_name.map(|node| interner.string(&node)),
             host_network: spec.host_network.unwrap_or(false),
@@ -186,6 +187,69 @@ impl From<PodInfo> for Pod {
     /// Keeps `info` on its own, sharing nothing (tests, small YAML sets).
     fn from(info: PodInfo) -> Self {
         Self::keep(info, &mut PodInterner::default())
+    }
+}
+
+/// A Pod's UID. The API server assigns a UUID, kept as its 16 bytes
+/// (a boxed string of its 36 characters took 64 bytes a Pod); other text,
+/// as a YAML file may hold, is kept as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uid {
+    /// A UUID in its canonical form (lowercase, hyphenated).
+    Uuid([u8; 16]),
+    /// Any other text (none: empty).
+    Text(Box<str>),
+}
+
+impl Uid {
+    /// Byte offsets of the hyphens of a canonical UUID.
+    const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+
+    /// The UID written as `text`.
+    pub fn new(text: String) -> Self {
+        Self::parse_uuid(&text).map_or_else(|| Self::Text(text.into_boxed_str()), Self::Uuid)
+    }
+
+    fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 36 || Self::HYPHENS.iter().any(|&at| bytes[at] != b'-') {
+            return None;
+        }
+        let lower_hex = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut digits = bytes.iter().filter(|&&c| c != b'-');
+        let mut uuid = [0u8; 16];
+        for byte in &mut uuid {
+            let high = lower_hex(*digits.next()?)?;
+            let low = lower_hex(*digits.next()?)?;
+            *byte = high << 4 | low;
+        }
+        Some(uuid)
+    }
+
+    /// Whether the Pod had no UID.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::Text(text) if text.is_empty())
+    }
+}
+
+impl fmt::Display for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Text(text) => f.write_str(text),
+            Self::Uuid(uuid) => {
+                for (index, byte) in uuid.iter().enumerate() {
+                    if matches!(index, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{byte:02x}")?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -295,10 +359,8 @@ mod tests {
                        "conditions": [{"type": "Ready", "status": "True"}]}
         }"#;
         let pod = Pod::from(serde_json::from_str::<PodInfo>(json).unwrap());
-        assert_eq!(
-            (&*pod.namespace, &*pod.name, &*pod.uid),
-            ("shop", "web-1", "u1")
-        );
+        assert_eq!((&*pod.namespace, &*pod.name), ("shop", "web-1"));
+        assert_eq!(pod.uid, Uid::Text("u1".into()));
         assert_eq!(pod.labels["app"], "web");
         assert_eq!(pod.node.as_deref(), Some("node1"));
         assert!(!pod.host_network);
@@ -318,6 +380,27 @@ mod tests {
                 number: 8080
             }]
         );
+    }
+
+    #[test]
+    fn a_uuid_is_kept_as_its_bytes_and_written_back_as_it_came() {
+        let text = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let uid = Uid::new(text.into());
+        assert!(matches!(uid, Uid::Uuid(bytes) if bytes[0] == 0x0f && bytes[15] == 0xf0));
+        assert_eq!(uid.to_string(), text);
+        for other in [
+            "0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0",
+            "not-a-uuid",
+            "",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
+        ] {
+            let uid = Uid::new(other.into());
+            assert_eq!(uid, Uid::Text(other.into()), "{other}");
+            assert_eq!(uid.to_string(), other);
+        }
+        assert!(Uid::new(String::new()).is_empty());
+        assert!(!Uid::new(text.into()).is_empty());
     }
 
     fn info(name: &str, labels: &[(&str, &str)], phase: &str) -> PodInfo {

@@ -7,16 +7,14 @@
 //! sees a change.
 
 use std::{
-    collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use hashbrown::HashTable;
 use kube::runtime::watcher::Event;
 use lb_core::pod::{Pod, PodInfo, PodInterner};
 use tokio::sync::watch;
-
-/// A Pod's namespace and name.
-type PodKey = (Arc<str>, Arc<str>);
 
 /// The kept Pods, shared by the watch that fills them and the loop that
 /// publishes snapshots.
@@ -27,8 +25,10 @@ pub(super) struct PodStore {
 
 #[derive(Default)]
 struct State {
-    /// Each Pod, with the listing that last saw it.
-    pods: HashMap<PodKey, (Arc<Pod>, u64)>,
+    /// Each Pod, found by its namespace and name, which it holds itself:
+    /// a separate key would cost another 32 bytes a Pod.
+    pods: HashTable<Kept>,
+    hasher: RandomState,
     /// Counts the watch's (re)listings.
     listing: u64,
     interner: PodInterner,
@@ -65,12 +65,14 @@ impl PodStore {
             Event::InitApply(info) | Event::Apply(info) => state.put(info),
             Event::Delete(info) => {
                 let pod = Pod::keep(info, &mut state.interner);
-                state.pods.remove(&key(&pod)).is_some()
+                let hash = state.hash(&pod);
+                let found = state.pods.find_entry(hash, |kept| kept.is(&pod));
+                found.map(|entry| entry.remove()).is_ok()
             }
             Event::InitDone => {
                 let listing = state.listing;
                 let before = state.pods.len();
-                state.pods.retain(|_, (_, seen)| *seen == listing);
+                state.pods.retain(|kept| kept.listing == listing);
                 self.listed.send_replace(true);
                 state.pods.len() != before
             }
@@ -80,7 +82,7 @@ impl PodStore {
     /// The kept Pods.
     pub(super) fn pods(&self) -> Vec<Arc<Pod>> {
         let state = self.state();
-        state.pods.values().map(|(pod, _)| pod.clone()).collect()
+        state.pods.iter().map(|kept| kept.pod.clone()).collect()
     }
 
     /// Resolves once the first listing is complete; fails if the watch
@@ -99,30 +101,54 @@ impl PodStore {
     }
 }
 
+/// A kept Pod, with the listing that last saw it.
+struct Kept {
+    pod: Arc<Pod>,
+    listing: u64,
+}
+
+impl Kept {
+    /// Whether this is the record of `pod` (same namespace and name).
+    fn is(&self, pod: &Pod) -> bool {
+        self.pod.namespace == pod.namespace && self.pod.name == pod.name
+    }
+}
+
 impl State {
+    fn hash(&self, pod: &Pod) -> u64 {
+        hash_of(&self.hasher, pod)
+    }
+
     /// Keeps `info`; an unchanged Pod keeps its record.
     fn put(&mut self, info: PodInfo) -> bool {
         let pod = Pod::keep(info, &mut self.interner);
         let listing = self.listing;
-        match self.pods.get_mut(&key(&pod)) {
-            Some((kept, seen)) if **kept == pod => {
-                *seen = listing;
+        let hash = self.hash(&pod);
+        match self.pods.find_mut(hash, |kept| kept.is(&pod)) {
+            Some(kept) if *kept.pod == pod => {
+                kept.listing = listing;
                 false
             }
-            Some((kept, seen)) => {
-                (*kept, *seen) = (Arc::new(pod), listing);
+            Some(kept) => {
+                (kept.pod, kept.listing) = (Arc::new(pod), listing);
                 true
             }
             None => {
-                self.pods.insert(key(&pod), (Arc::new(pod), listing));
+                let kept = Kept {
+                    pod: Arc::new(pod),
+                    listing,
+                };
+                let hasher = &self.hasher;
+                self.pods
+                    .insert_unique(hash, kept, |kept| hash_of(hasher, &kept.pod));
                 true
             }
         }
     }
 }
 
-fn key(pod: &Pod) -> PodKey {
-    (pod.namespace.clone(), pod.name.clone())
+fn hash_of(hasher: &RandomState, pod: &Pod) -> u64 {
+    hasher.hash_one((&*pod.namespace, &*pod.name))
 }
 
 #[cfg(test)]
