@@ -837,8 +837,8 @@ impl PolicyCompiler {
                 .map(|owner| format!("{}/{}", owner.object.namespace, owner.object.name));
             match name {
                 Some(name) => {
-                    if self.desired.pod_names.get(&key.ip()) != Some(&name) {
-                        self.desired.pod_names.insert(key.ip(), name);
+                    if self.desired.pod_names.get(&key.ip()).map(|n| &**n) != Some(&*name) {
+                        self.desired.pod_names.insert(key.ip(), Arc::from(name));
                     }
                 }
                 None => {

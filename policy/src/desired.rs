@@ -134,7 +134,7 @@ pub struct PolicyDesired {
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
     /// The names (`namespace/name`) of the cluster's pods by address, for
     /// display.
-    pub pod_names: BTreeMap<IpAddr, String>,
+    pub pod_names: BTreeMap<IpAddr, Arc<str>>,
     /// Policy sets by number.
     pub sets: BTreeMap<u32, Arc<SetContent>>,
     /// Rule names by number: `namespace/policy ingress[0]`.

@@ -143,7 +143,7 @@ fn addresses_of(tables: &PolicyTables, peer: &str) -> Result<Vec<IpAddr>, Explai
     let found: Vec<IpAddr> = tables
         .pod_names
         .iter()
-        .filter(|(_, name)| name.as_str() == peer)
+        .filter(|(_, name)| ***name == *peer)
         .map(|(ip, _)| *ip)
         .collect();
     if found.is_empty() {

@@ -26,6 +26,7 @@ use smallvec::{smallvec, SmallVec};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnetwork::IpNetwork;
@@ -53,7 +54,7 @@ pub enum PolicyOp {
     /// Insert or replace an endpoint.
     PutEndpoint(IpAddr, EndpointValue),
     /// Insert or replace a pod's name.
-    PutPodName(IpAddr, String),
+    PutPodName(IpAddr, Arc<str>),
     /// Insert or replace an ipcache prefix.
     PutIpcache(IpNetwork, IpcacheValue),
     /// Write the revision and flags.
@@ -319,7 +320,7 @@ pub fn plan(
                 continue;
             }
             Side::Both(ip, current, name) => {
-                if current == name_kept(name) {
+                if **current == *name_kept(name) {
                     continue;
                 }
                 (ip, name)
@@ -331,10 +332,15 @@ pub fn plan(
                 (ip, name)
             }
         };
-        out.groups.push(single(PolicyOp::PutPodName(
-            *ip,
-            name_kept(name).to_string(),
-        )));
+        // The desired state's name is shared with the mirror of the maps
+        // unless the map keeps only part of it.
+        let kept = name_kept(name);
+        let name = if kept.len() == name.len() {
+            name.clone()
+        } else {
+            Arc::from(kept)
+        };
+        out.groups.push(single(PolicyOp::PutPodName(*ip, name)));
     }
 
     // 5. The other ipcache changes (relabels, whose old identities the

@@ -52,7 +52,7 @@ pub struct PolicyTables {
     /// This node's pods by address.
     pub endpoints: BTreeMap<IpAddr, EndpointValue>,
     /// The cluster's pods' names by address (possibly truncated).
-    pub pod_names: BTreeMap<IpAddr, String>,
+    pub pod_names: BTreeMap<IpAddr, Arc<str>>,
     /// The revision and flags.
     pub state: PolicyState,
 }
@@ -116,7 +116,7 @@ pub struct PolicyTarget<'a> {
     pub endpoints: BTreeMap<IpAddr, EndpointValue>,
     /// The cluster's pods' names by address (the map keeps them truncated:
     /// see [`name_value`]).
-    pub pod_names: Cow<'a, BTreeMap<IpAddr, String>>,
+    pub pod_names: Cow<'a, BTreeMap<IpAddr, Arc<str>>>,
     /// Whether policy is enforced on this node's pod interfaces.
     pub enforcing: bool,
     /// Whether the socket programs refuse at `connect()` what a pod's egress

@@ -127,7 +127,9 @@ impl PolicyMaps for AyaPolicyMaps {
             tables.endpoints.insert(ip_of(&addr), value);
         }
         for (addr, name) in entries(&self.pod_names, maps::POD_NAMES)? {
-            tables.pod_names.insert(ip_of(&addr), name_text(&name));
+            tables
+                .pod_names
+                .insert(ip_of(&addr), name_text(&name).into());
         }
         for (key, value) in trie_entries(&self.policy, maps::POLICY)? {
             if let Some((set, entry)) = entry_of(key.prefix_len(), &key.data()) {

@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use lb_common::policy::{
-    DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, POLICY_STATE_ENFORCING,
+    DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED, IDENTITY_ANY, POLICY_NAME_LEN,
+    POLICY_STATE_ENFORCING,
 };
 
 use super::*;
@@ -238,4 +239,35 @@ fn a_set_whose_writes_failed_is_retried_as_unfit_and_kept_while_used() {
         .find(|g| g.deletes)
         .expect("set 5 is no longer wanted");
     assert_eq!(delete.set, Some(5));
+}
+
+#[test]
+fn a_pod_name_is_shared_with_the_maps_mirror_and_a_long_one_written_as_kept() {
+    let mut target = target(5, set(&[301]));
+    let long = format!("x/{}", "a".repeat(2 * POLICY_NAME_LEN));
+    target
+        .pod_names
+        .to_mut()
+        .insert(ip("10.0.0.2"), long.as_str().into());
+    let first = plan(
+        &PolicyTables::default(),
+        &target,
+        &PolicyCapacity::default(),
+        &BTreeSet::new(),
+    );
+    let applied = applied_after(&PolicyTables::default(), &first);
+    let short = &applied.pod_names[&ip("10.0.0.1")];
+    assert!(Arc::ptr_eq(short, &target.pod_names[&ip("10.0.0.1")]));
+    assert_eq!(&*applied.pod_names[&ip("10.0.0.2")], name_kept(&long));
+    assert!(name_kept(&long).len() < long.len());
+    let again = plan(
+        &applied,
+        &target,
+        &PolicyCapacity::default(),
+        &BTreeSet::new(),
+    );
+    assert!(
+        !again.ops().any(|op| matches!(op, PolicyOp::PutPodName(..))),
+        "a name kept in part is not written again"
+    );
 }
