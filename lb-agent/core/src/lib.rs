@@ -20,6 +20,34 @@
 //!   `lbctl` tables.
 #![forbid(unsafe_code)]
 
+/// Makes `$slim`, a type decoded from objects of a Kubernetes kind with
+/// only the fields the agent reads, a resource kube-rs can list and watch:
+/// its API coordinates, and its `metadata` field as the object's metadata.
+macro_rules! slim_resource {
+    ($slim:ty, api_version: $api_version:literal, group: $group:literal, kind: $kind:literal, plural: $plural:literal) => {
+        impl k8s_openapi::Resource for $slim {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = "v1";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $slim {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 pub mod addr;
 pub mod admission;
 pub mod compile;

@@ -8,8 +8,10 @@
 //! where a stored `PodInfo` with its metadata cost over 1.5 KiB.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, HashSet},
     fmt,
+    hash::Hash,
     net::IpAddr,
     sync::Arc,
 };
@@ -17,35 +19,34 @@ use std::{
 use k8s_openapi::{
     api::core::v1::{ContainerPort, PodIP},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    NamespaceResourceScope,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::intent::SOCKET_LB_ANNOTATION;
 
 /// What the agent keeps of a Pod.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PodInfo {
     /// Name, namespace, UID, labels, annotations.
     #[serde(default)]
     pub metadata: ObjectMeta,
     /// Where it runs and its named ports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub spec: Option<PodInfoSpec>,
     /// Its phase and addresses.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub status: Option<PodInfoStatus>,
 }
 
 /// What the agent keeps of a Pod's spec.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodInfoSpec {
     /// `spec.nodeName`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub node_name: Option<String>,
     /// `spec.hostNetwork`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub host_network: Option<bool>,
     /// `spec.containers`: their names and ports.
     #[serde(default)]
@@ -54,48 +55,38 @@ pub struct PodInfoSpec {
 
 /// What the agent keeps of a container: its named ports, for policies that
 /// name a port.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PodInfoContainer {
     /// `name`.
     #[serde(default)]
     pub name: String,
     /// `ports`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ports: Option<Vec<ContainerPort>>,
 }
 
 /// What the agent keeps of a Pod's status.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PodInfoStatus {
     /// `status.phase`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub phase: Option<String>,
     /// `status.podIP`.
-    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
     /// `status.podIPs`.
-    #[serde(default, rename = "podIPs", skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "podIPs")]
     pub pod_ips: Option<Vec<PodIP>>,
 }
 
-impl k8s_openapi::Resource for PodInfo {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = NamespaceResourceScope;
-}
+slim_resource!(PodInfo, api_version: "v1", group: "", kind: "Pod", plural: "pods");
 
-impl k8s_openapi::Metadata for PodInfo {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
+impl PodInfo {
+    /// Its namespace (`default` when not given) and name.
+    pub fn names(&self) -> (&str, &str) {
+        let metadata = &self.metadata;
+        let namespace = metadata.namespace.as_deref().unwrap_or("default");
+        (namespace, metadata.name.as_deref().unwrap_or_default())
     }
 }
 
@@ -143,6 +134,7 @@ impl Pod {
     /// `interner`.
     pub fn keep(info: PodInfo, interner: &mut PodInterner) -> Self {
         interner.prune_when_grown();
+        let namespace = share(&mut interner.strings, info.names().0);
         let PodInfo {
             metadata,
             spec,
@@ -170,15 +162,17 @@ impl Pod {
             });
         }
         Self {
-            namespace: interner.string(metadata.namespace.as_deref().unwrap_or("default")),
+            namespace,
             name: Arc::from(metadata.name.unwrap_or_default()),
             uid: Uid::new(metadata.uid.unwrap_or_default()),
-            labels: interner.labels(metadata.labels.unwrap_or_default()),
-            node: spec.node_name.map(|node| interner.string(&node)),
+            labels: share(&mut interner.labels, metadata.labels.unwrap_or_default()),
+            node: spec
+                .node_name
+                .map(|node| share(&mut interner.strings, node.as_str())),
             host_network: spec.host_network.unwrap_or(false),
             socket_lb_disabled,
             ips: addresses(status.as_ref()).into_boxed_slice(),
-            named_ports: interner.named_ports(named_ports),
+            named_ports: share(&mut interner.named_ports, named_ports),
         }
     }
 }
@@ -290,33 +284,6 @@ pub struct PodInterner {
 }
 
 impl PodInterner {
-    fn string(&mut self, text: &str) -> Arc<str> {
-        if let Some(shared) = self.strings.get(text) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(text);
-        self.strings.insert(shared.clone());
-        shared
-    }
-
-    fn labels(&mut self, labels: Labels) -> Arc<Labels> {
-        if let Some(shared) = self.labels.get(&labels) {
-            return shared.clone();
-        }
-        let shared = Arc::new(labels);
-        self.labels.insert(shared.clone());
-        shared
-    }
-
-    fn named_ports(&mut self, ports: Vec<NamedPort>) -> Arc<[NamedPort]> {
-        if let Some(shared) = self.named_ports.get(ports.as_slice()) {
-            return shared.clone();
-        }
-        let shared: Arc<[NamedPort]> = Arc::from(ports);
-        self.named_ports.insert(shared.clone());
-        shared
-    }
-
     /// Entries held.
     pub fn len(&self) -> usize {
         self.strings.len() + self.labels.len() + self.named_ports.len()
@@ -338,6 +305,20 @@ impl PodInterner {
         self.named_ports.retain(|p| Arc::strong_count(p) > 1);
         self.kept = self.len();
     }
+}
+
+/// The entry of `shared` equal to `value`, made from it if there is none.
+fn share<T, V>(shared: &mut HashSet<Arc<T>>, value: V) -> Arc<T>
+where
+    T: Eq + Hash + ?Sized,
+    V: Borrow<T> + Into<Arc<T>>,
+{
+    if let Some(entry) = shared.get(value.borrow()) {
+        return entry.clone();
+    }
+    let entry: Arc<T> = value.into();
+    shared.insert(entry.clone());
+    entry
 }
 
 #[cfg(test)]

@@ -238,9 +238,13 @@ fn sourced<K>(store: &Store<K>) -> Vec<Sourced<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let origin: Arc<str> = Arc::from(format!("api:{}", K::kind(&())));
-    store
-        .state()
+    from_api(&K::kind(&()), store.state())
+}
+
+/// `objects` of `kind`, as read from the API server.
+fn from_api<T>(kind: &str, objects: Vec<Arc<T>>) -> Vec<Sourced<T>> {
+    let origin: Arc<str> = Arc::from(format!("api:{kind}"));
+    objects
         .into_iter()
         .map(|object| Sourced {
             origin: origin.clone(),
@@ -328,21 +332,13 @@ async fn run(
         return;
     }
     info!("initial lists received from the API server");
-    let pod_origin: Arc<str> = Arc::from("api:Pod");
     loop {
         out.publish(Snapshot {
             objects: Objects {
                 services: sourced(&services),
                 endpoint_slices: sourced(&slices),
                 nodes: sourced(&nodes),
-                pods: pods
-                    .pods()
-                    .into_iter()
-                    .map(|object| Sourced {
-                        origin: pod_origin.clone(),
-                        object,
-                    })
-                    .collect(),
+                pods: from_api(&PodInfo::kind(&()), pods.pods()),
                 namespaces: sourced(&namespaces),
                 network_policies: sourced(&policies),
             },

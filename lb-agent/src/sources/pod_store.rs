@@ -64,9 +64,9 @@ impl PodStore {
             }
             Event::InitApply(info) | Event::Apply(info) => state.put(info),
             Event::Delete(info) => {
-                let pod = Pod::keep(info, &mut state.interner);
-                let hash = state.hash(&pod);
-                let found = state.pods.find_entry(hash, |kept| kept.is(&pod));
+                let (namespace, name) = info.names();
+                let hash = hash_of(&state.hasher, namespace, name);
+                let found = state.pods.find_entry(hash, |kept| kept.is(namespace, name));
                 found.map(|entry| entry.remove()).is_ok()
             }
             Event::InitDone => {
@@ -108,23 +108,22 @@ struct Kept {
 }
 
 impl Kept {
-    /// Whether this is the record of `pod` (same namespace and name).
-    fn is(&self, pod: &Pod) -> bool {
-        self.pod.namespace == pod.namespace && self.pod.name == pod.name
+    /// Whether this is the record of the Pod `name` of `namespace`.
+    fn is(&self, namespace: &str, name: &str) -> bool {
+        *self.pod.namespace == *namespace && *self.pod.name == *name
     }
 }
 
 impl State {
-    fn hash(&self, pod: &Pod) -> u64 {
-        hash_of(&self.hasher, pod)
-    }
-
     /// Keeps `info`; an unchanged Pod keeps its record.
     fn put(&mut self, info: PodInfo) -> bool {
         let pod = Pod::keep(info, &mut self.interner);
         let listing = self.listing;
-        let hash = self.hash(&pod);
-        match self.pods.find_mut(hash, |kept| kept.is(&pod)) {
+        let hash = hash_of(&self.hasher, &pod.namespace, &pod.name);
+        match self
+            .pods
+            .find_mut(hash, |kept| kept.is(&pod.namespace, &pod.name))
+        {
             Some(kept) if *kept.pod == pod => {
                 kept.listing = listing;
                 false
@@ -139,16 +138,17 @@ impl State {
                     listing,
                 };
                 let hasher = &self.hasher;
-                self.pods
-                    .insert_unique(hash, kept, |kept| hash_of(hasher, &kept.pod));
+                self.pods.insert_unique(hash, kept, |kept| {
+                    hash_of(hasher, &kept.pod.namespace, &kept.pod.name)
+                });
                 true
             }
         }
     }
 }
 
-fn hash_of(hasher: &RandomState, pod: &Pod) -> u64 {
-    hasher.hash_one((&*pod.namespace, &*pod.name))
+fn hash_of(hasher: &RandomState, namespace: &str, name: &str) -> u64 {
+    hasher.hash_one((namespace, name))
 }
 
 #[cfg(test)]
