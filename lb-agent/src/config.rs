@@ -115,7 +115,7 @@ pub struct Args {
     /// ClusterIP at connect() and translate each datagram on the pod's
     /// interface (pod programs: podInterfaces, or network policy), so that a
     /// socket keeps working when its backend leaves [default: true]. False:
-    /// translated at connect() and terminated (SOCK_DESTROY) when their
+    /// translated at connect() and connected again by the agent when their
     /// backend leaves.
     #[arg(long)]
     pub pod_connected_udp_per_packet: Option<bool>,

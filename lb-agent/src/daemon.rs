@@ -29,13 +29,13 @@ use crate::{
         pins,
         socket_programs::SocketPrograms,
         tc_programs::{TcHook, TcPrograms},
-        AyaServiceMaps,
+        AyaServiceMaps, ServiceMaps,
     },
-    node::{clock::boottime_ns, mounts, sockets::destroy_udp_sockets},
+    node::{clock::boottime_ns, mounts, sockets::move_udp_sockets},
     opt_out::OptOut,
     pod_interfaces::PodInterfaces,
     policy::PolicyAgent,
-    reconcile::{ReconcileError, Reconciler},
+    reconcile::{ReconcileError, Reconciler, StaleUdpSocket},
     serve::{
         health::{HealthCheckServers, Healthz},
         http::{Handler, Response, Server},
@@ -56,6 +56,9 @@ const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between retries.
 const LONGEST_RETRY: Duration = Duration::from_secs(30);
+/// Connected UDP sockets of removed backends that may wait for their
+/// Service to have a backend again; those beyond are destroyed.
+const WAITING_UDP_SOCKETS: usize = 4096;
 
 /// The address healthCheckNodePorts listen on: every address of the node,
 /// IPv6 and IPv4 when the kernel allows a dual-stack socket.
@@ -98,6 +101,9 @@ struct Outputs {
     /// Frontends a full map kept out at the last pass (an Event is written
     /// when one joins).
     not_programmed: BTreeSet<String>,
+    /// Connected UDP sockets of removed backends still to be connected
+    /// again: their frontend had no backend, or moving them failed.
+    waiting_udp: Vec<StaleUdpSocket>,
 }
 
 /// The agent's kernel side.
@@ -160,6 +166,7 @@ pub fn run(settings: Settings) -> Result<()> {
         undersized: Vec::new(),
         events: None,
         not_programmed: BTreeSet::new(),
+        waiting_udp: Vec::new(),
     };
     let _metrics_server = Server::start(
         settings.metrics_address,
@@ -477,6 +484,69 @@ fn compile(
     update.changed
 }
 
+/// Connects the connected UDP sockets of removed backends (and those that
+/// waited for their frontend to have a backend) to a live backend; returns
+/// whether every socket could be handled.
+fn move_stale_udp_sockets(
+    maps: &mut AyaServiceMaps,
+    stale: Vec<StaleUdpSocket>,
+    out: &mut Outputs,
+) -> bool {
+    let room = WAITING_UDP_SOCKETS.saturating_sub(out.waiting_udp.len());
+    let moved = match move_udp_sockets(&stale, room) {
+        Ok(moved) => moved,
+        Err(err) => {
+            error!(error = %err, "moving connected UDP sockets off removed backends");
+            // Tried again at the next pass.
+            out.waiting_udp.extend(stale.into_iter().take(room));
+            out.metrics
+                .udp_sockets_waiting
+                .set(out.waiting_udp.len() as i64);
+            return false;
+        }
+    };
+    let mut clean = true;
+    for socket in &moved.reconnected {
+        // The socket's new backend has an entry of its own; the old one
+        // would otherwise stay until the LRU evicts it.
+        if let Err(err) = maps.forget_socket_translation(&socket.translation_key()) {
+            clean = false;
+            error!(error = %err, "forgetting a re-connected socket's old translation");
+        }
+    }
+    let metrics = &out.metrics;
+    if !moved.reconnected.is_empty() {
+        metrics
+            .udp_sockets_reconnected
+            .inc_by(moved.reconnected.len() as u64);
+        info!(
+            sockets = moved.reconnected.len(),
+            "re-connected UDP sockets of removed backends to a live backend of their Service"
+        );
+    }
+    if !moved.waiting.is_empty() {
+        info!(
+            sockets = moved.waiting.len(),
+            "UDP sockets of removed backends wait for their Service to have a backend"
+        );
+    }
+    if let Some((_, reason)) = moved.destroyed.first() {
+        metrics
+            .udp_sockets_terminated
+            .inc_by(moved.destroyed.len() as u64);
+        warn!(
+            sockets = moved.destroyed.len(),
+            %reason,
+            "terminated connected UDP sockets of removed backends"
+        );
+    }
+    out.waiting_udp.extend(moved.waiting);
+    metrics
+        .udp_sockets_waiting
+        .set(out.waiting_udp.len() as i64);
+    clean
+}
+
 /// Moves the maps to the compiler's desired state and publishes the result.
 /// Returns whether the pass did everything it was asked to.
 fn reconcile(
@@ -504,20 +574,14 @@ fn reconcile(
         clean = false;
         error!(error = %err, "serving a healthCheckNodePort");
     }
-    if !pass.stale_udp_sockets.is_empty() {
-        match destroy_udp_sockets(&pass.stale_udp_sockets) {
-            Ok(count) => {
-                out.metrics.udp_sockets_terminated.inc_by(count as u64);
-                info!(
-                    sockets = count,
-                    "terminated connected UDP sockets of removed backends"
-                );
-            }
-            Err(err) => {
-                clean = false;
-                error!(error = %err, "terminating UDP sockets of removed backends");
-            }
-        }
+    let (ready, waiting) = std::mem::take(&mut out.waiting_udp)
+        .into_iter()
+        .partition(|socket| reconciler.serves_udp(socket.frontend));
+    out.waiting_udp = waiting;
+    let mut stale = pass.stale_udp_sockets;
+    stale.extend::<Vec<_>>(ready);
+    if !stale.is_empty() {
+        clean &= move_stale_udp_sockets(&mut kernel.maps, stale, out);
     }
     let elapsed = started.elapsed();
     let metrics = &out.metrics;

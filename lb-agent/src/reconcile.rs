@@ -6,16 +6,21 @@
 //!   pass until it does, even if nothing about it changes.
 //! - A failed write makes the next pass re-read the maps and plan every
 //!   frontend, so whatever the failure left half done is repaired.
-//! - Connected UDP sockets whose backend left are found here and returned;
-//!   terminating them is the caller's business.
+//! - Sockets whose UDP backend left are found here and returned; moving
+//!   them to a live backend is the caller's business.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use lb_common::{
     net::PROTO_UDP,
-    service::{Backend, ServiceKey, SERVICE_FLAG_AFFINITY},
+    service::{Backend, ServiceKey, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY},
+    socket::SockRevNatKey,
 };
 use lb_core::{
+    addr::{addr_from_ip, ip_from_addr, port_from_be, port_to_be},
     desired::DesiredState,
     plan::{plan, Applied, Capacity, CapacityError, MaglevSettings, Plan, Scope, UndersizedTable},
 };
@@ -56,10 +61,33 @@ pub struct Reconciled {
     pub writes: usize,
     /// Frontends in the maps afterwards.
     pub frontends: usize,
-    /// Cookies of connected UDP sockets still aimed at a backend that left.
-    pub stale_udp_sockets: BTreeSet<u64>,
+    /// Sockets the socket programs steered to a UDP backend that left.
+    pub stale_udp_sockets: Vec<StaleUdpSocket>,
     /// What went wrong.
     pub errors: Vec<ReconcileError>,
+}
+
+/// A socket the socket programs steered to a UDP backend that has left:
+/// connected to it, or an unconnected socket that once sent to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleUdpSocket {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// The backend it was steered to.
+    pub backend: SocketAddr,
+    /// The frontend its application asked for.
+    pub frontend: SocketAddr,
+}
+
+impl StaleUdpSocket {
+    /// The socket's entry in the per-socket reverse translation map.
+    pub fn translation_key(&self) -> SockRevNatKey {
+        SockRevNatKey::new(
+            self.cookie,
+            addr_from_ip(self.backend.ip()),
+            port_to_be(self.backend.port()),
+        )
+    }
 }
 
 /// Keeps what the maps hold and moves them to each new desired state.
@@ -110,6 +138,21 @@ impl Reconciler {
     /// How many frontends a full map keeps out of the datapath.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether the socket programs give a UDP socket connecting to
+    /// `frontend` a backend: it is programmed and has one.
+    pub fn serves_udp(&self, frontend: SocketAddr) -> bool {
+        let key = ServiceKey {
+            addr: addr_from_ip(frontend.ip()),
+            port: port_to_be(frontend.port()),
+            proto: PROTO_UDP,
+            scope: SCOPE_EXTERNAL,
+        };
+        self.applied
+            .frontends
+            .get(&key)
+            .is_some_and(|f| !f.backends.is_empty())
     }
 
     /// Whether a pass is owed even without a change: a frontend waits for
@@ -169,7 +212,7 @@ impl Reconciler {
                 errors.push(ReconcileError::Affinity(err));
             }
         }
-        let mut stale_udp_sockets = BTreeSet::new();
+        let mut stale_udp_sockets = Vec::new();
         if !removed_udp.is_empty() {
             match maps.socket_translations() {
                 Ok(sockets) => {
@@ -182,7 +225,17 @@ impl Reconciler {
                                     && backend.port == key.port
                             })
                         })
-                        .map(|(key, _)| key.cookie)
+                        .map(|(key, rev)| StaleUdpSocket {
+                            cookie: key.cookie,
+                            backend: SocketAddr::new(
+                                ip_from_addr(&key.addr),
+                                port_from_be(key.port),
+                            ),
+                            frontend: SocketAddr::new(
+                                ip_from_addr(&rev.addr),
+                                port_from_be(rev.port),
+                            ),
+                        })
                         .collect();
                 }
                 Err(err) => errors.push(ReconcileError::Sockets(err)),

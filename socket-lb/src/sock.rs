@@ -11,9 +11,9 @@
 //! RCU-deferred free on close cost about 4 % of a short connection's rate
 //! (bench, 1-byte CRR), against about 2.5 % for the LRU's preallocated
 //! entries (insert, lookup on accept, delete on release);
-//! the agent also finds connected UDP sockets in the LRU to terminate them
-//! when their backend goes (those the node leaves to the pod programs,
-//! translated per datagram, are not in it and need no terminating). The
+//! the agent also finds connected UDP sockets in the LRU to connect them
+//! again when their backend goes (those the node leaves to the pod
+//! programs, translated per datagram, are not in it and need nothing). The
 //! reverse hooks and release look the LRU up only for peers on a port some
 //! backend had ([`maybe_translated`]): the server side of a connection, the
 //! most common other socket, pays one array read instead of a cookie and a

@@ -7,8 +7,8 @@
 //!   connected socket stays on the ClusterIP and the pod programs translate
 //!   each datagram;
 //! - `at-connect`: false: every socket is translated by the socket
-//!   programs (connected ones at `connect()`, and destroyed when their
-//!   backend leaves).
+//!   programs (connected ones at `connect()`, and connected again by the
+//!   agent when their backend leaves).
 //!
 //! Each round measures both arms, in alternating order, with `crr client`
 //! in two modes: `udp` (a `sendto()` per request on an unconnected socket,

@@ -10,7 +10,7 @@ pub const SOCK_CONFIG_NODE_NETNS_ONLY: u32 = 1 << 0;
 /// leaves the socket on the Service's address when the pod's network
 /// namespace is in `POD_NETNS` and the frontend has a per-packet twin: the
 /// programs on the pod's interface translate each datagram, so the socket
-/// moves to a live backend when its own leaves (no `SOCK_DESTROY`).
+/// moves to a live backend when its own leaves without the agent.
 pub const SOCK_CONFIG_POD_CONNECTED_UDP_PER_PACKET: u32 = 1 << 1;
 
 /// How the socket programs serve this node.

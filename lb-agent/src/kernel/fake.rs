@@ -110,4 +110,9 @@ impl ServiceMaps for FakeServiceMaps {
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError> {
         Ok(self.sockets.clone())
     }
+
+    fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {
+        self.sockets.retain(|(k, _)| k != key);
+        Ok(())
+    }
 }

@@ -167,4 +167,8 @@ impl<M: ServiceMaps> ServiceMaps for FaultyServiceMaps<M> {
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError> {
         self.inner.socket_translations()
     }
+
+    fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {
+        self.inner.forget_socket_translation(key)
+    }
 }

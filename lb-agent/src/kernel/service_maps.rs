@@ -82,6 +82,8 @@ pub trait ServiceMaps {
     /// The reverse translations of open translated sockets: the socket (its
     /// cookie) and the backend it was sent to, and the frontend it shows.
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError>;
+    /// Deletes one socket's reverse translation (gone already is fine).
+    fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError>;
 }
 
 /// Every entry of a hash map; entries evicted or deleted during the walk
@@ -482,6 +484,10 @@ impl ServiceMaps for AyaServiceMaps {
 
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError> {
         entries(&self.socket.sock_rev_nat, maps::SOCK_REV_NAT)
+    }
+
+    fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {
+        ignore_missing(self.socket.sock_rev_nat.remove(key)).on(maps::SOCK_REV_NAT)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Facts about the node and what the agent does to it outside BPF: mounts,
 //! the node's network namespace, pod cgroups, interfaces, the boot-time
-//! clock, and terminating sockets through `sock_diag`.
+//! clock, and moving connected UDP sockets off removed backends (`sock_diag`
+//! and descriptors borrowed from their processes).
 
 pub mod cgroups;
 pub mod clock;
@@ -8,5 +9,6 @@ pub mod interfaces;
 pub mod mounts;
 pub mod netlink;
 pub mod netns;
+pub mod owners;
 pub mod sockdiag;
 pub mod sockets;

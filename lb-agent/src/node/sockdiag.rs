@@ -1,5 +1,5 @@
 //! The netlink `sock_diag` messages used to find and destroy sockets, encoded
-//! and decoded without I/O (see `terminate` for the shell that sends them).
+//! and decoded without I/O (see `sockets` for the shell that sends them).
 //!
 //! Layouts follow `linux/inet_diag.h` and `linux/netlink.h`; netlink headers
 //! are host-endian, ports and addresses in `inet_diag_sockid` network-endian.
@@ -10,6 +10,9 @@ use super::netlink::{push_header, NLMSG_ERROR, NLMSG_HDR_LEN as HEADER_LEN, NLM_
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `SOCK_DESTROY`: abort one socket (needs `CONFIG_INET_DIAG_DESTROY`).
 pub const SOCK_DESTROY: u16 = 21;
+/// The state a connected UDP socket reports (`TCP_ESTABLISHED`); an
+/// unconnected one reports `TCP_CLOSE`.
+pub const UDP_CONNECTED: u8 = 1;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
@@ -40,8 +43,12 @@ pub struct SockId {
 pub struct DiagSocket {
     /// `AF_INET` or `AF_INET6`.
     pub family: u8,
+    /// Its state ([`UDP_CONNECTED`] for a connected UDP socket).
+    pub state: u8,
     /// Its identity.
     pub id: SockId,
+    /// Its inode number, as `/proc/PID/fd` links name it (`socket:[N]`).
+    pub inode: u32,
 }
 
 /// A decoded netlink message.
@@ -145,7 +152,9 @@ pub fn parse(buf: &[u8]) -> Vec<Message> {
             NLMSG_ERROR if body.len() >= 4 => Message::Error(u32_at(body, 0) as i32),
             SOCK_DIAG_BY_FAMILY if body.len() >= DIAG_MSG_LEN => Message::Socket(DiagSocket {
                 family: body[0],
+                state: body[1],
                 id: parse_sockid(&body[4..4 + SOCKID_LEN]),
+                inode: u32_at(body, DIAG_MSG_LEN - 4),
             }),
             _ => Message::Other,
         };
@@ -160,12 +169,14 @@ pub fn parse(buf: &[u8]) -> Vec<Message> {
 mod tests {
     use super::*;
 
-    fn diag_reply(family: u8, id: &SockId) -> Vec<u8> {
-        // A reply is laid out like a request's id, after family/state/timer/retrans.
+    fn diag_reply(family: u8, id: &SockId, inode: u32) -> Vec<u8> {
+        // A reply is laid out like a request's id, after family/state/timer/retrans,
+        // then expires, queues, uid and inode.
         let req = request(SOCK_DIAG_BY_FAMILY, 2, 1, family, 17, id);
-        let mut body = vec![family, 7, 0, 0];
+        let mut body = vec![family, UDP_CONNECTED, 0, 0];
         body.extend_from_slice(&req[HEADER_LEN + 8..]);
-        body.extend_from_slice(&[0; 20]);
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&inode.to_ne_bytes());
         let mut msg = Vec::new();
         push_header(&mut msg, HEADER_LEN + body.len(), SOCK_DIAG_BY_FAMILY, 2, 1);
         msg.extend_from_slice(&body);
@@ -194,8 +205,8 @@ mod tests {
             interface: 0,
             cookie: 0x1234_5678_9abc,
         };
-        let mut datagram = diag_reply(2, &id);
-        datagram.extend(diag_reply(2, &SockId { cookie: 1, ..id }));
+        let mut datagram = diag_reply(2, &id, 4711);
+        datagram.extend(diag_reply(2, &SockId { cookie: 1, ..id }, 4712));
         let mut done = Vec::new();
         push_header(&mut done, HEADER_LEN + 4, NLMSG_DONE, 2, 1);
         done.extend_from_slice(&0u32.to_ne_bytes());
@@ -206,6 +217,7 @@ mod tests {
             panic!("{messages:?}")
         };
         assert_eq!(socket.id, id);
+        assert_eq!((socket.state, socket.inode), (UDP_CONNECTED, 4711));
         assert_eq!(messages[2], Message::Done);
         let destroy = destroy_request(9, &socket, 17);
         assert_eq!(u16_at(&destroy, 4), SOCK_DESTROY);

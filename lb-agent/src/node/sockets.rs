@@ -1,32 +1,58 @@
-//! Terminates connected UDP sockets still aimed at a removed backend.
+//! Moves connected UDP sockets off removed backends.
 //!
-//! A connected UDP socket was translated once, at `connect()`, and keeps
-//! sending to its backend forever: a DNS client would never notice that its
-//! server left. After a UDP backend is removed, the agent looks up which
-//! sockets the datapath steered to it (their cookies are in the per-socket
-//! reverse-translation map) and destroys exactly those with `SOCK_DESTROY`,
-//! in every network namespace of the node; the application sees an error and
-//! reconnects through the Service again.
+//! A UDP socket translated at `connect()` keeps sending to its backend: a
+//! connected socket's `send()` runs no socket hook. kube-proxy lets the next
+//! datagram of such a socket reach a live backend by clearing the flow's
+//! conntrack entry. Here, after a UDP backend is removed, the agent connects
+//! each socket still connected to it again, to the frontend its application
+//! asked for, and the socket programs pick a live backend: the same socket,
+//! local port and shown peer (`getpeername()` gives the frontend), and the
+//! application sees nothing.
+//!
+//! The sockets are those whose cookie the socket programs recorded with the
+//! removed backend and that are still connected to it (an unconnected
+//! socket picks a backend per datagram and is left alone), found with
+//! `sock_diag` in every network namespace of the node. The `connect()` runs
+//! on a descriptor borrowed from a process holding the socket ([`owners`]).
+//!
+//! - A socket whose frontend has no backend left keeps its peer and waits
+//!   (its datagrams fail meanwhile, as kube-proxy rejects them); the caller
+//!   tries it again once the frontend has a backend.
+//! - A socket that cannot be connected again (no process found holding it,
+//!   no `CAP_SYS_PTRACE`, no room left to wait) is destroyed with
+//!   `SOCK_DESTROY`: its application sees `ECONNABORTED` and must connect
+//!   again.
 
-use std::{collections::BTreeSet, fs, io, os::fd::AsRawFd};
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    os::fd::{AsRawFd, OwnedFd},
+    path::Path,
+};
 
 use nix::{
+    errno::Errno,
     sched::{setns, CloneFlags},
     sys::socket::{
-        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-        SockType,
+        connect, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+        SockProtocol, SockType, SockaddrIn, SockaddrIn6,
     },
 };
 
-use super::sockdiag::{destroy_request, dump_request, parse, DiagSocket, Message};
+use super::{
+    owners::{self, Holder},
+    sockdiag::{destroy_request, dump_request, parse, DiagSocket, Message, UDP_CONNECTED},
+};
+use crate::reconcile::StaleUdpSocket;
 
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Errors while terminating sockets.
+/// Errors while moving sockets; the sockets not yet handled are untouched.
 #[derive(Debug, thiserror::Error)]
-pub enum TerminateError {
+pub enum SocketsError {
     /// `/proc` could not be read to find network namespaces.
     #[error("listing network namespaces: {0}")]
     Proc(#[from] io::Error),
@@ -39,55 +65,191 @@ pub enum TerminateError {
         source: nix::Error,
     },
     /// The worker thread panicked.
-    #[error("socket termination thread panicked")]
+    #[error("socket worker thread panicked")]
     Panicked,
 }
 
-/// Destroys the UDP sockets whose cookie is in `cookies`, in every network
-/// namespace. Returns how many were destroyed.
-pub fn destroy_udp_sockets(cookies: &BTreeSet<u64>) -> Result<usize, TerminateError> {
-    if cookies.is_empty() {
-        return Ok(0);
+/// What became of the stale sockets.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// Connected again through their frontend, to a live backend.
+    pub reconnected: Vec<StaleUdpSocket>,
+    /// Still connected to their backend: their frontend has none left.
+    pub waiting: Vec<StaleUdpSocket>,
+    /// Destroyed, each with why it could not be connected again.
+    pub destroyed: Vec<(StaleUdpSocket, String)>,
+}
+
+/// A stale socket as a dump found it, in the namespace at `netns`.
+struct Found {
+    stale: StaleUdpSocket,
+    socket: DiagSocket,
+    netns: usize,
+}
+
+/// Moves the connected sockets of `stale` to a live backend of their
+/// frontend (see the module documentation); at most `waiting_room` of them
+/// may wait for a backend, the others are destroyed.
+pub fn move_udp_sockets(
+    stale: &[StaleUdpSocket],
+    waiting_room: usize,
+) -> Result<Moved, SocketsError> {
+    if stale.is_empty() {
+        return Ok(Moved::default());
     }
-    let namespaces = super::netns::all()?;
-    let cookies = cookies.clone();
+    let paths = super::netns::all()?;
+    let stale = stale.to_vec();
     // setns changes the calling thread only: use a thread that ends afterwards.
     std::thread::spawn(move || {
-        let mut destroyed = 0;
-        for path in namespaces {
+        let mut namespaces = Vec::new();
+        let mut found = Vec::new();
+        for path in paths {
             let Ok(netns) = fs::File::open(&path) else {
                 continue;
             };
-            setns(&netns, CloneFlags::CLONE_NEWNET).map_err(|source| TerminateError::Sys {
-                context: format!("entering {}", path.display()),
-                source,
-            })?;
-            destroyed += destroy_in_current_netns(&cookies)?;
+            enter(&netns, &path)?;
+            for socket in dump_udp_sockets()? {
+                if let Some(stale) = connected_to_its_backend(&stale, &socket) {
+                    found.push(Found {
+                        stale: *stale,
+                        socket,
+                        netns: namespaces.len(),
+                    });
+                }
+            }
+            namespaces.push((netns, path));
         }
-        Ok(destroyed)
+        let inodes: BTreeSet<u64> = found.iter().map(|f| u64::from(f.socket.inode)).collect();
+        let holders = owners::find_holders(Path::new("/proc"), &inodes);
+        let mut moved = Moved::default();
+        let mut to_destroy = Vec::new();
+        for f in found {
+            let inode = u64::from(f.socket.inode);
+            let holder = holders
+                .found
+                .get(&inode)
+                .copied()
+                .ok_or_else(|| holders.why_missing());
+            match reconnect(holder, inode, &f) {
+                Ok(()) => moved.reconnected.push(f.stale),
+                Err(Retry::WhenServed) if moved.waiting.len() < waiting_room => {
+                    moved.waiting.push(f.stale)
+                }
+                Err(Retry::WhenServed) => {
+                    to_destroy.push((f, "no room left to wait for a backend".to_string()))
+                }
+                Err(Retry::Never(why)) => to_destroy.push((f, why)),
+            }
+        }
+        for (f, why) in to_destroy {
+            let (netns, path) = &namespaces[f.netns];
+            enter(netns, path)?;
+            if destroy(&f.socket)? {
+                moved.destroyed.push((f.stale, why));
+            }
+        }
+        Ok(moved)
     })
     .join()
-    .map_err(|_| TerminateError::Panicked)?
+    .map_err(|_| SocketsError::Panicked)?
 }
 
-fn sys(context: &str) -> impl FnOnce(nix::Error) -> TerminateError + '_ {
-    move |source| TerminateError::Sys {
+/// The stale socket `socket` is, if it is still connected to the backend
+/// the socket programs gave it.
+fn connected_to_its_backend<'a>(
+    stale: &'a [StaleUdpSocket],
+    socket: &DiagSocket,
+) -> Option<&'a StaleUdpSocket> {
+    if socket.state != UDP_CONNECTED {
+        return None;
+    }
+    let peer = peer_of(socket)?;
+    stale
+        .iter()
+        .find(|s| s.cookie == socket.id.cookie && s.backend == peer)
+}
+
+/// The peer of a dumped socket; IPv4-mapped IPv6 as IPv4, as the maps
+/// keep it.
+fn peer_of(socket: &DiagSocket) -> Option<SocketAddr> {
+    let dst = socket.id.dst;
+    let ip = match socket.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3])),
+        AF_INET6 => Ipv6Addr::from(dst).to_canonical(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, socket.id.dst_port))
+}
+
+/// Why a socket was not connected again.
+enum Retry {
+    /// Its frontend has no backend: try again once it has one.
+    WhenServed,
+    /// It cannot be: destroy it, for this reason.
+    Never(String),
+}
+
+/// Connects the socket `f` (inode `inode`, held by `holder`, or why none
+/// was found) to its frontend.
+fn reconnect(holder: Result<Holder, String>, inode: u64, f: &Found) -> Result<(), Retry> {
+    let holder = holder.map_err(Retry::Never)?;
+    let fd = owners::borrow(holder, inode).map_err(|e| Retry::Never(e.to_string()))?;
+    match connect_to(&fd, f.socket.family, f.stale.frontend) {
+        Ok(()) => Ok(()),
+        // What the socket programs answer for a frontend without endpoints
+        // (or without local ones): the socket keeps its peer.
+        Err(Errno::ECONNREFUSED | Errno::EHOSTUNREACH) => Err(Retry::WhenServed),
+        Err(errno) => Err(Retry::Never(format!(
+            "connecting it to {}: {errno}",
+            f.stale.frontend
+        ))),
+    }
+}
+
+/// `connect()` of a socket of `family` to `frontend`, IPv4-mapped for an
+/// IPv6 socket, as its application would have written it.
+fn connect_to(fd: &OwnedFd, family: u8, frontend: SocketAddr) -> nix::Result<()> {
+    match (family, frontend) {
+        (AF_INET, SocketAddr::V4(v4)) => connect(fd.as_raw_fd(), &SockaddrIn::from(v4)),
+        (AF_INET6, SocketAddr::V4(v4)) => {
+            let mapped = SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0);
+            connect(fd.as_raw_fd(), &SockaddrIn6::from(mapped))
+        }
+        (AF_INET6, SocketAddr::V6(v6)) => connect(fd.as_raw_fd(), &SockaddrIn6::from(v6)),
+        _ => Err(Errno::EAFNOSUPPORT),
+    }
+}
+
+fn sys(context: &str) -> impl FnOnce(nix::Error) -> SocketsError + '_ {
+    move |source| SocketsError::Sys {
         context: context.to_string(),
         source,
     }
 }
 
-fn destroy_in_current_netns(cookies: &BTreeSet<u64>) -> Result<usize, TerminateError> {
-    let fd = socket(
+fn enter(netns: &fs::File, path: &Path) -> Result<(), SocketsError> {
+    setns(netns, CloneFlags::CLONE_NEWNET).map_err(|source| SocketsError::Sys {
+        context: format!("entering {}", path.display()),
+        source,
+    })
+}
+
+fn sock_diag() -> Result<OwnedFd, SocketsError> {
+    socket(
         AddressFamily::Netlink,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkSockDiag,
     )
-    .map_err(sys("opening a sock_diag socket"))?;
+    .map_err(sys("opening a sock_diag socket"))
+}
+
+/// Every UDP socket, IPv4 and IPv6, of the current network namespace.
+fn dump_udp_sockets() -> Result<Vec<DiagSocket>, SocketsError> {
+    let fd = sock_diag()?;
     let kernel = NetlinkAddr::new(0, 0);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut destroyed = 0;
+    let mut sockets = Vec::new();
     for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
         sendto(
             fd.as_raw_fd(),
@@ -96,16 +258,15 @@ fn destroy_in_current_netns(cookies: &BTreeSet<u64>) -> Result<usize, TerminateE
             MsgFlags::empty(),
         )
         .map_err(sys("requesting a UDP socket dump"))?;
-        let mut targets: Vec<DiagSocket> = Vec::new();
         'dump: loop {
             let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(sys("reading a UDP socket dump"))?;
             for message in parse(&buf[..n]) {
                 match message {
-                    Message::Socket(s) if cookies.contains(&s.id.cookie) => targets.push(s),
+                    Message::Socket(s) => sockets.push(s),
                     Message::Done => break 'dump,
                     Message::Error(errno) if errno < 0 => {
-                        return Err(TerminateError::Sys {
+                        return Err(SocketsError::Sys {
                             context: "dumping UDP sockets".into(),
                             source: nix::Error::from_raw(-errno),
                         })
@@ -117,30 +278,130 @@ fn destroy_in_current_netns(cookies: &BTreeSet<u64>) -> Result<usize, TerminateE
                 break;
             }
         }
-        for (i, target) in targets.iter().enumerate() {
-            let seq = 100 + i as u32;
-            sendto(
-                fd.as_raw_fd(),
-                &destroy_request(seq, target, IPPROTO_UDP),
-                &kernel,
-                MsgFlags::empty(),
-            )
-            .map_err(sys("sending SOCK_DESTROY"))?;
-            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-                .map_err(sys("reading the SOCK_DESTROY answer"))?;
-            match parse(&buf[..n]).first() {
-                Some(Message::Error(0)) => destroyed += 1,
-                // Closed by its owner meanwhile: nothing left to do.
-                Some(Message::Error(errno)) if -errno == libc::ENOENT => {}
-                Some(Message::Error(errno)) => {
-                    return Err(TerminateError::Sys {
-                        context: "destroying a UDP socket".into(),
-                        source: nix::Error::from_raw(-errno),
-                    })
-                }
-                _ => {}
-            }
+    }
+    Ok(sockets)
+}
+
+/// Destroys one socket of the current network namespace; false when it
+/// was closed meanwhile.
+fn destroy(target: &DiagSocket) -> Result<bool, SocketsError> {
+    let fd = sock_diag()?;
+    let mut buf = [0u8; 1024];
+    sendto(
+        fd.as_raw_fd(),
+        &destroy_request(100, target, IPPROTO_UDP),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(sys("sending SOCK_DESTROY"))?;
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+        .map_err(sys("reading the SOCK_DESTROY answer"))?;
+    match parse(&buf[..n]).first() {
+        Some(Message::Error(0)) => Ok(true),
+        Some(Message::Error(errno)) if -errno == libc::ENOENT => Ok(false),
+        Some(Message::Error(errno)) => Err(SocketsError::Sys {
+            context: "destroying a UDP socket".into(),
+            source: nix::Error::from_raw(-errno),
+        }),
+        _ => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::sockdiag::SockId;
+
+    fn dumped(family: u8, state: u8, cookie: u64, dst: [u8; 16], port: u16) -> DiagSocket {
+        DiagSocket {
+            family,
+            state,
+            id: SockId {
+                src_port: 40000,
+                dst_port: port,
+                src: [0; 16],
+                dst,
+                interface: 0,
+                cookie,
+            },
+            inode: 7,
         }
     }
-    Ok(destroyed)
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut dst = [0; 16];
+        dst[..4].copy_from_slice(&a);
+        dst
+    }
+
+    #[test]
+    fn only_sockets_still_connected_to_the_removed_backend_are_moved() {
+        let stale = [
+            StaleUdpSocket {
+                cookie: 5,
+                backend: "10.244.1.7:8053".parse().unwrap(),
+                frontend: "10.96.0.10:53".parse().unwrap(),
+            },
+            StaleUdpSocket {
+                cookie: 6,
+                backend: "[fd00::7]:8053".parse().unwrap(),
+                frontend: "[fd00:96::10]:53".parse().unwrap(),
+            },
+        ];
+        let found = |s: &DiagSocket| connected_to_its_backend(&stale, s).map(|s| s.cookie);
+        let backend = v4([10, 244, 1, 7]);
+        assert_eq!(
+            found(&dumped(AF_INET, UDP_CONNECTED, 5, backend, 8053)),
+            Some(5)
+        );
+        // An IPv6 socket connected to the IPv4-mapped backend.
+        let mapped = Ipv4Addr::new(10, 244, 1, 7).to_ipv6_mapped().octets();
+        assert_eq!(
+            found(&dumped(AF_INET6, UDP_CONNECTED, 5, mapped, 8053)),
+            Some(5)
+        );
+        let v6: Ipv6Addr = "fd00::7".parse().unwrap();
+        assert_eq!(
+            found(&dumped(AF_INET6, UDP_CONNECTED, 6, v6.octets(), 8053)),
+            Some(6)
+        );
+        // Unconnected (it picks a backend per datagram), connected to
+        // another peer since, another socket, another port.
+        assert_eq!(found(&dumped(AF_INET, 7, 5, backend, 8053)), None);
+        assert_eq!(
+            found(&dumped(
+                AF_INET,
+                UDP_CONNECTED,
+                5,
+                v4([10, 244, 1, 8]),
+                8053
+            )),
+            None
+        );
+        assert_eq!(
+            found(&dumped(AF_INET, UDP_CONNECTED, 9, backend, 8053)),
+            None
+        );
+        assert_eq!(found(&dumped(AF_INET, UDP_CONNECTED, 5, backend, 53)), None);
+    }
+
+    #[test]
+    fn a_socket_is_connected_again_in_its_own_family() {
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = target.local_addr().unwrap();
+        let fd = |s: &std::net::UdpSocket| OwnedFd::from(s.try_clone().unwrap());
+        connect_to(&fd(&v4), AF_INET, to).unwrap();
+        assert_eq!(v4.peer_addr().unwrap(), to);
+        connect_to(&fd(&v6), AF_INET6, to).unwrap();
+        let SocketAddr::V6(peer) = v6.peer_addr().unwrap() else {
+            panic!("an IPv6 socket's peer is IPv6")
+        };
+        assert_eq!(peer.ip().to_ipv4_mapped(), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            connect_to(&fd(&v4), AF_INET, "[::1]:53".parse().unwrap()),
+            Err(Errno::EAFNOSUPPORT)
+        );
+    }
 }

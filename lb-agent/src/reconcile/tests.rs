@@ -2,7 +2,10 @@
 //! full maps, refused writes and a crash in the middle of a table leave
 //! behind, repaired by later passes.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_common::{
     maglev::{MaglevKey, MAGLEV_SIZE_INDEX},
@@ -303,7 +306,7 @@ fn affinity_to_a_removed_backend_is_pruned() {
 }
 
 #[test]
-fn sockets_of_a_removed_udp_backend_are_returned_for_termination() {
+fn sockets_of_a_removed_udp_backend_are_returned_to_be_moved() {
     let mut maps = FakeServiceMaps::default();
     let mut reconciler = adopt(&maps, Capacity::default());
     let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
@@ -332,6 +335,17 @@ fn sockets_of_a_removed_udp_backend_are_returned_for_termination() {
         )
     };
     maps.sockets = vec![socket(10, 1), socket(20, 2), socket(21, 2)];
+    let frontend: SocketAddr = "10.96.0.9:80".parse().unwrap();
+    assert!(reconciler.serves_udp(frontend));
     let pass = reconciler.reconcile(&mut maps, &state([(dns, udp(&[1]))]), &keys(&[dns]));
-    assert_eq!(pass.stale_udp_sockets, [20, 21].into());
+    let cookies: Vec<u64> = pass.stale_udp_sockets.iter().map(|s| s.cookie).collect();
+    assert_eq!(cookies, [20, 21]);
+    for stale in &pass.stale_udp_sockets {
+        assert_eq!(stale.frontend, frontend);
+        assert_eq!(stale.translation_key(), socket(stale.cookie, 2).0);
+    }
+    assert!(reconciler.serves_udp(frontend));
+    reconciler.reconcile(&mut maps, &state([(dns, udp(&[]))]), &keys(&[dns]));
+    assert!(!reconciler.serves_udp(frontend));
+    assert!(!reconciler.serves_udp("10.96.0.9:81".parse().unwrap()));
 }

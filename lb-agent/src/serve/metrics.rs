@@ -37,8 +37,15 @@ pub struct Metrics {
     pub invalid_objects: IntGauge,
     /// API watch restarts per resource.
     pub watch_restarts: IntCounterVec,
-    /// Connected UDP sockets terminated because their backend left.
+    /// Connected UDP sockets terminated because their backend left and
+    /// they could not be connected again.
     pub udp_sockets_terminated: IntCounter,
+    /// Connected UDP sockets connected again, through their frontend, to a
+    /// live backend because their backend left.
+    pub udp_sockets_reconnected: IntCounter,
+    /// Connected UDP sockets whose backend left waiting for their frontend
+    /// to have a backend again.
+    pub udp_sockets_waiting: IntGauge,
     /// Unix time of the last successful reconciliation.
     pub last_sync_seconds: IntGauge,
     /// Packets the tc programs handled, by outcome (kernel counters).
@@ -156,7 +163,18 @@ impl Metrics {
             ),
             udp_sockets_terminated: counter(
                 "lb_udp_sockets_terminated_total",
-                "Connected UDP sockets destroyed because their backend left",
+                "Connected UDP sockets destroyed because their backend left and they could not \
+                 be connected again",
+            ),
+            udp_sockets_reconnected: counter(
+                "lb_udp_sockets_reconnected_total",
+                "Connected UDP sockets connected again to a live backend of their Service \
+                 because their backend left",
+            ),
+            udp_sockets_waiting: gauge(
+                "lb_udp_sockets_waiting",
+                "Connected UDP sockets of a removed backend waiting for their Service to have a \
+                 backend again",
             ),
             tc_packets: register(
                 r,

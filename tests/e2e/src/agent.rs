@@ -70,9 +70,39 @@ impl Agent {
 
     /// [`Agent::start`] with extra command-line arguments.
     pub fn start_with(lab: &Lab, bins: &Binaries, node: &Node, extra: &[&str]) -> Result<Self> {
+        let command = lab.command_in(node, &bins.agent)?;
+        Self::start_command(command, lab, bins, node, extra)
+    }
+
+    /// [`Agent::start_with`] without the capability `capability` (as
+    /// `setpriv` names it, e.g. `sys_ptrace`), as a DaemonSet that does not
+    /// grant it runs the agent.
+    pub fn start_without_capability(
+        lab: &Lab,
+        bins: &Binaries,
+        node: &Node,
+        capability: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut command = lab.command_in(node, "setpriv")?;
+        let dropped = format!("-{capability}");
+        command
+            .args(["--bounding-set", &dropped, "--inh-caps", &dropped, "--"])
+            .arg(&bins.agent);
+        Self::start_command(command, lab, bins, node, extra)
+    }
+
+    /// Starts `command` (the agent, in the node's namespace) with a fresh
+    /// manifest directory and `extra` arguments.
+    fn start_command(
+        mut command: Command,
+        lab: &Lab,
+        bins: &Binaries,
+        node: &Node,
+        extra: &[&str],
+    ) -> Result<Self> {
         let manifests = lab.work_dir().join(format!("{}-manifests", node.name));
         fs::create_dir_all(&manifests)?;
-        let mut command = lab.command_in(node, &bins.agent)?;
         // The lab's probes ask for /metrics from pods: on every address, as
         // a cluster with Prometheus elsewhere configures it.
         command

@@ -51,6 +51,16 @@ impl Scenario {
     /// One node (`node1`), `servers` server pods and a client pod, with the
     /// agent started with `agent_args`.
     pub fn new(servers: usize, agent_args: &[&str]) -> Result<Self> {
+        Self::new_with_agent(servers, |lab, bins, node| {
+            Agent::start_with(lab, bins, node, agent_args)
+        })
+    }
+
+    /// [`Scenario::new`] with the agent started by `start`.
+    pub fn new_with_agent(
+        servers: usize,
+        start: impl FnOnce(&Lab, &Binaries, &Node) -> Result<Agent>,
+    ) -> Result<Self> {
         require_root();
         let bins = Binaries::locate()?;
         let mut lab = Lab::new()?;
@@ -64,7 +74,7 @@ impl Scenario {
             pods.push(pod);
         }
         let client = lab.add_pod(&node, "client")?;
-        let agent = Agent::start_with(&lab, &bins, &node, agent_args)?;
+        let agent = start(&lab, &bins, &node)?;
         Ok(Self {
             agent,
             bins,

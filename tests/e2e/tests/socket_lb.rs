@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, thread, time::Duration};
 
 use anyhow::Result;
 use lb_e2e::{
+    agent::Agent,
     lab::Place,
     manifests::{pod_object, service, slice, Endpoint},
     probe::{per_backend, Attempt},
@@ -546,32 +547,36 @@ fn host_network_processes_are_translated() -> Result<()> {
     Ok(())
 }
 
-/// A client in `from` that keeps one connected UDP socket to VIP:53 (a new
-/// one only after an error) and sends a query every 100 ms for 4 s, while
-/// the Service's only endpoint moves from `web-1` to `web-2` 1.2 s in.
-/// Returns its attempts and when (ms after it started) the change was
-/// written.
-fn connected_udp_client_across_a_backend_change(
+/// Service `web` on VIP:53/UDP whose slice holds the servers `endpoints`
+/// (1-based).
+fn dns_service(s: &Scenario, endpoints: &[usize]) -> String {
+    let ready: Vec<Endpoint> = endpoints
+        .iter()
+        .map(|&i| Endpoint::ready(s.ip(i)))
+        .collect();
+    web(
+        &[("dns", 53, "UDP", "8080")],
+        "",
+        &slice("web", "web-a", &[("dns", 8080, "UDP")], &ready),
+    )
+}
+
+/// A client in `from` that keeps one connected UDP socket to VIP:53 and
+/// sends a query every 100 ms, `count` in all, while the Service's
+/// endpoints change: `changes` lists when (ms after the client started)
+/// the slice gets which servers. `socket` says when the client opens a new
+/// socket: `--reuse-socket` after an error, `--one-socket` never. Returns
+/// its attempts and when (ms after it started) each change was written.
+fn connected_udp_client(
     s: &Scenario,
     from: &dyn Place,
-) -> Result<(Vec<Attempt>, u64)> {
-    let ports = [("dns", 53, "UDP", "8080")];
-    let only = |i: usize| {
-        web(
-            &ports,
-            "",
-            &slice(
-                "web",
-                "web-a",
-                &[("dns", 8080, "UDP")],
-                &[Endpoint::ready(s.ip(i))],
-            ),
-        )
-    };
-    s.apply("web.yaml", &only(1), |t| {
+    socket: &str,
+    count: u32,
+    changes: &[(u64, &[usize])],
+) -> Result<(Vec<Attempt>, Vec<u64>)> {
+    s.apply("web.yaml", &dns_service(s, &[1]), |t| {
         t.contains(&format!("{}:8080", s.ip(1)))
     })?;
-
     let client = s
         .lab
         .command_in(from, &s.bins.labpod)?
@@ -582,23 +587,38 @@ fn connected_udp_client_across_a_backend_change(
             "--proto",
             "udp",
         ])
-        .args([
-            "--reuse-socket",
-            "--count",
-            "40",
-            "--interval-ms",
-            "100",
-            "--timeout-ms",
-            "300",
-        ])
+        .args([socket, "--count", &count.to_string()])
+        .args(["--interval-ms", "100", "--timeout-ms", "300"])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let started = std::time::Instant::now();
-    thread::sleep(Duration::from_millis(1200));
-    s.agent.write_manifest("web.yaml", &only(2))?;
-    let changed_ms = started.elapsed().as_millis() as u64;
+    let mut written = Vec::new();
+    for &(at_ms, endpoints) in changes {
+        thread::sleep(Duration::from_millis(at_ms).saturating_sub(started.elapsed()));
+        s.agent
+            .write_manifest("web.yaml", &dns_service(s, endpoints))?;
+        written.push(started.elapsed().as_millis() as u64);
+    }
     let output = client.wait_with_output()?;
-    let attempts = lb_e2e::probe::parse_attempts(&output.stdout)?;
+    Ok((lb_e2e::probe::parse_attempts(&output.stdout)?, written))
+}
+
+/// [`connected_udp_client`] (a new socket after an error) over 4 s while
+/// the Service's only endpoint moves from `web-1` to `web-2` 1.2 s in.
+/// Checks that answers came from `web-1` before and only from `web-2` from
+/// 1 s after the change.
+fn connected_udp_client_across_a_backend_change(
+    s: &Scenario,
+    from: &dyn Place,
+) -> Result<Vec<Attempt>> {
+    let (attempts, written) = connected_udp_client(s, from, "--reuse-socket", 40, &[(1200, &[2])])?;
+    assert_moved_to_web_2(&attempts, written[0]);
+    Ok(attempts)
+}
+
+/// Answers came from `web-1` before `changed_ms` and only from `web-2`
+/// from 1 s after it.
+fn assert_moved_to_web_2(attempts: &[Attempt], changed_ms: u64) {
     let before: Vec<&Attempt> = attempts.iter().filter(|a| a.at_ms < changed_ms).collect();
     assert!(
         before.iter().any(|a| a.backend.as_deref() == Some("web-1")),
@@ -615,66 +635,79 @@ fn connected_udp_client_across_a_backend_change(
             .all(|a| a.backend.as_deref() == Some("web-2")),
         "the long-lived socket stayed pinned: {settled:?}"
     );
-    Ok((attempts, changed_ms))
 }
 
-/// Upstream: network/conntrack.go "should be able to preserve UDP traffic when
-/// server pod cycles for a ClusterIP service" (the stale-UDP-flow problem,
-/// which kube-proxy solves by clearing conntrack). Where no pod program
-/// sees the socket's datagrams (here: no `podInterfaces`), the socket is
-/// translated at `connect()`: the agent destroys the sockets steered to a
-/// removed backend and the client, seeing the error, opens a new one.
-#[test]
-fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
-    let s = Scenario::new(2, &[])?;
-    connected_udp_client_across_a_backend_change(&s, &s.client)?;
-    s.agent.wait_for_log(
-        "terminated connected UDP sockets of removed backends sockets=1",
-        Duration::from_secs(2),
-    )?;
-    Ok(())
-}
-
-/// kube-proxy: a connected UDP socket to a ClusterIP keeps working when its
-/// backend goes (the flow's conntrack entry is cleared and the next
-/// datagram picks a live backend); the application does nothing. With the
-/// pod programs on the client's interface the socket stays on the VIP and
-/// each datagram is translated there: every query is answered, all from
-/// one socket (one local port) that always shows the VIP as its peer, and
-/// from the new backend within 1 s of the change; nothing is destroyed.
-/// A host process's socket, whose datagrams cross no pod interface, is
-/// still translated at `connect()` and destroyed when its backend leaves.
-fn connected_udp_sockets_survive_backend_changes(s: &Scenario) -> Result<()> {
-    let (attempts, _) = connected_udp_client_across_a_backend_change(s, &s.client)?;
-    all_ok(&attempts);
-    let locals: BTreeSet<_> = attempts.iter().map(|a| a.local.clone()).collect();
+/// Every answered query came on one socket (one local port) that showed
+/// the VIP as its peer.
+fn assert_one_socket_on_the_vip(attempts: &[Attempt]) {
+    let answered: Vec<&Attempt> = attempts.iter().filter(|a| a.ok).collect();
+    let locals: BTreeSet<_> = answered.iter().map(|a| a.local.clone()).collect();
     assert_eq!(
         locals.len(),
         1,
         "the client had to open a new socket: {attempts:?}"
     );
     assert!(
-        attempts
+        answered
             .iter()
             .all(|a| a.peer.as_deref() == Some("10.96.0.10:53")),
         "{attempts:?}"
     );
+}
+
+/// The socket of `from` survived the move of its backend untouched: every
+/// query answered, on one socket showing the VIP.
+fn connected_udp_socket_survives(s: &Scenario, from: &dyn Place) -> Result<()> {
+    let attempts = connected_udp_client_across_a_backend_change(s, from)?;
+    all_ok(&attempts);
+    assert_one_socket_on_the_vip(&attempts);
+    Ok(())
+}
+
+/// Upstream: network/conntrack.go "should be able to preserve UDP traffic when
+/// server pod cycles for a ClusterIP service": kube-proxy clears the flow's
+/// conntrack entry and the next datagram of a connected UDP socket picks a
+/// live backend; the application does nothing. Where no pod program sees
+/// the socket's datagrams (here: no `podInterfaces`, no network policy
+/// objects), the socket is translated at `connect()`: after its backend is
+/// removed the agent connects it again through the VIP, for a pod and for
+/// a host process alike. Every query is answered, all on one socket that
+/// always shows the VIP, from the new backend within 1 s of the change;
+/// nothing is destroyed.
+#[test]
+fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    connected_udp_socket_survives(&s, &s.client)?;
+    connected_udp_socket_survives(&s, &s.node)?;
+    let log = s.agent.log_text();
+    assert_eq!(
+        log.matches("re-connected UDP sockets of removed backends to a live backend of their Service sockets=1")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("terminated connected UDP sockets"), "{log}");
+    assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 2.0);
+    assert_eq!(s.metric("lb_udp_sockets_terminated_total")?, 0.0);
+    Ok(())
+}
+
+/// kube-proxy, as above. With the pod programs on the client's interface
+/// the pod's socket stays on the VIP and each datagram is translated there
+/// (new flows on the tc path, no re-connect); a host process's socket,
+/// whose datagrams cross no pod interface, is translated at `connect()` and
+/// connected again by the agent. Both survive untouched.
+fn connected_udp_sockets_survive_backend_changes(s: &Scenario) -> Result<()> {
+    connected_udp_socket_survives(s, &s.client)?;
     assert!(s.metric(r#"lb_tc_packets{outcome="new_flow"}"#)? >= 2.0);
+    assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 0.0);
+    connected_udp_socket_survives(s, &s.node)?;
+    assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 1.0);
     let log = s.agent.log_text();
     assert!(
         !log.contains("terminated connected UDP sockets"),
         "a socket was destroyed: {log}"
     );
-
-    let (host, _) = connected_udp_client_across_a_backend_change(s, &s.node)?;
-    assert!(
-        host.iter().any(|a| !a.ok),
-        "the host's socket never failed: {host:?}"
-    );
-    s.agent.wait_for_log(
-        "terminated connected UDP sockets of removed backends sockets=1",
-        Duration::from_secs(2),
-    )?;
     Ok(())
 }
 
@@ -710,4 +743,62 @@ fn with_default_settings_a_pods_connected_udp_socket_moves_by_itself() -> Result
         thread::sleep(Duration::from_millis(50));
     }
     connected_udp_sockets_survive_backend_changes(&s)
+}
+
+/// kube-proxy rejects a connected UDP socket's datagrams while its Service
+/// has no endpoints and serves them again once it has one, on the same
+/// socket. Here the socket of a removed backend waits, still connected to
+/// it, while the Service has none, and is connected again through the VIP
+/// as soon as an endpoint comes back: the client never opens a new socket
+/// and its queries reach the new endpoint within 1 s.
+#[test]
+fn a_connected_udp_socket_waits_for_its_service_to_have_an_endpoint_again() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let (attempts, written) = connected_udp_client(
+        &s,
+        &s.client,
+        "--one-socket",
+        50,
+        &[(1200, &[]), (2400, &[2])],
+    )?;
+    assert_moved_to_web_2(&attempts, written[1]);
+    assert_one_socket_on_the_vip(&attempts);
+    let log = s.agent.log_text();
+    let waited = log
+        .find("UDP sockets of removed backends wait for their Service to have a backend sockets=1")
+        .unwrap_or_else(|| panic!("the socket never waited: {log}"));
+    let moved = log
+        .find("re-connected UDP sockets of removed backends to a live backend of their Service sockets=1")
+        .unwrap_or_else(|| panic!("the socket was never connected again: {log}"));
+    assert!(waited < moved, "{log}");
+    assert_eq!(s.metric("lb_udp_sockets_waiting")?, 0.0);
+    assert_eq!(s.metric("lb_udp_sockets_terminated_total")?, 0.0);
+    Ok(())
+}
+
+/// Without `CAP_SYS_PTRACE` the agent cannot borrow another process's
+/// socket to connect it again: it falls back to destroying the socket (the
+/// application sees an error and opens a new one), and says why.
+#[test]
+fn without_cap_sys_ptrace_a_stale_connected_udp_socket_is_destroyed() -> Result<()> {
+    let s = Scenario::new_with_agent(2, |lab, bins, node| {
+        Agent::start_without_capability(lab, bins, node, "sys_ptrace", &[])
+    })?;
+    let attempts = connected_udp_client_across_a_backend_change(&s, &s.node)?;
+    assert!(
+        attempts.iter().any(|a| !a.ok),
+        "the host's socket never failed: {attempts:?}"
+    );
+    s.agent.wait_for_log(
+        "terminated connected UDP sockets of removed backends sockets=1",
+        Duration::from_secs(2),
+    )?;
+    assert!(
+        s.agent.log_text().contains("needs CAP_SYS_PTRACE"),
+        "{}",
+        s.agent.log_text()
+    );
+    assert_eq!(s.metric("lb_udp_sockets_terminated_total")?, 1.0);
+    assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 0.0);
+    Ok(())
 }

@@ -66,6 +66,10 @@ enum Command {
         /// a long-lived socket stays pinned to a backend.
         #[arg(long)]
         reuse_socket: bool,
+        /// Keep one socket for every attempt (connected UDP), even after
+        /// errors: shows whether the socket itself recovers.
+        #[arg(long, conflicts_with = "reuse_socket")]
+        one_socket: bool,
         /// Pause between attempts, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
@@ -146,6 +150,7 @@ fn main() -> Result<()> {
             http,
             unconnected,
             reuse_socket,
+            one_socket,
             interval_ms,
             source_port,
             hold_ms,
@@ -165,7 +170,8 @@ fn main() -> Result<()> {
                 let mut attempt = match proto.as_str() {
                     "tcp" => tcp_attempt(target, timeout, http, Duration::from_millis(hold_ms)),
                     "udp" => {
-                        if i > 0 && (!reuse_socket || last_failed) {
+                        let reopen = !one_socket && (!reuse_socket || last_failed);
+                        if i > 0 && reopen {
                             udp =
                                 UdpClient::new(target, timeout, unconnected, source_port, udp_size);
                         }
