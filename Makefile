@@ -22,14 +22,16 @@ demo: build
 	cargo run --quiet -p lb-e2e --bin lb-demo -- --examples examples
 
 ## Datapath benchmarks against direct, kube-proxy iptables and nftables, and the
-## cost of a flood by where it is dropped, of per-datagram connected UDP, and
-## the agent's memory at 150,000 Pods
+## cost of a flood by where it is dropped, of per-datagram connected UDP, of
+## connecting stale connected UDP sockets again, and the agent's memory at
+## 150,000 Pods
 ## (writes bench/results/).
 bench: bootstrap
 	cargo build --release
 	cargo run --release -p lb-bench --bin lb-bench -- --out bench/results
 	cargo run --release -p lb-bench --bin edge-flood -- --out bench/results
 	cargo run --release -p lb-bench --bin connected-udp -- --out bench/results
+	cargo run --release -p lb-bench --bin udp-reconnect -- --out bench/results
 	cargo run --release -p lb-bench --bin agent-memory -- --out bench/results
 
 ## fmt and clippy on every crate: user space, then the kernel crates for the BPF target.
