@@ -13,7 +13,9 @@
 //! removed backend and that are still connected to it (an unconnected
 //! socket picks a backend per datagram and is left alone), found with
 //! `sock_diag` in every network namespace of the node. The `connect()` runs
-//! on a descriptor borrowed from a process holding the socket ([`owners`]).
+//! on a descriptor borrowed from a process holding the socket ([`owners`]),
+//! once its peer is checked again: a socket its application connected
+//! elsewhere meanwhile is left alone.
 //!
 //! - A socket whose frontend has no backend left keeps its peer and waits
 //!   (its datagrams fail meanwhile, as kube-proxy rejects them); the caller
@@ -35,8 +37,8 @@ use nix::{
     errno::Errno,
     sched::{setns, CloneFlags},
     sys::socket::{
-        connect, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
-        SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+        connect, getpeername, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+        SockProtocol, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
     },
 };
 
@@ -130,15 +132,16 @@ pub fn move_udp_sockets(
                 .get(&inode)
                 .copied()
                 .ok_or_else(|| holders.why_missing());
-            match reconnect(holder, inode, &f) {
+            match reconnect(holder, inode, f.socket.family, &f.stale) {
                 Ok(()) => moved.reconnected.push(f.stale),
-                Err(Retry::WhenServed) if moved.waiting.len() < waiting_room => {
+                Err(NotMoved::Elsewhere) => {}
+                Err(NotMoved::WhenServed) if moved.waiting.len() < waiting_room => {
                     moved.waiting.push(f.stale)
                 }
-                Err(Retry::WhenServed) => {
+                Err(NotMoved::WhenServed) => {
                     to_destroy.push((f, "no room left to wait for a backend".to_string()))
                 }
-                Err(Retry::Never(why)) => to_destroy.push((f, why)),
+                Err(NotMoved::Never(why)) => to_destroy.push((f, why)),
             }
         }
         for (f, why) in to_destroy {
@@ -182,28 +185,53 @@ fn peer_of(socket: &DiagSocket) -> Option<SocketAddr> {
 }
 
 /// Why a socket was not connected again.
-enum Retry {
+#[derive(Debug, PartialEq, Eq)]
+enum NotMoved {
     /// Its frontend has no backend: try again once it has one.
     WhenServed,
+    /// Its application connected it elsewhere meanwhile: leave it alone.
+    Elsewhere,
     /// It cannot be: destroy it, for this reason.
     Never(String),
 }
 
-/// Connects the socket `f` (inode `inode`, held by `holder`, or why none
-/// was found) to its frontend.
-fn reconnect(holder: Result<Holder, String>, inode: u64, f: &Found) -> Result<(), Retry> {
-    let holder = holder.map_err(Retry::Never)?;
-    let fd = owners::borrow(holder, inode).map_err(|e| Retry::Never(e.to_string()))?;
-    match connect_to(&fd, f.socket.family, f.stale.frontend) {
+/// Connects the socket `stale` of `family` (inode `inode`, held by
+/// `holder`, or why none was found) to its frontend.
+fn reconnect(
+    holder: Result<Holder, String>,
+    inode: u64,
+    family: u8,
+    stale: &StaleUdpSocket,
+) -> Result<(), NotMoved> {
+    let holder = holder.map_err(NotMoved::Never)?;
+    let fd = owners::borrow(holder, inode).map_err(|e| NotMoved::Never(e.to_string()))?;
+    // The peer as its application sees it: the frontend while the socket
+    // programs still know the translation, the backend if they forgot it.
+    let peer = getpeername::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|peer| std_addr(&peer));
+    if peer.is_none_or(|peer| peer != stale.frontend && peer != stale.backend) {
+        return Err(NotMoved::Elsewhere);
+    }
+    match connect_to(&fd, family, stale.frontend) {
         Ok(()) => Ok(()),
         // What the socket programs answer for a frontend without endpoints
         // (or without local ones): the socket keeps its peer.
-        Err(Errno::ECONNREFUSED | Errno::EHOSTUNREACH) => Err(Retry::WhenServed),
-        Err(errno) => Err(Retry::Never(format!(
+        Err(Errno::ECONNREFUSED | Errno::EHOSTUNREACH) => Err(NotMoved::WhenServed),
+        Err(errno) => Err(NotMoved::Never(format!(
             "connecting it to {}: {errno}",
-            f.stale.frontend
+            stale.frontend
         ))),
     }
+}
+
+/// A socket address as std writes it, IPv4-mapped IPv6 as IPv4.
+fn std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::new(IpAddr::V4(v4.ip()), v4.port()));
+    }
+    let v6 = addr.as_sockaddr_in6()?;
+    Some(SocketAddr::new(v6.ip().to_canonical(), v6.port()))
 }
 
 /// `connect()` of a socket of `family` to `frontend`, IPv4-mapped for an
@@ -383,6 +411,44 @@ mod tests {
             None
         );
         assert_eq!(found(&dumped(AF_INET, UDP_CONNECTED, 5, backend, 53)), None);
+    }
+
+    #[test]
+    fn a_socket_its_application_connected_elsewhere_is_left_alone() {
+        let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let old = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let frontend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let elsewhere = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inode = nix::sys::stat::fstat(&socket).unwrap().st_ino;
+        let me = Ok(Holder {
+            pid: std::process::id() as i32,
+            fd: socket.as_raw_fd(),
+        });
+        let stale = StaleUdpSocket {
+            cookie: 1,
+            backend: old.local_addr().unwrap(),
+            frontend: frontend.local_addr().unwrap(),
+        };
+        socket.connect(elsewhere.local_addr().unwrap()).unwrap();
+        assert_eq!(
+            reconnect(me.clone(), inode, AF_INET6, &stale),
+            Err(NotMoved::Elsewhere)
+        );
+        // Still on its backend (IPv4-mapped on this IPv6 socket): moved.
+        socket.connect(old.local_addr().unwrap()).unwrap();
+        assert_eq!(reconnect(me.clone(), inode, AF_INET6, &stale), Ok(()));
+        let peer = socket.peer_addr().unwrap();
+        assert_eq!(
+            SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            stale.frontend
+        );
+        // Showing its frontend (as getpeername does with the socket
+        // programs): moved again.
+        assert_eq!(reconnect(me, inode, AF_INET6, &stale), Ok(()));
+        assert_eq!(
+            reconnect(Err("gone".into()), inode, AF_INET6, &stale),
+            Err(NotMoved::Never("gone".into()))
+        );
     }
 
     #[test]
