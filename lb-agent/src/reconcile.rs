@@ -100,6 +100,11 @@ pub struct Reconciler {
     needs_full: bool,
     /// Frontends a capacity error kept out of the maps.
     pending: BTreeSet<ServiceKey>,
+    /// Set after adoption: the next pass returns the sockets of every UDP
+    /// backend that is not (or no longer) one of its frontend's, also
+    /// those removed before this agent started (while no agent ran, or
+    /// waiting for a backend when the previous agent stopped).
+    sweep_sockets: bool,
 }
 
 impl Reconciler {
@@ -117,6 +122,7 @@ impl Reconciler {
             maglev,
             needs_full: true,
             pending: BTreeSet::new(),
+            sweep_sockets: true,
         })
     }
 
@@ -213,17 +219,25 @@ impl Reconciler {
             }
         }
         let mut stale_udp_sockets = Vec::new();
-        if !removed_udp.is_empty() {
+        if self.sweep_sockets || !removed_udp.is_empty() {
+            let udp_backends = self.sweep_sockets.then(|| udp_backends(&self.applied));
             match maps.socket_translations() {
                 Ok(sockets) => {
+                    self.sweep_sockets = false;
+                    let same =
+                        |key: &SockRevNatKey, b: &Backend| b.addr == key.addr && b.port == key.port;
                     stale_udp_sockets = sockets
                         .into_iter()
                         .filter(|(key, rev)| {
-                            removed_udp.iter().any(|(service_id, backend)| {
-                                *service_id == rev.service_id
-                                    && backend.addr == key.addr
-                                    && backend.port == key.port
-                            })
+                            let removed = removed_udp.iter().any(|(service_id, backend)| {
+                                *service_id == rev.service_id && same(key, backend)
+                            });
+                            let not_a_backend = udp_backends.as_ref().is_some_and(|frontends| {
+                                frontends
+                                    .get(&rev.service_id)
+                                    .is_some_and(|backends| !backends.iter().any(|b| same(key, b)))
+                            });
+                            removed || not_a_backend
                         })
                         .map(|(key, rev)| StaleUdpSocket {
                             cookie: key.cookie,
@@ -287,6 +301,16 @@ fn removed_udp_backends(applied: &Applied, plan: &Plan) -> BTreeSet<(u32, Backen
         }
     }
     removed
+}
+
+/// The backends of each UDP frontend, by service id.
+fn udp_backends(applied: &Applied) -> BTreeMap<u32, &[Backend]> {
+    applied
+        .frontends
+        .iter()
+        .filter(|(key, _)| key.proto == PROTO_UDP)
+        .map(|(_, frontend)| (frontend.service_id, frontend.backends.as_slice()))
+        .collect()
 }
 
 /// Whether the plan changes a frontend that has or had session affinity;

@@ -349,3 +349,48 @@ fn sockets_of_a_removed_udp_backend_are_returned_to_be_moved() {
     assert!(!reconciler.serves_udp(frontend));
     assert!(!reconciler.serves_udp("10.96.0.9:81".parse().unwrap()));
 }
+
+#[test]
+fn a_restarted_agent_returns_the_sockets_of_backends_removed_before_it_started() {
+    let mut maps = FakeServiceMaps::default();
+    let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
+    let web = cluster(1);
+    let udp = |backends: &[u8]| Frontend {
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                proto: PROTO_UDP,
+                ..backend(*b)
+            })
+            .collect(),
+        ..frontend(&[])
+    };
+    let desired = state([(dns, udp(&[1])), (web, frontend(&[3]))]);
+    adopt(&maps, Capacity::default()).reconcile(&mut maps, &desired, &nothing());
+    let socket = |cookie, frontend: ServiceKey, last| {
+        let b = backend(last);
+        (
+            SockRevNatKey::new(cookie, b.addr, b.port),
+            RevNat {
+                addr: frontend.addr,
+                port: frontend.port,
+                pad: 0,
+                service_id: maps.maps.services[&frontend].service_id,
+            },
+        )
+    };
+    // Socket 20's backend left while no agent ran (or it was waiting for
+    // one); 21 is on a live backend; 22 is a TCP socket on a backend its
+    // frontend no longer has (TCP is never moved).
+    maps.sockets = vec![socket(20, dns, 2), socket(21, dns, 1), socket(22, web, 4)];
+    let mut restarted = adopt(&maps, Capacity::default());
+    let pass = restarted.reconcile(&mut maps, &desired, &nothing());
+    let cookies: Vec<u64> = pass.stale_udp_sockets.iter().map(|s| s.cookie).collect();
+    assert_eq!(cookies, [20]);
+    assert_eq!(
+        pass.stale_udp_sockets[0].frontend,
+        "10.96.0.9:80".parse().unwrap()
+    );
+    let again = restarted.reconcile(&mut maps, &desired, &nothing());
+    assert!(again.stale_udp_sockets.is_empty(), "{again:?}");
+}

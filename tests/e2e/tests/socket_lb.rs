@@ -561,19 +561,14 @@ fn dns_service(s: &Scenario, endpoints: &[usize]) -> String {
     )
 }
 
-/// A client in `from` that keeps one connected UDP socket to VIP:53 and
-/// sends a query every 100 ms, `count` in all, while the Service's
-/// endpoints change: `changes` lists when (ms after the client started)
-/// the slice gets which servers. `socket` says when the client opens a new
-/// socket: `--reuse-socket` after an error, `--one-socket` never. Returns
-/// its attempts and when (ms after it started) each change was written.
-fn connected_udp_client(
+/// Publishes the DNS Service on `web-1` and starts the client of
+/// [`connected_udp_client`]; returns it and when it started.
+fn spawn_connected_udp_client(
     s: &Scenario,
     from: &dyn Place,
     socket: &str,
     count: u32,
-    changes: &[(u64, &[usize])],
-) -> Result<(Vec<Attempt>, Vec<u64>)> {
+) -> Result<(std::process::Child, std::time::Instant)> {
     s.apply("web.yaml", &dns_service(s, &[1]), |t| {
         t.contains(&format!("{}:8080", s.ip(1)))
     })?;
@@ -591,7 +586,23 @@ fn connected_udp_client(
         .args(["--interval-ms", "100", "--timeout-ms", "300"])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let started = std::time::Instant::now();
+    Ok((client, std::time::Instant::now()))
+}
+
+/// A client in `from` that keeps one connected UDP socket to VIP:53 and
+/// sends a query every 100 ms, `count` in all, while the Service's
+/// endpoints change: `changes` lists when (ms after the client started)
+/// the slice gets which servers. `socket` says when the client opens a new
+/// socket: `--reuse-socket` after an error, `--one-socket` never. Returns
+/// its attempts and when (ms after it started) each change was written.
+fn connected_udp_client(
+    s: &Scenario,
+    from: &dyn Place,
+    socket: &str,
+    count: u32,
+    changes: &[(u64, &[usize])],
+) -> Result<(Vec<Attempt>, Vec<u64>)> {
+    let (client, started) = spawn_connected_udp_client(s, from, socket, count)?;
     let mut written = Vec::new();
     for &(at_ms, endpoints) in changes {
         thread::sleep(Duration::from_millis(at_ms).saturating_sub(started.elapsed()));
@@ -773,6 +784,37 @@ fn a_connected_udp_socket_waits_for_its_service_to_have_an_endpoint_again() -> R
     assert!(waited < moved, "{log}");
     assert_eq!(s.metric("lb_udp_sockets_waiting")?, 0.0);
     assert_eq!(s.metric("lb_udp_sockets_terminated_total")?, 0.0);
+    Ok(())
+}
+
+/// A socket that waits for its Service to have an endpoint again when the
+/// agent stops is not forgotten: the restarted agent looks at every socket
+/// translation on its first pass (not only at the backends its own passes
+/// remove, which would not include one removed before it started) and
+/// connects it again once the Service has an endpoint. The client never
+/// opens a new socket and reaches the new endpoint within 1 s of the agent
+/// being back.
+#[test]
+fn a_restarted_agent_moves_a_socket_that_was_waiting_for_an_endpoint() -> Result<()> {
+    let mut s = Scenario::new(2, &[])?;
+    let (client, started) = spawn_connected_udp_client(&s, &s.client, "--one-socket", 45)?;
+    thread::sleep(Duration::from_millis(800));
+    s.agent.write_manifest("web.yaml", &dns_service(&s, &[]))?;
+    s.agent.wait_for_log(
+        "UDP sockets of removed backends wait for their Service to have a backend sockets=1",
+        Duration::from_secs(2),
+    )?;
+    s.agent.kill();
+    s.agent.write_manifest("web.yaml", &dns_service(&s, &[2]))?;
+    s.agent = Agent::start(&s.lab, &s.bins, &s.node)?;
+    let back_ms = started.elapsed().as_millis() as u64;
+    let attempts = lb_e2e::probe::parse_attempts(&client.wait_with_output()?.stdout)?;
+    assert_moved_to_web_2(&attempts, back_ms);
+    assert_one_socket_on_the_vip(&attempts);
+    s.agent.wait_for_log(
+        "re-connected UDP sockets of removed backends to a live backend of their Service sockets=1",
+        Duration::from_secs(1),
+    )?;
     Ok(())
 }
 
