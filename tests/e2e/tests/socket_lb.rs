@@ -16,6 +16,8 @@ use lb_e2e::{
 
 const VIP: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
+/// The DNS Service of the connected UDP tests.
+const DNS: &str = "10.96.0.10:53";
 
 fn all_ok(attempts: &[Attempt]) {
     let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
@@ -39,18 +41,23 @@ fn web(ports: &[(&str, u16, &str, &str)], spec_extra: &str, slice_text: &str) ->
     format!("{svc}---\n{slice_text}")
 }
 
+/// A Service on VIP made dual-stack, on VIP6 too.
+fn dual_stack(svc: &str) -> String {
+    svc.replace(
+        "  clusterIP: 10.96.0.10\n",
+        &format!(
+            "  clusterIP: {VIP}\n  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
+        ),
+    )
+}
+
 /// Upstream: network/dual_stack.go "should be able to reach pod on ipv4 and
 /// ipv6 ip" and "should create service with ipv6 cluster ip"; IPv4-mapped
 /// addresses on IPv6 sockets are how dual-stack applications reach IPv4 VIPs.
 #[test]
 fn dual_stack_service_translates_ipv4_ipv6_and_mapped_addresses() -> Result<()> {
     let s = Scenario::new(2, &[])?;
-    let svc = service("web", VIP, &[("http", 80, "TCP", "8080")]).replace(
-        "  clusterIP: 10.96.0.10\n",
-        &format!(
-            "  clusterIP: {VIP}\n  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
-        ),
-    );
+    let svc = dual_stack(&service("web", VIP, &[("http", 80, "TCP", "8080")]));
     let v4 = slice(
         "web",
         "web-v4",
@@ -547,18 +554,22 @@ fn host_network_processes_are_translated() -> Result<()> {
     Ok(())
 }
 
-/// Service `web` on VIP:53/UDP whose slice holds the servers `endpoints`
-/// (1-based).
+/// Service `web` on VIP:53/UDP and [VIP6]:53/UDP whose slices hold the
+/// servers `endpoints` (1-based).
 fn dns_service(s: &Scenario, endpoints: &[usize]) -> String {
-    let ready: Vec<Endpoint> = endpoints
+    let ports = [("dns", 8080, "UDP")];
+    let v4: Vec<Endpoint> = endpoints
         .iter()
         .map(|&i| Endpoint::ready(s.ip(i)))
         .collect();
-    web(
-        &[("dns", 53, "UDP", "8080")],
-        "",
-        &slice("web", "web-a", &[("dns", 8080, "UDP")], &ready),
-    )
+    let v6: Vec<Endpoint> = endpoints
+        .iter()
+        .map(|&i| Endpoint::ready(s.ip6(i)))
+        .collect();
+    let svc = dual_stack(&service("web", VIP, &[("dns", 53, "UDP", "8080")]));
+    let v4 = slice("web", "web-a", &ports, &v4);
+    let v6 = slice("web", "web-v6", &ports, &v6);
+    format!("{svc}---\n{v4}---\n{v6}")
 }
 
 /// Publishes the DNS Service on `web-1` and starts the client of
@@ -566,6 +577,7 @@ fn dns_service(s: &Scenario, endpoints: &[usize]) -> String {
 fn spawn_connected_udp_client(
     s: &Scenario,
     from: &dyn Place,
+    target: &str,
     socket: &str,
     count: u32,
 ) -> Result<(std::process::Child, std::time::Instant)> {
@@ -575,13 +587,7 @@ fn spawn_connected_udp_client(
     let client = s
         .lab
         .command_in(from, &s.bins.labpod)?
-        .args([
-            "connect",
-            "--target",
-            &format!("{VIP}:53"),
-            "--proto",
-            "udp",
-        ])
+        .args(["connect", "--target", target, "--proto", "udp"])
         .args([socket, "--count", &count.to_string()])
         .args(["--interval-ms", "100", "--timeout-ms", "300"])
         .stdout(std::process::Stdio::piped())
@@ -598,11 +604,12 @@ fn spawn_connected_udp_client(
 fn connected_udp_client(
     s: &Scenario,
     from: &dyn Place,
+    target: &str,
     socket: &str,
     count: u32,
     changes: &[(u64, &[usize])],
 ) -> Result<(Vec<Attempt>, Vec<u64>)> {
-    let (client, started) = spawn_connected_udp_client(s, from, socket, count)?;
+    let (client, started) = spawn_connected_udp_client(s, from, target, socket, count)?;
     let mut written = Vec::new();
     for &(at_ms, endpoints) in changes {
         thread::sleep(Duration::from_millis(at_ms).saturating_sub(started.elapsed()));
@@ -621,8 +628,10 @@ fn connected_udp_client(
 fn connected_udp_client_across_a_backend_change(
     s: &Scenario,
     from: &dyn Place,
+    target: &str,
 ) -> Result<Vec<Attempt>> {
-    let (attempts, written) = connected_udp_client(s, from, "--reuse-socket", 40, &[(1200, &[2])])?;
+    let (attempts, written) =
+        connected_udp_client(s, from, target, "--reuse-socket", 40, &[(1200, &[2])])?;
     assert_moved_to_web_2(&attempts, written[0]);
     Ok(attempts)
 }
@@ -649,8 +658,8 @@ fn assert_moved_to_web_2(attempts: &[Attempt], changed_ms: u64) {
 }
 
 /// Every answered query came on one socket (one local port) that showed
-/// the VIP as its peer.
-fn assert_one_socket_on_the_vip(attempts: &[Attempt]) {
+/// `target` (the Service address it was connected to) as its peer.
+fn assert_one_socket_on(attempts: &[Attempt], target: &str) {
     let answered: Vec<&Attempt> = attempts.iter().filter(|a| a.ok).collect();
     let locals: BTreeSet<_> = answered.iter().map(|a| a.local.clone()).collect();
     assert_eq!(
@@ -659,19 +668,17 @@ fn assert_one_socket_on_the_vip(attempts: &[Attempt]) {
         "the client had to open a new socket: {attempts:?}"
     );
     assert!(
-        answered
-            .iter()
-            .all(|a| a.peer.as_deref() == Some("10.96.0.10:53")),
+        answered.iter().all(|a| a.peer.as_deref() == Some(target)),
         "{attempts:?}"
     );
 }
 
-/// The socket of `from` survived the move of its backend untouched: every
-/// query answered, on one socket showing the VIP.
-fn connected_udp_socket_survives(s: &Scenario, from: &dyn Place) -> Result<()> {
-    let attempts = connected_udp_client_across_a_backend_change(s, from)?;
+/// The socket of `from` connected to `target` survived the move of its
+/// backend untouched: every query answered, on one socket showing `target`.
+fn connected_udp_socket_survives(s: &Scenario, from: &dyn Place, target: &str) -> Result<()> {
+    let attempts = connected_udp_client_across_a_backend_change(s, from, target)?;
     all_ok(&attempts);
-    assert_one_socket_on_the_vip(&attempts);
+    assert_one_socket_on(&attempts, target);
     Ok(())
 }
 
@@ -688,8 +695,8 @@ fn connected_udp_socket_survives(s: &Scenario, from: &dyn Place) -> Result<()> {
 #[test]
 fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
     let s = Scenario::new(2, &[])?;
-    connected_udp_socket_survives(&s, &s.client)?;
-    connected_udp_socket_survives(&s, &s.node)?;
+    connected_udp_socket_survives(&s, &s.client, DNS)?;
+    connected_udp_socket_survives(&s, &s.node, DNS)?;
     let log = s.agent.log_text();
     assert_eq!(
         log.matches("re-connected UDP sockets of removed backends to a live backend of their Service sockets=1")
@@ -703,16 +710,35 @@ fn connected_udp_socket_is_not_pinned_to_a_removed_backend() -> Result<()> {
     Ok(())
 }
 
+/// [`connected_udp_socket_is_not_pinned_to_a_removed_backend`] for IPv6
+/// sockets: connected to the IPv6 VIP, and to the IPv4 VIP as an
+/// IPv4-mapped address (a dual-stack application's socket). Each is
+/// connected again in its own family and keeps showing the address it was
+/// connected to.
+#[test]
+fn ipv6_and_ipv4_mapped_connected_udp_sockets_are_connected_again() -> Result<()> {
+    let s = Scenario::new(2, &[])?;
+    let v6 = format!("[{VIP6}]:53");
+    let mapped = format!("[::ffff:{VIP}]:53");
+    for target in [&v6, &mapped] {
+        connected_udp_socket_survives(&s, &s.client, target)?;
+        connected_udp_socket_survives(&s, &s.node, target)?;
+    }
+    assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 4.0);
+    assert_eq!(s.metric("lb_udp_sockets_terminated_total")?, 0.0);
+    Ok(())
+}
+
 /// kube-proxy, as above. With the pod programs on the client's interface
 /// the pod's socket stays on the VIP and each datagram is translated there
 /// (new flows on the tc path, no re-connect); a host process's socket,
 /// whose datagrams cross no pod interface, is translated at `connect()` and
 /// connected again by the agent. Both survive untouched.
 fn connected_udp_sockets_survive_backend_changes(s: &Scenario) -> Result<()> {
-    connected_udp_socket_survives(s, &s.client)?;
+    connected_udp_socket_survives(s, &s.client, DNS)?;
     assert!(s.metric(r#"lb_tc_packets{outcome="new_flow"}"#)? >= 2.0);
     assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 0.0);
-    connected_udp_socket_survives(s, &s.node)?;
+    connected_udp_socket_survives(s, &s.node, DNS)?;
     assert_eq!(s.metric("lb_udp_sockets_reconnected_total")?, 1.0);
     let log = s.agent.log_text();
     assert!(
@@ -768,12 +794,13 @@ fn a_connected_udp_socket_waits_for_its_service_to_have_an_endpoint_again() -> R
     let (attempts, written) = connected_udp_client(
         &s,
         &s.client,
+        DNS,
         "--one-socket",
         50,
         &[(1200, &[]), (2400, &[2])],
     )?;
     assert_moved_to_web_2(&attempts, written[1]);
-    assert_one_socket_on_the_vip(&attempts);
+    assert_one_socket_on(&attempts, DNS);
     let log = s.agent.log_text();
     let waited = log
         .find("UDP sockets of removed backends wait for their Service to have a backend sockets=1")
@@ -797,7 +824,7 @@ fn a_connected_udp_socket_waits_for_its_service_to_have_an_endpoint_again() -> R
 #[test]
 fn a_restarted_agent_moves_a_socket_that_was_waiting_for_an_endpoint() -> Result<()> {
     let mut s = Scenario::new(2, &[])?;
-    let (client, started) = spawn_connected_udp_client(&s, &s.client, "--one-socket", 45)?;
+    let (client, started) = spawn_connected_udp_client(&s, &s.client, DNS, "--one-socket", 45)?;
     thread::sleep(Duration::from_millis(800));
     s.agent.write_manifest("web.yaml", &dns_service(&s, &[]))?;
     s.agent.wait_for_log(
@@ -810,7 +837,7 @@ fn a_restarted_agent_moves_a_socket_that_was_waiting_for_an_endpoint() -> Result
     let back_ms = started.elapsed().as_millis() as u64;
     let attempts = lb_e2e::probe::parse_attempts(&client.wait_with_output()?.stdout)?;
     assert_moved_to_web_2(&attempts, back_ms);
-    assert_one_socket_on_the_vip(&attempts);
+    assert_one_socket_on(&attempts, DNS);
     s.agent.wait_for_log(
         "re-connected UDP sockets of removed backends to a live backend of their Service sockets=1",
         Duration::from_secs(1),
@@ -826,7 +853,7 @@ fn without_cap_sys_ptrace_a_stale_connected_udp_socket_is_destroyed() -> Result<
     let s = Scenario::new_with_agent(2, |lab, bins, node| {
         Agent::start_without_capability(lab, bins, node, "sys_ptrace", &[])
     })?;
-    let attempts = connected_udp_client_across_a_backend_change(&s, &s.node)?;
+    let attempts = connected_udp_client_across_a_backend_change(&s, &s.node, DNS)?;
     assert!(
         attempts.iter().any(|a| !a.ok),
         "the host's socket never failed: {attempts:?}"
