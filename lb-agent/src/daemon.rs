@@ -35,7 +35,7 @@ use crate::{
     opt_out::OptOut,
     pod_interfaces::PodInterfaces,
     policy::PolicyAgent,
-    reconcile::{ReconcileError, Reconciler, StaleUdpSocket},
+    reconcile::{ReconcileError, Reconciler, StaleUdpSocket, WaitingUdpSockets},
     serve::{
         health::{HealthCheckServers, Healthz},
         http::{Handler, Response, Server},
@@ -101,9 +101,8 @@ struct Outputs {
     /// Frontends a full map kept out at the last pass (an Event is written
     /// when one joins).
     not_programmed: BTreeSet<String>,
-    /// Connected UDP sockets of removed backends still to be connected
-    /// again: their frontend had no backend, or moving them failed.
-    waiting_udp: Vec<StaleUdpSocket>,
+    /// Connected UDP sockets of removed backends still to be connected again.
+    waiting_udp: WaitingUdpSockets,
 }
 
 /// The agent's kernel side.
@@ -166,7 +165,7 @@ pub fn run(settings: Settings) -> Result<()> {
         undersized: Vec::new(),
         events: None,
         not_programmed: BTreeSet::new(),
-        waiting_udp: Vec::new(),
+        waiting_udp: WaitingUdpSockets::new(WAITING_UDP_SOCKETS),
     };
     let _metrics_server = Server::start(
         settings.metrics_address,
@@ -492,13 +491,13 @@ fn move_stale_udp_sockets(
     stale: Vec<StaleUdpSocket>,
     out: &mut Outputs,
 ) -> bool {
-    let room = WAITING_UDP_SOCKETS.saturating_sub(out.waiting_udp.len());
+    let room = out.waiting_udp.room_for(stale.len(), maps);
     let moved = match move_udp_sockets(&stale, room) {
         Ok(moved) => moved,
         Err(err) => {
             error!(error = %err, "moving connected UDP sockets off removed backends");
             // Tried again at the next pass.
-            out.waiting_udp.extend(stale.into_iter().take(room));
+            out.waiting_udp.add(stale);
             out.metrics
                 .udp_sockets_waiting
                 .set(out.waiting_udp.len() as i64);
@@ -540,7 +539,7 @@ fn move_stale_udp_sockets(
             "terminated connected UDP sockets of removed backends"
         );
     }
-    out.waiting_udp.extend(moved.waiting);
+    out.waiting_udp.add(moved.waiting);
     metrics
         .udp_sockets_waiting
         .set(out.waiting_udp.len() as i64);
@@ -574,12 +573,9 @@ fn reconcile(
         clean = false;
         error!(error = %err, "serving a healthCheckNodePort");
     }
-    let (ready, waiting) = std::mem::take(&mut out.waiting_udp)
-        .into_iter()
-        .partition(|socket| reconciler.serves_udp(socket.frontend));
-    out.waiting_udp = waiting;
+    let served = out.waiting_udp.take_served(reconciler);
     let mut stale = pass.stale_udp_sockets;
-    stale.extend::<Vec<_>>(ready);
+    stale.extend(served);
     if !stale.is_empty() {
         clean &= move_stale_udp_sockets(&mut kernel.maps, stale, out);
     }

@@ -90,6 +90,63 @@ impl StaleUdpSocket {
     }
 }
 
+/// Connected UDP sockets of removed backends still to be connected again
+/// (their frontend had no backend, or moving them failed), at most a
+/// capacity of them.
+#[derive(Debug)]
+pub struct WaitingUdpSockets {
+    sockets: Vec<StaleUdpSocket>,
+    capacity: usize,
+}
+
+impl WaitingUdpSockets {
+    /// An empty list holding at most `capacity` sockets.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            sockets: Vec::new(),
+            capacity,
+        }
+    }
+
+    /// How many wait.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Takes out the sockets whose frontend `reconciler` serves now.
+    pub fn take_served(&mut self, reconciler: &Reconciler) -> Vec<StaleUdpSocket> {
+        let (served, waiting) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|socket| reconciler.serves_udp(socket.frontend));
+        self.sockets = waiting;
+        served
+    }
+
+    /// Room for up to `wanted` more. When they would not fit, the sockets
+    /// closed meanwhile are forgotten first: the socket programs delete a
+    /// socket's translation when it is released.
+    pub fn room_for(&mut self, wanted: usize, maps: &impl ServiceMaps) -> usize {
+        if self.sockets.len() + wanted > self.capacity {
+            self.sockets.retain(|socket| {
+                maps.has_socket_translation(&socket.translation_key())
+                    .unwrap_or(true)
+            });
+        }
+        self.capacity.saturating_sub(self.sockets.len())
+    }
+
+    /// Adds sockets, as many as there is room for.
+    pub fn add(&mut self, sockets: impl IntoIterator<Item = StaleUdpSocket>) {
+        let room = self.capacity.saturating_sub(self.sockets.len());
+        self.sockets.extend(sockets.into_iter().take(room));
+    }
+}
+
 /// Keeps what the maps hold and moves them to each new desired state.
 pub struct Reconciler {
     applied: Applied,

@@ -111,6 +111,10 @@ impl ServiceMaps for FakeServiceMaps {
         Ok(self.sockets.clone())
     }
 
+    fn has_socket_translation(&self, key: &SockRevNatKey) -> Result<bool, KernelError> {
+        Ok(self.sockets.iter().any(|(k, _)| k == key))
+    }
+
     fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {
         self.sockets.retain(|(k, _)| k != key);
         Ok(())

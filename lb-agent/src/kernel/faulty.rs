@@ -168,6 +168,10 @@ impl<M: ServiceMaps> ServiceMaps for FaultyServiceMaps<M> {
         self.inner.socket_translations()
     }
 
+    fn has_socket_translation(&self, key: &SockRevNatKey) -> Result<bool, KernelError> {
+        self.inner.has_socket_translation(key)
+    }
+
     fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {
         self.inner.forget_socket_translation(key)
     }

@@ -82,6 +82,8 @@ pub trait ServiceMaps {
     /// The reverse translations of open translated sockets: the socket (its
     /// cookie) and the backend it was sent to, and the frontend it shows.
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError>;
+    /// Whether a socket's reverse translation is still there.
+    fn has_socket_translation(&self, key: &SockRevNatKey) -> Result<bool, KernelError>;
     /// Deletes one socket's reverse translation (gone already is fine).
     fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError>;
 }
@@ -484,6 +486,14 @@ impl ServiceMaps for AyaServiceMaps {
 
     fn socket_translations(&self) -> Result<Vec<(SockRevNatKey, RevNat)>, KernelError> {
         entries(&self.socket.sock_rev_nat, maps::SOCK_REV_NAT)
+    }
+
+    fn has_socket_translation(&self, key: &SockRevNatKey) -> Result<bool, KernelError> {
+        match self.socket.sock_rev_nat.get(key, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(err) => Err(err).on(maps::SOCK_REV_NAT),
+        }
     }
 
     fn forget_socket_translation(&mut self, key: &SockRevNatKey) -> Result<(), KernelError> {

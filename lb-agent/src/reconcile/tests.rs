@@ -22,7 +22,7 @@ use lb_core::{
     plan::{Capacity, MaglevSettings, Op},
 };
 
-use super::{ReconcileError, Reconciler};
+use super::{ReconcileError, Reconciler, StaleUdpSocket, WaitingUdpSockets};
 use crate::kernel::{
     fake::FakeServiceMaps,
     faulty::{Fault, FaultyServiceMaps},
@@ -393,4 +393,61 @@ fn a_restarted_agent_returns_the_sockets_of_backends_removed_before_it_started()
     );
     let again = restarted.reconcile(&mut maps, &desired, &nothing());
     assert!(again.stale_udp_sockets.is_empty(), "{again:?}");
+}
+
+#[test]
+fn waiting_sockets_are_bounded_forget_closed_ones_and_leave_once_served() {
+    let mut maps = FakeServiceMaps::default();
+    let mut reconciler = adopt(&maps, Capacity::default());
+    let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
+    let udp = |backends: &[u8]| Frontend {
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                proto: PROTO_UDP,
+                ..backend(*b)
+            })
+            .collect(),
+        ..frontend(&[])
+    };
+    reconciler.reconcile(&mut maps, &state([(dns, udp(&[]))]), &nothing());
+    let stale = |cookie| StaleUdpSocket {
+        cookie,
+        backend: "10.0.0.1:8080".parse().unwrap(),
+        frontend: "10.96.0.9:80".parse().unwrap(),
+    };
+    let translation = |cookie: u64| {
+        let key = stale(cookie).translation_key();
+        (
+            key,
+            RevNat {
+                addr: dns.addr,
+                port: dns.port,
+                pad: 0,
+                service_id: 1,
+            },
+        )
+    };
+    let mut waiting = WaitingUdpSockets::new(2);
+    waiting.add([stale(1), stale(2), stale(3)]);
+    assert_eq!(waiting.len(), 2, "bounded");
+    // Both still open: no room is made.
+    maps.sockets = vec![translation(1), translation(2)];
+    assert_eq!(waiting.room_for(1, &maps), 0);
+    // Socket 1 closed: its place is free again.
+    maps.sockets = vec![translation(2)];
+    assert_eq!(waiting.room_for(1, &maps), 1);
+    waiting.add([stale(4)]);
+    assert!(
+        waiting.take_served(&reconciler).is_empty(),
+        "no backend yet"
+    );
+    reconciler.reconcile(&mut maps, &state([(dns, udp(&[1]))]), &keys(&[dns]));
+    let served: Vec<u64> = waiting
+        .take_served(&reconciler)
+        .iter()
+        .map(|s| s.cookie)
+        .collect();
+    assert_eq!(served, [2, 4]);
+    assert!(waiting.is_empty());
 }
