@@ -65,6 +65,40 @@ fn frontend(backends: &[u8]) -> Frontend {
     }
 }
 
+/// A UDP frontend on `backends` (see [`backend`]).
+fn udp_frontend(backends: &[u8]) -> Frontend {
+    Frontend {
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                proto: PROTO_UDP,
+                ..backend(*b)
+            })
+            .collect(),
+        ..frontend(&[])
+    }
+}
+
+/// The socket translation of socket `cookie` connected to `frontend` and
+/// steered to backend `last` (see [`backend`]).
+fn socket_translation(
+    maps: &FakeServiceMaps,
+    cookie: u64,
+    frontend: ServiceKey,
+    last: u8,
+) -> (SockRevNatKey, RevNat) {
+    let b = backend(last);
+    (
+        SockRevNatKey::new(cookie, b.addr, b.port),
+        RevNat {
+            addr: frontend.addr,
+            port: frontend.port,
+            pad: 0,
+            service_id: maps.maps.services[&frontend].service_id,
+        },
+    )
+}
+
 fn state(frontends: impl IntoIterator<Item = (ServiceKey, Frontend)>) -> DesiredState {
     DesiredState {
         frontends: frontends.into_iter().collect(),
@@ -310,42 +344,31 @@ fn sockets_of_a_removed_udp_backend_are_returned_to_be_moved() {
     let mut maps = FakeServiceMaps::default();
     let mut reconciler = adopt(&maps, Capacity::default());
     let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
-    let udp = |backends: &[u8]| Frontend {
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                proto: PROTO_UDP,
-                ..backend(*b)
-            })
-            .collect(),
-        ..frontend(&[])
-    };
-    reconciler.reconcile(&mut maps, &state([(dns, udp(&[1, 2]))]), &nothing());
-    let service_id = maps.maps.services[&dns].service_id;
-    let socket = |cookie, last| {
-        let b = backend(last);
-        (
-            SockRevNatKey::new(cookie, b.addr, b.port),
-            RevNat {
-                addr: dns.addr,
-                port: dns.port,
-                pad: 0,
-                service_id,
-            },
-        )
-    };
+    reconciler.reconcile(
+        &mut maps,
+        &state([(dns, udp_frontend(&[1, 2]))]),
+        &nothing(),
+    );
+    let socket = |cookie, last| socket_translation(&maps, cookie, dns, last);
     maps.sockets = vec![socket(10, 1), socket(20, 2), socket(21, 2)];
     let frontend: SocketAddr = "10.96.0.9:80".parse().unwrap();
     assert!(reconciler.serves_udp(frontend));
-    let pass = reconciler.reconcile(&mut maps, &state([(dns, udp(&[1]))]), &keys(&[dns]));
+    let pass = reconciler.reconcile(
+        &mut maps,
+        &state([(dns, udp_frontend(&[1]))]),
+        &keys(&[dns]),
+    );
     let cookies: Vec<u64> = pass.stale_udp_sockets.iter().map(|s| s.cookie).collect();
     assert_eq!(cookies, [20, 21]);
     for stale in &pass.stale_udp_sockets {
         assert_eq!(stale.frontend, frontend);
-        assert_eq!(stale.translation_key(), socket(stale.cookie, 2).0);
+        assert_eq!(
+            stale.translation_key(),
+            socket_translation(&maps, stale.cookie, dns, 2).0
+        );
     }
     assert!(reconciler.serves_udp(frontend));
-    reconciler.reconcile(&mut maps, &state([(dns, udp(&[]))]), &keys(&[dns]));
+    reconciler.reconcile(&mut maps, &state([(dns, udp_frontend(&[]))]), &keys(&[dns]));
     assert!(!reconciler.serves_udp(frontend));
     assert!(!reconciler.serves_udp("10.96.0.9:81".parse().unwrap()));
 }
@@ -355,33 +378,12 @@ fn a_restarted_agent_returns_the_sockets_of_backends_removed_before_it_started()
     let mut maps = FakeServiceMaps::default();
     let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
     let web = cluster(1);
-    let udp = |backends: &[u8]| Frontend {
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                proto: PROTO_UDP,
-                ..backend(*b)
-            })
-            .collect(),
-        ..frontend(&[])
-    };
-    let desired = state([(dns, udp(&[1])), (web, frontend(&[3]))]);
+    let desired = state([(dns, udp_frontend(&[1])), (web, frontend(&[3]))]);
     adopt(&maps, Capacity::default()).reconcile(&mut maps, &desired, &nothing());
-    let socket = |cookie, frontend: ServiceKey, last| {
-        let b = backend(last);
-        (
-            SockRevNatKey::new(cookie, b.addr, b.port),
-            RevNat {
-                addr: frontend.addr,
-                port: frontend.port,
-                pad: 0,
-                service_id: maps.maps.services[&frontend].service_id,
-            },
-        )
-    };
     // Socket 20's backend left while no agent ran (or it was waiting for
     // one); 21 is on a live backend; 22 is a TCP socket on a backend its
     // frontend no longer has (TCP is never moved).
+    let socket = |cookie, frontend, last| socket_translation(&maps, cookie, frontend, last);
     maps.sockets = vec![socket(20, dns, 2), socket(21, dns, 1), socket(22, web, 4)];
     let mut restarted = adopt(&maps, Capacity::default());
     let pass = restarted.reconcile(&mut maps, &desired, &nothing());
@@ -400,49 +402,34 @@ fn waiting_sockets_are_bounded_forget_closed_ones_and_leave_once_served() {
     let mut maps = FakeServiceMaps::default();
     let mut reconciler = adopt(&maps, Capacity::default());
     let dns = key(9, SCOPE_EXTERNAL, PROTO_UDP);
-    let udp = |backends: &[u8]| Frontend {
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                proto: PROTO_UDP,
-                ..backend(*b)
-            })
-            .collect(),
-        ..frontend(&[])
-    };
-    reconciler.reconcile(&mut maps, &state([(dns, udp(&[]))]), &nothing());
+    reconciler.reconcile(&mut maps, &state([(dns, udp_frontend(&[]))]), &nothing());
     let stale = |cookie| StaleUdpSocket {
         cookie,
         backend: "10.0.0.1:8080".parse().unwrap(),
         frontend: "10.96.0.9:80".parse().unwrap(),
     };
-    let translation = |cookie: u64| {
-        let key = stale(cookie).translation_key();
-        (
-            key,
-            RevNat {
-                addr: dns.addr,
-                port: dns.port,
-                pad: 0,
-                service_id: 1,
-            },
-        )
-    };
     let mut waiting = WaitingUdpSockets::new(2);
     waiting.add([stale(1), stale(2), stale(3)]);
     assert_eq!(waiting.len(), 2, "bounded");
     // Both still open: no room is made.
-    maps.sockets = vec![translation(1), translation(2)];
+    let open: Vec<_> = [1, 2]
+        .map(|cookie| socket_translation(&maps, cookie, dns, 1))
+        .into();
+    maps.sockets = open.clone();
     assert_eq!(waiting.room_for(1, &maps), 0);
     // Socket 1 closed: its place is free again.
-    maps.sockets = vec![translation(2)];
+    maps.sockets = open[1..].to_vec();
     assert_eq!(waiting.room_for(1, &maps), 1);
     waiting.add([stale(4)]);
     assert!(
         waiting.take_served(&reconciler).is_empty(),
         "no backend yet"
     );
-    reconciler.reconcile(&mut maps, &state([(dns, udp(&[1]))]), &keys(&[dns]));
+    reconciler.reconcile(
+        &mut maps,
+        &state([(dns, udp_frontend(&[1]))]),
+        &keys(&[dns]),
+    );
     let served: Vec<u64> = waiting
         .take_served(&reconciler)
         .iter()
