@@ -82,7 +82,9 @@ impl Holders {
     /// Why no holder of a socket was found.
     pub fn why_missing(&self) -> String {
         if self.denied == 0 {
-            return "no process holds it".into();
+            return "no process the agent can see holds it (the agent must run in the host's \
+                    PID namespace)"
+                .into();
         }
         format!(
             "no process whose descriptors the agent may list holds it ({} may not be listed: \
@@ -196,7 +198,7 @@ mod tests {
         let holders = find_holders(&proc, &[100, 102, 103, 104].into());
         fs::remove_dir_all(&proc).unwrap();
         assert_eq!(holders.denied, 0);
-        assert_eq!(holders.why_missing(), "no process holds it");
+        assert!(holders.why_missing().contains("PID namespace"));
         let found = holders.found;
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(matches!(
