@@ -26,7 +26,7 @@
 //!   again.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::{AsRawFd, OwnedFd},
@@ -100,7 +100,8 @@ pub fn move_udp_sockets(
         return Ok(Moved::default());
     }
     let paths = super::netns::all()?;
-    let stale = stale.to_vec();
+    let stale: HashMap<(u64, SocketAddr), StaleUdpSocket> =
+        stale.iter().map(|s| ((s.cookie, s.backend), *s)).collect();
     // setns changes the calling thread only: use a thread that ends afterwards.
     std::thread::spawn(move || {
         let mut namespaces = Vec::new();
@@ -158,18 +159,15 @@ pub fn move_udp_sockets(
 }
 
 /// The stale socket `socket` is, if it is still connected to the backend
-/// the socket programs gave it.
+/// the socket programs gave it; `stale` is keyed by cookie and backend.
 fn connected_to_its_backend<'a>(
-    stale: &'a [StaleUdpSocket],
+    stale: &'a HashMap<(u64, SocketAddr), StaleUdpSocket>,
     socket: &DiagSocket,
 ) -> Option<&'a StaleUdpSocket> {
     if socket.state != UDP_CONNECTED {
         return None;
     }
-    let peer = peer_of(socket)?;
-    stale
-        .iter()
-        .find(|s| s.cookie == socket.id.cookie && s.backend == peer)
+    stale.get(&(socket.id.cookie, peer_of(socket)?))
 }
 
 /// The peer of a dumped socket; IPv4-mapped IPv6 as IPv4, as the maps
@@ -364,7 +362,7 @@ mod tests {
 
     #[test]
     fn only_sockets_still_connected_to_the_removed_backend_are_moved() {
-        let stale = [
+        let stale: HashMap<_, _> = [
             StaleUdpSocket {
                 cookie: 5,
                 backend: "10.244.1.7:8053".parse().unwrap(),
@@ -375,7 +373,9 @@ mod tests {
                 backend: "[fd00::7]:8053".parse().unwrap(),
                 frontend: "[fd00:96::10]:53".parse().unwrap(),
             },
-        ];
+        ]
+        .map(|s| ((s.cookie, s.backend), s))
+        .into();
         let found = |s: &DiagSocket| connected_to_its_backend(&stale, s).map(|s| s.cookie);
         let backend = v4([10, 244, 1, 7]);
         assert_eq!(
