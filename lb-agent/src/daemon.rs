@@ -498,9 +498,6 @@ fn move_stale_udp_sockets(
             error!(error = %err, "moving connected UDP sockets off removed backends");
             // Tried again at the next pass.
             out.waiting_udp.add(stale);
-            out.metrics
-                .udp_sockets_waiting
-                .set(out.waiting_udp.len() as i64);
             return false;
         }
     };
@@ -540,9 +537,6 @@ fn move_stale_udp_sockets(
         );
     }
     out.waiting_udp.add(moved.waiting);
-    metrics
-        .udp_sockets_waiting
-        .set(out.waiting_udp.len() as i64);
     clean
 }
 
@@ -579,6 +573,9 @@ fn reconcile(
     if !stale.is_empty() {
         clean &= move_stale_udp_sockets(&mut kernel.maps, stale, out);
     }
+    out.metrics
+        .udp_sockets_waiting
+        .set(out.waiting_udp.len() as i64);
     let elapsed = started.elapsed();
     let metrics = &out.metrics;
     metrics.reconciles.inc();
